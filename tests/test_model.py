@@ -1,0 +1,182 @@
+"""The pure-torch GPT-NeoX against transformers, and the site mechanism."""
+import json
+import os
+
+import pytest
+import torch
+
+import minicirc
+from minicirc.errors import MinicircError
+from conftest import write_hf_model
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("rotary_pct", [0.25, 1.0])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_logits_match_transformers(tmp_path, parallel, rotary_pct, seed):
+    hf = write_hf_model(tmp_path, seed=seed, parallel=parallel, rotary_pct=rotary_pct, tie=(seed == 2))
+    model = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, 61, (3, 13), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = model(tokens)
+    assert got.shape == (3, 13, 61)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_pytorch_model_bin_loads_like_safetensors(tmp_path):
+    from safetensors.torch import load_file
+    write_hf_model(tmp_path / "st", seed=3)
+    # Older transformers wrote pytorch_model.bin: the same tensors, pickled (weights only).
+    os.makedirs(tmp_path / "bin")
+    torch.save(load_file(tmp_path / "st" / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    a, b = minicirc.load_model(tmp_path / "st"), minicirc.load_model(tmp_path / "bin")
+    tokens = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(a(tokens), b(tokens))
+
+
+def test_parallel_and_sequential_differ(tmp_path):
+    write_hf_model(tmp_path, seed=4, parallel=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    par = minicirc.load_model(tmp_path)
+    cfg["use_parallel_residual"] = False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    seq = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        assert (par(tokens) - seq(tokens)).abs().max() > 1e-3
+
+
+def test_save_model_roundtrip(tiny_model_dir, tmp_path):
+    model = minicirc.load_model(tiny_model_dir)
+    minicirc.save_model(model, tmp_path / "copy")
+    again = minicirc.load_model(tmp_path / "copy")
+    tokens = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), again(tokens))
+
+
+def test_reading_and_self_replacement_leave_logits_unchanged(tiny_model_dir):
+    model = minicirc.load_model(tiny_model_dir)
+    tokens = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        ref = model(tokens)
+        cache = {}
+        read = model(tokens, cache=cache)
+        same = model(tokens, edit={s: (lambda x: x.clone()) for s in model.sites})
+    assert set(cache) == set(model.sites)
+    assert torch.equal(read, ref) and torch.equal(same, ref)
+    for s, v in cache.items():
+        assert v.shape == (2, 10, model.cfg.d_model), s
+    # The residual identity holds site by site (parallel residual): resid_l = resid_{l-1} + attn_l + mlp_l.
+    prev = cache["embed"]
+    for l in range(model.cfg.n_layers):
+        assert torch.allclose(cache[f"resid_{l}"], prev + cache[f"attn_{l}"] + cache[f"mlp_{l}"], atol=1e-6)
+        prev = cache[f"resid_{l}"]
+
+
+def test_replacement_changes_only_downstream(tiny_model_dir):
+    model = minicirc.load_model(tiny_model_dir)
+    tokens = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        clean = {}
+        model(tokens, cache=clean)
+        edited = {}
+        noise = torch.randn(2, 10, model.cfg.d_model)
+        model(tokens, edit={"mlp_0": lambda x: x + noise}, cache=edited)
+    order = model.sites
+    i = order.index("mlp_0")
+    for s in order[:i]:
+        assert torch.equal(clean[s], edited[s]), f"{s} is upstream of mlp_0 and must not change"
+    assert torch.allclose(edited["mlp_0"], clean["mlp_0"] + noise)
+    for s in order[i + 1:]:
+        assert (clean[s] - edited[s]).abs().max() > 1e-4, f"{s} is downstream of mlp_0 and must change"
+    # Causality: editing only the last position changes nothing at earlier positions.
+    with torch.no_grad():
+        late = {}
+        bump = torch.zeros(2, 10, model.cfg.d_model)
+        bump[:, -1] = torch.randn(2, model.cfg.d_model)
+        model(tokens, edit={"embed": lambda x: x + bump}, cache=late)
+    assert torch.allclose(late["resid_1"][:, :-1], clean["resid_1"][:, :-1], atol=1e-6)
+
+
+def test_stop_at_returns_early(tiny_model_dir):
+    model = minicirc.load_model(tiny_model_dir)
+    cache = {}
+    with torch.no_grad():
+        assert model(torch.randint(0, 61, (1, 4)), cache=cache, stop_at="attn_1") is None
+    assert "attn_1" in cache and "mlp_1" not in cache
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+def test_missing_checkpoint_files(tmp_path, tiny_model_dir):
+    with pytest.raises(MinicircError, match="does not exist"):
+        minicirc.load_model(tmp_path / "nope")
+    os.remove(tiny_model_dir / "model.safetensors")
+    with pytest.raises(MinicircError, match="no model.safetensors or pytorch_model.bin"):
+        minicirc.load_model(tiny_model_dir)
+    os.remove(tiny_model_dir / "config.json")
+    with pytest.raises(MinicircError, match="config.json is missing"):
+        minicirc.load_model(tiny_model_dir)
+
+
+def test_corrupt_checkpoint(tiny_model_dir):
+    path = tiny_model_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MinicircError, match="cannot read safetensors"):
+        minicirc.load_model(tiny_model_dir)
+
+
+def test_pickle_with_code_is_refused(tiny_model_dir):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /dev/null",))
+    os.remove(tiny_model_dir / "model.safetensors")
+    torch.save({"x": Evil()}, tiny_model_dir / "pytorch_model.bin")
+    with pytest.raises(MinicircError, match="weights_only"):
+        minicirc.load_model(tiny_model_dir)
+
+
+def test_unsupported_config_fields(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    for change, msg in [({"hidden_act": "swish"}, "hidden_act"), ({"model_type": "llama"}, "model_type"),
+                        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope type")]:
+        (tiny_model_dir / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(MinicircError, match=msg):
+            minicirc.load_model(tiny_model_dir)
+
+
+def test_nan_in_weights(tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+    state = load_file(tiny_model_dir / "model.safetensors")
+    state["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
+    save_file(state, tiny_model_dir / "model.safetensors")
+    with pytest.raises(MinicircError, match="NaN"):
+        minicirc.load_model(tiny_model_dir)
+
+
+def test_width_mismatch_in_checkpoint(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["intermediate_size"] = 50
+    (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MinicircError, match="shape"):
+        minicirc.load_model(tiny_model_dir)
+
+
+def test_bad_tokens_and_sites(tiny_model_dir):
+    model = minicirc.load_model(tiny_model_dir)
+    with pytest.raises(MinicircError, match="out of the vocabulary"):
+        model(torch.tensor([[1, 2, 61]]))
+    with pytest.raises(MinicircError, match="unknown site"):
+        model(torch.tensor([[1, 2]]), edit={"resid_7": lambda x: x})
+    with pytest.raises(MinicircError, match="shape"):
+        model(torch.tensor([1, 2]))
+
+
+def test_tokenizer_missing_is_clear(tiny_model_dir):
+    with pytest.raises(MinicircError, match="tokenizer.json"):
+        minicirc.load_tokenizer(tiny_model_dir)
