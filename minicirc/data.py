@@ -5,7 +5,13 @@ A record follows the original code's data format: `clean_prefix`, `patch_prefix`
 Tasks may attach `latents` (known latent variables, e.g. subject number, role of each token) that the
 interpretability scores use; data files never need them.
 """
+import json
+import os
 from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MinicircError
 
 
 @dataclass
@@ -16,3 +22,114 @@ class Example:
     patch_answer: str | None
     case: str | None = None
     latents: dict = field(default_factory=dict)
+
+
+FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
+
+
+def load_examples(path, limit=None):
+    """Records from a JSON-lines file or a JSON list of objects, in the original code's format."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MinicircError(f"data file {path} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise MinicircError(f"{path}: not JSON lines or a JSON list ({e})") from None
+    if not rows:
+        raise MinicircError(f"{path}: the dataset is empty")
+    examples = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        if not isinstance(row, dict):
+            raise MinicircError(f"{path}: record {i} is not an object")
+        missing = [k for k in ("clean_prefix", "clean_answer") if k not in row]
+        if missing or (("patch_prefix" in row) != ("patch_answer" in row)):
+            raise MinicircError(f"{path}: record {i} lacks {missing or ['patch_prefix/patch_answer pair']} "
+                                f"(needs {', '.join(FIELDS)})")
+        examples.append(Example(row["clean_prefix"], row.get("patch_prefix"), row["clean_answer"],
+                                row.get("patch_answer"), row.get("case")))
+    return examples
+
+
+@dataclass
+class Batch:
+    """Tokenized examples, right-padded. The metric is read at `last` (each example's last real token)."""
+    clean: torch.Tensor              # (n, pos) long
+    patch: torch.Tensor | None       # (n, pos) long, or None for zero ablation
+    clean_answer: torch.Tensor       # (n,) long
+    patch_answer: torch.Tensor | None
+    last: torch.Tensor               # (n,) long
+    examples: list
+
+    def __len__(self):
+        return self.clean.shape[0]
+
+    def __getitem__(self, s):
+        """A slice of examples as a Batch (pos trimmed to the longest example in the slice)."""
+        last = self.last[s]
+        T = int(last.max()) + 1 if len(last) else 0
+        cut = lambda t: None if t is None else t[s][:, :T]
+        return Batch(cut(self.clean), cut(self.patch), self.clean_answer[s],
+                     None if self.patch_answer is None else self.patch_answer[s], last, self.examples[s])
+
+    def to(self, device):
+        mv = lambda t: None if t is None else t.to(device)
+        return Batch(mv(self.clean), mv(self.patch), mv(self.clean_answer), mv(self.patch_answer),
+                     mv(self.last), self.examples)
+
+
+def _ids(tokenizer, text, what):
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    unk = tokenizer.token_to_id("<unk>")
+    if unk is None:
+        unk = tokenizer.token_to_id("[UNK]")
+    if unk is not None and unk in enc.ids:
+        word = enc.tokens[enc.ids.index(unk)] if enc.tokens else "?"
+        raise MinicircError(f"{what} {text!r}: token {word!r} is out of the tokenizer's vocabulary")
+    return enc.ids
+
+
+def tokenize(examples, tokenizer, vocab_size=None):
+    """Examples -> Batch. Answers must be one token; clean and patch prefixes of an example must have the
+    same number of tokens; examples of different lengths are right-padded."""
+    if not examples:
+        raise MinicircError("the dataset is empty")
+    has_patch = examples[0].patch_prefix is not None
+    pad = tokenizer.token_to_id("<pad>") or 0
+    rows_c, rows_p, ans_c, ans_p = [], [], [], []
+    for i, ex in enumerate(examples):
+        if (ex.patch_prefix is not None) != has_patch:
+            raise MinicircError(f"example {i}: either every example has a patch prefix or none does")
+        c = _ids(tokenizer, ex.clean_prefix, f"example {i} clean_prefix")
+        if not c:
+            raise MinicircError(f"example {i}: empty clean_prefix")
+        rows_c.append(c)
+        answers = [("clean_answer", ex.clean_answer, ans_c)]
+        if has_patch:
+            p = _ids(tokenizer, ex.patch_prefix, f"example {i} patch_prefix")
+            if len(p) != len(c):
+                raise MinicircError(f"example {i}: clean_prefix has {len(c)} tokens but patch_prefix has {len(p)}; "
+                                    "they must be the same length")
+            rows_p.append(p)
+            answers.append(("patch_answer", ex.patch_answer, ans_p))
+        for name, text, out in answers:
+            ids = _ids(tokenizer, text, f"example {i} {name}")
+            if len(ids) != 1:
+                raise MinicircError(f"example {i}: {name} {text!r} is {len(ids)} tokens; answers must be exactly one")
+            out.append(ids[0])
+    T = max(map(len, rows_c))
+    padded = lambda rows: torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long)
+    batch = Batch(padded(rows_c), padded(rows_p) if has_patch else None, torch.tensor(ans_c),
+                  torch.tensor(ans_p) if has_patch else None, torch.tensor([len(r) - 1 for r in rows_c]),
+                  list(examples))
+    if vocab_size is not None:
+        for name, t in [("clean", batch.clean), ("patch", batch.patch), ("answer", batch.clean_answer),
+                        ("patch answer", batch.patch_answer)]:
+            if t is not None and t.numel() and int(t.max()) >= vocab_size:
+                raise MinicircError(f"{name} token id {int(t.max())} is out of the model's vocabulary ({vocab_size})")
+    return batch

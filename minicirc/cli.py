@@ -1,0 +1,140 @@
+"""`minicirc ...` commands. Every user mistake ends in one line naming the problem and exit code 2."""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .errors import MinicircError
+
+
+def load_inputs(args):
+    from . import data, model as model_mod, sae as sae_mod
+    model = model_mod.load_model(args.model, device=args.device)
+    tokenizer = model_mod.load_tokenizer(args.model)
+    saes = sae_mod.identity_saes(model) if args.saes == "neurons" else sae_mod.load_saes(args.saes, model)
+    saes = {s: d.to(args.device) for s, d in saes.items()}
+    examples = data.tokenize(data.load_examples(args.data, limit=getattr(args, "limit", None)), tokenizer,
+                             vocab_size=model.cfg.vocab_size)
+    return model, saes, examples
+
+
+def prepare_out(out, overwrite, marker):
+    """Refuse to overwrite an earlier run silently; fail early if the folder cannot be written."""
+    if os.path.exists(os.path.join(out, marker)) and not overwrite:
+        raise MinicircError(f"{out} already holds {marker} from an earlier run; pass --overwrite or choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise MinicircError(f"cannot create output directory {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise MinicircError(f"output directory {out} is not writable")
+
+
+def cmd_circuit(args):
+    from .circuit import find_circuit
+    torch.manual_seed(args.seed)
+    prepare_out(args.out, args.overwrite, "circuit.json")
+    model, saes, examples = load_inputs(args)
+    circuit = find_circuit(model, saes, examples, method=args.method, steps=args.steps,
+                           node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                           aggregation=args.aggregation, nodes_only=args.nodes_only, batch_size=args.batch_size,
+                           top_k_nodes=args.top_k_nodes, top_k_edges=args.top_k_edges)
+    data = circuit.save(args.out)
+    print(f"{len(data['nodes'])} nodes, {len(data['edges'])} edges -> {args.out}/circuit.json "
+          f"(metric clean {data['metric']['clean']:.3f}, patch {data['metric']['patch']:.3f})")
+
+
+def cmd_evaluate(args):
+    from . import evaluation, viz
+    from .circuit import load_circuit_json, write_atomic
+    prepare_out(args.out, args.overwrite, "evaluation.json")
+    model, saes, examples = load_inputs(args)
+    circ = load_circuit_json(args.circuit, model, saes)
+    positional = circ["settings"]["aggregation"] == "none"
+    result = evaluation.faithfulness(model, saes, examples.to(args.device), circ["nodes"], positional=positional,
+                                     ablation=args.ablation, errors=args.errors, first_layer=args.first_layer)
+    result["n_nodes"] = len(circ["nodes"])
+    write_atomic(os.path.join(args.out, "evaluation.json"), json.dumps(result, indent=1).encode())
+    print(f"{result['n_nodes']} nodes: faithfulness {result['faithfulness']:.3f}, "
+          f"completeness {result['completeness']:.3f} -> {args.out}/evaluation.json")
+
+
+def cmd_view(args):
+    from .circuit import load_circuit_json
+    from .viewer import write_html
+    data = load_circuit_json(args.circuit)
+    path = os.path.join(os.path.dirname(os.path.abspath(args.circuit)), "circuit.html")
+    write_html(data, path)
+    print(path)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="minicirc", description="Sparse feature circuits: find, evaluate and view them.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", required=True, help="Hugging Face GPT-NeoX checkpoint directory")
+        sp.add_argument("--saes", required=True, help="dictionary tree (embed/, attn_out_layer0/, ...) or 'neurons'")
+        sp.add_argument("--data", required=True, help="JSON lines or JSON list: clean_prefix, patch_prefix, clean_answer, patch_answer")
+        sp.add_argument("--out", required=True, help="output directory")
+        sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        sp.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+
+    c = sub.add_parser("circuit", help="find a circuit")
+    common(c)
+    c.add_argument("--method", default="ig", choices=["attrib", "ig", "exact"])
+    c.add_argument("--steps", type=int, default=10, help="integrated-gradient steps")
+    c.add_argument("--node-threshold", type=float, default=0.1)
+    c.add_argument("--edge-threshold", type=float, default=0.01)
+    c.add_argument("--top-k-nodes", type=int, default=None, help="keep the k strongest nodes instead of a threshold")
+    c.add_argument("--top-k-edges", type=int, default=None)
+    c.add_argument("--aggregation", default="sum", choices=["sum", "none"])
+    c.add_argument("--nodes-only", action="store_true")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    c.set_defaults(func=cmd_circuit)
+
+    e = sub.add_parser("evaluate", help="faithfulness and completeness of a circuit by mean ablation")
+    common(e)
+    e.add_argument("--circuit", required=True, help="circuit.json")
+    e.add_argument("--ablation", default="mean", choices=["mean", "zero"])
+    e.add_argument("--errors", default="default", choices=["default", "remove", "keep"])
+    e.add_argument("--first-layer", type=int, default=0, help="leave layers below this unablated")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="the main job on the embedded default: feature vs neuron circuits")
+    d.add_argument("--out", default="minicirc-demo")
+    d.add_argument("--quick", action="store_true", help="reduced budget (for smoke tests)")
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("view", help="regenerate circuit.html next to a circuit.json")
+    v.add_argument("circuit")
+    v.set_defaults(func=cmd_view)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        print("minicirc: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    try:
+        args.func(args)
+    except MinicircError as e:
+        print(f"minicirc: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

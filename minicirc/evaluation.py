@@ -1,0 +1,138 @@
+"""Ablation: faithfulness and completeness of a circuit, and sweeps over node thresholds (DESIGN.md section 8).
+
+The clean input runs through the sites in order; at each evaluated site the current (already edited)
+activation is re-encoded, features outside the kept set are set to their ablation value, the error is
+ablated unless kept, and decode(f) + err is written back. Ablation values are means over the patch inputs
+(clean inputs when there is no patch): per position when all examples share one length (as the original,
+whose templates do), otherwise over examples and real positions.
+"""
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import attribution
+from .errors import MinicircError
+
+ERROR_MODES = ("default", "remove", "keep")
+
+
+def ablation_values(model, saes, metric, batch, sites, mode="mean"):
+    """{site: (feature values (T, F) or (F,), error values (T, d) or (d,))} to ablate to."""
+    if mode == "zero":
+        return {s: (torch.zeros(saes[s].n_features), torch.zeros(saes[s].d_in)) for s in sites}
+    if mode != "mean":
+        raise MinicircError(f"unknown ablation {mode!r} (mean or zero)")
+    tokens = batch.patch if batch.patch is not None else batch.clean
+    _, cache = attribution.record_sites(model, metric, batch, tokens, sites)
+    same_length = len(set(batch.last.tolist())) == 1
+    real = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= batch.last[:, None]).float()
+    out = {}
+    with torch.no_grad():
+        for s in sites:
+            f, err = saes[s](cache[s])
+            if same_length:
+                out[s] = (f.mean(0), err.mean(0))
+            else:
+                w = real[..., None] / real.sum()
+                out[s] = ((f * w).sum((0, 1)), (err * w).sum((0, 1)))
+    return out
+
+
+def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
+    """Metric (B,) with every feature outside `keep` set to its ablation value.
+
+    keep: {site: (feature mask (F,) or (T, F) bool, error kept: bool or (T,) bool)}; sites absent from keep
+    are not touched (e.g. layers before the first evaluated one)."""
+    if errors not in ERROR_MODES:
+        raise MinicircError(f"unknown error handling {errors!r} (known: {', '.join(ERROR_MODES)})")
+
+    def ablate(s):
+        fmask, emask = keep[s]
+        fval, eval_ = values[s]
+        sae = saes[s]
+        def fn(x):
+            f, err = sae(x)
+            T = x.shape[1]
+            fm = fmask[:T] if fmask.dim() == 2 else fmask
+            fv = fval[:T] if fval.dim() == 2 else fval
+            f = torch.where(fm.to(x.device), f, fv.to(x.device))
+            em = emask if errors == "default" else torch.tensor(errors == "keep")
+            em = em[:T, None] if torch.is_tensor(em) and em.dim() == 1 else torch.as_tensor(em)
+            ev = eval_[:T] if eval_.dim() == 2 else eval_
+            err = torch.where(em.to(x.device), err, ev.to(x.device))
+            return sae.decode(f) + err
+        return fn
+
+    with torch.no_grad():
+        return metric(model, batch, batch.clean, {s: ablate(s) for s in keep})
+
+
+def node_masks(circuit_nodes, saes, sites, T=None):
+    """Masks {site: (features, error)} from kept node tuples/dicts (id, site, feature, pos, effect)."""
+    positional = T is not None
+    masks = {}
+    for s in sites:
+        F = saes[s].n_features
+        masks[s] = ((torch.zeros(T, F, dtype=torch.bool), torch.zeros(T, dtype=torch.bool)) if positional
+                    else (torch.zeros(F, dtype=torch.bool), torch.tensor(False)))
+    for n in circuit_nodes:
+        site, feat, pos = (n["site"], n["feature"], n.get("pos")) if isinstance(n, dict) else (n[1], n[2], n[3])
+        if site not in masks:
+            raise MinicircError(f"circuit node on site {site!r}, which has no dictionary here")
+        fm, em = masks[site]
+        if positional:
+            if pos is None or pos >= T:
+                raise MinicircError(f"circuit node {site}/{feat} lacks a valid position for this data")
+            if feat == "err":
+                em[pos] = True
+            else:
+                fm[pos, feat] = True
+        else:
+            if feat == "err":
+                masks[site] = (fm, torch.tensor(True))
+            else:
+                if not (0 <= int(feat) < fm.shape[0]):
+                    raise MinicircError(f"circuit node {site}/{feat}: feature index out of range ({fm.shape[0]})")
+                fm[feat] = True
+    return masks
+
+
+def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=None, ablation="mean",
+                 errors="default", first_layer=0, values=None):
+    """{'m_full', 'm_empty', 'm_circuit', 'm_complement', 'faithfulness', 'completeness'} (means over examples)."""
+    metric = metric or attribution.logit_diff
+    sites = [s for s in attribution.site_order(model, saes) if s == "embed" and first_layer <= 0
+             or s != "embed" and int(s.rsplit("_", 1)[1]) >= first_layer]
+    T = batch.clean.shape[1] if positional else None
+    values = values or ablation_values(model, saes, metric, batch, sites, ablation)
+    masks = node_masks(circuit_nodes, saes, sites, T)
+    full = {s: (torch.ones_like(fm), torch.ones_like(em)) for s, (fm, em) in masks.items()}
+    empty = {s: (torch.zeros_like(fm), torch.zeros_like(em)) for s, (fm, em) in masks.items()}
+    complement = {s: (~fm, ~em) for s, (fm, em) in masks.items()}
+    run = lambda keep: ablated_metric(model, saes, metric, batch, keep, values, errors).mean().item()
+    m_full, m_empty, m_c, m_mc = run(full), run(empty), run(masks), run(complement)
+    denom = m_full - m_empty
+    return {"m_full": m_full, "m_empty": m_empty, "m_circuit": m_c, "m_complement": m_mc,
+            "faithfulness": (m_c - m_empty) / denom if denom != 0 else float("nan"),
+            "completeness": (m_mc - m_empty) / denom if denom != 0 else float("nan")}
+
+
+def sweep(model, saes, batch, circuit, thresholds=None, metric=None, progress=True, **kw):
+    """Faithfulness and completeness of the circuit's nodes at each node threshold (logspace(-4, 0, 15) by
+    default, as the original) -> list of dicts with threshold, n_nodes, faithfulness, completeness."""
+    thresholds = list(np.logspace(-4, 0, 15)) if thresholds is None else list(thresholds)
+    metric = metric or attribution.logit_diff
+    sites = attribution.site_order(model, saes)
+    values = kw.pop("values", None) or ablation_values(model, saes, metric, batch, sites, kw.get("ablation", "mean"))
+    out = []
+    for thr in tqdm(thresholds, desc="threshold sweep", disable=not progress):
+        kept = circuit.kept_nodes(threshold=float(thr))
+        r = faithfulness(model, saes, batch, kept, positional=circuit.positional, metric=metric, values=values, **kw)
+        out.append({"threshold": float(thr), "n_nodes": len(kept), **r})
+    return out
+
+
+def nodes_for_faithfulness(points, target=0.9):
+    """Fewest nodes among sweep points reaching `target` faithfulness (None when none does)."""
+    ok = [p["n_nodes"] for p in points if p["faithfulness"] >= target]
+    return min(ok) if ok else None

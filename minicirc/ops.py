@@ -1,0 +1,258 @@
+"""Sparse SAE kernels: the compiled extension (csrc/) when it is built, the torch reference otherwise.
+
+Two ops, each documented by the dense torch computation it must equal:
+
+- ``sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, threshold, k)`` equals, after ``rows_to_dense``,
+  ``activate((x - b_dec) @ W_enc + b_enc, kind, threshold, k)`` (relu, jumprelu with a strict
+  ``pre > threshold``, or top-k then relu), without materialising ``(N, n_features)``.
+- ``feature_attribution(g_x, W_dec, clean_rows, patch_rows)`` equals, after ``rows_to_dense``,
+  ``(g_x @ W_dec.T) * (f_patch - f_clean)`` restricted to the features active on clean or patch.
+  The error node's effect is not part of the op: callers add ``error_effect(g_x, err_c, err_p)``
+  ``= (g_x * (err_p - err_c)).sum(-1)``, since the gradient reaching the error is ``g_x`` itself.
+
+Rows ("compressed rows", CSR without the matrix object): ``crow`` int64 ``(N+1,)``, ``col`` int64
+``(nnz,)``, ``val`` ``(nnz,)``; row ``n`` lists its active features with strictly increasing ids.
+Both ops produce rows in that form and ``feature_attribution`` requires it of its inputs.
+
+The ops are inference-only (no autograd formula): the wrappers run them under ``no_grad``.
+``MINICIRC_NO_EXT=1`` or ``use_ext=False`` force the reference path.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+_CPU_EXT = False  # minicirc._C loaded: op schemas + CPU kernels
+_CUDA_EXT = False  # minicirc._C_cuda loaded: CUDA kernels
+
+KINDS = ("relu", "jumprelu", "topk")
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The CUDA top-k keeps its per-row candidates in shared memory (csrc/minicirc_cuda.cu,
+# kTopkMaxK); larger k runs the torch reference.
+_CUDA_TOPK_MAX_K = 192
+
+
+def _load_extension():
+    global _CPU_EXT, _CUDA_EXT
+    try:
+        from . import _C  # noqa: F401  importing it runs the op registrations
+    except ImportError:
+        return
+    _CPU_EXT = True
+    spec = importlib.util.find_spec("minicirc._C_cuda") if torch.version.cuda else None
+    if spec is not None and spec.origin:
+        try:
+            # A plain shared library (no Python module init): it only adds CUDA impls.
+            torch.ops.load_library(spec.origin)
+            _CUDA_EXT = True
+        except OSError:
+            pass
+
+
+_load_extension()
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled extension is in use (False under ``MINICIRC_NO_EXT=1``)."""
+    return _CPU_EXT and os.environ.get("MINICIRC_NO_EXT", "0") != "1"
+
+
+def cuda_extension_loaded() -> bool:
+    return _CUDA_EXT and extension_loaded()
+
+
+def _use_ext(device: torch.device, use_ext: bool | None) -> bool:
+    if use_ext is False:
+        return False
+    available = cuda_extension_loaded() if device.type == "cuda" else (
+        extension_loaded() and device.type == "cpu")
+    if use_ext and not available:
+        raise RuntimeError(f"minicirc extension requested but not available for {device} "
+                           f"(built: cpu={_CPU_EXT}, cuda={_CUDA_EXT}; MINICIRC_NO_EXT="
+                           f"{os.environ.get('MINICIRC_NO_EXT', '0')})")
+    return available
+
+
+def _compute_dtype(device: torch.device, dtype: torch.dtype, ext: bool) -> torch.dtype:
+    """Inputs are cast to this dtype. 16-bit floats are upcast to float32 except for the CUDA
+    kernels, which read them as they are and accumulate in float32 - the same arithmetic."""
+    if ext and device.type == "cuda" and dtype in _CUDA_DTYPES:
+        return dtype
+    return dtype if dtype in _CPU_DTYPES else torch.float32
+
+
+# ----------------------------------------------------------------------------- rows helpers
+
+def empty_rows(n: int, dtype=torch.float32, device=None):
+    """Rows with no active feature (e.g. the all-zero patch state when there is no patch)."""
+    return (torch.zeros(n + 1, dtype=torch.long, device=device),
+            torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=dtype, device=device))
+
+
+def row_ids(crow: torch.Tensor) -> torch.Tensor:
+    """The row index of every stored entry."""
+    n = crow.numel() - 1
+    return torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff())
+
+
+def dense_to_rows(dense: torch.Tensor):
+    """(N, F) -> rows of its non-zero entries (row-major, so ids increase within a row)."""
+    r, c = dense.nonzero(as_tuple=True)
+    crow = torch.zeros(dense.shape[0] + 1, dtype=torch.long, device=dense.device)
+    crow[1:] = torch.bincount(r, minlength=dense.shape[0]).cumsum(0)
+    return crow, c, dense[r, c]
+
+
+def rows_to_dense(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, n_features: int) -> torch.Tensor:
+    """Scatter rows to a dense (N, n_features) tensor, zeros elsewhere."""
+    out = val.new_zeros(crow.numel() - 1, n_features)
+    out[row_ids(crow), col] = val
+    return out
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+def activate(pre: torch.Tensor, kind: str, threshold: torch.Tensor | None = None, k: int = 0) -> torch.Tensor:
+    """Dense SAE activation of pre-activations (..., n_features)."""
+    if kind == "relu":
+        return pre.relu()
+    if kind == "jumprelu":
+        return pre * (pre > threshold)
+    if kind == "topk":
+        k = min(k, pre.shape[-1])
+        v, i = pre.topk(k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, i, v.relu())
+    raise ValueError(f"unknown SAE kind {kind!r}; expected one of {KINDS}")
+
+
+# Rows per chunk of the reference encode: a (rows, n_features) block of ~4M elements, as the
+# C++ kernel, so the fallback does not materialise (N, n_features) either.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _encode_reference(x, W_enc, b_enc, b_dec, kind, threshold, k):
+    n, s = x.shape[0], W_enc.shape[1]
+    step = max(1, _CHUNK_ELEMS // max(s, 1))
+    counts, cols, vals = [torch.zeros(1, dtype=torch.long, device=x.device)], [], []
+    for r0 in range(0, n, step):
+        f = activate((x[r0:r0 + step] - b_dec) @ W_enc + b_enc, kind, threshold, k)
+        r, c = f.nonzero(as_tuple=True)
+        counts.append(torch.bincount(r, minlength=f.shape[0]))
+        cols.append(c)
+        vals.append(f[r, c])
+    crow = torch.cat(counts).cumsum(0)
+    if not cols:
+        return crow, x.new_zeros(0, dtype=torch.long), x.new_zeros(0)
+    return crow, torch.cat(cols), torch.cat(vals)
+
+
+def _attribution_reference(g_x, W_dec, clean, patch):
+    n, nf = g_x.shape[0], W_dec.shape[0]
+    kc = row_ids(clean[0]) * nf + clean[1]
+    kp = row_ids(patch[0]) * nf + patch[1]
+    keys = torch.cat([kc, kp]).unique()  # sorted: row-major order, increasing ids per row
+    delta = g_x.new_zeros(keys.numel())
+    delta.index_add_(0, torch.searchsorted(keys, kp), patch[2])
+    delta.index_add_(0, torch.searchsorted(keys, kc), -clean[2])
+    rows, cols = keys // max(nf, 1), keys % max(nf, 1)
+    crow = torch.zeros(n + 1, dtype=torch.long, device=g_x.device)
+    crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    if keys.numel() == 0:
+        return crow, cols, delta
+    # The sampled product (g_x @ W_dec.T)[rows, cols]: SDDMM, never the dense (N, F) product.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        mask = torch.sparse_csr_tensor(crow, cols, torch.ones_like(delta), (n, nf), check_invariants=False)
+        dots = torch.sparse.sampled_addmm(mask, g_x, W_dec.T, beta=0.0).values()
+    return crow, cols, dots * delta
+
+
+# ----------------------------------------------------------------------------- public ops
+
+def sae_encode_sparse(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                      kind: str, threshold: torch.Tensor | None = None, k: int = 0,
+                      use_ext: bool | None = None):
+    """Active features of ``activate((x - b_dec) @ W_enc + b_enc)`` as rows ``(crow, col, val)``.
+
+    x (N, d_in), W_enc (d_in, n_features), b_enc (n_features,), b_dec (d_in,) (pass zeros when the
+    format does not subtract it), threshold (n_features,) for jumprelu, k for topk (k larger than
+    n_features keeps every positive pre-activation). ``val`` has x's dtype. On CUDA, top-k with
+    k > 192 runs the torch reference.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown SAE kind {kind!r}; expected one of {KINDS}")
+    ext = _use_ext(x.device, use_ext)
+    if ext and x.device.type == "cuda" and kind == "topk" and min(k, W_enc.shape[1]) > _CUDA_TOPK_MAX_K:
+        ext = False
+    cd = _compute_dtype(x.device, torch.promote_types(x.dtype, W_enc.dtype), ext)
+    th = threshold.to(cd) if kind == "jumprelu" else None
+    args = (x.to(cd), W_enc.to(cd), b_enc.to(cd), b_dec.to(cd), kind, th, int(k))
+    with torch.no_grad():
+        if ext:
+            crow, col, val = torch.ops.minicirc.sae_encode_sparse(*args)
+        else:
+            crow, col, val = _encode_reference(*args)
+    return crow, col, val.to(x.dtype)
+
+
+def feature_attribution(g_x: torch.Tensor, W_dec: torch.Tensor, clean_rows, patch_rows,
+                        use_ext: bool | None = None):
+    """Node effects of the features active on clean or patch, as rows over their union.
+
+    ``val[e] = (g_x[n] . W_dec[i]) * (f_patch[n, i] - f_clean[n, i])`` for each entry ``e = (n, i)``;
+    g_x (N, d) is the gradient of the metric at the site, W_dec (n_features, d), clean_rows and
+    patch_rows as produced by ``sae_encode_sparse``. The error node's effect is
+    ``error_effect(g_x, err_c, err_p)``, computed by the caller.
+    """
+    dt = torch.promote_types(g_x.dtype, W_dec.dtype)
+    ext = _use_ext(g_x.device, use_ext)
+    cd = _compute_dtype(g_x.device, dt, ext)
+    clean = (clean_rows[0], clean_rows[1], clean_rows[2].to(cd))
+    patch = (patch_rows[0], patch_rows[1], patch_rows[2].to(cd))
+    with torch.no_grad():
+        if ext:
+            crow, col, val = torch.ops.minicirc.feature_attribution(g_x.to(cd), W_dec.to(cd), *clean, *patch)
+        else:
+            crow, col, val = _attribution_reference(g_x.to(cd), W_dec.to(cd), clean, patch)
+    return crow, col, val.to(dt)
+
+
+def error_effect(g_x: torch.Tensor, err_c: torch.Tensor, err_p: torch.Tensor) -> torch.Tensor:
+    """Effect of the SAE error node: ``g_x . (err_p - err_c)`` over the last dim."""
+    return (g_x * (err_p - err_c)).sum(-1)
+
+
+def sampled_feature_effects(g_x: torch.Tensor, W_dec: torch.Tensor, delta: torch.Tensor,
+                            use_ext: bool | None = None) -> torch.Tensor:
+    """``(g_x @ W_dec.T) * delta`` with the dot products computed only where ``delta != 0``.
+
+    g_x (..., d), W_dec (n_features, d), delta (..., n_features) dense; returns delta's shape in
+    the promoted dtype. This is the attrib / IG node-effect product (``delta = f_p - f_c``).
+    """
+    dt = torch.promote_types(torch.promote_types(g_x.dtype, W_dec.dtype), delta.dtype)
+    nf = W_dec.shape[0]
+    with torch.no_grad():
+        d2 = delta.reshape(-1, nf).to(dt)
+        g2 = g_x.reshape(-1, g_x.shape[-1]).to(dt)
+        patch = dense_to_rows(d2)
+        clean = empty_rows(d2.shape[0], dt, d2.device)
+        crow, col, val = feature_attribution(g2, W_dec.to(dt), clean, patch, use_ext=use_ext)
+        return rows_to_dense(crow, col, val.to(dt), nf).reshape(delta.shape)
+
+
+if _CPU_EXT:
+    @torch.library.register_fake("minicirc::sae_encode_sparse")
+    def _(x, W_enc, b_enc, b_dec, kind, threshold, k):
+        nnz = torch.library.get_ctx().new_dynamic_size()
+        return (x.new_empty(x.shape[0] + 1, dtype=torch.long), x.new_empty(nnz, dtype=torch.long),
+                x.new_empty(nnz))
+
+    @torch.library.register_fake("minicirc::feature_attribution")
+    def _(g_x, W_dec, clean_crow, clean_col, clean_val, patch_crow, patch_col, patch_val):
+        nnz = torch.library.get_ctx().new_dynamic_size()
+        return (g_x.new_empty(g_x.shape[0] + 1, dtype=torch.long), g_x.new_empty(nnz, dtype=torch.long),
+                g_x.new_empty(nnz))

@@ -1,0 +1,124 @@
+"""Pictures of circuits (DOT text and a matplotlib PNG) and faithfulness plots.
+
+Layout: one row per site, bottom to top in the order the model computes them (embed at the bottom, the
+metric node y on top); colour = sign of the effect (blue positive, red negative), line width and colour
+intensity = |effect|; error nodes are squares, features circles.
+"""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _rows(data):
+    sites = data.get("sites") or sorted({n["site"] for n in data["nodes"]})
+    rows = {s: [] for s in sites}
+    for n in data["nodes"]:
+        rows.setdefault(n["site"], []).append(n)
+    return rows
+
+
+def _colour(effect, scale):
+    a = min(1.0, abs(effect) / scale) if scale > 0 else 0.0
+    return (1 - 0.8 * a, 1 - 0.8 * a, 1.0) if effect >= 0 else (1.0, 1 - 0.8 * a, 1 - 0.8 * a)
+
+
+def to_dot(data):
+    """Graphviz DOT for the circuit (render with `dot -Tsvg circuit.dot`)."""
+    scale = max([abs(n["effect"]) for n in data["nodes"]] + [1e-12])
+    escale = max([abs(e["effect"]) for e in data["edges"]] + [1e-12])
+    lines = ["digraph circuit {", "  rankdir=BT;", '  node [style=filled, fontname="Helvetica", fontsize=10];']
+    for site, nodes in _rows(data).items():
+        if not nodes:
+            continue
+        lines.append(f'  subgraph "cluster_{site}" {{ label="{site}"; rank=same; color=grey90;')
+        for n in nodes:
+            r, g, b = _colour(n["effect"], scale)
+            shape = "box" if n["feature"] == "err" else "ellipse"
+            label = f'{n["feature"]}' + (f'@{n["pos"]}' if "pos" in n else "")
+            lines.append(f'    "{n["id"]}" [label="{label}\\n{n["effect"]:.3g}", shape={shape}, '
+                         f'fillcolor="#{int(r*255):02x}{int(g*255):02x}{int(b*255):02x}"];')
+        lines.append("  }")
+    lines.append('  "y" [shape=doublecircle, fillcolor="#dddddd"];')
+    for e in data["edges"]:
+        w = 0.5 + 4 * abs(e["effect"]) / escale
+        colour = "#1f4fd8" if e["effect"] >= 0 else "#d81f1f"
+        lines.append(f'  "{e["source"]}" -> "{e["target"]}" [penwidth={w:.2f}, color="{colour}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def draw_circuit(data, path, title=None):
+    """circuit.png: rows = sites bottom to top, nodes spread left to right (by position, then effect)."""
+    rows = {s: ns for s, ns in _rows(data).items()}
+    order = list(rows)
+    widest = max([len(ns) for ns in rows.values()] + [1])
+    fig_w = min(40, max(8, 0.45 * widest + 3))
+    fig_h = min(30, max(5, 0.7 * (len(order) + 1) + 1.5))
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    pos = {}
+    for y, site in enumerate(order):
+        ns = sorted(rows[site], key=lambda n: (n.get("pos", 0), -abs(n["effect"])))
+        for j, n in enumerate(ns):
+            pos[n["id"]] = ((j + 1) / (len(ns) + 1), y)
+    pos["y"] = (0.5, len(order))
+    scale = max([abs(n["effect"]) for n in data["nodes"]] + [1e-12])
+    escale = max([abs(e["effect"]) for e in data["edges"]] + [1e-12])
+    for e in sorted(data["edges"], key=lambda e: abs(e["effect"])):
+        if e["source"] in pos and e["target"] in pos:
+            (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
+            a = abs(e["effect"]) / escale
+            ax.plot([x0, x1], [y0, y1], color="#1f4fd8" if e["effect"] >= 0 else "#d81f1f",
+                    lw=0.3 + 3.5 * a, alpha=0.25 + 0.6 * a, zorder=1)
+    small = len(pos) > 80
+    for site in order:
+        for n in rows[site]:
+            x, y = pos[n["id"]]
+            err = n["feature"] == "err"
+            ax.scatter([x], [y], s=60 + 340 * math.sqrt(abs(n["effect"]) / scale), marker="s" if err else "o",
+                       c=[_colour(n["effect"], scale)], edgecolors="black" if not err else "#7a5c00",
+                       linewidths=1.6 if err else 0.6, zorder=2)
+            if not small or abs(n["effect"]) > 0.3 * scale:
+                label = ("ε" if err else str(n["feature"])) + (f"@{n['pos']}" if "pos" in n else "")
+                ax.text(x, y - 0.28, label, ha="center", va="top", fontsize=7, zorder=3)
+    ax.scatter([0.5], [len(order)], s=400, marker="*", c="gold", edgecolors="black", zorder=2)
+    ax.text(0.5, len(order) + 0.3, "y (metric)", ha="center", fontsize=9)
+    ax.set_yticks(range(len(order) + 1), order + ["y"])
+    ax.set_xticks([])
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.8, len(order) + 0.8)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    s = data.get("settings", {})
+    ax.set_title(title or f"{len(data['nodes'])} nodes, {len(data['edges'])} edges "
+                 f"(method {s.get('method')}, node threshold {s.get('node_threshold')}, "
+                 f"edge threshold {s.get('edge_threshold')}); blue +, red −, squares = SAE error", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_faithfulness(curves, path, title="Faithfulness vs circuit size"):
+    """curves: {label: [(n_nodes, faithfulness), ...]}; features solid, neurons dashed when labels say so."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = sorted({label.split(" ")[0] for label in curves})
+    for label, pts in curves.items():
+        pts = sorted(p for p in pts if p[0] > 0)
+        if not pts:
+            continue
+        c = colours[groups.index(label.split(" ")[0]) % len(colours)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if "neuron" in label else "-", marker=".",
+                color=c, label=label)
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="grey", lw=0.6)
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("nodes in circuit")
+    ax.set_ylabel("faithfulness")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

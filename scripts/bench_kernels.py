@@ -1,0 +1,173 @@
+"""Benchmark: the sparse kernels against the dense torch path, measured in the same run.
+
+Pipeline (DESIGN.md §13): encode clean, encode patch, per-feature attribution, on
+N=2048 tokens, d=512, 16384 features, about 64 features active per token (ReLU SAE).
+- dense:  f = relu((x - b_dec) @ W_enc + b_enc) twice, then (g @ W_dec.T) * (f_p - f_c)
+- sparse: ops.sae_encode_sparse twice, then ops.feature_attribution (extension)
+- sparse-reference: the same ops with MINICIRC_NO_EXT=1 (torch fallback), for information
+Each path runs in its own process so that peak memory (VmHWM above the resident inputs, glibc
+told to mmap every allocation >= 64 KiB so freed memory is returned) is not polluted by another.
+Targets on CPU: sparse >= 1.2x faster and <= 1/5 of the dense peak memory.
+With a GPU (and the CUDA extension) it also times N=4096, 32768 features on the device.
+
+    python scripts/bench_kernels.py [--n 2048 --d 512 --s 16384 --l0 64 --reps 5]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def make_inputs(n, d, s, l0, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(d, s, generator=gen) / d ** 0.5
+    W_dec = torch.randn(s, d, generator=gen) / d ** 0.5
+    # Pre-activations are close to N(0, 1) per feature, so this bias fires about l0 features.
+    b_enc = -torch.special.ndtri(torch.tensor(1 - l0 / s)) + torch.zeros(s)
+    b_dec = torch.randn(d, generator=gen) * 0.01
+    x_c = torch.randn(n, d, generator=gen)
+    x_p = (x_c + 0.5 * torch.randn(n, d, generator=gen)) / 1.25 ** 0.5
+    g = torch.randn(n, d, generator=gen)
+    return [t.to(device) for t in (x_c, x_p, g, W_enc, W_dec, b_enc, b_dec)]
+
+
+def dense_path(x_c, x_p, g, W_enc, W_dec, b_enc, b_dec):
+    f_c = ((x_c - b_dec) @ W_enc + b_enc).relu()
+    f_p = ((x_p - b_dec) @ W_enc + b_enc).relu()
+    return (g @ W_dec.T) * (f_p - f_c)
+
+
+def sparse_path(x_c, x_p, g, W_enc, W_dec, b_enc, b_dec):
+    from minicirc import ops
+    rc = ops.sae_encode_sparse(x_c, W_enc, b_enc, b_dec, "relu")
+    rp = ops.sae_encode_sparse(x_p, W_enc, b_enc, b_dec, "relu")
+    return ops.feature_attribution(g, W_dec, rc, rp)
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def worker(path, n, d, s, l0, reps):
+    """Runs in a fresh process: peak memory of one call, then the median time of `reps` calls."""
+    torch.manual_seed(0)
+    inputs = make_inputs(n, d, s, l0)
+    fn = dense_path if path == "dense" else sparse_path
+    with torch.no_grad():
+        out = fn(*inputs)  # warm-up (thread pool, BLAS buffers)
+        del out
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        rss0 = _status_kb("VmRSS")
+        out = fn(*inputs)
+        peak_mb = (_status_kb("VmHWM") - rss0) / 1024
+        info = {}
+        if path != "dense":
+            from minicirc import ops
+            crow, col, val = out
+            info = {"nnz": int(col.numel()), "ext": ops.extension_loaded()}
+            # Sanity: the sparse rows equal the dense effect on the first rows.
+            m = 128
+            ref = dense_path(inputs[0][:m], inputs[1][:m], inputs[2][:m], *inputs[3:])
+            got = ops.rows_to_dense(crow[:m + 1], col[:int(crow[m])], val[:int(crow[m])], s)
+            info["max_abs_diff"] = float((got - ref).abs().max())
+        del out
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(*inputs)
+            times.append(time.perf_counter() - t0)
+    print(json.dumps({"path": path, "ms": 1e3 * statistics.median(times), "peak_mb": peak_mb,
+                      "threads": torch.get_num_threads(), **info}))
+
+
+def run_worker(path, args, no_ext=False):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env.pop("MINICIRC_NO_EXT", None)
+    if no_ext:
+        env["MINICIRC_NO_EXT"] = "1"
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--n", str(args.n), "--d", str(args.d),
+           "--s", str(args.s), "--l0", str(args.l0), "--reps", str(args.reps)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"worker {path} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_cuda(n=4096, d=512, s=32768, l0=64, reps=20):
+    from minicirc import ops
+    inputs = make_inputs(n, d, s, l0, device="cuda")
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+    with torch.no_grad():
+        x_c, x_p, g, W_enc, W_dec, b_enc, b_dec = inputs
+        ms_dense, mb_dense = timed(lambda: dense_path(*inputs))
+        ms_sparse, mb_sparse = timed(lambda: sparse_path(*inputs))
+        ms_mm, _ = timed(lambda: x_c @ W_enc)
+        ms_enc, _ = timed(lambda: ops.sae_encode_sparse(x_c, W_enc, b_enc, b_dec, "relu"))
+    flops = 2 * n * d * s
+    print(f"\nCUDA ({torch.cuda.get_device_name()}), N={n} d={d} S={s} L0~{l0}, "
+          f"cuda extension loaded: {ops.cuda_extension_loaded()}")
+    print(f"  dense torch path   {ms_dense:9.2f} ms  peak {mb_dense:8.1f} MB")
+    print(f"  sparse (ops)       {ms_sparse:9.2f} ms  peak {mb_sparse:8.1f} MB")
+    print(f"  speedup {ms_dense / ms_sparse:.2f}x (target >= 4x)   memory ratio {mb_sparse / mb_dense:.3f}")
+    print(f"  encode {flops / ms_enc / 1e9:.1f} TFLOP/s vs torch matmul {flops / ms_mm / 1e9:.1f} TFLOP/s "
+          f"({ms_mm / ms_enc:.2f} of the matmul; target >= 0.5 of the roof)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--s", type=int, default=16384)
+    p.add_argument("--l0", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--worker", choices=["dense", "sparse"])
+    p.add_argument("--no-cuda", action="store_true")
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker, args.n, args.d, args.s, args.l0, args.reps)
+
+    print(f"CPU, {torch.get_num_threads()} threads, N={args.n} d={args.d} S={args.s} L0~{args.l0}, "
+          f"median of {args.reps}")
+    dense = run_worker("dense", args)
+    sparse = run_worker("sparse", args)
+    ref = run_worker("sparse", args, no_ext=True)
+    for name, r in [("dense torch path", dense), ("sparse, extension", sparse), ("sparse, torch reference", ref)]:
+        extra = f"  nnz {r['nnz']}  max|diff| {r['max_abs_diff']:.1e}  ext={r['ext']}" if "nnz" in r else ""
+        print(f"  {name:24s} {r['ms']:8.1f} ms  peak {r['peak_mb']:7.1f} MB{extra}")
+    speed, mem = dense["ms"] / sparse["ms"], sparse["peak_mb"] / dense["peak_mb"]
+    ok = speed >= 1.2 and mem <= 0.2 and sparse["ext"]
+    print(f"  extension vs dense: {speed:.2f}x faster (target >= 1.2x), peak memory ratio {mem:.3f} "
+          f"(target <= 0.2): {'PASS' if ok else 'FAIL'}")
+    print(f"  reference vs dense: {dense['ms'] / ref['ms']:.2f}x faster, peak memory ratio "
+          f"{ref['peak_mb'] / dense['peak_mb']:.3f}")
+    if torch.cuda.is_available() and not args.no_cuda:
+        bench_cuda()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

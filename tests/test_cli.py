@@ -1,0 +1,159 @@
+"""`minicirc circuit` / `evaluate` / `view` end to end on files in the external formats, and bad input."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import minicirc
+from minicirc.cli import main
+from minicirc.sae import site_folder
+from conftest import write_hf_model
+
+WORDS = ["<pad>", "<unk>", "the", "cat", "cats", "dog", "dogs", "near", "is", "are", "big", "small", "and"]
+
+
+def write_tokenizer(folder, vocab):
+    words = WORDS + [f"w{i}" for i in range(vocab - len(WORDS))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+
+
+def write_tree(folder, model, seed):
+    """Dictionaries in both external layouts: SAELens for attn/mlp, dictionary_learning for the rest."""
+    g = torch.Generator().manual_seed(seed)
+    d, F = model.cfg.d_model, 24
+    for s in model.sites:
+        W_enc, b_enc = torch.randn(d, F, generator=g), torch.randn(F, generator=g) * 0.3
+        W_dec, b_dec = torch.randn(F, d, generator=g) / 4, torch.randn(d, generator=g) * 0.1
+        sub = os.path.join(folder, site_folder(s))
+        os.makedirs(sub, exist_ok=True)
+        if s.startswith(("attn", "mlp")):
+            save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+                      os.path.join(sub, "sae_weights.safetensors"))
+            json.dump({"architecture": "standard", "d_in": d, "d_sae": F, "apply_b_dec_to_input": True,
+                       "normalize_activations": "none", "metadata": {"sae_lens_version": "6.18.0"}},
+                      open(os.path.join(sub, "cfg.json"), "w"))
+        else:
+            torch.save({"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc,
+                        "decoder.weight": W_dec.T.contiguous(), "bias": b_dec}, os.path.join(sub, "ae.pt"))
+
+
+def write_data(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+ROWS = [{"clean_prefix": "the cat near the dogs", "patch_prefix": "the cats near the dogs", "clean_answer": " is", "patch_answer": " are"},
+        {"clean_prefix": "the dog", "patch_prefix": "the dogs", "clean_answer": " is", "patch_answer": " are"},
+        {"clean_prefix": "the cats near the dog", "patch_prefix": "the cat near the dog", "clean_answer": " are", "patch_answer": " is"}]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    write_hf_model(tmp_path / "model", seed=int(torch.randint(0, 1000, ()).item()), vocab=40)
+    write_tokenizer(tmp_path / "model", 40)
+    model = minicirc.load_model(tmp_path / "model")
+    write_tree(tmp_path / "saes", model, seed=7)
+    write_data(tmp_path / "data.jsonl", ROWS)
+    return tmp_path
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_circuit_evaluate_view_on_external_formats(setup, capsys):
+    t = setup
+    assert run("circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl", "--out", t / "out",
+               "--steps", 4, "--node-threshold", 0.01, "--edge-threshold", 0.001, "--batch-size", 2) == 0
+    data = json.loads((t / "out" / "circuit.json").read_text())
+    for name in ["circuit.json", "effects.safetensors", "circuit.dot", "circuit.png"]:
+        assert (t / "out" / name).stat().st_size > 0
+    assert data["version"] == 1 and data["settings"]["n_examples"] == 3 and data["nodes"]
+    # Node effects in the file equal the Python API's.
+    model = minicirc.load_model(t / "model")
+    saes = minicirc.load_saes(t / "saes", model)
+    from minicirc.data import load_examples, tokenize
+    batch = tokenize(load_examples(t / "data.jsonl"), minicirc.load_tokenizer(t / "model"))
+    c = minicirc.find_circuit(model, saes, batch, steps=4, node_threshold=0.01, edge_threshold=0.001, progress=False)
+    api = {n[0]: n[4] for n in c.kept_nodes()}
+    assert {n["id"]: n["effect"] for n in data["nodes"]} == pytest.approx(api, abs=1e-5)
+    assert run("evaluate", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl",
+               "--circuit", t / "out" / "circuit.json", "--out", t / "ev") == 0
+    ev = json.loads((t / "ev" / "evaluation.json").read_text())
+    assert all(map(lambda v: v == v, [ev["faithfulness"], ev["completeness"]]))  # finite, not NaN
+    os.remove(t / "out" / "circuit.html") if (t / "out" / "circuit.html").exists() else None
+    assert run("view", t / "out" / "circuit.json") == 0
+    assert (t / "out" / "circuit.html").exists()
+
+
+def test_neurons_and_refusal_to_overwrite(setup, capsys):
+    t = setup
+    args = ["circuit", "--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl", "--out", t / "n",
+            "--method", "attrib", "--nodes-only"]
+    assert run(*args) == 0
+    assert run(*args) == 2
+    assert "earlier run" in capsys.readouterr().err
+    assert run(*args, "--overwrite") == 0
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing_field", "lacks"), ("multi_token", "exactly one"), ("empty", "empty"), ("oov", "out of the tokenizer"),
+    ("length", "same length"), ("malformed", "not JSON"),
+])
+def test_bad_data(setup, capsys, case, expect):
+    t = setup
+    rows = [dict(r) for r in ROWS]
+    if case == "missing_field":
+        del rows[1]["clean_answer"]
+    elif case == "multi_token":
+        rows[0]["clean_answer"] = " is big"
+    elif case == "empty":
+        rows = []
+    elif case == "oov":
+        rows[2]["clean_prefix"] = "the zebra near the dog"
+    elif case == "length":
+        rows[1]["patch_prefix"] = "the big dogs"
+    write_data(t / "bad.jsonl", rows)
+    if case == "malformed":
+        (t / "bad.jsonl").write_text('{"clean_prefix": "the cat",\n')
+    assert run("circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "bad.jsonl", "--out", t / "o") == 2
+    assert expect in capsys.readouterr().err
+    assert not (t / "o" / "circuit.json").exists()
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--method", "magic"], "invalid choice"), (["--node-threshold", "-1"], "node threshold"),
+    (["--edge-threshold", "nan"], "edge threshold"), (["--method", "exact"], "node effects only"),
+])
+def test_bad_settings(setup, capsys, flags, expect):
+    t = setup
+    base = ["circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl", "--out", t / "o"]
+    try:
+        code = run(*base, *flags)
+    except SystemExit as e:  # argparse rejects unknown choices itself
+        code = e.code
+    assert code == 2
+    assert expect in capsys.readouterr().err
+
+
+def test_mismatched_tree_and_foreign_circuit(setup, capsys, tmp_path):
+    t = setup
+    # A tree written for a deeper model does not belong to this one.
+    os.makedirs(t / "saes" / "resid_out_layer7")
+    assert run("circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl", "--out", t / "o") == 2
+    assert "do not belong together" in capsys.readouterr().err
+    os.rmdir(t / "saes" / "resid_out_layer7")
+    # A circuit found on another model is refused by evaluate.
+    assert run("circuit", "--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl", "--out", t / "c",
+               "--method", "attrib", "--nodes-only") == 0
+    write_hf_model(tmp_path / "other", seed=12345, vocab=40)
+    write_tokenizer(tmp_path / "other", 40)
+    assert run("evaluate", "--model", tmp_path / "other", "--saes", "neurons", "--data", t / "data.jsonl",
+               "--circuit", t / "c" / "circuit.json", "--out", t / "e") == 2
+    assert "different model" in capsys.readouterr().err

@@ -1,0 +1,339 @@
+"""minicirc.ops: extension and torch reference against dense oracles written here.
+
+Every comparison scatters rows to dense first (row order inside the kernels is not part of the
+contract beyond "ids increase"), on float64 unless a test is about another dtype, with fresh
+random, tie-free inputs. CUDA variants run when a GPU and the CUDA extension are present.
+"""
+import os
+import random
+
+import pytest
+import torch
+
+from minicirc import ops
+
+HAS_CUDA_EXT = torch.cuda.is_available() and ops.cuda_extension_loaded()
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+need_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="minicirc._C not built or MINICIRC_NO_EXT=1")
+
+
+def ext_available(device):
+    return ops.extension_loaded() if device == "cpu" else HAS_CUDA_EXT
+
+
+def paths(device):
+    """use_ext values to test on a device: the reference always, the extension where built."""
+    return [False] + ([True] if ext_available(device) else [])
+
+
+# ----------------------------------------------------------------------------- oracles
+
+def dense_encode(x, W_enc, b_enc, b_dec, kind, threshold=None, k=0):
+    pre = (x - b_dec) @ W_enc + b_enc
+    if kind == "relu":
+        return torch.clamp(pre, min=0)
+    if kind == "jumprelu":
+        return torch.where(pre > threshold, pre, torch.zeros_like(pre))
+    keep = pre.argsort(dim=-1, descending=True)[:, :k]  # sort, not topk: independent of ops.activate
+    return torch.zeros_like(pre).scatter(-1, keep, pre.gather(-1, keep)).clamp(min=0)
+
+
+def dense_attribution(g_x, W_dec, f_c, f_p):
+    return (g_x @ W_dec.T) * (f_p - f_c)
+
+
+def make_sae(d, s, gen, dtype=torch.float64, device="cpu", fire=0.3):
+    """Random SAE whose biases make about `fire` of the features active per token."""
+    W_enc = torch.randn(d, s, generator=gen, dtype=dtype) / d ** 0.5
+    b_enc = torch.randn(s, generator=gen, dtype=dtype) * 0.1 - torch.special.ndtri(torch.tensor(1 - fire)).to(dtype)
+    b_dec = torch.randn(d, generator=gen, dtype=dtype) * 0.1
+    theta = torch.randn(s, generator=gen, dtype=dtype) * 0.3  # some negative: f = pre also below 0
+    return [t.to(device) for t in (W_enc, b_enc, b_dec, theta)]
+
+
+def check_rows_form(crow, col, val, n, n_features, stored_zeros=False):
+    assert crow.dtype == torch.long and col.dtype == torch.long
+    assert crow.shape == (n + 1,) and int(crow[0]) == 0 and int(crow[-1]) == col.numel() == val.numel()
+    assert bool((crow.diff() >= 0).all())
+    if col.numel():
+        assert int(col.min()) >= 0 and int(col.max()) < n_features
+        same_row = ops.row_ids(crow)[1:] == ops.row_ids(crow)[:-1]
+        assert bool((col.diff()[same_row] > 0).all()), "ids must increase strictly within a row"
+        if not stored_zeros:
+            assert bool((val != 0).all())
+
+
+def rand_features(n, s, gen, density, dtype=torch.float64):
+    return torch.randn(n, s, generator=gen, dtype=dtype) * (torch.rand(n, s, generator=gen) < density)
+
+
+# ----------------------------------------------------------------------------- sae_encode_sparse
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ops.KINDS)
+@pytest.mark.parametrize("d", [7, 65, 513])
+@pytest.mark.parametrize("s", [1, 33, 4097])
+def test_encode_matches_dense(device, kind, d, s):
+    gen = torch.Generator().manual_seed(d * 10007 + s)
+    W_enc, b_enc, b_dec, theta = make_sae(d, s, gen, device=device)
+    x = torch.randn(19, d, generator=gen, dtype=torch.float64).to(device)
+    k = min(s, 5) if s > 1 else 1
+    want = dense_encode(x, W_enc, b_enc, b_dec, kind, theta, k)
+    for use_ext in paths(device):
+        rows = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, theta if kind == "jumprelu" else None, k,
+                                     use_ext=use_ext)
+        check_rows_form(*rows, 19, s)
+        torch.testing.assert_close(ops.rows_to_dense(*rows, s), want, rtol=1e-12, atol=1e-12)
+
+
+def controlled_rows(d, s, gen, device):
+    """An SAE and inputs whose rows are, in turn, empty, all-active, and mixed.
+
+    The last input coordinate feeds every feature with weight 1, so x[n, -1] shifts row n's
+    pre-activations as a whole: -100 silences the row, +100 lights every feature.
+    """
+    W_enc, b_enc, b_dec, theta = make_sae(d, s, gen, device=device)
+    W_enc[-1] = 1.0
+    b_dec[-1] = 0.0
+    x = torch.randn(9, d, generator=gen, dtype=torch.float64).to(device)
+    x[:, -1] = torch.tensor([-100.0, 100.0, 0.0] * 3, dtype=torch.float64)
+    return x, W_enc, b_enc, b_dec, theta
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("s", [1, 33, 4097])
+def test_encode_empty_and_full_rows(device, s):
+    gen = torch.Generator().manual_seed(s)
+    x, W_enc, b_enc, b_dec, theta = controlled_rows(65, s, gen, device)
+    for kind, k in [("relu", 0), ("jumprelu", 0), ("topk", s), ("topk", s + 7), ("topk", 3)]:
+        want = dense_encode(x, W_enc, b_enc, b_dec, kind, theta, min(k, s))
+        counts = (want != 0).sum(1)
+        full = min(k, s) if kind == "topk" else s
+        assert int(counts[0]) == 0 and int(counts[1]) == full
+        for use_ext in paths(device):
+            rows = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, theta, k, use_ext=use_ext)
+            check_rows_form(*rows, 9, s)
+            torch.testing.assert_close(ops.rows_to_dense(*rows, s), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_more_than_positive(device):
+    """k beyond the number of positive pre-activations: only the positives are active."""
+    gen = torch.Generator().manual_seed(3)
+    W_enc, b_enc, b_dec, _ = make_sae(33, 257, gen, device=device, fire=0.02)
+    x = torch.randn(31, 33, generator=gen, dtype=torch.float64).to(device)
+    pre = (x - b_dec) @ W_enc + b_enc
+    k = int((pre > 0).sum(1).max()) + 5
+    for use_ext in paths(device):
+        crow, col, val = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, "topk", None, k, use_ext=use_ext)
+        assert torch.equal(crow.diff(), (pre > 0).sum(1))
+        torch.testing.assert_close(ops.rows_to_dense(crow, col, val, 257), pre.clamp(min=0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_encode_zero_rows_and_topk_zero(device):
+    gen = torch.Generator().manual_seed(4)
+    W_enc, b_enc, b_dec, theta = make_sae(7, 33, gen, device=device)
+    for use_ext in paths(device):
+        crow, col, val = ops.sae_encode_sparse(torch.zeros(0, 7, dtype=torch.float64, device=device),
+                                               W_enc, b_enc, b_dec, "relu", use_ext=use_ext)
+        assert crow.tolist() == [0] and col.numel() == 0 and val.numel() == 0
+        x = torch.randn(5, 7, generator=gen, dtype=torch.float64).to(device)
+        crow, col, val = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, "topk", None, 0, use_ext=use_ext)
+        assert crow.tolist() == [0] * 6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_encode_float32_and_bfloat16(device):
+    gen = torch.Generator().manual_seed(5)
+    W_enc, b_enc, b_dec, theta = [t.float() for t in make_sae(65, 4097, gen, device=device)]
+    x = torch.randn(23, 65, generator=gen).to(device)
+    for use_ext in paths(device):
+        for kind in ops.KINDS:
+            want = dense_encode(x, W_enc, b_enc, b_dec, kind, theta, 16)
+            rows = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, theta, 16, use_ext=use_ext)
+            assert rows[2].dtype == torch.float32
+            torch.testing.assert_close(ops.rows_to_dense(*rows, 4097), want, rtol=1e-4, atol=1e-4)
+        # bf16 inputs: the kernel accumulates in float32, so it equals the float32 encode of
+        # the bf16-rounded inputs up to the final rounding of the values.
+        xb, Wb, beb, bdb = (t.bfloat16() for t in (x, W_enc, b_enc, b_dec))
+        want = dense_encode(*(t.double() for t in (xb, Wb, beb, bdb)), "relu")
+        rows = ops.sae_encode_sparse(xb, Wb, beb, bdb, "relu", use_ext=use_ext)
+        assert rows[2].dtype == torch.bfloat16
+        got = ops.rows_to_dense(*rows, 4097).double()
+        assert ((got != 0) != (want != 0)).float().mean() < 1e-3  # bf16 rounding of pre near 0
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
+
+
+# ----------------------------------------------------------------------------- feature_attribution
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [7, 65, 513])
+@pytest.mark.parametrize("s", [1, 33, 4097])
+def test_attribution_matches_dense(device, d, s):
+    gen = torch.Generator().manual_seed(d * 31 + s)
+    n = 21
+    g = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    W = torch.randn(s, d, generator=gen, dtype=torch.float64)
+    f_c, f_p = rand_features(n, s, gen, 0.2), rand_features(n, s, gen, 0.2)
+    f_c[0], f_p[0] = 0, 0  # empty row
+    f_c[1] = torch.rand(s, generator=gen, dtype=torch.float64) + 0.5  # all-active rows
+    f_p[2] = -torch.rand(s, generator=gen, dtype=torch.float64) - 0.5
+    f_c[3], f_p[3] = f_c[1], f_c[1]  # active on both with no change: kept, effect 0
+    g, W, f_c, f_p = (t.to(device) for t in (g, W, f_c, f_p))
+    want = dense_attribution(g, W, f_c, f_p)
+    union = (f_c != 0) | (f_p != 0)
+    for use_ext in paths(device):
+        crow, col, val = ops.feature_attribution(g, W, ops.dense_to_rows(f_c), ops.dense_to_rows(f_p),
+                                                 use_ext=use_ext)
+        check_rows_form(crow, col, val, n, s, stored_zeros=True)
+        assert torch.equal(ops.rows_to_dense(crow, col, torch.ones_like(val), s) != 0, union)
+        torch.testing.assert_close(ops.rows_to_dense(crow, col, val, s), want, rtol=1e-10, atol=1e-10)
+
+
+@need_ext
+def test_attribution_rejects_bad_rows():
+    g, W = torch.randn(2, 5), torch.randn(9, 5)
+    ok = (torch.tensor([0, 1, 2]), torch.tensor([3, 4]), torch.randn(2))
+    for bad_col in ([4, 3], [3, 9], [-1, 2]):
+        bad = (torch.tensor([0, 2, 2]), torch.tensor(bad_col), torch.randn(2))
+        with pytest.raises(RuntimeError, match="column ids"):
+            ops.feature_attribution(g, W, ok, bad, use_ext=True)
+    with pytest.raises(RuntimeError, match="crow"):
+        ops.feature_attribution(g, W, ok, (torch.tensor([0, 2, 1]), torch.tensor([1]), torch.randn(1)), use_ext=True)
+    with pytest.raises(RuntimeError, match="crow"):
+        ops.feature_attribution(g, W, ok, (torch.tensor([0, 1]), torch.tensor([1]), torch.randn(1)), use_ext=True)
+
+
+# ----------------------------------------------------------------------------- sampled_feature_effects
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 7, 33), (3, 5, 65, 4097), (17, 513, 1)])
+def test_sampled_feature_effects(device, dtype, shape):
+    *lead, d, s = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    g = torch.randn(*lead, d, generator=gen).to(device, dtype)
+    W = torch.randn(s, d, generator=gen).to(device, dtype)
+    delta = (torch.randn(*lead, s, generator=gen) * (torch.rand(*lead, s, generator=gen) < 0.1)).to(device, dtype)
+    want = (g.double() @ W.double().T) * delta.double()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.1}[dtype]
+    for use_ext in [None] + paths(device):
+        got = ops.sampled_feature_effects(g, W, delta, use_ext=use_ext)
+        assert got.shape == delta.shape and got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_sampled_feature_effects_ignores_autograd():
+    g = torch.randn(4, 7, requires_grad=True)
+    W = torch.randn(9, 7, dtype=torch.float64)
+    delta = torch.randn(4, 9, dtype=torch.float64)
+    out = ops.sampled_feature_effects(g, W, delta)
+    assert out.dtype == torch.float64 and not out.requires_grad
+    torch.testing.assert_close(out, (g.detach().double() @ W.T) * delta)
+
+
+# ----------------------------------------------------------------------------- randomized equivalence
+
+def test_randomized_equivalence_1000_draws():
+    """1000 small random problems: extension (where built) and reference both equal the oracle."""
+    rng = random.Random(1234)
+    gen = torch.Generator().manual_seed(1234)
+    use = paths("cpu")
+    for _ in range(1000):
+        n, d, s = rng.randint(0, 9), rng.randint(1, 20), rng.randint(1, 40)
+        kind = rng.choice(ops.KINDS)
+        k = rng.randint(0, s + 3)
+        W_enc, b_enc, b_dec, theta = make_sae(d, s, gen, fire=rng.choice([0.05, 0.3, 0.9]))
+        x, x_p = torch.randn(2, n, d, generator=gen, dtype=torch.float64)
+        g = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        W_dec = torch.randn(s, d, generator=gen, dtype=torch.float64)
+        f_c = dense_encode(x, W_enc, b_enc, b_dec, kind, theta, min(k, s))
+        f_p = dense_encode(x_p, W_enc, b_enc, b_dec, kind, theta, min(k, s))
+        want = dense_attribution(g, W_dec, f_c, f_p)
+        for use_ext in use:
+            rc = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, theta, k, use_ext=use_ext)
+            rp = ops.sae_encode_sparse(x_p, W_enc, b_enc, b_dec, kind, theta, k, use_ext=use_ext)
+            torch.testing.assert_close(ops.rows_to_dense(*rc, s), f_c, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(ops.rows_to_dense(*rp, s), f_p, rtol=1e-12, atol=1e-12)
+            out = ops.feature_attribution(g, W_dec, rc, rp, use_ext=use_ext)
+            torch.testing.assert_close(ops.rows_to_dense(*out, s), want, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- registration, switches
+
+def opcheck_samples(device):
+    gen = torch.Generator().manual_seed(7)
+    W_enc, b_enc, b_dec, theta = [t.float().to(device) for t in make_sae(33, 65, gen)]
+    x = torch.randn(9, 33, generator=gen).to(device)
+    yield "encode", (x, W_enc, b_enc, b_dec, "relu", None, 0)
+    yield "encode", (x, W_enc, b_enc, b_dec, "jumprelu", theta, 0)
+    yield "encode", (x, W_enc, b_enc, b_dec, "topk", None, 4)
+    rc = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, "topk", None, 4)
+    rp = ops.sae_encode_sparse(x + 0.3, W_enc, b_enc, b_dec, "topk", None, 4)
+    g, W_dec = torch.randn(9, 33, generator=gen).to(device), W_enc.T.contiguous()
+    yield "attr", (g, W_dec, *rc, *rp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    if not ext_available(device):
+        pytest.skip("extension not built for this device")
+    for name, args in opcheck_samples(device):
+        op = torch.ops.minicirc.sae_encode_sparse if name == "encode" else torch.ops.minicirc.feature_attribution
+        torch.library.opcheck(op, args)
+
+
+def test_extension_built():
+    """The C++ extension is built on every machine with torch >= 2.10 (setup.py)."""
+    if os.environ.get("MINICIRC_NO_EXT") == "1":
+        pytest.skip("MINICIRC_NO_EXT=1")
+    if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 10):
+        pytest.skip("torch < 2.10: no stable ABI, reference path only")
+    assert ops.extension_loaded()
+
+
+def test_no_ext_switch(monkeypatch):
+    monkeypatch.setenv("MINICIRC_NO_EXT", "1")
+    assert not ops.extension_loaded()
+    x, W = torch.randn(3, 4), torch.randn(4, 5)
+    rows = ops.sae_encode_sparse(x, W, torch.zeros(5), torch.zeros(4), "relu")
+    torch.testing.assert_close(ops.rows_to_dense(*rows, 5), (x @ W).relu())
+    with pytest.raises(RuntimeError, match="not available"):
+        ops.sae_encode_sparse(x, W, torch.zeros(5), torch.zeros(4), "relu", use_ext=True)
+
+
+def test_bad_arguments():
+    x, W = torch.randn(3, 4), torch.randn(4, 5)
+    with pytest.raises(ValueError, match="unknown SAE kind"):
+        ops.sae_encode_sparse(x, W, torch.zeros(5), torch.zeros(4), "gelu")
+    if ops.extension_loaded():
+        with pytest.raises(RuntimeError, match="threshold"):
+            torch.ops.minicirc.sae_encode_sparse(x, W, torch.zeros(5), torch.zeros(4), "jumprelu", None, 0)
+        with pytest.raises(RuntimeError, match="W_enc"):
+            torch.ops.minicirc.sae_encode_sparse(x, W.T.contiguous(), torch.zeros(5), torch.zeros(4), "relu", None, 0)
+
+
+# ----------------------------------------------------------------------------- the attribution core
+@pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not built")
+@pytest.mark.parametrize("method", ["attrib", "ig"])
+def test_node_effects_same_with_and_without_extension(method):
+    import minicirc
+    from minicirc import attribution
+    from minicirc.data import Batch
+    torch.manual_seed(int(torch.randint(0, 10**6, ()).item()))
+    model = minicirc.GPTNeoX(minicirc.Config(vocab_size=30, d_model=16, n_layers=2, n_heads=2, d_mlp=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    saes = {s: minicirc.Dictionary(torch.randn(16, 37), torch.randn(37) * 0.3, torch.randn(37, 16) / 4,
+                                   torch.randn(16) * 0.1, "relu") for s in model.sites}
+    B, T = 3, 4
+    batch = Batch(torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B,)),
+                  torch.randint(0, 30, (B,)), torch.full((B,), T - 1), [None] * B)
+    *_, with_ext, _ = attribution.node_effects(model, saes, attribution.logit_diff, batch, method, 4, use_ext=True)
+    *_, without, _ = attribution.node_effects(model, saes, attribution.logit_diff, batch, method, 4, use_ext=False)
+    for s in model.sites:
+        assert (with_ext[s][0] != 0).any()
+        torch.testing.assert_close(with_ext[s][0], without[s][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(with_ext[s][1], without[s][1], rtol=0, atol=0)
