@@ -4,8 +4,8 @@
     write_html(circuit_dict, "out/circuit.html", contexts=None)
 
 `circuit_dict` is the parsed circuit.json (DESIGN.md section 11); an optional "sites" list gives every site
-a row even where no node was kept, and a node's optional "label" is shown in its panel. `contexts` optionally maps a node id to
-what explains that node:
+a row even where no node was kept, and a node's optional "label" is shown in its panel. `contexts`
+optionally maps a node id to what explains that node:
 
     {"resid_1/37": {"label": "plural nouns",                       # optional
                     "contexts": [{"tokens": ["The", " cats"], "index": 1, "value": 3.2}, ...],
@@ -257,7 +257,7 @@ _JS = r"""
 
   // Cells: one per row without positions; one per (row, position) with them. Each cell wraps its nodes
   // into lines of at most `perLine` so a crowded row grows taller instead of overlapping.
-  const positions = keepsPositions ? [...new Set(nodes.filter((n) => n.pos !== null).map((n) => n.pos))].sort((a, b) => a - b) : [];
+  const positions = [...new Set(nodes.filter((n) => n.pos !== null).map((n) => n.pos))].sort((a, b) => a - b);
   const colIndex = new Map(positions.map((p, i) => [p, i]));
   const maxCell = Math.max(1, ...rows.map((r) => {
     if (!keepsPositions) return 1;
@@ -346,7 +346,8 @@ _JS = r"""
   }
   if (keepsPositions) {
     positions.forEach((p, i) => {
-      const t = el("text", { class: "pos-label", x: LEFT + (i + 0.5) * colW, y: H - 12, "text-anchor": "middle" }, gRows);
+      const x = LEFT + (i + 0.5) * colW;
+      const t = el("text", { class: "pos-label", x, y: H - 12, "text-anchor": "middle" }, gRows);
       t.textContent = "pos " + p;
     });
   }
@@ -429,7 +430,8 @@ _JS = r"""
   slider.addEventListener("input", apply);
   slider.addEventListener("change", apply);
   document.getElementById("totals").textContent =
-    `(of ${nodes.length} nodes, ${edges.length} edges` + (skippedEdges ? `; ${skippedEdges} edges name unknown nodes` : "") + ")";
+    `(of ${nodes.length} nodes, ${edges.length} edges` +
+    (skippedEdges ? `; ${skippedEdges} edges name unknown nodes` : "") + ")";
   apply();
 
   // ---- side panel --------------------------------------------------------------------------------
@@ -458,7 +460,8 @@ _JS = r"""
     const label = n.raw.label || (info && info.label);
     if (label) panel.appendChild(h("p", String(label), "label"));
     const table = h("table");
-    const rowsInfo = [["site", n.site], ["feature", n.isMetric ? "metric" : n.isError ? "err (SAE error)" : String(n.feature)]];
+    const feature = n.isMetric ? "metric" : n.isError ? "err (SAE error)" : String(n.feature);
+    const rowsInfo = [["site", n.site], ["feature", feature]];
     if (n.pos !== null) rowsInfo.push(["position", String(n.pos)]);
     rowsInfo.push(["effect", fmt(n.effect)]);
     if (n.isMetric && DATA.metric) {
@@ -505,7 +508,8 @@ _JS = r"""
     }
     if (!info && !n.isMetric) panel.appendChild(h("p", "No contexts recorded for this node.", "hint"));
 
-    for (const [title, list, other] of [["Strongest inputs", n.inEdges, (e) => e.s], ["Strongest outputs", n.outEdges, (e) => e.t]]) {
+    const neighbours = [["Strongest inputs", n.inEdges, (e) => e.s], ["Strongest outputs", n.outEdges, (e) => e.t]];
+    for (const [title, list, other] of neighbours) {
       if (!list.length) continue;
       panel.appendChild(h("h3", title));
       const t = h("table");
