@@ -25,11 +25,17 @@ METHODS = ("attrib", "ig", "exact")
 # --- metric ---------------------------------------------------------------------------------------
 
 def logit_diff(model, batch, tokens, edit):
-    """logit(patch_answer) - logit(clean_answer) at each example's last real token: (rows,)."""
-    logits = model(tokens, edit=edit)
+    """logit(patch_answer) - logit(clean_answer) at each example's last real token: (rows,).
+
+    Only the two answer logits are computed (the unembedding of a 50k vocabulary at every position would
+    dominate the cost of every forward pass)."""
+    cache = {}
+    last_site = model.sites[-1]
+    model(tokens, edit=edit, cache=cache, stop_at=last_site)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
-    last = logits[rows, batch.last]
-    return last[rows, batch.patch_answer] - last[rows, batch.clean_answer]
+    h = model.final_layer_norm(cache[last_site][rows, batch.last])
+    W = model.embed_out.weight
+    return (h * (W[batch.patch_answer] - W[batch.clean_answer])).sum(-1)
 
 
 def tile(batch, k):
@@ -220,33 +226,118 @@ def edge_pairs(model, sites):
     return pairs
 
 
-def downstream_rows(L_f, L_err, sel_f, sel_err, aggregation):
-    """Vectors for the batched VJP: one row per downstream node, summing the selected (example, position)
-    entries that aggregation merges anyway (all positions with `sum`, same position with `none`).
+def downstream_rows(sae_d, f, L, feat_eff, err_eff, node_threshold, aggregation):
+    """The downstream nodes that get edges, and their cotangents on the downstream site value y.
 
-    Returns keys and (R, B, T, F), (R, B, T, d) cotangents on (f_D, err_D)."""
-    B, T, F = L_f.shape
-    keys, vf, ve = [], [], []
+    A downstream feature d_i = f_i(y) has dd_i/dy = 1[f_i != 0] W_enc[:, i] (relu, jumprelu and topk alike;
+    1 for neurons), and the error err = y - decode(encode(y)) has the vector-Jacobian product
+    v - ((v @ W_dec.T) * active) @ W_enc.T. So L_d . dd/du = (cotangent on y) . dy/du, with a cotangent
+    in d_model space: cheap to build and to push back through the model. One row per downstream node,
+    summing the selected (example, position) entries that aggregation merges anyway (all positions with
+    `sum`, the same position with `none`).
+
+    f: the downstream features at the clean input (they fix which features are active).
+    Returns (keys, build) where build(lo, hi) gives the cotangents (hi - lo, B, T, d) of rows lo..hi-1."""
+    with torch.no_grad():
+        active = torch.ones_like(f) if sae_d.kind == "identity" else (f != 0).to(f.dtype)
+        coef = (L @ sae_d.W_dec.T) * (feat_eff.abs() > node_threshold) * active      # (B, T, F)
+        sel_err = err_eff.abs() > node_threshold                                      # (B, T)
     if aggregation == "sum":
-        for i in torch.nonzero(sel_f.any(dim=(0, 1))).flatten().tolist():
-            v = torch.zeros_like(L_f)
-            v[..., i] = L_f[..., i] * sel_f[..., i]
-            keys.append(i), vf.append(v), ve.append(None)
-        if sel_err.any():
-            keys.append("err"), vf.append(None), ve.append(L_err * sel_err[..., None])
+        keys = torch.nonzero((feat_eff.abs() > node_threshold).any(dim=(0, 1))).flatten().tolist()
+        keys += ["err"] if sel_err.any() else []
     else:
-        for t, i in torch.nonzero(sel_f.any(dim=0)).tolist():
-            v = torch.zeros_like(L_f)
-            v[:, t, i] = L_f[:, t, i] * sel_f[:, t, i]
-            keys.append((t, i)), vf.append(v), ve.append(None)
-        for t in torch.nonzero(sel_err.any(dim=0)).flatten().tolist():
-            v = torch.zeros_like(L_err)
-            v[:, t] = L_err[:, t] * sel_err[:, t, None]
-            keys.append((t, "err")), vf.append(None), ve.append(v)
-    zf, ze = torch.zeros_like(L_f), torch.zeros_like(L_err)
-    vf = torch.stack([zf if v is None else v for v in vf]) if keys else zf[None][:0]
-    ve = torch.stack([ze if v is None else v for v in ve]) if keys else ze[None][:0]
-    return keys, vf, ve
+        keys = [tuple(k) for k in torch.nonzero((feat_eff.abs() > node_threshold).any(dim=0)).tolist()]
+        keys += [(t, "err") for t in torch.nonzero(sel_err.any(dim=0)).flatten().tolist()]
+
+    def error_cotangent(v):
+        return v - ((v @ sae_d.W_dec.T) * active) @ sae_d.W_enc.T
+
+    def error_cotangent_at(v, t):
+        return v - ((v @ sae_d.W_dec.T) * active[:, t]) @ sae_d.W_enc.T
+
+    def build(lo, hi):
+        chunk = keys[lo:hi]
+        out = torch.zeros(len(chunk), *L.shape, dtype=L.dtype, device=L.device)   # (r, B, T, d)
+        feats = [(r, k) for r, k in enumerate(chunk) if (k if aggregation == "sum" else k[1]) != "err"]
+        if feats:
+            r_idx = torch.tensor([r for r, _ in feats], device=L.device)
+            if aggregation == "sum":
+                i_idx = torch.tensor([k for _, k in feats], device=L.device)
+                # row r: coef[b, t, i_r] * W_enc[:, i_r] at every (b, t)
+                out[r_idx] = coef[..., i_idx].permute(2, 0, 1)[..., None] * sae_d.W_enc[:, i_idx].T[:, None, None, :]
+            else:
+                t_idx = torch.tensor([k[0] for _, k in feats], device=L.device)
+                i_idx = torch.tensor([k[1] for _, k in feats], device=L.device)
+                # row r: only position t_r is non-zero
+                out[r_idx, :, t_idx] = coef[:, t_idx, i_idx].T[..., None] * sae_d.W_enc[:, i_idx].T[:, None, :]
+        for r, k in enumerate(chunk):
+            if aggregation == "sum" and k == "err":
+                out[r] = error_cotangent(L * sel_err[..., None])
+            elif aggregation == "none" and k[1] == "err":   # only position t is non-zero
+                t = k[0]
+                out[r, :, t] = error_cotangent_at(L[:, t] * sel_err[:, t, None], t)
+        return out
+
+    return keys, build
+
+
+def upstream_effects(G, st, sae_u, aggregation):
+    """Edge values from the gradients G (R, B, T, d) at the upstream site: for feature j,
+    sum over (example, position) of (G . W_dec[j]) * delta_f[j], computed only where delta_f != 0 (the
+    sampled product), and G . delta_err for the error.
+
+    Returns a sparse COO tensor (R, F + 1) for `sum`, (R, T, F + 1) for `none` (last column: the error):
+    at real scale a dense (rows x positions x 32k features) block would not fit in memory."""
+    R, B, T, d = G.shape
+    F = st.delta_f.shape[-1]
+    delta = st.delta_f.reshape(B * T, F)
+    n_idx, j_idx = torch.nonzero(delta, as_tuple=True)            # sorted by position n
+    W_sel = sae_u.W_dec[j_idx]                                     # (nnz, d): decoder rows of active features
+    d_sel = delta[n_idx, j_idx]
+    Gt = G.reshape(R, B * T, d).transpose(0, 1).contiguous()      # (positions, R, d)
+    vals = torch.empty(len(n_idx), R, dtype=G.dtype, device=G.device)
+    start = 0
+    for n, c in enumerate(torch.bincount(n_idx, minlength=B * T).tolist()):
+        if c:  # one small GEMM per position: its active features' decoder rows against all R gradients
+            vals[start:start + c] = W_sel[start:start + c] @ Gt[n].T
+            start += c
+    vals = vals.T
+    vals *= d_sel
+    # Merge entries that aggregation merges: same feature (sum) or same (position, feature) (none).
+    col = j_idx if aggregation == "sum" else (n_idx % T) * (F + 1) + j_idx
+    cols, inverse = torch.unique(col, return_inverse=True)
+    merged = torch.zeros(R, len(cols), dtype=G.dtype, device=G.device).index_add_(1, inverse, vals)
+    err = (G * st.delta_err).sum(-1).sum(1)                        # (R, T): over d, then examples
+    if aggregation == "sum":
+        cols = torch.cat([cols, torch.tensor([F], device=cols.device)])
+        merged = torch.cat([merged, err.sum(1, keepdim=True)], dim=1)
+    else:
+        cols = torch.cat([cols, torch.arange(T, device=cols.device) * (F + 1) + F])
+        merged = torch.cat([merged, err], dim=1)
+        order = cols.argsort()          # the error columns go between positions
+        cols, merged = cols[order], merged[:, order]
+    rows = torch.arange(R, device=G.device).repeat_interleave(len(cols))
+    cols = cols.repeat(R)
+    index = (torch.stack([rows, cols]) if aggregation == "sum"
+             else torch.stack([rows, cols // (F + 1), cols % (F + 1)]))
+    shape = (R, F + 1) if aggregation == "sum" else (R, T, F + 1)
+    # Rows ascend and columns ascend within a row: already coalesced, which skips a costly sort.
+    return torch.sparse_coo_tensor(index, merged.reshape(-1), shape, is_coalesced=True, check_invariants=False)
+
+
+def sparse_cat_rows(parts):
+    """Concatenate coalesced sparse tensors along rows, keeping them coalesced (no sort needed)."""
+    if len(parts) == 1:
+        return parts[0]
+    idx, val, offset = [], [], 0
+    for p in parts:
+        i = p.indices().clone()
+        i[0] += offset
+        idx.append(i)
+        val.append(p.values())
+        offset += p.shape[0]
+    return torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(val), (offset, *parts[0].shape[1:]),
+                                   is_coalesced=True, check_invariants=False)
 
 
 def edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation="sum",
@@ -255,75 +346,47 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
 
     Returns {(U, D): (keys, values)} with values (R, F_U + 1) for `sum` (last column: U's error) and
     (R, T, F_U + 1) for `none`; keys name the downstream node of each row (feature index or "err", with its
-    position for `none`). Downstream nodes are the entries whose per-example |effect| > node_threshold."""
+    position for `none`). Downstream nodes are the entries whose per-example |effect| > node_threshold.
+    U's value is a leaf (the straight-through splice decode(f) + err has d x_U / d f_j = W_dec[j]); the sites
+    between U and D are frozen by detaching what flows out of them."""
     sites = site_order(model, saes)
     pairs = pairs if pairs is not None else edge_pairs(model, sites)
     out = {}
     by_up = {}
     for u, d, frozen in pairs:
         by_up.setdefault(u, []).append((d, frozen))
+    B, T = batch.clean.shape
     for u, downs in by_up.items():
         su, sae_u = states[u], saes[u]
-        frozen_any = {fr for _, frs in downs for fr in frs}
+        x_u = su.x_c.detach().clone().requires_grad_(True)
         recorded = {}
-        f_leaf = su.f_c.detach().clone().requires_grad_(True)
-        e_leaf = su.err_c.detach().clone().requires_grad_(True)
 
-        def splice(x):
-            return sae_u.decode(f_leaf) + e_leaf
-
-        def freeze(s):
+        def keep(s, frozen):
             def fn(x):
-                recorded[s] = x          # its own value still depends on U (for U -> s)
-                return x.detach()        # but nothing downstream sees U through it
+                recorded[s] = x                       # its own value still depends on U (for U -> s)
+                return x.detach() if frozen else x    # but a frozen site passes nothing of U downstream
             return fn
 
-        def keep(s):
-            def fn(x):
-                recorded[s] = x
-                return x
-            return fn
-
-        edit = {u: splice}
-        for d, _ in downs:
-            edit[d] = keep(d)
-        for fr in frozen_any:
-            edit[fr] = freeze(fr)
+        frozen_any = {fr for _, frs in downs for fr in frs}
+        edit = {s: keep(s, s in frozen_any) for s in {d for d, _ in downs} | frozen_any}
+        edit[u] = lambda x: x_u
         last = max((d for d, _ in downs), key=sites.index)
         with torch.enable_grad():
             model(batch.clean, edit=edit, stop_at=last)
             for d, _ in downs:
-                sd, sae_d = states[d], saes[d]
                 y = recorded[d]
-                f_d = sae_d.encode(y)
-                e_d = y - sae_d.decode(f_d)
-                feat_eff, err_eff = effects[d]
-                L_err = grads[d]
-                L_f = L_err if sae_d.kind == "identity" else L_err @ sae_d.W_dec.T
-                keys, vf, ve = downstream_rows(L_f, L_err, feat_eff.abs() > node_threshold,
-                                               err_eff.abs() > node_threshold, aggregation)
-                if not keys:
+                keys, build = downstream_rows(saes[d], states[d].f_c, grads[d], *effects[d], node_threshold, aggregation)
+                if not keys or not y.requires_grad:
                     continue
-                B, T, F_u = su.f_c.shape
-                per_row = B * T * (F_u + su.err_c.shape[-1] + vf.shape[-1] + ve.shape[-1]) * 4 * 3
-                step = max(1, int(chunk_bytes // per_row))
+                step = max(1, int(chunk_bytes // (B * T * y.shape[-1] * y.element_size() * 8)))
                 vals = []
-                for r0 in range(0, len(keys), step):
-                    cot_f, cot_e = vf[r0:r0 + step], ve[r0:r0 + step]
+                for lo in range(0, len(keys), step):
+                    cot = build(lo, min(len(keys), lo + step))
                     if use_vmap:
-                        g_f, g_e = torch.autograd.grad([f_d, e_d], [f_leaf, e_leaf], [cot_f, cot_e],
-                                                       retain_graph=True, is_grads_batched=True, allow_unused=True)
+                        (G,) = torch.autograd.grad(y, x_u, cot, retain_graph=True, is_grads_batched=True)
                     else:  # one backward per downstream row: the reference the batched path must equal
-                        rows = [torch.autograd.grad([f_d, e_d], [f_leaf, e_leaf], [cf, ce], retain_graph=True,
-                                                    allow_unused=True) for cf, ce in zip(cot_f, cot_e)]
-                        g_f = torch.stack([r[0] if r[0] is not None else torch.zeros_like(f_leaf) for r in rows])
-                        g_e = torch.stack([r[1] if r[1] is not None else torch.zeros_like(e_leaf) for r in rows])
-                    g_f = torch.zeros_like(cot_f[..., :1]).expand(-1, B, T, F_u) if g_f is None else g_f
-                    g_e = torch.zeros_like(cot_e) if g_e is None else g_e
+                        G = torch.stack([torch.autograd.grad(y, x_u, c, retain_graph=True)[0] for c in cot])
                     with torch.no_grad():
-                        ef = g_f * su.delta_f            # (r, B, T, F_u)
-                        ee = (g_e * su.delta_err).sum(-1)  # (r, B, T)
-                        both = torch.cat([ef, ee[..., None]], dim=-1).sum(1)  # over examples: (r, T, F_u+1)
-                        vals.append(both.sum(1) if aggregation == "sum" else both)
-                out[(u, d)] = (keys, torch.cat(vals).detach())
+                        vals.append(upstream_effects(G, su, sae_u, aggregation))
+                out[(u, d)] = (keys, sparse_cat_rows(vals))
     return out

@@ -78,11 +78,19 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
         if not nodes_only:
             edges = attribution.edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation)
             for pair, (keys, vals) in edges.items():
-                acc = edge_sums.setdefault(pair, {})
-                for key, v in zip(keys, vals):
-                    acc[key] = acc[key] + v if key in acc else v.clone()
+                # Rows are downstream nodes; give each key one global row across batches, then sum.
+                index, parts = edge_sums.setdefault(pair, ({}, []))
+                rows = torch.tensor([index.setdefault(k, len(index)) for k in keys], device=vals.device)
+                idx = vals.indices().clone()
+                idx[0] = rows[idx[0]]
+                parts.append((idx, vals.values(), vals.shape[1:]))
     nodes = {s: (f.cpu() / n, e.cpu() / n) for s, (f, e) in node_sums.items()}
-    edges = {pair: {k: v.cpu() / n for k, v in rows.items()} for pair, rows in edge_sums.items()}
+    edges = {}
+    for pair, (index, parts) in edge_sums.items():
+        idx = torch.cat([p[0] for p in parts], dim=1)
+        val = torch.cat([p[1] for p in parts])
+        shape = (len(index), *parts[0][2])
+        edges[pair] = (list(index), torch.sparse_coo_tensor(idx, val, shape).coalesce().cpu() / n)
     settings = {"method": method, "steps": steps, "node_threshold": node_threshold,
                 "edge_threshold": edge_threshold, "aggregation": aggregation, "n_examples": n,
                 "model": model_hash(model), "saes": saes_hash(saes)}
@@ -100,7 +108,7 @@ class Circuit:
     def __init__(self, sites, nodes, edges, settings, metric, nodes_only=False):
         self.sites = list(sites)
         self.nodes = nodes          # {site: (features (F,) | (T, F), error () | (T,))}
-        self.edges = edges          # {(U, D): {downstream key: (F_U + 1,) | (T, F_U + 1)}}
+        self.edges = edges          # {(U, D): (downstream keys, sparse (R, F_U + 1) | (R, T, F_U + 1))}
         self.settings = dict(settings)
         self.metric = metric
         self.nodes_only = nodes_only
@@ -138,26 +146,19 @@ class Circuit:
         kept = kept if kept is not None else self.kept_nodes()
         ids = {nd[0] for nd in kept}
         out = []
-        for (u, d), rows in self.edges.items():
-            for key, v in rows.items():
+        for (u, d), (keys, vals) in self.edges.items():
+            idx, v = vals.indices().tolist(), vals.values().tolist()
+            F_u = vals.shape[-1] - 1
+            for k, entry in enumerate(zip(*idx)):
                 if self.positional:
-                    t, i = key
-                    target = node_id(d, i, t)
-                    if target not in ids:
-                        continue
-                    for tu in range(v.shape[0]):
-                        for j in range(v.shape[1]):
-                            src = node_id(u, "err" if j == v.shape[1] - 1 else j, tu)
-                            if src in ids:
-                                out.append((src, target, float(v[tu, j])))
+                    r, tu, j = entry
+                    t, i = keys[r]
+                    target, src = node_id(d, i, t), node_id(u, "err" if j == F_u else j, tu)
                 else:
-                    target = node_id(d, key)
-                    if target not in ids:
-                        continue
-                    for j in torch.nonzero(v).flatten().tolist():
-                        src = node_id(u, "err" if j == v.shape[0] - 1 else j)
-                        if src in ids:
-                            out.append((src, target, float(v[j])))
+                    r, j = entry
+                    target, src = node_id(d, keys[r]), node_id(u, "err" if j == F_u else j)
+                if target in ids and src in ids:
+                    out.append((src, target, v[k]))
         # The metric node y: edges from the last site's kept nodes carry their node effects.
         last = self.sites[-1]
         out += [(nd[0], "y", nd[4]) for nd in kept if nd[1] == last]
@@ -187,13 +188,13 @@ class Circuit:
         for s, (feat, err) in self.nodes.items():
             out[f"nodes.{s}.features"] = feat.float().contiguous()
             out[f"nodes.{s}.error"] = err.float().contiguous()
-        for (u, d), rows in self.edges.items():
-            if rows:
-                keys = list(rows)
-                out[f"edges.{u}.{d}.values"] = torch.stack([rows[k] for k in keys]).float().contiguous()
-                enc = [(-1, k if k != "err" else -1) if not isinstance(k, tuple) else (k[0], k[1] if k[1] != "err" else -1)
-                       for k in keys]
-                out[f"edges.{u}.{d}.rows"] = torch.tensor(enc, dtype=torch.long)
+        for (u, d), (keys, vals) in self.edges.items():
+            out[f"edges.{u}.{d}.indices"] = vals.indices().contiguous()
+            out[f"edges.{u}.{d}.values"] = vals.values().float().contiguous()
+            out[f"edges.{u}.{d}.shape"] = torch.tensor(vals.shape)
+            # Downstream key of each row: (position or -1, feature or -1 for the error).
+            enc = [(k if isinstance(k, tuple) else (-1, k)) for k in keys]
+            out[f"edges.{u}.{d}.rows"] = torch.tensor([(t, -1 if i == "err" else i) for t, i in enc], dtype=torch.long)
         return out
 
     def save(self, out_dir, contexts=None, picture=True):

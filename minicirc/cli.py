@@ -70,6 +70,33 @@ def cmd_view(args):
     print(path)
 
 
+def cmd_explain(args):
+    from . import explain, model as model_mod, sae as sae_mod
+    if args.data is None:
+        raise MinicircError("explain needs a text sample: pass --data FILE (a data file, whose clean and patch "
+                            "prefixes are used, or a text file with one sentence a line)")
+    if args.k < 1:
+        raise MinicircError(f"--k must be at least 1, got {args.k}")
+    model = model_mod.load_model(args.model, device=args.device)
+    model.check_sites([args.site])
+    tokenizer = model_mod.load_tokenizer(args.model)
+    if args.saes == "neurons":
+        sae = sae_mod.IdentityDictionary(model.cfg.d_model)
+    else:
+        sae = sae_mod.load_saes(args.saes, model)[args.site]
+    sae = sae.to(args.device)
+    explain._check_feature(args.site, sae, args.feature)
+    sample = explain.tokenize_texts(explain.load_texts(args.data), tokenizer, model)
+    contexts = explain.top_contexts(model, sae, args.site, sample, args.feature, k=args.k)
+    print(f"{args.site}/{args.feature}: top {len(contexts)} contexts over {len(sample)} texts")
+    for c in contexts:
+        print(explain.format_context(c))
+    logits = explain.logit_effects(model, sae, args.feature, n=args.n_logits, tokenizer=tokenizer, site=args.site)
+    print("logit effects (decoder direction through the unembedding, final LayerNorm ignored):")
+    for kind in ("promoted", "suppressed"):
+        print(f"  {kind:10s} " + "  ".join(f"{tok!r} {val:+.3f}" for tok, val in logits[kind]))
+
+
 def cmd_demo(args):
     from .demo import run_demo
     run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device)
@@ -116,6 +143,17 @@ def build_parser():
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     d.set_defaults(func=cmd_demo)
+
+    x = sub.add_parser("explain", help="top-activating contexts and logit effects of one feature")
+    x.add_argument("--model", required=True, help="Hugging Face GPT-NeoX checkpoint directory")
+    x.add_argument("--saes", required=True, help="dictionary tree (embed/, attn_out_layer0/, ...) or 'neurons'")
+    x.add_argument("--site", required=True, help="embed, attn_L, mlp_L or resid_L")
+    x.add_argument("--feature", required=True, type=int)
+    x.add_argument("--data", default=None, help="text sample: a data file (clean and patch prefixes) or one text a line")
+    x.add_argument("--k", type=int, default=10, help="number of contexts")
+    x.add_argument("--n-logits", type=int, default=5, help="promoted/suppressed tokens to show")
+    x.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    x.set_defaults(func=cmd_explain)
 
     v = sub.add_parser("view", help="regenerate circuit.html next to a circuit.json")
     v.add_argument("circuit")

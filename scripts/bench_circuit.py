@@ -97,6 +97,9 @@ def main():
     m_c, m_p, states, eff, grads = stage(
         f"nodes ig ({a.steps} steps)",
         lambda: attribution.node_effects(model, saes, attribution.logit_diff, batch, "ig", a.steps), res)
+    allv = torch.cat([torch.cat([f.flatten(), e.flatten()]) for f, e in eff.values()]).abs()
+    print(f"  per-example node effects: max {allv.max():.3g}, "
+          f"{int((allv > a.node_threshold).sum())} entries above the node threshold {a.node_threshold}")
     edges = stage("edges batched (vmap)", lambda: attribution.edge_effects(
         model, saes, batch, states, grads, eff, a.node_threshold, "none"), res)
     n_rows = sum(len(k) for k, _ in edges.values())

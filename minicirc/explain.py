@@ -1,0 +1,406 @@
+"""What a feature means: its top-activating contexts over a text sample, and the tokens its decoder
+direction promotes or suppresses.
+
+    texts = load_texts("data.jsonl")                 # data file (clean + patch prefixes) or one text a line
+    sample = tokenize_texts(texts, tokenizer, model)  # [(token ids, token strings)]
+    top_contexts(model, sae, "resid_1", sample, 37, k=10)
+    logit_effects(model, sae, 37, n=5)
+    contexts = circuit_contexts(model, saes, tokenizer, circuit_json, texts, k=5)
+    circuit.save(out_dir, contexts=contexts)         # or viewer.write_html(circuit_json, path, contexts)
+
+A feature's activation at (sentence, position) is `sae.encode(x)[feature]` where x is the site's value
+in an unedited forward pass over that sentence alone (sentences are right-padded in batches; the model is
+causal, so padding never changes a real position). "Top" means the k highest activations over every
+(sentence, position) of the sample; equal values keep sample order (earlier sentence, then earlier
+position first), so the result is deterministic.
+
+Activations are computed for every requested (site, feature) in one forward pass per batch of texts.
+Results are cached in memory keyed by (model weights sha, site, dictionary weights sha, token sample sha,
+k), per feature; with $MINICIRC_CACHE set they also go to $MINICIRC_CACHE/explain/<key>.safetensors.
+"""
+import hashlib
+import json
+import os
+
+import torch
+
+from .errors import MinicircError
+
+_MEMORY = {}  # cache key -> {feature: (values (k,), flat indices (k,))}
+
+
+# --- text samples ----------------------------------------------------------------------------------
+
+def load_texts(path):
+    """Texts from a data file (every distinct clean_prefix and patch_prefix, in file order) or, for any other
+    file, one text a line (blank lines skipped)."""
+    from .data import load_examples
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MinicircError(f"text file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()[:1]
+    if head in ("{", "["):
+        texts = []
+        for ex in load_examples(path):
+            texts += [ex.clean_prefix] + ([ex.patch_prefix] if ex.patch_prefix is not None else [])
+    else:
+        with open(path, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    texts = list(dict.fromkeys(texts))
+    if not texts:
+        raise MinicircError(f"{path}: no texts in it")
+    return texts
+
+
+def tokenize_texts(texts, tokenizer, model=None):
+    """[(ids, token strings)] for each non-empty text. A token's string is its surface text (from the
+    encoding's offsets, so it keeps its leading space and the strings concatenate back to the text); where
+    that is empty (a byte-level token inside one character) it is tokenizer.id_to_token(id)."""
+    out = []
+    for text in texts:
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
+        if not ids:
+            continue
+        if model is not None:
+            ids = ids[:model.cfg.max_len]
+            bad = [i for i in ids if i >= model.cfg.vocab_size]
+            if bad:
+                raise MinicircError(f"text {text!r}: token id {bad[0]} is out of the model's vocabulary "
+                                    f"({model.cfg.vocab_size}); tokenizer and model do not belong together")
+        strs, prev = [], 0
+        for i, (a, b) in zip(ids, enc.offsets):
+            s = text[prev:b] if b > prev else ""
+            prev = max(prev, b)
+            strs.append(s or tokenizer.id_to_token(i) or f"<{i}>")
+        out.append((ids, strs))
+    if not out:
+        raise MinicircError("the text sample is empty")
+    return out
+
+
+def _as_ids(sample):
+    """Accept [(ids, strs)] or [ids]; return ([ids], [strs or None])."""
+    ids, strs = [], []
+    for row in sample:
+        if isinstance(row, tuple) and len(row) == 2 and isinstance(row[1], (list, tuple)) \
+                and row[1] and isinstance(row[1][0], str):
+            ids.append([int(t) for t in row[0]])
+            strs.append(list(row[1]))
+        else:
+            ids.append([int(t) for t in row])
+            strs.append(None)
+    return ids, strs
+
+
+# --- hashing and the cache ---------------------------------------------------------------------------
+
+def _sha_tensors(tensors, extra=""):
+    h = hashlib.sha256(extra.encode())
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def sae_sha(sae):
+    return _sha_tensors([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold],
+                        f"{sae.kind}|{sae.k}|{sae.subtract_b_dec}")
+
+
+def sample_sha(ids):
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
+_MODEL_SHA = {}
+
+
+def _model_sha(model):
+    # Hashing every weight costs a pass over them; remember it per model object and weight versions.
+    key = (id(model), tuple(p._version for p in model.parameters()))
+    if key not in _MODEL_SHA:
+        from .model import model_hash
+        _MODEL_SHA.clear()
+        _MODEL_SHA[key] = model_hash(model)
+    return _MODEL_SHA[key]
+
+
+def clear_cache():
+    _MEMORY.clear()
+    _MODEL_SHA.clear()
+
+
+def _disk_path(key):
+    root = os.environ.get("MINICIRC_CACHE")
+    if not root:
+        return None
+    return os.path.join(root, "explain", hashlib.sha256("|".join(map(str, key)).encode()).hexdigest()[:32]
+                        + ".safetensors")
+
+
+def _disk_load(key):
+    path = _disk_path(key)
+    if not path or not os.path.exists(path):
+        return {}
+    from safetensors.torch import load_file
+    try:
+        t = load_file(path)
+    except Exception:
+        return {}  # a damaged cache file is recomputed, never trusted
+    return {int(n.split(".")[0][1:]): (t[n], t[n.replace(".values", ".index")])
+            for n in t if n.endswith(".values") and n.replace(".values", ".index") in t}
+
+
+def _disk_save(key, entry):
+    path = _disk_path(key)
+    if not path:
+        return
+    from safetensors.torch import save_file
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tensors = {}
+        for f, (v, i) in entry.items():
+            tensors[f"f{f}.values"], tensors[f"f{f}.index"] = v.contiguous(), i.contiguous()
+        tmp = path + f".{os.getpid()}.tmp"
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation; an unwritable cache directory is not an error
+
+
+# --- the activation scan -------------------------------------------------------------------------------
+
+def _check_feature(site, sae, feature):
+    if not isinstance(feature, int) or isinstance(feature, bool):
+        raise MinicircError(f"feature {feature!r} of {site} is not an integer")
+    if not 0 <= feature < sae.n_features:
+        raise MinicircError(f"feature {feature} is out of range for {site}: its dictionary has "
+                            f"{sae.n_features} features (0..{sae.n_features - 1})")
+
+
+def _prefix_groups(ids, token_only=False):
+    """{flat index of the first occurrence of a token prefix: [flat indices of its later occurrences]}.
+
+    A position's activation depends only on the tokens up to it, so equal prefixes have mathematically equal
+    activations; computed in different batches (other padding) they can differ in the last bits, which would
+    let rounding decide their order. Only first occurrences are scanned and the repeats take their value, so
+    equal prefixes are exact ties and sample order ranks them. A leading run of one token counts as that
+    token alone (same activations at every site). token_only: group by the token alone (the
+    embed site, whose value depends on nothing else)."""
+    trie, groups, flat = {}, {}, 0   # trie: (parent node, token) -> flat index of that prefix's first occurrence
+    for row in ids:
+        node, run = -1, True
+        for p, t in enumerate(row):
+            run = run and t == row[0]
+            node = trie.setdefault((-1 if token_only else node, t), flat)
+            # A leading run t t ... t holds at every site the value of t alone (attention averages equal
+            # values): its canonical position is the first occurrence of the prefix [t].
+            canon = trie[(-1, t)] if (run and not token_only) else node
+            if canon == flat:
+                groups[flat] = []
+            else:
+                groups[canon].append(flat)
+            flat += 1
+    return groups
+
+
+@torch.no_grad()
+def _scan(model, saes, wanted, ids, k, batch_size):
+    """wanted: {site: [features]} -> {site: {feature: (values (<=k,), flat indices (<=k,))}}, the top-k
+    (value descending, sample order among equals) over every real (sentence, position), in one forward pass
+    per batch for all sites. The flat index of (sentence s, position p) is offsets[s] + p. Only the first
+    occurrence of each token prefix is a candidate (see _prefix_groups)."""
+    device = next(model.parameters()).device
+    sites = [s for s in wanted if wanted[s]]
+    last = max(sites, key=model.sites.index)
+    cols = {s: torch.tensor(wanted[s], dtype=torch.long, device=device) for s in sites}
+    best = {s: (torch.empty(0, len(wanted[s]), device=device, dtype=saes[s].W_enc.dtype),
+                torch.empty(0, len(wanted[s]), dtype=torch.long, device=device)) for s in sites}
+    offsets, total = [], 0
+    for row in ids:
+        offsets.append(total)
+        total += len(row)
+    first = {}
+    for s in sites:
+        first[s] = torch.zeros(total + 1, dtype=torch.bool, device=device)  # the last entry: padding
+        first[s][list(_prefix_groups(ids, token_only=s == "embed"))] = True
+    for b0 in range(0, len(ids), batch_size):
+        rows = ids[b0:b0 + batch_size]
+        T = max(map(len, rows))
+        if T == 0:
+            continue
+        tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
+        flat_all = torch.tensor([offsets[b0 + i] + p if p < len(r) else total for i, r in enumerate(rows)
+                                 for p in range(T)], dtype=torch.long, device=device)
+        cache = {}
+        model(tokens, cache=cache, stop_at=last)
+        for s in sites:
+            real = first[s][flat_all]
+            flat = flat_all[real]
+            f = saes[s].encode(cache[s].to(saes[s].W_enc.dtype)).flatten(0, 1)[real][:, cols[s]]  # (n, features)
+            v = torch.cat([best[s][0], f])
+            i = torch.cat([best[s][1], flat[:, None].expand_as(f)])
+            # Earlier candidates come first and a stable sort keeps them first among equal values.
+            order = torch.sort(v, dim=0, descending=True, stable=True).indices[:k]
+            best[s] = (v.gather(0, order), i.gather(0, order))
+    return {s: {f: (best[s][0][:, j].cpu(), best[s][1][:, j].cpu()) for j, f in enumerate(wanted[s])}
+            for s in sites}
+
+
+def top_activations(model, saes, wanted, sample, k=10, batch_size=64):
+    """{site: {feature: [(sentence index, position, value)]}} for the k highest activations of each wanted
+    feature over the sample, through the cache."""
+    ids, _ = _as_ids(sample)
+    for s, feats in wanted.items():
+        if s not in saes:
+            raise MinicircError(f"unknown site {s!r}; known: {', '.join(saes)}")
+        for f in feats:
+            _check_feature(s, saes[s], f)
+    if not ids:
+        raise MinicircError("the text sample is empty")
+    base = (_model_sha(model), sample_sha(ids), int(k))
+    keys, todo = {}, {}
+    for s, feats in wanted.items():
+        key = base + (s, sae_sha(saes[s]))
+        keys[s] = key
+        if key not in _MEMORY:
+            _MEMORY[key] = _disk_load(key)
+        missing = [f for f in dict.fromkeys(feats) if f not in _MEMORY[key]]
+        if missing:
+            todo[s] = missing
+    if todo:
+        found = _scan(model, saes, todo, ids, k, batch_size)
+        for s, res in found.items():
+            _MEMORY[keys[s]].update(res)
+            _disk_save(keys[s], _MEMORY[keys[s]])
+    starts, total = [], 0
+    for row in ids:
+        starts.append(total)
+        total += len(row)
+    import bisect
+    out = {}
+    for s, feats in wanted.items():
+        out[s] = {}
+        groups = _prefix_groups(ids, token_only=s == "embed")
+        for f in feats:
+            vals, idx = _MEMORY[keys[s]][f]
+            # The top k first occurrences hold the first occurrences of the overall top k (each ranks above
+            # its repeats); add the repeats with their value and rank again by (value desc, sample order).
+            cand = [(v, j) for v, i in zip(vals.tolist(), idx.tolist()) for j in [i] + groups[i]]
+            cand.sort(key=lambda c: (-c[0], c[1]))
+            rows = []
+            for v, i in cand[:k]:
+                sent = bisect.bisect_right(starts, i) - 1
+                rows.append((sent, i - starts[sent], float(v)))
+            out[s][f] = rows
+    return out
+
+
+def top_contexts(model, sae, site, texts_tokens, feature, k=10, batch_size=64, tokenizer=None):
+    """The k (sentence, position) pairs of the sample where `feature` of `sae` at `site` is highest, as
+    [{"tokens": [str], "index": position, "value": activation}], highest first, ties in sample order.
+
+    texts_tokens: [[token id]] (token strings then come from tokenizer.id_to_token, or are the ids as
+    strings without a tokenizer) or [(ids, strs)] as tokenize_texts returns."""
+    model.check_sites([site])
+    ids, strs = _as_ids(texts_tokens)
+    rows = top_activations(model, {site: sae}, {site: [feature]}, texts_tokens, k=k, batch_size=batch_size)
+    out = []
+    for sent, pos, v in rows[site][feature]:
+        toks = strs[sent]
+        if toks is None:
+            toks = [(tokenizer.id_to_token(t) if tokenizer is not None else None) or str(t) for t in ids[sent]]
+        out.append({"tokens": list(toks), "index": pos, "value": v})
+    return out
+
+
+def _token_str(tokenizer, i):
+    if tokenizer is None:
+        return str(i)
+    try:
+        s = tokenizer.decode([i], skip_special_tokens=False)
+    except Exception:
+        s = ""
+    return s or tokenizer.id_to_token(i) or f"<{i}>"
+
+
+@torch.no_grad()
+def logit_effects(model, sae, feature, n=5, tokenizer=None, site=None):
+    """{"promoted": [[token, value]], "suppressed": [[token, value]]}: the n largest and n smallest entries
+    of W_dec[feature] @ embed_out.weight.T, the direct effect on the logits of adding the feature's decoder
+    direction to the residual stream.
+
+    Approximation: the final LayerNorm is skipped (its scale, which depends on the whole residual, and its
+    elementwise weight and mean removal), so the values rank tokens rather than give exact logit changes.
+    Meaningful for every site (embed, attn_l, mlp_l and resid_l all write to the residual stream), and only
+    as a direct effect: later layers are ignored."""
+    _check_feature(site or "this site", sae, feature)
+    if sae.kind == "identity":
+        direction = torch.zeros(sae.d_in, device=sae.W_dec.device)
+        direction[feature] = 1.0
+    else:
+        direction = sae.W_dec[feature]
+    W = model.embed_out.weight
+    scores = (direction.to(W.device, W.dtype) @ W.T).float().cpu()
+    n = min(n, scores.numel())
+    order = torch.sort(scores, descending=True, stable=True).indices
+    top, bottom = order[:n].tolist(), order.flip(0)[:n].tolist()
+    return {"promoted": [[_token_str(tokenizer, i), float(scores[i])] for i in top],
+            "suppressed": [[_token_str(tokenizer, i), float(scores[i])] for i in bottom]}
+
+
+def _parse_node_id(nid):
+    """"resid_1/37" or "resid_1/37@5" -> ("resid_1", 37); error nodes and the metric node -> None."""
+    if "/" not in nid:
+        return None
+    site, rest = nid.split("/", 1)
+    feat = rest.split("@", 1)[0]
+    try:
+        return site, int(feat)
+    except ValueError:
+        return None  # "err"
+
+
+def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, batch_size=64):
+    """The `contexts` argument of viewer.write_html / Circuit.save for every feature node of `circuit`
+    (its circuit.json dict): {"site/feature": {"contexts": [...], "logits": {...}}}. Positional node ids
+    ("site/feature@pos") share their feature's entry, which the viewer falls back to. `texts` is a list of
+    strings (or a path for load_texts). One forward pass per batch of texts covers every node."""
+    if isinstance(texts, (str, os.PathLike)):
+        texts = load_texts(texts)
+    sample = tokenize_texts(texts, tokenizer, model)
+    wanted = {}
+    for node in circuit.get("nodes", []):
+        parsed = _parse_node_id(str(node.get("id", "")))
+        if parsed is None:
+            continue
+        site, feat = parsed
+        if site not in saes:
+            raise MinicircError(f"circuit node {node['id']}: no dictionary for site {site!r}")
+        wanted.setdefault(site, [])
+        if feat not in wanted[site]:
+            wanted[site].append(feat)
+    if not wanted:
+        return {}
+    wanted = {s: wanted[s] for s in sorted(wanted, key=model.sites.index)}
+    rows = top_activations(model, saes, wanted, sample, k=k, batch_size=batch_size)
+    out = {}
+    for site, feats in wanted.items():
+        for f in feats:
+            out[f"{site}/{f}"] = {
+                "contexts": [{"tokens": list(sample[sent][1]), "index": pos, "value": v}
+                             for sent, pos, v in rows[site][f]],
+                "logits": logit_effects(model, saes[site], f, n=n_logits, tokenizer=tokenizer, site=site),
+            }
+    return out
+
+
+def format_context(ctx, window=16):
+    """One line: the value, then the tokens around the activating one, which is marked [[like this]]."""
+    toks, i = ctx["tokens"], ctx["index"]
+    a, b = max(0, i - window), min(len(toks), i + 6)
+    mark = lambda t: t[:len(t) - len(t.lstrip())] + f"[[{t.lstrip()}]]"  # the leading space stays outside
+    text = "".join(mark(t) if j == i else t for j, t in enumerate(toks[a:b], start=a))
+    text = ("…" if a > 0 else "") + text + ("…" if b < len(toks) else "")
+    return f"{ctx['value']:10.4f}  {text}".replace("\n", "↵")

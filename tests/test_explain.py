@@ -1,0 +1,190 @@
+"""minicirc.explain: top contexts equal a brute-force scan, the cache returns the same thing without a new
+pass, circuit_contexts covers every feature node in one pass per batch, and `minicirc explain` prints them."""
+import json
+
+import pytest
+import torch
+
+import minicirc
+from minicirc import explain
+from minicirc.cli import main
+from minicirc.model import Config, GPTNeoX
+from minicirc.sae import Dictionary
+
+from test_cli import ROWS, write_data, write_tokenizer, write_tree
+from conftest import write_hf_model
+
+
+def random_setup(seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    cfg = Config(vocab_size=23, d_model=16, n_layers=2, n_heads=4, d_mlp=24, max_len=32)
+    torch.manual_seed(seed)
+    model = GPTNeoX(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    F = 12
+    saes = {s: Dictionary(torch.randn(16, F, generator=g), torch.randn(F, generator=g) - 1.0,
+                          torch.randn(F, 16, generator=g), torch.randn(16, generator=g) * 0.1, "relu")
+            for s in model.sites}
+    model, saes = model.to(dtype), {s: d.to(dtype) for s, d in saes.items()}
+    lengths = torch.randint(1, 9, (17,), generator=g).tolist()
+    sample = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    sample[5] = list(sample[2])  # a repeated sentence: equal values, sample order decides
+    return model, saes, sample
+
+
+def site_values(model, site, sample):
+    """The site's value for every sentence run alone (batch of one, no padding), as python floats."""
+    out = []
+    for ids in sample:
+        cache = {}
+        with torch.no_grad():
+            model(torch.tensor([ids]), cache=cache, stop_at=site)
+        out.append(cache[site][0].tolist())
+    return out
+
+
+def brute_force(sae, xs, feature, k):
+    """Every sentence, every position, the relu SAE formula written out; ties in sample order."""
+    W, b_enc, b_dec = sae.W_enc[:, feature].tolist(), float(sae.b_enc[feature]), sae.b_dec.tolist()
+    found = []
+    for s, x in enumerate(xs):
+        for p in range(len(x)):
+            pre = b_enc
+            for j in range(len(W)):
+                pre += (x[p][j] - b_dec[j]) * W[j]
+            found.append((max(pre, 0.0), s, p))
+    # Equal prefixes (equal tokens at embed) have equal activations; computed alone at different lengths they
+    # may differ in the last bits (float64 here), so compare values rounded far below any real gap.
+    found.sort(key=lambda t: (-round(t[0], 9), t[1], t[2]))
+    return found[:k]
+
+
+@pytest.mark.parametrize("site", ["embed", "attn_0", "mlp_1", "resid_1"])
+def test_top_contexts_equal_brute_force(site):
+    seed = int(torch.randint(0, 10**6, ()).item())
+    model, saes, sample = random_setup(seed)
+    explain.clear_cache()
+    xs = site_values(model, site, sample)
+    n_tokens = sum(map(len, sample))
+    for feature in range(saes[site].n_features):
+        for k in (3, n_tokens):  # k = every position: the zero activations' order is checked too
+            got = explain.top_contexts(model, saes[site], site, sample, feature, k=k, batch_size=4)
+            want = brute_force(saes[site], xs, feature, k)
+            assert [(c["index"], c["tokens"]) for c in got] == [(p, [str(t) for t in sample[s]]) for _, s, p in want], seed
+            assert [c["value"] for c in got] == pytest.approx([v for v, _, _ in want], abs=1e-9)
+    # (sentence, position) identity, not just the tokens: repeated sentences must come in sample order
+    rows = explain.top_activations(model, saes, {site: list(range(12))}, sample, k=n_tokens, batch_size=5)[site]
+    for feature, got in rows.items():
+        assert [(s, p) for s, p, _ in got] == [(s, p) for _, s, p in brute_force(saes[site], xs, feature, n_tokens)], seed
+
+
+def test_cache_memory_and_disk(tmp_path, monkeypatch):
+    model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
+    explain.clear_cache()
+    monkeypatch.setenv("MINICIRC_CACHE", str(tmp_path))
+    first = explain.top_contexts(model, saes["resid_0"], "resid_0", sample, 3, k=4)
+    assert list((tmp_path / "explain").glob("*.safetensors"))
+
+    def no_scan(*a, **kw):
+        raise AssertionError("the cache should have answered")
+    monkeypatch.setattr(explain, "_scan", no_scan)
+    assert explain.top_contexts(model, saes["resid_0"], "resid_0", sample, 3, k=4) == first  # memory
+    explain.clear_cache()
+    assert explain.top_contexts(model, saes["resid_0"], "resid_0", sample, 3, k=4) == first  # disk
+    # Another sample, other dictionary weights or another model are other keys.
+    with pytest.raises(AssertionError, match="cache"):
+        explain.top_contexts(model, saes["resid_0"], "resid_0", sample[:-1], 3, k=4)
+    with pytest.raises(AssertionError, match="cache"):
+        explain.top_contexts(model, saes["resid_1"], "resid_0", sample, 3, k=4)
+    with torch.no_grad():
+        model.embed_in.weight.add_(1.0)
+    with pytest.raises(AssertionError, match="cache"):
+        explain.top_contexts(model, saes["resid_0"], "resid_0", sample, 3, k=4)
+
+
+def test_logit_effects_and_errors():
+    model, saes, _ = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
+    sae = saes["mlp_0"]
+    eff = explain.logit_effects(model, sae, 5, n=3)
+    scores = sae.W_dec[5] @ model.embed_out.weight.T
+    assert [int(t) for t, _ in eff["promoted"]] == scores.argsort(descending=True)[:3].tolist()
+    assert [int(t) for t, _ in eff["suppressed"]] == scores.argsort()[:3].tolist()
+    assert [v for _, v in eff["promoted"]] == pytest.approx(scores.sort(descending=True).values[:3].tolist(), rel=1e-5)
+    with pytest.raises(minicirc.MinicircError, match="out of range"):
+        explain.logit_effects(model, sae, sae.n_features)
+    with pytest.raises(minicirc.MinicircError, match="out of range"):
+        explain.top_contexts(model, sae, "mlp_0", [[1, 2]], -1)
+    with pytest.raises(minicirc.MinicircError, match="unknown site"):
+        explain.top_contexts(model, sae, "mlp_7", [[1, 2]], 0)
+
+
+@pytest.fixture
+def files(tmp_path):
+    write_hf_model(tmp_path / "model", seed=int(torch.randint(0, 1000, ()).item()), vocab=40)
+    write_tokenizer(tmp_path / "model", 40)
+    model = minicirc.load_model(tmp_path / "model")
+    write_tree(tmp_path / "saes", model, seed=int(torch.randint(0, 1000, ()).item()))
+    write_data(tmp_path / "data.jsonl", ROWS)
+    (tmp_path / "texts.txt").write_text("the cat is big\n\nthe dogs near the cat are small\ncats and dogs\n")
+    return tmp_path
+
+
+def test_circuit_contexts_cover_every_feature_node(files, monkeypatch):
+    t = files
+    model = minicirc.load_model(t / "model")
+    saes = minicirc.load_saes(t / "saes", model)
+    tok = minicirc.load_tokenizer(t / "model")
+    batch = minicirc.tokenize(minicirc.load_examples(t / "data.jsonl"), tok)[0:3:2]  # equal lengths
+    circuit = minicirc.find_circuit(model, saes, batch, method="attrib", node_threshold=0.0, nodes_only=True,
+                                    aggregation="none", progress=False).to_json()
+    texts = explain.load_texts(t / "data.jsonl")
+    assert texts == list(dict.fromkeys(x for r in ROWS for x in (r["clean_prefix"], r["patch_prefix"])))
+    texts = texts + explain.load_texts(t / "texts.txt")
+    explain.clear_cache()
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    ctx = explain.circuit_contexts(model, saes, tok, circuit, texts, k=3, batch_size=4)
+    assert len(calls) == -(-len(texts) // 4)  # one pass per batch, every site at once
+    feature_nodes = {n["id"].split("@")[0] for n in circuit["nodes"] if n["feature"] != "err"}
+    assert feature_nodes and set(ctx) == feature_nodes
+    sample = explain.tokenize_texts(texts, tok, model)
+    for nid, entry in ctx.items():
+        site, f = nid.split("/")
+        assert entry["contexts"] == explain.top_contexts(model, saes[site], site, sample, int(f), k=3)
+        assert len(entry["logits"]["promoted"]) == 5 and len(entry["logits"]["suppressed"]) == 5
+        for c in entry["contexts"]:
+            assert "".join(c["tokens"]) in texts
+    from minicirc.viewer import write_html
+    html = write_html(circuit, t / "c.html", ctx).read_text()
+    assert next(iter(ctx)) in html
+
+
+def test_cli_explain(files, capsys):
+    t = files
+    base = ["explain", "--model", t / "model", "--saes", t / "saes", "--site", "resid_1"]
+    assert main([str(a) for a in base + ["--feature", 3, "--data", t / "texts.txt", "--k", 4]]) == 0
+    out = capsys.readouterr().out
+    model = minicirc.load_model(t / "model")
+    sae = minicirc.load_saes(t / "saes", model)["resid_1"]
+    sample = explain.tokenize_texts(explain.load_texts(t / "texts.txt"), minicirc.load_tokenizer(t / "model"), model)
+    want = explain.top_contexts(model, sae, "resid_1", sample, 3, k=4)
+    lines = [l for l in out.splitlines() if "[[" in l]
+    assert len(lines) == 4
+    for line, c in zip(lines, want):
+        assert f"{c['value']:.4f}" in line and f"[[{c['tokens'][c['index']].strip()}]]" in line
+    assert "promoted" in out and "suppressed" in out
+    assert main([str(a) for a in ["explain", "--model", t / "model", "--saes", "neurons", "--site", "embed",
+                                  "--feature", 0, "--data", t / "data.jsonl"]]) == 0
+    capsys.readouterr()
+    for extra, expect in [(["--feature", 3], "text sample"),
+                          (["--feature", 24, "--data", t / "texts.txt"], "out of range"),
+                          (["--feature", 0, "--data", t / "nope.txt"], "does not exist")]:
+        assert main([str(a) for a in base + extra]) == 2
+        assert expect in capsys.readouterr().err
+    bad_site = ["explain", "--model", t / "model", "--saes", t / "saes", "--site", "resid_5", "--feature", 0,
+                "--data", t / "texts.txt"]
+    assert main([str(a) for a in bad_site]) == 2
+    assert "unknown site" in capsys.readouterr().err
