@@ -1,0 +1,225 @@
+"""Subject-verb agreement in a tiny English-like language: the four templates of Marks et al. (2024).
+
+    simple     "the author"                        -> " is"     (patch: "the authors" -> " are")
+    nounpp     "the author near the guards"        -> " is"     (patch flips the subject)
+    within_rc  "the author that the guards"        -> " like"   (verb of the relative clause agrees with
+                                                                  "guards"; patch flips "guards")
+    rc         "the author that the guards like"   -> " is"     (main verb agrees with "author";
+                                                                  patch flips the subject)
+
+Everything is lowercase and space separated, so every word is one token of the word-level tokenizer in
+`corpus.py`. The language never breaks agreement: every present/past verb form agrees with its own
+subject, and the number of the second noun (the PP object, or the relative clause's subject) is drawn
+independently of the subject's, so a model can only get agreement right by tracking the right noun.
+
+Held-out split. A sentence's *frame* is the tuple of lemmas that fixes its prefix, numbers ignored:
+(subject, verb) for simple, (subject, preposition, second noun) for nounpp, (subject, second noun) for
+within_rc and rc (the two share frames: an rc sentence contains a within_rc one). A stable hash sends each frame to "test" (TEST_PERCENT of frames) or "train". `make_examples(...,
+split)` and the language-model corpus (`sentence(..., split="train")`) only use frames of their split, so
+for nounpp, within_rc and rc no held-out prefix (clean or patch: numbers do not change the frame) occurs
+anywhere in the training corpus. For simple the prefix is just "the <noun>", which every template starts
+with; there held-out means an unseen (subject, verb) combination, i.e. a disjoint sentence, not an unseen
+prefix.
+"""
+import hashlib
+import random
+
+from ..data import Example
+
+# Person nouns, singular -> plural. No gendered nouns (SHIFT reads gender from the biographies) and
+# none of the professions or their context words in `bios.py`.
+NOUNS = {
+    "author": "authors", "guard": "guards", "pilot": "pilots", "farmer": "farmers",
+    "senator": "senators", "manager": "managers", "athlete": "athletes", "dancer": "dancers",
+    "singer": "singers", "painter": "painters", "officer": "officers", "lawyer": "lawyers",
+    "customer": "customers", "banker": "bankers", "minister": "ministers", "baker": "bakers",
+    "driver": "drivers", "sailor": "sailors", "actor": "actors", "writer": "writers",
+    "judge": "judges", "clerk": "clerks", "chef": "chefs", "poet": "poets", "artist": "artists",
+    "player": "players", "mayor": "mayors", "builder": "builders", "hunter": "hunters", "miner": "miners",
+    "soldier": "soldiers", "captain": "captains", "trader": "traders", "waiter": "waiters",
+    "tailor": "tailors", "runner": "runners",
+    # Irregular plurals, so number is not just a trailing "s".
+    "child": "children", "person": "people", "thief": "thieves", "fisherman": "fishermen",
+}
+
+# Transitive verbs, lemma -> (singular form, plural form). They head relative clauses (whose object is
+# the gap: "the author that the guards like") and also serve as main verbs.
+TRANSITIVE = {
+    "like": ("likes", "like"), "admire": ("admires", "admire"), "hate": ("hates", "hate"),
+    "love": ("loves", "love"), "know": ("knows", "know"), "see": ("sees", "see"),
+    "help": ("helps", "help"), "meet": ("meets", "meet"), "follow": ("follows", "follow"),
+    "trust": ("trusts", "trust"), "watch": ("watches", "watch"), "thank": ("thanks", "thank"),
+    "visit": ("visits", "visit"), "fear": ("fears", "fear"), "praise": ("praises", "praise"),
+}
+
+# Verbs that only appear as main verbs, with what may follow them in a full sentence.
+COPULAS = {"be": ("is", "are"), "be_past": ("was", "were")}   # + adjective
+POSSESSION = {"have": ("has", "have")}                         # + "a" + thing
+MAIN_VERBS = {**COPULAS, **POSSESSION, **TRANSITIVE}           # + "the" + person noun for transitives
+
+PREPOSITIONS = ("near", "behind", "beside", "with", "around")
+ADJECTIVES = ("happy", "tall", "young", "old", "busy", "tired", "kind", "brave", "quiet", "smart",
+              "rich", "late")
+THINGS = ("dog", "car", "book", "house", "garden", "hat", "boat", "bike")
+
+TEMPLATES = ("simple", "nounpp", "within_rc", "rc")
+TEST_PERCENT = 20
+
+
+def split_of(frame):
+    """"train" or "test" for a frame (a tuple of strings), by a hash that is stable across runs."""
+    digest = hashlib.sha256("|".join(frame).encode()).digest()
+    return "test" if int.from_bytes(digest[:4], "big") % 100 < TEST_PERCENT else "train"
+
+
+def _frame_key(template, subj, second, rc_verb, prep, verb):
+    """The lemmas that fix a sentence's prefix (see the module docstring); numbers are left out."""
+    if template == "simple":
+        return ("simple", subj, verb)
+    if template == "nounpp":
+        return ("nounpp", subj, prep, second)
+    # within_rc and rc share frames, and the clause verb is left out so that a held-out within_rc
+    # prefix ("the author that the guards") is not the start of any training rc sentence either.
+    return ("rc", subj, second)
+
+
+def _noun(lemma, plural):
+    return NOUNS[lemma] if plural else lemma
+
+
+def _verb(forms, plural):
+    return forms[1] if plural else forms[0]
+
+
+def _sample_lemmas(template, rng, split):
+    """Random lemmas for one sentence of `template` whose frame lies in `split` (rejection sampling:
+    about 1 in 5 frames is held out, so a few draws suffice)."""
+    nouns = list(NOUNS)
+    while True:
+        subj = rng.choice(nouns)
+        second = rng.choice([n for n in nouns if n != subj])   # "the author near the authors" is dull
+        rc_verb = rng.choice(list(TRANSITIVE))
+        prep = rng.choice(PREPOSITIONS)
+        verb = rng.choice(list(MAIN_VERBS))
+        if split_of(_frame_key(template, subj, second, rc_verb, prep, verb)) == split:
+            return subj, second, rc_verb, prep, verb
+
+
+def _prefix(template, subj, second, rc_verb, prep, subj_pl, second_pl):
+    """Words, roles and per-word number (0/1 for nouns and verbs, None otherwise) of a prefix."""
+    words, roles, numbers = ["the", _noun(subj, subj_pl)], ["det", "subj"], [None, subj_pl]
+    if template == "nounpp":
+        words += [prep, "the", _noun(second, second_pl)]
+        roles += ["prep", "det", "distractor"]
+        numbers += [None, None, second_pl]
+    elif template in ("within_rc", "rc"):
+        words += ["that", "the", _noun(second, second_pl)]
+        roles += ["that", "det", "distractor"]
+        numbers += [None, None, second_pl]
+        if template == "rc":
+            words.append(_verb(TRANSITIVE[rc_verb], second_pl))
+            roles.append("rc_verb")
+            numbers.append(second_pl)
+    return words, roles, numbers
+
+
+def _continuation(verb, rng):
+    """What follows a main verb in a full corpus sentence, ending with the full stop."""
+    if verb in COPULAS:
+        return [rng.choice(ADJECTIVES), "."]
+    if verb in POSSESSION:
+        return ["a", rng.choice(THINGS), "."]
+    return ["the", _noun(rng.choice(list(NOUNS)), rng.random() < 0.5), "."]
+
+
+def make_examples(template, n, seed=0, split="train"):
+    """`n` distinct clean/patch agreement examples of `template`, the same list for the same arguments.
+
+    Singular and plural clean subjects alternate (so both directions of the flip appear, balanced to
+    within one), and for the templates with a second noun the four (subject, second noun) number
+    combinations are balanced too. Raises ValueError when the split has fewer than `n` distinct examples
+    (only possible for "simple", whose train/test splits hold about 1150/290).
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"agreement/{template}/{split}/{seed}")
+    # Number cells in an order whose every prefix of even length is balanced in both nouns.
+    cells = [(0, 0), (1, 1), (0, 1), (1, 0)]
+    seen, examples = set(), []
+    for i in range(n):
+        subj_pl, second_pl = cells[i % 4]
+        if template == "simple":
+            second_pl = None
+        for _ in range(10_000):
+            lemmas = _sample_lemmas(template, rng, split)
+            subj, second, rc_verb, prep, verb = lemmas
+            # The distinct example is what its strings depend on.
+            ident = {"simple": (subj, verb), "nounpp": (subj, prep, second, verb),
+                     "within_rc": (subj, second, rc_verb), "rc": (subj, second, rc_verb, verb)}[template]
+            if (ident, subj_pl, second_pl) not in seen:
+                break
+        else:
+            raise ValueError(f"split {split!r} of template {template!r} has fewer than {n} distinct examples")
+        seen.add((ident, subj_pl, second_pl))
+        examples.append(_example(template, subj, second, rc_verb, prep, verb, subj_pl, second_pl))
+    return examples
+
+
+def _example(template, subj, second, rc_verb, prep, verb, subj_pl, second_pl):
+    # The controlling noun is flipped in the patch prefix: the subject, except inside the relative
+    # clause (within_rc), where the clause's own subject controls the verb.
+    if template == "within_rc":
+        answer_pl, forms = second_pl, TRANSITIVE[rc_verb]
+        patch_args = (subj_pl, 1 - second_pl)
+    else:
+        answer_pl, forms = subj_pl, MAIN_VERBS[verb]
+        patch_args = (1 - subj_pl, second_pl)
+    words, roles, numbers = _prefix(template, subj, second, rc_verb, prep, subj_pl, second_pl)
+    patch_words, _, patch_numbers = _prefix(template, subj, second, rc_verb, prep, *patch_args)
+    latents = {"subject_plural": subj_pl, "answer_plural": answer_pl,
+               "role": roles, "number": numbers, "patch_number": patch_numbers,
+               "subject": subj, "verb": rc_verb if template == "within_rc" else verb}
+    if template != "simple":
+        latents["distractor_plural"] = second_pl
+        latents["distractor"] = second
+    return Example(clean_prefix=" ".join(words), patch_prefix=" ".join(patch_words),
+                   clean_answer=" " + _verb(forms, answer_pl), patch_answer=" " + _verb(forms, 1 - answer_pl),
+                   case=template, latents=latents)
+
+
+FAMILIES = ("simple", "nounpp", "rc", "question")
+
+
+def sentence(family, rng, split="train"):
+    """One full sentence (a list of words ending in "." or "?") for the language-model corpus.
+
+    simple:   "the authors like the pilot ."
+    nounpp:   "the author near the guards has a dog ."
+    rc:       "the author that the guards like is happy ."      (covers within_rc too)
+    question: "are the authors near the guard happy ?"          (copula first, agreeing with the subject)
+    Only frames of `split` are used, so held-out examples never occur in a "train" corpus.
+    """
+    if family == "question":
+        # A copula question with an optional PP; its PP frame must be in the split like nounpp's.
+        subj, second, _, prep, _ = _sample_lemmas("nounpp", rng, split)
+        subj_pl = rng.random() < 0.5
+        words = ["the", _noun(subj, subj_pl)]
+        if rng.random() < 0.5:
+            words += [prep, "the", _noun(second, rng.random() < 0.5)]
+        copula = _verb(COPULAS[rng.choice(list(COPULAS))], subj_pl)
+        return [copula] + words + [rng.choice(ADJECTIVES), "?"]
+    subj, second, rc_verb, prep, verb = _sample_lemmas(family, rng, split)
+    subj_pl, second_pl = rng.random() < 0.5, rng.random() < 0.5
+    words, _, _ = _prefix(family, subj, second, rc_verb, prep, subj_pl, second_pl)
+    return words + [_verb(MAIN_VERBS[verb], subj_pl)] + _continuation(verb, rng)
+
+
+def vocabulary():
+    """Every word the agreement grammar can produce."""
+    words = {"the", "a", "that", ".", "?"}
+    words |= set(NOUNS) | set(NOUNS.values()) | set(PREPOSITIONS) | set(ADJECTIVES) | set(THINGS)
+    for forms in MAIN_VERBS.values():
+        words |= set(forms)
+    return words

@@ -1,0 +1,224 @@
+"""The synthetic language: agreement labels, matched pairs, splits, biographies, tokenizer, corpus.
+
+Grammatical number is checked against tables written here, independently of the grammar's own lists.
+"""
+import collections
+
+import pytest
+import torch
+
+from minicirc.tasks import bios, corpus
+from minicirc.tasks import TEMPLATES, ambiguous_split, balanced_split, build_tokenizer, make_examples
+
+# Independent number tables: plural nouns are "singular + s" except the irregulars listed here.
+IRREGULAR_PLURALS = {"children", "people", "thieves", "fishermen"}
+IRREGULAR_SINGULARS = {"child", "person", "thief", "fisherman"}
+SINGULAR_VERBS = {"is", "was", "has", "likes", "admires", "hates", "loves", "knows", "sees", "helps", "meets",
+                  "follows", "trusts", "watches", "thanks", "visits", "fears", "praises"}
+PLURAL_VERBS = {"are", "were", "have", "like", "admire", "hate", "love", "know", "see", "help", "meet",
+                "follow", "trust", "watch", "thank", "visit", "fear", "praise"}
+
+
+def noun_is_plural(word):
+    if word in IRREGULAR_PLURALS:
+        return True
+    if word in IRREGULAR_SINGULARS:
+        return False
+    assert word.isalpha(), word
+    return word.endswith("s")
+
+
+def verb_is_plural(word):
+    assert word in SINGULAR_VERBS | PLURAL_VERBS, f"{word!r} is not a present/past verb form"
+    return word in PLURAL_VERBS
+
+
+# Position (word index) of the noun that the answer must agree with.
+CONTROLLER = {"simple": 1, "nounpp": 1, "within_rc": 4, "rc": 1}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_answers_agree_with_the_controlling_noun(template, split):
+    for ex in make_examples(template, 100, seed=0, split=split):
+        words = ex.clean_prefix.split()
+        controller_pl = noun_is_plural(words[CONTROLLER[template]])
+        assert ex.clean_answer.startswith(" ") and ex.patch_answer.startswith(" ")
+        assert verb_is_plural(ex.clean_answer[1:]) == controller_pl, ex
+        assert verb_is_plural(ex.patch_answer[1:]) != controller_pl, ex
+        if template == "rc":   # the clause's own verb agrees with the clause's subject
+            assert verb_is_plural(words[5]) == noun_is_plural(words[4]), ex
+        assert ex.case == template
+        assert ex.latents["answer_plural"] == controller_pl
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_pairs_flip_only_the_controlling_noun(template, tokenizer):
+    for ex in make_examples(template, 100, seed=1):
+        clean, patch = ex.clean_prefix.split(), ex.patch_prefix.split()
+        assert len(clean) == len(patch)
+        assert len(tokenizer.encode(ex.clean_prefix).ids) == len(tokenizer.encode(ex.patch_prefix).ids)
+        differ = [i for i, (a, b) in enumerate(zip(clean, patch)) if a != b]
+        assert differ == [CONTROLLER[template]], ex
+        assert noun_is_plural(clean[differ[0]]) != noun_is_plural(patch[differ[0]])
+        # Same verb lemma, other number: the answers are swapped.
+        assert verb_is_plural(ex.clean_answer[1:]) != verb_is_plural(ex.patch_answer[1:])
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_answers_one_token_and_prefixes_one_token_per_word(template, tokenizer):
+    unk = tokenizer.token_to_id(corpus.UNK)
+    for split in ("train", "test"):
+        for ex in make_examples(template, 100, seed=2, split=split):
+            for answer in (ex.clean_answer, ex.patch_answer):
+                ids = tokenizer.encode(answer).ids
+                assert len(ids) == 1 and ids[0] != unk, answer
+                assert tokenizer.decode(ids) == answer[1:]
+            for prefix in (ex.clean_prefix, ex.patch_prefix):
+                ids = tokenizer.encode(prefix).ids
+                assert len(ids) == len(prefix.split()) and unk not in ids, prefix
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_balanced_numbers_and_latents(template):
+    exs = make_examples(template, 80, seed=3, split="test")
+    assert len({(e.clean_prefix, e.clean_answer) for e in exs}) == 80   # distinct
+    subj = collections.Counter(e.latents["subject_plural"] for e in exs)
+    assert subj == {0: 40, 1: 40}
+    for n in (2, 6, 10):   # both directions of the flip, equally, for any even n
+        counts = collections.Counter(e.latents["subject_plural"] for e in make_examples(template, n, seed=0))
+        assert counts == {0: n // 2, 1: n // 2}
+    if template != "simple":
+        cells = collections.Counter((e.latents["subject_plural"], e.latents["distractor_plural"]) for e in exs)
+        assert cells == {(0, 0): 20, (0, 1): 20, (1, 0): 20, (1, 1): 20}
+    for e in exs:
+        words, patch_words = e.clean_prefix.split(), e.patch_prefix.split()
+        roles, numbers = e.latents["role"], e.latents["number"]
+        assert len(roles) == len(numbers) == len(e.latents["patch_number"]) == len(words)
+        assert roles[:2] == ["det", "subj"]
+        assert e.latents["subject_plural"] == noun_is_plural(words[1])
+        if template != "simple":
+            assert roles[4] == "distractor" and e.latents["distractor_plural"] == noun_is_plural(words[4])
+        for word, role, num in zip(words, roles, numbers):
+            if role in ("subj", "distractor"):
+                assert num == noun_is_plural(word)
+            elif role == "rc_verb":
+                assert num == verb_is_plural(word)
+            else:
+                assert num is None
+        for word, role, num in zip(patch_words, roles, e.latents["patch_number"]):
+            if role in ("subj", "distractor"):
+                assert num == noun_is_plural(word)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_deterministic_per_seed(template):
+    a = make_examples(template, 30, seed=5)
+    assert a == make_examples(template, 30, seed=5)
+    assert a != make_examples(template, 30, seed=6)
+    assert make_examples(template, 30, seed=5, split="test") != a
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_held_out_split_is_disjoint(template):
+    train = make_examples(template, 400, seed=0, split="train")
+    test = make_examples(template, 150, seed=0, split="test")
+    if template == "simple":   # prefixes are shared by construction; the (subject, verb) sentence is not
+        key = lambda e: {(e.latents["subject"], e.latents["verb"])}
+    else:                      # no prefix of a test example, clean or patch, is a train prefix
+        key = lambda e: {e.clean_prefix, e.patch_prefix}
+    assert not set().union(*map(key, train)) & set().union(*map(key, test))
+
+
+def held_out_prefixes_in(docs, examples):
+    prefixes = {p for e in examples for p in (e.clean_prefix, e.patch_prefix)}
+    found = set()
+    for doc in docs:
+        words = doc.split()
+        for n in (5, 6):   # nounpp and within_rc prefixes have 5 words, rc prefixes 6
+            found |= {" ".join(words[i:i + n]) for i in range(len(words))} & prefixes
+    return found
+
+
+def test_training_corpus_never_contains_held_out_prefixes():
+    docs = corpus.corpus_documents(20000, seed=0)
+    for template in ("nounpp", "within_rc", "rc"):
+        assert not held_out_prefixes_in(docs, make_examples(template, 150, seed=0, split="test"))
+        # The check can fail: train prefixes do occur in the corpus.
+        assert held_out_prefixes_in(docs, make_examples(template, 150, seed=0, split="train"))
+
+
+def test_bios_splits():
+    amb = ambiguous_split(100, seed=0)
+    assert all(b.profession == b.gender for b in amb)
+    assert collections.Counter((b.profession, b.gender) for b in amb) == {(0, 0): 50, (1, 1): 50}
+    bal = balanced_split(100, seed=0)
+    assert collections.Counter((b.profession, b.gender) for b in bal) == {(0, 0): 25, (0, 1): 25,
+                                                                           (1, 0): 25, (1, 1): 25}
+    assert balanced_split(100, seed=0) == bal and balanced_split(100, seed=1) != bal
+    test = balanced_split(100, seed=0, split="test")
+    assert not {b.text for b in bal} & {b.text for b in test}
+    assert len({b.text for b in bal}) == 100
+    with pytest.raises(ValueError):
+        balanced_split(10, seed=0)
+
+
+def test_bios_carry_their_labels_in_context_not_profession_words():
+    for b in balanced_split(200, seed=4):
+        words = b.text.split()
+        assert "professor" not in words and "nurse" not in words
+        female, male = {"she", "her"} & set(words), {"he", "his"} & set(words)
+        assert (female and not male) if b.gender == 1 else (male and not female), b
+        hospital = {"hospital", "patients", "ward", "clinic"} & set(words)
+        university = {"university", "students", "exams", "lectures", "research", "lab", "campus"} & set(words)
+        assert (hospital and not university) if b.profession == 1 else (university and not hospital), b
+
+
+def test_tokenizer_conventions(tokenizer):
+    assert [tokenizer.token_to_id(t) for t in ("<pad>", "<unk>", "<sep>")] == [0, 1, 2]
+    assert (corpus.PAD_ID, corpus.UNK_ID, corpus.SEP_ID) == (0, 1, 2)
+    assert tokenizer.get_vocab_size() < 500
+    assert tokenizer.encode("the author is").ids == [tokenizer.token_to_id(w) for w in ("the", "author", "is")]
+    assert tokenizer.encode("the authorz").ids[-1] == 1   # unknown words do map to <unk>
+    # The saved form round-trips (the default model ships it as tokenizer.json).
+    from tokenizers import Tokenizer
+    again = Tokenizer.from_str(tokenizer.to_str())
+    assert again.encode("the author near the guards").ids == tokenizer.encode("the author near the guards").ids
+
+
+def test_corpus_words_are_all_in_the_vocabulary(tokenizer):
+    vocab = set(corpus.vocabulary())
+    docs = corpus.corpus_documents(5000, seed=1)
+    docs += [b.text for b in balanced_split(400, seed=1)]
+    assert {w for d in docs for w in d.split()} <= vocab
+    names = set(bios.NAMES[0]) | set(bios.NAMES[1])
+    families = collections.Counter("bio" if d.split()[0] in names else "agreement" for d in docs[:5000])
+    assert 700 < families["bio"] < 1300   # about 20% of documents
+
+
+def test_training_sequences(tokenizer):
+    seqs = corpus.training_sequences(tokenizer, 300, seed=0)
+    assert seqs.dtype == torch.long and seqs.shape[0] == 300
+    assert torch.equal(seqs, corpus.training_sequences(tokenizer, 300, seed=0))
+    for row in seqs.tolist():
+        n = row.index(corpus.SEP_ID) + 1
+        assert row.count(corpus.SEP_ID) == 1 and all(t == corpus.PAD_ID for t in row[n:])
+        assert corpus.PAD_ID not in row[:n] and corpus.UNK_ID not in row
+    stream = corpus.corpus_token_stream(1000, seed=0, tokenizer=tokenizer)
+    assert stream.shape == (1000,) and torch.equal(stream, corpus.corpus_token_stream(1000, 0, tokenizer))
+    assert (stream == corpus.SEP_ID).sum() > 50
+
+
+def test_packed_sequences(tokenizer):
+    rows = corpus.packed_sequences(tokenizer, 200, seq_len=32, seed=0)
+    assert rows.shape == (200, 32) and torch.equal(rows, corpus.packed_sequences(tokenizer, 200, 32, seed=0))
+    assert corpus.PAD_ID not in rows and corpus.UNK_ID not in rows
+    starts = {tokenizer.id_to_token(t) for t in rows[:, 0].tolist()}
+    first_words = {d.split()[0] for d in corpus.corpus_documents(2000, seed=0)}
+    assert starts <= first_words   # every row begins where a document begins
+    assert (rows == corpus.SEP_ID).sum(1).min() >= 1
