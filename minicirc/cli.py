@@ -35,15 +35,45 @@ def prepare_out(out, overwrite, marker):
 def cmd_circuit(args):
     from .circuit import find_circuit
     torch.manual_seed(args.seed)
-    prepare_out(args.out, args.overwrite, "circuit.json")
-    model, saes, examples = load_inputs(args)
-    circuit = find_circuit(model, saes, examples, method=args.method, steps=args.steps,
-                           node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
-                           aggregation=args.aggregation, nodes_only=args.nodes_only, batch_size=args.batch_size,
-                           top_k_nodes=args.top_k_nodes, top_k_edges=args.top_k_edges)
-    data = circuit.save(args.out)
-    print(f"{len(data['nodes'])} nodes, {len(data['edges'])} edges -> {args.out}/circuit.json "
-          f"(metric clean {data['metric']['clean']:.3f}, patch {data['metric']['patch']:.3f})")
+    if args.limit is not None and args.limit < 1:
+        raise MinicircError(f"--limit must be at least 1, got {args.limit}")
+    rank, dist = 0, None
+    if args.distributed:
+        from . import distributed as dist
+        rank, _, args.device = dist.init(args.device)
+    created = not os.path.exists(args.out)
+    try:
+        failure = None
+        try:
+            if rank == 0:  # only rank 0 writes; on several machines the other ranks need no --out folder
+                prepare_out(args.out, args.overwrite, "circuit.json")
+            model, saes, examples = load_inputs(args)
+        except Exception as e:
+            if dist is None:
+                raise
+            failure = e
+        if dist is not None:  # a bad input on any rank stops every rank with its message
+            dist.agree(failure, rank)
+        circuit = find_circuit(model, saes, examples, method=args.method, steps=args.steps,
+                               node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                               aggregation=args.aggregation, nodes_only=args.nodes_only, batch_size=args.batch_size,
+                               top_k_nodes=args.top_k_nodes, top_k_edges=args.top_k_edges,
+                               distributed=args.distributed, progress=rank == 0)
+        if rank == 0:
+            try:
+                data = circuit.save(args.out)
+            except OSError as e:  # disk full, permissions, ...: save left no partial files behind
+                raise MinicircError(f"cannot write results to {args.out}: {e.strerror or e}") from None
+            print(f"{len(data['nodes'])} nodes, {len(data['edges'])} edges -> {args.out}/circuit.json "
+                  f"(metric clean {data['metric']['clean']:.3f}, patch {data['metric']['patch']:.3f})")
+    except BaseException:
+        # Leave nothing behind: Circuit.save is all-or-nothing; drop the folder if this run made it empty.
+        if rank == 0 and created and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)
+        raise
+    finally:
+        if dist is not None:
+            dist.finish()
 
 
 def cmd_evaluate(args):
@@ -99,7 +129,20 @@ def cmd_explain(args):
 
 def cmd_demo(args):
     from .demo import run_demo
+    torch.set_num_threads(args.threads)
     run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device)
+
+
+def cmd_shift(args):
+    from .shift import run_shift
+    torch.set_num_threads(args.threads)
+    run_shift(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device, probe_layer=args.probe_layer,
+              ablate=args.ablate, top_k=args.top_k, margin=args.margin, random_seeds=args.random_seeds)
+
+
+# The embedded default model is tiny (d_model 64): its matmuls are too small to gain from a second thread,
+# and two OpenMP threads on a busy 2-core machine were measured up to 20x slower than one.
+THREADS_HELP = "CPU threads (default 1: the embedded model is too small to gain from more)"
 
 
 def build_parser():
@@ -127,6 +170,9 @@ def build_parser():
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    c.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on CUDA): "
+                        "torchrun --nproc-per-node N -m minicirc.cli circuit ... --distributed")
     c.set_defaults(func=cmd_circuit)
 
     e = sub.add_parser("evaluate", help="faithfulness and completeness of a circuit by mean ablation")
@@ -142,7 +188,25 @@ def build_parser():
     d.add_argument("--quick", action="store_true", help="reduced budget (for smoke tests)")
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    d.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     d.set_defaults(func=cmd_demo)
+
+    sh = sub.add_parser("shift", help="concept disambiguation (SHIFT) on the embedded default: remove a probe's "
+                                      "spurious features, retrain, measure worst-group accuracy")
+    sh.add_argument("--out", default="minicirc-shift")
+    sh.add_argument("--quick", action="store_true", help="reduced budget (for smoke tests)")
+    sh.add_argument("--overwrite", action="store_true")
+    sh.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    sh.add_argument("--probe-layer", type=int, default=None, help="probe reads resid_L (default: the middle layer)")
+    sh.add_argument("--top-k", type=int, default=None, help="candidates for the judge: top k features by |effect|")
+    sh.add_argument("--margin", type=float, default=None,
+                    help="automatic judge: spurious when gender effect size > profession effect size + margin")
+    sh.add_argument("--random-seeds", type=int, default=None, help="seeds for the random-ablation baseline")
+    sh.add_argument("--ablate", default=None, metavar="SITE/I,...",
+                    help="your own judgement: ablate these features (e.g. embed/172,resid_1/226) instead of the "
+                         "automatic judge's")
+    sh.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    sh.set_defaults(func=cmd_shift)
 
     x = sub.add_parser("explain", help="top-activating contexts and logit effects of one feature")
     x.add_argument("--model", required=True, help="Hugging Face GPT-NeoX checkpoint directory")

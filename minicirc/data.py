@@ -32,8 +32,13 @@ def load_examples(path, limit=None):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MinicircError(f"data file {path} does not exist")
-    with open(path) as f:
-        text = f.read()
+    if not os.path.isfile(path):
+        raise MinicircError(f"data file {path} is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise MinicircError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
@@ -51,6 +56,9 @@ def load_examples(path, limit=None):
         if missing or (("patch_prefix" in row) != ("patch_answer" in row)):
             raise MinicircError(f"{path}: record {i} lacks {missing or ['patch_prefix/patch_answer pair']} "
                                 f"(needs {', '.join(FIELDS)})")
+        for k in FIELDS:
+            if (row.get(k) is not None or k.startswith("clean")) and not isinstance(row.get(k), str):
+                raise MinicircError(f"{path}: record {i} field {k} must be a string, got {row[k]!r}")
         examples.append(Example(row["clean_prefix"], row.get("patch_prefix"), row["clean_answer"],
                                 row.get("patch_answer"), row.get("case")))
     return examples
@@ -89,7 +97,9 @@ def _ids(tokenizer, text, what):
     if unk is None:
         unk = tokenizer.token_to_id("[UNK]")
     if unk is not None and unk in enc.ids:
-        word = enc.tokens[enc.ids.index(unk)] if enc.tokens else "?"
+        j = enc.ids.index(unk)
+        lo, hi = enc.offsets[j] if enc.offsets else (0, 0)
+        word = text[lo:hi] or (enc.tokens[j] if enc.tokens else "?")   # the input's own word, not '<unk>'
         raise MinicircError(f"{what} {text!r}: token {word!r} is out of the tokenizer's vocabulary")
     return enc.ids
 

@@ -7,6 +7,14 @@ row, the original code's granularity. Prints a ratio against the baseline.
     python scripts/bench_circuit.py                        # small, a few seconds
     python scripts/bench_circuit.py --d-model 512 --d-mlp 2048 --layers 6 --vocab 50304 \
         --features 32768 --examples 10 --pos 5 --baseline-rows 200   # DESIGN.md section 13 scale
+
+Streamed memory and data parallelism (section "find_circuit end to end"): the whole find_circuit (IG nodes
+and all edges) at each dataset size of --circuit-sizes with a fixed --batch-size; peak memory should not
+grow with the dataset size. Under torchrun the same section runs data-parallel (rank 0 prints; peak memory
+is the largest over ranks):
+
+    python scripts/bench_circuit.py --skip-stages --circuit-sizes 20,80
+    torchrun --standalone --nproc-per-node 2 scripts/bench_circuit.py --skip-stages --circuit-sizes 40
 """
 import argparse
 import os
@@ -20,10 +28,22 @@ from minicirc import attribution
 from minicirc.data import Batch
 
 
+def trim_heap():
+    """Give freed heap memory back to the OS (glibc keeps it otherwise), so each measurement starts clean."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakRSS:
     """Peak resident memory above the level at entry, sampled every few milliseconds from /proc."""
 
     def __enter__(self):
+        trim_heap()
         self.base = self.peak = self.rss()
         self.running = True
         self.thread = threading.Thread(target=self.watch, daemon=True)
@@ -72,26 +92,96 @@ def main():
     p.add_argument("--baseline-rows", type=int, default=None,
                    help="time the one-row-at-a-time baseline on this many rows and extrapolate (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--circuit-sizes", default="20,80",
+                   help="dataset sizes for the end-to-end find_circuit section ('' to skip it)")
+    p.add_argument("--batch-size", type=int, default=10, help="batch size of the end-to-end section")
+    p.add_argument("--circuit-data", default="tiled,fresh",
+                   help="end-to-end data: 'tiled' (the same examples repeated: fixed circuit) and/or 'fresh'")
+    p.add_argument("--skip-stages", action="store_true", help="only the end-to-end find_circuit section")
     a = p.parse_args()
+    dist_run = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    rank = 0
+    if dist_run:
+        from minicirc import distributed
+        rank, world, _ = distributed.init("cpu")
+        if rank != 0:  # only rank 0 prints
+            import builtins
+            builtins.print = lambda *args, **kw: None
     torch.manual_seed(a.seed)
     cfg = minicirc.Config(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, d_mlp=a.d_mlp)
     model = minicirc.GPTNeoX(cfg).eval()
     with torch.no_grad():
         for prm in model.parameters():
             prm.normal_(0, 1.5 / a.d_model ** 0.5 if prm.dim() > 1 else 0.02)
-    # Random SAEs whose encoder bias gives about `l0` active features per token.
+    # Random SAEs whose encoder bias gives about `l0` active features per token. The encoder is scaled by
+    # each site's activation size (measured on random tokens), so that pre-activations are ~N(0, 1): with an
+    # unscaled encoder the sites' small activations left every feature inactive (L0 = 0).
+    cache = {}
+    with torch.no_grad():
+        model(torch.randint(0, a.vocab, (a.examples, a.pos)), cache=cache)
     saes = {}
     for s in model.sites:
-        W_enc = torch.randn(a.d_model, a.features) / a.d_model ** 0.5
+        W_enc = torch.randn(a.d_model, a.features) / (a.d_model ** 0.5 * cache[s].std().item())
         frac = min(0.5, a.l0 / a.features)
         bias = -torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - frac)).item()
         saes[s] = minicirc.Dictionary(W_enc, torch.full((a.features,), bias), torch.randn(a.features, a.d_model) / a.l0 ** 0.5,
                                       torch.zeros(a.d_model), "relu")
+    def random_batch(B, T):
+        return Batch(torch.randint(0, a.vocab, (B, T)), torch.randint(0, a.vocab, (B, T)),
+                     torch.randint(0, a.vocab, (B,)), torch.randint(0, a.vocab, (B,)), torch.full((B,), T - 1),
+                     [None] * B)
+
     B, T = a.examples, a.pos
-    batch = Batch(torch.randint(0, a.vocab, (B, T)), torch.randint(0, a.vocab, (B, T)), torch.randint(0, a.vocab, (B,)),
-                  torch.randint(0, a.vocab, (B,)), torch.full((B,), T - 1), [None] * B)
-    print(f"model d={a.d_model} layers={a.layers} vocab={a.vocab}; {len(saes)} SAEs x {a.features} features; "
-          f"{B} examples x {T} tokens; {torch.get_num_threads()} threads")
+    batch = random_batch(B, T)
+    with torch.no_grad():
+        l0 = sum((saes[s].encode(cache[s]) != 0).sum(-1).float().mean().item() for s in saes) / len(saes)
+    print(f"model d={a.d_model} layers={a.layers} vocab={a.vocab}; {len(saes)} SAEs x {a.features} features "
+          f"(mean L0 {l0:.1f}); {B} examples x {T} tokens; {torch.get_num_threads()} threads")
+    if not a.skip_stages and not dist_run:
+        stages(a, model, saes, batch)
+    if a.circuit_sizes:
+        end_to_end(a, model, saes, random_batch, dist_run)
+    if dist_run:
+        distributed.finish()
+
+
+def end_to_end(a, model, saes, random_batch, dist_run):
+    """find_circuit (IG nodes + all edges, aggregation sum) at each dataset size, fixed batch size.
+
+    `tiled`: --examples random examples repeated, so the circuit (its set of edge entries) is the same at every
+    size and only the dataset grows: peak memory should stay flat. `fresh`: new random examples, which keep
+    activating new features, so the circuit itself grows and peak memory follows the number of edge entries."""
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist_run else 1
+    sizes = [int(x) for x in a.circuit_sizes.split(",") if x.strip()]
+    print(f"find_circuit end to end: batch size {a.batch_size}, {world} process(es) x "
+          f"{torch.get_num_threads()} threads, {a.steps} IG steps, node threshold {a.node_threshold}")
+    extra = {"distributed": True} if dist_run else {}
+    run = lambda b: minicirc.find_circuit(model, saes, b, steps=a.steps, node_threshold=a.node_threshold,
+                                          batch_size=a.batch_size, progress=False, **extra)
+    base = random_batch(a.examples, a.pos)
+    data = {(kind, n): attribution.tile(base, -(-n // len(base)))[:n] if kind == "tiled" else random_batch(n, a.pos)
+            for kind in a.circuit_data.split(",") for n in sizes}   # the same data whatever the world size
+    run(attribution.tile(base, world)[:a.batch_size * world])   # warm-up: first-call allocations, lazy imports
+    for kind in a.circuit_data.split(","):
+        for n in sizes:
+            b = data[(kind, n)]
+            if dist_run:
+                dist.barrier()
+            t = time.perf_counter()
+            with PeakRSS() as mem:
+                c = run(b)
+            dt = time.perf_counter() - t
+            peak = torch.tensor([mem.mb, mem.peak / 2**20], dtype=torch.float64)
+            if dist_run:
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            n_edges = sum(v._nnz() for _, v in c.edges.values())
+            print(f"  {kind:5s} {n:5d} examples: {dt:8.2f} s ({n / dt:6.2f} examples/s)   peak +{peak[0]:8.1f} MB "
+                  f"(RSS {peak[1]:7.1f} MB)   {n_edges:9d} edge entries", flush=True)
+            del c
+
+
+def stages(a, model, saes, batch):
     res = {}
     stage("nodes attrib", lambda: attribution.node_effects(model, saes, attribution.logit_diff, batch, "attrib"), res)
     m_c, m_p, states, eff, grads = stage(

@@ -2,6 +2,10 @@
 import pytest
 import torch
 
+# The test models are tiny: one thread is faster than two, and avoids OpenMP threads spinning against
+# each other when the machine is shared (measured here: up to 20x slower with 2 threads under load).
+torch.set_num_threads(1)
+
 
 def write_hf_model(path, seed=0, parallel=True, rotary_pct=0.25, tie=False, vocab=61, d=32, layers=2,
                    heads=4, d_mlp=48):

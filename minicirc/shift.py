@@ -1,0 +1,737 @@
+"""Concept disambiguation (SHIFT, DESIGN.md section 9): find what a classifier really uses, remove the
+spurious concept's features, retrain, and measure worst-group accuracy.
+
+    model, saes, tokenizer, stats, folder = minicirc.default.get_default("full")
+    train = bios_batch(ambiguous_split(400), tokenizer)            # profession == gender
+    probe = train_probe(model, train, layer=1)                      # linear probe on mean-pooled resid_1
+    circuit = probe_circuit(model, saes, probe, train[:200])        # metric: the probe's wrong-class logit
+    feats = top_features(circuit, k=30)                             # [(site, feature, effect)]
+    verdicts = judge(model, saes, val, feats)                       # automatic: gender vs profession AUROC
+    ablation = {s: [f ...]}                                         # the features judged spurious
+    evaluate(model, probe.with_ablation(saes, ablation), test)      # zero ablation, SAE error kept
+    evaluate(model, train_probe(model, train, 1, saes=saes, ablation=ablation), test)   # + retrain
+
+Choices (the design leaves them open):
+- Labels: class 1 = nurse (profession 1) = female (gender 1) on the ambiguous split. The probe is a logistic
+  regression `z = w . mean_t resid_L[t] + b` over the real (unpadded) tokens, class 1 when z > 0, fit exactly
+  (Newton's method) with a small L2 penalty, so a run is deterministic and fast.
+- Metric for the circuit: the wrong-class logit, `-z` for examples labelled 1 and `z` for those labelled 0
+  (label = the training label, profession, which equals gender on the ambiguous split), with patch = None,
+  so each node's effect estimates how much setting it to zero moves the probe towards the wrong class.
+- Ablation (zero, as DESIGN.md says): at each involved site in forward order, `f = encode(x)`, the chosen
+  features set to 0 and `x' = decode(f') + (x - decode(f))`, i.e. the SAE error is kept and
+  `x' = x - sum_i f_i W_dec[i]` over the ablated features i; each site re-encodes its current (already
+  edited upstream) value. With Identity dictionaries (neurons) the chosen coordinates become exactly 0.
+- Candidates: the top_k features by |aggregated effect| (error nodes are not candidates: they cannot be
+  judged or ablated without removing everything the dictionary misses).
+- Judge (automatic; the paper used people): on a labelled balanced validation split, each candidate's
+  activation is mean-pooled over a bio's real tokens; its gender effect size (difference of the female and
+  male means, averaged over professions, in within-group standard deviations) and its profession effect size
+  are compared; spurious when gender effect > profession effect + margin. `minicirc explain` shows the same
+  top-activating contexts so that a person can judge instead (`minicirc shift --ablate site/feature,...`).
+- Evaluation on the held-out balanced split: profession accuracy, gender accuracy (how often the prediction
+  equals the gender label) and worst-group accuracy (the lowest profession accuracy over the four
+  (profession, gender) groups).
+"""
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Batch
+from .errors import MinicircError
+
+CONCEPT, SPURIOUS = "profession", "gender"
+
+SETTINGS = {
+    # A few hundred bios per split; the whole run takes about a minute on 2 cores.
+    "full": dict(n_train=400, n_val=200, n_test=400, n_explain=200, n_circuit=200, steps=10, top_k=100,
+                 margin=0.2, random_seeds=5, k_contexts=5, l2=1e-3, batch_size=100,
+                 sweep=[10, 30, 100, 300, 1000]),
+    "quick": dict(n_train=48, n_val=40, n_test=48, n_explain=24, n_circuit=16, steps=3, top_k=8,
+                  margin=0.2, random_seeds=5, k_contexts=3, l2=1e-3, batch_size=16, sweep=[2, 8, 32]),
+}
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def bios_batch(bios, tokenizer, label=CONCEPT):
+    """Biographies -> Batch (right-padded tokens, no patch). `clean_answer` holds the class label the probe
+    is trained on (profession by default); `examples` the Bio records (profession and gender)."""
+    if not bios:
+        raise MinicircError("no biographies given")
+    rows = []
+    for b in bios:
+        ids = tokenizer.encode(b.text, add_special_tokens=False).ids
+        if not ids:
+            raise MinicircError(f"biography {b.text!r} has no tokens")
+        rows.append(ids)
+    T = max(map(len, rows))
+    tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], dtype=torch.long)
+    y = torch.tensor([getattr(b, label) for b in bios], dtype=torch.long)
+    return Batch(tokens, None, y, None, torch.tensor([len(r) - 1 for r in rows]), list(bios))
+
+
+def labels(batch, name):
+    """(n,) long tensor of a Bio field ("profession" or "gender") for the batch's examples."""
+    return torch.tensor([getattr(b, name) for b in batch.examples], dtype=torch.long, device=batch.clean.device)
+
+
+def real_mask(tokens, last):
+    """(n, pos) float: 1 at real tokens, 0 at right padding."""
+    return (torch.arange(tokens.shape[1], device=tokens.device)[None] <= last[:, None]).to(torch.float32)
+
+
+# --- ablation -------------------------------------------------------------------------------------
+
+def ablate_site(sae, x, features):
+    """x with `features` of `sae` zeroed and the SAE error kept: decode(f') + (x - decode(f)), f = encode(x),
+    f' = f with f'[..., features] = 0. Returns x' (same shape as x)."""
+    if len(features) == 0:
+        return x
+    idx = torch.as_tensor(list(features), dtype=torch.long, device=x.device)
+    f = sae.encode(x)
+    if sae.kind == "identity":
+        return x.index_fill(-1, idx, 0.0)
+    # decode(f') + x - decode(f) = x - f[..., idx] @ W_dec[idx]: only the ablated features' share moves.
+    return x - f.index_select(-1, idx) @ sae.W_dec.index_select(0, idx)
+
+
+def ablation_edit(saes, ablation):
+    """{site: fn} for model(..., edit=...): zero-ablate ablation[site] (feature ids) at every listed site."""
+    edit = {}
+    for site, feats in (ablation or {}).items():
+        if not feats:
+            continue
+        if site not in saes:
+            raise MinicircError(f"ablation names site {site!r}, which has no dictionary")
+        n = saes[site].n_features
+        bad = [f for f in feats if not (isinstance(f, int) and 0 <= f < n)]
+        if bad:
+            raise MinicircError(f"ablation at {site}: feature {bad[0]!r} is out of range (0..{n - 1})")
+        chosen = sorted(set(feats))
+        edit[site] = lambda x, sae=saes[site], fs=chosen: ablate_site(sae, x, fs)
+    return edit
+
+
+def compose(first, second):
+    """Two edit dicts as one: at a site in both, `second` sees what `first` returned."""
+    out = dict(first or {})
+    for s, fn in (second or {}).items():
+        out[s] = (lambda x, a=out[s], b=fn: b(a(x))) if s in out else fn
+    return out
+
+
+def count(ablation):
+    return sum(len(v) for v in (ablation or {}).values())
+
+
+def parse_ablation(text, saes, sites):
+    """"resid_1/37,embed/5" -> {site: [feature]} (checked against the dictionaries and the probe's sites)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        site, _, feat = item.partition("/")
+        if site not in sites:
+            raise MinicircError(f"--ablate {item!r}: site {site!r} is not one of the probe's sites ({', '.join(sites)})")
+        try:
+            f = int(feat)
+        except ValueError:
+            raise MinicircError(f"--ablate {item!r}: expected SITE/FEATURE, e.g. resid_1/37") from None
+        if not 0 <= f < saes[site].n_features:
+            raise MinicircError(f"--ablate {item!r}: feature {f} is out of range (0..{saes[site].n_features - 1})")
+        out.setdefault(site, [])
+        if f not in out[site]:
+            out[site].append(f)
+    if not out:
+        raise MinicircError("--ablate: no features given")
+    return out
+
+
+# --- the probe ------------------------------------------------------------------------------------
+
+def probe_site(layer):
+    return f"resid_{layer}"
+
+
+def probe_sites(model, layer):
+    """The sites up to and including the probe's: embed, attn_l, mlp_l, resid_l for l <= layer."""
+    if not 0 <= layer < model.cfg.n_layers:
+        raise MinicircError(f"probe layer {layer} is out of range (the model has layers 0..{model.cfg.n_layers - 1})")
+    return model.sites[:model.sites.index(probe_site(layer)) + 1]
+
+
+def pooled(model, tokens, last, layer, edit=None):
+    """Mean of resid_layer over each example's real tokens: (n, d_model). Differentiable."""
+    cache = {}
+    site = probe_site(layer)
+    model(tokens, edit=edit, cache=cache, stop_at=site)
+    m = real_mask(tokens, last)
+    return (cache[site] * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+
+
+@torch.no_grad()
+def pooled_batched(model, batch, layer, edit=None, batch_size=256):
+    return torch.cat([pooled(model, b.clean, b.last, layer, edit)
+                      for b in (batch[i:i + batch_size] for i in range(0, len(batch), batch_size))])
+
+
+def fit_logistic(X, y, l2=1e-3, iters=100, tol=1e-10):
+    """Logistic regression by Newton's method with backtracking: minimises
+    mean(BCE(X w + b, y)) + l2 |w|^2. Deterministic; exact to `tol`. Returns (w (d,), b ())."""
+    X64, y64 = X.detach().double(), y.detach().double()
+    n, d = X64.shape
+    A = torch.cat([X64, torch.ones(n, 1, dtype=X64.dtype, device=X64.device)], 1)
+    theta = torch.zeros(d + 1, dtype=X64.dtype, device=X64.device)
+    reg = torch.full((d + 1,), 2 * l2, dtype=X64.dtype, device=X64.device)
+    reg[-1] = 0.0   # the bias is not penalised
+
+    def loss(t):
+        z = A @ t
+        return torch.nn.functional.softplus(z).mean() - (y64 * z).mean() + l2 * (t[:-1] ** 2).sum()
+
+    cur = loss(theta)
+    for _ in range(iters):
+        z = A @ theta
+        p = torch.sigmoid(z)
+        grad = A.T @ (p - y64) / n + reg * theta
+        H = (A.T * (p * (1 - p))) @ A / n + torch.diag(reg) + 1e-10 * torch.eye(d + 1, dtype=A.dtype, device=A.device)
+        step = torch.linalg.solve(H, grad)
+        t = 1.0
+        while True:
+            new = theta - t * step
+            val = loss(new)
+            if val <= cur - 1e-4 * t * (grad @ step) or t < 1e-8:
+                break
+            t /= 2
+        theta, done = new, (cur - val).abs() < tol
+        cur = val
+        if done:
+            break
+    return theta[:-1].to(X.dtype), theta[-1].to(X.dtype)
+
+
+@dataclass
+class Probe:
+    """A linear probe on mean-pooled resid_{layer}, optionally run with features zero-ablated upstream."""
+    layer: int
+    weight: torch.Tensor                      # (d_model,)
+    bias: torch.Tensor                        # ()
+    saes: dict = None                         # the dictionaries `ablation` refers to
+    ablation: dict = field(default_factory=dict)   # {site: [feature]}
+
+    def edit(self):
+        return ablation_edit(self.saes, self.ablation) if self.ablation else {}
+
+    def with_ablation(self, saes, ablation):
+        """The same weights, run with `ablation` in place (no retraining)."""
+        return Probe(self.layer, self.weight, self.bias, saes, {s: list(v) for s, v in ablation.items() if v})
+
+    def logits(self, model, batch, edit=None, batch_size=256):
+        """(n,) probe logits; `edit` (e.g. attribution's) runs after the probe's own ablation at a site."""
+        X = pooled_batched(model, batch, self.layer, compose(self.edit(), edit), batch_size)
+        return X @ self.weight + self.bias
+
+
+def train_probe(model, batch, layer, y=None, saes=None, ablation=None, l2=1e-3):
+    """Fit a probe on `batch` (labels `y`, default batch.clean_answer) with `ablation` in place."""
+    probe = Probe(layer, None, None, saes, {s: list(v) for s, v in (ablation or {}).items() if v})
+    X = pooled_batched(model, batch, layer, probe.edit())
+    probe.weight, probe.bias = fit_logistic(X, batch.clean_answer if y is None else y, l2=l2)
+    return probe
+
+
+@torch.no_grad()
+def evaluate(model, probe, batch):
+    """Accuracies of the probe's predictions on labelled bios: see `score`."""
+    return score(probe.logits(model, batch), batch)
+
+
+def score(z, batch):
+    """Accuracies of logits z (n,) (class 1 when z > 0) on labelled bios: profession, gender (how often the
+    prediction equals the gender label), worst group (the lowest profession accuracy over the (profession,
+    gender) groups present), per group, and threshold-free AUROCs of z for profession and for gender."""
+    pred = (z > 0).long()
+    prof, gen = labels(batch, CONCEPT).to(z.device), labels(batch, SPURIOUS).to(z.device)
+    groups = {}
+    for p in (0, 1):
+        for g in (0, 1):
+            sel = (prof == p) & (gen == g)
+            if sel.any():
+                groups[f"{p}{g}"] = (pred[sel] == p).float().mean().item()
+    return {"profession": (pred == prof).float().mean().item(), "gender": (pred == gen).float().mean().item(),
+            "worst_group": min(groups.values()), "groups": groups,
+            "profession_auroc": auroc(z[:, None], prof).item(), "gender_auroc": auroc(z[:, None], gen).item()}
+
+
+@torch.no_grad()
+def ablate_and_retrain(model, probe, dicts, ablation, train, test, l2=1e-3):
+    """(the probe run with `ablation`, a probe retrained on `train` with `ablation` in place (the result of
+    train_probe), their scores on `test`): one forward pass over each split."""
+    abl = {s: list(v) for s, v in ablation.items() if v}
+    edit = ablation_edit(dicts, abl)
+    X_test = pooled_batched(model, test, probe.layer, edit)
+    w, b = fit_logistic(pooled_batched(model, train, probe.layer, edit), train.clean_answer, l2=l2)
+    retrained = Probe(probe.layer, w, b, dicts, abl)
+    return score(X_test @ probe.weight + probe.bias, test), score(X_test @ w + b, test), retrained
+
+
+def probe_metric(probe):
+    """metric(model, batch, tokens, edit) -> (rows,): the probe's logit for the wrong class, `z` where the
+    label (batch.clean_answer) is 0 and `-z` where it is 1."""
+    def metric(model, batch, tokens, edit):
+        X = pooled(model, tokens, batch.last, probe.layer, compose(probe.edit(), edit))
+        z = X @ probe.weight + probe.bias
+        return z * (1 - 2 * batch.clean_answer.to(z.dtype))
+    return metric
+
+
+def probe_circuit(model, saes, probe, batch, steps=10, top_k=30, batch_size=100, progress=True):
+    """IG node effects of every feature and error node at the sites up to the probe (patch = None: zero
+    ablation as the counterfactual), summed over positions and averaged over examples."""
+    from .circuit import find_circuit
+    sites = probe_sites(model, probe.layer)
+    dicts = {s: saes[s] for s in sites}
+    return find_circuit(model, dicts, batch, method="ig", steps=steps, node_threshold=0.0, aggregation="sum",
+                        nodes_only=True, batch_size=batch_size, metric=probe_metric(probe), top_k_nodes=top_k,
+                        progress=progress)
+
+
+def top_features(circuit, k=30, threshold=0.0):
+    """[(site, feature, effect)]: the k feature nodes (error nodes excluded) with the largest |effect| above
+    `threshold`, largest first (ties in site order, then feature order)."""
+    rows = [(s, i, e) for _, s, i, _, e in circuit.all_nodes() if i != "err" and abs(e) > threshold]
+    order = sorted(range(len(rows)), key=lambda j: -abs(rows[j][2]))
+    return [rows[j] for j in order[:k]]
+
+
+def as_ablation(features, sites):
+    """[(site, feature, ...)] -> {site: [feature]} in site order."""
+    out = {}
+    for f in features:
+        out.setdefault(f[0], []).append(f[1])
+    return {s: sorted(out[s]) for s in sites if s in out}
+
+
+def random_ablation(saes, like, seed):
+    """As many features as `like` at each of its sites, drawn uniformly from the site's dictionary."""
+    g = torch.Generator().manual_seed(seed)
+    return {s: sorted(torch.randperm(saes[s].n_features, generator=g)[:len(v)].tolist()) for s, v in like.items()}
+
+
+# --- the judge ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def pooled_features(model, saes, batch, features, batch_size=256):
+    """(n, len(features)): each (site, feature, ...)'s activation mean-pooled over a bio's real tokens, from
+    unedited forward passes (one per batch of bios for all features)."""
+    if not features:
+        return torch.zeros(len(batch), 0)
+    by_site = {}
+    for j, (site, feat, *_) in enumerate(features):
+        by_site.setdefault(site, ([], []))
+        by_site[site][0].append(j)
+        by_site[site][1].append(feat)
+    last_site = max(by_site, key=model.sites.index)
+    out = []
+    for i in range(0, len(batch), batch_size):
+        b = batch[i:i + batch_size]
+        cache = {}
+        model(b.clean, cache=cache, stop_at=last_site)
+        m = real_mask(b.clean, b.last)
+        block = torch.zeros(len(b), len(features), device=b.clean.device)
+        for site, (cols, feats) in by_site.items():
+            f = saes[site].encode(cache[site])[..., torch.tensor(feats, device=b.clean.device)]
+            block[:, cols] = (f * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        out.append(block)
+    return torch.cat(out)
+
+
+def auroc(scores, y):
+    """P(score of a random positive > score of a random negative), ties counting half. scores (n, k), y (n,)
+    -> (k,)."""
+    pos, neg = scores[y == 1], scores[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        raise MinicircError("AUROC needs both labels present")
+    gt = (pos[:, None, :] > neg[None, :, :]).double().mean((0, 1))
+    eq = (pos[:, None, :] == neg[None, :, :]).double().mean((0, 1))
+    return gt + 0.5 * eq
+
+
+def effect_sizes(X, profession, gender):
+    """Two-way effect sizes of (n, k) activations over bios from all four (profession, gender) groups:
+    (|gender effect|, |profession effect|), each the difference of the group means averaged over the other
+    factor, divided by the within-group standard deviation (pooled over the four groups)."""
+    mu, var = {}, []
+    for p in (0, 1):
+        for g in (0, 1):
+            sel = (profession == p) & (gender == g)
+            if sel.sum() < 2:
+                raise MinicircError("the judge needs at least two labelled bios in each (profession, gender) group")
+            mu[p, g] = X[sel].mean(0)
+            var.append(X[sel].var(0))
+    sd = (sum(var) / 4).sqrt()
+    g_eff = ((mu[0, 1] + mu[1, 1] - mu[0, 0] - mu[1, 0]) / 2).abs()
+    p_eff = ((mu[1, 0] + mu[1, 1] - mu[0, 0] - mu[0, 1]) / 2).abs()
+    # A feature constant on every bio has no effect either way (0 / 0 -> 0).
+    safe = torch.where(sd > 0, sd, torch.ones_like(sd))
+    return torch.where(sd > 0, g_eff / safe, 0 * sd), torch.where(sd > 0, p_eff / safe, 0 * sd)
+
+
+def judge(model, saes, batch, features, margin=0.2):
+    """Automatic judge over labelled balanced bios: for each (site, feature, effect) the effect sizes of its
+    mean-pooled activation for gender and for profession (in within-group standard deviations, see
+    effect_sizes); spurious when gender effect > profession effect + margin. One dict per feature.
+
+    Effect sizes rather than AUROC: a feature for one first name is perfectly gendered but active in an
+    eighth of the bios of its gender, so its AUROC for gender is near 0.5; its effect size is not."""
+    X = pooled_features(model, saes, batch, features)
+    g, p = effect_sizes(X, labels(batch, CONCEPT).to(X.device), labels(batch, SPURIOUS).to(X.device))
+    g, p = g.tolist(), p.tolist()
+    return [{"site": f[0], "feature": f[1], "effect": f[2] if len(f) > 2 else None,
+             "gender_d": g[j], "profession_d": p[j], "spurious": bool(g[j] > p[j] + margin)}
+            for j, f in enumerate(features)]
+
+
+# --- explanations ---------------------------------------------------------------------------------
+
+def explain_features(model, saes, tokenizer, texts, features, k=5):
+    """{(site, feature): [{"text": bio with the token marked [[like this]], "token": str, "value": float}]}:
+    the k top-activating (bio, position) pairs over `texts` (minicirc.explain's scan)."""
+    from . import explain
+    if not features:
+        return {}
+    sample = explain.tokenize_texts(texts, tokenizer, model)
+    wanted = {}
+    for site, feat, *_ in features:
+        wanted.setdefault(site, [])
+        if feat not in wanted[site]:
+            wanted[site].append(feat)
+    wanted = {s: wanted[s] for s in sorted(wanted, key=model.sites.index)}
+    rows = explain.top_activations(model, saes, wanted, sample, k=k)
+    out = {}
+    for site, feats in wanted.items():
+        for f in feats:
+            ctx = []
+            for sent, pos, v in rows[site][f]:
+                toks = sample[sent][1]
+                t = toks[pos]
+                lead = t[:len(t) - len(t.lstrip())]
+                marked = "".join(toks[:pos]) + f"{lead}[[{t.lstrip()}]]" + "".join(toks[pos + 1:])
+                ctx.append({"text": marked, "token": t.strip(), "value": v})
+            out[(site, f)] = ctx
+    return out
+
+
+def top_tokens(contexts, n=3):
+    """"she ×3, her ×2": the most frequent activating tokens of a feature's top contexts."""
+    from collections import Counter
+    c = Counter(x["token"] for x in contexts)
+    return ", ".join(f"{t} ×{m}" for t, m in c.most_common(n))
+
+
+# --- the whole pipeline ---------------------------------------------------------------------------
+
+def shift_pipeline(model, dicts, tokenizer, probe, data, cfg, sites, ablate=None, progress=True, desc="features"):
+    """Circuit, candidates (top_k features by |effect|), explanations, judge, ablation, retrain over `dicts`
+    (SAE features or neurons), and a sweep of the number of candidates. `ablate` ({site: [feature]}: a
+    person's judgement) replaces the automatic judge's verdicts for the main rows."""
+    circuit = probe_circuit(model, dicts, probe, data["circuit"], steps=cfg["steps"], top_k=cfg["top_k"],
+                            batch_size=cfg["batch_size"], progress=progress)
+    ranked = top_features(circuit, k=10**9)                     # every feature with a non-zero effect
+    verdicts = judge(model, dicts, data["val"], ranked, cfg["margin"])
+    cand = verdicts[:cfg["top_k"]]
+    if ablate:   # a person's list: still scored and explained for the report
+        have = {(v["site"], v["feature"]) for v in cand}
+        by_id = {(v["site"], v["feature"]): v for v in verdicts}
+        effects = {(s, i): e for _, s, i, _, e in circuit.all_nodes() if i != "err"}
+        for s, fs in ablate.items():
+            for i in fs:
+                if (s, i) not in have:
+                    cand.append(by_id.get((s, i)) or judge(model, dicts, data["val"], [(s, i, effects[(s, i)])],
+                                                           cfg["margin"])[0])
+    contexts = explain_features(model, dicts, tokenizer, data["explain_texts"],
+                                [(v["site"], v["feature"]) for v in cand], cfg["k_contexts"])
+    for v in cand:
+        v["contexts"] = contexts[(v["site"], v["feature"])]
+        v["top_tokens"] = top_tokens(v["contexts"])
+        v["ablated"] = (v["feature"] in ablate.get(v["site"], [])) if ablate else v["spurious"]
+    ablation = ablate or as_ablation([(v["site"], v["feature"]) for v in cand if v["spurious"]], sites)
+    shifted, retrained, retrained_probe = ablate_and_retrain(model, probe, dicts, ablation, data["train"],
+                                                             data["test"], cfg["l2"])
+    out = {"circuit": circuit, "candidates": cand, "ablation": ablation, "n_ablated": count(ablation),
+           "shift": shifted, "retrain": retrained, "retrained_probe": retrained_probe, "sweep": []}
+    ks = sorted({k for k in cfg["sweep"] if k < len(verdicts)} | {len(verdicts)})
+    for k in tqdm(ks, desc=f"sweep candidates ({desc})", disable=not progress, leave=False):
+        abl = as_ablation([(v["site"], v["feature"]) for v in verdicts[:k] if v["spurious"]], sites)
+        shifted, retrained, _ = ablate_and_retrain(model, probe, dicts, abl, data["train"], data["test"], cfg["l2"])
+        out["sweep"].append({"candidates": k, "n_ablated": count(abl), "shift": shifted, "retrain": retrained})
+    return out
+
+
+def make_data(tokenizer, cfg, device="cpu"):
+    """The splits: ambiguous train (probe, retraining; its first n_circuit bios find the circuit), balanced
+    train (oracle), balanced validation (judge), balanced test (every accuracy), held-out explain sample."""
+    from .tasks.bios import ambiguous_split, balanced_split
+    train = bios_batch(ambiguous_split(cfg["n_train"], seed=0, split="train"), tokenizer).to(device)
+    return {"train": train, "circuit": train[:cfg["n_circuit"]],
+            "oracle_train": bios_batch(balanced_split(cfg["n_train"], seed=0, split="train"), tokenizer).to(device),
+            "val": bios_batch(balanced_split(cfg["n_val"], seed=1, split="train"), tokenizer).to(device),
+            "test": bios_batch(balanced_split(cfg["n_test"], seed=0, split="test"), tokenizer).to(device),
+            "explain_texts": [b.text for b in balanced_split(cfg["n_explain"], seed=2, split="test")]}
+
+
+def _mean(rows):
+    return {k: sum(r[k] for r in rows) / len(rows)
+            for k in ("profession", "gender", "worst_group", "profession_auroc", "gender_auroc")}
+
+
+def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", progress=True, probe_layer=None,
+              ablate=None, top_k=None, margin=None, random_seeds=None):
+    """The whole SHIFT experiment on the embedded default. Writes into `out`: shift_report.md, shift.png,
+    results.json, bios_sample.txt (the explanation sample, one bio a line, for `minicirc explain`), and the
+    probe's circuits over features and neurons (circuit_features/, circuit_neurons/).
+
+    ablate: "site/feature,..." (a person's judgement) instead of the automatic judge, for the SAE features."""
+    from .circuit import write_atomic
+    from .default import get_default
+    from .explain import circuit_contexts
+    from .sae import identity_saes
+    t0 = time.time()
+    cfg = dict(SETTINGS["quick" if quick else "full"])
+    for key, v in (("top_k", top_k), ("margin", margin), ("random_seeds", random_seeds)):
+        if v is not None:
+            cfg[key] = v
+    if cfg["top_k"] < 1 or cfg["random_seeds"] < 1:
+        raise MinicircError("--top-k and --random-seeds must be at least 1")
+    if os.path.exists(os.path.join(out, "shift_report.md")) and not overwrite:
+        raise MinicircError(f"{out} already holds shift_report.md from an earlier run; pass --overwrite or choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise MinicircError(f"cannot create output directory {out}: {e.strerror}") from None
+    model, saes, tokenizer, stats, folder = get_default("quick" if quick else "full", progress=progress)
+    layer = model.cfg.n_layers // 2 if probe_layer is None else probe_layer
+    sites = probe_sites(model, layer)
+    model = model.to(device)
+    saes = {s: saes[s].to(device) for s in sites}
+    neurons = {s: d.to(device) for s, d in identity_saes(model).items() if s in sites}
+    user = parse_ablation(ablate, saes, sites) if ablate else None
+    cfg["probe_layer"] = layer
+    data = make_data(tokenizer, cfg, device)
+
+    stages = tqdm(total=5, desc="shift", disable=not progress, unit="stage")
+    probe = train_probe(model, data["train"], layer, l2=cfg["l2"])
+    train_acc = evaluate(model, probe, data["train"])["profession"]
+    stages.update()
+    feat = shift_pipeline(model, saes, tokenizer, probe, data, cfg, sites, user, progress, "features")
+    stages.update()
+    rand, rand_re = [], []
+    for seed in tqdm(range(cfg["random_seeds"]), desc="random ablations", disable=not progress, leave=False):
+        shifted, retrained, _ = ablate_and_retrain(model, probe, saes, random_ablation(saes, feat["ablation"], seed),
+                                                   data["train"], data["test"], cfg["l2"])
+        rand.append(shifted)
+        rand_re.append(retrained)
+    stages.update()
+    neur = shift_pipeline(model, neurons, tokenizer, probe, data, cfg, sites, None, progress, "neurons")
+    stages.update()
+    oracle = train_probe(model, data["oracle_train"], layer, l2=cfg["l2"])
+    rows = {"original": evaluate(model, probe, data["test"]), "random": _mean(rand), "random_retrain": _mean(rand_re),
+            "shift": feat["shift"], "shift_retrain": feat["retrain"], "neurons_shift": neur["shift"],
+            "neurons_shift_retrain": neur["retrain"], "oracle": evaluate(model, oracle, data["test"])}
+    n_ablated = {"original": 0, "random": feat["n_ablated"], "random_retrain": feat["n_ablated"],
+                 "shift": feat["n_ablated"], "shift_retrain": feat["n_ablated"],
+                 "neurons_shift": neur["n_ablated"], "neurons_shift_retrain": neur["n_ablated"], "oracle": 0}
+    write_atomic(os.path.join(out, "bios_sample.txt"), ("\n".join(data["explain_texts"]) + "\n").encode())
+    for kind, res, dicts in (("features", feat, saes), ("neurons", neur, neurons)):
+        c = res["circuit"]
+        for v in res["candidates"]:
+            c.annotations[f"{v['site']}/{v['feature']}"] = {
+                "gender_d": round(v["gender_d"], 4), "profession_d": round(v["profession_d"], 4),
+                "spurious": v["spurious"], "ablated": v["ablated"]}
+        ctx = circuit_contexts(model, dicts, tokenizer, c.to_json(), data["explain_texts"], k=cfg["k_contexts"])
+        c.save(os.path.join(out, f"circuit_{kind}"), contexts=ctx)
+    stages.update()
+    stages.close()
+    results = {"rows": rows, "n_ablated": n_ablated, "random_runs": rand, "random_retrain_runs": rand_re,
+               "probe_train_accuracy": train_acc, "settings": cfg, "judge": "user" if user else "automatic",
+               "features": summary(feat), "neurons": summary(neur), "default": folder, "recipe": stats["recipe"],
+               "seconds": None}
+    plot(results, os.path.join(out, "shift.png"))
+    results["seconds"] = time.time() - t0
+    write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
+    write_atomic(os.path.join(out, "shift_report.md"), report(results, out).encode())
+    if progress:
+        print(f"minicirc shift: wrote {out}/shift_report.md in {results['seconds']:.0f} s")
+    return results
+
+
+def summary(res):
+    """The JSON-able part of a pipeline result."""
+    return {"candidates": res["candidates"], "ablation": res["ablation"], "n_ablated": res["n_ablated"],
+            "circuit_metric": res["circuit"].metric, "sweep": res["sweep"],
+            "error_effects": {s: float(e) for s, (_, e) in res["circuit"].nodes.items()}}
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+ROWS = [("original", "original probe"), ("random", "random ablation (same sites and count; mean of {n} seeds)"),
+        ("random_retrain", "random ablation + retrain (mean of {n} seeds)"), ("shift", "SHIFT (features)"),
+        ("shift_retrain", "SHIFT + retrain (features)"), ("neurons_shift", "SHIFT over neurons"),
+        ("neurons_shift_retrain", "SHIFT over neurons + retrain"), ("oracle", "oracle (trained on balanced data)")]
+SHORT = {"original": "original", "random": "random", "random_retrain": "random\n+ retrain", "shift": "SHIFT",
+         "shift_retrain": "SHIFT\n+ retrain", "neurons_shift": "neurons\nSHIFT", "neurons_shift_retrain":
+         "neurons SHIFT\n+ retrain", "oracle": "oracle"}
+
+
+def plot(results, path):
+    """shift.png: the accuracies of every row (left) and worst-group accuracy after retraining against the
+    number of candidates the judge sees (right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [key for key, _ in ROWS]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    width = 0.27
+    for j, (metric, colour) in enumerate([("profession", "#1f77b4"), ("gender", "#d62728"),
+                                          ("worst_group", "#2ca02c")]):
+        vals = [100 * results["rows"][k][metric] for k in keys]
+        ax.bar([i + (j - 1) * width for i in range(len(keys))], vals, width, color=colour,
+               label=metric.replace("_", "-") + " accuracy")
+    ax.axhline(50, color="grey", lw=0.6, ls="--")
+    ax.set_xticks(range(len(keys)), [f"{SHORT[k]}\n({results['n_ablated'][k]} abl.)" for k in keys], fontsize=7.5)
+    ax.set_ylabel("% on held-out balanced bios")
+    ax.set_ylim(0, 119)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_title(f"SHIFT on the embedded default ({results['recipe']}): probe on resid_"
+                 f"{results['settings']['probe_layer']}, {results['judge']} judge", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    for kind, style in (("features", "ko-"), ("neurons", "ms--")):
+        pts = results[kind]["sweep"]
+        ax2.plot([p["candidates"] for p in pts], [100 * p["retrain"]["worst_group"] for p in pts], style,
+                 label=f"{kind}: + retrain")
+        ax2.plot([p["candidates"] for p in pts], [100 * p["shift"]["worst_group"] for p in pts], style, alpha=0.35,
+                 label=f"{kind}: ablation only")
+    ax2.axhline(100 * results["rows"]["oracle"]["worst_group"], color="grey", lw=0.8, ls=":", label="oracle")
+    ax2.axhline(100 * results["rows"]["original"]["worst_group"], color="black", lw=0.8, ls=":", label="original")
+    ax2.axvline(results["settings"]["top_k"], color="grey", lw=0.5)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("candidates judged (top k by |effect|)")
+    ax2.set_ylabel("worst-group accuracy (%)")
+    ax2.set_ylim(-3, 103)
+    ax2.set_title("automatic judge over more candidates", fontsize=10)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(v):
+    return f"{100 * v:.1f}"
+
+
+def verdict_text(results):
+    r = results["rows"]
+    o, s, sr, rr = (r[k]["worst_group"] for k in ("original", "shift", "shift_retrain", "random_retrain"))
+    n = results["n_ablated"]["shift"]
+    if n == 0:
+        return ("The judge marked none of the candidates as spurious, so SHIFT ablated nothing and its rows equal "
+                "the original probe's.")
+    if max(s, sr) > o + 0.05 and sr > rr + 0.05:
+        text = (f"SHIFT raised worst-group accuracy from {_pct(o)}% to {_pct(sr)}% (ablation of {n} features, then "
+                f"retraining), against {_pct(rr)}% for random ablation of as many features with retraining; by "
+                f"ablation alone, without retraining, it {'rose to' if s > o + 0.05 else 'stayed at'} {_pct(s)}%.")
+    else:
+        text = (f"SHIFT did not clearly raise worst-group accuracy: {_pct(o)}% originally, {_pct(s)}% after "
+                f"ablating {n} features, {_pct(sr)}% after retraining (random ablation + retraining: {_pct(rr)}%).")
+    sh = r["shift"]
+    if abs(sh["profession"] - 0.5) < 0.03 and abs(sh["gender"] - 0.5) < 0.03:
+        text += (f" Ablation alone leaves the original probe predicting nearly one class for every bio (its bias "
+                 f"dominates once the gender directions it relied on are gone): threshold-free, its logit ranks "
+                 f"profession with AUROC {sh['profession_auroc']:.2f} and gender with AUROC {sh['gender_auroc']:.2f}"
+                 f" (original probe: {r['original']['profession_auroc']:.2f} and {r['original']['gender_auroc']:.2f}).")
+    return text
+
+
+def report(results, out):
+    cfg, r = results["settings"], results["rows"]
+    n = cfg["random_seeds"]
+    L = cfg["probe_layer"]
+    lines = ["# SHIFT: concept disambiguation on the embedded default", "",
+             f"Model: `{results['default']}` ({results['recipe']} recipe). Task: synthetic biographies "
+             f"(`minicirc.tasks.bios`); intended concept **profession** (professor / nurse), spurious concept "
+             f"**gender**. The probe is a logistic regression on resid_{L} mean-pooled over real tokens, trained "
+             f"on {cfg['n_train']} ambiguous bios (male professors and female nurses only; train accuracy "
+             f"{_pct(results['probe_train_accuracy'])}%). All accuracies are on {cfg['n_test']} held-out balanced "
+             f"bios (all four groups equally often); gender accuracy = how often the prediction equals the gender "
+             f"label; worst-group accuracy = the lowest profession accuracy over the four (profession, gender) "
+             f"groups.", "",
+             "| | profession acc. (%) | gender acc. (%) | worst-group acc. (%) | ablated |", "|---|---|---|---|---|"]
+    for key, label in ROWS:
+        v = r[key]
+        lines.append(f"| {label.format(n=n)} | {_pct(v['profession'])} | {_pct(v['gender'])} | "
+                     f"{_pct(v['worst_group'])} | {results['n_ablated'][key]} |")
+    lines += ["", verdict_text(results), "", "![accuracies](shift.png)", "",
+              "Worst-group accuracy against the number of candidates the automatic judge sees (top k features by "
+              "|effect|; the rows above use k = " + str(cfg["top_k"]) + "):", "",
+              "| k | features ablated | SHIFT | SHIFT + retrain | neurons ablated | neurons SHIFT | neurons SHIFT + retrain |",
+              "|---|---|---|---|---|---|---|"]
+    fs, ns = results["features"]["sweep"], results["neurons"]["sweep"]
+    for k in sorted({p["candidates"] for p in fs + ns}):
+        f = next((p for p in fs if p["candidates"] == k), None)
+        nn_ = next((p for p in ns if p["candidates"] == k), None)
+        cell = lambda p: (str(p["n_ablated"]), _pct(p["shift"]["worst_group"]), _pct(p["retrain"]["worst_group"])) \
+            if p else ("—", "—", "—")
+        lines.append(f"| {k} | " + " | ".join(cell(f) + cell(nn_)) + " |")
+    lines += ["", "## How the features were chosen", "",
+              f"Circuit: IG node effects ({cfg['steps']} steps, patch = None so the counterfactual is zero) of every "
+              f"feature and SAE error at the sites {', '.join(probe_sites_names(L))} on {cfg['n_circuit']} ambiguous "
+              f"training bios, summed over positions and averaged over bios; metric = the probe's wrong-class logit "
+              f"(`z` for label 0, `-z` for label 1). A positive effect: zeroing the feature pushes the probe towards "
+              f"the wrong class (the feature supports the probe's decision). The top {cfg['top_k']} features by "
+              f"|effect| are the candidates. Ablation is zero ablation with the SAE error kept (the error is not a "
+              f"feature and cannot be judged).", ""]
+    folder = results["default"]
+    how = (f"To judge yourself, read the contexts below or run `minicirc explain --model {folder}/model --saes "
+           f"{folder}/saes --site SITE --feature I --data {os.path.join(out, 'bios_sample.txt')}`, then "
+           f"`minicirc shift --ablate SITE/I,SITE/J,...`.")
+    if results["judge"] == "user":
+        lines += ["**Judge for the features: a person** (the `--ablate` list); the automatic judge's verdicts are "
+                  "shown for reference, and the neurons and the sweep use the automatic judge.", ""]
+    else:
+        lines += [f"**Judge: automatic** (not a person). On {cfg['n_val']} labelled balanced validation bios, each "
+                  f"candidate's activation is mean-pooled over a bio's tokens; its gender effect size (difference of "
+                  f"the mean activation of female and male bios, averaged over professions, in within-group standard "
+                  f"deviations) and its profession effect size are compared; it is judged spurious when the gender "
+                  f"effect exceeds the profession effect by more than {cfg['margin']}. " + how, ""]
+    for kind in ("features", "neurons"):
+        res = results[kind]
+        cand = res["candidates"]
+        lines += [f"### {kind}: {res['n_ablated']} ablated of {len(cand)} candidates", ""]
+        if kind == "features":
+            lines += ["SAE error node effects (never ablated): " + ", ".join(
+                f"{s} {e:+.3f}" for s, e in res["error_effects"].items()) + ".", ""]
+        lines += ["| node | effect | gender d | profession d | spurious (auto) | ablated | top-context tokens |",
+                  "|---|---|---|---|---|---|---|"]
+        for v in cand:
+            lines.append(f"| {v['site']}/{v['feature']} | {v['effect']:+.3f} | {v['gender_d']:.2f} | "
+                         f"{v['profession_d']:.2f} | {'yes' if v['spurious'] else 'no'} | "
+                         f"{'**yes**' if v['ablated'] else 'no'} | {v['top_tokens']} |")
+        shown = [v for v in cand if v["ablated"]] + [v for v in cand if not v["ablated"]][:10]
+        lines += ["", f"Top-activating contexts (held-out bios, `bios_sample.txt`; the token is marked [[like this]]) "
+                  f"of every ablated {kind[:-1]} and of the 10 strongest kept candidates:", ""]
+        for v in shown:
+            lines.append(f"- **{v['site']}/{v['feature']}** ({'ablated' if v['ablated'] else 'kept'}; "
+                         f"effect {v['effect']:+.3f}):")
+            for c in v["contexts"]:
+                lines.append(f"  - `{c['value']:.3f}` {c['text']}")
+        lines.append("")
+    lines += ["Circuits: `circuit_features/` and `circuit_neurons/` (circuit.json with the judge's fields on each "
+              "candidate, circuit.png, circuit.html).", "", f"Run time: {results['seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def probe_sites_names(layer):
+    return ["embed"] + [f"{k}_{l}" for l in range(layer + 1) for k in ("attn", "mlp", "resid")]

@@ -1,0 +1,171 @@
+"""Data-parallel attribution: `torchrun --nproc-per-node 2 -m minicirc.cli circuit ... --distributed` (gloo on
+CPU) gives every node and edge effect of the single-process run, and a failure on one rank stops all ranks."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minicirc
+from minicirc import distributed
+from minicirc.data import load_examples, tokenize
+from conftest import write_hf_model
+from test_cli import write_data, write_tokenizer, write_tree
+
+NOUNS = [("cat", "cats"), ("dog", "dogs")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_rows(n, rng, same_length=False):
+    """Agreement examples over the test tokenizer's words: subject number decides " is" / " are"."""
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(2), rng.randrange(2)
+        plural = rng.randrange(2)
+        adj = ["big"] if (same_length or rng.random() < 0.5) else []
+        tail = ["near", "the", NOUNS[b][rng.randrange(2)]] if (same_length or rng.random() < 0.5) else []
+        clean = ["the", *adj, NOUNS[a][plural], *tail]
+        patch = ["the", *adj, NOUNS[a][1 - plural], *tail]
+        ans = [" is", " are"]
+        rows.append({"clean_prefix": " ".join(clean), "patch_prefix": " ".join(patch),
+                     "clean_answer": ans[plural], "patch_answer": ans[1 - plural]})
+    return rows
+
+
+def make_inputs(t, n, same_length=False):
+    seed = int(torch.randint(0, 10**6, ()).item())
+    write_hf_model(t / "model", seed=seed, vocab=40)
+    write_tokenizer(t / "model", 40)
+    model = minicirc.load_model(t / "model")
+    write_tree(t / "saes", model, seed=seed + 1)
+    write_data(t / "data.jsonl", random_rows(n, random.Random(seed), same_length))
+    return t
+
+
+def torchrun(nproc, *args, timeout=240):
+    """`torchrun --standalone` (rendezvous on a free localhost port) running the minicirc CLI."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "minicirc.cli", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MINICIRC_DIST_TIMEOUT="120")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def edge_entries(keys, vals, positional):
+    """{(downstream key, [upstream position,] upstream column): value} of one (U, D) pair."""
+    out = {}
+    for entry, v in zip(vals.indices().T.tolist(), vals.values().tolist()):
+        out[(keys[entry[0]], *entry[1:])] = v
+    return out
+
+
+def file_edge_entries(tensors, u, d):
+    rows = tensors[f"edges.{u}.{d}.rows"].tolist()
+    keys = [(t if t >= 0 else None, "err" if i < 0 else i) for t, i in rows]
+    keys = [k[1] if k[0] is None else k for k in keys]
+    idx, val = tensors[f"edges.{u}.{d}.indices"], tensors[f"edges.{u}.{d}.values"]
+    return {(keys[e[0]], *e[1:]): v for e, v in zip(idx.T.tolist(), val.tolist())}
+
+
+@pytest.mark.parametrize("aggregation,n,batch_size", [
+    ("sum", 5, 2),    # 3 batches: rank 0 gets one, rank 1 two
+    ("none", 3, 4),   # 1 batch: rank 1 gets none and still takes part in every reduction
+])
+def test_two_ranks_equal_one_process(tmp_path, aggregation, n, batch_size):
+    t = make_inputs(tmp_path, n, same_length=aggregation == "none")
+    flags = ["--steps", 3, "--node-threshold", 0.15, "--edge-threshold", 0.05, "--aggregation", aggregation,
+             "--batch-size", batch_size]
+    r = torchrun(2, "circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl",
+                 "--out", t / "d2", "--distributed", *flags)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("nodes,") == 1        # only rank 0 reports (and writes)
+
+    model = minicirc.load_model(t / "model")
+    saes = minicirc.load_saes(t / "saes", model)
+    batch = tokenize(load_examples(t / "data.jsonl"), minicirc.load_tokenizer(t / "model"))
+    # One thread, like each rank: the same batches then give the same float32 rounding.
+    ref = minicirc.find_circuit(model, saes, batch, steps=3, node_threshold=0.15, edge_threshold=0.05,
+                                aggregation=aggregation, batch_size=batch_size, progress=False)
+
+    got = load_file(t / "d2" / "effects.safetensors")
+    # Every node effect, kept or not.
+    for s, (feat, err) in ref.nodes.items():
+        torch.testing.assert_close(got[f"nodes.{s}.features"], feat, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[f"nodes.{s}.error"], err, atol=1e-6, rtol=0)
+    # Every edge effect: same downstream rows, same upstream entries, same values.
+    assert sorted(k[:-len("values")] for k in got if k.startswith("edges.") and k.endswith(".values")) == \
+        sorted(f"edges.{u}.{d}." for u, d in ref.edges)
+    nnz = 0
+    for (u, d), (keys, vals) in ref.edges.items():
+        want = edge_entries(keys, vals, ref.positional)
+        have = file_edge_entries(got, u, d)
+        assert have.keys() == want.keys(), (u, d)
+        assert max(abs(have[k] - want[k]) for k in want) <= 1e-6 if want else True
+        nnz += len(want)
+    assert nnz > 0, "no edges at all: the comparison would be vacuous"
+    # circuit.json: same kept nodes and edges, same metric.
+    data = json.loads((t / "d2" / "circuit.json").read_text())
+    want = ref.to_json()
+    assert [nd["id"] for nd in data["nodes"]] == [nd["id"] for nd in want["nodes"]]
+    assert [nd["effect"] for nd in data["nodes"]] == pytest.approx([nd["effect"] for nd in want["nodes"]], abs=1e-6)
+    assert [(e["source"], e["target"]) for e in data["edges"]] == [(e["source"], e["target"]) for e in want["edges"]]
+    assert data["metric"] == pytest.approx(want["metric"], abs=1e-6)
+    assert data["settings"] == json.loads(json.dumps(want["settings"]))
+
+
+def test_a_failing_rank_stops_every_rank(tmp_path):
+    """Rank 0 refuses to overwrite an earlier run; rank 1 must not wait forever in a collective."""
+    t = make_inputs(tmp_path, 3)
+    os.makedirs(t / "out")
+    (t / "out" / "circuit.json").write_text("earlier")
+    r = torchrun(2, "circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl",
+                 "--out", t / "out", "--distributed", "--nodes-only", "--method", "attrib", timeout=120)
+    assert r.returncode != 0
+    err = r.stdout + r.stderr
+    assert "earlier run" in err
+    assert "rank 0 failed" in err          # what rank 1 says
+    assert (t / "out" / "circuit.json").read_text() == "earlier"
+    assert sorted(os.listdir(t / "out")) == ["circuit.json"]
+
+
+def test_distributed_flag_needs_a_launcher(tmp_path, monkeypatch, capsys):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    from minicirc.cli import main
+    code = main(["circuit", "--model", str(tmp_path / "m"), "--saes", "neurons", "--data", str(tmp_path / "d"),
+                 "--out", str(tmp_path / "o"), "--distributed"])
+    assert code == 2
+    assert "torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_find_circuit_distributed_needs_a_process_group(tmp_path):
+    model = minicirc.GPTNeoX(minicirc.Config(vocab_size=20, d_model=8, n_layers=1, n_heads=2, d_mlp=16))
+    from minicirc.data import Batch
+    b = Batch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), torch.tensor([1]),
+              torch.tensor([2]), torch.tensor([1]), [None])
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(minicirc.MinicircError, match="no process group"):
+        minicirc.find_circuit(model, minicirc.identity_saes(model), b, distributed=True, progress=False)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_are_contiguous_whole_batches(world):
+    for n_batches in range(0, 11):
+        spans = [distributed.shard(n_batches, r, world) for r in range(world)]
+        assert spans[0][0] == 0 and spans[-1][1] == n_batches
+        assert all(spans[r][1] == spans[r + 1][0] for r in range(world - 1))
+        sizes = [hi - lo for lo, hi in spans]
+        assert max(sizes) - min(sizes) <= 1

@@ -1,0 +1,206 @@
+"""SHIFT (concept disambiguation): probe, metric, ablation, retraining, judge, and a reduced-budget run."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from minicirc import default, identity_saes, shift
+from minicirc.cli import main
+from minicirc.errors import MinicircError
+from minicirc.tasks.bios import ambiguous_split, balanced_split
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick-recipe default, trained once into a temporary cache for this module."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINICIRC_CACHE", str(tmp_path_factory.mktemp("cache")))
+    model, saes, tok, _, _ = default.get_default("quick", progress=False)
+    yield model, saes, tok
+    mp.undo()
+
+
+def test_probe_reaches_high_accuracy_on_the_ambiguous_split(quick):
+    model, _, tok = quick
+    train = shift.bios_batch(ambiguous_split(64, seed=0), tok)
+    probe = shift.train_probe(model, train, layer=1)
+    assert shift.evaluate(model, probe, train)["profession"] >= 0.95
+    held = shift.bios_batch(ambiguous_split(64, seed=0, split="test"), tok)
+    assert shift.evaluate(model, probe, held)["profession"] >= 0.9
+
+
+def test_fit_logistic_reaches_the_optimum():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
+    X = torch.randn(80, 6, generator=g)
+    y = ((X[:, 0] + 0.5 * torch.randn(80, generator=g)) > 0).long()
+    w, b = shift.fit_logistic(X, y, l2=1e-2)
+    theta = torch.cat([w, b[None]]).double().requires_grad_(True)
+    z = X.double() @ theta[:-1] + theta[-1]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y.double()) + 1e-2 * (theta[:-1] ** 2).sum()
+    (grad,) = torch.autograd.grad(loss, theta)
+    assert grad.abs().max() < 1e-6
+
+
+def test_pooling_ignores_padding(quick):
+    model, _, tok = quick
+    bios = balanced_split(8, seed=3)
+    batch = shift.bios_batch(bios, tok)
+    together = shift.pooled_batched(model, batch, 1)
+    alone = torch.cat([shift.pooled_batched(model, shift.bios_batch([b], tok), 1) for b in bios])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_metric_is_the_wrong_class_logit(quick):
+    model, _, tok = quick
+    batch = shift.bios_batch(ambiguous_split(16, seed=1), tok)
+    probe = shift.train_probe(model, batch, layer=1)
+    z = probe.logits(model, batch)
+    with torch.no_grad():
+        m = shift.probe_metric(probe)(model, batch, batch.clean, {})
+    torch.testing.assert_close(m, torch.where(batch.clean_answer == 1, -z, z))
+    assert (m < 0).all()   # the probe is right on its training bios: the wrong class has the lower logit
+
+
+def test_circuit_covers_exactly_the_sites_up_to_the_probe(quick):
+    model, saes, tok = quick
+    batch = shift.bios_batch(ambiguous_split(8, seed=2), tok)
+    probe = shift.train_probe(model, batch, layer=0)
+    circuit = shift.probe_circuit(model, saes, probe, batch, steps=2, top_k=5, progress=False)
+    assert circuit.sites == ["embed", "attn_0", "mlp_0", "resid_0"]
+    top = shift.top_features(circuit, k=5)
+    assert len(top) == 5 and all(f != "err" for _, f, _ in top)
+    assert [abs(e) for *_, e in top] == sorted((abs(e) for *_, e in top), reverse=True)
+
+
+def _capture(model, tokens, edit):
+    """Run with `edit`; return (the value each edited site received, the value it passed on)."""
+    seen, cache = {}, {}
+    wrapped = {s: (lambda x, s=s, fn=fn: (seen.__setitem__(s, x), fn(x))[1]) for s, fn in edit.items()}
+    with torch.no_grad():
+        model(tokens, edit=wrapped, cache=cache)
+    return seen, cache
+
+
+@pytest.mark.parametrize("kind", ["features", "neurons"])
+def test_ablation_changes_exactly_those_features(quick, kind):
+    model, saes, tok = quick
+    dicts = saes if kind == "features" else identity_saes(model)
+    batch = shift.bios_batch(balanced_split(8, seed=5), tok)
+    ablation = {"embed": [0, 3, 7], "resid_0": [1, 2], "resid_1": [5]}
+    seen, cache = _capture(model, batch.clean, shift.ablation_edit(dicts, ablation))
+    for site, feats in ablation.items():
+        sae, x, out = dicts[site], seen[site], cache[site]
+        f = sae.encode(x)
+        kept = torch.ones(f.shape[-1], dtype=torch.bool)
+        kept[feats] = False
+        f_abl = f * kept
+        # The site's value is decode(f') + err with f' = f outside `feats`, 0 at `feats`, and err unchanged.
+        torch.testing.assert_close(out, sae.decode(f_abl) + (x - sae.decode(f)), rtol=1e-5, atol=1e-5)
+        if kind == "neurons":   # features are coordinates: exactly those become 0, the rest are untouched
+            assert (out[..., feats] == 0).all()
+            assert torch.equal(out[..., kept], x[..., kept])
+        else:   # only the ablated features' decoder directions leave the site
+            torch.testing.assert_close(out - x, -(f[..., feats] @ sae.W_dec[feats]), rtol=1e-5, atol=1e-5)
+            assert (f[..., feats] != 0).any(), "the test should ablate features that are active"
+    # Downstream sites re-encode the already-edited value: resid_0 received what embed's ablation produced.
+    _, only_embed = _capture(model, batch.clean, shift.ablation_edit(dicts, {"embed": [0, 3, 7]}))
+    torch.testing.assert_close(seen["resid_0"], only_embed["resid_0"], rtol=1e-5, atol=1e-5)
+    # Nothing to ablate, nothing changes.
+    assert shift.ablation_edit(dicts, {"embed": []}) == {}
+
+
+def test_ablation_rejects_bad_features(quick):
+    model, saes, _ = quick
+    with pytest.raises(MinicircError, match="out of range"):
+        shift.ablation_edit(saes, {"embed": [saes["embed"].n_features]})
+    sites = shift.probe_sites(model, 0)
+    with pytest.raises(MinicircError, match="not one of the probe's sites"):
+        shift.parse_ablation("resid_1/3", saes, sites)
+    with pytest.raises(MinicircError, match="SITE/FEATURE"):
+        shift.parse_ablation("embed/x", saes, sites)
+    assert shift.parse_ablation("embed/3, resid_0/1,embed/3", saes, sites) == {"embed": [3], "resid_0": [1]}
+
+
+def test_retraining_keeps_the_ablated_features_removed(quick):
+    model, saes, tok = quick
+    neurons = identity_saes(model)
+    train = shift.bios_batch(ambiguous_split(48, seed=0), tok)
+    test = shift.bios_batch(balanced_split(24, seed=0, split="test"), tok)
+    ablation = {"embed": [0, 5, 9, 11], "resid_0": [2]}
+    retrained = shift.train_probe(model, train, 1, saes=neurons, ablation=ablation)
+    assert retrained.ablation == ablation
+    # A model whose ablated embedding coordinates are scrambled is the same model once they are removed:
+    # the retrained probe must give the same logits and retraining there the same weights.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.embed_in.weight[:, [0, 5, 9, 11]] = 10 * torch.randn(other.embed_in.weight.shape[0], 4)
+    torch.testing.assert_close(retrained.logits(other, test), retrained.logits(model, test), rtol=1e-5, atol=1e-5)
+    again = shift.train_probe(other, train, 1, saes=neurons, ablation=ablation)
+    torch.testing.assert_close(again.weight, retrained.weight, rtol=1e-4, atol=1e-4)
+    # Without the ablation the scrambled coordinates do matter (so the check above can fail).
+    plain = shift.train_probe(model, train, 1)
+    assert not torch.allclose(plain.logits(other, test), plain.logits(model, test), atol=1e-3)
+    # SAE features: the retrained probe is fit on the ablated activations and evaluated with them.
+    sae_ablation = {"embed": [1, 2], "resid_1": [4]}
+    r = shift.train_probe(model, train, 1, saes=saes, ablation=sae_ablation)
+    X = shift.pooled_batched(model, train, 1, shift.ablation_edit(saes, sae_ablation))
+    w, b = shift.fit_logistic(X, train.clean_answer)
+    torch.testing.assert_close((r.weight, r.bias), (w, b))
+    torch.testing.assert_close(r.logits(model, test),
+                               shift.pooled_batched(model, test, 1, shift.ablation_edit(saes, sae_ablation)) @ w + b)
+
+
+def test_judge_effect_sizes():
+    prof = torch.tensor([0, 0, 1, 1] * 16)
+    gen = torch.tensor([0, 1, 0, 1] * 16)
+    g = torch.Generator().manual_seed(0)
+    i = torch.arange(64)
+    name = (((i % 16) == 1) | ((i % 16) == 3)).float() * 3     # one female name: in 1/4 of female bios, both jobs
+    job = prof.float() * 2 + 0.1 * torch.randn(64, generator=g)           # profession
+    const = torch.ones(64)
+    dg, dp = shift.effect_sizes(torch.stack([name, job, const], 1), prof, gen)
+    assert dg[0] > dp[0] + 0.2            # the name is gendered, though active in few bios
+    assert dp[1] > dg[1] + 1              # the job feature is not
+    assert dg[2] == 0 and dp[2] == 0      # a constant feature is neither
+
+
+def test_shift_reduced_budget(quick, tmp_path):
+    out = tmp_path / "shift"
+    assert main(["shift", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert set(rows) == {"original", "random", "random_retrain", "shift", "shift_retrain", "neurons_shift",
+                         "neurons_shift_retrain", "oracle"}
+    for name, r in rows.items():
+        for k in ("profession", "gender", "worst_group"):
+            assert math.isfinite(r[k]) and 0 <= r[k] <= 1, (name, k)
+    assert rows["oracle"]["worst_group"] >= rows["original"]["worst_group"]
+    assert len(results["random_runs"]) >= 5
+    assert results["judge"] == "automatic"
+    assert results["n_ablated"]["shift"] == sum(c["ablated"] for c in results["features"]["candidates"])
+    report = (out / "shift_report.md").read_text()
+    assert "Judge: automatic" in report and "worst-group" in report and "[[" in report
+    for f in ("shift.png", "bios_sample.txt", "circuit_features/circuit.json", "circuit_neurons/circuit.html"):
+        assert (out / f).stat().st_size > 0, f
+    # An earlier run is never overwritten silently; a person's list replaces the automatic judge.
+    assert main(["shift", "--quick", "--out", str(out)]) == 2
+    assert main(["shift", "--quick", "--out", str(out), "--overwrite", "--ablate", "nowhere/1"]) == 2
+    assert main(["shift", "--quick", "--out", str(out), "--overwrite", "--ablate", "embed/3,resid_1/2",
+                 "--random-seeds", "5"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["judge"] == "user" and results["n_ablated"]["shift"] == 2
+    assert results["features"]["ablation"] == {"embed": [3], "resid_1": [2]}
+
+
+def test_ablate_and_retrain_matches_its_parts(quick):
+    model, saes, tok = quick
+    train = shift.bios_batch(ambiguous_split(32, seed=0), tok)
+    test = shift.bios_batch(balanced_split(16, seed=0, split="test"), tok)
+    probe = shift.train_probe(model, train, 1)
+    ablation = {"embed": [1, 2], "resid_0": [], "resid_1": [4]}
+    shifted, retrained, new = shift.ablate_and_retrain(model, probe, saes, ablation, train, test)
+    assert shifted == shift.evaluate(model, probe.with_ablation(saes, ablation), test)
+    assert retrained == shift.evaluate(model, shift.train_probe(model, train, 1, saes=saes, ablation=ablation), test)
+    assert new.ablation == {"embed": [1, 2], "resid_1": [4]}
