@@ -181,6 +181,48 @@ def end_to_end(a, model, saes, random_batch, dist_run):
             del c
 
 
+def original_style_rows(model, saes, batch, states, grads, eff, thr, pair, keys):
+    """One backward pass per downstream row, as the original code does; returns how many rows it ran."""
+    u, d, frozen = pair
+    su, sae_u, sae_d = states[u], saes[u], saes[d]
+    f_leaf = su.f_c.detach().clone().requires_grad_(True)
+    e_leaf = su.err_c.detach().clone().requires_grad_(True)
+    rec = {}
+
+    def freeze(s):
+        def fn(x):
+            return x.detach()
+        return fn
+
+    def keep(x):
+        rec["y"] = x
+        return x
+    edit = {s: freeze(s) for s in frozen}
+    edit[u] = lambda x: sae_u.decode(f_leaf) + e_leaf
+    edit[d] = keep
+    sink = 0.0
+    with torch.enable_grad():
+        model(batch.clean, edit=edit, stop_at=d)
+        y = rec["y"]
+        f_d = sae_d.encode(y)
+        e_d = y - sae_d.decode(f_d)
+        L = grads[d]
+        L_f = L @ sae_d.W_dec.T
+        sel_f, sel_e = eff[d][0].abs() > thr, eff[d][1].abs() > thr
+        for t, i in keys:
+            if i == "err":
+                target = (e_d[:, t] * L[:, t] * sel_e[:, t, None]).sum()
+            else:
+                target = (f_d[:, t, i] * L_f[:, t, i] * sel_f[:, t, i]).sum()
+            gf, ge = torch.autograd.grad(target, [f_leaf, e_leaf], retain_graph=True, allow_unused=True)
+            with torch.no_grad():
+                if gf is not None:
+                    sink += float((gf * su.delta_f).sum())
+                if ge is not None:
+                    sink += float((ge * su.delta_err).sum())
+    return len(keys)
+
+
 def stages(a, model, saes, batch):
     res = {}
     stage("nodes attrib", lambda: attribution.node_effects(model, saes, attribution.logit_diff, batch, "attrib"), res)
@@ -194,28 +236,23 @@ def stages(a, model, saes, batch):
         model, saes, batch, states, grads, eff, a.node_threshold, "none"), res)
     n_rows = sum(len(k) for k, _ in edges.values())
     print(f"  {n_rows} downstream (position, feature) rows over {len(edges)} site pairs")
+    # Baseline: the original code's structure, one backward pass per downstream (position, feature) row
+    # through the spliced graph (dense feature leaves at U, autograd through D's encoder). Timed on up to
+    # --baseline-rows rows taken pair by pair, then extrapolated per row to all rows.
     pairs = attribution.edge_pairs(model, attribution.site_order(model, saes))
-    if a.baseline_rows is not None and a.baseline_rows < n_rows:
-        # Restrict the loop to a random sample of rows by raising the threshold per pair is not exact;
-        # instead time the loop on the first pairs until baseline_rows rows are done and extrapolate.
-        done, t_loop, chosen = 0, 0.0, []
-        for pr in pairs:
-            k = len(edges.get((pr[0], pr[1]), ([], None))[0])
-            if done >= a.baseline_rows:
-                break
-            chosen.append(pr)
-            done += k
-        t0 = time.perf_counter()
-        with PeakRSS() as mem:
-            attribution.edge_effects(model, saes, batch, states, grads, eff, a.node_threshold, "none",
-                                     pairs=chosen, use_vmap=False)
-        t_loop = (time.perf_counter() - t0) * n_rows / max(done, 1)
-        res["edges one row at a time"] = (t_loop, mem.mb)
-        print(f"{'edges one row at a time (extrap.)':<34} {t_loop:9.2f} s   peak +{mem.mb:8.1f} MB  "
-              f"({done} of {n_rows} rows timed)")
-    else:
-        stage("edges one row at a time", lambda: attribution.edge_effects(
-            model, saes, batch, states, grads, eff, a.node_threshold, "none", use_vmap=False), res)
+    limit = a.baseline_rows if a.baseline_rows is not None else n_rows
+    done, t0 = 0, time.perf_counter()
+    with PeakRSS() as mem:
+        for pair in pairs:
+            keys = edges.get(pair[:2], ([], None))[0]
+            if done >= limit or not keys:
+                continue
+            done += original_style_rows(model, saes, batch, states, grads, eff, a.node_threshold, pair,
+                                        keys[:limit - done])
+    t_loop = (time.perf_counter() - t0) * n_rows / max(done, 1)
+    res["edges one row at a time"] = (t_loop, mem.mb)
+    print(f"{'edges one row at a time' + (' (extrap.)' if done < n_rows else ''):<34} {t_loop:9.2f} s   "
+          f"peak +{mem.mb:8.1f} MB  ({done} of {n_rows} rows timed)")
     print(f"edges speed-up, batched vs one row at a time: "
           f"{res['edges one row at a time'][0] / res['edges batched (vmap)'][0]:.1f}x")
 

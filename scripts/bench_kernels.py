@@ -13,6 +13,7 @@ With a GPU (and the CUDA extension) it also times N=4096, 32768 features on the 
     python scripts/bench_kernels.py [--n 2048 --d 512 --s 16384 --l0 64 --reps 5]
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -137,19 +138,8 @@ def bench_cuda(n=4096, d=512, s=32768, l0=64, reps=20):
           f"({ms_mm / ms_enc:.2f} of the matmul; target >= 0.5 of the roof)")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2048)
-    p.add_argument("--d", type=int, default=512)
-    p.add_argument("--s", type=int, default=16384)
-    p.add_argument("--l0", type=int, default=64)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--worker", choices=["dense", "sparse"])
-    p.add_argument("--no-cuda", action="store_true")
-    args = p.parse_args()
-    if args.worker:
-        return worker(args.worker, args.n, args.d, args.s, args.l0, args.reps)
-
+def compare_cpu(args):
+    """One configuration: dense path, extension and torch reference, each in its own process."""
     print(f"CPU, {torch.get_num_threads()} threads, N={args.n} d={args.d} S={args.s} L0~{args.l0}, "
           f"median of {args.reps}")
     dense = run_worker("dense", args)
@@ -164,6 +154,36 @@ def main():
           f"(target <= 0.2): {'PASS' if ok else 'FAIL'}")
     print(f"  reference vs dense: {dense['ms'] / ref['ms']:.2f}x faster, peak memory ratio "
           f"{ref['peak_mb'] / dense['peak_mb']:.3f}")
+    return ok
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--s", type=int, default=16384)
+    p.add_argument("--l0", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--worker", choices=["dense", "sparse"])
+    p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--grid", action="store_true", help="run the full N x S x L0 grid (several minutes)")
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker, args.n, args.d, args.s, args.l0, args.reps)
+
+    if args.grid:  # the issue's grid: N in {2048, 4096}, S in {16384, 32768}, L0 in {32, 64, 128}
+        print(f"CPU, {torch.get_num_threads()} threads, d={args.d}, median of {args.reps}; ratios vs the dense path")
+        print(f"  {'N':>5} {'S':>6} {'L0':>4} | {'dense ms':>9} {'ext x':>6} {'ext mem':>8} | {'ref x':>6} {'ref mem':>8}")
+        ok = True
+        for n, s_, l0 in itertools.product((2048, 4096), (16384, 32768), (32, 64, 128)):
+            cfg = argparse.Namespace(**{**vars(args), "n": n, "s": s_, "l0": l0})
+            dense, sparse, ref = (run_worker("dense", cfg), run_worker("sparse", cfg),
+                                  run_worker("sparse", cfg, no_ext=True))
+            print(f"  {n:5d} {s_:6d} {l0:4d} | {dense['ms']:9.1f} {dense['ms'] / sparse['ms']:6.2f} "
+                  f"{sparse['peak_mb'] / dense['peak_mb']:8.3f} | {dense['ms'] / ref['ms']:6.2f} "
+                  f"{ref['peak_mb'] / dense['peak_mb']:8.3f}", flush=True)
+    else:
+        ok = compare_cpu(args)
     if torch.cuda.is_available() and not args.no_cuda:
         bench_cuda()
     return 0 if ok else 1

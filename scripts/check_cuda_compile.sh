@@ -6,7 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3)}
-[ -x /work/venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=/work/venv/bin/python
 NVCC=${NVCC:-nvcc}
 command -v "$NVCC" >/dev/null || { echo "nvcc not found; set NVCC" >&2; exit 2; }
 T=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')
