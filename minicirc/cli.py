@@ -77,7 +77,7 @@ def cmd_circuit(args):
 
 
 def cmd_evaluate(args):
-    from . import evaluation, viz
+    from . import evaluation
     from .circuit import load_circuit_json, write_atomic
     prepare_out(args.out, args.overwrite, "evaluation.json")
     model, saes, examples = load_inputs(args)

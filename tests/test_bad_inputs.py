@@ -17,15 +17,6 @@ from conftest import write_hf_model
 from test_cli import ROWS, write_data, write_tokenizer, write_tree
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def t(tmp_path):
     seed = int(torch.randint(0, 10**6, ()).item())

@@ -1,7 +1,6 @@
 """Determinism: the same seed and inputs give byte-identical files; batching and a (one-process) process
 group change nothing. 1 vs 2 ranks (effects within 1e-6) is in test_distributed.py."""
 import json
-import random
 
 import pytest
 import torch
@@ -10,15 +9,6 @@ import minicirc
 from minicirc.cli import main
 from minicirc.data import load_examples, tokenize
 from test_distributed import edge_entries, make_inputs
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_cli(t, out, *extra):

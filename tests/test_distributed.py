@@ -19,15 +19,6 @@ from test_cli import write_data, write_tokenizer, write_tree
 NOUNS = [("cat", "cats"), ("dog", "dogs")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_rows(n, rng, same_length=False):
     """Agreement examples over the test tokenizer's words: subject number decides " is" / " are"."""
     rows = []

@@ -1,6 +1,5 @@
 """minicirc.explain: top contexts equal a brute-force scan, the cache returns the same thing without a new
 pass, circuit_contexts covers every feature node in one pass per batch, and `minicirc explain` prints them."""
-import json
 
 import pytest
 import torch
