@@ -11,10 +11,11 @@ from .errors import MinicircError
 
 def load_inputs(args):
     from . import data, model as model_mod, sae as sae_mod
-    model = model_mod.load_model(args.model, device=args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = model_mod.load_model(args.model, device=args.device, dtype=dtype)
     tokenizer = model_mod.load_tokenizer(args.model)
     saes = sae_mod.identity_saes(model) if args.saes == "neurons" else sae_mod.load_saes(args.saes, model)
-    saes = {s: d.to(args.device) for s, d in saes.items()}
+    saes = {s: d.to(device=args.device, dtype=dtype) for s, d in saes.items()}
     examples = data.tokenize(data.load_examples(args.data, limit=getattr(args, "limit", None)), tokenizer,
                              vocab_size=model.cfg.vocab_size)
     return model, saes, examples
@@ -155,6 +156,8 @@ def build_parser():
         sp.add_argument("--data", required=True, help="JSON lines or JSON list: clean_prefix, patch_prefix, clean_answer, patch_answer")
         sp.add_argument("--out", required=True, help="output directory")
         sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="model and dictionary weights (sums are accumulated in float64 either way)")
         sp.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
 
     c = sub.add_parser("circuit", help="find a circuit")

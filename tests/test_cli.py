@@ -157,3 +157,23 @@ def test_mismatched_tree_and_foreign_circuit(setup, capsys, tmp_path):
     assert run("evaluate", "--model", tmp_path / "other", "--saes", "neurons", "--data", t / "data.jsonl",
                "--circuit", t / "c" / "circuit.json", "--out", t / "e") == 2
     assert "different model" in capsys.readouterr().err
+
+
+def test_bfloat16_end_to_end_close_to_float32(setup):
+    # bfloat16 weights through the whole pipeline: the float32 run is the reference (DESIGN: float32 is
+    # the default and the one tests compare); bf16 keeps ~3 significant digits, so effects agree to a few %.
+    from safetensors.torch import load_file
+    t = setup
+    base = ["circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl", "--steps", 4,
+            "--node-threshold", 0.01, "--edge-threshold", 0.001]
+    assert run(*base, "--out", t / "f32") == 0
+    assert run(*base, "--out", t / "bf16", "--dtype", "bfloat16") == 0
+    a, b = load_file(t / "f32" / "effects.safetensors"), load_file(t / "bf16" / "effects.safetensors")
+    keys = [k for k in a if k.startswith("nodes.")]
+    # Relative to the largest effect of the run: an SAE error is a difference (x - decode(f)), so its own
+    # relative rounding in bf16 is larger than the features'.
+    scale = max(a[k].abs().max().item() for k in keys)
+    for key in keys:
+        assert torch.isfinite(b[key]).all(), key
+        assert (a[key] - b[key].float()).abs().max().item() <= 0.1 * scale, key
+    assert any((a[k] != b[k].float()).any() for k in keys), "the bfloat16 run gave float32's exact numbers"
