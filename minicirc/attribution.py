@@ -16,6 +16,7 @@ many downstream nodes share one batched vector-Jacobian product.
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import MinicircError
 
@@ -127,12 +128,12 @@ def attrib_gradients(model, metric, batch, sites):
     return {s: (g if g is not None else torch.zeros_like(vals[s])).detach() for s, g in zip(sites, grads)}
 
 
-def ig_gradients(model, metric, batch, sites, states, steps):
+def ig_gradients(model, metric, batch, sites, states, steps, progress=False):
     """Per site, dm/dx averaged over x = (1-a) x_c + a x_p, a = k/steps, k = 0..steps-1, all steps batched."""
     big = tile(batch, steps)
     B = len(batch)
     out = {}
-    for s in sites:
+    for s in tqdm(sites, desc=f"IG, {steps} steps", unit="site", leave=False, disable=not progress):
         st = states[s]
         alpha = (torch.arange(steps, dtype=st.x_c.dtype, device=st.x_c.device) / steps).repeat_interleave(B)
         alpha = alpha[:, None, None]
@@ -188,7 +189,7 @@ def exact_effects(model, saes, metric, batch, sites, states, m_clean, group=64):
     return out
 
 
-def node_effects(model, saes, metric, batch, method="ig", steps=10, use_ext=None):
+def node_effects(model, saes, metric, batch, method="ig", steps=10, use_ext=None, progress=False):
     """Per-example node effects of one batch.
 
     Returns (m_clean (B,), m_patch (B,) or None, states, effects, grads) where effects[site] =
@@ -201,7 +202,7 @@ def node_effects(model, saes, metric, batch, method="ig", steps=10, use_ext=None
     if method == "exact":
         return m_c, m_p, states, exact_effects(model, saes, metric, batch, sites, states, m_c), None
     grads = (attrib_gradients(model, metric, batch, sites) if method == "attrib"
-             else ig_gradients(model, metric, batch, sites, states, steps))
+             else ig_gradients(model, metric, batch, sites, states, steps, progress))
     effects = {}
     with torch.no_grad():
         for s in sites:
@@ -341,7 +342,7 @@ def sparse_cat_rows(parts):
 
 
 def edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation="sum",
-                 chunk_bytes=256 * 2**20, pairs=None, use_vmap=True):
+                 chunk_bytes=256 * 2**20, pairs=None, use_vmap=True, progress=False):
     """Edge effects of one batch, summed over its examples (divide by the number of examples later).
 
     Returns {(U, D): (keys, values)} with values (R, F_U + 1) for `sum` (last column: U's error) and
@@ -356,7 +357,7 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
     for u, d, frozen in pairs:
         by_up.setdefault(u, []).append((d, frozen))
     B, T = batch.clean.shape
-    for u, downs in by_up.items():
+    for u, downs in tqdm(by_up.items(), desc="edges", unit="upstream site", leave=False, disable=not progress):
         su, sae_u = states[u], saes[u]
         x_u = su.x_c.detach().clone().requires_grad_(True)
         recorded = {}

@@ -88,7 +88,8 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
     try:
         for b in bar:
             batch = examples[b * batch_size:(b + 1) * batch_size].to(device)
-            m_c, m_p, states, effects, grads = attribution.node_effects(model, saes, metric, batch, method, steps, use_ext)
+            m_c, m_p, states, effects, grads = attribution.node_effects(model, saes, metric, batch, method, steps, use_ext,
+                                                                        progress=progress and rank == 0)
             metric_sums[0] += m_c.double().sum()
             if m_p is not None:
                 metric_sums[1] += m_p.double().sum()
@@ -97,7 +98,8 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
                 node_sums[s][0].add_(feat.double().sum(dims))
                 node_sums[s][1].add_(err.double().sum(dims))
             if not nodes_only:
-                edges = attribution.edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation)
+                edges = attribution.edge_effects(model, saes, batch, states, grads, effects, node_threshold,
+                                                 aggregation, progress=progress and rank == 0)
                 for pair, (keys, vals) in edges.items():
                     edge_sums.setdefault(pair, _EdgeSum(vals.shape[1:])).add(keys, vals)
             del states, effects, grads
