@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import attribution
-from .errors import MinicircError
+from .errors import MinicircError, read_json
 from .model import model_hash
 from .sae import saes_hash
 
@@ -267,9 +267,8 @@ class Circuit:
                 row["pos"] = pos
             row.update(self.annotations.get(nid, {}))
             nodes.append(row)
-        edges = [] if self.nodes_only else [{"source": s, "target": t, "effect": e} for s, t, e in self.kept_edges(kept)]
-        if self.nodes_only:
-            edges = [{"source": nid, "target": "y", "effect": eff} for nid, site, _, _, eff in kept if site == self.sites[-1]]
+        # With nodes_only there are no edge effects: only the edges into y (the node effects themselves).
+        edges = [{"source": s, "target": t, "effect": e} for s, t, e in self.kept_edges(kept)]
         return {"version": 1, "settings": self.settings, "metric": self.metric, "sites": self.sites,
                 "nodes": nodes, "edges": edges}
 
@@ -353,11 +352,7 @@ def load_circuit_json(path, model=None, saes=None):
         path = os.path.join(path, "circuit.json")
     if not os.path.exists(path):
         raise MinicircError(f"circuit file {path} does not exist")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise MinicircError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("version") != 1 or "nodes" not in data or "settings" not in data:
         raise MinicircError(f"{path}: not a minicirc circuit.json (version 1)")
     _check_circuit_json(data, path)

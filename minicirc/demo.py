@@ -140,11 +140,12 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
             circuit = find_circuit(model, dicts, disc, steps=cfg["steps"], node_threshold=cfg["node_threshold"],
                                    edge_threshold=cfg["edge_threshold"], progress=progress)
             kept = circuit.kept_nodes()
-            top = sorted(circuit.to_json()["nodes"], key=lambda n: -abs(n["effect"]))
+            found = circuit.to_json()
+            top = sorted(found["nodes"], key=lambda n: -abs(n["effect"]))
             interp = node_interpretability(model, dicts, interp_batch, top)
             for nid, (name, score) in interp.items():
                 circuit.annotations[nid] = {"best_variable": name, "interpretability": round(score, 4)}
-            contexts = explain.circuit_contexts(model, dicts, tokenizer, circuit.to_json(), texts, k=5)
+            contexts = explain.circuit_contexts(model, dicts, tokenizer, found, texts, k=5)
             data = circuit.save(os.path.join(out, template, kind), contexts=contexts)
             faith = evaluation.faithfulness(model, dicts, held, kept)
             points = evaluation.sweep(model, dicts, held, circuit, thresholds=cfg["sweep"], progress=False)

@@ -98,8 +98,11 @@ def node_masks(circuit_nodes, saes, sites, T=None):
 
 
 def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=None, ablation="mean",
-                 errors="default", first_layer=0, values=None):
-    """{'m_full', 'm_empty', 'm_circuit', 'm_complement', 'faithfulness', 'completeness'} (means over examples)."""
+                 errors="default", first_layer=0, values=None, reference=None):
+    """{'m_full', 'm_empty', 'm_circuit', 'm_complement', 'faithfulness', 'completeness'} (means over examples).
+
+    reference: (m_full, m_empty) from an earlier call with the same data and settings; they do not depend on
+    the circuit, so a sweep computes them once."""
     metric = metric or attribution.logit_diff
     sites = [s for s in attribution.site_order(model, saes) if s == "embed" and first_layer <= 0
              or s != "embed" and int(s.rsplit("_", 1)[1]) >= first_layer]
@@ -110,7 +113,8 @@ def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=Non
     empty = {s: (torch.zeros_like(fm), torch.zeros_like(em)) for s, (fm, em) in masks.items()}
     complement = {s: (~fm, ~em) for s, (fm, em) in masks.items()}
     run = lambda keep: ablated_metric(model, saes, metric, batch, keep, values, errors).mean().item()
-    m_full, m_empty, m_c, m_mc = run(full), run(empty), run(masks), run(complement)
+    m_full, m_empty = reference if reference is not None else (run(full), run(empty))
+    m_c, m_mc = run(masks), run(complement)
     denom = m_full - m_empty
     return {"m_full": m_full, "m_empty": m_empty, "m_circuit": m_c, "m_complement": m_mc,
             "faithfulness": (m_c - m_empty) / denom if denom != 0 else float("nan"),
@@ -124,10 +128,12 @@ def sweep(model, saes, batch, circuit, thresholds=None, metric=None, progress=Tr
     metric = metric or attribution.logit_diff
     sites = attribution.site_order(model, saes)
     values = kw.pop("values", None) or ablation_values(model, saes, metric, batch, sites, kw.get("ablation", "mean"))
-    out = []
+    out, reference = [], None
     for thr in tqdm(thresholds, desc="threshold sweep", disable=not progress):
         kept = circuit.kept_nodes(threshold=float(thr))
-        r = faithfulness(model, saes, batch, kept, positional=circuit.positional, metric=metric, values=values, **kw)
+        r = faithfulness(model, saes, batch, kept, positional=circuit.positional, metric=metric, values=values,
+                         reference=reference, **kw)
+        reference = (r["m_full"], r["m_empty"])
         out.append({"threshold": float(thr), "n_nodes": len(kept), **r})
     return out
 

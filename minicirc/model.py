@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import MinicircError
+from .errors import MinicircError, read_json
 
 
 @dataclass
@@ -278,12 +278,7 @@ def load_model(model_dir, device="cpu", dtype=torch.float32):
         raise MinicircError(f"model directory {model_dir} does not exist")
     if not os.path.exists(cfg_path):
         raise MinicircError(f"{model_dir}: config.json is missing")
-    try:
-        with open(cfg_path) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise MinicircError(f"{cfg_path}: not valid JSON ({e})") from None
-    cfg = config_from_hf(hf)
+    cfg = config_from_hf(read_json(cfg_path))
     state = _read_state_dict(model_dir)
     model = GPTNeoX(cfg)
     names = _hf_names(cfg)

@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .errors import MinicircError
+from .errors import MinicircError, read_json
 
 KINDS = ("relu", "jumprelu", "topk", "identity")
 
@@ -137,11 +137,7 @@ def _dl_config(path):
     cfg_path = os.path.join(os.path.dirname(path), "config.json")
     if not os.path.exists(cfg_path):
         return None
-    try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise MinicircError(f"{cfg_path}: not valid JSON ({e})") from None
+    return read_json(cfg_path)
 
 
 def _need(state, keys, path, cls):
@@ -227,11 +223,7 @@ def load_saelens(folder):
     for p in (cfg_path, w_path):
         if not os.path.exists(p):
             raise MinicircError(f"{folder}: SAELens folder lacks {os.path.basename(p)}")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise MinicircError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path)
     try:
         w = load_file(w_path)
     except Exception as e:
