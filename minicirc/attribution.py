@@ -323,7 +323,8 @@ def upstream_effects(G, st, sae_u, aggregation):
              else torch.stack([rows, cols // (F + 1), cols % (F + 1)]))
     shape = (R, F + 1) if aggregation == "sum" else (R, T, F + 1)
     # Rows ascend and columns ascend within a row: already coalesced, which skips a costly sort.
-    return torch.sparse_coo_tensor(index, merged.reshape(-1), shape, is_coalesced=True, check_invariants=False)
+    return torch.sparse_coo_tensor(index, merged.reshape(-1), shape, is_coalesced=True, check_invariants=False,
+                                   device=G.device)
 
 
 def sparse_cat_rows(parts):
@@ -338,7 +339,7 @@ def sparse_cat_rows(parts):
         val.append(p.values())
         offset += p.shape[0]
     return torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(val), (offset, *parts[0].shape[1:]),
-                                   is_coalesced=True, check_invariants=False)
+                                   is_coalesced=True, check_invariants=False, device=parts[0].device)
 
 
 def edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation="sum",

@@ -189,7 +189,8 @@ class _EdgeSum:
         idx = (torch.stack([row, flat]) if len(self.rest) == 1
                else torch.stack([row, flat // self.rest[1], flat % self.rest[1]]))
         shape = (len(self.index), *self.rest)
-        vals = torch.sparse_coo_tensor(idx, (val / n).to(dtype), shape, is_coalesced=True, check_invariants=False)
+        vals = torch.sparse_coo_tensor(idx, (val / n).to(dtype), shape, is_coalesced=True, check_invariants=False,
+                                       device=val.device)
         return list(self.index), vals.cpu()
 
 
@@ -281,10 +282,11 @@ class Circuit:
         for (u, d), (keys, vals) in self.edges.items():
             out[f"edges.{u}.{d}.indices"] = vals.indices().contiguous()
             out[f"edges.{u}.{d}.values"] = vals.values().float().contiguous()
-            out[f"edges.{u}.{d}.shape"] = torch.tensor(vals.shape)
+            out[f"edges.{u}.{d}.shape"] = torch.tensor(vals.shape, device="cpu")
             # Downstream key of each row: (position or -1, feature or -1 for the error).
             enc = [(k if isinstance(k, tuple) else (-1, k)) for k in keys]
-            out[f"edges.{u}.{d}.rows"] = torch.tensor([(t, -1 if i == "err" else i) for t, i in enc], dtype=torch.long)
+            out[f"edges.{u}.{d}.rows"] = torch.tensor([(t, -1 if i == "err" else i) for t, i in enc], dtype=torch.long,
+                                                          device="cpu")
         return out
 
     def save(self, out_dir, contexts=None, picture=True):

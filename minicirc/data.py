@@ -133,10 +133,11 @@ def tokenize(examples, tokenizer, vocab_size=None):
                 raise MinicircError(f"example {i}: {name} {text!r} is {len(ids)} tokens; answers must be exactly one")
             out.append(ids[0])
     T = max(map(len, rows_c))
-    padded = lambda rows: torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long)
-    batch = Batch(padded(rows_c), padded(rows_p) if has_patch else None, torch.tensor(ans_c),
-                  torch.tensor(ans_p) if has_patch else None, torch.tensor([len(r) - 1 for r in rows_c]),
-                  list(examples))
+    # Batches are made on the CPU; find_circuit and friends move each batch to the model's device.
+    ids = lambda values: torch.tensor(values, dtype=torch.long, device="cpu")
+    padded = lambda rows: ids([r + [pad] * (T - len(r)) for r in rows])
+    batch = Batch(padded(rows_c), padded(rows_p) if has_patch else None, ids(ans_c),
+                  ids(ans_p) if has_patch else None, ids([len(r) - 1 for r in rows_c]), list(examples))
     if vocab_size is not None:
         for name, t in [("clean", batch.clean), ("patch", batch.patch), ("answer", batch.clean_answer),
                         ("patch answer", batch.patch_answer)]:

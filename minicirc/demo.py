@@ -74,7 +74,7 @@ def node_interpretability(model, saes, batch, nodes):
     for name in names:
         cells = [(b, t, v) for b, var in enumerate(variables) for t, v in enumerate(var.get(name, [])) if v is not None]
         if len({c[2] for c in cells}) == 2:
-            b, t, y = map(torch.tensor, zip(*cells))
+            b, t, y = (torch.tensor(c, device="cpu") for c in zip(*cells))
             where[name] = (b, t, y.numpy())
     out, encoded = {}, {}
     for n in nodes:
@@ -86,7 +86,7 @@ def node_interpretability(model, saes, batch, nodes):
         acts = encoded[site][..., feat]
         best = (None, 0.5)
         for name, (b, t, y) in where.items():
-            a = auroc(acts[b, t].numpy(), y)
+            a = auroc(acts[b, t].cpu().numpy(), y)
             if max(a, 1 - a) > best[1]:
                 best = (name, max(a, 1 - a))
         out[n["id"]] = best

@@ -19,13 +19,14 @@ ERROR_MODES = ("default", "remove", "keep")
 def ablation_values(model, saes, metric, batch, sites, mode="mean"):
     """{site: (feature values (T, F) or (F,), error values (T, d) or (d,))} to ablate to."""
     if mode == "zero":
-        return {s: (torch.zeros(saes[s].n_features), torch.zeros(saes[s].d_in)) for s in sites}
+        return {s: (saes[s].W_enc.new_zeros(saes[s].n_features), saes[s].W_enc.new_zeros(saes[s].d_in))
+                for s in sites}
     if mode != "mean":
         raise MinicircError(f"unknown ablation {mode!r} (mean or zero)")
     tokens = batch.patch if batch.patch is not None else batch.clean
     _, cache = attribution.record_sites(model, metric, batch, tokens, sites)
     same_length = len(set(batch.last.tolist())) == 1
-    real = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= batch.last[:, None]).float()
+    real = torch.arange(tokens.shape[1], device=tokens.device)[None] <= batch.last[:, None]
     out = {}
     with torch.no_grad():
         for s in sites:
@@ -33,7 +34,7 @@ def ablation_values(model, saes, metric, batch, sites, mode="mean"):
             if same_length:
                 out[s] = (f.mean(0), err.mean(0))
             else:
-                w = real[..., None] / real.sum()
+                w = real[..., None].to(f.dtype) / real.sum()   # the model's dtype: float64 stays float64
                 out[s] = ((f * w).sum((0, 1)), (err * w).sum((0, 1)))
     return out
 
@@ -56,8 +57,8 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
             fm = fmask[:T] if fmask.dim() == 2 else fmask
             fv = fval[:T] if fval.dim() == 2 else fval
             f = torch.where(fm.to(x.device), f, fv.to(x.device))
-            em = emask if errors == "default" else torch.tensor(errors == "keep")
-            em = em[:T, None] if torch.is_tensor(em) and em.dim() == 1 else torch.as_tensor(em)
+            em = emask if errors == "default" else torch.tensor(errors == "keep", device=x.device)
+            em = em[:T, None] if torch.is_tensor(em) and em.dim() == 1 else torch.as_tensor(em, device=x.device)
             ev = eval_[:T] if eval_.dim() == 2 else eval_
             err = torch.where(em.to(x.device), err, ev.to(x.device))
             return sae.decode(f) + err
@@ -68,32 +69,36 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
 
 
 def node_masks(circuit_nodes, saes, sites, T=None):
-    """Masks {site: (features, error)} from kept node tuples/dicts (id, site, feature, pos, effect)."""
+    """Masks {site: (features, error)} from kept node tuples/dicts (id, site, feature, pos, effect).
+
+    Nodes on a site with a dictionary that is not in `sites` (below the first evaluated layer) are skipped:
+    that site is left unablated, so keeping them changes nothing."""
     positional = T is not None
     masks = {}
     for s in sites:
-        F = saes[s].n_features
-        masks[s] = ((torch.zeros(T, F, dtype=torch.bool), torch.zeros(T, dtype=torch.bool)) if positional
-                    else (torch.zeros(F, dtype=torch.bool), torch.tensor(False)))
+        F, on = saes[s].n_features, dict(dtype=torch.bool, device=saes[s].W_enc.device)
+        masks[s] = ((torch.zeros(T, F, **on), torch.zeros(T, **on)) if positional
+                    else (torch.zeros(F, **on), torch.tensor(False, **on)))
     for n in circuit_nodes:
         site, feat, pos = (n["site"], n["feature"], n.get("pos")) if isinstance(n, dict) else (n[1], n[2], n[3])
-        if site not in masks:
+        if site not in saes:
             raise MinicircError(f"circuit node on site {site!r}, which has no dictionary here")
+        if feat != "err" and not (0 <= int(feat) < saes[site].n_features):
+            raise MinicircError(f"circuit node {site}/{feat}: feature index out of range ({saes[site].n_features})")
+        if site not in masks:
+            continue
         fm, em = masks[site]
         if positional:
-            if pos is None or pos >= T:
+            if pos is None or not (0 <= pos < T):
                 raise MinicircError(f"circuit node {site}/{feat} lacks a valid position for this data")
             if feat == "err":
                 em[pos] = True
             else:
                 fm[pos, feat] = True
+        elif feat == "err":
+            masks[site] = (fm, torch.ones_like(em))
         else:
-            if feat == "err":
-                masks[site] = (fm, torch.tensor(True))
-            else:
-                if not (0 <= int(feat) < fm.shape[0]):
-                    raise MinicircError(f"circuit node {site}/{feat}: feature index out of range ({fm.shape[0]})")
-                fm[feat] = True
+            fm[feat] = True
     return masks
 
 
@@ -109,11 +114,16 @@ def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=Non
     T = batch.clean.shape[1] if positional else None
     values = values or ablation_values(model, saes, metric, batch, sites, ablation)
     masks = node_masks(circuit_nodes, saes, sites, T)
-    full = {s: (torch.ones_like(fm), torch.ones_like(em)) for s, (fm, em) in masks.items()}
     empty = {s: (torch.zeros_like(fm), torch.zeros_like(em)) for s, (fm, em) in masks.items()}
     complement = {s: (~fm, ~em) for s, (fm, em) in masks.items()}
     run = lambda keep: ablated_metric(model, saes, metric, batch, keep, values, errors).mean().item()
-    m_full, m_empty = reference if reference is not None else (run(full), run(empty))
+    if reference is None:
+        # m(M) is the unedited model, as the original (with errors="remove", keeping every node would still
+        # ablate the errors); m(empty) ablates every node of the evaluated sites.
+        with torch.no_grad():
+            m_full = metric(model, batch, batch.clean, {}).mean().item()
+        reference = (m_full, run(empty))
+    m_full, m_empty = reference
     m_c, m_mc = run(masks), run(complement)
     denom = m_full - m_empty
     return {"m_full": m_full, "m_empty": m_empty, "m_circuit": m_c, "m_complement": m_mc,

@@ -280,7 +280,8 @@ def load_model(model_dir, device="cpu", dtype=torch.float32):
         raise MinicircError(f"{model_dir}: config.json is missing")
     cfg = config_from_hf(read_json(cfg_path))
     state = _read_state_dict(model_dir)
-    model = GPTNeoX(cfg)
+    with torch.device("cpu"):   # weights are read and checked on the CPU, then moved in one go
+        model = GPTNeoX(cfg)
     names = _hf_names(cfg)
     missing = [hf_name for hf_name in names.values() if hf_name not in state]
     if missing:

@@ -166,7 +166,8 @@ def _attribution_reference(g_x, W_dec, clean, patch):
     # The sampled product (g_x @ W_dec.T)[rows, cols]: SDDMM, never the dense (N, F) product.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        mask = torch.sparse_csr_tensor(crow, cols, torch.ones_like(delta), (n, nf), check_invariants=False)
+        mask = torch.sparse_csr_tensor(crow, cols, torch.ones_like(delta), (n, nf), check_invariants=False,
+                                       device=g_x.device)
         dots = torch.sparse.sampled_addmm(mask, g_x, W_dec.T, beta=0.0).values()
     return crow, cols, dots * delta
 

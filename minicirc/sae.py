@@ -52,7 +52,7 @@ class Dictionary(nn.Module):
         self.b_dec = nn.Parameter(b_dec.float().contiguous(), requires_grad=False)
         # Thresholds below 0 behave like 0 in every library (they apply relu first); clamping keeps
         # `pre * (pre > threshold)` equal to the libraries' output for any stored value.
-        thr = threshold.float().clamp(min=0) if threshold is not None else torch.zeros(0)
+        thr = threshold.float().clamp(min=0) if threshold is not None else torch.zeros(0, device=W_enc.device)
         self.threshold = nn.Parameter(thr.contiguous(), requires_grad=False)
 
     @property
@@ -103,15 +103,17 @@ class Dictionary(nn.Module):
 class IdentityDictionary(Dictionary):
     """The neuron baseline: features are the site's own coordinates."""
 
-    def __init__(self, d_in):
-        eye = torch.eye(d_in)
-        super().__init__(eye, torch.zeros(d_in), eye.clone(), torch.zeros(d_in), kind="identity",
+    def __init__(self, d_in, device="cpu"):
+        eye = torch.eye(d_in, device=device)
+        zeros = torch.zeros(d_in, device=device)
+        super().__init__(eye, zeros, eye.clone(), zeros.clone(), kind="identity",
                          subtract_b_dec=False, source="identity")
 
 
 def identity_saes(model):
     """{site: IdentityDictionary} for every site of the model (the neuron baseline)."""
-    return {site: IdentityDictionary(model.cfg.d_model) for site in model.sites}
+    device = next(model.parameters()).device
+    return {site: IdentityDictionary(model.cfg.d_model, device) for site in model.sites}
 
 
 # --- dictionary_learning ae.pt -------------------------------------------------------------------
@@ -182,7 +184,7 @@ def load_dictionary_learning(path):
             return Dictionary(W_enc, enc_b, W_dec, b_dec, "topk", k=k, subtract_b_dec=True, source=path)
         if "threshold" not in state:
             raise MinicircError(f"{path}: BatchTopKSAE file lacks its threshold")
-        thr = torch.full((W_enc.shape[1],), float(state["threshold"].reshape(-1)[0]))
+        thr = torch.full((W_enc.shape[1],), float(state["threshold"].reshape(-1)[0]), device=W_enc.device)
         return Dictionary(W_enc, enc_b, W_dec, b_dec, "jumprelu", threshold=thr, subtract_b_dec=True, source=path)
     raise MinicircError(f"{path}: not a dictionary_learning file minicirc knows (dict_class {dict_class!r}, "
                         f"keys {sorted(keys)})")

@@ -70,9 +70,9 @@ def bios_batch(bios, tokenizer, label=CONCEPT):
             raise MinicircError(f"biography {b.text!r} has no tokens")
         rows.append(ids)
     T = max(map(len, rows))
-    tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], dtype=torch.long)
-    y = torch.tensor([getattr(b, label) for b in bios], dtype=torch.long)
-    return Batch(tokens, None, y, None, torch.tensor([len(r) - 1 for r in rows]), list(bios))
+    ids = lambda values: torch.tensor(values, dtype=torch.long, device="cpu")   # moved by Batch.to(device)
+    return Batch(ids([r + [0] * (T - len(r)) for r in rows]), None, ids([getattr(b, label) for b in bios]), None,
+                 ids([len(r) - 1 for r in rows]), list(bios))
 
 
 def labels(batch, name):
@@ -317,8 +317,9 @@ def as_ablation(features, sites):
 
 def random_ablation(saes, like, seed):
     """As many features as `like` at each of its sites, drawn uniformly from the site's dictionary."""
-    g = torch.Generator().manual_seed(seed)
-    return {s: sorted(torch.randperm(saes[s].n_features, generator=g)[:len(v)].tolist()) for s, v in like.items()}
+    g = torch.Generator(device="cpu").manual_seed(seed)   # drawn on the CPU: the same features on every device
+    return {s: sorted(torch.randperm(saes[s].n_features, generator=g, device="cpu")[:len(v)].tolist())
+            for s, v in like.items()}
 
 
 # --- the judge ------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def pooled_features(model, saes, batch, features, batch_size=256):
     """(n, len(features)): each (site, feature, ...)'s activation mean-pooled over a bio's real tokens, from
     unedited forward passes (one per batch of bios for all features)."""
     if not features:
-        return torch.zeros(len(batch), 0)
+        return torch.zeros(len(batch), 0, device=batch.clean.device)
     by_site = {}
     for j, (site, feat, *_) in enumerate(features):
         by_site.setdefault(site, ([], []))

@@ -74,6 +74,7 @@ def test_batch_size_does_not_change_the_circuit(tmp_path, aggregation, monkeypat
 def test_one_process_group_equals_no_group(tmp_path):
     """distributed=True in a one-rank gloo group (the code path torchrun runs) gives the identical circuit."""
     import torch.distributed as dist
+    from test_device import explicit_devices_only
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     t = make_inputs(tmp_path, 3)
@@ -82,7 +83,8 @@ def test_one_process_group_equals_no_group(tmp_path):
     plain = minicirc.find_circuit(model, saes, batch, **kw)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        grouped = minicirc.find_circuit(model, saes, batch, distributed=True, **kw)
+        with explicit_devices_only():   # the reduction path names its devices too (test_device.py)
+            grouped = minicirc.find_circuit(model, saes, batch, distributed=True, **kw)
     finally:
         dist.destroy_process_group()
     assert json.dumps(grouped.to_json()) == json.dumps(plain.to_json())
