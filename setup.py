@@ -39,10 +39,13 @@ def extension_modules():
     debug = os.getenv("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     here = os.path.dirname(os.path.abspath(__file__))
+    # The argument checks both libraries include; listed so that sdists ship it.
+    depends = [os.path.join("csrc", "minicirc_checks.h")]
     exts = [
         CppExtension(
             "minicirc._C",
             [os.path.join("csrc", "minicirc_cpu.cpp")],
+            depends=depends,
             # -fopenmp-simd honours `omp simd` reductions without linking an OpenMP runtime.
             extra_compile_args={"cxx": opt + ["-fopenmp-simd", TORCH_TARGET_VERSION]},
             py_limited_api=True,
@@ -54,6 +57,7 @@ def extension_modules():
                 CUDAExtension(
                     "minicirc._C_cuda",
                     [os.path.join("csrc", "minicirc_cuda.cu")],
+                    depends=depends,
                     extra_compile_args={
                         "cxx": opt + [TORCH_TARGET_VERSION],
                         # USE_CUDA declares aoti_torch_get_current_cuda_stream in the stable shim.

@@ -14,6 +14,8 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "minicirc_checks.h"
+
 #include <algorithm>
 #include <atomic>
 #include <string>
@@ -31,15 +33,6 @@ namespace minicirc {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
-
-enum class Kind { ReLU, JumpReLU, TopK };
-
-Kind parse_kind(const std::string& kind) {
-  if (kind == "relu") return Kind::ReLU;
-  if (kind == "jumprelu") return Kind::JumpReLU;
-  if (kind == "topk") return Kind::TopK;
-  STD_TORCH_CHECK(false, "sae_encode_sparse: unknown kind '", kind, "' (relu, jumprelu, topk)");
-}
 
 // The (rows, n_features) pre-activation block of one chunk is the encode's only large
 // temporary: 4M elements (16 MB in float32) keeps peak memory flat in N while the GEMM stays
@@ -149,35 +142,17 @@ std::tuple<Tensor, Tensor, Tensor> encode_cpu_impl(const Tensor& x, const Tensor
   return {crow_t, col_t, val_t};
 }
 
-void check_dtype_cpu(const Tensor& t, ScalarType st, const char* name) {
-  STD_TORCH_CHECK(t.scalar_type() == st, name, " must have the dtype of the other float inputs");
-}
-
 std::tuple<Tensor, Tensor, Tensor> sae_encode_sparse_cpu(
     const Tensor& x_, const Tensor& W_enc, const Tensor& b_enc_, const Tensor& b_dec_,
     std::string kind_, std::optional<Tensor> threshold, int64_t k) {
-  const Kind kind = parse_kind(kind_);
-  STD_TORCH_CHECK(x_.dim() == 2 && W_enc.dim() == 2, "sae_encode_sparse: x (N, d) and W_enc (d, S)");
-  STD_TORCH_CHECK(W_enc.size(0) == x_.size(1), "sae_encode_sparse: W_enc must be (d_in, n_features)");
-  const int64_t S = W_enc.size(1);
-  STD_TORCH_CHECK(b_enc_.dim() == 1 && b_enc_.size(0) == S, "sae_encode_sparse: b_enc must be (n_features,)");
-  STD_TORCH_CHECK(b_dec_.dim() == 1 && b_dec_.size(0) == x_.size(1), "sae_encode_sparse: b_dec must be (d_in,)");
-  STD_TORCH_CHECK(kind != Kind::JumpReLU || threshold.has_value(), "sae_encode_sparse: jumprelu needs threshold");
-  STD_TORCH_CHECK(kind != Kind::TopK || k >= 0, "sae_encode_sparse: k must be >= 0");
+  const Kind kind = check_encode_args(x_, W_enc, b_enc_, b_dec_, kind_, threshold, k);
   const ScalarType st = x_.scalar_type();
   STD_TORCH_CHECK(st == ScalarType::Float || st == ScalarType::Double,
                   "sae_encode_sparse (CPU): float32 or float64 inputs");
-  check_dtype_cpu(W_enc, st, "W_enc");
-  check_dtype_cpu(b_enc_, st, "b_enc");
-  check_dtype_cpu(b_dec_, st, "b_dec");
   Tensor x = torch::stable::contiguous(x_), b_enc = torch::stable::contiguous(b_enc_),
          b_dec = torch::stable::contiguous(b_dec_);
   std::optional<Tensor> theta;
-  if (kind == Kind::JumpReLU) {
-    STD_TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == S, "sae_encode_sparse: threshold must be (n_features,)");
-    check_dtype_cpu(*threshold, st, "threshold");
-    theta = torch::stable::contiguous(*threshold);
-  }
+  if (kind == Kind::JumpReLU) theta = torch::stable::contiguous(*threshold);
   const Tensor* th = theta ? &*theta : nullptr;
   if (st == ScalarType::Double) return encode_cpu_impl<double>(x, W_enc, b_enc, b_dec, kind, th, k);
   return encode_cpu_impl<float>(x, W_enc, b_enc, b_dec, kind, th, k);
@@ -201,12 +176,8 @@ inline bool merge_rows(const int64_t* a, int64_t na, const int64_t* b, int64_t n
   return true;
 }
 
-void check_rows(const Tensor& crow, const Tensor& col, const Tensor& val, int64_t N, const char* which) {
-  STD_TORCH_CHECK(crow.dim() == 1 && crow.size(0) == N + 1, "feature_attribution: ", which, " crow must be (N+1,)");
-  STD_TORCH_CHECK(crow.scalar_type() == ScalarType::Long && col.scalar_type() == ScalarType::Long,
-                  "feature_attribution: ", which, " crow/col must be int64");
-  STD_TORCH_CHECK(col.dim() == 1 && val.dim() == 1 && col.size(0) == val.size(0),
-                  "feature_attribution: ", which, " col and val must be 1-D of equal length");
+// The crow values (shapes and dtypes were checked by check_attribution_args).
+void check_crow_values(const Tensor& crow, const Tensor& col, int64_t N, const char* which) {
   const int64_t* c = crow.const_data_ptr<int64_t>();
   STD_TORCH_CHECK(c[0] == 0 && c[N] == col.size(0), "feature_attribution: ", which, " crow must run from 0 to nnz");
   for (int64_t n = 0; n < N; ++n)
@@ -262,20 +233,16 @@ std::tuple<Tensor, Tensor, Tensor> attribution_cpu_impl(const Tensor& g, const T
 std::tuple<Tensor, Tensor, Tensor> feature_attribution_cpu(
     const Tensor& g_x, const Tensor& W_dec, const Tensor& clean_crow, const Tensor& clean_col,
     const Tensor& clean_val, const Tensor& patch_crow, const Tensor& patch_col, const Tensor& patch_val) {
-  STD_TORCH_CHECK(g_x.dim() == 2 && W_dec.dim() == 2 && W_dec.size(1) == g_x.size(1),
-                  "feature_attribution: g_x (N, d) and W_dec (n_features, d)");
+  check_attribution_args(g_x, W_dec, clean_crow, clean_col, clean_val, patch_crow, patch_col, patch_val);
   const ScalarType st = g_x.scalar_type();
   STD_TORCH_CHECK(st == ScalarType::Float || st == ScalarType::Double,
                   "feature_attribution (CPU): float32 or float64 inputs");
-  check_dtype_cpu(W_dec, st, "W_dec");
-  check_dtype_cpu(clean_val, st, "clean_val");
-  check_dtype_cpu(patch_val, st, "patch_val");
   const int64_t N = g_x.size(0);
   const Tensor cc = torch::stable::contiguous(clean_crow), ci = torch::stable::contiguous(clean_col),
                cv = torch::stable::contiguous(clean_val), pc = torch::stable::contiguous(patch_crow),
                pi = torch::stable::contiguous(patch_col), pv = torch::stable::contiguous(patch_val);
-  check_rows(cc, ci, cv, N, "clean");
-  check_rows(pc, pi, pv, N, "patch");
+  check_crow_values(cc, ci, N, "clean");
+  check_crow_values(pc, pi, N, "patch");
   const Tensor g = torch::stable::contiguous(g_x), W = torch::stable::contiguous(W_dec);
   if (st == ScalarType::Double) return attribution_cpu_impl<double>(g, W, cc, ci, cv, pc, pi, pv);
   return attribution_cpu_impl<float>(g, W, cc, ci, cv, pc, pi, pv);

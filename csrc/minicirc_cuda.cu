@@ -28,6 +28,8 @@
 
 #include <torch/csrc/stable/c/shim.h>
 
+#include "minicirc_checks.h"
+
 #include <cub/device/device_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -393,36 +395,27 @@ std::tuple<Tensor, Tensor, Tensor> encode_cuda_impl(const Tensor& x, const Tenso
   return {crow, col, val};
 }
 
-void check_cuda_input(const Tensor& t, const Tensor& x, const char* name) {
-  STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == x.get_device_index(), name, " must be on x's CUDA device");
-  STD_TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of the other float inputs");
+void check_cuda_device(const Tensor& t, const Tensor& x, const char* name) {
+  STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == x.get_device_index(), name, " must be on the CUDA device of x (g_x)");
 }
 
 std::tuple<Tensor, Tensor, Tensor> sae_encode_sparse_cuda(const Tensor& x_, const Tensor& W_enc_,
                                                           const Tensor& b_enc_, const Tensor& b_dec_,
                                                           std::string kind_, std::optional<Tensor> threshold,
                                                           int64_t k) {
-  const int kind = kind_ == "relu" ? 0 : kind_ == "jumprelu" ? 1 : kind_ == "topk" ? 2 : -1;
-  STD_TORCH_CHECK(kind >= 0, "sae_encode_sparse: unknown kind '", kind_, "' (relu, jumprelu, topk)");
-  STD_TORCH_CHECK(x_.dim() == 2 && W_enc_.dim() == 2 && W_enc_.size(0) == x_.size(1),
-                  "sae_encode_sparse: x (N, d) and W_enc must be (d_in, n_features)");
+  // kind: 0 relu, 1 jumprelu, 2 topk (the values of Kind)
+  const int kind = static_cast<int>(check_encode_args(x_, W_enc_, b_enc_, b_dec_, kind_, threshold, k));
   const int64_t S = W_enc_.size(1);
-  STD_TORCH_CHECK(b_enc_.dim() == 1 && b_enc_.size(0) == S, "sae_encode_sparse: b_enc must be (n_features,)");
-  STD_TORCH_CHECK(b_dec_.dim() == 1 && b_dec_.size(0) == x_.size(1), "sae_encode_sparse: b_dec must be (d_in,)");
-  STD_TORCH_CHECK(kind != 1 || threshold.has_value(), "sae_encode_sparse: jumprelu needs threshold");
-  STD_TORCH_CHECK(kind != 2 || (k >= 0 && std::min<int64_t>(k, S) <= kTopkMaxK),
+  STD_TORCH_CHECK(kind != 2 || std::min<int64_t>(k, S) <= kTopkMaxK,
                   "sae_encode_sparse (CUDA): topk needs 0 <= k <= ", kTopkMaxK);
   STD_TORCH_CHECK(S < INT_MAX, "sae_encode_sparse (CUDA): n_features must fit in int32");
-  for (const auto* t : {&W_enc_, &b_enc_, &b_dec_}) check_cuda_input(*t, x_, "W_enc/b_enc/b_dec");
+  for (const auto* t : {&W_enc_, &b_enc_, &b_dec_}) check_cuda_device(*t, x_, "W_enc/b_enc/b_dec");
+  if (kind == 1) check_cuda_device(*threshold, x_, "threshold");
   torch::stable::accelerator::DeviceGuard guard(x_.get_device_index());
   const Tensor x = torch::stable::contiguous(x_), W = torch::stable::contiguous(W_enc_),
                be = torch::stable::contiguous(b_enc_), bd = torch::stable::contiguous(b_dec_);
   std::optional<Tensor> th;
-  if (kind == 1) {
-    STD_TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == S, "sae_encode_sparse: threshold must be (n_features,)");
-    check_cuda_input(*threshold, x_, "threshold");
-    th = torch::stable::contiguous(*threshold);
-  }
+  if (kind == 1) th = torch::stable::contiguous(*threshold);
   std::tuple<Tensor, Tensor, Tensor> out{x, x, x};
   dispatch_float(x.scalar_type(), "sae_encode_sparse", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -553,20 +546,11 @@ std::tuple<Tensor, Tensor, Tensor> attribution_cuda_impl(const Tensor& g, const 
 std::tuple<Tensor, Tensor, Tensor> feature_attribution_cuda(
     const Tensor& g_x, const Tensor& W_dec, const Tensor& clean_crow, const Tensor& clean_col,
     const Tensor& clean_val, const Tensor& patch_crow, const Tensor& patch_col, const Tensor& patch_val) {
-  STD_TORCH_CHECK(g_x.dim() == 2 && W_dec.dim() == 2 && W_dec.size(1) == g_x.size(1),
-                  "feature_attribution: g_x (N, d) and W_dec (n_features, d)");
-  const int64_t N = g_x.size(0);
-  check_cuda_input(W_dec, g_x, "W_dec");
-  check_cuda_input(clean_val, g_x, "clean_val");
-  check_cuda_input(patch_val, g_x, "patch_val");
-  for (const auto* t : {&clean_crow, &clean_col, &patch_crow, &patch_col}) {
-    STD_TORCH_CHECK(t->is_cuda() && t->get_device_index() == g_x.get_device_index() &&
-                        t->scalar_type() == ScalarType::Long && t->dim() == 1,
-                    "feature_attribution: crow/col must be 1-D int64 on g_x's device");
-  }
-  STD_TORCH_CHECK(clean_crow.size(0) == N + 1 && patch_crow.size(0) == N + 1, "feature_attribution: crow must be (N+1,)");
-  STD_TORCH_CHECK(clean_col.size(0) == clean_val.size(0) && patch_col.size(0) == patch_val.size(0),
-                  "feature_attribution: col and val must have equal length");
+  check_attribution_args(g_x, W_dec, clean_crow, clean_col, clean_val, patch_crow, patch_col, patch_val);
+  check_cuda_device(W_dec, g_x, "W_dec");
+  check_cuda_device(clean_val, g_x, "clean_val");
+  check_cuda_device(patch_val, g_x, "patch_val");
+  for (const auto* t : {&clean_crow, &clean_col, &patch_crow, &patch_col}) check_cuda_device(*t, g_x, "crow/col");
   torch::stable::accelerator::DeviceGuard guard(g_x.get_device_index());
   const auto c = [](const Tensor& t) { return torch::stable::contiguous(t); };
   std::tuple<Tensor, Tensor, Tensor> out{g_x, g_x, g_x};

@@ -80,12 +80,15 @@ def cmd_circuit(args):
 def cmd_evaluate(args):
     from . import evaluation
     from .circuit import load_circuit_json, write_atomic
+    if args.batch_size < 1:
+        raise MinicircError(f"--batch-size must be at least 1, got {args.batch_size}")
     prepare_out(args.out, args.overwrite, "evaluation.json")
     model, saes, examples = load_inputs(args)
     circ = load_circuit_json(args.circuit, model, saes)
     positional = circ["settings"]["aggregation"] == "none"
-    result = evaluation.faithfulness(model, saes, examples.to(args.device), circ["nodes"], positional=positional,
-                                     ablation=args.ablation, errors=args.errors, first_layer=args.first_layer)
+    result = evaluation.faithfulness(model, saes, examples, circ["nodes"], positional=positional,
+                                     ablation=args.ablation, errors=args.errors, first_layer=args.first_layer,
+                                     batch_size=args.batch_size, progress=True)
     result["n_nodes"] = len(circ["nodes"])
     write_atomic(os.path.join(args.out, "evaluation.json"), json.dumps(result, indent=1).encode())
     print(f"{result['n_nodes']} nodes: faithfulness {result['faithfulness']:.3f}, "
@@ -184,6 +187,7 @@ def build_parser():
     e.add_argument("--ablation", default="mean", choices=["mean", "zero"])
     e.add_argument("--errors", default="default", choices=["default", "remove", "keep"])
     e.add_argument("--first-layer", type=int, default=0, help="leave layers below this unablated")
+    e.add_argument("--batch-size", type=int, default=32)
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: feature vs neuron circuits")

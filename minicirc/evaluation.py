@@ -16,27 +16,37 @@ from .errors import MinicircError
 ERROR_MODES = ("default", "remove", "keep")
 
 
-def ablation_values(model, saes, metric, batch, sites, mode="mean"):
+def chunks(model, batch, batch_size):
+    """The batch in slices of batch_size examples, each on the model's device: memory follows the batch size,
+    not the dataset."""
+    if batch_size < 1:
+        raise MinicircError(f"batch size must be at least 1, got {batch_size}")
+    device = next(model.parameters()).device
+    for i in range(0, len(batch), batch_size):
+        yield batch[i:i + batch_size].to(device)
+
+
+def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=64):
     """{site: (feature values (T, F) or (F,), error values (T, d) or (d,))} to ablate to."""
     if mode == "zero":
         return {s: (saes[s].W_enc.new_zeros(saes[s].n_features), saes[s].W_enc.new_zeros(saes[s].d_in))
                 for s in sites}
     if mode != "mean":
         raise MinicircError(f"unknown ablation {mode!r} (mean or zero)")
-    tokens = batch.patch if batch.patch is not None else batch.clean
-    _, cache = attribution.record_sites(model, metric, batch, tokens, sites)
     same_length = len(set(batch.last.tolist())) == 1
-    real = torch.arange(tokens.shape[1], device=tokens.device)[None] <= batch.last[:, None]
-    out = {}
+    sums, count = {}, 0         # float64 running sums over examples (same length) or over real tokens
     with torch.no_grad():
-        for s in sites:
-            f, err = saes[s](cache[s])
-            if same_length:
-                out[s] = (f.mean(0), err.mean(0))
-            else:
-                w = real[..., None].to(f.dtype) / real.sum()   # the model's dtype: float64 stays float64
-                out[s] = ((f * w).sum((0, 1)), (err * w).sum((0, 1)))
-    return out
+        for b in chunks(model, batch, batch_size):
+            tokens = b.patch if b.patch is not None else b.clean
+            _, cache = attribution.record_sites(model, metric, b, tokens, sites)
+            real = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= b.last[:, None])[..., None]
+            count += len(b) if same_length else int(real.sum())
+            for s in sites:
+                f, err = (t.double() for t in saes[s](cache[s]))
+                part = (f.sum(0), err.sum(0)) if same_length else ((f * real).sum((0, 1)), (err * real).sum((0, 1)))
+                sums[s] = part if s not in sums else (sums[s][0] + part[0], sums[s][1] + part[1])
+    dtype = lambda s: saes[s].W_enc.dtype
+    return {s: ((f / count).to(dtype(s)), (e / count).to(dtype(s))) for s, (f, e) in sums.items()}
 
 
 def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
@@ -103,46 +113,59 @@ def node_masks(circuit_nodes, saes, sites, T=None):
 
 
 def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=None, ablation="mean",
-                 errors="default", first_layer=0, values=None, reference=None):
+                 errors="default", first_layer=0, values=None, reference=None, batch_size=64, progress=False):
     """{'m_full', 'm_empty', 'm_circuit', 'm_complement', 'faithfulness', 'completeness'} (means over examples).
 
     reference: (m_full, m_empty) from an earlier call with the same data and settings; they do not depend on
-    the circuit, so a sweep computes them once."""
+    the circuit, so a sweep computes them once. Examples run batch_size at a time."""
     metric = metric or attribution.logit_diff
     sites = [s for s in attribution.site_order(model, saes) if s == "embed" and first_layer <= 0
              or s != "embed" and int(s.rsplit("_", 1)[1]) >= first_layer]
     T = batch.clean.shape[1] if positional else None
-    values = values or ablation_values(model, saes, metric, batch, sites, ablation)
+    if len(batch) == 0:
+        raise MinicircError("the dataset is empty")
+    values = values or ablation_values(model, saes, metric, batch, sites, ablation, batch_size)
     masks = node_masks(circuit_nodes, saes, sites, T)
     empty = {s: (torch.zeros_like(fm), torch.zeros_like(em)) for s, (fm, em) in masks.items()}
     complement = {s: (~fm, ~em) for s, (fm, em) in masks.items()}
-    run = lambda keep: ablated_metric(model, saes, metric, batch, keep, values, errors).mean().item()
-    if reference is None:
-        # m(M) is the unedited model, as the original (with errors="remove", keeping every node would still
-        # ablate the errors); m(empty) ablates every node of the evaluated sites.
-        with torch.no_grad():
-            m_full = metric(model, batch, batch.clean, {}).mean().item()
-        reference = (m_full, run(empty))
-    m_full, m_empty = reference
+    runs = ["circuit", "complement"] + (["full", "empty"] if reference is None else [])
+    bar = tqdm(total=len(runs) * -(-len(batch) // batch_size), desc="ablations", unit="batch", disable=not progress)
+
+    def run(keep):
+        """Mean metric over the examples with everything outside `keep` ablated (keep=None: no edit)."""
+        total = 0.0
+        for b in chunks(model, batch, batch_size):
+            with torch.no_grad():
+                m = (metric(model, b, b.clean, {}) if keep is None
+                     else ablated_metric(model, saes, metric, b, keep, values, errors))
+            total += m.double().sum().item()
+            bar.update()
+        return total / len(batch)
+
+    # m(M) is the unedited model, as the original (with errors="remove", keeping every node would still ablate
+    # the errors); m(empty) ablates every node of the evaluated sites.
+    m_full, m_empty = reference if reference is not None else (run(None), run(empty))
     m_c, m_mc = run(masks), run(complement)
+    bar.close()
     denom = m_full - m_empty
     return {"m_full": m_full, "m_empty": m_empty, "m_circuit": m_c, "m_complement": m_mc,
             "faithfulness": (m_c - m_empty) / denom if denom != 0 else float("nan"),
             "completeness": (m_mc - m_empty) / denom if denom != 0 else float("nan")}
 
 
-def sweep(model, saes, batch, circuit, thresholds=None, metric=None, progress=True, **kw):
+def sweep(model, saes, batch, circuit, thresholds=None, metric=None, progress=True, batch_size=64, **kw):
     """Faithfulness and completeness of the circuit's nodes at each node threshold (logspace(-4, 0, 15) by
     default, as the original) -> list of dicts with threshold, n_nodes, faithfulness, completeness."""
     thresholds = list(np.logspace(-4, 0, 15)) if thresholds is None else list(thresholds)
     metric = metric or attribution.logit_diff
     sites = attribution.site_order(model, saes)
-    values = kw.pop("values", None) or ablation_values(model, saes, metric, batch, sites, kw.get("ablation", "mean"))
+    values = kw.pop("values", None) or ablation_values(model, saes, metric, batch, sites, kw.get("ablation", "mean"),
+                                                       batch_size)
     out, reference = [], None
     for thr in tqdm(thresholds, desc="threshold sweep", disable=not progress):
         kept = circuit.kept_nodes(threshold=float(thr))
         r = faithfulness(model, saes, batch, kept, positional=circuit.positional, metric=metric, values=values,
-                         reference=reference, **kw)
+                         reference=reference, batch_size=batch_size, **kw)
         reference = (r["m_full"], r["m_empty"])
         out.append({"threshold": float(thr), "n_nodes": len(kept), **r})
     return out

@@ -105,8 +105,10 @@ def test_faithfulness_and_completeness_equal_the_written_out_ablation(dicts, abl
     # first_layer is 1, so their nodes must not matter).
     circuit = {n for n in all_nodes(saes, T) if rng.random() < 0.35}
     assert any(layer_of(s) < first_layer or first_layer == 0 for s, _, _ in circuit)
+    batch_size = rng.choice([1, 3, 64])     # examples run in slices; the means must not depend on it
     got = evaluation.faithfulness(model, saes, batch, as_circuit_nodes(sorted(circuit, key=str)),
-                                  positional=positional, ablation=ablation, errors=errors, first_layer=first_layer)
+                                  positional=positional, ablation=ablation, errors=errors, first_layer=first_layer,
+                                  batch_size=batch_size)
     values = ref_values(model, saes, batch, ablation)
     every = set(all_nodes(saes, T))
     m = {name: ref_metric(model, saes, batch, keep, values, errors, first_layer)
@@ -115,7 +117,7 @@ def test_faithfulness_and_completeness_equal_the_written_out_ablation(dicts, abl
     assert abs(denom) > 1e-3, "degenerate draw: ablating everything barely changes the metric"
     want = {"m_full": m["full"], "m_empty": m["empty"], "m_circuit": m["circuit"], "m_complement": m["complement"],
             "faithfulness": (m["circuit"] - m["empty"]) / denom, "completeness": (m["complement"] - m["empty"]) / denom}
-    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-9), batch_size
 
 
 @pytest.mark.parametrize("positional", [False, True])

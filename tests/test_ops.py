@@ -148,12 +148,20 @@ def test_encode_float32_and_bfloat16(device):
     gen = torch.Generator().manual_seed(5)
     W_enc, b_enc, b_dec, theta = [t.float() for t in make_sae(65, 4097, gen, device=device)]
     x = torch.randn(23, 65, generator=gen).to(device)
+    # float32 sums in another order (cuBLAS, the CUDA tile) may put a pre-activation within rounding of a
+    # decision point on the other side: compare away from 0, the threshold and the top-k cut (1e-4 margin).
+    pre = (x.double() - b_dec.double()) @ W_enc.double() + b_enc.double()
+    kth = pre.sort(dim=-1, descending=True).values[:, 15:17]
+    near = {"relu": pre.abs() < 1e-4, "jumprelu": (pre - theta.double()).abs() < 1e-4,
+            "topk": (pre.abs() < 1e-4) | ((pre[..., None] - kth[:, None]).abs() < 1e-4).any(-1)}
     for use_ext in paths(device):
         for kind in ops.KINDS:
             want = dense_encode(x, W_enc, b_enc, b_dec, kind, theta, 16)
             rows = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, theta, 16, use_ext=use_ext)
             assert rows[2].dtype == torch.float32
-            torch.testing.assert_close(ops.rows_to_dense(*rows, 4097), want, rtol=1e-4, atol=1e-4)
+            got, far = ops.rows_to_dense(*rows, 4097), ~near[kind]
+            assert far.float().mean() > 0.99
+            torch.testing.assert_close(got[far], want[far], rtol=1e-4, atol=1e-4)
         # bf16 inputs: the kernel accumulates in float32, so it equals the float32 encode of
         # the bf16-rounded inputs up to the final rounding of the values.
         xb, Wb, beb, bdb = (t.bfloat16() for t in (x, W_enc, b_enc, b_dec))
