@@ -88,7 +88,7 @@ def cmd_evaluate(args):
     positional = circ["settings"]["aggregation"] == "none"
     result = evaluation.faithfulness(model, saes, examples, circ["nodes"], positional=positional,
                                      ablation=args.ablation, errors=args.errors, first_layer=args.first_layer,
-                                     batch_size=args.batch_size, progress=True)
+                                     batch_size=args.batch_size, progress=True, seed=args.seed)
     result["n_nodes"] = len(circ["nodes"])
     write_atomic(os.path.join(args.out, "evaluation.json"), json.dumps(result, indent=1).encode())
     print(f"{result['n_nodes']} nodes: faithfulness {result['faithfulness']:.3f}, "
@@ -184,7 +184,8 @@ def build_parser():
     e = sub.add_parser("evaluate", help="faithfulness and completeness of a circuit by mean ablation")
     common(e)
     e.add_argument("--circuit", required=True, help="circuit.json")
-    e.add_argument("--ablation", default="mean", choices=["mean", "zero"])
+    e.add_argument("--ablation", default="mean", choices=["mean", "zero", "resample"])
+    e.add_argument("--seed", type=int, default=0, help="donor permutation of --ablation resample")
     e.add_argument("--errors", default="default", choices=["default", "remove", "keep"])
     e.add_argument("--first-layer", type=int, default=0, help="leave layers below this unablated")
     e.add_argument("--batch-size", type=int, default=32)

@@ -4,7 +4,9 @@ The clean input runs through the sites in order; at each evaluated site the curr
 activation is re-encoded, features outside the kept set are set to their ablation value, the error is
 ablated unless kept, and decode(f) + err is written back. Ablation values are means over the patch inputs
 (clean inputs when there is no patch): per position when all examples share one length (as the original,
-whose templates do), otherwise over examples and real positions.
+whose templates do), otherwise over examples and real positions. Zero ablation uses 0 for features and
+errors; resample ablation gives each example the patch-input values of another example, drawn by a seeded
+permutation of the dataset (the original's x[randperm]), position by position.
 """
 import numpy as np
 import torch
@@ -14,16 +16,35 @@ from . import attribution
 from .errors import MinicircError
 
 ERROR_MODES = ("default", "remove", "keep")
+ABLATIONS = ("mean", "zero", "resample")
 
 
 def chunks(model, batch, batch_size):
-    """The batch in slices of batch_size examples, each on the model's device: memory follows the batch size,
-    not the dataset."""
+    """(first example, slice) for slices of batch_size examples, each on the model's device: memory follows the
+    batch size, not the dataset."""
     if batch_size < 1:
         raise MinicircError(f"batch size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
     for i in range(0, len(batch), batch_size):
-        yield batch[i:i + batch_size].to(device)
+        yield i, batch[i:i + batch_size].to(device)
+
+
+def resample_order(batch, seed=0):
+    """The donor of each example for resample ablation: a permutation drawn on the CPU from `seed`."""
+    if len(set(batch.last.tolist())) > 1:
+        raise MinicircError("resample ablation swaps whole examples position by position, so all examples must "
+                            "have the same length")
+    return torch.randperm(len(batch), generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu")
+
+
+def resample_values(model, saes, batch, donors, sites):
+    """{site: (features (B, T, F), errors (B, T, d))} of the donor examples' patch inputs (clean without patch)."""
+    source = batch.patch if batch.patch is not None else batch.clean
+    tokens = source[donors].to(next(model.parameters()).device)
+    cache = {}
+    with torch.no_grad():
+        model(tokens, cache=cache, stop_at=max(sites, key=model.sites.index))
+        return {s: saes[s](cache[s]) for s in sites}
 
 
 def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=64):
@@ -31,12 +52,14 @@ def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=6
     if mode == "zero":
         return {s: (saes[s].W_enc.new_zeros(saes[s].n_features), saes[s].W_enc.new_zeros(saes[s].d_in))
                 for s in sites}
-    if mode != "mean":
-        raise MinicircError(f"unknown ablation {mode!r} (mean or zero)")
+    if mode not in ABLATIONS:
+        raise MinicircError(f"unknown ablation {mode!r} (known: {', '.join(ABLATIONS)})")
+    if mode == "resample":
+        return None     # per example: resample_values, batch by batch
     same_length = len(set(batch.last.tolist())) == 1
     sums, count = {}, 0         # float64 running sums over examples (same length) or over real tokens
     with torch.no_grad():
-        for b in chunks(model, batch, batch_size):
+        for _, b in chunks(model, batch, batch_size):
             tokens = b.patch if b.patch is not None else b.clean
             _, cache = attribution.record_sites(model, metric, b, tokens, sites)
             real = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= b.last[:, None])[..., None]
@@ -53,7 +76,8 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
     """Metric (B,) with every feature outside `keep` set to its ablation value.
 
     keep: {site: (feature mask (F,) or (T, F) bool, error kept: bool or (T,) bool)}; sites absent from keep
-    are not touched (e.g. layers before the first evaluated one)."""
+    are not touched (e.g. layers before the first evaluated one). values: {site: (features, errors)} shaped
+    (F,) / (d,), per position (T, F) / (T, d), or per example (B, T, F) / (B, T, d)."""
     if errors not in ERROR_MODES:
         raise MinicircError(f"unknown error handling {errors!r} (known: {', '.join(ERROR_MODES)})")
 
@@ -65,11 +89,11 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
             f, err = sae(x)
             T = x.shape[1]
             fm = fmask[:T] if fmask.dim() == 2 else fmask
-            fv = fval[:T] if fval.dim() == 2 else fval
+            fv = fval[:T] if fval.dim() == 2 else fval[:, :T] if fval.dim() == 3 else fval
             f = torch.where(fm.to(x.device), f, fv.to(x.device))
             em = emask if errors == "default" else torch.tensor(errors == "keep", device=x.device)
             em = em[:T, None] if torch.is_tensor(em) and em.dim() == 1 else torch.as_tensor(em, device=x.device)
-            ev = eval_[:T] if eval_.dim() == 2 else eval_
+            ev = eval_[:T] if eval_.dim() == 2 else eval_[:, :T] if eval_.dim() == 3 else eval_
             err = torch.where(em.to(x.device), err, ev.to(x.device))
             return sae.decode(f) + err
         return fn
@@ -113,11 +137,13 @@ def node_masks(circuit_nodes, saes, sites, T=None):
 
 
 def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=None, ablation="mean",
-                 errors="default", first_layer=0, values=None, reference=None, batch_size=64, progress=False):
+                 errors="default", first_layer=0, values=None, reference=None, batch_size=64, progress=False,
+                 seed=0):
     """{'m_full', 'm_empty', 'm_circuit', 'm_complement', 'faithfulness', 'completeness'} (means over examples).
 
     reference: (m_full, m_empty) from an earlier call with the same data and settings; they do not depend on
-    the circuit, so a sweep computes them once. Examples run batch_size at a time."""
+    the circuit, so a sweep computes them once. Examples run batch_size at a time. seed: the donor permutation
+    of resample ablation."""
     metric = metric or attribution.logit_diff
     sites = [s for s in attribution.site_order(model, saes) if s == "embed" and first_layer <= 0
              or s != "embed" and int(s.rsplit("_", 1)[1]) >= first_layer]
@@ -125,6 +151,7 @@ def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=Non
     if len(batch) == 0:
         raise MinicircError("the dataset is empty")
     values = values or ablation_values(model, saes, metric, batch, sites, ablation, batch_size)
+    order = resample_order(batch, seed) if ablation == "resample" else None
     masks = node_masks(circuit_nodes, saes, sites, T)
     empty = {s: (torch.zeros_like(fm), torch.zeros_like(em)) for s, (fm, em) in masks.items()}
     complement = {s: (~fm, ~em) for s, (fm, em) in masks.items()}
@@ -134,10 +161,11 @@ def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=Non
     def run(keep):
         """Mean metric over the examples with everything outside `keep` ablated (keep=None: no edit)."""
         total = 0.0
-        for b in chunks(model, batch, batch_size):
+        for i, b in chunks(model, batch, batch_size):
+            vals = values if order is None else resample_values(model, saes, batch, order[i:i + len(b)], sites)
             with torch.no_grad():
                 m = (metric(model, b, b.clean, {}) if keep is None
-                     else ablated_metric(model, saes, metric, b, keep, values, errors))
+                     else ablated_metric(model, saes, metric, b, keep, vals, errors))
             total += m.double().sum().item()
             bar.update()
         return total / len(batch)

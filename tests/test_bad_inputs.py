@@ -374,6 +374,14 @@ def test_circuit_from_different_dictionaries(t, capsys):
                      command="evaluate", out=t / "ev")
 
 
+@pytest.mark.parametrize("extra,needle", [(("--ablation", "resample"), "same length"),
+                                          (("--batch-size", "0"), "--batch-size must be at least 1")])
+def test_evaluate_settings(t, capsys, extra, needle):
+    assert cli(t, out=t / "c") == 0       # the data's examples have different lengths
+    expect_cli_error(t, capsys, needle, "--circuit", t / "c" / "circuit.json", *extra, command="evaluate",
+                     out=t / "ev")
+
+
 @pytest.mark.parametrize("case,needle", [
     ("truncated", "not valid JSON"), ("a_list", "not a minicirc circuit.json"),
     ("node_without_site", "needs site (string)"), ("no_aggregation", "settings.aggregation"),

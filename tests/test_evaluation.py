@@ -17,9 +17,10 @@ def layer_of(site):
     return -1 if site == "embed" else int(site.rsplit("_", 1)[1])
 
 
-def ref_values(model, saes, batch, mode):
+def ref_values(model, saes, batch, mode, seed=0):
     """{site: (feature values, error values)}: means over the patch inputs' examples per position when every
-    example has the same length, else over all real tokens; zeros for zero ablation."""
+    example has the same length, else over all real tokens; zeros for zero ablation; for resample, example b
+    takes the patch values of example order[b] (order: a permutation of the examples)."""
     if mode == "zero":
         return {s: (torch.zeros(sae.n_features, dtype=torch.float64), torch.zeros(sae.d_in, dtype=torch.float64))
                 for s, sae in saes.items()}
@@ -28,10 +29,15 @@ def ref_values(model, saes, batch, mode):
         model(batch.patch, cache=cache)
     lengths = (batch.last + 1).tolist()
     out = {}
+    if mode == "resample":
+        order = evaluation.resample_order(batch, seed)
+        assert sorted(order.tolist()) == list(range(len(batch)))
     for s, sae in saes.items():
         f = sae.encode(cache[s])
         err = cache[s] - sae.decode(f)
-        if len(set(lengths)) == 1:
+        if mode == "resample":
+            out[s] = (torch.stack([f[j] for j in order]), torch.stack([err[j] for j in order]))
+        elif len(set(lengths)) == 1:
             out[s] = (f.mean(0), err.mean(0))
         else:
             fs = torch.cat([f[b, :n] for b, n in enumerate(lengths)])
@@ -57,11 +63,11 @@ def ref_metric(model, saes, batch, keep, values, errors, first_layer):
             err = x - sae.decode(f)
             f, err = f.clone(), err.clone()
             for t in range(x.shape[1]):
-                fv = fval[t] if fval.dim() == 2 else fval
-                ev = eval_[t] if eval_.dim() == 2 else eval_
+                fv = fval[:, t] if fval.dim() == 3 else fval[t][None] if fval.dim() == 2 else fval[None]
+                ev = eval_[:, t] if eval_.dim() == 3 else eval_[t][None] if eval_.dim() == 2 else eval_[None]
                 for i in range(sae.n_features):
                     if (site, i, t) not in keep and (site, i, None) not in keep:
-                        f[:, t, i] = fv[i]
+                        f[:, t, i] = fv[:, i]
                 err_kept = (site, "err", t) in keep or (site, "err", None) in keep
                 if errors == "remove" or (errors == "default" and not err_kept):
                     err[:, t] = ev
@@ -89,6 +95,8 @@ CASES = [  # (dictionaries, ablation, errors, positional, first_layer, same leng
     ("saes", "mean", "keep", True, 0, True),
     ("saes", "zero", "default", True, 1, True),
     ("neurons", "mean", "default", False, 1, False),
+    ("saes", "resample", "default", False, 0, True),
+    ("saes", "resample", "remove", True, 1, True),
 ]
 
 
@@ -108,8 +116,8 @@ def test_faithfulness_and_completeness_equal_the_written_out_ablation(dicts, abl
     batch_size = rng.choice([1, 3, 64])     # examples run in slices; the means must not depend on it
     got = evaluation.faithfulness(model, saes, batch, as_circuit_nodes(sorted(circuit, key=str)),
                                   positional=positional, ablation=ablation, errors=errors, first_layer=first_layer,
-                                  batch_size=batch_size)
-    values = ref_values(model, saes, batch, ablation)
+                                  batch_size=batch_size, seed=seed)
+    values = ref_values(model, saes, batch, ablation, seed)
     every = set(all_nodes(saes, T))
     m = {name: ref_metric(model, saes, batch, keep, values, errors, first_layer)
          for name, keep in [("full", None), ("empty", set()), ("circuit", circuit), ("complement", every - circuit)]}
@@ -145,5 +153,9 @@ def test_nodes_on_unknown_sites_or_out_of_range_are_refused():
         evaluation.faithfulness(model, saes, batch, as_circuit_nodes([("mlp_1", 0, None)]))
     with pytest.raises(MinicircError, match="out of range"):
         evaluation.faithfulness(model, saes, batch, as_circuit_nodes([("resid_0", 10**6, None)]), first_layer=1)
+    with pytest.raises(MinicircError, match="same length"):
+        evaluation.faithfulness(model, saes, make_batch(8, lengths=[3, 4]), [], ablation="resample")
+    with pytest.raises(MinicircError, match="unknown ablation"):
+        evaluation.faithfulness(model, saes, batch, [], ablation="shuffle")
     with pytest.raises(MinicircError, match="valid position"):
         evaluation.faithfulness(model, saes, batch, as_circuit_nodes([("resid_0", 0, 99)]), positional=True)
