@@ -10,7 +10,8 @@ row, the original code's granularity. Prints a ratio against the baseline.
 
 Streamed memory and data parallelism (section "find_circuit end to end"): the whole find_circuit (IG nodes
 and all edges) at each dataset size of --circuit-sizes with a fixed --batch-size; peak memory should not
-grow with the dataset size. Under torchrun the same section runs data-parallel (rank 0 prints; peak memory
+grow with the dataset size; the circuit's evaluation (mean ablation, in batches and, as the baseline, in one
+slice) is timed beside it. Under torchrun the same section runs data-parallel (rank 0 prints; peak memory
 is the largest over ranks):
 
     python scripts/bench_circuit.py --skip-stages --circuit-sizes 20,80
@@ -178,7 +179,22 @@ def end_to_end(a, model, saes, random_batch, dist_run):
             n_edges = sum(v._nnz() for _, v in c.edges.values())
             print(f"  {kind:5s} {n:5d} examples: {dt:8.2f} s ({n / dt:6.2f} examples/s)   peak +{peak[0]:8.1f} MB "
                   f"(RSS {peak[1]:7.1f} MB)   {n_edges:9d} edge entries", flush=True)
+            if not dist_run:
+                evaluate(model, saes, b, c.kept_nodes(), a.batch_size)
             del c
+
+
+def evaluate(model, saes, batch, nodes, batch_size):
+    """Faithfulness of the circuit by mean ablation in slices of batch_size examples, and, as the baseline in
+    the same run, with the whole dataset as one slice (how evaluation ran before it was batched)."""
+    from minicirc import evaluation
+    for label, bs in [(f"batches of {batch_size}", batch_size), ("one slice (baseline)", len(batch))]:
+        trim_heap()
+        t = time.perf_counter()
+        with PeakRSS() as mem:
+            r = evaluation.faithfulness(model, saes, batch, nodes, batch_size=bs)
+        print(f"        evaluate, {label:<22} {time.perf_counter() - t:8.2f} s   peak +{mem.mb:8.1f} MB   "
+              f"faithfulness {r['faithfulness']:.4f} ({len(nodes)} nodes kept)", flush=True)
 
 
 def original_style_rows(model, saes, batch, states, grads, eff, thr, pair, keys):
