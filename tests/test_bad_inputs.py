@@ -374,6 +374,21 @@ def test_circuit_from_different_dictionaries(t, capsys):
                      command="evaluate", out=t / "ev")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("command", ["circuit", "evaluate", "explain", "demo", "shift"])
+def test_device_cuda_without_a_gpu(t, capsys, command):
+    args = {"circuit": ["circuit", "--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl",
+                        "--out", t / "out"],
+            "evaluate": ["evaluate", "--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl",
+                         "--circuit", t / "c.json", "--out", t / "out"],
+            "explain": ["explain", "--model", t / "model", "--saes", "neurons", "--site", "resid_0", "--feature", 0,
+                        "--data", t / "data.jsonl"],
+            "demo": ["demo", "--out", t / "out"], "shift": ["shift", "--out", t / "out"]}[command]
+    assert main([str(a) for a in [*args, "--device", "cuda"]]) == 2
+    assert "--device cuda but torch sees no CUDA device" in capsys.readouterr().err
+    assert files_under(t / "out") == []
+
+
 @pytest.mark.parametrize("extra,needle", [(("--ablation", "resample"), "same length"),
                                           (("--batch-size", "0"), "--batch-size must be at least 1")])
 def test_evaluate_settings(t, capsys, extra, needle):
