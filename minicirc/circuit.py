@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import attribution
+from .data import Batch, Example, tokenize
 from .errors import MinicircError, read_json
 from .model import model_hash
 from .sae import saes_hash
@@ -40,8 +41,10 @@ def check_settings(method, steps, node_threshold, edge_threshold, aggregation, b
 
 def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.1, edge_threshold=0.01,
                  aggregation="sum", nodes_only=False, batch_size=32, metric=None, top_k_nodes=None,
-                 top_k_edges=None, progress=True, use_ext=None, distributed=False):
-    """Node (and unless nodes_only, edge) effects over `examples` (a minicirc.data.Batch) -> Circuit.
+                 top_k_edges=None, progress=True, use_ext=None, distributed=False, tokenizer=None):
+    """Node (and unless nodes_only, edge) effects over `examples` -> Circuit. `examples` is a Batch
+    (minicirc.tokenize) or what the loaders return (minicirc.load_examples, the task generators: a list of
+    Example), which is tokenized here with `tokenizer`.
 
     Memory is streamed: each batch only adds to running sums (float64; dense per site for nodes, sparse and
     merged as it grows for edges), so peak memory follows the batch size and the circuit, not the dataset.
@@ -55,6 +58,7 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise MinicircError(f"{name} must be a positive integer, got {k!r}")
     metric = metric or attribution.logit_diff
+    examples = as_batch(examples, tokenizer, model)
     if len(examples) == 0:
         raise MinicircError("the dataset is empty")
     if metric is attribution.logit_diff and examples.patch is None:
@@ -132,6 +136,22 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
     return Circuit(sites, nodes, edges, settings, metric_values, nodes_only=nodes_only)
 
 
+def as_batch(examples, tokenizer, model):
+    """A Batch as is; a list of Example records tokenized with `tokenizer` (token ids checked against the
+    model's vocabulary)."""
+    if isinstance(examples, Batch):
+        return examples
+    if isinstance(examples, (list, tuple)) and all(isinstance(e, Example) for e in examples):
+        if tokenizer is None:
+            raise MinicircError("examples are untokenized Example records: pass tokenizer= (minicirc.load_tokenizer"
+                                "(model_dir)) or a Batch from minicirc.tokenize(examples, tokenizer)")
+        if not examples:
+            raise MinicircError("the dataset is empty")
+        return tokenize(list(examples), tokenizer, vocab_size=model.cfg.vocab_size)
+    raise MinicircError(f"examples must be a minicirc Batch or a list of minicirc Example records, "
+                        f"got {type(examples).__name__}")
+
+
 class _EdgeSum:
     """Running sum of one (U, D) pair's sparse edge values over batches.
 
@@ -183,15 +203,29 @@ class _EdgeSum:
         return list(self.index), lin, val, self.rest
 
     def result(self, n, dtype):
-        """(downstream keys, coalesced sparse (R, *rest) of sum / n)."""
+        """(downstream keys, coalesced sparse (R, *rest) of sum / n), rows in node order (position, then
+        feature, the error last) whatever order the batches met them in."""
         lin, val = self.merge()
+        keys = list(self.index)
+        order = sorted(range(len(keys)), key=lambda r: _node_order(keys[r]))
+        new_row = torch.empty(len(keys), dtype=torch.long, device=lin.device)
+        new_row[torch.tensor(order, dtype=torch.long, device=lin.device)] = torch.arange(len(keys), device=lin.device)
+        lin, perm = torch.sort(new_row[lin // self.width] * self.width + lin % self.width)
+        val = val[perm]
+        keys = [keys[r] for r in order]
         row, flat = lin // self.width, lin % self.width
         idx = (torch.stack([row, flat]) if len(self.rest) == 1
                else torch.stack([row, flat // self.rest[1], flat % self.rest[1]]))
-        shape = (len(self.index), *self.rest)
+        shape = (len(keys), *self.rest)
         vals = torch.sparse_coo_tensor(idx, (val / n).to(dtype), shape, is_coalesced=True, check_invariants=False,
                                        device=val.device)
-        return list(self.index), vals.cpu()
+        return keys, vals.cpu()
+
+
+def _node_order(key):
+    """Sort key of a downstream node key: feature index or "err" (last), or (position, that)."""
+    pos, feat = key if isinstance(key, tuple) else (-1, key)
+    return (pos, 1, 0) if feat == "err" else (pos, 0, feat)
 
 
 class Circuit:
@@ -290,7 +324,8 @@ class Circuit:
         return out
 
     def save(self, out_dir, contexts=None, picture=True):
-        """circuit.json, effects.safetensors, circuit.dot, circuit.png, circuit.html: all or none.
+        """circuit.json, effects.safetensors, circuit.dot, circuit.png, circuit.html (and contexts.json when
+        contexts are given): all or none.
 
         Every file is first written under a temporary name in out_dir; only when all of them are complete
         are they renamed into place, so a failure midway leaves neither partial files nor a mix of this
@@ -324,6 +359,9 @@ class Circuit:
                 write_html = None
             if write_html is not None:
                 write_html(data, stage("circuit.html"), contexts)
+            if contexts:    # kept so that `minicirc view` can redraw circuit.html with them
+                with open(stage("contexts.json"), "wb") as f:
+                    f.write(json.dumps(contexts, indent=1, default=float).encode())
             for tmp, final in staged:
                 os.replace(tmp, final)
         except BaseException:

@@ -97,18 +97,21 @@ def cmd_evaluate(args):
 
 def cmd_view(args):
     from .circuit import load_circuit_json
+    from .errors import read_json
     from .viewer import write_html
     data = load_circuit_json(args.circuit)
-    path = os.path.join(os.path.dirname(os.path.abspath(args.circuit)), "circuit.html")
-    write_html(data, path)
+    folder = args.circuit if os.path.isdir(args.circuit) else os.path.dirname(os.path.abspath(args.circuit))
+    saved = os.path.join(folder, "contexts.json")     # top contexts saved beside the circuit, if any
+    contexts = read_json(saved) if os.path.exists(saved) else None
+    if contexts is not None and not isinstance(contexts, dict):
+        raise MinicircError(f"{saved}: not a contexts file (expected an object keyed by node id)")
+    path = os.path.join(folder, "circuit.html")
+    write_html(data, path, contexts)
     print(path)
 
 
 def cmd_explain(args):
     from . import explain, model as model_mod, sae as sae_mod
-    if args.data is None:
-        raise MinicircError("explain needs a text sample: pass --data FILE (a data file, whose clean and patch "
-                            "prefixes are used, or a text file with one sentence a line)")
     if args.k < 1:
         raise MinicircError(f"--k must be at least 1, got {args.k}")
     model = model_mod.load_model(args.model, device=args.device)
@@ -120,7 +123,13 @@ def cmd_explain(args):
         sae = sae_mod.load_saes(args.saes, model)[args.site]
     sae = sae.to(args.device)
     explain._check_feature(args.site, sae, args.feature)
-    sample = explain.tokenize_texts(explain.load_texts(args.data), tokenizer, model)
+    if args.data is None:   # held-out sentences of the embedded corpus (agreement templates and bios)
+        from .tasks.corpus import corpus_documents
+        texts = corpus_documents(500, seed=0, split="test")
+        print(f"no --data: {len(texts)} held-out sentences of the embedded corpus")
+    else:
+        texts = explain.load_texts(args.data)
+    sample = explain.tokenize_texts(texts, tokenizer, model)
     contexts = explain.top_contexts(model, sae, args.site, sample, args.feature, k=args.k)
     print(f"{args.site}/{args.feature}: top {len(contexts)} contexts over {len(sample)} texts")
     for c in contexts:
@@ -131,17 +140,24 @@ def cmd_explain(args):
         print(f"  {kind:10s} " + "  ".join(f"{tok!r} {val:+.3f}" for tok, val in logits[kind]))
 
 
+def set_threads(n):
+    if n < 1:
+        raise MinicircError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+
+
 def cmd_demo(args):
     from .demo import run_demo
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device)
 
 
 def cmd_shift(args):
     from .shift import run_shift
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     run_shift(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device, probe_layer=args.probe_layer,
-              ablate=args.ablate, top_k=args.top_k, margin=args.margin, random_seeds=args.random_seeds)
+              ablate=args.ablate, top_k=args.top_k, margin=args.margin, random_seeds=args.random_seeds,
+              threshold=args.threshold)
 
 
 # The embedded default model is tiny (d_model 64): its matmuls are too small to gain from a second thread,
@@ -165,7 +181,9 @@ def build_parser():
 
     c = sub.add_parser("circuit", help="find a circuit")
     common(c)
-    c.add_argument("--method", default="ig", choices=["attrib", "ig", "exact"])
+    c.add_argument("--method", default="ig", choices=["attrib", "ig", "exact"],
+                   help="node effects: attribution patching, integrated gradients, or exact activation patching "
+                        "(exact has no edge formula: use it with --nodes-only)")
     c.add_argument("--steps", type=int, default=10, help="integrated-gradient steps")
     c.add_argument("--node-threshold", type=float, default=0.1)
     c.add_argument("--edge-threshold", type=float, default=0.01)
@@ -207,6 +225,8 @@ def build_parser():
     sh.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sh.add_argument("--probe-layer", type=int, default=None, help="probe reads resid_L (default: the middle layer)")
     sh.add_argument("--top-k", type=int, default=None, help="candidates for the judge: top k features by |effect|")
+    sh.add_argument("--threshold", type=float, default=0.0,
+                    help="candidates must also have |effect| above this (default 0: the top k alone)")
     sh.add_argument("--margin", type=float, default=None,
                     help="automatic judge: spurious when gender effect size > profession effect size + margin")
     sh.add_argument("--random-seeds", type=int, default=None, help="seeds for the random-ablation baseline")
@@ -221,7 +241,8 @@ def build_parser():
     x.add_argument("--saes", required=True, help="dictionary tree (embed/, attn_out_layer0/, ...) or 'neurons'")
     x.add_argument("--site", required=True, help="embed, attn_L, mlp_L or resid_L")
     x.add_argument("--feature", required=True, type=int)
-    x.add_argument("--data", default=None, help="text sample: a data file (clean and patch prefixes) or one text a line")
+    x.add_argument("--data", default=None, help="text sample: a data file (clean and patch prefixes) or one text a "
+                   "line (default: 500 held-out sentences of the embedded corpus)")
     x.add_argument("--k", type=int, default=10, help="number of contexts")
     x.add_argument("--n-logits", type=int, default=5, help="promoted/suppressed tokens to show")
     x.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

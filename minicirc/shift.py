@@ -22,8 +22,9 @@ Choices (the design leaves them open):
   features set to 0 and `x' = decode(f') + (x - decode(f))`, i.e. the SAE error is kept and
   `x' = x - sum_i f_i W_dec[i]` over the ablated features i; each site re-encodes its current (already
   edited upstream) value. With Identity dictionaries (neurons) the chosen coordinates become exactly 0.
-- Candidates: the top_k features by |aggregated effect| (error nodes are not candidates: they cannot be
-  judged or ablated without removing everything the dictionary misses).
+- Candidates: the features whose |aggregated effect| passes `threshold` (DESIGN's "features above a
+  threshold"; default 0), at most top_k of them, strongest first (error nodes are not candidates: they cannot
+  be judged or ablated without removing everything the dictionary misses).
 - Judge (automatic; the paper used people): on a labelled balanced validation split, each candidate's
   activation is mean-pooled over a bio's real tokens; its gender effect size (difference of the female and
   male means, averaged over professions, in within-group standard deviations) and its profession effect size
@@ -47,7 +48,7 @@ from .errors import MinicircError
 CONCEPT, SPURIOUS = "profession", "gender"
 
 SETTINGS = {
-    # A few hundred bios per split; the whole run takes about a minute on 2 cores.
+    # A few hundred bios per split; the whole run takes about 12 s on 2 cores once the default is cached.
     "full": dict(n_train=400, n_val=200, n_test=400, n_explain=200, n_circuit=200, steps=10, top_k=100,
                  margin=0.2, random_seeds=5, k_contexts=5, l2=1e-3, batch_size=100,
                  sweep=[10, 30, 100, 300, 1000]),
@@ -443,7 +444,8 @@ def shift_pipeline(model, dicts, tokenizer, probe, data, cfg, sites, ablate=None
                             batch_size=cfg["batch_size"], progress=progress)
     ranked = top_features(circuit, k=10**9)                     # every feature with a non-zero effect
     verdicts = judge(model, dicts, data["val"], ranked, cfg["margin"])
-    cand = verdicts[:cfg["top_k"]]
+    eligible = [v for v in verdicts if abs(v["effect"]) > cfg["threshold"]]
+    cand = eligible[:cfg["top_k"]]
     if ablate:   # a person's list: still scored and explained for the report
         have = {(v["site"], v["feature"]) for v in cand}
         by_id = {(v["site"], v["feature"]): v for v in verdicts}
@@ -464,9 +466,9 @@ def shift_pipeline(model, dicts, tokenizer, probe, data, cfg, sites, ablate=None
                                                              data["test"], cfg["l2"])
     out = {"circuit": circuit, "candidates": cand, "ablation": ablation, "n_ablated": count(ablation),
            "shift": shifted, "retrain": retrained, "retrained_probe": retrained_probe, "sweep": []}
-    ks = sorted({k for k in cfg["sweep"] if k < len(verdicts)} | {len(verdicts)})
+    ks = sorted({k for k in cfg["sweep"] if k < len(eligible)} | {len(eligible)})
     for k in tqdm(ks, desc=f"sweep candidates ({desc})", disable=not progress, leave=False):
-        abl = as_ablation([(v["site"], v["feature"]) for v in verdicts[:k] if v["spurious"]], sites)
+        abl = as_ablation([(v["site"], v["feature"]) for v in eligible[:k] if v["spurious"]], sites)
         shifted, retrained, _ = ablate_and_retrain(model, probe, dicts, abl, data["train"], data["test"], cfg["l2"])
         out["sweep"].append({"candidates": k, "n_ablated": count(abl), "shift": shifted, "retrain": retrained})
     return out
@@ -490,7 +492,7 @@ def _mean(rows):
 
 
 def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", progress=True, probe_layer=None,
-              ablate=None, top_k=None, margin=None, random_seeds=None):
+              ablate=None, top_k=None, margin=None, random_seeds=None, threshold=0.0):
     """The whole SHIFT experiment on the embedded default. Writes into `out`: shift_report.md, shift.png,
     results.json, bios_sample.txt (the explanation sample, one bio a line, for `minicirc explain`), and the
     probe's circuits over features and neurons (circuit_features/, circuit_neurons/).
@@ -501,12 +503,14 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     from .explain import circuit_contexts
     from .sae import identity_saes
     t0 = time.time()
-    cfg = dict(SETTINGS["quick" if quick else "full"])
+    cfg = dict(SETTINGS["quick" if quick else "full"], threshold=threshold)
     for key, v in (("top_k", top_k), ("margin", margin), ("random_seeds", random_seeds)):
         if v is not None:
             cfg[key] = v
     if cfg["top_k"] < 1 or cfg["random_seeds"] < 1:
         raise MinicircError("--top-k and --random-seeds must be at least 1")
+    if not threshold >= 0:
+        raise MinicircError(f"--threshold must be at least 0, got {threshold}")
     if os.path.exists(os.path.join(out, "shift_report.md")) and not overwrite:
         raise MinicircError(f"{out} already holds shift_report.md from an earlier run; pass --overwrite or choose another --out")
     try:

@@ -424,3 +424,21 @@ def test_malformed_circuit_json(t, capsys, case, needle):
         assert main(["view", str(p)]) == 2
         assert needle in capsys.readouterr().err
         assert (t / "c" / "circuit.html").read_bytes() == html
+
+
+@pytest.mark.parametrize("command", ["demo", "shift"])
+def test_threads_below_one(t, capsys, command):
+    assert main([command, "--out", str(t / "out"), "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    assert files_under(t / "out") == []
+
+
+def test_find_circuit_needs_a_tokenizer_for_example_records(t):
+    model = minicirc.load_model(t / "model")
+    saes = minicirc.identity_saes(model)
+    with pytest.raises(MinicircError, match="untokenized Example records: pass tokenizer="):
+        minicirc.find_circuit(model, saes, load_examples(t / "data.jsonl"), progress=False)
+    with pytest.raises(MinicircError, match="must be a minicirc Batch"):
+        minicirc.find_circuit(model, saes, ["the cat", "the dog"], progress=False)
+    with pytest.raises(MinicircError, match="empty"):
+        minicirc.find_circuit(model, saes, [], tokenizer=minicirc.load_tokenizer(t / "model"), progress=False)

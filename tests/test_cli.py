@@ -177,3 +177,43 @@ def test_bfloat16_end_to_end_close_to_float32(setup):
         assert torch.isfinite(b[key]).all(), key
         assert (a[key] - b[key].float()).abs().max().item() <= 0.1 * scale, key
     assert any((a[k] != b[k].float()).any() for k in keys), "the bfloat16 run gave float32's exact numbers"
+
+
+def test_view_redraws_with_the_saved_contexts(setup):
+    """Circuit.save keeps the contexts it drew (contexts.json); `minicirc view` on the folder or the file
+    redraws the same page, contexts included, beside the circuit."""
+    import random
+    from minicirc.viewer import render_html
+    from test_viewer import random_contexts
+    t = setup
+    model = minicirc.load_model(t / "model")
+    saes = minicirc.load_saes(t / "saes", model)
+    from minicirc.data import load_examples, tokenize
+    batch = tokenize(load_examples(t / "data.jsonl"), minicirc.load_tokenizer(t / "model"))
+    c = minicirc.find_circuit(model, saes, batch, steps=2, node_threshold=0.01, progress=False)
+    data = c.to_json()
+    contexts = random_contexts(random.Random(int(torch.randint(0, 1000, ()).item())), data)
+    assert contexts
+    c.save(t / "out", contexts=contexts)
+    page = (t / "out" / "circuit.html").read_text(encoding="utf-8")
+    assert page == render_html(json.loads((t / "out" / "circuit.json").read_text()), contexts)
+    for target in (t / "out", t / "out" / "circuit.json"):
+        os.remove(t / "out" / "circuit.html")
+        assert run("view", target) == 0
+        assert (t / "out" / "circuit.html").read_text(encoding="utf-8") == page
+    assert not (t / "circuit.html").exists()
+
+
+def test_find_circuit_takes_what_the_loaders_return(setup):
+    """A list of Example records plus tokenizer= gives the circuit of the tokenized Batch."""
+    from minicirc.data import load_examples, tokenize
+    t = setup
+    model = minicirc.load_model(t / "model")
+    saes = minicirc.load_saes(t / "saes", model)
+    tok = minicirc.load_tokenizer(t / "model")
+    examples = load_examples(t / "data.jsonl")
+    kw = dict(steps=2, node_threshold=0.01, progress=False)
+    from_list = minicirc.find_circuit(model, saes, examples, tokenizer=tok, **kw)
+    from_batch = minicirc.find_circuit(model, saes, tokenize(examples, tok), **kw)
+    assert json.dumps(from_list.to_json()) == json.dumps(from_batch.to_json())
+    assert from_list.to_json()["nodes"]

@@ -60,6 +60,10 @@ def test_batch_size_does_not_change_the_circuit(tmp_path, aggregation, monkeypat
     all_ = minicirc.find_circuit(model, saes, batch, batch_size=3, **kw)
     assert sum(v._nnz() for _, v in one.edges.values()) > 0
     assert_same_effects(one, all_, 1e-5, rtol=1e-4)   # other batch shapes: float32 rounding only
+    # ... and the same order: rows sorted by node, so circuit.json lists nodes and edges identically.
+    assert all(one.edges[p][0] == all_.edges[p][0] for p in one.edges)
+    ends = lambda c: [(e["source"], e["target"]) for e in c.to_json()["edges"]]
+    assert ends(one) == ends(all_) and len(ends(one)) > 0
     # ... and both equal the edge sums of one direct call on the whole dataset, divided by n.
     m_c, m_p, states, effects, grads = attribution.node_effects(model, saes, attribution.logit_diff, batch, "ig", 2)
     direct = attribution.edge_effects(model, saes, batch, states, grads, effects, 0.05, aggregation)

@@ -178,8 +178,7 @@ def test_cli_explain(files, capsys):
     assert main([str(a) for a in ["explain", "--model", t / "model", "--saes", "neurons", "--site", "embed",
                                   "--feature", 0, "--data", t / "data.jsonl"]]) == 0
     capsys.readouterr()
-    for extra, expect in [(["--feature", 3], "text sample"),
-                          (["--feature", 24, "--data", t / "texts.txt"], "out of range"),
+    for extra, expect in [(["--feature", 24, "--data", t / "texts.txt"], "out of range"),
                           (["--feature", 0, "--data", t / "nope.txt"], "does not exist")]:
         assert main([str(a) for a in base + extra]) == 2
         assert expect in capsys.readouterr().err
@@ -187,3 +186,20 @@ def test_cli_explain(files, capsys):
                 "--data", t / "texts.txt"]
     assert main([str(a) for a in bad_site]) == 2
     assert "unknown site" in capsys.readouterr().err
+
+
+def test_cli_without_data_uses_held_out_corpus_sentences(tmp_path, monkeypatch, capsys):
+    from minicirc import default
+    from minicirc.tasks.corpus import corpus_documents
+    monkeypatch.setenv("MINICIRC_CACHE", str(tmp_path / "cache"))
+    *_, folder = default.get_default("quick", progress=False)
+    assert main(["explain", "--model", f"{folder}/model", "--saes", f"{folder}/saes", "--site", "resid_1",
+                 "--feature", "3", "--k", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "500 held-out sentences" in out
+    model = minicirc.load_model(f"{folder}/model")
+    tok = minicirc.load_tokenizer(f"{folder}/model")
+    sae = minicirc.load_saes(f"{folder}/saes", model)["resid_1"]
+    sample = explain.tokenize_texts(corpus_documents(500, seed=0, split="test"), tok, model)
+    want = [explain.format_context(c) for c in explain.top_contexts(model, sae, "resid_1", sample, 3, k=4)]
+    assert [line for line in out.splitlines() if "[[" in line] == want

@@ -182,6 +182,13 @@ def test_shift_reduced_budget(quick, tmp_path):
     assert results["n_ablated"]["shift"] == sum(c["ablated"] for c in results["features"]["candidates"])
     report = (out / "shift_report.md").read_text()
     assert "Judge: automatic" in report and "worst-group" in report and "[[" in report
+    # --threshold keeps the candidates above it: the earlier candidates (top k by |effect|) above it, in order.
+    before = [(c["site"], c["feature"], abs(c["effect"])) for c in results["features"]["candidates"]]
+    thr = sorted(e for *_, e in before)[len(before) // 2]
+    assert main(["shift", "--quick", "--out", str(tmp_path / "thr"), "--threshold", str(thr)]) == 0
+    after = json.loads((tmp_path / "thr" / "results.json").read_text())["features"]["candidates"]
+    assert [(c["site"], c["feature"]) for c in after] == [(s, i) for s, i, e in before if e > thr]
+    assert 0 < len(after) < len(before)
     for f in ("shift.png", "bios_sample.txt", "circuit_features/circuit.json", "circuit_neurons/circuit.html"):
         assert (out / f).stat().st_size > 0, f
     # An earlier run is never overwritten silently; a person's list replaces the automatic judge.
