@@ -68,9 +68,27 @@ class PeakRSS:
         self.mb = (self.peak - self.base) / 2**20
 
 
+class PeakCUDA:
+    """Peak CUDA memory allocated above the level at entry (--device cuda); the block waits for the GPU."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+        self.mb = (self.peak - self.base) / 2**20
+
+
+PEAK = PeakRSS      # PeakCUDA with --device cuda: timings then include waiting for the GPU
+
+
 def stage(name, fn, results):
     t = time.perf_counter()
-    with PeakRSS() as mem:
+    with PEAK() as mem:
         out = fn()
     results[name] = (time.perf_counter() - t, mem.mb)
     print(f"{name:<34} {results[name][0]:9.2f} s   peak +{mem.mb:8.1f} MB", flush=True)
@@ -99,12 +117,19 @@ def main():
     p.add_argument("--circuit-data", default="tiled,fresh",
                    help="end-to-end data: 'tiled' (the same examples repeated: fixed circuit) and/or 'fresh'")
     p.add_argument("--skip-stages", action="store_true", help="only the end-to-end find_circuit section")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model, SAEs and data live (cuda: peak memory is the GPU's, RSS otherwise)")
     a = p.parse_args()
+    global PEAK
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but torch sees no CUDA device")
+        PEAK = PeakCUDA
     dist_run = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     rank = 0
     if dist_run:
         from minicirc import distributed
-        rank, world, _ = distributed.init("cpu")
+        rank, world, a.device = distributed.init(a.device)
         if rank != 0:  # only rank 0 prints
             import builtins
             builtins.print = lambda *args, **kw: None
@@ -127,7 +152,7 @@ def main():
         bias = -torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - frac)).item()
         saes[s] = minicirc.Dictionary(W_enc, torch.full((a.features,), bias), torch.randn(a.features, a.d_model) / a.l0 ** 0.5,
                                       torch.zeros(a.d_model), "relu")
-    def random_batch(B, T):
+    def random_batch(B, T):   # on the CPU: find_circuit moves each slice, the stages below the whole batch
         return Batch(torch.randint(0, a.vocab, (B, T)), torch.randint(0, a.vocab, (B, T)),
                      torch.randint(0, a.vocab, (B,)), torch.randint(0, a.vocab, (B,)), torch.full((B,), T - 1),
                      [None] * B)
@@ -136,10 +161,12 @@ def main():
     batch = random_batch(B, T)
     with torch.no_grad():
         l0 = sum((saes[s].encode(cache[s]) != 0).sum(-1).float().mean().item() for s in saes) / len(saes)
+    model, saes = model.to(a.device), {s: d.to(a.device) for s, d in saes.items()}
+    where = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"model d={a.d_model} layers={a.layers} vocab={a.vocab}; {len(saes)} SAEs x {a.features} features "
-          f"(mean L0 {l0:.1f}); {B} examples x {T} tokens; {torch.get_num_threads()} threads")
+          f"(mean L0 {l0:.1f}); {B} examples x {T} tokens; {where}")
     if not a.skip_stages and not dist_run:
-        stages(a, model, saes, batch)
+        stages(a, model, saes, batch.to(a.device))
     if a.circuit_sizes:
         end_to_end(a, model, saes, random_batch, dist_run)
     if dist_run:
@@ -170,15 +197,15 @@ def end_to_end(a, model, saes, random_batch, dist_run):
             if dist_run:
                 dist.barrier()
             t = time.perf_counter()
-            with PeakRSS() as mem:
+            with PEAK() as mem:
                 c = run(b)
             dt = time.perf_counter() - t
-            peak = torch.tensor([mem.mb, mem.peak / 2**20], dtype=torch.float64)
+            peak = torch.tensor([mem.mb, mem.peak / 2**20], dtype=torch.float64, device=a.device)  # NCCL: on the GPU
             if dist_run:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             n_edges = sum(v._nnz() for _, v in c.edges.values())
             print(f"  {kind:5s} {n:5d} examples: {dt:8.2f} s ({n / dt:6.2f} examples/s)   peak +{peak[0]:8.1f} MB "
-                  f"(RSS {peak[1]:7.1f} MB)   {n_edges:9d} edge entries", flush=True)
+                  f"(total {peak[1]:7.1f} MB)   {n_edges:9d} edge entries", flush=True)
             if not dist_run:
                 evaluate(model, saes, b, c.kept_nodes(), a.batch_size)
             del c
@@ -191,7 +218,7 @@ def evaluate(model, saes, batch, nodes, batch_size):
     for label, bs in [(f"batches of {batch_size}", batch_size), ("one slice (baseline)", len(batch))]:
         trim_heap()
         t = time.perf_counter()
-        with PeakRSS() as mem:
+        with PEAK() as mem:
             r = evaluation.faithfulness(model, saes, batch, nodes, batch_size=bs)
         print(f"        evaluate, {label:<22} {time.perf_counter() - t:8.2f} s   peak +{mem.mb:8.1f} MB   "
               f"faithfulness {r['faithfulness']:.4f} ({len(nodes)} nodes kept)", flush=True)
@@ -258,7 +285,7 @@ def stages(a, model, saes, batch):
     pairs = attribution.edge_pairs(model, attribution.site_order(model, saes))
     limit = a.baseline_rows if a.baseline_rows is not None else n_rows
     done, t0 = 0, time.perf_counter()
-    with PeakRSS() as mem:
+    with PEAK() as mem:
         for pair in pairs:
             keys = edges.get(pair[:2], ([], None))[0]
             if done >= limit or not keys:
