@@ -1,0 +1,168 @@
+"""The Circuit object (minicirc.circuit) against references written here: the means find_circuit reports
+against one direct call on the whole dataset, node and edge selection against loops over every node and
+every dense edge entry, and circuit.json / effects.safetensors against the object they were written from.
+float64 tiny random models and dictionaries (test_attribution's fixtures)."""
+import heapq
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minicirc
+from minicirc import attribution as A
+from minicirc.circuit import load_circuit_json, node_id
+from minicirc.errors import MinicircError
+from test_attribution import make_batch, make_model, make_saes
+
+
+def fresh_seed():
+    return int(torch.randint(0, 10**6, ()).item())
+
+
+def setup(seed, aggregation, B=5, **kw):
+    model = make_model(seed, parallel=bool(seed % 2))
+    saes = make_saes(model, seed + 1, ("relu", "jumprelu", "topk"))
+    batch = make_batch(seed + 2, B=B, T=4, lengths=None if aggregation == "none" else [4, 2, 3, 4, 1][:B])
+    args = dict(method="ig", steps=3, node_threshold=0.05, edge_threshold=0.02, aggregation=aggregation,
+                batch_size=2, progress=False)
+    args.update(kw)
+    return model, saes, batch, minicirc.find_circuit(model, saes, batch, **args)
+
+
+# --- what find_circuit reports: means over examples ----------------------------------------------------
+
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+def test_metric_and_node_effects_are_means_over_examples(aggregation):
+    """Batches of 2 over 5 examples: the circuit's metric and node effects equal one node_effects call on the
+    whole dataset, summed over examples (and positions for sum) and divided by the number of examples."""
+    model, saes, batch, c = setup(fresh_seed(), aggregation, nodes_only=True)
+    m_c, m_p, _, effects, _ = A.node_effects(model, saes, A.logit_diff, batch, "ig", 3)
+    assert c.metric["clean"] == pytest.approx(m_c.mean().item(), abs=1e-12)
+    assert c.metric["patch"] == pytest.approx(m_p.mean().item(), abs=1e-12)
+    assert c.metric["clean"] != pytest.approx(c.metric["patch"])
+    dims = (0, 1) if aggregation == "sum" else (0,)
+    for s, (feat, err) in effects.items():
+        torch.testing.assert_close(c.nodes[s][0], feat.sum(dims) / len(batch), rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(c.nodes[s][1], err.sum(dims) / len(batch), rtol=1e-10, atol=1e-13)
+    assert any(float(e.abs().max()) > 0 for _, e in c.nodes.values())
+
+
+# --- node and edge selection ---------------------------------------------------------------------------
+
+def every_node(c):
+    """(id, site, feature, pos, effect) of every node, straight from the stored tensors."""
+    out = []
+    for s in c.sites:
+        feat, err = c.nodes[s]
+        for t in (range(feat.shape[0]) if c.positional else [None]):
+            f, e = (feat[t], err[t]) if t is not None else (feat, err)
+            out += [(node_id(s, i, t), s, i, t, float(f[i])) for i in range(f.shape[0])]
+            out.append((node_id(s, "err", t), s, "err", t, float(e)))
+    return out
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+def test_kept_nodes_by_threshold_and_top_k(aggregation):
+    model, saes, batch, c = setup(fresh_seed(), aggregation, nodes_only=True, top_k_nodes=4)
+    nodes = every_node(c)
+    effects = sorted({abs(n[4]) for n in nodes if n[4] != 0})
+    for thr in (effects[len(effects) // 2], effects[-3], 0.0):   # thresholds equal to an effect: kept only above
+        want = {n[0] for n in nodes if abs(n[4]) > thr}
+        # An explicit threshold wins over the top-k the circuit was found with.
+        assert {n[0] for n in c.kept_nodes(threshold=thr)} == want
+    assert any(n[4] == 0 for n in nodes)                    # inactive features: never kept, even by top-k
+    for k in (1, 4, 7, len(nodes)):
+        want = {n[0] for n in heapq.nlargest(k, nodes, key=lambda n: abs(n[4])) if n[4] != 0}
+        assert {n[0] for n in c.kept_nodes(top_k=k)} == want
+    assert {n[0] for n in c.kept_nodes()} == {n[0] for n in heapq.nlargest(4, nodes, key=lambda n: abs(n[4]))}
+    strongest = max(nodes, key=lambda n: abs(n[4]))
+    assert strongest in c.kept_nodes(top_k=1)
+
+
+def dense_edges(c):
+    """{(source id, target id): value} for every non-zero entry of every dense edge tensor."""
+    out = {}
+    for (u, d), (keys, vals) in c.edges.items():
+        dense = vals.to_dense()
+        F_u = dense.shape[-1] - 1
+        for r, key in enumerate(keys):
+            t, i = key if c.positional else (None, key)
+            for tu in (range(dense.shape[1]) if c.positional else [None]):
+                row = dense[r, tu] if c.positional else dense[r]
+                for j in range(F_u + 1):
+                    if row[j] != 0:
+                        out[(node_id(u, "err" if j == F_u else j, tu), node_id(d, i, t))] = float(row[j])
+    return out
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+def test_kept_edges_equal_a_loop_over_the_dense_edges(aggregation):
+    model, saes, batch, c = setup(fresh_seed(), aggregation, node_threshold=0.02, edge_threshold=0.01)
+    kept = c.kept_nodes()
+    ids = {n[0] for n in kept}
+    entries = dense_edges(c)
+    assert any(src.endswith(("/err", "@0")) or "/err@" in src for src, _ in entries)
+    last = c.sites[-1]
+    y = {(n[0], "y"): n[4] for n in kept if n[1] == last}
+    assert y, "no node of the last site kept: the draw cannot check the edges into y"
+    y_median = sorted(abs(v) for v in y.values())[len(y) // 2]
+    for edge_threshold in (c.settings["edge_threshold"], 0.0, y_median):
+        c.settings["edge_threshold"] = edge_threshold
+        want = {(s, t): v for (s, t), v in entries.items() if s in ids and t in ids and abs(v) > edge_threshold}
+        want.update(y)                                      # edges into y carry node effects, unthresholded
+        got = {(s, t): v for s, t, v in c.kept_edges()}
+        assert got.keys() == want.keys()
+        assert all(got[k] == pytest.approx(want[k], abs=1e-12) for k in want)
+    between = [(k, v) for k, v in entries.items() if k[0] in ids and k[1] in ids]
+    assert len(between) > 3
+    c.settings["top_k_edges"] = 3
+    pool = [(s, t, v) for (s, t), v in between] + [(s, t, v) for (s, t), v in y.items()]
+    want = {(s, t) for s, t, _ in heapq.nlargest(3, pool, key=lambda e: abs(e[2]))}
+    assert {(s, t) for s, t, _ in c.kept_edges()} == want
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+def test_circuit_json_and_effects_file_hold_the_circuit(aggregation, tmp_path):
+    model, saes, batch, c = setup(fresh_seed(), aggregation, node_threshold=0.0, edge_threshold=0.01)
+    data = c.save(tmp_path / "c", picture=False)
+    assert load_circuit_json(tmp_path / "c" / "circuit.json", model, saes) == json.loads(json.dumps(data))
+    nodes = {n[0]: n for n in every_node(c)}
+    assert len(data["nodes"]) == sum(1 for n in nodes.values() if abs(n[4]) > 0)
+    for row in data["nodes"]:
+        _, site, feat, pos, eff = nodes[row["id"]]
+        assert (row["site"], row["feature"], row["effect"]) == (site, feat, eff)
+        assert row.get("pos") == pos and ("pos" in row) == (aggregation == "none")
+    if aggregation == "none":
+        assert any(row["pos"] == 0 for row in data["nodes"]) and any(row["pos"] > 0 for row in data["nodes"])
+    # effects.safetensors: every node effect, and each edge tensor rebuilt from indices/values/shape/rows.
+    f = load_file(tmp_path / "c" / "effects.safetensors")
+    for s, (feat, err) in c.nodes.items():
+        torch.testing.assert_close(f[f"nodes.{s}.features"], feat.float())
+        torch.testing.assert_close(f[f"nodes.{s}.error"], err.float())
+    assert c.edges
+    for (u, d), (keys, vals) in c.edges.items():
+        p = f"edges.{u}.{d}"
+        rebuilt = torch.sparse_coo_tensor(f[p + ".indices"], f[p + ".values"], tuple(f[p + ".shape"].tolist()))
+        torch.testing.assert_close(rebuilt.to_dense(), vals.to_dense().float())
+        for (t, i), key in zip(f[p + ".rows"].tolist(), keys):
+            assert key == ((t, "err" if i == -1 else i) if aggregation == "none" else ("err" if i == -1 else i))
+            assert (t == -1) == (aggregation == "sum")
+
+
+def test_circuit_json_versions_and_positions(tmp_path):
+    model, saes, batch, c = setup(fresh_seed(), "none", nodes_only=True, node_threshold=0.0)
+    data = c.to_json()
+    p = tmp_path / "circuit.json"
+    at0 = [n for n in data["nodes"] if n["pos"] == 0]
+    assert at0
+    p.write_text(json.dumps(dict(data, nodes=at0)))
+    assert load_circuit_json(p)["nodes"] == at0            # position 0 is a position
+    p.write_text(json.dumps(dict(data, version=2)))
+    with pytest.raises(MinicircError, match="version 1"):
+        load_circuit_json(p)
+    p.write_text(json.dumps(dict(data, nodes=[dict(at0[0], pos=-1)])))
+    with pytest.raises(MinicircError, match="pos"):
+        load_circuit_json(p)
