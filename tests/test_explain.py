@@ -203,3 +203,31 @@ def test_cli_without_data_uses_held_out_corpus_sentences(tmp_path, monkeypatch, 
     sample = explain.tokenize_texts(corpus_documents(500, seed=0, split="test"), tok, model)
     want = [explain.format_context(c) for c in explain.top_contexts(model, sae, "resid_1", sample, 3, k=4)]
     assert [line for line in out.splitlines() if "[[" in line] == want
+
+
+def test_load_texts_keeps_each_distinct_prefix_once_in_file_order(tmp_path):
+    import json
+    import random
+    rng = random.Random(int(torch.randint(0, 10**9, ()).item()))
+    words = ["the", "cat", "cats", "dog", "dogs", "near", "big", "small"]
+    sentence = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+    rows = [{"clean_prefix": sentence(), "patch_prefix": sentence(), "clean_answer": " is", "patch_answer": " are"}
+            for _ in range(6)]
+    rows.append(dict(rows[1], patch_prefix=sentence()))          # a clean_prefix repeated in another record
+    rows.append(dict(rows[3], clean_prefix=sentence(), patch_prefix=rows[0]["clean_prefix"]))  # patch == a clean
+    rows.append({"clean_prefix": rows[2]["patch_prefix"], "clean_answer": " is"})               # clean == a patch
+    rng.shuffle(rows)
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    every = []
+    for r in rows:
+        every.append(r["clean_prefix"])
+        if "patch_prefix" in r:
+            every.append(r["patch_prefix"])
+    expected = list(dict.fromkeys(every))
+    assert len(expected) < len(every)
+    assert explain.load_texts(path) == expected
+    # One text a line: blank lines skipped, repeats kept once.
+    lines = tmp_path / "texts.txt"
+    lines.write_text("\n".join(every[:4] + ["", every[0]] + every[4:]) + "\n")
+    assert explain.load_texts(lines) == expected

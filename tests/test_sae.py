@@ -285,3 +285,49 @@ def test_bad_sae_files(tmp_path):
     sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "relu")
     with pytest.raises(MinicircError, match="width"):
         sae.encode(torch.randn(2, D + 1))
+
+
+# --- config defaults and precedence, against numpy ---------------------------------------------------
+
+def _np_weights():
+    import numpy as np
+    rng = np.random.default_rng(int(torch.randint(0, 10**9, ()).item()))
+    w = {"W_enc": rng.standard_normal((D, F)), "b_enc": 0.5 * rng.standard_normal(F),
+         "W_dec": rng.standard_normal((F, D)), "b_dec": 2.0 + rng.standard_normal(D)}   # b_dec far from 0
+    x = 2 * rng.standard_normal((6, D))
+    return {k: v.astype(np.float32) for k, v in w.items()}, x.astype(np.float32)
+
+
+def test_saelens_apply_b_dec_to_input_defaults_to_true(tmp_path):
+    """SAELens' handle_config_defaulting: cfg_dict.setdefault("apply_b_dec_to_input", True)."""
+    import numpy as np
+    w, x = _np_weights()
+    cfg = saelens_cfg("standard")
+    del cfg["apply_b_dec_to_input"]
+    write_saelens(tmp_path, cfg, {k: torch.from_numpy(v) for k, v in w.items()})
+    expected = np.maximum((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)
+    got = load_sae(tmp_path).encode(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # Not the other reading (the test can tell them apart).
+    assert not np.allclose(np.maximum(x @ w["W_enc"] + w["b_enc"], 0), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("arch", ["topk", "standard"])
+def test_saelens_pre6_topk_uses_activation_fn_kwargs_k(tmp_path, arch):
+    """A pre-6.0 cfg: SAELens' handle_pre_6_0_config sets k = activation_fn_kwargs["k"] (5.x builds the activation
+    from activation_fn_kwargs and has no top-level k), so that k wins over a stray top-level one."""
+    import numpy as np
+    w, x = _np_weights()
+    k_kwargs, k_top = 7, 3
+    cfg = {"architecture": arch, "d_in": D, "d_sae": F, "activation_fn": "topk", "k": k_top,
+           "activation_fn_kwargs": {"k": k_kwargs}, "apply_b_dec_to_input": True,
+           "hook_name": "blocks.0.hook_resid_post", "normalize_activations": "none", "sae_lens_version": "5.11.0"}
+    write_saelens(tmp_path, cfg, {k: torch.from_numpy(v) for k, v in w.items()})
+    h = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    expected = np.zeros_like(h)
+    for r in range(h.shape[0]):
+        top = np.argsort(-h[r], kind="stable")[:k_kwargs]
+        expected[r, top] = np.maximum(h[r, top], 0)
+    sae = load_sae(tmp_path)
+    assert sae.k == k_kwargs
+    np.testing.assert_allclose(sae.encode(torch.from_numpy(x)).numpy(), expected, rtol=1e-4, atol=1e-4)

@@ -202,12 +202,185 @@ def test_shift_reduced_budget(quick, tmp_path):
 
 
 def test_ablate_and_retrain_matches_its_parts(quick):
+    """ablate_and_retrain = (evaluate(probe with the ablation), evaluate(train_probe with the ablation), that probe).
+    The ablation is the most gendered features on held-out balanced bios: with a few arbitrary features the two
+    score dicts were equal (both saturated: the probe reads gender from many other features), so swapping them
+    or retraining without the ablation went unnoticed."""
     model, saes, tok = quick
-    train = shift.bios_batch(ambiguous_split(32, seed=0), tok)
-    test = shift.bios_batch(balanced_split(16, seed=0, split="test"), tok)
+    seed = int(torch.randint(0, 10**6, ()).item())
+    train = shift.bios_batch(ambiguous_split(32, seed=seed), tok)
+    test = shift.bios_batch(balanced_split(16, seed=seed, split="test"), tok)
+    val = shift.bios_batch(balanced_split(32, seed=seed + 1), tok)
     probe = shift.train_probe(model, train, 1)
-    ablation = {"embed": [1, 2], "resid_0": [], "resid_1": [4]}
+    sites = shift.probe_sites(model, 1)
+    feats = [(s, i) for s in sites for i in range(saes[s].n_features)]
+    g, p = shift.effect_sizes(shift.pooled_features(model, saes, val, feats), shift.labels(val, "profession"),
+                              shift.labels(val, "gender"))
+    top = sorted(range(len(feats)), key=lambda j: -float(g[j] - p[j]))[:20]
+    ablation = {**shift.as_ablation([feats[j] for j in top], sites), "mlp_0": []}
     shifted, retrained, new = shift.ablate_and_retrain(model, probe, saes, ablation, train, test)
-    assert shifted == shift.evaluate(model, probe.with_ablation(saes, ablation), test)
-    assert retrained == shift.evaluate(model, shift.train_probe(model, train, 1, saes=saes, ablation=ablation), test)
-    assert new.ablation == {"embed": [1, 2], "resid_1": [4]}
+    want_shifted = shift.evaluate(model, probe.with_ablation(saes, ablation), test)
+    reference = shift.train_probe(model, train, 1, saes=saes, ablation=ablation)
+    want_retrained = shift.evaluate(model, reference, test)
+    assert want_shifted != want_retrained, "the test needs an ablation after which retraining changes the scores"
+    assert shifted == want_shifted
+    assert retrained == want_retrained
+    # The returned probe is train_probe's: fit on the ablated activations, and run with the ablation.
+    assert new.ablation == {s: v for s, v in ablation.items() if v} and new.layer == 1
+    torch.testing.assert_close((new.weight, new.bias), (reference.weight, reference.bias))
+    plain = shift.train_probe(model, train, 1)
+    assert not torch.allclose(plain.weight, reference.weight, atol=1e-3), "the ablation must change the fit"
+    torch.testing.assert_close(new.logits(model, test), reference.logits(model, test))
+
+
+# --- pooling, composition, the probe metric, scores and effect sizes against references written here ---------
+
+def _random_model_and_sae(g, vocab=29):
+    """A float64 random model and one relu dictionary (test_data's builder; resid_0's dictionary)."""
+    from test_data import random_model_and_saes
+    model, saes = random_model_and_saes(g, vocab)
+    return model, saes["resid_0"]
+
+
+def _padded_tokens(g, vocab, n):
+    lengths = [int(v) + 1 for v in torch.randperm(9, generator=g)[:n]]       # distinct lengths 1..9
+    T = max(lengths)
+    rows = [torch.randint(0, vocab, (m,), generator=g).tolist() for m in lengths]
+    tokens = torch.tensor([r + [int(torch.randint(0, vocab, (), generator=g))] * (T - len(r)) for r in rows])
+    return rows, tokens, torch.tensor([m - 1 for m in lengths])
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_pooled_is_the_mean_over_every_real_token(layer):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    model, _ = _random_model_and_sae(g)
+    rows, tokens, last = _padded_tokens(g, model.cfg.vocab_size, 4)   # padded with random (non-pad) ids
+    with torch.no_grad():
+        got = shift.pooled(model, tokens, last, layer)
+    for i, r in enumerate(rows):
+        cache = {}
+        with torch.no_grad():
+            model(torch.tensor([r]), cache=cache)                         # this example alone, unpadded
+        x = cache[f"resid_{layer}"][0]
+        assert x.shape[0] == int(last[i]) + 1
+        want = [sum(float(x[t, j]) for t in range(x.shape[0])) / x.shape[0] for j in range(x.shape[1])]
+        torch.testing.assert_close(got[i], torch.tensor(want, dtype=got.dtype), rtol=1e-9, atol=1e-9)
+
+
+def test_compose_runs_first_then_second():
+    x = torch.randn(3, 5)
+    f, g = (lambda t: t * 2.0), (lambda t: t + 1.0)
+    both = shift.compose({"embed": f, "mlp_0": f}, {"embed": g, "attn_0": g})
+    assert set(both) == {"embed", "mlp_0", "attn_0"}
+    torch.testing.assert_close(both["embed"](x), g(f(x)))
+    assert not torch.allclose(f(g(x)), g(f(x)))                           # the order matters here
+    torch.testing.assert_close(both["mlp_0"](x), f(x))
+    torch.testing.assert_close(both["attn_0"](x), g(x))
+    assert shift.compose(None, {"embed": g})["embed"] is g and shift.compose({"embed": f}, None)["embed"] is f
+
+
+def test_probe_metric_with_an_ablated_probe_equals_a_hand_edited_forward():
+    """probe_metric runs the probe's ablation first and attribution's edit on its output at the same site."""
+    from minicirc.data import Batch
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    model, sae = _random_model_and_sae(g)
+    site, feats = "resid_0", [1, 4, 7]
+    rows, tokens, last = _padded_tokens(g, model.cfg.vocab_size, 4)
+    y = torch.tensor([0, 1, 1, 0])
+    batch = Batch(tokens, None, y, None, last, [None] * len(y))
+    probe = shift.Probe(1, torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64),
+                        torch.randn((), generator=g, dtype=torch.float64), {site: sae}, {site: feats})
+    shift_ = torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64)
+    attrib = lambda x: 1.5 * x + shift_                                   # attribution's edit at the same site
+
+    def ablate(x):   # the SAE formula written out: x - sum over ablated i of f_i W_dec[i], f = relu((x - b_dec) W_enc + b_enc)
+        f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        return x - sum(f[..., i:i + 1] * sae.W_dec[i] for i in feats)
+
+    def metric_with(edit_fn):
+        out = []
+        for i, r in enumerate(rows):
+            cache = {}
+            with torch.no_grad():
+                model(torch.tensor([r]), edit={site: edit_fn}, cache=cache)
+            z = float(cache["resid_1"][0].mean(0) @ probe.weight + probe.bias)
+            out.append(z if int(y[i]) == 0 else -z)
+        return torch.tensor(out, dtype=torch.float64)
+
+    with torch.no_grad():
+        got = shift.probe_metric(probe)(model, batch, tokens, {site: attrib})
+    want = metric_with(lambda x: attrib(ablate(x)))
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    assert not torch.allclose(want, metric_with(lambda x: ablate(attrib(x))), atol=1e-6), "order must matter"
+
+
+def _bios_batch_from_labels(prof, gen):
+    from minicirc.data import Batch
+    from minicirc.tasks.bios import Bio
+    n = len(prof)
+    return Batch(torch.zeros(n, 1, dtype=torch.long), None, torch.tensor(prof), None, torch.zeros(n, dtype=torch.long),
+                 [Bio("x", p, q) for p, q in zip(prof, gen)])
+
+
+def test_score_against_python_counts():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    # Four groups of random sizes; the number of correct profession predictions differs between groups.
+    sizes = [int(v) for v in torch.randint(4, 9, (4,), generator=g)]
+    prof, gen, z = [], [], []
+    for (p, q), size in zip([(0, 0), (0, 1), (1, 0), (1, 1)], sizes):
+        correct = int(torch.randint(0, size + 1, (), generator=g))
+        for j in range(size):
+            right = j < correct
+            sign = (1 if p == 1 else -1) * (1 if right else -1)           # class 1 when z > 0
+            prof.append(p)
+            gen.append(q)
+            z.append(sign * (0.1 + float(torch.rand((), generator=g))))
+    perm = torch.randperm(len(z), generator=g).tolist()
+    prof, gen, z = [prof[i] for i in perm], [gen[i] for i in perm], [z[i] for i in perm]
+    batch = _bios_batch_from_labels(prof, gen)
+    got = shift.score(torch.tensor(z), batch)
+    pred = [1 if v > 0 else 0 for v in z]
+    groups = {}
+    for p in (0, 1):
+        for q in (0, 1):
+            idx = [i for i in range(len(z)) if prof[i] == p and gen[i] == q]
+            groups[f"{p}{q}"] = sum(pred[i] == p for i in idx) / len(idx)
+    assert got["groups"] == pytest.approx(groups)
+    assert got["worst_group"] == pytest.approx(min(groups.values()))
+    assert got["profession"] == pytest.approx(sum(a == b for a, b in zip(pred, prof)) / len(z))
+    assert got["gender"] == pytest.approx(sum(a == b for a, b in zip(pred, gen)) / len(z))
+    # A group that is absent does not count: drop group "11".
+    keep = [i for i in range(len(z)) if (prof[i], gen[i]) != (1, 1)]
+    sub = shift.score(torch.tensor([z[i] for i in keep]), _bios_batch_from_labels([prof[i] for i in keep],
+                                                                                 [gen[i] for i in keep]))
+    assert set(sub["groups"]) == {"00", "01", "10"}
+    assert sub["worst_group"] == pytest.approx(min(groups[k] for k in ("00", "01", "10")))
+
+
+def test_score_worst_group_is_the_minimum_not_the_mean():
+    prof, gen = [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1]
+    z = [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0]     # groups 00: 1, 01: 1/2, 10: 1, 11: 1
+    got = shift.score(torch.tensor(z), _bios_batch_from_labels(prof, gen))
+    assert got["worst_group"] == 0.5 and got["groups"] == {"00": 1.0, "01": 0.5, "10": 1.0, "11": 1.0}
+
+
+def test_effect_sizes_against_numpy():
+    import numpy as np
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    n, k = 60, 5
+    prof = torch.tensor([i % 2 for i in range(n)])
+    gen = torch.tensor([(i // 2) % 2 for i in range(n)])
+    perm = torch.randperm(n, generator=g)
+    prof, gen = prof[perm], gen[perm]
+    X = torch.randn(n, k, generator=g, dtype=torch.float64) * torch.rand(k, generator=g, dtype=torch.float64) * 3 \
+        + 0.7 * gen[:, None] * torch.randn(k, generator=g, dtype=torch.float64) \
+        + 0.5 * prof[:, None] * torch.randn(k, generator=g, dtype=torch.float64)
+    Xn, P, G = X.numpy(), prof.numpy(), gen.numpy()
+    mu = {(p, q): Xn[(P == p) & (G == q)].mean(0) for p in (0, 1) for q in (0, 1)}
+    var = [Xn[(P == p) & (G == q)].var(0, ddof=1) for p in (0, 1) for q in (0, 1)]
+    sd = np.sqrt(np.mean(var, axis=0))                                      # pooled over the four groups
+    want_g = np.abs((mu[0, 1] + mu[1, 1] - mu[0, 0] - mu[1, 0]) / 2) / sd
+    want_p = np.abs((mu[1, 0] + mu[1, 1] - mu[0, 0] - mu[0, 1]) / 2) / sd
+    dg, dp = shift.effect_sizes(X, prof, gen)
+    np.testing.assert_allclose(dg.numpy(), want_g, rtol=1e-10)
+    np.testing.assert_allclose(dp.numpy(), want_p, rtol=1e-10)
