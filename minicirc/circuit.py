@@ -123,7 +123,7 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
             for pair, keys, idx, val, rest in part:
                 edge_sums.setdefault(pair, _EdgeSum(rest)).add_linear(keys, idx.to(device), val.to(device), merge=False)
     nodes = {s: ((f / n).to(out_dtype).cpu(), (e / n).to(out_dtype).cpu()) for s, (f, e) in node_sums.items()}
-    edges = {pair: es.result(n, out_dtype) for pair, es in edge_sums.items()}
+    edges = {pair: edge_sums[pair].result(n, out_dtype) for pair in sorted(edge_sums, key=pair_order(sites))}
     settings = {"method": method, "steps": steps, "node_threshold": node_threshold,
                 "edge_threshold": edge_threshold, "aggregation": aggregation, "n_examples": n,
                 "model": model_hash(model), "saes": saes_hash(saes)}
@@ -222,6 +222,12 @@ class _EdgeSum:
         return keys, vals.cpu()
 
 
+def pair_order(sites):
+    """Sort key of (upstream, downstream) site pairs: by downstream site, then upstream, in model order."""
+    rank = {s: j for j, s in enumerate(sites)}
+    return lambda pair: (rank.get(pair[1], len(rank)), rank.get(pair[0], len(rank)))
+
+
 def _node_order(key):
     """Sort key of a downstream node key: feature index or "err" (last), or (position, that)."""
     pos, feat = key if isinstance(key, tuple) else (-1, key)
@@ -306,6 +312,49 @@ class Circuit:
         edges = [{"source": s, "target": t, "effect": e} for s, t, e in self.kept_edges(kept)]
         return {"version": 1, "settings": self.settings, "metric": self.metric, "sites": self.sites,
                 "nodes": nodes, "edges": edges}
+
+    @classmethod
+    def load(cls, folder):
+        """The Circuit that `save(folder)` wrote, from circuit.json (settings, metric, sites, annotations) and
+        effects.safetensors (every node and edge effect, as float32): thresholds and top-k can be changed
+        and the files rewritten without recomputing anything."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        data = load_circuit_json(folder)
+        folder = os.fspath(folder)
+        folder = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
+        path = os.path.join(folder, "effects.safetensors")
+        try:
+            f = load_file(path)
+        except (OSError, SafetensorError) as e:
+            raise MinicircError(f"{path}: cannot read the effects file ({e})") from None
+        sites = data.get("sites") or []
+        missing = [s for s in sites if f"nodes.{s}.features" not in f or f"nodes.{s}.error" not in f]
+        if not sites or missing:
+            raise MinicircError(f"{path}: does not hold the node effects of sites {missing or 'listed in circuit.json'}")
+        nodes = {s: (f[f"nodes.{s}.features"], f[f"nodes.{s}.error"]) for s in sites}
+        edges = {}
+        for name in sorted(k for k in f if k.startswith("edges.") and k.endswith(".indices")):
+            _, u, d, _ = name.split(".")
+            p = f"edges.{u}.{d}"
+            rows = [(t, "err" if i == -1 else i) for t, i in f[p + ".rows"].tolist()]
+            keys = rows if data["settings"]["aggregation"] == "none" else [i for _, i in rows]
+            try:    # checked: indices out of the shape would otherwise read out of bounds later
+                vals = torch.sparse_coo_tensor(f[p + ".indices"], f[p + ".values"], tuple(f[p + ".shape"].tolist()),
+                                               check_invariants=True).coalesce()
+            except (KeyError, RuntimeError, ValueError) as e:
+                raise MinicircError(f"{path}: edges {u} -> {d} are corrupt ({e})") from None
+            if len(keys) != vals.shape[0]:
+                raise MinicircError(f"{path}: edges {u} -> {d} have {vals.shape[0]} rows but {len(keys)} row keys")
+            edges[(u, d)] = (keys, vals)
+        edges = {pair: edges[pair] for pair in sorted(edges, key=pair_order(sites))}
+        circuit = cls(sites, nodes, edges, data["settings"], data["metric"], nodes_only=not edges)
+        known = {"id", "site", "feature", "effect", "pos"}
+        for row in data["nodes"]:
+            extra = {k: v for k, v in row.items() if k not in known}
+            if extra:
+                circuit.annotations[row["id"]] = extra
+        return circuit
 
     def tensors(self):
         """Every effect, kept or not, for effects.safetensors."""

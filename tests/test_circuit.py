@@ -166,3 +166,31 @@ def test_circuit_json_versions_and_positions(tmp_path):
     p.write_text(json.dumps(dict(data, nodes=[dict(at0[0], pos=-1)])))
     with pytest.raises(MinicircError, match="pos"):
         load_circuit_json(p)
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+def test_load_gives_back_the_saved_circuit(aggregation, tmp_path):
+    """Circuit.load(folder) rebuilds the object save(folder) wrote (float32 effects, as stored): the same
+    circuit.json, every node and edge tensor, and new thresholds select as on the original."""
+    seed = fresh_seed()
+    model = make_model(seed, parallel=False).float()
+    saes = {s: d.float() for s, d in make_saes(model, seed + 1, ("relu", "jumprelu")).items()}
+    batch = make_batch(seed + 2, B=3, T=4)
+    c = minicirc.find_circuit(model, saes, batch, steps=2, node_threshold=0.02, edge_threshold=0.01,
+                              aggregation=aggregation, progress=False)
+    c.annotations[c.kept_nodes()[0][0]] = {"label": "a note"}
+    data = c.save(tmp_path / "c", picture=False)
+    back = minicirc.Circuit.load(tmp_path / "c")
+    assert json.dumps(back.to_json()) == json.dumps(data)
+    for s in c.sites:
+        torch.testing.assert_close(back.nodes[s][0], c.nodes[s][0], rtol=0, atol=0)
+        torch.testing.assert_close(back.nodes[s][1], c.nodes[s][1], rtol=0, atol=0)
+    assert back.edges.keys() == c.edges.keys() and c.edges
+    for pair, (keys, vals) in c.edges.items():
+        assert back.edges[pair][0] == keys
+        torch.testing.assert_close(back.edges[pair][1].to_dense(), vals.to_dense(), rtol=0, atol=0)
+    assert back.kept_nodes(threshold=0.05) == c.kept_nodes(threshold=0.05)
+    # A corrupt effects file is refused with its name.
+    (tmp_path / "c" / "effects.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(MinicircError, match="effects.safetensors"):
+        minicirc.Circuit.load(tmp_path / "c")
