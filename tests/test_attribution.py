@@ -735,3 +735,20 @@ def test_subset_of_sites():
     tau = threshold_for(ref_eff)
     ref = ref_edges(model, saes, batch, st, L, selection(ref_eff, tau), "sum", pairs)
     assert_edges_equal(as_dict(A.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
+
+
+def test_weights_leave_autograd_only_for_the_call():
+    """node_effects and edge_effects take weights out of autograd while they run (gradients are with respect
+    to site values) and restore each weight's requires_grad flag afterwards, whatever it was."""
+    model = make_model(1401, False)
+    saes = make_saes(model, 1402)
+    batch = make_batch(1403, B=2, T=3)
+    params = list(model.parameters())
+    flags = [bool(j % 3) for j in range(len(params))]
+    for p, f in zip(params, flags):
+        p.requires_grad_(f)
+    _, _, states, effects, grads = A.node_effects(model, saes, A.logit_diff, batch, "ig", steps=2)
+    assert [p.requires_grad for p in params] == flags
+    edges = A.edge_effects(model, saes, batch, states, grads, effects, threshold_for(effects), "sum")
+    assert [p.requires_grad for p in params] == flags
+    assert edges and all(p.grad is None for p in params)
