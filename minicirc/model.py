@@ -81,7 +81,8 @@ def config_from_hf(hf):
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise MinicircError(f"config.json: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported (only default)")
-    rotary_pct = hf.get("rotary_pct", rope.get("partial_rotary_factor", 1.0))
+    # Absent from both spellings: transformers' GPT-NeoX default (0.25), not 1.0.
+    rotary_pct = hf.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))
     rotary_base = hf.get("rotary_emb_base", rope.get("rope_theta", 10000.0))
     act = hf.get("hidden_act", "gelu")
     if act not in ACTIVATIONS:

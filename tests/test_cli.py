@@ -217,3 +217,103 @@ def test_find_circuit_takes_what_the_loaders_return(setup):
     from_batch = minicirc.find_circuit(model, saes, tokenize(examples, tok), **kw)
     assert json.dumps(from_list.to_json()) == json.dumps(from_batch.to_json())
     assert from_list.to_json()["nodes"]
+
+
+# --- every flag reaches the function it names ------------------------------------------------------------
+
+SAME_LENGTH_ROWS = [
+    {"clean_prefix": f"the {a} near the {b}", "patch_prefix": f"the {pa} near the {b}", "clean_answer": ca,
+     "patch_answer": pa_ans}
+    for a, pa, ca, pa_ans in [("cat", "cats", " is", " are"), ("dogs", "dog", " are", " is")]
+    for b in ("dog", "cats", "big")][:4]     # unbalanced answers: a constant logit difference does not cancel
+
+
+def test_circuit_flags_reach_find_circuit(setup):
+    from minicirc.data import load_examples, tokenize
+    t = setup
+    write_data(t / "more.jsonl", ROWS + ROWS[::-1])
+    model = minicirc.load_model(t / "model")
+    saes = minicirc.load_saes(t / "saes", model)
+    batch = tokenize(load_examples(t / "more.jsonl", limit=4), minicirc.load_tokenizer(t / "model"))
+    base = ["circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "more.jsonl", "--limit", 4,
+            "--method", "attrib"]
+    for flags, kw in [(["--top-k-nodes", 5, "--top-k-edges", 3], dict(top_k_nodes=5, top_k_edges=3)),
+                      (["--nodes-only", "--node-threshold", 0.02], dict(nodes_only=True, node_threshold=0.02)),
+                      (["--node-threshold", 0.05, "--edge-threshold", 0.02], dict(node_threshold=0.05,
+                                                                                edge_threshold=0.02))]:
+        out = t / ("o" + str(len(os.listdir(t))))
+        assert run(*base, *flags, "--out", out) == 0
+        got = json.loads((out / "circuit.json").read_text())
+        want = minicirc.find_circuit(model, saes, batch, method="attrib", progress=False, **kw).to_json()
+        assert got["settings"]["n_examples"] == 4
+        assert [n["id"] for n in got["nodes"]] == [n["id"] for n in want["nodes"]], flags
+        assert [(e["source"], e["target"]) for e in got["edges"]] == \
+            [(e["source"], e["target"]) for e in want["edges"]], flags
+        assert got["nodes"] and (got["edges"] or kw.get("nodes_only")), flags
+
+
+@pytest.mark.parametrize("flags,kw", [
+    (["--ablation", "zero"], dict(ablation="zero")), (["--errors", "remove"], dict(errors="remove")),
+    (["--errors", "keep", "--first-layer", "1"], dict(errors="keep", first_layer=1)),
+    (["--ablation", "resample", "--seed", "SEED"], dict(ablation="resample", seed="SEED")),
+])
+def test_evaluate_flags_reach_faithfulness(setup, flags, kw):
+    """evaluation.json equals evaluation.faithfulness with the same settings, on a positional circuit."""
+    from minicirc import evaluation
+    from minicirc.circuit import load_circuit_json
+    from minicirc.data import load_examples, tokenize
+    t = setup
+    seed = int(torch.randint(1, 1000, ()).item())
+    flags = [seed if f == "SEED" else f for f in flags]
+    kw = {k: seed if v == "SEED" else v for k, v in kw.items()}
+    write_data(t / "same.jsonl", SAME_LENGTH_ROWS)
+    common_args = ["--model", t / "model", "--saes", t / "saes", "--data", t / "same.jsonl"]
+    assert run("circuit", *common_args, "--out", t / "c", "--aggregation", "none", "--method", "attrib",
+               "--nodes-only", "--top-k-nodes", 30) == 0
+    assert run("evaluate", *common_args, "--circuit", t / "c" / "circuit.json", "--out", t / "e", *flags) == 0
+    got = json.loads((t / "e" / "evaluation.json").read_text())
+    model = minicirc.load_model(t / "model")
+    saes = minicirc.load_saes(t / "saes", model)
+    batch = tokenize(load_examples(t / "same.jsonl"), minicirc.load_tokenizer(t / "model"))
+    nodes = load_circuit_json(t / "c" / "circuit.json", model, saes)["nodes"]
+    want = evaluation.faithfulness(model, saes, batch, nodes, positional=True, **kw)
+    assert got["n_nodes"] == 30
+    assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-6, abs=1e-9)
+    # The same settings without the positions give other numbers: the flag and the positions both matter
+    # (not with --first-layer 1: in a 2-layer model, last-layer sites at other positions never reach the metric).
+    other = evaluation.faithfulness(model, saes, batch, nodes, positional=False, **kw)
+    assert kw.get("first_layer", 0) == 1 or other["m_circuit"] != pytest.approx(got["m_circuit"], rel=1e-6, abs=1e-9)
+
+
+def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, capsys):
+    from minicirc import demo, explain, shift
+    seen = {}
+    monkeypatch.setattr(shift, "run_shift", lambda *a, **kw: seen.setdefault("shift", (a, kw)))
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: seen.setdefault("demo", (a, kw)))
+    assert run("shift", "--out", "o1", "--quick", "--overwrite", "--probe-layer", 1, "--top-k", 7, "--threshold", 0.25,
+               "--margin", 0.5, "--random-seeds", 3, "--ablate", "embed/1,resid_0/2") == 0
+    assert seen["shift"] == (("o1",), dict(quick=True, overwrite=True, device="cpu", probe_layer=1,
+                                           ablate="embed/1,resid_0/2", top_k=7, margin=0.5, random_seeds=3,
+                                           threshold=0.25))
+    assert run("demo", "--out", "o2", "--overwrite", "--threads", 1) == 0
+    assert seen["demo"] == (("o2",), dict(quick=False, overwrite=True, device="cpu"))
+    for cmd in ("demo", "shift"):
+        assert run(cmd, "--threads", 0) == 2
+        assert "--threads must be at least 1" in capsys.readouterr().err
+    # explain: --k and --n-logits reach top_contexts and logit_effects.
+    t = setup
+    real_top, real_logits = explain.top_contexts, explain.logit_effects
+    monkeypatch.setattr(explain, "top_contexts", lambda *a, **kw: seen.setdefault("k", kw["k"]) and real_top(*a, **kw))
+    monkeypatch.setattr(explain, "logit_effects",
+                        lambda *a, **kw: seen.setdefault("n", kw["n"]) and real_logits(*a, **kw))
+    (t / "texts.txt").write_text("the cat near the dogs\nthe dogs is big\n")
+    assert run("explain", "--model", t / "model", "--saes", t / "saes", "--site", "resid_0", "--feature", 2,
+               "--data", t / "texts.txt", "--k", 3, "--n-logits", 2) == 0
+    assert (seen["k"], seen["n"]) == (3, 2)
+    for flags, needle in [(["--k", 0], "--k must be at least 1")]:
+        assert run("explain", "--model", t / "model", "--saes", t / "saes", "--site", "resid_0", "--feature", 2,
+                   "--data", t / "texts.txt", *flags) == 2
+        assert needle in capsys.readouterr().err
+    assert run("evaluate", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl",
+               "--circuit", t / "none.json", "--out", t / "e0", "--batch-size", 0) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err

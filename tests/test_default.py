@@ -83,3 +83,105 @@ def test_auroc_equals_pairwise_count():
     pos, neg = scores[labels == 1], scores[labels == 0]
     brute = sum(float(a > b) + 0.5 * float(a == b) for a in pos for b in neg) / (len(pos) * len(neg))
     assert auroc(scores.numpy(), labels.numpy()) == pytest.approx(brute, abs=1e-12)
+
+
+def _tiny_lm(seed, vocab=23):
+    torch.manual_seed(seed)
+    return minicirc.GPTNeoX(minicirc.Config(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, d_mlp=24, max_len=32))
+
+
+def test_train_lm_is_masked_next_token_adamw():
+    """train_lm on one sequence (every batch is that row) against the loop written out: masked next-token
+    cross-entropy, gradients clipped to norm 1, AdamW (betas 0.9/0.98, weight decay 0.01), linear warm-up then
+    cosine decay of the learning rate."""
+    import copy
+    seed = int(torch.randint(0, 10**6, ()).item())
+    model, pad, steps, lr = _tiny_lm(seed), 5, 3, 1e-2
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randint(6, 23, (1, 12), generator=g)
+    row[0, 8:] = pad
+    ref = copy.deepcopy(model)
+    losses = train.train_lm(model, row, steps=steps, batch_size=2, lr=lr, seed=seed, pad_id=pad, progress=False)
+    params = list(ref.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    want = []
+    for s in range(steps):
+        logits = ref(row[:, :-1])[0]
+        terms = [-torch.log_softmax(logits[t], -1)[row[0, t + 1]] for t in range(11) if row[0, t + 1] != pad]
+        loss = sum(terms) / len(terms)
+        want.append(loss.item())
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum((gr ** 2).sum() for gr in grads))
+        grads = [gr * min(1.0, 1.0 / (norm.item() + 1e-6)) for gr in grads]
+        warmup = max(1, steps // 20)
+        step_lr = lr * min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+        with torch.no_grad():
+            for p, gr, mi, vi in zip(params, grads, m, v):
+                p.mul_(1 - step_lr * 0.01)
+                mi.mul_(0.9).add_(0.1 * gr)
+                vi.mul_(0.98).add_(0.02 * gr * gr)
+                p.sub_(step_lr * (mi / (1 - 0.9 ** (s + 1))) / ((vi / (1 - 0.98 ** (s + 1))).sqrt() + 1e-8))
+    assert losses == pytest.approx(want, rel=1e-4, abs=1e-6)
+    # Compared through the outputs: the key bias has a zero gradient (softmax ignores it), which Adam turns
+    # into rounding-noise updates that change nothing downstream.
+    with torch.no_grad():
+        torch.testing.assert_close(model(row), ref(row), rtol=1e-4, atol=1e-5)
+
+
+def test_collect_activations_keeps_every_real_token_in_order():
+    seed = int(torch.randint(0, 10**6, ()).item())
+    model, pad = _tiny_lm(seed), 4
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(5, 23, (7, 9), generator=g)
+    for i, n in enumerate(torch.randint(1, 10, (7,), generator=g).tolist()):
+        seqs[i, n:] = pad
+    got = train.collect_activations(model, seqs, pad_id=pad, batch_size=3)
+    assert set(got) == set(model.sites)
+    want = {s: [] for s in model.sites}
+    with torch.no_grad():
+        for i in range(7):
+            cache = {}
+            model(seqs[i:i + 1], cache=cache)
+            for t in range(9):
+                if seqs[i, t] != pad:
+                    for s in model.sites:
+                        want[s].append(cache[s][0, t])
+    for s in model.sites:
+        torch.testing.assert_close(got[s], torch.stack(want[s]), rtol=1e-5, atol=1e-6)
+
+
+def test_sae_stats_by_their_definitions():
+    import numpy as np
+    from minicirc.sae import Dictionary
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()).item()))
+    d, F, N = 6, 10, 50
+    b_enc = torch.randn(F, generator=g) - 0.5
+    b_enc[:3] = -100.0                       # three features that never fire
+    sae = Dictionary(torch.randn(d, F, generator=g), b_enc, torch.randn(F, d, generator=g),
+                     torch.randn(d, generator=g), "relu")
+    acts = 3.0 + torch.randn(N, d, generator=g)      # far from zero mean: centring matters
+    got = train.sae_stats(sae, acts)
+    x, f = acts.double().numpy(), sae.encode(acts).double().numpy()
+    x_hat = sae.decode(sae.encode(acts)).double().numpy()
+    ve = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    l0 = np.mean([np.count_nonzero(row) for row in f])
+    dead = np.mean([not f[:, j].any() for j in range(F)])
+    assert dead >= 0.3 and 0 < l0 < F
+    assert got == pytest.approx({"variance_explained": ve, "l0": l0, "dead_fraction": dead, "n_features": F},
+                                rel=1e-5, abs=1e-6)
+
+
+def test_train_sae_does_not_depend_on_the_input_scale():
+    """Training runs on unit-RMS inputs, so activations scaled by c (a power of two) give the same dictionary up
+    to that scale: encode(c x) = c encode(x) and decode(encode(c x)) = c decode(encode(x))."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
+    dirs = torch.randn(24, 12, generator=g)
+    x = (torch.rand(1500, 24, generator=g) * (torch.rand(1500, 24, generator=g) < 0.1)) @ dirs + 0.5
+    c = 2.0 ** int(torch.randint(5, 9, (), generator=g))
+    sae, _ = train.train_sae(x, 32, steps=150, seed=2)
+    big, _ = train.train_sae(c * x, 32, steps=150, seed=2)
+    rms = x.pow(2).mean().sqrt()
+    torch.testing.assert_close(big.encode(c * x) / c, sae.encode(x), rtol=0, atol=1e-3 * rms.item())
+    torch.testing.assert_close(big.decode(big.encode(c * x)) / c, sae.decode(sae.encode(x)), rtol=0,
+                               atol=1e-3 * rms.item())

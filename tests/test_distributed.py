@@ -160,3 +160,77 @@ def test_shards_are_contiguous_whole_batches(world):
         assert all(spans[r][1] == spans[r + 1][0] for r in range(world - 1))
         sizes = [hi - lo for lo, hi in spans]
         assert max(sizes) - min(sizes) <= 1
+
+
+# --- the collectives, on a 3-process gloo group (file:// rendezvous) -----------------------------------
+
+def _rank_main(rank, world, init_file, inputs, out_dir):
+    import pickle
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mine = inputs[rank]
+        res = {"tensors": distributed.all_reduce_sum([t.clone() for t in mine["tensors"]]),
+               "empty": distributed.all_reduce_sum([]),
+               "sparse": distributed.all_gather_sparse(mine["parts"])}
+        try:
+            distributed.agree(mine["error"], rank)
+            res["agree"] = None
+        except Exception as e:
+            res["agree"] = (type(e).__name__, str(e))
+        with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+            pickle.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_on_three_ranks(tmp_path):
+    import pickle
+    import torch.multiprocessing as mp
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()).item()))
+    world = 3
+    # float64 values a float32 round trip would change; ranks hold different numbers of sparse entries (none on 1).
+    nnz = [[3, 0, 2], [], [int(torch.randint(4, 9, (), generator=g))]]
+    inputs = []
+    for r in range(world):
+        tensors = [torch.randn(3, 4, generator=g), 1.0 + 1e-9 * torch.randn(5, generator=g, dtype=torch.float64),
+                   torch.randn(2, generator=g, dtype=torch.float64)]
+        parts = [((f"site{r}", f"down{i}"), [(r, i), (None, "err")], torch.randint(0, 1000, (n,), generator=g),
+                  torch.randn(n, generator=g, dtype=torch.float64), (7, r + 1)) for i, n in enumerate(nnz[r])]
+        error = [None, ValueError("bad shard"), minicirc.MinicircError("nan here")][r]
+        inputs.append({"tensors": tensors, "parts": parts, "error": error})
+    mp.spawn(_rank_main, args=(world, str(tmp_path / "rdzv"), inputs, str(tmp_path)), nprocs=world, join=True)
+    want_sums = []
+    for i in range(3):
+        total = torch.zeros(inputs[0]["tensors"][i].shape, dtype=torch.float64)
+        for r in range(world):
+            total += inputs[r]["tensors"][i].double()
+        want_sums.append(total)
+    for r in range(world):
+        res = pickle.loads((tmp_path / f"{r}.pkl").read_bytes())
+        assert res["empty"] == []
+        for got, want, orig in zip(res["tensors"], want_sums, inputs[r]["tensors"]):
+            assert got.dtype == orig.dtype and got.shape == orig.shape
+            torch.testing.assert_close(got, want.to(orig.dtype), rtol=0, atol=1e-6 if orig.dtype == torch.float32 else 1e-15)
+        # Every rank receives every rank's entries, in rank order, exactly.
+        assert len(res["sparse"]) == world
+        for src in range(world):
+            got, want = res["sparse"][src], inputs[src]["parts"]
+            assert len(got) == len(want)
+            for (gp, gk, gl, gv, grest), (wp, wk, wl, wv, wrest) in zip(got, want):
+                assert (gp, gk, grest) == (wp, wk, wrest)
+                assert torch.equal(gl, wl) and torch.equal(gv, wv) and gv.dtype == torch.float64
+        # The failing ranks raise their own error; the others name the first failing rank.
+        assert res["agree"] == [("MinicircError", "rank 1 failed: ValueError: bad shard"),
+                                ("ValueError", "bad shard"), ("MinicircError", "nan here")][r]
+
+
+def test_launched_needs_every_variable(monkeypatch):
+    keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for k in keys:
+        monkeypatch.setenv(k, "1")
+    assert distributed.launched()
+    for k in keys:
+        monkeypatch.delenv(k)
+        assert not distributed.launched(), k
+        monkeypatch.setenv(k, "1")

@@ -159,3 +159,35 @@ def test_nodes_on_unknown_sites_or_out_of_range_are_refused():
         evaluation.faithfulness(model, saes, batch, [], ablation="shuffle")
     with pytest.raises(MinicircError, match="valid position"):
         evaluation.faithfulness(model, saes, batch, as_circuit_nodes([("resid_0", 0, 99)]), positional=True)
+
+
+def test_resample_donors_follow_the_seed_whatever_the_batch_size():
+    seed = int(torch.randint(0, 10**6, ()).item())
+    model = make_model(seed, parallel=True)
+    saes = make_saes(model, seed + 1, ("relu",))
+    batch = make_batch(seed + 2, B=5)
+    orders = [evaluation.resample_order(batch, s).tolist() for s in (seed, seed + 1, seed)]
+    assert sorted(orders[0]) == list(range(5)) and orders[0] == orders[2]
+    assert orders[0] == torch.randperm(5, generator=torch.Generator().manual_seed(seed)).tolist()
+    assert orders[1] == torch.randperm(5, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    nodes = as_circuit_nodes(sorted({n for n in all_nodes(saes) if random.Random(seed).random() < 0.5}, key=str))
+    run = lambda bs: evaluation.faithfulness(model, saes, batch, nodes, ablation="resample", seed=seed, batch_size=bs)
+    whole = run(64)
+    for bs in (1, 2, 3):
+        assert run(bs) == pytest.approx(whole, rel=1e-9, abs=1e-9), bs
+
+
+def test_empty_dataset_and_nodes_for_faithfulness():
+    model = make_model(3, parallel=False)
+    saes = make_saes(model, 4)
+    with pytest.raises(MinicircError, match="empty"):
+        evaluation.faithfulness(model, saes, make_batch(5)[0:0], [])
+    rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
+    target = rng.choice([0.8, 0.9])
+    points = [{"n_nodes": rng.randint(1, 100), "faithfulness": rng.uniform(-0.5, 1.2)} for _ in range(8)]
+    points.append({"n_nodes": 0, "faithfulness": target - 1e-9})   # just short: never chosen
+    assert evaluation.nodes_for_faithfulness(points, target) == \
+        min([p["n_nodes"] for p in points if p["faithfulness"] >= target], default=None)
+    exact = [{"n_nodes": 7, "faithfulness": target}, {"n_nodes": 3, "faithfulness": target / 2}]
+    assert evaluation.nodes_for_faithfulness(exact, target) == 7
+    assert evaluation.nodes_for_faithfulness(exact[1:], target) is None

@@ -180,3 +180,142 @@ def test_bad_tokens_and_sites(tiny_model_dir):
 def test_tokenizer_missing_is_clear(tiny_model_dir):
     with pytest.raises(MinicircError, match="tokenizer.json"):
         minicirc.load_tokenizer(tiny_model_dir)
+
+
+# --- config.json variants, checked against transformers loading the same directory --------------------
+
+def write_variant(path, seed, config_edit, **cfg_kw):
+    """A random GPT-NeoX saved by transformers, then its config.json edited by `config_edit(dict)`;
+    returns transformers' model loaded back from that directory (the reference)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+              max_position_embeddings=64)
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**{**kw, **cfg_kw})).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    config_edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return GPTNeoXForCausalLM.from_pretrained(path).eval()
+
+
+def _v4_keys(cfg):   # transformers 4 wrote rotary_pct / rotary_emb_base and no rope_parameters
+    rope = cfg.pop("rope_parameters")
+    cfg["rotary_pct"], cfg["rotary_emb_base"] = rope["partial_rotary_factor"], rope["rope_theta"]
+
+
+def _no_rotary_keys(cfg):   # neither spelling: transformers' defaults (rotary_pct 0.25, base 10000) apply
+    cfg.pop("rope_parameters")
+
+
+@pytest.mark.parametrize("variant,edit,kw", [
+    ("v5 rope_parameters", lambda c: None, dict(rope_parameters={"rope_type": "default", "rope_theta": 300.0,
+                                                                   "partial_rotary_factor": 0.5})),
+    ("v4 rotary_pct/rotary_emb_base", _v4_keys, dict(rope_parameters={"rope_type": "default", "rope_theta": 300.0,
+                                                                       "partial_rotary_factor": 0.5})),
+    ("no rotary keys", _no_rotary_keys, dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                               "partial_rotary_factor": 0.25})),
+    ("fractional rotary dim", lambda c: None, dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                     "partial_rotary_factor": 0.3})),
+    ("odd rotary dim", lambda c: None, dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                              "partial_rotary_factor": 0.375})),
+    ("eps, gelu_new, no attention bias, sequential", lambda c: None,
+     dict(layer_norm_eps=0.3, hidden_act="gelu_new", attention_bias=False, use_parallel_residual=False)),
+])
+def test_config_variants_match_transformers(tmp_path, variant, edit, kw):
+    seed = int(torch.randint(0, 10**6, ()).item())
+    hf = write_variant(tmp_path, seed, edit, **kw)
+    model = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, 61, (2, 17))
+    with torch.no_grad():
+        expected, got = hf(tokens).logits, model(tokens)
+    assert (got - expected).abs().max().item() <= 1e-5, variant
+
+
+def test_saved_config_reads_back_in_transformers(tmp_path):
+    """save_model writes a config.json that transformers reads as the same model (non-default settings)."""
+    from transformers import GPTNeoXForCausalLM
+    seed = int(torch.randint(0, 10**6, ()).item())
+    write_variant(tmp_path / "src", seed, lambda c: None, layer_norm_eps=0.2, use_parallel_residual=False,
+                  tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 300.0, "partial_rotary_factor": 0.5})
+    model = minicirc.load_model(tmp_path / "src")
+    minicirc.save_model(model, tmp_path / "out")
+    hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert hf.config.tie_word_embeddings and not hf.config.use_parallel_residual
+    tokens = torch.randint(0, 61, (2, 15))
+    again = minicirc.load_model(tmp_path / "out")    # and minicirc reads its own file the same way
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        assert (expected - model(tokens)).abs().max().item() <= 1e-5
+        assert (expected - again(tokens)).abs().max().item() <= 1e-5
+
+
+def test_stop_at_every_site(tiny_model_dir):
+    """stop_at=s fills the cache with exactly the sites computed up to s (same values as a full run)."""
+    model = minicirc.load_model(tiny_model_dir)
+    order = ["embed"] + [f"{k}_{l}" for l in range(model.cfg.n_layers) for k in ("attn", "mlp", "resid")]
+    assert model.sites == order
+    tokens = torch.randint(0, 61, (2, 6))
+    full = {}
+    with torch.no_grad():
+        model(tokens, cache=full)
+        for i, s in enumerate(order):
+            cache = {}
+            assert model(tokens, cache=cache, stop_at=s) is None, s
+            assert list(cache) == order[:i + 1], s
+            for k in cache:
+                assert torch.equal(cache[k], full[k]), (s, k)
+    with pytest.raises(MinicircError, match="unknown site"):
+        model(tokens, stop_at="resid_2")
+
+
+def test_token_and_length_limits(tiny_model_dir):
+    model = minicirc.load_model(tiny_model_dir)
+    from transformers import GPTNeoXForCausalLM
+    hf = GPTNeoXForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokens = torch.randint(0, 61, (1, 64))          # exactly max_position_embeddings: allowed
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+    with pytest.raises(MinicircError, match="exceeds max_position_embeddings 64"):
+        model(torch.randint(0, 61, (1, 65)))
+    with pytest.raises(MinicircError, match="out of the vocabulary"):
+        model(torch.tensor([[3, -1, 2]]))
+
+
+def test_malformed_configs_and_checkpoints(tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    for change, msg in [({"hidden_size": 30}, "not divisible"),
+                        ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type")]:
+        (tiny_model_dir / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(MinicircError, match=msg):
+            minicirc.load_model(tiny_model_dir)
+    (tiny_model_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "vocab_size"}))
+    with pytest.raises(MinicircError, match="required field 'vocab_size'"):
+        minicirc.load_model(tiny_model_dir)
+    (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
+    state = load_file(tiny_model_dir / "model.safetensors")
+    del state["gpt_neox.layers.1.attention.dense.bias"]
+    save_file(state, tiny_model_dir / "model.safetensors")
+    with pytest.raises(MinicircError, match="lacks 1 tensors"):
+        minicirc.load_model(tiny_model_dir)
+
+
+def test_model_hash_sees_every_weight(tiny_model_dir):
+    from minicirc.model import model_hash
+    model = minicirc.load_model(tiny_model_dir)
+    base = model_hash(model)
+    assert model_hash(minicirc.load_model(tiny_model_dir)) == base
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()).item()))
+    for name, p in model.named_parameters():
+        i = int(torch.randint(0, p.numel(), (), generator=g))
+        with torch.no_grad():
+            old = p.view(-1)[i].item()
+            p.view(-1)[i] += 0.5
+            assert model_hash(model) != base, name
+            p.view(-1)[i] = old
+    assert model_hash(model) == base
