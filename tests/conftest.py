@@ -1,6 +1,33 @@
-"""Shared fixtures: tiny random GPT-NeoX checkpoints written by `transformers` itself."""
+"""Shared fixtures: tiny random GPT-NeoX checkpoints written by `transformers` itself, and fresh random draws.
+
+Tests draw their seeds from torch's global generator (`torch.randint(...)`); a new process always starts it
+from the same seed, so without this every run would draw the same "random" inputs. Each run now picks a
+session seed (printed in the header; MINICIRC_TEST_SEED=<seed> replays it) and every test starts from
+session seed + a hash of its name, so a failure replays on its own as well."""
+import os
+import random
+import zlib
+
 import pytest
 import torch
+
+SESSION_SEED = int(os.environ.get("MINICIRC_TEST_SEED") or random.SystemRandom().randrange(2**31))
+
+
+def pytest_report_header(config):
+    return f"minicirc test seed: {SESSION_SEED} (MINICIRC_TEST_SEED={SESSION_SEED} replays this run)"
+
+
+def pytest_terminal_summary(terminalreporter):     # also under -q, which hides the header
+    terminalreporter.write_line(pytest_report_header(None))
+
+
+@pytest.fixture(autouse=True)
+def fresh_random_draws(request):
+    seed = (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield
 
 # The test models are tiny: one thread is faster than two, and avoids OpenMP threads spinning against
 # each other when the machine is shared (measured here: up to 20x slower with 2 threads under load).
