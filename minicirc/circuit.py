@@ -335,15 +335,15 @@ class Circuit:
         nodes = {s: (f[f"nodes.{s}.features"], f[f"nodes.{s}.error"]) for s in sites}
         edges = {}
         for name in sorted(k for k in f if k.startswith("edges.") and k.endswith(".indices")):
-            _, u, d, _ = name.split(".")
-            p = f"edges.{u}.{d}"
-            rows = [(t, "err" if i == -1 else i) for t, i in f[p + ".rows"].tolist()]
-            keys = rows if data["settings"]["aggregation"] == "none" else [i for _, i in rows]
+            p = name[:-len(".indices")]
             try:    # checked: indices out of the shape would otherwise read out of bounds later
+                _, u, d = p.split(".")
+                rows = [(t, "err" if i == -1 else i) for t, i in f[p + ".rows"].tolist()]
+                keys = rows if data["settings"]["aggregation"] == "none" else [i for _, i in rows]
                 vals = torch.sparse_coo_tensor(f[p + ".indices"], f[p + ".values"], tuple(f[p + ".shape"].tolist()),
                                                check_invariants=True).coalesce()
-            except (KeyError, RuntimeError, ValueError) as e:
-                raise MinicircError(f"{path}: edges {u} -> {d} are corrupt ({e})") from None
+            except (KeyError, RuntimeError, ValueError, TypeError) as e:
+                raise MinicircError(f"{path}: {p} is corrupt ({type(e).__name__}: {e})") from None
             if len(keys) != vals.shape[0]:
                 raise MinicircError(f"{path}: edges {u} -> {d} have {vals.shape[0]} rows but {len(keys)} row keys")
             edges[(u, d)] = (keys, vals)
@@ -413,6 +413,8 @@ class Circuit:
                     f.write(json.dumps(contexts, indent=1, default=float).encode())
             for tmp, final in staged:
                 os.replace(tmp, final)
+            if not contexts and os.path.exists(os.path.join(out_dir, "contexts.json")):
+                os.remove(os.path.join(out_dir, "contexts.json"))   # an earlier run's, no longer this circuit's
         except BaseException:
             for tmp, _ in staged:
                 if os.path.exists(tmp):

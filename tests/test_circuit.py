@@ -190,7 +190,18 @@ def test_load_gives_back_the_saved_circuit(aggregation, tmp_path):
         assert back.edges[pair][0] == keys
         torch.testing.assert_close(back.edges[pair][1].to_dense(), vals.to_dense(), rtol=0, atol=0)
     assert back.kept_nodes(threshold=0.05) == c.kept_nodes(threshold=0.05)
-    # A corrupt effects file is refused with its name.
+    # Saving again without contexts drops the earlier run's contexts.json (view would show stale ones).
+    (tmp_path / "c" / "contexts.json").write_text("{}")
+    c.save(tmp_path / "c", picture=False)
+    assert not (tmp_path / "c" / "contexts.json").exists()
+    # An edge tensor that does not fit its shape, and a corrupt effects file, are refused with the file's name.
+    from safetensors.torch import save_file
+    f = load_file(tmp_path / "c" / "effects.safetensors")
+    name = next(k for k in f if k.endswith(".indices"))
+    f[name] = f[name] + 10**6
+    save_file(f, tmp_path / "c" / "effects.safetensors")
+    with pytest.raises(MinicircError, match="is corrupt"):
+        minicirc.Circuit.load(tmp_path / "c")
     (tmp_path / "c" / "effects.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(MinicircError, match="effects.safetensors"):
         minicirc.Circuit.load(tmp_path / "c")
