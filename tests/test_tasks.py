@@ -222,3 +222,153 @@ def test_packed_sequences(tokenizer):
     first_words = {d.split()[0] for d in corpus.corpus_documents(2000, seed=0)}
     assert starts <= first_words   # every row begins where a document begins
     assert (rows == corpus.SEP_ID).sum(1).min() >= 1
+
+
+# --- the corpus, parsed back with the grammar written here ------------------------------------------
+
+COPULA_FORMS = {"is", "are", "was", "were"}
+PREPOSITIONS = {"near", "behind", "beside", "with", "around"}
+MALE_NAMES = {"john", "david", "peter", "james", "mark", "paul", "tom", "george"}
+FEMALE_NAMES = {"mary", "anna", "emma", "julia", "sarah", "linda", "alice", "rose"}
+# The module docstring's mix of document families.
+DOCUMENTED_MIX = {"simple": 0.15, "nounpp": 0.25, "rc": 0.30, "question": 0.10, "bio": 0.20}
+
+
+def noun_lemma(word):
+    from minicirc.tasks import agreement
+    singular = {pl: sg for sg, pl in agreement.NOUNS.items()}
+    return singular.get(word, word)
+
+
+def verb_lemma(word):
+    from minicirc.tasks import agreement
+    return next(lemma for lemma, forms in agreement.MAIN_VERBS.items() if word in forms)
+
+
+def parse_document(doc):
+    """(family, frame or None) of one corpus document; asserts every agreement in it."""
+    words = doc.split()
+    if words[0] in MALE_NAMES | FEMALE_NAMES:
+        return "bio", None
+    if words[0] in COPULA_FORMS:   # "are the authors [near the guard] happy ?"
+        assert words[1] == "the" and words[-1] == "?" and len(words) in (5, 8), doc
+        assert verb_is_plural(words[0]) == noun_is_plural(words[2]), doc
+        if len(words) == 8:
+            assert words[3] in PREPOSITIONS and words[4] == "the", doc
+            noun_is_plural(words[5])
+            return "question", ("nounpp", noun_lemma(words[2]), words[3], noun_lemma(words[5]))
+        return "question", None
+    assert words[0] == "the" and words[-1] == ".", doc
+    subj_pl = noun_is_plural(words[1])
+    if words[2] == "that":
+        assert words[3] == "the" and verb_is_plural(words[5]) == noun_is_plural(words[4]), doc
+        family, frame, v = "rc", ("rc", noun_lemma(words[1]), noun_lemma(words[4])), 6
+    elif words[2] in PREPOSITIONS:
+        assert words[3] == "the", doc
+        family, frame, v = "nounpp", ("nounpp", noun_lemma(words[1]), words[2], noun_lemma(words[4])), 5
+    else:
+        family, v = "simple", 2
+        frame = ("simple", noun_lemma(words[1]), verb_lemma(words[2]))
+    assert verb_is_plural(words[v]) == subj_pl, doc   # the main verb agrees with the subject
+    rest = words[v + 1:]
+    if words[v] in COPULA_FORMS:
+        assert len(rest) == 2 and rest[0].isalpha(), doc          # adjective, "."
+    elif words[v] in ("has", "have"):
+        assert len(rest) == 3 and rest[0] == "a", doc             # "a" thing "."
+    else:
+        assert len(rest) == 3 and rest[0] == "the", doc           # "the" person "."
+        noun_is_plural(rest[1])
+    return family, frame
+
+
+def check_documents(docs, split):
+    from minicirc.tasks import agreement
+    families = collections.Counter()
+    for doc in docs:
+        family, frame = parse_document(doc)
+        families[family] += 1
+        if family == "bio":
+            assert bios.split_of(doc) == split, doc
+        elif frame is not None:
+            assert agreement.split_of(frame) == split, doc
+    return families
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_corpus_documents_are_grammatical_and_in_their_split(split):
+    n = 10000
+    docs = corpus.corpus_documents(n, seed=int(torch.randint(0, 1000, ()).item()), split=split)
+    families = check_documents(docs, split)
+    for family, p in DOCUMENTED_MIX.items():   # within 5 sigma of the documented mix
+        assert abs(families[family] - n * p) < 5 * (n * p * (1 - p)) ** 0.5, families
+
+
+def segments(row):
+    """Complete documents of a token row: the words before each "<sep>"."""
+    out, cur = [], []
+    for t in row:
+        if t == corpus.SEP_ID:
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_sequences_and_stream_hold_whole_documents_of_their_split(tokenizer, split):
+    seed = int(torch.randint(0, 1000, ()).item())
+    decode = lambda ids: " ".join(tokenizer.id_to_token(i) for i in ids)
+    rows = corpus.packed_sequences(tokenizer, 50, seq_len=32, seed=seed, split=split).tolist()
+    rows += [r for r in corpus.training_sequences(tokenizer, 100, seed=seed, split=split).tolist()]
+    docs = [decode(seg) for row in rows for seg in segments(row)]
+    assert len(docs) > 150
+    check_documents(docs, split)
+    if split == "train":
+        stream = corpus.corpus_token_stream(500, seed=seed, tokenizer=tokenizer).tolist()
+        check_documents([decode(seg) for seg in segments(stream)], "train")
+
+
+def test_tokenizer_round_trips_documents(tokenizer):
+    docs = corpus.corpus_documents(300, seed=int(torch.randint(0, 1000, ()).item()))
+    for doc in docs:
+        ids = tokenizer.encode(doc).ids
+        assert len(ids) == len(doc.split()) and corpus.UNK_ID not in ids
+        # Special tokens are special: decoding skips them.
+        assert tokenizer.decode(ids + [corpus.SEP_ID, corpus.PAD_ID]) == doc
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_latents_name_the_words(template):
+    from minicirc.tasks import agreement
+    for ex in make_examples(template, 60, seed=int(torch.randint(0, 1000, ()).item()), split="test"):
+        words, lat = ex.clean_prefix.split(), ex.latents
+        assert lat["subject"] == noun_lemma(words[1]) and lat["subject"] in agreement.NOUNS
+        assert {ex.clean_answer[1:], ex.patch_answer[1:]} == set(agreement.MAIN_VERBS[lat["verb"]])
+        if template != "simple":
+            assert lat["distractor"] == noun_lemma(words[4]) != lat["subject"]
+
+
+def test_unknown_split_is_refused():
+    for make in (lambda: make_examples("nounpp", 4, split="dev"), lambda: ambiguous_split(4, split="dev"),
+                 lambda: balanced_split(4, split="valid"), lambda: corpus.corpus_documents(4, split="dev")):
+        with pytest.raises(ValueError, match="split"):
+            make()
+
+
+def test_bios_distinct_named_shuffled_and_in_both_orders():
+    seed = int(torch.randint(0, 1000, ()).item())
+    bal = balanced_split(2000, seed=seed)
+    assert len({b.text for b in bal}) == 2000   # ~500 per group from a few thousand possible bios
+    labels = [(b.profession, b.gender) for b in bal]
+    assert labels[:8] != [(0, 0), (0, 1), (1, 0), (1, 1)] * 2   # shuffled, not in group order
+    job_second = collections.Counter()
+    for b in bal:
+        words = b.text.split()
+        assert words[0] in (FEMALE_NAMES if b.gender == 1 else MALE_NAMES), b
+        sentences = b.text.split(" . ")
+        assert len(sentences) == 3
+        job_words = {"university", "students", "exams", "lectures", "research", "lab", "campus",
+                     "hospital", "patients", "ward", "clinic"}
+        job_second[bool(job_words & set(sentences[1].split()))] += 1
+    assert job_second[True] > 800 and job_second[False] > 800   # both orders, about equally
