@@ -95,10 +95,6 @@ class Dictionary(nn.Module):
         f = self.encode(x)
         return f, x - self.decode(f)
 
-    def describe(self):
-        extra = f", k={self.k}" if self.kind == "topk" else ""
-        return f"{self.kind} dictionary {self.d_in} -> {self.n_features}{extra}"
-
 
 class IdentityDictionary(Dictionary):
     """The neuron baseline: features are the site's own coordinates."""
@@ -340,4 +336,8 @@ def saes_hash(saes):
         for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold):
             h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
         h.update(str(sae.k).encode())
+        # Whether b_dec is subtracted before encoding changes f unless b_dec is 0 (identity dictionaries).
+        # Marked only then, so the hashes of dictionaries that subtract it stay what they were.
+        if not sae.subtract_b_dec and bool(sae.b_dec.detach().any()):
+            h.update(b"|b_dec not subtracted")
     return h.hexdigest()

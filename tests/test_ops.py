@@ -345,3 +345,138 @@ def test_node_effects_same_with_and_without_extension(method):
         assert (with_ext[s][0] != 0).any()
         torch.testing.assert_close(with_ext[s][0], without[s][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(with_ext[s][1], without[s][1], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- gaps found by mutation testing
+
+def test_rows_helpers_against_a_loop():
+    n, s = 7, 11
+    dense = torch.randn(n, s, dtype=torch.float64) * (torch.rand(n, s) < 0.4)
+    dense[0], dense[-1] = 0, 0   # empty first and last rows
+    crow, col, val = ops.dense_to_rows(dense)
+    want_col, want_val, want_crow = [], [], [0]
+    for r in range(n):
+        for c in range(s):
+            if dense[r, c] != 0:
+                want_col.append(c)
+                want_val.append(dense[r, c].item())
+        want_crow.append(len(want_col))
+    assert crow.tolist() == want_crow and col.tolist() == want_col and val.tolist() == want_val
+    assert ops.row_ids(crow).tolist() == [r for r in range(n) for _ in range(want_crow[r + 1] - want_crow[r])]
+    back = ops.rows_to_dense(crow, col, val, s)
+    assert back.dtype == torch.float64 and torch.equal(back, dense)
+    e = ops.empty_rows(n, torch.float64)
+    assert e[0].tolist() == [0] * (n + 1) and e[1].numel() == 0 and e[2].dtype == torch.float64
+
+
+@pytest.mark.parametrize("use_ext", paths("cpu"))
+def test_jumprelu_at_exactly_the_threshold_is_off(use_ext):
+    """pre == threshold exactly must give 0 (strict >); the random tests never hit equality. W_enc is a
+    permutation and the biases are 0, so pre is x permuted, exactly."""
+    d = 37
+    perm = torch.randperm(d)
+    W_enc = torch.eye(d, dtype=torch.float64)[:, perm]
+    theta = torch.rand(d, dtype=torch.float64) + 0.5
+    zeros = torch.zeros(d, dtype=torch.float64)
+    x = torch.zeros(3, d, dtype=torch.float64)
+    x[0, perm] = theta                                      # pre == theta everywhere
+    x[1, perm] = torch.nextafter(theta, theta + 1)          # one ulp above: all active
+    x[2, perm] = torch.where(torch.rand(d) < 0.5, theta, theta + 0.25)
+    pre = x @ W_enc
+    assert torch.equal(pre[0], theta)
+    want = torch.stack([zeros, pre[1], torch.where(pre[2] == theta, zeros, pre[2])])
+    crow, col, val = ops.sae_encode_sparse(x, W_enc, zeros, zeros, "jumprelu", theta, use_ext=use_ext)
+    assert crow.diff().tolist() == [0, d, int((x[2, perm] != theta).sum())]
+    assert torch.equal(ops.rows_to_dense(crow, col, val, d), want)
+    assert torch.equal(ops.activate(pre, "jumprelu", theta), want)
+
+
+def test_activate_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown SAE kind 'gelu'"):
+        ops.activate(torch.randn(2, 3), "gelu")
+
+
+@pytest.mark.parametrize("chunk", ["one row", "three rows"])
+def test_reference_encode_across_chunks(monkeypatch, chunk):
+    """The reference encodes a few rows at a time; the real chunk (4M elements) exceeds every test shape,
+    so shrink it: chunks of 1 and of 3 rows (10 rows: the last chunk is short), with the last row of
+    chunks empty (x[:, -1] = -100 silences a row) and an all-active row."""
+    d, s, n = 9, 33, 10
+    W_enc, b_enc, b_dec, theta = make_sae(d, s, torch.default_generator)
+    W_enc[-1], b_dec[-1] = 1.0, 0.0
+    x = torch.randn(n, d, dtype=torch.float64)
+    x[[2, 5, 8, 9], -1] = -100.0
+    x[3, -1] = 100.0
+    monkeypatch.setattr(ops, "_CHUNK_ELEMS", 5 if chunk == "one row" else 3 * s + 5)
+    for kind, k in [("relu", 0), ("jumprelu", 0), ("topk", 4)]:
+        want = dense_encode(x, W_enc, b_enc, b_dec, kind, theta, k)
+        assert (want[[2, 5, 8, 9]] == 0).all() and (want[3] != 0).sum() == (4 if kind == "topk" else s)
+        rows = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, theta, k, use_ext=False)
+        check_rows_form(*rows, n, s)
+        torch.testing.assert_close(ops.rows_to_dense(*rows, s), want, rtol=1e-12, atol=1e-12)
+
+
+def test_use_ext_selects_the_path(monkeypatch):
+    """use_ext=False must run the torch reference even where the extension is built (the tests that compare
+    both paths with an oracle would otherwise test the extension twice); True must not."""
+    calls = []
+    for name in ("_encode_reference", "_attribution_reference"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    x, W = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    b_enc, b_dec = torch.randn(5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    for use_ext in paths("cpu"):
+        calls.clear()
+        rows = ops.sae_encode_sparse(x, W, b_enc, b_dec, "relu", use_ext=use_ext)
+        ops.feature_attribution(x, W.T, rows, ops.empty_rows(3, torch.float64), use_ext=use_ext)
+        assert calls == ([] if use_ext else ["_encode_reference", "_attribution_reference"])
+        torch.testing.assert_close(ops.rows_to_dense(*rows, 5), dense_encode(x, W, b_enc, b_dec, "relu"))
+    # Only cpu and cuda have kernels: on another device the extension is never claimed.
+    assert ops._use_ext(torch.device("meta"), None) is False
+    with pytest.raises(RuntimeError, match="not available for meta"):
+        ops._use_ext(torch.device("meta"), True)
+
+
+@pytest.mark.parametrize("use_ext", paths("cpu"))
+def test_mixed_dtypes_promote(use_ext):
+    """Mixed-precision arguments are computed in the promoted dtype: float32 x with float64 weights gives the
+    float64 result rounded once to float32 (x's dtype), within 1 ulp; float32 gradients with a float64
+    decoder give float64 effects."""
+    d, s, n = 257, 45, 11
+    W_enc, b_enc, b_dec, theta = make_sae(d, s, torch.default_generator)
+    x = torch.randn(n, d)
+    for kind, th in [("relu", None), ("jumprelu", theta.float())]:   # a float32 threshold, float64 pre
+        want = dense_encode(x.double(), W_enc, b_enc, b_dec, kind, theta.float().double())
+        crow, col, val = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, th, use_ext=use_ext)
+        assert val.dtype == torch.float32
+        got = ops.rows_to_dense(crow, col, val, s)
+        assert torch.equal(got != 0, want != 0)
+        # float32 arithmetic would be ~1e-6 off on these sums of 257 terms; one rounding is within 2**-24.
+        torch.testing.assert_close(got.double(), want, rtol=2.0 ** -23, atol=1e-12)
+    g, W_dec = torch.randn(n, d), torch.randn(s, d, dtype=torch.float64)
+    f_c, f_p = rand_features(n, s, torch.default_generator, 0.3, torch.float32), \
+        rand_features(n, s, torch.default_generator, 0.3, torch.float32)
+    crow, col, val = ops.feature_attribution(g, W_dec, ops.dense_to_rows(f_c), ops.dense_to_rows(f_p),
+                                             use_ext=use_ext)
+    assert val.dtype == torch.float64
+    want = dense_attribution(g.double(), W_dec, f_c.double(), f_p.double())
+    torch.testing.assert_close(ops.rows_to_dense(crow, col, val, s), want, rtol=1e-12, atol=1e-12)
+    # sampled_feature_effects promotes over all three arguments, delta included.
+    delta = (f_p - f_c).double()
+    got = ops.sampled_feature_effects(g, W_dec.float(), delta, use_ext=use_ext)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, (g.double() @ W_dec.float().double().T) * delta, rtol=1e-12, atol=1e-12)
+    # 16-bit inputs are computed in float32 on CPU and returned in their own dtype.
+    gb, Wb = g.bfloat16(), W_dec.bfloat16()
+    crow, col, val = ops.feature_attribution(gb, Wb, ops.dense_to_rows(f_c.bfloat16()),
+                                             ops.dense_to_rows(f_p.bfloat16()), use_ext=use_ext)
+    assert val.dtype == torch.bfloat16
+    want = dense_attribution(gb.double(), Wb.double(), f_c.bfloat16().double(), f_p.bfloat16().double())
+    torch.testing.assert_close(ops.rows_to_dense(crow, col, val, s).double(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_error_effect_is_gradient_dot_error_change():
+    g, e_c, e_p = torch.randn(3, 4, 6, dtype=torch.float64).unbind(0)
+    want = torch.tensor([sum(g[n, j].item() * (e_p[n, j].item() - e_c[n, j].item()) for j in range(6))
+                         for n in range(4)], dtype=torch.float64)
+    torch.testing.assert_close(ops.error_effect(g, e_c, e_p), want, rtol=1e-12, atol=1e-12)

@@ -13,15 +13,15 @@ from minicirc.sae import Dictionary, load_sae, site_folder
 D, F = 12, 40
 
 
-def rand_weights(seed):
-    g = torch.Generator().manual_seed(seed)
+def rand_weights():
+    g = None   # torch's global generator: conftest seeds it afresh for every run
     return dict(W_enc=torch.randn(D, F, generator=g), b_enc=torch.randn(F, generator=g) * 0.5,
                 W_dec=torch.randn(F, D, generator=g), b_dec=torch.randn(D, generator=g),
                 threshold=torch.rand(F, generator=g) * 2, x=torch.randn(5, 7, D, generator=g) * 2)
 
 
 def test_relu_formula():
-    w = rand_weights(1)
+    w = rand_weights()
     sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "relu")
     x = w["x"]
     expected = torch.clamp((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], min=0)
@@ -34,7 +34,7 @@ def test_relu_formula():
 
 
 def test_jumprelu_formula_is_strict():
-    w = rand_weights(2)
+    w = rand_weights()
     sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "jumprelu", threshold=w["threshold"],
                      subtract_b_dec=False)
     x = w["x"]
@@ -52,7 +52,7 @@ def test_jumprelu_formula_is_strict():
 
 
 def test_topk_formula():
-    w = rand_weights(3)
+    w = rand_weights()
     k = 5
     sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "topk", k=k)
     x = w["x"].reshape(-1, D)
@@ -90,7 +90,7 @@ def write_dl(folder, state, dict_class=None, **trainer):
 
 
 def test_dictionary_learning_autoencoder(tmp_path):
-    w = rand_weights(4)
+    w = rand_weights()
     # nn.Linear layout: encoder.weight (F, D), decoder.weight (D, F); decoder columns not unit norm.
     write_dl(tmp_path, {"encoder.weight": w["W_enc"].T.clone(), "encoder.bias": w["b_enc"],
                         "decoder.weight": w["W_dec"].T.clone(), "bias": w["b_dec"]}, "AutoEncoder")
@@ -105,7 +105,7 @@ def test_dictionary_learning_autoencoder(tmp_path):
 
 
 def test_dictionary_learning_jumprelu(tmp_path):
-    w = rand_weights(5)
+    w = rand_weights()
     write_dl(tmp_path, {k: w[k] for k in ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]}, "JumpReluAutoEncoder")
     sae = load_sae(tmp_path)
     pre = w["x"] @ w["W_enc"] + w["b_enc"]  # no b_dec subtraction in this class
@@ -113,7 +113,7 @@ def test_dictionary_learning_jumprelu(tmp_path):
 
 
 def test_dictionary_learning_topk_and_batchtopk(tmp_path):
-    w = rand_weights(6)
+    w = rand_weights()
     state = {"encoder.weight": w["W_enc"].T.clone(), "encoder.bias": w["b_enc"], "decoder.weight": w["W_dec"].T.clone(),
              "b_dec": w["b_dec"], "k": torch.tensor(4), "threshold": torch.tensor(0.9)}
     write_dl(tmp_path / "topk", state, "AutoEncoderTopK", k=4)
@@ -145,7 +145,7 @@ def saelens_cfg(arch, **extra):
 
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 def test_saelens_standard(tmp_path, apply_b_dec):
-    w = rand_weights(7)
+    w = rand_weights()
     write_saelens(tmp_path, saelens_cfg("standard", apply_b_dec_to_input=apply_b_dec),
                   {k: w[k] for k in ["W_enc", "b_enc", "W_dec", "b_dec"]})
     sae = load_sae(tmp_path)
@@ -154,7 +154,7 @@ def test_saelens_standard(tmp_path, apply_b_dec):
 
 
 def test_saelens_jumprelu(tmp_path):
-    w = rand_weights(8)
+    w = rand_weights()
     write_saelens(tmp_path, saelens_cfg("jumprelu"), {k: w[k] for k in ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]})
     h = (w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     assert torch.allclose(load_sae(tmp_path).encode(w["x"]), torch.relu(h) * (h > w["threshold"]), atol=1e-5)
@@ -162,7 +162,7 @@ def test_saelens_jumprelu(tmp_path):
 
 @pytest.mark.parametrize("layout", ["6.x", "pre-6", "rescaled"])
 def test_saelens_topk(tmp_path, layout):
-    w = rand_weights(9)
+    w = rand_weights()
     tensors = {k: w[k] for k in ["W_enc", "b_enc", "W_dec", "b_dec"]}
     if layout == "6.x":
         cfg = saelens_cfg("topk", k=6)
@@ -190,7 +190,7 @@ def test_saelens_topk(tmp_path, layout):
 
 
 def test_saelens_unsupported_normalisation(tmp_path):
-    w = rand_weights(10)
+    w = rand_weights()
     write_saelens(tmp_path, saelens_cfg("standard", normalize_activations="layer_norm"),
                   {k: w[k] for k in ["W_enc", "b_enc", "W_dec", "b_dec"]})
     with pytest.raises(MinicircError, match="normalize_activations"):
@@ -199,15 +199,15 @@ def test_saelens_unsupported_normalisation(tmp_path):
 
 # --- trees -----------------------------------------------------------------------------------------
 
-def random_relu(d, n, seed):
-    g = torch.Generator().manual_seed(seed)
+def random_relu(d, n):
+    g = None   # torch's global generator, seeded per run by conftest
     return Dictionary(torch.randn(d, n, generator=g), torch.randn(n, generator=g), torch.randn(n, d, generator=g),
                       torch.randn(d, generator=g), "relu")
 
 
 def test_tree_roundtrip_one_level_deeper(tiny_model_dir, tmp_path):
     model = minicirc.load_model(tiny_model_dir)
-    saes = {s: random_relu(model.cfg.d_model, 24, i) for i, s in enumerate(model.sites)}
+    saes = {s: random_relu(model.cfg.d_model, 24) for s in model.sites}
     minicirc.save_saes(saes, tmp_path / "tree")
     # Move one dictionary one folder deeper, as the original's "10_32768/ae.pt".
     os.makedirs(tmp_path / "tree" / "resid_out_layer1" / "10_24")
@@ -224,18 +224,18 @@ def test_tree_roundtrip_one_level_deeper(tiny_model_dir, tmp_path):
 def test_tree_errors(tiny_model_dir, tmp_path):
     model = minicirc.load_model(tiny_model_dir)
     d = model.cfg.d_model
-    saes = {s: random_relu(d, 8, i) for i, s in enumerate(model.sites)}
+    saes = {s: random_relu(d, 8) for s in model.sites}
     minicirc.save_saes(saes, tmp_path / "t")
     # Ambiguous: two dictionaries one level deeper.
     from minicirc.sae import save_dictionary_learning
-    save_dictionary_learning(random_relu(d, 8, 99), tmp_path / "t" / "mlp_out_layer0" / "other")
+    save_dictionary_learning(random_relu(d, 8), tmp_path / "t" / "mlp_out_layer0" / "other")
     os.makedirs(tmp_path / "t" / "mlp_out_layer0" / "second")
     os.rename(tmp_path / "t" / "mlp_out_layer0" / "ae.pt", tmp_path / "t" / "mlp_out_layer0" / "second" / "ae.pt")
     with pytest.raises(MinicircError, match="ambiguous"):
         minicirc.load_saes(tmp_path / "t", model)
     # Width mismatch.
     minicirc.save_saes(saes, tmp_path / "w")
-    minicirc.save_saes({"attn_0": random_relu(d + 1, 8, 5)}, tmp_path / "w")
+    minicirc.save_saes({"attn_0": random_relu(d + 1, 8)}, tmp_path / "w")
     with pytest.raises(MinicircError, match="does not match the model's d_model"):
         minicirc.load_saes(tmp_path / "w", model)
     # A tree for a deeper model, and a missing site.
@@ -249,7 +249,7 @@ def test_tree_errors(tiny_model_dir, tmp_path):
 
 
 def test_bad_sae_files(tmp_path):
-    w = rand_weights(11)
+    w = rand_weights()
     # Corrupt ae.pt.
     os.makedirs(tmp_path / "c")
     (tmp_path / "c" / "ae.pt").write_bytes(b"\x80\x04garbage")
@@ -331,3 +331,305 @@ def test_saelens_pre6_topk_uses_activation_fn_kwargs_k(tmp_path, arch):
     sae = load_sae(tmp_path)
     assert sae.k == k_kwargs
     np.testing.assert_allclose(sae.encode(torch.from_numpy(x)).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+# --- gaps found by mutation testing: validation, edge cases of each formula, format detection ------
+
+def fresh_weights(d=D, f=F):
+    """Weights from torch's global generator (seeded per test by conftest), float64 for the oracles."""
+    return dict(W_enc=torch.randn(d, f, dtype=torch.float64), b_enc=0.5 * torch.randn(f, dtype=torch.float64),
+                W_dec=torch.randn(f, d, dtype=torch.float64), b_dec=torch.randn(d, dtype=torch.float64),
+                x=2 * torch.randn(9, d, dtype=torch.float64))
+
+
+# The dictionaries compute in float32 and the oracles here in float64: an entry within rounding (~1e-5 here)
+# of a decision point (a jumprelu threshold, the top-k cut) may land on the other side. Compare away from
+# those points, and check that almost everything is compared.
+MARGIN = 1e-3
+
+
+def assert_close_where(got, want, keep):
+    assert keep.float().mean() > 0.75
+    torch.testing.assert_close(got.double()[keep], want[keep], rtol=1e-5, atol=1e-4)
+
+
+def topk_oracle(h, k):
+    """relu of the k largest h per row (sort, not topk), and which rows have a clear gap at the cut."""
+    s = h.sort(dim=-1, descending=True).values
+    want = torch.relu(h) * (h >= s[:, k - 1:k])
+    clear = (s[:, k - 1] - s[:, k]) > MARGIN if k < h.shape[-1] else torch.ones(h.shape[0], dtype=torch.bool)
+    return want, clear[:, None].expand_as(h)
+
+
+def test_dictionary_rejects_inconsistent_construction():
+    w = fresh_weights()
+    W_enc, b_enc, W_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
+    with pytest.raises(MinicircError, match="unknown dictionary kind 'gated'"):
+        Dictionary(W_enc, b_enc, W_dec, b_dec, "gated")
+    for bad in [(W_enc, b_enc, W_dec.T, b_dec), (W_enc, b_enc[:-1], W_dec, b_dec), (W_enc, b_enc, W_dec, b_dec[:-1])]:
+        with pytest.raises(MinicircError, match="inconsistent shapes"):
+            Dictionary(*bad, "relu")
+    for thr in [None, torch.rand(F - 1)]:
+        with pytest.raises(MinicircError, match=rf"jumprelu needs a threshold of shape \({F},\)"):
+            Dictionary(W_enc, b_enc, W_dec, b_dec, "jumprelu", threshold=thr)
+    for k in [None, 0, -2]:
+        with pytest.raises(MinicircError, match="topk needs k >= 1"):
+            Dictionary(W_enc, b_enc, W_dec, b_dec, "topk", k=k)
+    thr = torch.rand(F)
+    thr[int(torch.randint(0, F, ()))] = float("inf")
+    with pytest.raises(MinicircError, match="threshold contains NaN or inf"):
+        Dictionary(W_enc, b_enc, W_dec, b_dec, "jumprelu", threshold=thr)
+    # k given as a 0-d tensor (as stored in state dicts) is kept as a Python int.
+    sae = Dictionary(W_enc, b_enc, W_dec, b_dec, "topk", k=torch.tensor(5))
+    assert type(sae.k) is int and sae.k == 5
+
+
+def test_input_width_checked_on_both_sides_and_for_identity():
+    w = fresh_weights()
+    sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "relu")
+    for width in (D - 1, D + 1):
+        with pytest.raises(MinicircError, match=f"expects inputs of width {D}, got {width}"):
+            sae.encode(torch.randn(3, width))
+    ident = minicirc.sae.IdentityDictionary(D)
+    with pytest.raises(MinicircError, match=f"expects inputs of width {D}, got {D - 1}"):
+        ident.encode(torch.randn(3, D - 1))
+
+
+def test_jumprelu_negative_threshold_acts_as_zero():
+    """Libraries apply relu before (DL: relu(pre * (pre > t))) or with (SAELens: relu(h) * (h > t)) the
+    threshold, so a stored threshold below 0 must not let negative pre-activations through."""
+    w = fresh_weights()
+    thr = torch.rand(F, dtype=torch.float64) * 2
+    thr[: F // 2] = -2 * torch.rand(F // 2, dtype=torch.float64) - 0.5   # half the features: negative
+    sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "jumprelu", threshold=thr)
+    pre = (w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    expected = torch.relu(pre) * (pre > thr)            # SAELens' formula
+    assert ((pre > thr) & (pre < 0)).any()              # the case the test is about occurs
+    assert_close_where(sae.encode(w["x"].float()), expected, (pre - thr).abs() > MARGIN)
+    assert (sae.encode(w["x"].float()) >= 0).all()
+
+
+def test_topk_with_k_above_n_features_keeps_every_positive():
+    w = fresh_weights()
+    sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "topk", k=F + 3)
+    pre = (w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    torch.testing.assert_close(sae.encode(w["x"].float()).double(), torch.relu(pre), rtol=1e-5, atol=1e-4)
+
+
+def test_dictionary_learning_checkpoint_and_non_dict_files(tmp_path):
+    # A pickle holding a global outside torch's weights-only allowlist: a full unpickle would load it.
+    import fractions
+    os.makedirs(tmp_path / "p")
+    torch.save({"encoder.weight": torch.randn(F, D), "note": fractions.Fraction(1, 3)}, tmp_path / "p" / "ae.pt")
+    with pytest.raises(MinicircError, match="weights_only=True.*pickled code"):
+        load_sae(tmp_path / "p")
+    os.makedirs(tmp_path / "t")
+    torch.save(torch.randn(D, F), tmp_path / "t" / "ae.pt")
+    with pytest.raises(MinicircError, match="expected a state dict, found Tensor"):
+        load_sae(tmp_path / "t")
+    for i, ckpt in enumerate([{"ae": {}, "step": 3}, {"ae": {}, "optimizer": {}}]):
+        write_dl(tmp_path / f"ck{i}", ckpt)
+        with pytest.raises(MinicircError, match="training checkpoint"):
+            load_sae(tmp_path / f"ck{i}")
+
+
+def test_dictionary_learning_unsupported_classes(tmp_path):
+    g = {"encoder.weight": torch.randn(F, D), "decoder.weight": torch.randn(D, F), "decoder_bias": torch.randn(D),
+         "r_mag": torch.randn(F), "gate_bias": torch.randn(F), "mag_bias": torch.randn(F)}
+    write_dl(tmp_path / "gated", g)   # no config.json: recognised by r_mag
+    with pytest.raises(MinicircError, match="GatedAutoEncoder is not supported"):
+        load_sae(tmp_path / "gated")
+    m = {"W_enc": torch.randn(D, F), "b_enc": torch.randn(F), "W_dec": torch.randn(F, D), "b_dec": torch.randn(D),
+         "k": torch.tensor(4), "threshold": torch.tensor(0.5), "group_sizes": torch.tensor([F // 2, F // 2])}
+    write_dl(tmp_path / "matryoshka", m, "MatryoshkaBatchTopKSAE", k=4)
+    with pytest.raises(MinicircError, match="MatryoshkaBatchTopKSAE is not supported"):
+        load_sae(tmp_path / "matryoshka")
+
+
+def test_dictionary_learning_class_inferred_without_config(tmp_path):
+    """No config.json: AutoEncoder (encoder.weight + bias) and JumpReluAutoEncoder (W_enc + threshold) are
+    told apart by their keys, each with its own encoder formula."""
+    w = fresh_weights()
+    x = w["x"]
+    write_dl(tmp_path / "ae", {"encoder.weight": w["W_enc"].T.float(), "encoder.bias": w["b_enc"].float(),
+                               "decoder.weight": w["W_dec"].T.float(), "bias": w["b_dec"].float()})
+    norms = w["W_dec"].norm(dim=1)
+    want = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms
+    torch.testing.assert_close(load_sae(tmp_path / "ae").encode(x.float()).double(), want, rtol=1e-5, atol=1e-4)
+    thr = torch.rand(F, dtype=torch.float64)
+    write_dl(tmp_path / "jr", {"W_enc": w["W_enc"].float(), "b_enc": w["b_enc"].float(), "W_dec": w["W_dec"].float(),
+                               "b_dec": w["b_dec"].float(), "threshold": thr.float()})
+    pre = x @ w["W_enc"] + w["b_enc"]
+    sae = load_sae(tmp_path / "jr")
+    assert sae.kind == "jumprelu"
+    assert_close_where(sae.encode(x.float()), torch.relu(pre * (pre > thr)), (pre - thr).abs() > MARGIN)
+
+
+def test_dictionary_learning_errors_and_k_from_state(tmp_path):
+    w = fresh_weights()
+    dec = w["W_dec"].T.float().clone()
+    dec[:, int(torch.randint(0, F, ()))] = 0
+    write_dl(tmp_path / "zero", {"encoder.weight": w["W_enc"].T.float(), "encoder.bias": w["b_enc"].float(),
+                                 "decoder.weight": dec, "bias": w["b_dec"].float()}, "AutoEncoder")
+    with pytest.raises(MinicircError, match="all-zero feature direction"):
+        load_sae(tmp_path / "zero")
+    state = {"encoder.weight": w["W_enc"].T.float(), "encoder.bias": w["b_enc"].float(),
+             "decoder.weight": w["W_dec"].T.float(), "b_dec": w["b_dec"].float(), "k": torch.tensor(5)}
+    write_dl(tmp_path / "batch", state, "BatchTopKSAE")
+    with pytest.raises(MinicircError, match="BatchTopKSAE file lacks its threshold"):
+        load_sae(tmp_path / "batch")
+    # AutoEncoderTopK keeps k as a buffer: the state's k is used when the config has none.
+    write_dl(tmp_path / "topk", state, "AutoEncoderTopK")
+    sae = load_sae(tmp_path / "topk")
+    assert sae.k == 5
+    want, clear = topk_oracle((w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 5)
+    assert_close_where(sae.encode(w["x"].float()), want, clear)
+
+
+def test_save_dictionary_learning_refuses_other_kinds(tmp_path):
+    from minicirc.sae import save_dictionary_learning
+    w = fresh_weights()
+    for kw in [dict(kind="jumprelu", threshold=torch.rand(F)), dict(kind="topk", k=3),
+               dict(kind="relu", subtract_b_dec=False)]:
+        sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], **kw)
+        with pytest.raises(MinicircError, match="only relu dictionaries that subtract b_dec"):
+            save_dictionary_learning(sae, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out" / "ae.pt")
+
+
+def _saelens_tensors(w, threshold=None):
+    t = {k: w[k].float() for k in ["W_enc", "b_enc", "W_dec", "b_dec"]}
+    if threshold is not None:
+        t["threshold"] = threshold.float()
+    return t
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_saelens_apply_b_dec_false_for_jumprelu_and_topk(tmp_path, arch):
+    w = fresh_weights()
+    w["b_dec"] += 2.0   # far from 0, so the two readings differ
+    thr = torch.rand(F, dtype=torch.float64)
+    write_saelens(tmp_path, saelens_cfg(arch, apply_b_dec_to_input=False, k=6),
+                  _saelens_tensors(w, thr if arch == "jumprelu" else None))
+    h = w["x"] @ w["W_enc"] + w["b_enc"]   # no b_dec subtraction
+    if arch == "jumprelu":
+        want, keep = torch.relu(h) * (h > thr), (h - thr).abs() > MARGIN
+    else:
+        want, keep = topk_oracle(h, 6)
+    assert_close_where(load_sae(tmp_path).encode(w["x"].float()), want, keep)
+
+
+@pytest.mark.parametrize("cfg_extra, expected_k", [
+    ({}, 7),                                                     # flat, no version, no metadata: pre-6
+    ({"metadata": {"hook_name": "blocks.0.hook_resid_post"}}, 3),  # metadata block: 6.x
+    ({"metadata": {"sae_lens_version": "6.0.0"}}, 3),
+    ({"metadata": {"sae_lens_version": "5.9.1"}}, 7),          # version only in metadata
+    ({"sae_lens_version": "not-a-version"}, 3),                  # unparsable: not read as pre-6
+])
+def test_saelens_layout_decides_which_k(tmp_path, cfg_extra, expected_k):
+    """DESIGN/notes: a version below 6.0 (top level, else metadata), or no version and no metadata block,
+    means the flat pre-6.0 layout, where k is activation_fn_kwargs.k; otherwise the top-level k."""
+    w = fresh_weights()
+    cfg = {"architecture": "topk", "d_in": D, "d_sae": F, "k": 3, "activation_fn_kwargs": {"k": 7},
+           "apply_b_dec_to_input": True, "normalize_activations": "none", **cfg_extra}
+    write_saelens(tmp_path, cfg, _saelens_tensors(w))
+    assert load_sae(tmp_path).k == expected_k
+
+
+def test_saelens_cfg_variants(tmp_path):
+    w = fresh_weights()
+    tensors = _saelens_tensors(w)
+    relu = torch.relu((w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    # Old configs: no architecture field (standard), normalize_activations null or expected_average_only_in
+    # (no factor stored in the folder: inputs are not rescaled).
+    for i, norm in enumerate([None, "expected_average_only_in"]):
+        cfg = {"d_in": D, "d_sae": F, "apply_b_dec_to_input": True, "normalize_activations": norm,
+               "hook_name": "blocks.0.hook_resid_post"}
+        write_saelens(tmp_path / f"old{i}", cfg, tensors)
+        sae = load_sae(tmp_path / f"old{i}")
+        assert sae.kind == "relu"
+        torch.testing.assert_close(sae.encode(w["x"].float()).double(), relu, rtol=1e-5, atol=1e-4)
+    # activation_fn_str (older name of activation_fn) selects top-k in a "standard" config.
+    cfg = {"architecture": "standard", "d_in": D, "d_sae": F, "activation_fn_str": "topk",
+           "activation_fn_kwargs": {"k": 4}, "apply_b_dec_to_input": True, "sae_lens_version": "3.0.0"}
+    write_saelens(tmp_path / "str", cfg, tensors)
+    sae = load_sae(tmp_path / "str")
+    assert sae.kind == "topk" and sae.k == 4
+    assert_close_where(sae.encode(w["x"].float()), *topk_oracle((w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 4))
+    # top-k without any k; weights file missing.
+    cfg = saelens_cfg("topk")
+    write_saelens(tmp_path / "nok", cfg, tensors)
+    with pytest.raises(MinicircError, match="topk architecture without k"):
+        load_sae(tmp_path / "nok")
+    write_saelens(tmp_path / "now", saelens_cfg("standard"), tensors)
+    os.remove(tmp_path / "now" / "sae_weights.safetensors")
+    with pytest.raises(MinicircError, match="lacks sae_weights.safetensors"):
+        load_sae(tmp_path / "now")
+
+
+def test_load_sae_path_errors(tmp_path):
+    with pytest.raises(MinicircError, match="does not exist"):
+        load_sae(tmp_path / "nowhere")
+    (tmp_path / "weights.safetensors").write_bytes(b"{}")
+    with pytest.raises(MinicircError, match="expected an ae.pt file or a SAELens folder"):
+        load_sae(tmp_path / "weights.safetensors")
+    with pytest.raises(MinicircError, match="SAE directory .* does not exist"):
+        minicirc.load_saes(tmp_path / "nowhere", None)
+
+
+def test_saes_hash_identifies_dictionaries():
+    """circuit.json records saes_hash; loading a circuit checks it. Same dictionaries in any insertion
+    order: same hash; any difference that changes f (kind, k, threshold, a weight): another hash."""
+    from minicirc.sae import saes_hash
+    w = fresh_weights()
+    thr = torch.rand(F)
+
+    def make(**kw):
+        args = {"kind": "jumprelu", "threshold": thr, **kw}
+        return Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], **args)
+
+    base = {"embed": make(), "resid_0": make(kind="topk", k=4, threshold=None)}
+    h = saes_hash(base)
+    assert saes_hash({"resid_0": base["resid_0"], "embed": base["embed"]}) == h
+    assert saes_hash({"embed": make(), "resid_0": make(kind="topk", k=torch.tensor(4), threshold=None)}) == h
+    variants = [{"embed": make(threshold=thr + 0.25), "resid_0": base["resid_0"]},
+                {"embed": make(), "resid_0": make(kind="topk", k=5, threshold=None)},
+                {"embed": make(kind="relu", threshold=None), "resid_0": base["resid_0"]},
+                {"embed": make(), "resid_1": base["resid_0"]},
+                {"embed": make(subtract_b_dec=False), "resid_0": base["resid_0"]}]   # b_dec != 0: f differs
+    assert len({saes_hash(v) for v in variants} | {h}) == len(variants) + 1
+    # Where it changes nothing (b_dec == 0, the neuron baseline), subtracting b_dec or not hashes the same.
+    zero = {k: v for k, v in w.items()}
+    zero["b_dec"] = torch.zeros(D, dtype=torch.float64)
+    same = [Dictionary(zero["W_enc"], zero["b_enc"], zero["W_dec"], zero["b_dec"], "relu", subtract_b_dec=sub)
+            for sub in (True, False)]
+    assert saes_hash({"embed": same[0]}) == saes_hash({"embed": same[1]})
+    # The kind alone: a relu dictionary with the identity's weights computes relu(x), not x.
+    eye = torch.eye(D)
+    relu_eye = Dictionary(eye, torch.zeros(D), eye, torch.zeros(D), "relu", subtract_b_dec=False)
+    assert saes_hash({"embed": relu_eye}) != saes_hash({"embed": minicirc.sae.IdentityDictionary(D)})
+
+
+def test_site_folder_names_match_the_original_tree():
+    """DESIGN section 3: embed/, attn_out_layer{l}/, mlp_out_layer{l}/, resid_out_layer{l}/."""
+    layer = int(torch.randint(0, 24, ()))
+    assert [site_folder(s) for s in ["embed", f"attn_{layer}", f"mlp_{layer}", f"resid_{layer}"]] == \
+        ["embed", f"attn_out_layer{layer}", f"mlp_out_layer{layer}", f"resid_out_layer{layer}"]
+
+
+def test_load_saes_ignores_stray_files(tmp_path):
+    """Only folders name sites: a README or .DS_Store beside them is not a 'folder that matches no site'."""
+    from types import SimpleNamespace
+    sites = ["embed", "attn_0", "mlp_0", "resid_0"]
+    model = SimpleNamespace(sites=sites, cfg=SimpleNamespace(d_model=D, n_layers=1))
+    w = fresh_weights()
+    saes = {s: Dictionary(w["W_enc"], w["b_enc"] + i, w["W_dec"], w["b_dec"], "relu") for i, s in enumerate(sites)}
+    minicirc.save_saes(saes, tmp_path / "t")
+    (tmp_path / "t" / "README.md").write_text("dictionaries for a 1-layer model\n")
+    (tmp_path / "t" / ".DS_Store").write_bytes(b"\0")
+    loaded = minicirc.load_saes(tmp_path / "t", model)
+    assert sorted(loaded) == sorted(sites)
+    x = w["x"].float()
+    for s in sites:   # loading rescales to unit decoder rows: reconstructions are what is preserved
+        torch.testing.assert_close(loaded[s].decode(loaded[s].encode(x)), saes[s].decode(saes[s].encode(x)),
+                                   rtol=1e-4, atol=1e-4)
