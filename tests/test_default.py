@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -39,10 +40,62 @@ def test_sae_training_explains_variance():
     assert stats == pytest.approx(train.sae_stats(sae, x))
 
 
-def test_saved_default_reproduces_the_in_memory_model(cache):
+def _brute_agreement_accuracy(model, tok, n=200, seed=1):
+    """Per template, the fraction of held-out examples whose right verb form outscores the wrong one at the
+    last prefix token: each prefix encoded on its own, prefixes of one length run together (no padding)."""
+    from minicirc.tasks import agreement
+    out = {}
+    for template in agreement.TEMPLATES:
+        examples = agreement.make_examples(template, n, seed=seed, split="test")
+        by_length = {}
+        for ex in examples:
+            good, bad = (tok.encode(a).ids for a in (ex.clean_answer, ex.patch_answer))
+            assert len(good) == len(bad) == 1
+            ids = tok.encode(ex.clean_prefix).ids
+            by_length.setdefault(len(ids), []).append((ids, good[0], bad[0]))
+        right = 0
+        with torch.no_grad():
+            for rows in by_length.values():
+                logits = model(torch.tensor([ids for ids, _, _ in rows]))[:, -1]
+                right += sum(int(lg[g] > lg[b]) for lg, (_, g, b) in zip(logits, rows))
+        out[template] = right / len(examples)
+    return out
+
+
+def test_saved_default_reproduces_the_in_memory_model(cache, monkeypatch):
     folder = default.default_dir("quick", 3)
-    model, saes, tok, stats = default.make_default(folder, "quick", seed=3, progress=False)
-    loaded, loaded_saes, loaded_tok, loaded_stats, _ = default.get_default("quick", seed=3, progress=False)
+    # The cache folder is under $MINICIRC_CACHE and named by recipe and seed.
+    assert os.path.dirname(folder) == str(cache)
+    assert len({default.default_dir(r, s) for r in ("quick", "full") for s in (3, 4)}) == 4
+    seen = []
+    real_train_lm = train.train_lm
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_lm", lambda *a, **kw: seen.append(real_train_lm(*a, **kw)) or seen[-1])
+        model, saes, tok, stats = default.make_default(folder, "quick", seed=3, progress=False)
+    (losses,) = seen
+    assert stats["lm_loss_first"] == losses[0]
+    assert stats["lm_loss_last"] == pytest.approx(sum(losses[-50:]) / len(losses[-50:]))
+    assert stats["agreement_accuracy"] == pytest.approx(_brute_agreement_accuracy(model, tok))
+    assert set(stats["saes"]) == set(model.sites)
+    # Ordinary user data: others may read it; no temporary folder is left behind.
+    assert os.stat(folder).st_mode & 0o777 == 0o755
+    assert not [f for f in os.listdir(cache) if f.startswith(".tmp-default-")]
+    # A failure while writing leaves an earlier folder as it was and no temporary folder behind.
+    broken = default.default_dir("quick", 5)
+    os.makedirs(broken)
+    open(os.path.join(broken, "earlier.txt"), "w").close()
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_lm", lambda model, seqs, steps, **kw: [float(s) for s in range(steps, 0, -1)])
+        m.setattr(default, "save_saes", lambda *a, **kw: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError, match="disk full"):
+            default.make_default(broken, "quick", seed=5, progress=False)
+    assert os.listdir(broken) == ["earlier.txt"]
+    assert not [f for f in os.listdir(cache) if f.startswith(".tmp-default-")]
+    # A cached default is loaded, never retrained.
+    with monkeypatch.context() as m:
+        m.setattr(default, "make_default", lambda *a, **kw: pytest.fail("retrained a cached default"))
+        loaded, loaded_saes, loaded_tok, loaded_stats, _ = default.get_default("quick", seed=3, progress=False)
+    assert loaded_stats == json.loads(json.dumps(stats))
     tokens = torch.tensor([tok.encode("the author near the guards").ids])
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=1e-6)
@@ -53,14 +106,147 @@ def test_saved_default_reproduces_the_in_memory_model(cache):
     assert set(stats["agreement_accuracy"]) == {"simple", "nounpp", "within_rc", "rc"}
     # Same seed, same files.
     again = default.default_dir("quick", 4)
+    assert os.path.dirname(again) == str(cache)
+    os.makedirs(os.path.join(again, "model"))
+    open(os.path.join(again, "model", "stale.txt"), "w").close()     # an earlier, broken folder is replaced
     default.make_default(again, "quick", seed=3, progress=False)
+    assert not os.path.exists(os.path.join(again, "model", "stale.txt"))
+    assert not [f for f in os.listdir(cache) if f.startswith(".tmp-default-")]
     for name in ["model/model.safetensors", "saes/resid_out_layer1/ae.pt"]:
         assert (open(os.path.join(folder, name), "rb").read() == open(os.path.join(again, name), "rb").read()), name
 
 
-def test_demo_reduced_budget(cache, tmp_path):
-    from minicirc.demo import run_demo
-    results = run_demo(str(tmp_path / "demo"), quick=True, progress=False)
+def _brute_interpretability(model, dicts, batch, nodes):
+    """{node id: {variable: max(AUROC, 1 - AUROC)}} over the tokens where each variable is defined and takes
+    both values, the AUROC counted over every (positive, negative) pair (ties half)."""
+    from minicirc.demo import token_variables
+    acts = {}
+    with torch.no_grad():
+        model(batch.clean, cache=acts)
+    variables = [token_variables(ex) for ex in batch.examples]
+    out = {}
+    for n in nodes:
+        with torch.no_grad():
+            a = dicts[n["site"]].encode(acts[n["site"]])[..., n["feature"]]
+        best = {}
+        for name in {k for v in variables for k in v}:
+            cells = [(a[b, p].item(), y) for b, v in enumerate(variables) for p, y in enumerate(v.get(name, []))
+                     if y is not None]
+            pos = torch.tensor([x for x, y in cells if y == 1], dtype=torch.float64)
+            neg = torch.tensor([x for x, y in cells if y == 0], dtype=torch.float64)
+            if len(pos) and len(neg):
+                u = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean().item()
+                best[name] = max(u, 1 - u)
+        out[n["id"]] = best
+    return out
+
+
+def _check_interpretability(got, best, nid, tol):
+    """got = (best variable, score) as the demo reports it; best = the brute-force score of every variable."""
+    name, score = got
+    top = max(best.values(), default=0.5)
+    assert score == pytest.approx(max(top, 0.5), abs=tol), nid
+    if top > 0.5:
+        assert best[name] == pytest.approx(top, abs=1e-9), nid
+    else:
+        assert name is None, nid
+
+
+def test_demo_reduced_budget(cache, tmp_path, monkeypatch):
+    from minicirc import demo, evaluation, viz
+    from minicirc.data import tokenize
+    from minicirc.errors import MinicircError
+    from minicirc.sae import identity_saes
+    from minicirc.tasks import agreement
+    curves, targets = {}, []
+    real_plot, real_nodes_for = viz.plot_faithfulness, evaluation.nodes_for_faithfulness
+    monkeypatch.setattr(viz, "plot_faithfulness", lambda c, *a, **kw: curves.update(c) or real_plot(c, *a, **kw))
+    monkeypatch.setattr(evaluation, "nodes_for_faithfulness",
+                        lambda points, target=0.9: targets.append(target) or real_nodes_for(points, target))
+    results = demo.run_demo(str(tmp_path / "demo"), quick=True, progress=False)
+    report = (tmp_path / "demo" / "report.md").read_text()
+    with pytest.raises(MinicircError, match="overwrite"):
+        demo.run_demo(str(tmp_path / "demo"), quick=True, progress=False)
+    assert (tmp_path / "demo" / "report.md").read_text() == report
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    cfg, stats = results["_meta"]["settings"], results["_meta"]["stats"]
+    # The report's numbers are the results' numbers.
+    acc = dict(re.findall(r"(\w+) ([\d.]+)%", re.search(r"Agreement accuracy on held-out sentences: (.*)", report).group(1)))
+    assert {t: float(v) for t, v in acc.items()} == pytest.approx({t: 100 * a for t, a in stats["agreement_accuracy"].items()}, abs=0.051)
+    for site, v in stats["saes"].items():
+        assert f"| {site} | {v['variance_explained']:.3f} | {v['l0']:.1f} |" in report
+    number = lambda cell, want, tol: (cell == "—" if want is None or want != want  # noqa: E731
+                                      else abs(float(cell) - want) <= tol)
+    for t in agreement.TEMPLATES:
+        section = report.split(f"## {t}\n")[1].split("\n## ")[0]
+        full = float(re.search(r"full-model faithfulness (-?\d+\.\d+)", section).group(1))
+        assert full == pytest.approx(results["_meta"]["full_model_faithfulness"][t], abs=5e-4)
+        for kind in ("features", "neurons"):
+            r = results[t][kind]
+            cells = re.search(rf"^\| {kind} \|(.*)\|$", section, re.M).group(1).split("|")
+            cells = [c.strip() for c in cells]
+            assert [int(cells[0]), int(cells[1])] == [r["nodes"], r["edges"]]
+            for cell, key in zip(cells[2:], ("faithfulness", "completeness", "nodes_for_0.9", "interpretability_top_k")):
+                assert number(cell, r[key], 0.0051), (t, kind, key, cell, r[key])
+            assert saved[t][kind]["nodes"] == r["nodes"] and saved[t][kind]["faithfulness"] == pytest.approx(r["faithfulness"], nan_ok=True)
+            # Counts and scores against the circuit it wrote.
+            data = json.loads((tmp_path / "demo" / t / kind / "circuit.json").read_text())
+            assert (r["nodes"], r["edges"]) == (len(data["nodes"]), len(data["edges"]))
+            # Every feature node has its top contexts saved for the page (error nodes have none).
+            features = {f"{n['site']}/{n['feature']}" for n in data["nodes"] if n["feature"] != "err"}
+            ctx_file = tmp_path / "demo" / t / kind / "contexts.json"
+            assert (set(json.loads(ctx_file.read_text())) if ctx_file.exists() else set()) == features
+            top = sorted((n for n in data["nodes"] if n["feature"] != "err"), key=lambda n: -abs(n["effect"]))
+            scores = [n["interpretability"] for n in top][:cfg["top_k"]]
+            assert r["interpretability_top_k"] == (pytest.approx(sum(scores) / len(scores), abs=1e-4) if scores
+                                                   else pytest.approx(float("nan"), nan_ok=True))
+            # The plotted curve is every sweep point; nodes for 0.9 is the smallest circuit reaching 0.9.
+            assert len(r["sweep"]) == len(cfg["sweep"])
+            assert curves[f"{t} {kind}"] == [(p["n_nodes"], p["faithfulness"]) for p in r["sweep"]]
+            reach = [p["n_nodes"] for p in r["sweep"] if p["faithfulness"] >= 0.9]
+            assert r["nodes_for_0.9"] == (min(reach) if reach else None)
+    assert targets == [0.9] * 8   # the sweeps above rarely reach 0.9 on the quick model: the target asked
+    assert results["nounpp"]["description"] in report
+    # The largest circuit recomputed: faithfulness and completeness of its nodes on held-out examples.
+    model, saes, tok, _, _ = default.get_default("quick", progress=False)
+    kinds = {"features": saes, "neurons": identity_saes(model)}
+    t, kind = max(((t, k) for t in agreement.TEMPLATES for k in kinds), key=lambda tk: results[tk[0]][tk[1]]["nodes"])
+    assert results[t][kind]["nodes"] > 0
+    data = json.loads((tmp_path / "demo" / t / kind / "circuit.json").read_text())
+    held = tokenize(agreement.make_examples(t, cfg["n_eval"], seed=2, split="test"), tok)
+    faith = evaluation.faithfulness(model, kinds[kind], held, data["nodes"])
+    for key in ("faithfulness", "completeness"):
+        assert results[t][kind][key] == pytest.approx(faith[key], abs=1e-6, nan_ok=True), key
+    # Interpretability of every circuit's strongest nodes, by a pairwise count over the held-out tokens.
+    for t in agreement.TEMPLATES:
+        interp = tokenize(agreement.make_examples(t, cfg["n_interp"], seed=3, split="test"), tok)
+        for kind, dicts in kinds.items():
+            data = json.loads((tmp_path / "demo" / t / kind / "circuit.json").read_text())
+            top = sorted((n for n in data["nodes"] if n["feature"] != "err"), key=lambda n: -abs(n["effect"]))[:3]
+            want = _brute_interpretability(model, dicts, interp, top)
+            for n in top:
+                _check_interpretability((n["best_variable"], n["interpretability"]), want[n["id"]], n["id"], 1e-4)
+    # Directly, on sentences whose subjects are all singular (so subject number is no variable there), for
+    # random active features and random neurons.
+    examples = [ex for ex in agreement.make_examples("nounpp", 60, seed=int(torch.randint(0, 10**6, ()).item()),
+                                                     split="test") if ex.latents["subject_plural"] == 0]
+    batch = tokenize(examples, tok)
+    acts = {}
+    with torch.no_grad():
+        model(batch.clean, cache=acts)
+    for kind, dicts in kinds.items():
+        nodes = []
+        for site in model.sites:
+            with torch.no_grad():
+                active = (dicts[site].encode(acts[site]) != 0).flatten(0, -2).any(0).nonzero().flatten().tolist()
+            for f in [active[i] for i in torch.randperm(len(active))[:2].tolist()]:
+                nodes.append({"id": f"{site}/{f}", "site": site, "feature": f})
+        got = demo.node_interpretability(model, dicts, batch, nodes)
+        want = _brute_interpretability(model, dicts, batch, nodes)
+        assert set(got) == {n["id"] for n in nodes}
+        for nid, (name, score) in got.items():
+            assert name != "subject is plural"
+            _check_interpretability((name, score), want[nid], nid, 1e-9)
     report = (tmp_path / "demo" / "report.md").read_text()
     for t in ("simple", "nounpp", "within_rc", "rc"):
         assert f"## {t}" in report
@@ -185,3 +371,102 @@ def test_train_sae_does_not_depend_on_the_input_scale():
     torch.testing.assert_close(big.encode(c * x) / c, sae.encode(x), rtol=0, atol=1e-3 * rms.item())
     torch.testing.assert_close(big.decode(big.encode(c * x)) / c, sae.decode(sae.encode(x)), rtol=0,
                                atol=1e-3 * rms.item())
+
+
+def test_auroc_of_one_class_is_undefined():
+    from minicirc.demo import auroc
+    scores = torch.rand(int(torch.randint(1, 20, ()).item())).numpy()
+    for label in (0, 1):
+        assert auroc(scores, [label] * len(scores)) is None
+
+
+def test_token_variables_match_the_words():
+    """The number variables against the sentence's own words: a noun or verb form is plural by the grammar's
+    lexicon; the subject's number holds from the subject on, the second noun's from the second noun on, and
+    the number the next verb needs (the answer's) only at the last token."""
+    from minicirc.demo import token_variables
+    from minicirc.tasks import agreement
+    plural_nouns, singular_nouns = set(agreement.NOUNS.values()), set(agreement.NOUNS)
+    plural_verbs = {p for _, p in agreement.MAIN_VERBS.values()}
+    singular_verbs = {s for s, _ in agreement.MAIN_VERBS.values()}
+    seed = int(torch.randint(0, 10**6, ()).item())
+    for template in agreement.TEMPLATES:
+        for ex in agreement.make_examples(template, 20, seed=seed, split="train"):
+            words = ex.clean_prefix.split()
+            T = len(words)
+            got = token_variables(ex)
+            number = [1 if w in plural_nouns | plural_verbs else 0 if w in singular_nouns | singular_verbs else None
+                      for w in words]
+            assert got["token is plural"] == number
+            subj = 1   # "the <subject> ..."
+            assert got["subject is plural"] == [None] * subj + [number[subj]] * (T - subj)
+            answer = ex.clean_answer.strip()
+            assert answer in plural_verbs | singular_verbs
+            assert got["next verb must be plural"] == [None] * (T - 1) + [int(answer in plural_verbs)]
+            if template == "simple":
+                assert set(got) == {"subject is plural", "token is plural", "next verb must be plural"}
+            else:
+                second = 4   # "the <subject> near|that the <second noun> ..."
+                assert words[second] in plural_nouns | singular_nouns
+                assert got["second noun is plural"] == [None] * second + [number[second]] * (T - second)
+
+
+def test_describe_nounpp_names_the_strongest_number_features():
+    """Feature nodes whose best variable is a number of the subject, the token or the next verb, with score
+    >= 0.8, listed per site in site order, the 3 of largest |effect| by name and the rest counted."""
+    import random
+    from minicirc.demo import describe_nounpp
+    rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
+    sites = ["embed", "attn_0", "mlp_0", "resid_0", "attn_1", "mlp_1", "resid_1"]
+    good = ("subject is plural", "token is plural", "next verb must be plural")
+    rich, empty = rng.sample(sites, 2)   # one site with many qualifying nodes, one with none at all
+    nodes, interp = [], {}
+    for site in sites:
+        if site == empty:
+            continue
+        feats = rng.sample(range(500), rng.randrange(6, 12) if site == rich else rng.randrange(0, 6))
+        for j, f in enumerate(feats):
+            effect = rng.choice((-1, 1)) * rng.uniform(0.01, 2)
+            if site == rich and j < 5:   # qualifying, one exactly at 0.8, the strongest negative
+                name, score = good[j % 3], (0.8 if j == 0 else rng.uniform(0.8, 1))
+                effect = -3.0 if j == 1 else effect
+            else:                        # near misses as well as random ones
+                name = rng.choice(good + ("second noun is plural", None))
+                score = rng.choice((0.79, 0.8, rng.uniform(0.5, 1)))
+            nodes.append({"id": f"{site}/{f}", "site": site, "feature": f, "effect": effect})
+            interp[f"{site}/{f}"] = (name, score)
+        if rng.random() < 0.5:           # strongest node of the site, but not a number variable's
+            f = 500 + sites.index(site)
+            nodes.append({"id": f"{site}/{f}", "site": site, "feature": f, "effect": -5.0})
+            interp[f"{site}/{f}"] = ("second noun is plural", 1.0)
+        nodes.append({"id": f"{site}/err", "site": site, "feature": "err", "effect": rng.uniform(-9, 9)})
+    rng.shuffle(nodes)
+    qualifying = {}
+    for n in nodes:
+        name, score = interp.get(n["id"], (None, 0))
+        if n["feature"] != "err" and name in good and score >= 0.8:
+            qualifying.setdefault(n["site"], []).append((abs(n["effect"]), n["feature"]))
+    text = describe_nounpp({"sites": sites, "nodes": nodes}, interp)
+    parts = re.findall(r"at (\w+): features (.*?)(?=; at |\. Ablating)", text)
+    assert [p[0] for p in parts] == [s for s in sites if s in qualifying]
+    for site, body in parts:
+        ranked = [f for _, f in sorted(qualifying[site], reverse=True)]
+        assert [int(f) for f in re.findall(r"(?:^|\), )(\d+) \(", body)] == ranked[:3]
+        more = re.search(r" and (\d+) more$", body)
+        assert (int(more.group(1)) if more else 0) == max(0, len(ranked) - 3)
+        for f in ranked[:3]:
+            name, score = interp[f"{site}/{f}"]
+            effect = next(n["effect"] for n in nodes if n["id"] == f"{site}/{f}")
+            assert f"{f} ({name}, AUROC {score:.2f}, effect {effect:+.2f})" in body
+    # Nothing qualifies: said so.
+    none = {nid: (name, min(score, 0.79)) for nid, (name, score) in interp.items()}
+    assert describe_nounpp({"sites": sites, "nodes": nodes}, none).startswith("No feature node")
+
+
+def test_report_fmt_marks_missing_numbers():
+    from minicirc.demo import fmt
+    x = float(torch.randn(()).item())
+    assert fmt(None) == fmt(float("nan")) == "—"
+    assert fmt(x) == format(x, ".2f") and fmt(x, ".3f") == format(x, ".3f")
+    n = int(torch.randint(0, 999, ()).item())
+    assert fmt(n, "d") == str(n)
