@@ -34,6 +34,7 @@ Choices (the design leaves them open):
   equals the gender label) and worst-group accuracy (the lowest profession accuracy over the four
   (profession, gender) groups).
 """
+import functools
 import json
 import os
 import time
@@ -343,10 +344,15 @@ def pooled_features(model, saes, batch, features, batch_size=256):
         cache = {}
         model(b.clean, cache=cache, stop_at=last_site)
         m = real_mask(b.clean, b.last)
-        block = torch.zeros(len(b), len(features), device=b.clean.device)
+        pooled_site = {}
         for site, (cols, feats) in by_site.items():
             f = saes[site].encode(cache[site])[..., torch.tensor(feats, device=b.clean.device)]
-            block[:, cols] = (f * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+            pooled_site[site] = (f * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        # The dictionaries' dtype (float64 ones stay float64), not the default float32.
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in pooled_site.values()))
+        block = torch.zeros(len(b), len(features), device=b.clean.device, dtype=dtype)
+        for site, (cols, _) in by_site.items():
+            block[:, cols] = pooled_site[site].to(dtype)
         out.append(block)
     return torch.cat(out)
 

@@ -231,3 +231,174 @@ def test_load_texts_keeps_each_distinct_prefix_once_in_file_order(tmp_path):
     lines = tmp_path / "texts.txt"
     lines.write_text("\n".join(every[:4] + ["", every[0]] + every[4:]) + "\n")
     assert explain.load_texts(lines) == expected
+
+
+# --- gaps found by mutation testing ---------------------------------------------------------------------
+
+class _Enc:
+    def __init__(self, ids, offsets):
+        self.ids, self.offsets = ids, offsets
+
+
+class _CharTokenizer:
+    """One token per character (id = its position in `alphabet`), or a fixed encoding per text."""
+    def __init__(self, alphabet, fixed=None):
+        self.alphabet, self.fixed = alphabet, fixed or {}
+
+    def encode(self, text, add_special_tokens=False):
+        if text in self.fixed:
+            return _Enc(*self.fixed[text])
+        return _Enc([self.alphabet.index(c) for c in text], [(i, i + 1) for i in range(len(text))])
+
+    def id_to_token(self, i):
+        return f"<t{i}>"
+
+
+def test_tokenize_texts_truncates_checks_the_vocabulary_and_keeps_surface_strings():
+    model, _, _ = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
+    V, L = model.cfg.vocab_size, model.cfg.max_len
+    alphabet = "".join(chr(ord("a") + i) for i in range(V))            # ids 0..V-1, all in the vocabulary
+    n = L + int(torch.randint(1, 10, ()))
+    long = "".join(alphabet[int(i)] for i in torch.randint(0, V, (n,)))
+    tok = _CharTokenizer(alphabet + "!")                                 # "!" is id V: outside the vocabulary
+    got = explain.tokenize_texts(["", long, "ab"], tok, model)          # the empty text is skipped
+    assert [ids for ids, _ in got] == [[alphabet.index(c) for c in long[:L]], [0, 1]]
+    assert [strs for _, strs in got] == [list(long[:L]), ["a", "b"]]
+    assert len(explain.tokenize_texts([long], tok)[0][0]) == n           # no model: nothing to truncate to
+    with pytest.raises(minicirc.MinicircError, match="out of the model's vocabulary"):
+        explain.tokenize_texts(["ab!"], tok, model)
+    with pytest.raises(minicirc.MinicircError, match="empty"):
+        explain.tokenize_texts(["", ""], tok, model)
+    # Overlapping offsets (byte-level pieces of one character, then a token ending earlier): the strings still
+    # concatenate back to the text, and an empty piece shows the token's name.
+    text = "xéyz"
+    fixed = _CharTokenizer(alphabet, {text: ([3, 4, 5, 6, 7], [(0, 1), (1, 2), (1, 2), (1, 2), (2, 4)])})
+    (ids, strs), = explain.tokenize_texts([text], fixed, model)
+    assert "".join(strs).replace("<t5>", "").replace("<t6>", "") == text
+    assert strs == ["x", "é", "<t5>", "<t6>", "yz"]
+    fixed = _CharTokenizer(alphabet, {text: ([3, 4, 5], [(0, 3), (1, 2), (3, 4)])})
+    assert explain.tokenize_texts([text], fixed, model)[0][1] == ["xéy", "<t4>", "z"]
+
+
+def test_features_must_be_plain_integers():
+    model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
+    for bad in (True, 2.0, "3"):
+        with pytest.raises(minicirc.MinicircError, match="not an integer"):
+            explain.top_contexts(model, saes["resid_0"], "resid_0", sample, bad)
+        with pytest.raises(minicirc.MinicircError, match="not an integer"):
+            explain.logit_effects(model, saes["resid_0"], bad)
+
+
+def test_format_context_window_and_marks():
+    for _ in range(20):
+        n = int(torch.randint(1, 40, ()))
+        i = int(torch.randint(0, n, ()))
+        toks = [f" w{j}" if j % 3 else f"\nw{j}" for j in range(n)]
+        value = float(torch.randn(()))
+        line = explain.format_context({"tokens": toks, "index": i, "value": value})
+        head, body = line[:10], line[12:]
+        assert float(head) == pytest.approx(value, abs=1e-4) and line[10:12] == "  "
+        lo, hi = max(0, i - 16), min(n, i + 6)                   # 16 tokens before, the token and 5 after
+        assert body.startswith("…") == (lo > 0) and body.endswith("…") == (hi < n)
+        words = body.strip("…").replace("↵", " ").split()
+        assert words == [f"[[w{j}]]" if j == i else f"w{j}" for j in range(lo, hi)]
+        assert "\n" not in line and ("↵" in line) == any(j % 3 == 0 for j in range(lo, hi))
+
+
+def test_node_ids_and_unknown_sites():
+    assert explain._parse_node_id("resid_1/37@5") == ("resid_1", 37)
+    assert explain._parse_node_id("embed/4") == ("embed", 4)
+    for nid in ("resid_1/err", "resid_1/err@2", "y", "metric"):
+        assert explain._parse_node_id(nid) is None
+    model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
+    with pytest.raises(minicirc.MinicircError, match="unknown site"):
+        explain.top_activations(model, {"resid_0": saes["resid_0"]}, {"mlp_0": [0]}, sample)
+
+
+def test_cache_keys_cover_every_dictionary_field_and_damaged_files_are_recomputed(tmp_path, monkeypatch):
+    model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
+    sae = saes["resid_0"]
+    base = explain.sae_sha(sae)
+    fields = dict(W_enc=sae.W_enc, b_enc=sae.b_enc, W_dec=sae.W_dec, b_dec=sae.b_dec)
+    for name in fields:
+        changed = {k: (v + 0.5 * torch.randn_like(v) if k == name else v) for k, v in fields.items()}
+        other = Dictionary(changed["W_enc"], changed["b_enc"], changed["W_dec"], changed["b_dec"], "relu")
+        assert explain.sae_sha(other) != base, name
+    same = Dictionary(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, "relu")
+    assert explain.sae_sha(same) == base
+    assert explain.sae_sha(Dictionary(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, "relu",
+                                      subtract_b_dec=False)) != base
+    t = torch.randn(6)
+    assert explain._sha_tensors([t.reshape(2, 3)]) != explain._sha_tensors([t.reshape(3, 2)])
+    # A damaged cache file is recomputed, not trusted (nor an error).
+    explain.clear_cache()
+    monkeypatch.setenv("MINICIRC_CACHE", str(tmp_path))
+    first = explain.top_contexts(model, sae, "resid_0", sample, 2, k=5)
+    files = list((tmp_path / "explain").glob("*.safetensors"))
+    assert files
+    for f in files:
+        f.write_bytes(b"not a safetensors file" * 3)
+    explain.clear_cache()
+    assert explain.top_contexts(model, sae, "resid_0", sample, 2, k=5) == first
+
+
+def test_empty_rows_of_ids_are_skipped_but_keep_their_sentence_index():
+    model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float64)
+    explain.clear_cache()
+    padded = [[]] + sample[:3] + [[], []] + sample[3:]
+    where = [1, 2, 3] + list(range(6, len(padded)))                    # padded index of each sample sentence
+    site, k = "resid_1", 8
+    got = explain.top_activations(model, saes, {site: [4]}, padded, k=k, batch_size=2)[site][4]
+    want = brute_force(saes[site], site_values(model, site, sample), 4, k)
+    assert [(s, p) for s, p, _ in got] == [(where[s], p) for _, s, p in want]
+    assert [v for *_, v in got] == pytest.approx([v for v, _, _ in want], abs=1e-9)
+
+
+def test_ties_at_the_kth_place_keep_the_earliest_positions_across_batches():
+    """Zero activations tie; with k just past the last positive one, the kept zeros must be the earliest
+    (sentence, position) pairs even though they come from different batches."""
+    model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()))
+    explain.clear_cache()
+    site = "mlp_0"
+    xs = site_values(model, site, sample)
+    n_tokens = sum(map(len, sample))
+    checked = 0
+    for feature in range(saes[site].n_features):
+        every = brute_force(saes[site], xs, feature, n_tokens)
+        positive = sum(v > 0 for v, _, _ in every)
+        if positive + 3 > n_tokens or any(0 < v < 1e-6 for v, _, _ in every):
+            continue   # (a value this close to 0 could be 0 in a batch: skip such a feature)
+        k = positive + 3
+        got = explain.top_activations(model, saes, {site: [feature]}, sample, k=k, batch_size=3)[site][feature]
+        # The positive values (their order can hinge on the last bits between different contexts), then the
+        # three earliest exact zeros in sample order.
+        assert sorted(v for *_, v in got[:positive]) == pytest.approx(sorted(v for v, _, _ in every[:positive]))
+        assert [v for *_, v in got[positive:]] == [0.0] * 3
+        assert [(s, p) for s, p, _ in got[positive:]] == [(s, p) for _, s, p in every[positive:k]]
+        checked += 1
+    assert checked > 0
+
+
+def test_token_names_without_a_cache_and_text_files(tmp_path, monkeypatch):
+    model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
+    explain.clear_cache()
+    # Without $MINICIRC_CACHE nothing is written anywhere (not even relative to the working directory).
+    monkeypatch.delenv("MINICIRC_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tok = _CharTokenizer("")
+    got = explain.top_contexts(model, saes["attn_1"], "attn_1", sample, 5, k=3, tokenizer=tok)
+    plain = explain.top_contexts(model, saes["attn_1"], "attn_1", sample, 5, k=3)
+    assert list(tmp_path.iterdir()) == []
+    # Raw ids: token strings are the tokenizer's names for them, or the ids as strings without one.
+    assert [(c["index"], c["value"]) for c in got] == [(c["index"], c["value"]) for c in plain]
+    for c, p in zip(got, plain):
+        assert c["tokens"] == [f"<t{t}>" for t in map(int, p["tokens"])]
+    # A data file written as one JSON array is read as a data file; a file of blank lines holds no texts.
+    import json
+    rows = [{"clean_prefix": f"the cat {i}", "patch_prefix": f"the cats {i}", "clean_answer": " is",
+             "patch_answer": " are"} for i in range(int(torch.randint(1, 4, ())))]
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    assert explain.load_texts(tmp_path / "data.json") == [x for r in rows for x in (r["clean_prefix"], r["patch_prefix"])]
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    with pytest.raises(minicirc.MinicircError, match="no texts"):
+        explain.load_texts(tmp_path / "blank.txt")

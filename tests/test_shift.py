@@ -180,6 +180,17 @@ def test_shift_reduced_budget(quick, tmp_path):
     assert len(results["random_runs"]) >= 5
     assert results["judge"] == "automatic"
     assert results["n_ablated"]["shift"] == sum(c["ablated"] for c in results["features"]["candidates"])
+    # top_k candidates; the sweep runs up to every feature with a non-zero effect (the circuit recomputed here).
+    cfg = results["settings"]
+    assert len(results["features"]["candidates"]) == cfg["top_k"]
+    model, saes, tok = quick
+    data = shift.make_data(tok, cfg)
+    probe = shift.train_probe(model, data["train"], cfg["probe_layer"], l2=cfg["l2"])
+    circuit = shift.probe_circuit(model, saes, probe, data["circuit"], steps=cfg["steps"], top_k=cfg["top_k"],
+                                  batch_size=cfg["batch_size"], progress=False)
+    n = len(shift.top_features(circuit, k=10**9))
+    assert n > cfg["top_k"]
+    assert [p["candidates"] for p in results["features"]["sweep"]] == sorted({k for k in cfg["sweep"] if k < n} | {n})
     report = (out / "shift_report.md").read_text()
     assert "Judge: automatic" in report and "worst-group" in report and "[[" in report
     # --threshold keeps the candidates above it: the earlier candidates (top k by |effect|) above it, in order.
@@ -311,6 +322,10 @@ def test_probe_metric_with_an_ablated_probe_equals_a_hand_edited_forward():
         got = shift.probe_metric(probe)(model, batch, tokens, {site: attrib})
     want = metric_with(lambda x: attrib(ablate(x)))
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    # Probe.logits composes the same way (its own ablation first), in batches of any size.
+    sign = 1 - 2 * y.double()
+    torch.testing.assert_close(probe.logits(model, batch, edit={site: attrib}, batch_size=3) * sign, want,
+                               rtol=1e-7, atol=1e-9)
     assert not torch.allclose(want, metric_with(lambda x: ablate(attrib(x))), atol=1e-6), "order must matter"
 
 
@@ -384,3 +399,266 @@ def test_effect_sizes_against_numpy():
     dg, dp = shift.effect_sizes(X, prof, gen)
     np.testing.assert_allclose(dg.numpy(), want_g, rtol=1e-10)
     np.testing.assert_allclose(dp.numpy(), want_p, rtol=1e-10)
+
+
+# --- gaps found by mutation testing: validation bounds, repeated features, batching, labels, l2, ties -------
+
+def _random_bios(g, model, n):
+    """A Batch of n random token rows (lengths 2..9, right-padded with random ids) labelled as bios, every
+    (profession, gender) group at least twice, with the model and all of its (relu, float64) dictionaries."""
+    from minicirc.data import Batch
+    from minicirc.tasks.bios import Bio
+    lengths = [int(v) for v in torch.randint(2, 10, (n,), generator=g)]
+    T = max(lengths)
+    tokens = torch.randint(0, model.cfg.vocab_size, (n, T), generator=g)
+    pairs = [(i % 2, (i // 2) % 2) for i in range(n)]
+    pairs = [pairs[i] for i in torch.randperm(n, generator=g).tolist()]
+    examples = [Bio("x", p, q) for p, q in pairs]
+    return Batch(tokens, None, torch.tensor([p for p, _ in pairs]), None, torch.tensor([m - 1 for m in lengths]),
+                 examples)
+
+
+def _logistic_grad(X, y, w, b, l2):
+    """The gradient of mean(BCE(X w + b, y)) + l2 |w|^2 at (w, b), by autograd (the documented objective)."""
+    theta = torch.cat([w.reshape(-1), b.reshape(1)]).double().requires_grad_(True)
+    z = X.double() @ theta[:-1] + theta[-1]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y.double()) + l2 * (theta[:-1] ** 2).sum()
+    return torch.autograd.grad(loss, theta)[0]
+
+
+def test_ablation_validation_bounds_and_repeated_features():
+    from test_data import random_model_and_saes
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    model, saes = random_model_and_saes(g, 29)
+    n = saes["resid_0"].n_features
+    # A feature id must be an int in 0..n-1: 1.5 would silently become feature 1.
+    for bad in (1.5, n, -1):
+        with pytest.raises(MinicircError, match="out of range"):
+            shift.ablation_edit(saes, {"resid_0": [bad]})
+    # A repeated feature is ablated once: x - sum over the distinct ids of f_i W_dec[i], written out here.
+    sae = saes["resid_0"]
+    x = 2 * torch.randn(5, 7, 16, generator=g, dtype=torch.float64)
+    f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    ids = torch.randperm(n, generator=g)[:2].tolist()
+    assert (f[..., ids] > 0).any(), "the ablated features should be active somewhere"
+    want = x - sum(f[..., i:i + 1] * sae.W_dec[i] for i in ids)
+    got = shift.ablation_edit(saes, {"resid_0": ids + ids[::-1] + ids})["resid_0"](x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # parse_ablation: the last feature is accepted, one past it is not; an empty list is an error.
+    sites = shift.probe_sites(model, 0)
+    assert shift.parse_ablation(f"embed/{n - 1}", saes, sites) == {"embed": [n - 1]}
+    with pytest.raises(MinicircError, match="out of range"):
+        shift.parse_ablation(f"embed/{n}", saes, sites)
+    with pytest.raises(MinicircError, match="SITE/FEATURE"):
+        shift.parse_ablation("embed/3/4", saes, sites)
+    for text in ("", " , ,"):
+        with pytest.raises(MinicircError, match="no features given"):
+            shift.parse_ablation(text, saes, sites)
+    # probe_sites: layers 0..n_layers-1, each ending at its own resid.
+    L = model.cfg.n_layers
+    assert shift.probe_sites(model, L - 1) == model.sites[:model.sites.index(f"resid_{L - 1}") + 1]
+    assert shift.probe_sites(model, 0)[-1] == "resid_0"
+    for layer in (L, -1):
+        with pytest.raises(MinicircError, match="out of range"):
+            shift.probe_sites(model, layer)
+
+
+def test_train_probe_labels_ablation_l2_and_small_batches_reach_their_optimum():
+    """train_probe(y=...) and ablate_and_retrain(l2=...) fit the documented objective on the ablated pooled
+    activations: its gradient vanishes there; pooled_batched in batches of 3 equals one pooled pass."""
+    from test_data import random_model_and_saes
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    model, saes = random_model_and_saes(g, 29)
+    train, test = _random_bios(g, model, 16), _random_bios(g, model, 12)
+    ablation = {"embed": torch.randperm(10, generator=g)[:3].tolist(), "resid_0": [int(torch.randint(0, 10, (), generator=g))]}
+    edit = shift.ablation_edit(saes, ablation)
+    with torch.no_grad():
+        X = shift.pooled(model, train.clean, train.last, 1, edit)
+        X_test = shift.pooled(model, test.clean, test.last, 1, edit)
+    torch.testing.assert_close(shift.pooled_batched(model, train, 1, edit, batch_size=3), X, rtol=1e-10, atol=1e-10)
+    gender = shift.labels(train, "gender")
+    assert not torch.equal(gender, train.clean_answer)
+    probe = shift.train_probe(model, train, 1, y=gender, saes=saes, ablation=ablation, l2=0.05)
+    assert _logistic_grad(X, gender, probe.weight, probe.bias, 0.05).abs().max() < 1e-6
+    # ablate_and_retrain passes l2 on (retrained on train.clean_answer) and scores both probes on the ablated test.
+    plain = shift.train_probe(model, train, 1)
+    shifted, retrained, new = shift.ablate_and_retrain(model, plain, saes, ablation, train, test, l2=0.3)
+    assert _logistic_grad(X, train.clean_answer, new.weight, new.bias, 0.3).abs().max() < 1e-6
+    assert _logistic_grad(X, train.clean_answer, new.weight, new.bias, 1e-3).abs().max() > 1e-3
+    assert shifted == shift.score(X_test @ plain.weight + plain.bias, test)
+    assert retrained == shift.score(X_test @ new.weight + new.bias, test)
+
+
+def test_score_zero_logit_is_class_0_and_aurocs_by_pairwise_counting():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    n = 24
+    prof = [i % 2 for i in range(n)]
+    gen = [(i // 2) % 2 for i in range(n)]
+    perm = torch.randperm(n, generator=g).tolist()
+    prof, gen = [prof[i] for i in perm], [gen[i] for i in perm]
+    # Logits on a coarse grid (ties across classes), a few exactly on the decision boundary.
+    z = [float(v) for v in torch.randint(-3, 4, (n,), generator=g)]
+    z[int(torch.randint(0, n, (), generator=g))] = 0.0
+    got = shift.score(torch.tensor(z), _bios_batch_from_labels(prof, gen))
+    pred = [1 if v > 0 else 0 for v in z]                       # class 1 only when z > 0
+    assert got["profession"] == pytest.approx(sum(a == b for a, b in zip(pred, prof)) / n)
+    assert got["gender"] == pytest.approx(sum(a == b for a, b in zip(pred, gen)) / n)
+
+    def pairwise(y):
+        pos = [v for v, t in zip(z, y) if t == 1]
+        neg = [v for v, t in zip(z, y) if t == 0]
+        return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+    assert got["profession_auroc"] == pytest.approx(pairwise(prof), abs=1e-12)
+    assert got["gender_auroc"] == pytest.approx(pairwise(gen), abs=1e-12)
+    assert pairwise(prof) != pairwise(gen) or pairwise(prof) != pairwise([1 - v for v in gen])
+    with pytest.raises(MinicircError, match="both labels"):
+        shift.auroc(torch.randn(4, 2), torch.ones(4, dtype=torch.long))
+
+
+class _Nodes:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def all_nodes(self):
+        return self.rows
+
+
+def test_top_features_by_absolute_effect_strictly_above_the_threshold():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    rows = []
+    for s in ("embed", "attn_0", "resid_0"):
+        mags = (torch.randint(1, 6, (6,), generator=g).double() / 4).tolist()   # repeated magnitudes: ties
+        signs = (torch.randint(0, 2, (6,), generator=g) * 2 - 1).tolist()
+        rows += [(f"{s}/{i}", s, i, None, m * sg) for i, (m, sg) in enumerate(zip(mags, signs))]
+        rows.append((f"{s}/err", s, "err", None, 10.0))                         # error nodes are never candidates
+    assert any(e < 0 for *_, e in rows) and any(e > 0 for *_, e in rows if e < 10)
+    circuit = _Nodes(rows)
+    feats = [r for r in rows if r[2] != "err"]
+    for thr in [0.0] + sorted({abs(r[4]) for r in feats})[:2]:
+        for k in (3, 100):
+            left, want = [r for r in feats if abs(r[4]) > thr], []
+            while left and len(want) < k:              # selection sort: the first of the largest |effect|
+                best = max(range(len(left)), key=lambda j: (abs(left[j][4]), -j))
+                r = left.pop(best)
+                want.append((r[1], r[2], r[4]))
+            assert shift.top_features(circuit, k=k, threshold=thr) == want, (thr, k)
+
+
+def test_as_ablation_and_random_ablation():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    sites = ["embed", "attn_0", "mlp_0", "resid_0"]
+    feats = [(sites[int(s)], int(i), 0.5) for s, i in zip(torch.randint(0, 4, (12,), generator=g),
+                                                             torch.randperm(40, generator=g)[:12])]
+    got = shift.as_ablation(feats, sites)
+    want = {s: sorted(i for t, i, _ in feats if t == s) for s in sites if any(t == s for t, _, _ in feats)}
+    assert got == want and list(got) == list(want)                      # site order, features ascending
+    assert shift.as_ablation(feats, sites[1:]).keys() <= set(sites[1:])  # sites not listed are dropped
+
+    class D:
+        def __init__(self, n):
+            self.n_features = n
+    saes = {"embed": D(7), "resid_0": D(50)}
+    like = {"embed": [1, 2, 3], "resid_0": list(range(int(torch.randint(1, 20, (), generator=g))))}
+    seed = int(torch.randint(0, 10**6, ()).item())
+    r = shift.random_ablation(saes, like, seed)
+    assert r == shift.random_ablation(saes, like, seed)                 # a seed fixes the draw
+    for s, v in like.items():
+        assert len(r[s]) == len(set(r[s])) == len(v) and r[s] == sorted(r[s])
+        assert all(0 <= f < saes[s].n_features for f in r[s])
+
+
+def test_pooled_features_and_judge_against_a_written_out_scan():
+    """pooled_features = each feature's relu-SAE activation (written out here) averaged over a bio's real
+    tokens, each bio run alone; judge = effect sizes of those, spurious when gender d > profession d + margin."""
+    import inspect
+    from test_data import random_model_and_saes
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    model, saes = random_model_and_saes(g, 29)
+    batch = _random_bios(g, model, 16)
+    sites = ["resid_1", "embed", "mlp_0"]                                   # not in forward order
+    feats = [(s, i, 0.1 * (i + 1)) for s in sites for i in range(saes[s].n_features)]
+    feats = [feats[j] for j in torch.randperm(len(feats), generator=g).tolist()]
+    got = shift.pooled_features(model, saes, batch, feats, batch_size=5)
+    want = torch.zeros(len(batch), len(feats), dtype=torch.float64)
+    for b in range(len(batch)):
+        T = int(batch.last[b]) + 1
+        cache = {}
+        with torch.no_grad():
+            model(batch.clean[b:b + 1, :T], cache=cache)
+        for j, (s, i, _) in enumerate(feats):
+            sae = saes[s]
+            f = torch.relu((cache[s][0] - sae.b_dec) @ sae.W_enc[:, i] + sae.b_enc[i])    # (T,)
+            want[b, j] = f.sum() / T
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    dg, dp = shift.effect_sizes(want, shift.labels(batch, "profession"), shift.labels(batch, "gender"))
+    diff = sorted(abs(float(a - b)) for a, b in zip(dg, dp))
+    margin = (diff[len(diff) // 2] + diff[len(diff) // 2 + 1]) / 2          # some features on each side
+    verdicts = shift.judge(model, saes, batch, feats, margin=margin)
+    assert [(v["site"], v["feature"], v["effect"]) for v in verdicts] == feats
+    for v, a, b in zip(verdicts, dg.tolist(), dp.tolist()):
+        assert v["gender_d"] == pytest.approx(a, rel=1e-4, abs=1e-6)
+        assert v["profession_d"] == pytest.approx(b, rel=1e-4, abs=1e-6)
+        assert v["spurious"] == (a > b + margin)
+    assert inspect.signature(shift.judge).parameters["margin"].default == shift.SETTINGS["full"]["margin"]
+    # Every (profession, gender) group needs two bios for a within-group standard deviation.
+    prof, gen = torch.tensor([0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 0, 1, 0, 0, 1, 1])
+    with pytest.raises(MinicircError, match="at least two"):
+        shift.effect_sizes(torch.randn(7, 3), prof, gen)
+
+
+def test_explain_features_mark_the_top_contexts(quick):
+    from minicirc import explain
+    model, saes, tok = quick
+    texts = [b.text for b in balanced_split(12, seed=int(torch.randint(0, 10**6, ()).item()), split="test")]
+    feats = [("resid_1", int(torch.randint(0, saes["resid_1"].n_features, ()))), ("embed", 3), ("resid_1", 0)]
+    got = shift.explain_features(model, saes, tok, texts, feats + [("embed", 3, 0.5)], k=4)
+    assert set(got) == {(s, f) for s, f in feats}
+    sample = explain.tokenize_texts(texts, tok, model)
+    for (s, f), ctx in got.items():
+        want = explain.top_contexts(model, saes[s], s, sample, f, k=4)
+        assert [c["value"] for c in ctx] == [c["value"] for c in want]
+        for c, w in zip(ctx, want):
+            toks, i = w["tokens"], w["index"]
+            lead = toks[i][:len(toks[i]) - len(toks[i].lstrip())]
+            assert c["text"] == "".join(toks[:i]) + lead + "[[" + toks[i].lstrip() + "]]" + "".join(toks[i + 1:])
+            assert c["text"].replace("[[", "").replace("]]", "") in texts
+            assert c["token"] == toks[i].strip()
+    assert shift.explain_features(model, saes, tok, texts, []) == {}
+
+
+def test_top_tokens_counts_the_most_frequent():
+    words = ["she", "her", "nurse", "he", "his"]
+    picks = [words[int(i)] for i in torch.randint(0, 5, (30,))]
+    from collections import Counter
+    got = shift.top_tokens([{"token": w} for w in picks], n=3)
+    parts = [p.rsplit(" ×", 1) for p in got.split(", ")]
+    c = Counter(picks)
+    assert len(parts) == 3 and all(c[t] == int(m) for t, m in parts)
+    assert sorted(c.values(), reverse=True)[:3] == [int(m) for _, m in parts]
+
+
+def test_run_shift_rejects_bad_settings_before_any_work(tmp_path):
+    for kw, msg in [(dict(top_k=0), "at least 1"), (dict(random_seeds=0), "at least 1"),
+                    (dict(threshold=-0.5), "at least 0"), (dict(threshold=float("nan")), "at least 0")]:
+        with pytest.raises(MinicircError, match=msg):
+            shift.run_shift(out=str(tmp_path / "never"), quick=True, progress=False, **kw)
+    assert not (tmp_path / "never").exists()
+
+
+def test_bios_batch_labels_padding_and_errors(quick):
+    from minicirc.tasks.bios import Bio
+    _, _, tok = quick
+    bios = balanced_split(8, seed=int(torch.randint(0, 10**6, ()).item()))
+    for label in ("profession", "gender"):
+        batch = shift.bios_batch(bios, tok, label=label)
+        assert batch.clean_answer.tolist() == [getattr(b, label) for b in bios]
+    assert shift.labels(batch, "profession").tolist() == [b.profession for b in bios]
+    lengths = [len(tok.encode(b.text, add_special_tokens=False).ids) for b in bios]
+    assert batch.last.tolist() == [m - 1 for m in lengths] and batch.clean.shape == (8, max(lengths))
+    for row, b, m in zip(batch.clean.tolist(), bios, lengths):
+        assert row[:m] == tok.encode(b.text, add_special_tokens=False).ids
+    with pytest.raises(MinicircError, match="no biographies"):
+        shift.bios_batch([], tok)
+    with pytest.raises(MinicircError, match="no tokens"):
+        shift.bios_batch([bios[0], Bio("", 0, 1)], tok)
