@@ -313,3 +313,145 @@ def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, caps
     assert run("evaluate", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl",
                "--circuit", t / "none.json", "--out", t / "e0", "--batch-size", 0) == 2
     assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+# --- defaults, exit codes and refusals the tests above leave open ----------------------------------------
+
+def _parser_defaults(command, *required):
+    from minicirc.cli import build_parser
+    return vars(build_parser().parse_args([command, *required]))
+
+
+def test_defaults_are_the_documented_ones():
+    """Every option's default is the one the README's command-line block shows, and the one the Python function it
+    reaches uses (find_circuit, faithfulness, top_contexts, logit_effects, run_demo, run_shift)."""
+    import inspect
+    import re
+    from minicirc import circuit, demo, evaluation, explain, shift
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    block = readme.split("## Command line", 1)[1].split("```")[1]
+    documented, current = {}, None
+    for line in block.splitlines():
+        m = re.match(r"minicirc (\w+)", line)
+        current = m.group(1) if m else current
+        for flag, value in re.findall(r"\[--([\w-]+) ([^\]\s]+)\]", line):
+            documented.setdefault(current, {})[flag.replace("-", "_")] = value.split("|")[0]
+    req = ["--model", "m", "--saes", "s", "--data", "d", "--out", "o"]
+    parsed = {"circuit": _parser_defaults("circuit", *req), "evaluate": _parser_defaults("evaluate", *req, "--circuit", "c"),
+              "demo": _parser_defaults("demo"), "shift": _parser_defaults("shift"),
+              "explain": _parser_defaults("explain", "--model", "m", "--saes", "s", "--site", "embed", "--feature", "0")}
+    checked = 0
+    for command, flags in documented.items():
+        for name, value in flags.items():
+            if name in ("method", "top_k", "first_layer") or value.isupper():   # placeholders / preset-resolved
+                continue
+            got = parsed[command][name]
+            assert str(got) == value or (isinstance(got, float) and got == float(value)), (command, name, got, value)
+            checked += 1
+    assert checked >= 12
+    api = [("circuit", circuit.find_circuit, ["method", "steps", "node_threshold", "edge_threshold", "aggregation",
+                                              "nodes_only", "batch_size", "top_k_nodes", "top_k_edges"]),
+           ("evaluate", evaluation.faithfulness, ["ablation", "errors", "first_layer", "seed"]),
+           ("demo", demo.run_demo, ["out", "quick", "overwrite", "device"]),
+           ("shift", shift.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "top_k", "margin",
+                                       "random_seeds", "threshold"]),
+           ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"])]
+    for command, fn, names in api:
+        sig = inspect.signature(fn).parameters
+        for name in names:
+            assert parsed[command]["n_logits" if name == "n" else name] == sig[name].default, (command, name)
+    assert parsed["demo"]["threads"] == parsed["shift"]["threads"] == 1      # README: "The demo runs on one thread"
+
+
+def test_console_entry_exit_codes(setup, capsys, monkeypatch):
+    """A user mistake is exit code 2 through `python -m minicirc.cli` as through main(); so is a missing command
+    and --device cuda on a machine torch sees no GPU on."""
+    import runpy
+    import sys
+    t = setup
+    monkeypatch.setattr(sys, "argv", ["minicirc", "explain", "--model", str(t / "model"), "--saes", "neurons", "--site",
+                                      "resid_9", "--feature", "0"])
+    import warnings
+    with pytest.raises(SystemExit) as e, warnings.catch_warnings():      # what `python -m minicirc.cli` runs
+        warnings.simplefilter("ignore", RuntimeWarning)     # "found in sys.modules": this test imported it already
+        runpy.run_module("minicirc.cli", run_name="__main__")
+    assert e.value.code == 2
+    assert "unknown site 'resid_9'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    capsys.readouterr()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run("circuit", "--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl", "--out", t / "g",
+               "--device", "cuda") == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (t / "g").exists()
+
+
+def test_explain_refuses_bad_site_and_feature_and_takes_neurons(setup, capsys):
+    t = setup
+    base = ["explain", "--model", t / "model", "--data", t / "data.jsonl"]
+    assert run(*base, "--saes", t / "saes", "--site", "mlp_7", "--feature", 0) == 2
+    assert "unknown site 'mlp_7'" in capsys.readouterr().err
+    assert run(*base, "--saes", t / "saes", "--site", "mlp_0", "--feature", 24) == 2      # the tree has 24 features
+    assert "out of range" in capsys.readouterr().err
+    d = minicirc.load_model(t / "model").cfg.d_model
+    assert run(*base, "--saes", "neurons", "--site", "mlp_0", "--feature", d) == 2
+    assert f"{d} features" in capsys.readouterr().err
+    feature = int(torch.randint(0, d, ()).item())
+    assert run(*base, "--saes", "neurons", "--site", "mlp_0", "--feature", feature) == 0
+    assert f"mlp_0/{feature}: top" in capsys.readouterr().out
+
+
+def test_failed_runs_leave_no_folder_and_evaluate_refuses_to_overwrite(setup, capsys):
+    t = setup
+    assert run("circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "data.jsonl", "--out", t / "o",
+               "--limit", 0) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err
+    write_data(t / "empty.jsonl", [])
+    assert run("circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "empty.jsonl", "--out", t / "o") == 2
+    assert not (t / "o").exists()                      # the run made the folder, so it removes it again
+    os.makedirs(t / "kept")
+    assert run("circuit", "--model", t / "model", "--saes", t / "saes", "--data", t / "empty.jsonl", "--out", t / "kept") == 2
+    assert (t / "kept").is_dir()                       # a folder that was there before stays
+    common_args = ["--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl"]
+    assert run("circuit", *common_args, "--out", t / "c", "--method", "attrib", "--nodes-only") == 0
+    ev = ["evaluate", *common_args, "--circuit", t / "c" / "circuit.json", "--out", t / "e"]
+    assert run(*ev) == 0
+    before = (t / "e" / "evaluation.json").read_text()
+    capsys.readouterr()
+    assert run(*ev) == 2
+    assert "evaluation.json from an earlier run" in capsys.readouterr().err
+    assert (t / "e" / "evaluation.json").read_text() == before
+    assert run(*ev, "--overwrite") == 0
+
+
+def test_view_refuses_a_contexts_file_that_is_not_an_object(setup, capsys):
+    t = setup
+    assert run("circuit", "--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl", "--out", t / "c",
+               "--method", "attrib", "--nodes-only") == 0
+    (t / "c" / "contexts.json").write_text("[1, 2]")
+    assert run("view", t / "c") == 2
+    assert "not a contexts file" in capsys.readouterr().err
+
+
+def test_batch_size_and_threads_reach_their_functions(setup, monkeypatch):
+    """--batch-size changes no number (means are accumulated in float64), so it is checked where it goes."""
+    from minicirc import circuit, demo, evaluation
+    t = setup
+    seen = {}
+    real_find, real_faith = circuit.find_circuit, evaluation.faithfulness
+    monkeypatch.setattr(circuit, "find_circuit", lambda *a, **kw: seen.setdefault("find", kw) and real_find(*a, **kw))
+    monkeypatch.setattr(evaluation, "faithfulness", lambda *a, **kw: seen.setdefault("faith", kw) and real_faith(*a, **kw))
+    b1, b2 = (int(v) for v in torch.randint(1, 5, (2,)))
+    common_args = ["--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl"]
+    assert run("circuit", *common_args, "--out", t / "c", "--method", "attrib", "--nodes-only", "--batch-size", b1) == 0
+    assert run("evaluate", *common_args, "--circuit", t / "c" / "circuit.json", "--out", t / "e", "--batch-size", b2) == 0
+    assert (seen["find"]["batch_size"], seen["faith"]["batch_size"]) == (b1, b2)
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: seen.setdefault("threads", torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        assert run("demo", "--threads", 2) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen["threads"] == 2
