@@ -276,13 +276,15 @@ def _tiny_lm(seed, vocab=23):
     return minicirc.GPTNeoX(minicirc.Config(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, d_mlp=24, max_len=32))
 
 
-def test_train_lm_is_masked_next_token_adamw():
+@pytest.mark.parametrize("steps, tol", [(3, 1e-4), (40, 2e-3)])
+def test_train_lm_is_masked_next_token_adamw(steps, tol):
     """train_lm on one sequence (every batch is that row) against the loop written out: masked next-token
-    cross-entropy, gradients clipped to norm 1, AdamW (betas 0.9/0.98, weight decay 0.01), linear warm-up then
-    cosine decay of the learning rate."""
+    cross-entropy, gradients clipped to norm 1, AdamW (betas 0.9/0.98, weight decay 0.01), linear warm-up over
+    a twentieth of the steps (2 of 40) then cosine decay of the learning rate; the model ends in eval mode.
+    40 steps drift further apart in float32 rounding, hence the wider tolerance."""
     import copy
     seed = int(torch.randint(0, 10**6, ()).item())
-    model, pad, steps, lr = _tiny_lm(seed), 5, 3, 1e-2
+    model, pad, lr = _tiny_lm(seed), 5, 1e-2
     g = torch.Generator().manual_seed(seed)
     row = torch.randint(6, 23, (1, 12), generator=g)
     row[0, 8:] = pad
@@ -291,7 +293,7 @@ def test_train_lm_is_masked_next_token_adamw():
     params = list(ref.parameters())
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
-    want = []
+    want, lrs = [], []
     for s in range(steps):
         logits = ref(row[:, :-1])[0]
         terms = [-torch.log_softmax(logits[t], -1)[row[0, t + 1]] for t in range(11) if row[0, t + 1] != pad]
@@ -308,11 +310,15 @@ def test_train_lm_is_masked_next_token_adamw():
                 mi.mul_(0.9).add_(0.1 * gr)
                 vi.mul_(0.98).add_(0.02 * gr * gr)
                 p.sub_(step_lr * (mi / (1 - 0.9 ** (s + 1))) / ((vi / (1 - 0.98 ** (s + 1))).sqrt() + 1e-8))
-    assert losses == pytest.approx(want, rel=1e-4, abs=1e-6)
+        lrs.append(step_lr)
+    assert not model.training
+    if steps >= 40:   # a multi-step warm-up: the rate rises, then decays
+        assert lrs[0] < lrs[1] and lrs[1] > lrs[-1]
+    assert losses == pytest.approx(want, rel=tol, abs=1e-6)
     # Compared through the outputs: the key bias has a zero gradient (softmax ignores it), which Adam turns
     # into rounding-noise updates that change nothing downstream.
     with torch.no_grad():
-        torch.testing.assert_close(model(row), ref(row), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(row), ref(row), rtol=tol, atol=10 * tol)
 
 
 def test_collect_activations_keeps_every_real_token_in_order():

@@ -1,51 +1,10 @@
-"""minicirc.train against its loops written out by hand: the language model's learning-rate schedule over a run long
-enough for a multi-step warm-up, and the SAE's initialisation, L1 warm-up, decoder-norm-weighted penalty and Adam."""
+"""minicirc.train against its loops written out by hand: the SAE's initialisation, L1 warm-up, decoder-norm-weighted
+penalty and Adam. (train_lm's loop is written out in test_default.py.)"""
 import math
 
-import pytest
 import torch
 
-import minicirc
 from minicirc import train
-
-
-def test_train_lm_warms_up_over_a_twentieth_of_the_steps_then_decays():
-    """40 steps: warm-up over 2 steps (steps // 20), cosine after; clipping to norm 1 and AdamW as documented.
-    Every batch is the one row, so the reference needs no batch draws. The model ends in eval mode."""
-    seed = int(torch.randint(0, 10**6, ()).item())
-    torch.manual_seed(seed)
-    cfg = minicirc.Config(vocab_size=13, d_model=8, n_layers=1, n_heads=2, d_mlp=12, max_len=16)
-    model, ref = minicirc.GPTNeoX(cfg), minicirc.GPTNeoX(cfg)
-    ref.load_state_dict(model.state_dict())
-    pad, steps, lr = 3, 40, 2e-2
-    row = torch.randint(4, 13, (1, 9))
-    row[0, 7:] = pad
-    losses = train.train_lm(model, row, steps=steps, batch_size=1, lr=lr, seed=seed, pad_id=pad, progress=False)
-    assert not model.training
-    params = list(ref.parameters())
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
-    want, lrs = [], []
-    real = torch.tensor([t for t in range(8) if row[0, t + 1] != pad])
-    for s in range(steps):
-        logp = torch.log_softmax(ref(row[:, :-1])[0], -1)
-        loss = -logp[real, row[0, real + 1]].sum() / len(real)
-        want.append(loss.item())
-        grads = torch.autograd.grad(loss, params)
-        norm = math.sqrt(sum((gr.double() ** 2).sum().item() for gr in grads))
-        grads = [gr * min(1.0, 1.0 / (norm + 1e-6)) for gr in grads]
-        step_lr = lr * min(1.0, (s + 1) / 2) * 0.5 * (1 + math.cos(math.pi * s / steps))
-        lrs.append(step_lr)
-        with torch.no_grad():
-            for p, gr, mi, vi in zip(params, grads, m, v):
-                p.mul_(1 - step_lr * 0.01)
-                mi.mul_(0.9).add_(0.1 * gr)
-                vi.mul_(0.98).add_(0.02 * gr * gr)
-                p.sub_(step_lr * (mi / (1 - 0.9 ** (s + 1))) / ((vi / (1 - 0.98 ** (s + 1))).sqrt() + 1e-8))
-    assert lrs[0] < lrs[1] and lrs[1] > lrs[-1]
-    assert losses == pytest.approx(want, rel=2e-3, abs=1e-5)
-    with torch.no_grad():
-        torch.testing.assert_close(model(row), ref(row), rtol=2e-3, atol=2e-4)
 
 
 def test_train_sae_is_the_written_out_loop():
