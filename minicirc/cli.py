@@ -192,7 +192,8 @@ def build_parser():
     c.add_argument("--aggregation", default="sum", choices=["sum", "none"])
     c.add_argument("--nodes-only", action="store_true")
     c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0,
+                   help="seeds torch; the circuit computation itself draws no random numbers (same inputs, same circuit)")
     c.add_argument("--limit", type=int, default=None, help="use only the first N examples")
     c.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on CUDA): "
