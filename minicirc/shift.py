@@ -34,7 +34,6 @@ Choices (the design leaves them open):
   equals the gender label) and worst-group accuracy (the lowest profession accuracy over the four
   (profession, gender) groups).
 """
-import functools
 import json
 import os
 import time
@@ -338,22 +337,19 @@ def pooled_features(model, saes, batch, features, batch_size=256):
         by_site[site][0].append(j)
         by_site[site][1].append(feat)
     last_site = max(by_site, key=model.sites.index)
+    order = torch.tensor([j for cols, _ in by_site.values() for j in cols], device=batch.clean.device).argsort()
     out = []
     for i in range(0, len(batch), batch_size):
         b = batch[i:i + batch_size]
         cache = {}
         model(b.clean, cache=cache, stop_at=last_site)
         m = real_mask(b.clean, b.last)
-        pooled_site = {}
-        for site, (cols, feats) in by_site.items():
+        parts = []
+        for site, (_, feats) in by_site.items():
             f = saes[site].encode(cache[site])[..., torch.tensor(feats, device=b.clean.device)]
-            pooled_site[site] = (f * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-        # The dictionaries' dtype (float64 ones stay float64), not the default float32.
-        dtype = functools.reduce(torch.promote_types, (v.dtype for v in pooled_site.values()))
-        block = torch.zeros(len(b), len(features), device=b.clean.device, dtype=dtype)
-        for site, (cols, _) in by_site.items():
-            block[:, cols] = pooled_site[site].to(dtype)
-        out.append(block)
+            parts.append((f * m[..., None]).sum(1) / m.sum(1, keepdim=True))
+        # Site by site, then back to the order asked for; cat keeps the dictionaries' dtype (float64 stays).
+        out.append(torch.cat(parts, 1)[:, order])
     return torch.cat(out)
 
 

@@ -13,11 +13,11 @@ from minicirc.sae import Dictionary, load_sae, site_folder
 D, F = 12, 40
 
 
-def rand_weights():
-    g = None   # torch's global generator: conftest seeds it afresh for every run
-    return dict(W_enc=torch.randn(D, F, generator=g), b_enc=torch.randn(F, generator=g) * 0.5,
-                W_dec=torch.randn(F, D, generator=g), b_dec=torch.randn(D, generator=g),
-                threshold=torch.rand(F, generator=g) * 2, x=torch.randn(5, 7, D, generator=g) * 2)
+def rand_weights(dtype=torch.float32):
+    """Weights and inputs from torch's global generator (conftest seeds it afresh for every run)."""
+    return dict(W_enc=torch.randn(D, F, dtype=dtype), b_enc=torch.randn(F, dtype=dtype) * 0.5,
+                W_dec=torch.randn(F, D, dtype=dtype), b_dec=torch.randn(D, dtype=dtype),
+                threshold=torch.rand(F, dtype=dtype) * 2, x=torch.randn(5, 7, D, dtype=dtype) * 2)
 
 
 def test_relu_formula():
@@ -200,9 +200,7 @@ def test_saelens_unsupported_normalisation(tmp_path):
 # --- trees -----------------------------------------------------------------------------------------
 
 def random_relu(d, n):
-    g = None   # torch's global generator, seeded per run by conftest
-    return Dictionary(torch.randn(d, n, generator=g), torch.randn(n, generator=g), torch.randn(n, d, generator=g),
-                      torch.randn(d, generator=g), "relu")
+    return Dictionary(torch.randn(d, n), torch.randn(n), torch.randn(n, d), torch.randn(d), "relu")
 
 
 def test_tree_roundtrip_one_level_deeper(tiny_model_dir, tmp_path):
@@ -335,13 +333,6 @@ def test_saelens_pre6_topk_uses_activation_fn_kwargs_k(tmp_path, arch):
 
 # --- gaps found by mutation testing: validation, edge cases of each formula, format detection ------
 
-def fresh_weights(d=D, f=F):
-    """Weights from torch's global generator (seeded per test by conftest), float64 for the oracles."""
-    return dict(W_enc=torch.randn(d, f, dtype=torch.float64), b_enc=0.5 * torch.randn(f, dtype=torch.float64),
-                W_dec=torch.randn(f, d, dtype=torch.float64), b_dec=torch.randn(d, dtype=torch.float64),
-                x=2 * torch.randn(9, d, dtype=torch.float64))
-
-
 # The dictionaries compute in float32 and the oracles here in float64: an entry within rounding (~1e-5 here)
 # of a decision point (a jumprelu threshold, the top-k cut) may land on the other side. Compare away from
 # those points, and check that almost everything is compared.
@@ -356,13 +347,13 @@ def assert_close_where(got, want, keep):
 def topk_oracle(h, k):
     """relu of the k largest h per row (sort, not topk), and which rows have a clear gap at the cut."""
     s = h.sort(dim=-1, descending=True).values
-    want = torch.relu(h) * (h >= s[:, k - 1:k])
-    clear = (s[:, k - 1] - s[:, k]) > MARGIN if k < h.shape[-1] else torch.ones(h.shape[0], dtype=torch.bool)
-    return want, clear[:, None].expand_as(h)
+    want = torch.relu(h) * (h >= s[..., k - 1:k])
+    clear = (s[..., k - 1] - s[..., k]) > MARGIN if k < h.shape[-1] else torch.ones(h.shape[:-1], dtype=torch.bool)
+    return want, clear[..., None].expand_as(h)
 
 
 def test_dictionary_rejects_inconsistent_construction():
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     W_enc, b_enc, W_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
     with pytest.raises(MinicircError, match="unknown dictionary kind 'gated'"):
         Dictionary(W_enc, b_enc, W_dec, b_dec, "gated")
@@ -385,7 +376,7 @@ def test_dictionary_rejects_inconsistent_construction():
 
 
 def test_input_width_checked_on_both_sides_and_for_identity():
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "relu")
     for width in (D - 1, D + 1):
         with pytest.raises(MinicircError, match=f"expects inputs of width {D}, got {width}"):
@@ -398,7 +389,7 @@ def test_input_width_checked_on_both_sides_and_for_identity():
 def test_jumprelu_negative_threshold_acts_as_zero():
     """Libraries apply relu before (DL: relu(pre * (pre > t))) or with (SAELens: relu(h) * (h > t)) the
     threshold, so a stored threshold below 0 must not let negative pre-activations through."""
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     thr = torch.rand(F, dtype=torch.float64) * 2
     thr[: F // 2] = -2 * torch.rand(F // 2, dtype=torch.float64) - 0.5   # half the features: negative
     sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "jumprelu", threshold=thr)
@@ -410,7 +401,7 @@ def test_jumprelu_negative_threshold_acts_as_zero():
 
 
 def test_topk_with_k_above_n_features_keeps_every_positive():
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], "topk", k=F + 3)
     pre = (w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     torch.testing.assert_close(sae.encode(w["x"].float()).double(), torch.relu(pre), rtol=1e-5, atol=1e-4)
@@ -449,7 +440,7 @@ def test_dictionary_learning_unsupported_classes(tmp_path):
 def test_dictionary_learning_class_inferred_without_config(tmp_path):
     """No config.json: AutoEncoder (encoder.weight + bias) and JumpReluAutoEncoder (W_enc + threshold) are
     told apart by their keys, each with its own encoder formula."""
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     x = w["x"]
     write_dl(tmp_path / "ae", {"encoder.weight": w["W_enc"].T.float(), "encoder.bias": w["b_enc"].float(),
                                "decoder.weight": w["W_dec"].T.float(), "bias": w["b_dec"].float()})
@@ -466,7 +457,7 @@ def test_dictionary_learning_class_inferred_without_config(tmp_path):
 
 
 def test_dictionary_learning_errors_and_k_from_state(tmp_path):
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     dec = w["W_dec"].T.float().clone()
     dec[:, int(torch.randint(0, F, ()))] = 0
     write_dl(tmp_path / "zero", {"encoder.weight": w["W_enc"].T.float(), "encoder.bias": w["b_enc"].float(),
@@ -488,7 +479,7 @@ def test_dictionary_learning_errors_and_k_from_state(tmp_path):
 
 def test_save_dictionary_learning_refuses_other_kinds(tmp_path):
     from minicirc.sae import save_dictionary_learning
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     for kw in [dict(kind="jumprelu", threshold=torch.rand(F)), dict(kind="topk", k=3),
                dict(kind="relu", subtract_b_dec=False)]:
         sae = Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], **kw)
@@ -506,7 +497,7 @@ def _saelens_tensors(w, threshold=None):
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_saelens_apply_b_dec_false_for_jumprelu_and_topk(tmp_path, arch):
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     w["b_dec"] += 2.0   # far from 0, so the two readings differ
     thr = torch.rand(F, dtype=torch.float64)
     write_saelens(tmp_path, saelens_cfg(arch, apply_b_dec_to_input=False, k=6),
@@ -529,7 +520,7 @@ def test_saelens_apply_b_dec_false_for_jumprelu_and_topk(tmp_path, arch):
 def test_saelens_layout_decides_which_k(tmp_path, cfg_extra, expected_k):
     """DESIGN/notes: a version below 6.0 (top level, else metadata), or no version and no metadata block,
     means the flat pre-6.0 layout, where k is activation_fn_kwargs.k; otherwise the top-level k."""
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     cfg = {"architecture": "topk", "d_in": D, "d_sae": F, "k": 3, "activation_fn_kwargs": {"k": 7},
            "apply_b_dec_to_input": True, "normalize_activations": "none", **cfg_extra}
     write_saelens(tmp_path, cfg, _saelens_tensors(w))
@@ -537,7 +528,7 @@ def test_saelens_layout_decides_which_k(tmp_path, cfg_extra, expected_k):
 
 
 def test_saelens_cfg_variants(tmp_path):
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     tensors = _saelens_tensors(w)
     relu = torch.relu((w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
     # Old configs: no architecture field (standard), normalize_activations null or expected_average_only_in
@@ -581,7 +572,7 @@ def test_saes_hash_identifies_dictionaries():
     """circuit.json records saes_hash; loading a circuit checks it. Same dictionaries in any insertion
     order: same hash; any difference that changes f (kind, k, threshold, a weight): another hash."""
     from minicirc.sae import saes_hash
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     thr = torch.rand(F)
 
     def make(**kw):
@@ -599,7 +590,7 @@ def test_saes_hash_identifies_dictionaries():
                 {"embed": make(subtract_b_dec=False), "resid_0": base["resid_0"]}]   # b_dec != 0: f differs
     assert len({saes_hash(v) for v in variants} | {h}) == len(variants) + 1
     # Where it changes nothing (b_dec == 0, the neuron baseline), subtracting b_dec or not hashes the same.
-    zero = {k: v for k, v in w.items()}
+    zero = dict(w)
     zero["b_dec"] = torch.zeros(D, dtype=torch.float64)
     same = [Dictionary(zero["W_enc"], zero["b_enc"], zero["W_dec"], zero["b_dec"], "relu", subtract_b_dec=sub)
             for sub in (True, False)]
@@ -622,7 +613,7 @@ def test_load_saes_ignores_stray_files(tmp_path):
     from types import SimpleNamespace
     sites = ["embed", "attn_0", "mlp_0", "resid_0"]
     model = SimpleNamespace(sites=sites, cfg=SimpleNamespace(d_model=D, n_layers=1))
-    w = fresh_weights()
+    w = rand_weights(torch.float64)
     saes = {s: Dictionary(w["W_enc"], w["b_enc"] + i, w["W_dec"], w["b_dec"], "relu") for i, s in enumerate(sites)}
     minicirc.save_saes(saes, tmp_path / "t")
     (tmp_path / "t" / "README.md").write_text("dictionaries for a 1-layer model\n")

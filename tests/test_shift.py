@@ -31,16 +31,20 @@ def test_probe_reaches_high_accuracy_on_the_ambiguous_split(quick):
     assert shift.evaluate(model, probe, held)["profession"] >= 0.9
 
 
+def _logistic_grad(X, y, w, b, l2):
+    """The gradient of mean(BCE(X w + b, y)) + l2 |w|^2 at (w, b), by autograd (the documented objective)."""
+    theta = torch.cat([w.reshape(-1), b.reshape(1)]).double().requires_grad_(True)
+    z = X.double() @ theta[:-1] + theta[-1]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y.double()) + l2 * (theta[:-1] ** 2).sum()
+    return torch.autograd.grad(loss, theta)[0]
+
+
 def test_fit_logistic_reaches_the_optimum():
     g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
     X = torch.randn(80, 6, generator=g)
     y = ((X[:, 0] + 0.5 * torch.randn(80, generator=g)) > 0).long()
     w, b = shift.fit_logistic(X, y, l2=1e-2)
-    theta = torch.cat([w, b[None]]).double().requires_grad_(True)
-    z = X.double() @ theta[:-1] + theta[-1]
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y.double()) + 1e-2 * (theta[:-1] ** 2).sum()
-    (grad,) = torch.autograd.grad(loss, theta)
-    assert grad.abs().max() < 1e-6
+    assert _logistic_grad(X, y, w, b, 1e-2).abs().max() < 1e-6
 
 
 def test_pooling_ignores_padding(quick):
@@ -404,8 +408,8 @@ def test_effect_sizes_against_numpy():
 # --- gaps found by mutation testing: validation bounds, repeated features, batching, labels, l2, ties -------
 
 def _random_bios(g, model, n):
-    """A Batch of n random token rows (lengths 2..9, right-padded with random ids) labelled as bios, every
-    (profession, gender) group at least twice, with the model and all of its (relu, float64) dictionaries."""
+    """A Batch of n random token rows for `model` (lengths 2..9, right-padded with random ids) labelled as
+    bios, every (profession, gender) group at least twice when n >= 8."""
     from minicirc.data import Batch
     from minicirc.tasks.bios import Bio
     lengths = [int(v) for v in torch.randint(2, 10, (n,), generator=g)]
@@ -416,14 +420,6 @@ def _random_bios(g, model, n):
     examples = [Bio("x", p, q) for p, q in pairs]
     return Batch(tokens, None, torch.tensor([p for p, _ in pairs]), None, torch.tensor([m - 1 for m in lengths]),
                  examples)
-
-
-def _logistic_grad(X, y, w, b, l2):
-    """The gradient of mean(BCE(X w + b, y)) + l2 |w|^2 at (w, b), by autograd (the documented objective)."""
-    theta = torch.cat([w.reshape(-1), b.reshape(1)]).double().requires_grad_(True)
-    z = X.double() @ theta[:-1] + theta[-1]
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y.double()) + l2 * (theta[:-1] ** 2).sum()
-    return torch.autograd.grad(loss, theta)[0]
 
 
 def test_ablation_validation_bounds_and_repeated_features():
@@ -590,6 +586,7 @@ def test_pooled_features_and_judge_against_a_written_out_scan():
             f = torch.relu((cache[s][0] - sae.b_dec) @ sae.W_enc[:, i] + sae.b_enc[i])    # (T,)
             want[b, j] = f.sum() / T
     assert want.abs().sum() > 0
+    assert got.dtype == saes["embed"].W_enc.dtype   # float64 dictionaries give float64 activations
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     dg, dp = shift.effect_sizes(want, shift.labels(batch, "profession"), shift.labels(batch, "gender"))
     diff = sorted(abs(float(a - b)) for a, b in zip(dg, dp))

@@ -72,6 +72,12 @@ def split_of(frame):
     return "test" if int.from_bytes(digest[:4], "big") % 100 < TEST_PERCENT else "train"
 
 
+def check_split(split):
+    """Every maker refuses an unknown split (a draw that waits for a matching split would never end)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
 def _frame_key(template, subj, second, rc_verb, prep, verb):
     """The lemmas that fix a sentence's prefix (see the module docstring); numbers are left out."""
     if template == "simple":
@@ -142,8 +148,7 @@ def make_examples(template, n, seed=0, split="train"):
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    check_split(split)
     rng = random.Random(f"agreement/{template}/{split}/{seed}")
     # Number cells in an order whose every prefix of even length is balanced in both nouns.
     cells = [(0, 0), (1, 1), (0, 1), (1, 0)]

@@ -15,12 +15,14 @@ Design choices:
   which is what makes the ambiguous probe lean on it.
 - The other sentences are neutral filler shared by both genders and professions. All verb forms are
   singular and agree with their subject, as everywhere in the language.
-- Held-out: a stable hash of the text sends each bio to "train" or "test" (TEST_PERCENT), so train and
-  test bios are disjoint whatever the seeds; the language-model corpus uses train bios only.
+- Held-out: the agreement frames' stable hash of the text sends each bio to "train" or "test"
+  (agreement.TEST_PERCENT), so train and test bios are disjoint whatever the seeds; the language-model
+  corpus uses train bios only.
 """
-import hashlib
 import random
 from dataclasses import dataclass
+
+from . import agreement
 
 PROFESSIONS = ("professor", "nurse")   # label 0, 1
 GENDERS = ("male", "female")           # label 0, 1
@@ -52,8 +54,6 @@ FILLER_SENTENCES = ("{pron} likes {poss} garden", "{pron} has a dog", "{poss} fr
                     "{pron} enjoys music", "{poss} family is large", "{pron} reads a book every night",
                     "{pron} walks to work", "{poss} house is old")
 
-TEST_PERCENT = 20
-
 
 @dataclass
 class Bio:
@@ -63,8 +63,8 @@ class Bio:
 
 
 def split_of(text):
-    digest = hashlib.sha256(text.encode()).digest()
-    return "test" if int.from_bytes(digest[:4], "big") % 100 < TEST_PERCENT else "train"
+    """"train" or "test" for a bio: the agreement frames' stable hash, of the whole text."""
+    return agreement.split_of((text,))
 
 
 def make_bio(profession, gender, rng):
@@ -79,8 +79,7 @@ def make_bio(profession, gender, rng):
 
 
 def _bios(groups, n, seed, split, name):
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    agreement.check_split(split)
     if n % len(groups):
         raise ValueError(f"{name}: n must be a multiple of {len(groups)} (one equal share per group), got {n}")
     rng = random.Random(f"bios/{name}/{split}/{seed}")

@@ -52,8 +52,7 @@ def build_tokenizer():
 
 def corpus_documents(n, seed=0, split="train"):
     """`n` documents (strings without "<sep>"), drawn from SENTENCE_MIX; the same list for the same seed."""
-    if split not in ("train", "test"):   # an unknown split would never match a bio's split: no endless draw
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    agreement.check_split(split)
     rng = random.Random(f"corpus/{split}/{seed}")
     families, weights = list(SENTENCE_MIX), list(SENTENCE_MIX.values())
     docs = []
