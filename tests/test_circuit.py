@@ -65,6 +65,9 @@ def every_node(c):
 @pytest.mark.parametrize("aggregation", ["sum", "none"])
 def test_kept_nodes_by_threshold_and_top_k(aggregation):
     model, saes, batch, c = setup(fresh_seed(), aggregation, nodes_only=True, top_k_nodes=4)
+    # A feature inactive on every example has effect exactly 0; some draws have none, so make one.
+    feat = c.nodes[c.sites[int(torch.randint(0, len(c.sites), ()))]][0]
+    feat[tuple(int(torch.randint(0, n, ())) for n in feat.shape)] = 0.0
     nodes = every_node(c)
     effects = sorted({abs(n[4]) for n in nodes if n[4] != 0})
     for thr in (effects[len(effects) // 2], effects[-3], 0.0):   # thresholds equal to an effect: kept only above
