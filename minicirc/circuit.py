@@ -7,7 +7,6 @@ running sums; the division by the number of examples happens once, so batching n
 import json
 import math
 import os
-import tempfile
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 from . import attribution
 from .data import Batch, Example, tokenize
 from .errors import MinicircError, read_json
+from .files import staged_files
 from .model import model_hash
 from .sae import saes_hash
 
@@ -372,68 +372,21 @@ class Circuit:
                                                           device="cpu")
         return out
 
-    def save(self, out_dir, contexts=None, picture=True):
-        """circuit.json, effects.safetensors, circuit.dot, circuit.png, circuit.html (and contexts.json when
-        contexts are given): all or none.
-
-        Every file is first written under a temporary name in out_dir; only when all of them are complete
-        are they renamed into place, so a failure midway leaves neither partial files nor a mix of this
-        run's and an earlier run's files (the temporaries are removed)."""
+    def write(self, stage):
+        """Stage circuit.json and effects.safetensors (minicirc.files.staged_files); returns the JSON data."""
         from safetensors.torch import save_file
-        from . import viz
-        os.makedirs(out_dir, exist_ok=True)
         data = self.to_json()
-        staged = []    # (temporary path, final path)
-        umask = os.umask(0)
-        os.umask(umask)
-
-        def stage(name):
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp" + os.path.splitext(name)[1])
-            os.close(fd)
-            os.chmod(tmp, 0o666 & ~umask)     # mkstemp makes 0600; results are ordinary files
-            staged.append((tmp, os.path.join(out_dir, name)))
-            return tmp
-
-        try:
-            with open(stage("circuit.json"), "wb") as f:
-                f.write(json.dumps(data, indent=1).encode())
-            save_file(self.tensors(), stage("effects.safetensors"), metadata={"settings": json.dumps(self.settings)})
-            with open(stage("circuit.dot"), "wb") as f:
-                f.write(viz.to_dot(data).encode())
-            if picture:
-                viz.draw_circuit(data, stage("circuit.png"))
-            try:
-                from .viewer import write_html
-            except ImportError:
-                write_html = None
-            if write_html is not None:
-                write_html(data, stage("circuit.html"), contexts)
-            if contexts:    # kept so that `minicirc view` can redraw circuit.html with them
-                with open(stage("contexts.json"), "wb") as f:
-                    f.write(json.dumps(contexts, indent=1, default=float).encode())
-            for tmp, final in staged:
-                os.replace(tmp, final)
-            if not contexts and os.path.exists(os.path.join(out_dir, "contexts.json")):
-                os.remove(os.path.join(out_dir, "contexts.json"))   # an earlier run's, no longer this circuit's
-        except BaseException:
-            for tmp, _ in staged:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            raise
+        with open(stage("circuit.json"), "wb") as f:
+            f.write(json.dumps(data, indent=1).encode())
+        save_file(self.tensors(), stage("effects.safetensors"), metadata={"settings": json.dumps(self.settings)})
         return data
 
-
-def write_atomic(path, data: bytes):
-    """Write to a temporary name and rename, so a failure never leaves a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    def save(self, out_dir):
+        """circuit.json and effects.safetensors in out_dir, both or neither (the pictures and the page are
+        minicirc.viz.save_circuit's job). Returns the circuit.json data."""
+        with staged_files(out_dir) as stage:
+            data = self.write(stage)
+        return data
 
 
 def load_circuit_json(path, model=None, saes=None):

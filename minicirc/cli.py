@@ -7,6 +7,7 @@ import sys
 import torch
 
 from .errors import MinicircError
+from .files import prepare_out_dir
 
 
 def load_inputs(args):
@@ -21,19 +22,8 @@ def load_inputs(args):
     return model, saes, examples
 
 
-def prepare_out(out, overwrite, marker):
-    """Refuse to overwrite an earlier run silently; fail early if the folder cannot be written."""
-    if os.path.exists(os.path.join(out, marker)) and not overwrite:
-        raise MinicircError(f"{out} already holds {marker} from an earlier run; pass --overwrite or choose another --out")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise MinicircError(f"cannot create output directory {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise MinicircError(f"output directory {out} is not writable")
-
-
 def cmd_circuit(args):
+    from . import viz
     from .circuit import find_circuit
     torch.manual_seed(args.seed)
     if args.limit is not None and args.limit < 1:
@@ -47,7 +37,7 @@ def cmd_circuit(args):
         failure = None
         try:
             if rank == 0:  # only rank 0 writes; on several machines the other ranks need no --out folder
-                prepare_out(args.out, args.overwrite, "circuit.json")
+                prepare_out_dir(args.out, args.overwrite, "circuit.json")
             model, saes, examples = load_inputs(args)
         except Exception as e:
             if dist is None:
@@ -62,7 +52,7 @@ def cmd_circuit(args):
                                distributed=args.distributed, progress=rank == 0)
         if rank == 0:
             try:
-                data = circuit.save(args.out)
+                data = viz.save_circuit(circuit, args.out)
             except OSError as e:  # disk full, permissions, ...: save left no partial files behind
                 raise MinicircError(f"cannot write results to {args.out}: {e.strerror or e}") from None
             print(f"{len(data['nodes'])} nodes, {len(data['edges'])} edges -> {args.out}/circuit.json "
@@ -79,10 +69,11 @@ def cmd_circuit(args):
 
 def cmd_evaluate(args):
     from . import evaluation
-    from .circuit import load_circuit_json, write_atomic
+    from .circuit import load_circuit_json
+    from .files import write_atomic
     if args.batch_size < 1:
         raise MinicircError(f"--batch-size must be at least 1, got {args.batch_size}")
-    prepare_out(args.out, args.overwrite, "evaluation.json")
+    prepare_out_dir(args.out, args.overwrite, "evaluation.json")
     model, saes, examples = load_inputs(args)
     circ = load_circuit_json(args.circuit, model, saes)
     positional = circ["settings"]["aggregation"] == "none"

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from . import evaluation, explain, viz
-from .circuit import find_circuit, write_atomic
+from .circuit import find_circuit
+from .files import prepare_out_dir, write_atomic
 from .data import tokenize
 from .default import get_default
 from .errors import MinicircError
@@ -121,9 +122,7 @@ def describe_nounpp(data, interp):
 def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", progress=True):
     t0 = time.time()
     cfg = SETTINGS["quick" if quick else "full"]
-    if os.path.exists(os.path.join(out, "report.md")) and not overwrite:
-        raise MinicircError(f"{out} already holds report.md from an earlier run; pass --overwrite or choose another --out")
-    os.makedirs(out, exist_ok=True)
+    prepare_out_dir(out, overwrite, "report.md")
     model, saes, tokenizer, stats, folder = get_default("quick" if quick else "full", progress=progress)
     model, saes = model.to(device), {s: d.to(device) for s, d in saes.items()}
     neurons = {s: d.to(device) for s, d in identity_saes(model).items()}
@@ -146,7 +145,7 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
             for nid, (name, score) in interp.items():
                 circuit.annotations[nid] = {"best_variable": name, "interpretability": round(score, 4)}
             contexts = explain.circuit_contexts(model, dicts, tokenizer, found, texts, k=5)
-            data = circuit.save(os.path.join(out, template, kind), contexts=contexts)
+            data = viz.save_circuit(circuit, os.path.join(out, template, kind), contexts=contexts)
             faith = evaluation.faithfulness(model, dicts, held, kept)
             points = evaluation.sweep(model, dicts, held, circuit, thresholds=cfg["sweep"], progress=False)
             curves[f"{template} {kind}"] = [(p["n_nodes"], p["faithfulness"]) for p in points]

@@ -6,7 +6,7 @@ direction promotes or suppresses.
     top_contexts(model, sae, "resid_1", sample, 37, k=10)
     logit_effects(model, sae, 37, n=5)
     contexts = circuit_contexts(model, saes, tokenizer, circuit_json, texts, k=5)
-    circuit.save(out_dir, contexts=contexts)         # or viewer.write_html(circuit_json, path, contexts)
+    viz.save_circuit(circuit, out_dir, contexts)   # or viewer.write_html(circuit_json, path, contexts)
 
 A feature's activation at (sentence, position) is `sae.encode(x)[feature]` where x is the site's value
 in an unedited forward pass over that sentence alone (sentences are right-padded in batches; the model is

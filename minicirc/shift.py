@@ -500,7 +500,8 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     probe's circuits over features and neurons (circuit_features/, circuit_neurons/).
 
     ablate: "site/feature,..." (a person's judgement) instead of the automatic judge, for the SAE features."""
-    from .circuit import write_atomic
+    from . import viz
+    from .files import prepare_out_dir, write_atomic
     from .default import get_default
     from .explain import circuit_contexts
     from .sae import identity_saes
@@ -513,12 +514,7 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
         raise MinicircError("--top-k and --random-seeds must be at least 1")
     if not threshold >= 0:
         raise MinicircError(f"--threshold must be at least 0, got {threshold}")
-    if os.path.exists(os.path.join(out, "shift_report.md")) and not overwrite:
-        raise MinicircError(f"{out} already holds shift_report.md from an earlier run; pass --overwrite or choose another --out")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise MinicircError(f"cannot create output directory {out}: {e.strerror}") from None
+    prepare_out_dir(out, overwrite, "shift_report.md")
     model, saes, tokenizer, stats, folder = get_default("quick" if quick else "full", progress=progress)
     layer = model.cfg.n_layers // 2 if probe_layer is None else probe_layer
     sites = probe_sites(model, layer)
@@ -559,7 +555,7 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
                 "gender_d": round(v["gender_d"], 4), "profession_d": round(v["profession_d"], 4),
                 "spurious": v["spurious"], "ablated": v["ablated"]}
         ctx = circuit_contexts(model, dicts, tokenizer, c.to_json(), data["explain_texts"], k=cfg["k_contexts"])
-        c.save(os.path.join(out, f"circuit_{kind}"), contexts=ctx)
+        viz.save_circuit(c, os.path.join(out, f"circuit_{kind}"), contexts=ctx)
     stages.update()
     stages.close()
     results = {"rows": rows, "n_ablated": n_ablated, "random_runs": rand, "random_retrain_runs": rand_re,

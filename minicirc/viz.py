@@ -130,3 +130,28 @@ def plot_faithfulness(curves, path, title="Faithfulness vs circuit size"):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_circuit(circuit, out_dir, contexts=None, picture=True):
+    """Every file of a found circuit, all or none: circuit.json and effects.safetensors (Circuit.save),
+    circuit.dot, circuit.png (unless picture=False), circuit.html, and contexts.json when contexts are given
+    (kept so that `minicirc view` can redraw circuit.html with them; an earlier run's is removed otherwise).
+    Returns the circuit.json data."""
+    import json
+    import os
+    from .files import staged_files
+    from .viewer import write_html
+    with staged_files(out_dir) as stage:
+        data = circuit.write(stage)
+        with open(stage("circuit.dot"), "wb") as f:
+            f.write(to_dot(data).encode())
+        if picture:
+            draw_circuit(data, stage("circuit.png"))
+        write_html(data, stage("circuit.html"), contexts)
+        if contexts:
+            with open(stage("contexts.json"), "wb") as f:
+                f.write(json.dumps(contexts, indent=1, default=float).encode())
+    stale = os.path.join(out_dir, "contexts.json")
+    if not contexts and os.path.exists(stale):
+        os.remove(stale)    # an earlier run's, no longer this circuit's
+    return data

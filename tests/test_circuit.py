@@ -130,7 +130,7 @@ def test_kept_edges_equal_a_loop_over_the_dense_edges(aggregation):
 @pytest.mark.parametrize("aggregation", ["sum", "none"])
 def test_circuit_json_and_effects_file_hold_the_circuit(aggregation, tmp_path):
     model, saes, batch, c = setup(fresh_seed(), aggregation, node_threshold=0.0, edge_threshold=0.01)
-    data = c.save(tmp_path / "c", picture=False)
+    data = c.save(tmp_path / "c")
     assert load_circuit_json(tmp_path / "c" / "circuit.json", model, saes) == json.loads(json.dumps(data))
     nodes = {n[0]: n for n in every_node(c)}
     assert len(data["nodes"]) == sum(1 for n in nodes.values() if abs(n[4]) > 0)
@@ -182,7 +182,7 @@ def test_load_gives_back_the_saved_circuit(aggregation, tmp_path):
     c = minicirc.find_circuit(model, saes, batch, steps=2, node_threshold=0.02, edge_threshold=0.01,
                               aggregation=aggregation, progress=False)
     c.annotations[c.kept_nodes()[0][0]] = {"label": "a note"}
-    data = c.save(tmp_path / "c", picture=False)
+    data = c.save(tmp_path / "c")
     back = minicirc.Circuit.load(tmp_path / "c")
     assert json.dumps(back.to_json()) == json.dumps(data)
     for s in c.sites:
@@ -194,8 +194,9 @@ def test_load_gives_back_the_saved_circuit(aggregation, tmp_path):
         torch.testing.assert_close(back.edges[pair][1].to_dense(), vals.to_dense(), rtol=0, atol=0)
     assert back.kept_nodes(threshold=0.05) == c.kept_nodes(threshold=0.05)
     # Saving again without contexts drops the earlier run's contexts.json (view would show stale ones).
+    from minicirc.viz import save_circuit
     (tmp_path / "c" / "contexts.json").write_text("{}")
-    c.save(tmp_path / "c", picture=False)
+    save_circuit(c, tmp_path / "c", picture=False)
     assert not (tmp_path / "c" / "contexts.json").exists()
     # An edge tensor that does not fit its shape, and a corrupt effects file, are refused with the file's name.
     from safetensors.torch import save_file

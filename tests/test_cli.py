@@ -194,7 +194,8 @@ def test_view_redraws_with_the_saved_contexts(setup):
     data = c.to_json()
     contexts = random_contexts(random.Random(int(torch.randint(0, 1000, ()).item())), data)
     assert contexts
-    c.save(t / "out", contexts=contexts)
+    from minicirc.viz import save_circuit
+    save_circuit(c, t / "out", contexts=contexts)
     page = (t / "out" / "circuit.html").read_text(encoding="utf-8")
     assert page == render_html(json.loads((t / "out" / "circuit.json").read_text()), contexts)
     for target in (t / "out", t / "out" / "circuit.json"):
