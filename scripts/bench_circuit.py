@@ -6,7 +6,7 @@ row, the original code's granularity. Prints a ratio against the baseline.
 
     python scripts/bench_circuit.py                        # small, a few seconds
     python scripts/bench_circuit.py --d-model 512 --d-mlp 2048 --layers 6 --vocab 50304 \
-        --features 32768 --examples 10 --pos 5 --baseline-rows 200   # DESIGN.md section 13 scale
+        --features 32768 --examples 10 --pos 5 --baseline-rows 200   # Pythia-70M scale (BENCHMARKS.md)
 
 Streamed memory and data parallelism (section "find_circuit end to end"): the whole find_circuit (IG nodes
 and all edges) at each dataset size of --circuit-sizes with a fixed --batch-size; peak memory should not

@@ -1,6 +1,6 @@
 """Benchmark: the sparse kernels against the dense torch path, measured in the same run.
 
-Pipeline (DESIGN.md §13): encode clean, encode patch, per-feature attribution, on
+Pipeline (the kernel targets of BENCHMARKS.md): encode clean, encode patch, per-feature attribution, on
 N=2048 tokens, d=512, 16384 features, about 64 features active per token (ReLU SAE).
 - dense:  f = relu((x - b_dec) @ W_enc + b_enc) twice, then (g @ W_dec.T) * (f_p - f_c)
 - sparse: ops.sae_encode_sparse twice, then ops.feature_attribution (extension)

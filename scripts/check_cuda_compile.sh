@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile-checks csrc/minicirc_cuda.cu with nvcc (no GPU, no link), with the flags torch's
-# BuildExtension uses for the stable-ABI CUDA library (see /work/shared/notes/kernels.md §3).
+# BuildExtension uses for the stable-ABI CUDA library: -std=c++20 as torch 2.13 passes it, and
+# -DUSE_CUDA, without which the stable ABI's aoti_torch_get_current_cuda_stream is not declared.
 #   scripts/check_cuda_compile.sh            # sm_80 and sm_90
 #   ARCHS="75 89 120" scripts/check_cuda_compile.sh
 set -euo pipefail
