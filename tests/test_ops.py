@@ -1,11 +1,16 @@
 """minicirc.ops: extension and torch reference against dense oracles written here.
 
-Every comparison scatters rows to dense first (row order inside the kernels is not part of the
-contract beyond "ids increase"), on float64 unless a test is about another dtype, with fresh
-random, tie-free inputs. CUDA variants run when a GPU and the CUDA extension are present.
+The shape of pytorch/extension-cpp's tests: `sample_inputs` yields the op calls (odd sizes, empty and
+all-active rows, every dictionary kind, on cpu and on cuda where present), `reference` is the dense torch
+computation each must equal, `test_ops_match_reference` asserts it for both paths, and `test_opcheck` runs
+torch.library.opcheck on every sample. The tests after those pin single properties (dtypes, ties at the
+threshold, chunking, bad rows, the path switch). Every comparison scatters rows to dense first (row order
+inside the kernels is not part of the contract beyond "ids increase"), on float64 unless a test is about
+another dtype, with random, tie-free inputs. CUDA variants run when a GPU and the CUDA extension are present.
 """
 import os
 import random
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -67,23 +72,15 @@ def rand_features(n, s, gen, density, dtype=torch.float64):
     return torch.randn(n, s, generator=gen, dtype=dtype) * (torch.rand(n, s, generator=gen) < density)
 
 
-# ----------------------------------------------------------------------------- sae_encode_sparse
+# ----------------------------------------------------------------------------- samples, the reference
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ops.KINDS)
-@pytest.mark.parametrize("d", [7, 65, 513])
-@pytest.mark.parametrize("s", [1, 33, 4097])
-def test_encode_matches_dense(device, kind, d, s):
-    gen = torch.Generator().manual_seed(d * 10007 + s)
-    W_enc, b_enc, b_dec, theta = make_sae(d, s, gen, device=device)
-    x = torch.randn(19, d, generator=gen, dtype=torch.float64).to(device)
-    k = min(s, 5) if s > 1 else 1
-    want = dense_encode(x, W_enc, b_enc, b_dec, kind, theta, k)
-    for use_ext in paths(device):
-        rows = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, theta if kind == "jumprelu" else None, k,
-                                     use_ext=use_ext)
-        check_rows_form(*rows, 19, s)
-        torch.testing.assert_close(ops.rows_to_dense(*rows, s), want, rtol=1e-12, atol=1e-12)
+class Sample(NamedTuple):
+    """One call of an op: `args` exactly as `torch.ops.minicirc.<op>` takes them (ops.py's wrappers take the
+    same ones), `want` the reference's dense result, `full` the dense shape the rows scatter to."""
+    name: str
+    op: str             # "sae_encode_sparse" or "feature_attribution"
+    args: tuple
+    n_features: int
 
 
 def controlled_rows(d, s, gen, device):
@@ -100,20 +97,137 @@ def controlled_rows(d, s, gen, device):
     return x, W_enc, b_enc, b_dec, theta
 
 
+def attribution_inputs(n, d, s, gen, device):
+    """Gradients, decoder and clean/patch features with an empty row (0), all-active rows on clean (1) and
+    on patch (2), and a row active on both with no change (3: kept, effect 0)."""
+    g = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    W = torch.randn(s, d, generator=gen, dtype=torch.float64)
+    f_c, f_p = rand_features(n, s, gen, 0.2), rand_features(n, s, gen, 0.2)
+    f_c[0], f_p[0] = 0, 0
+    f_c[1] = torch.rand(s, generator=gen, dtype=torch.float64) + 0.5
+    f_p[2] = -torch.rand(s, generator=gen, dtype=torch.float64) - 0.5
+    f_c[3], f_p[3] = f_c[1], f_c[1]
+    return (t.to(device) for t in (g, W, f_c, f_p))
+
+
+def sample_inputs(device, dtype=torch.float64):
+    """Every shape and layout the ops are tested on: odd sizes (d 7/65/513, n_features 1/33/4097), each
+    dictionary kind the encode takes (relu, jumprelu, topk with k below, at and above n_features, and k=0),
+    rows that are empty, all-active or mixed, no rows at all, and attribution inputs with empty, all-active
+    and unchanged rows. Inputs are tie-free random draws from fixed generators."""
+    def encode(name, x, W_enc, b_enc, b_dec, kind, theta, k):
+        args = (x, W_enc, b_enc, b_dec, kind, theta if kind == "jumprelu" else None, k)
+        return Sample(name, "sae_encode_sparse", tuple(a.to(dtype) if torch.is_tensor(a) else a for a in args),
+                      W_enc.shape[1])
+
+    for d in (7, 65, 513):
+        for s in (1, 33, 4097):
+            gen = torch.Generator().manual_seed(d * 10007 + s)
+            W_enc, b_enc, b_dec, theta = make_sae(d, s, gen, device=device)
+            x = torch.randn(19, d, generator=gen, dtype=torch.float64).to(device)
+            for kind in ops.KINDS:
+                yield encode(f"encode {kind} d={d} s={s}", x, W_enc, b_enc, b_dec, kind, theta, min(s, 5))
+    for s in (1, 33, 4097):
+        x, W_enc, b_enc, b_dec, theta = controlled_rows(65, s, torch.Generator().manual_seed(s), device)
+        for kind, k in [("relu", 0), ("jumprelu", 0), ("topk", s), ("topk", s + 7), ("topk", 3)]:
+            yield encode(f"encode {kind} k={k} s={s}, empty/all-active/mixed rows", x, W_enc, b_enc, b_dec, kind,
+                         theta, k)
+    gen = torch.Generator().manual_seed(4)
+    W_enc, b_enc, b_dec, theta = make_sae(7, 33, gen, device=device)
+    for kind in ops.KINDS:
+        yield encode(f"encode {kind}, no rows", torch.zeros(0, 7, dtype=torch.float64, device=device),
+                     W_enc, b_enc, b_dec, kind, theta, 3)
+    yield encode("encode topk k=0", torch.randn(5, 7, generator=gen, dtype=torch.float64).to(device),
+                 W_enc, b_enc, b_dec, "topk", theta, 0)
+
+    for d in (7, 65, 513):
+        for s in (1, 33, 4097):
+            g, W, f_c, f_p = attribution_inputs(21, d, s, torch.Generator().manual_seed(d * 31 + s), device)
+            rows = [t.to(dtype) if t.is_floating_point() else t
+                    for t in (*ops.dense_to_rows(f_c), *ops.dense_to_rows(f_p))]
+            yield Sample(f"attribution d={d} s={s}", "feature_attribution", (g.to(dtype), W.to(dtype), *rows), s)
+    g, W, f_c, _ = attribution_inputs(21, 7, 33, torch.Generator().manual_seed(8), device)
+    none = ops.empty_rows(0, dtype, device)
+    yield Sample("attribution, no rows", "feature_attribution",
+                 (g[:0].to(dtype), W.to(dtype), *none, *none), 33)
+    rows = [t.to(dtype) if t.is_floating_point() else t for t in ops.dense_to_rows(f_c)]
+    yield Sample("attribution, no patch", "feature_attribution",
+                 (g.to(dtype), W.to(dtype), *rows, *ops.empty_rows(21, dtype, device)), 33)
+
+
+def reference(sample):
+    """The dense torch computation each op must equal (after scattering its rows), written here."""
+    if sample.op == "sae_encode_sparse":
+        x, W_enc, b_enc, b_dec, kind, theta, k = sample.args
+        return dense_encode(x, W_enc, b_enc, b_dec, kind, theta, min(k, sample.n_features))
+    g, W, *rows = sample.args
+    f_c = ops.rows_to_dense(*rows[:3], sample.n_features)
+    f_p = ops.rows_to_dense(*rows[3:], sample.n_features)
+    return dense_attribution(g, W, f_c, f_p)
+
+
+def run(sample, use_ext):
+    """The op through its ops.py wrapper, on the path `use_ext` selects."""
+    if sample.op == "sae_encode_sparse":
+        return ops.sae_encode_sparse(*sample.args, use_ext=use_ext)
+    g, W, *rows = sample.args
+    return ops.feature_attribution(g, W, rows[:3], rows[3:], use_ext=use_ext)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("s", [1, 33, 4097])
-def test_encode_empty_and_full_rows(device, s):
-    gen = torch.Generator().manual_seed(s)
-    x, W_enc, b_enc, b_dec, theta = controlled_rows(65, s, gen, device)
-    for kind, k in [("relu", 0), ("jumprelu", 0), ("topk", s), ("topk", s + 7), ("topk", 3)]:
-        want = dense_encode(x, W_enc, b_enc, b_dec, kind, theta, min(k, s))
-        counts = (want != 0).sum(1)
-        full = min(k, s) if kind == "topk" else s
-        assert int(counts[0]) == 0 and int(counts[1]) == full
+def test_ops_match_reference(device):
+    """Extension (where built) and torch fallback both equal the reference on every sample, float64."""
+    n_samples = 0
+    for sample in sample_inputs(device):
+        n_samples += 1
+        want = reference(sample)
+        if sample.op == "feature_attribution":
+            f_c, f_p = (ops.rows_to_dense(*r, sample.n_features) for r in (sample.args[2:5], sample.args[5:]))
+            union = (f_c != 0) | (f_p != 0)
         for use_ext in paths(device):
-            rows = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, kind, theta, k, use_ext=use_ext)
-            check_rows_form(*rows, 9, s)
-            torch.testing.assert_close(ops.rows_to_dense(*rows, s), want, rtol=1e-12, atol=1e-12)
+            try:
+                crow, col, val = run(sample, use_ext)
+                check_rows_form(crow, col, val, want.shape[0], sample.n_features,
+                                stored_zeros=sample.op == "feature_attribution")
+                if sample.op == "feature_attribution":
+                    # Rows list exactly the union of the active features, zero effects included.
+                    assert torch.equal(ops.rows_to_dense(crow, col, torch.ones_like(val), sample.n_features) != 0,
+                                       union)
+                tol = 1e-12 if sample.op == "sae_encode_sparse" else 1e-10
+                torch.testing.assert_close(ops.rows_to_dense(crow, col, val, sample.n_features), want,
+                                           rtol=tol, atol=tol)
+            except AssertionError as e:
+                raise AssertionError(f"{sample.name} (use_ext={use_ext}): {e}") from None
+    assert n_samples == 27 + 15 + 4 + 9 + 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_samples_cover_empty_and_full_rows(device):
+    """The controlled samples really have an empty row 0 and an all-active row 1 (k of them for top-k): the
+    layouts sample_inputs promises are there."""
+    seen = 0
+    for sample in sample_inputs(device):
+        want = reference(sample)
+        if "empty/all-active" in sample.name:
+            kind, k = sample.args[4], sample.args[6]
+            counts = (want != 0).sum(1)
+            full = min(k, sample.n_features) if kind == "topk" else sample.n_features
+            assert int(counts[0]) == 0 and int(counts[1]) == full, sample.name
+            seen += 1
+    assert seen == 15
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck(device, dtype):
+    """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) on every sample."""
+    if not ext_available(device):
+        pytest.skip("extension not built for this device")
+    for sample in sample_inputs(device, dtype):
+        try:
+            torch.library.opcheck(getattr(torch.ops.minicirc, sample.op), sample.args)
+        except Exception as e:
+            raise AssertionError(f"{sample.name}: {e}") from e
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -128,19 +242,6 @@ def test_topk_more_than_positive(device):
         crow, col, val = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, "topk", None, k, use_ext=use_ext)
         assert torch.equal(crow.diff(), (pre > 0).sum(1))
         torch.testing.assert_close(ops.rows_to_dense(crow, col, val, 257), pre.clamp(min=0))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_encode_zero_rows_and_topk_zero(device):
-    gen = torch.Generator().manual_seed(4)
-    W_enc, b_enc, b_dec, theta = make_sae(7, 33, gen, device=device)
-    for use_ext in paths(device):
-        crow, col, val = ops.sae_encode_sparse(torch.zeros(0, 7, dtype=torch.float64, device=device),
-                                               W_enc, b_enc, b_dec, "relu", use_ext=use_ext)
-        assert crow.tolist() == [0] and col.numel() == 0 and val.numel() == 0
-        x = torch.randn(5, 7, generator=gen, dtype=torch.float64).to(device)
-        crow, col, val = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, "topk", None, 0, use_ext=use_ext)
-        assert crow.tolist() == [0] * 6
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,30 +275,6 @@ def test_encode_float32_and_bfloat16(device):
 
 
 # ----------------------------------------------------------------------------- feature_attribution
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("d", [7, 65, 513])
-@pytest.mark.parametrize("s", [1, 33, 4097])
-def test_attribution_matches_dense(device, d, s):
-    gen = torch.Generator().manual_seed(d * 31 + s)
-    n = 21
-    g = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    W = torch.randn(s, d, generator=gen, dtype=torch.float64)
-    f_c, f_p = rand_features(n, s, gen, 0.2), rand_features(n, s, gen, 0.2)
-    f_c[0], f_p[0] = 0, 0  # empty row
-    f_c[1] = torch.rand(s, generator=gen, dtype=torch.float64) + 0.5  # all-active rows
-    f_p[2] = -torch.rand(s, generator=gen, dtype=torch.float64) - 0.5
-    f_c[3], f_p[3] = f_c[1], f_c[1]  # active on both with no change: kept, effect 0
-    g, W, f_c, f_p = (t.to(device) for t in (g, W, f_c, f_p))
-    want = dense_attribution(g, W, f_c, f_p)
-    union = (f_c != 0) | (f_p != 0)
-    for use_ext in paths(device):
-        crow, col, val = ops.feature_attribution(g, W, ops.dense_to_rows(f_c), ops.dense_to_rows(f_p),
-                                                 use_ext=use_ext)
-        check_rows_form(crow, col, val, n, s, stored_zeros=True)
-        assert torch.equal(ops.rows_to_dense(crow, col, torch.ones_like(val), s) != 0, union)
-        torch.testing.assert_close(ops.rows_to_dense(crow, col, val, s), want, rtol=1e-10, atol=1e-10)
-
 
 @need_ext
 def test_attribution_rejects_bad_rows():
@@ -269,28 +346,6 @@ def test_randomized_equivalence_1000_draws():
 
 
 # ----------------------------------------------------------------------------- registration, switches
-
-def opcheck_samples(device):
-    gen = torch.Generator().manual_seed(7)
-    W_enc, b_enc, b_dec, theta = [t.float().to(device) for t in make_sae(33, 65, gen)]
-    x = torch.randn(9, 33, generator=gen).to(device)
-    yield "encode", (x, W_enc, b_enc, b_dec, "relu", None, 0)
-    yield "encode", (x, W_enc, b_enc, b_dec, "jumprelu", theta, 0)
-    yield "encode", (x, W_enc, b_enc, b_dec, "topk", None, 4)
-    rc = ops.sae_encode_sparse(x, W_enc, b_enc, b_dec, "topk", None, 4)
-    rp = ops.sae_encode_sparse(x + 0.3, W_enc, b_enc, b_dec, "topk", None, 4)
-    g, W_dec = torch.randn(9, 33, generator=gen).to(device), W_enc.T.contiguous()
-    yield "attr", (g, W_dec, *rc, *rp)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    if not ext_available(device):
-        pytest.skip("extension not built for this device")
-    for name, args in opcheck_samples(device):
-        op = torch.ops.minicirc.sae_encode_sparse if name == "encode" else torch.ops.minicirc.feature_attribution
-        torch.library.opcheck(op, args)
-
 
 def test_extension_built():
     """The C++ extension is built on every machine with torch >= 2.10 (setup.py)."""
