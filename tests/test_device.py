@@ -6,7 +6,9 @@ built without `device=`) makes a CPU tensor even when the model is on `--device 
 there (or copies every batch to the CPU and back). Here the default device is set to "meta" and any
 operation that returns a meta tensor raises at once, naming the call: on a CPU-only machine this finds
 the factory calls a GPU run would trip over. Inputs are made before the guard; the guarded run must give
-the same files as an unguarded one."""
+the same files as an unguarded one.
+
+Where a GPU is present, the last test also runs the pipeline on it and compares with the CPU run."""
 import contextlib
 import json
 import os
@@ -18,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 import minicirc
 from minicirc.cli import main
-from test_determinism import load
+from test_determinism import assert_same_effects, load
 from test_distributed import make_inputs
 
 
@@ -109,3 +111,23 @@ def test_demo_and_shift(quick_cache, tmp_path):
     assert demo["_meta"]["full_model_faithfulness"]["simple"] == pytest.approx(1.0, abs=1e-4)
     assert 0.0 <= shifted["rows"]["oracle"]["worst_group"] <= 1.0
     assert os.path.exists(tmp_path / "shift" / "shift_report.md")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: the CUDA run is checked only where one exists")
+@pytest.mark.parametrize("kw", [dict(method="ig"), dict(method="attrib", aggregation="none"),
+                                dict(method="exact", nodes_only=True)])
+def test_cuda_run_equals_cpu_run(tmp_path, kw):
+    """find_circuit and faithfulness with the model and dictionaries on the GPU give the CPU run's effects
+    (float32: same formulas, other summation orders, so equal to rounding)."""
+    device = "cuda"
+    t = make_inputs(tmp_path, 4, same_length=True)
+    model, saes, batch = load(t)
+    args = dict(steps=2, node_threshold=0.05, edge_threshold=0.05, batch_size=3, progress=False, **kw)
+    want = minicirc.find_circuit(model, saes, batch, **args)
+    want_faith = minicirc.faithfulness(model, saes, batch, want.kept_nodes(), positional=want.positional)
+    model_d, saes_d = model.to(device), {s: d.to(device) for s, d in saes.items()}
+    got = minicirc.find_circuit(model_d, saes_d, batch, **args)
+    assert_same_effects(got, want, atol=1e-4, rtol=1e-4)
+    got_faith = minicirc.faithfulness(model_d, saes_d, batch, want.kept_nodes(), positional=want.positional)
+    for key in ("m_full", "m_empty", "m_circuit", "m_complement"):
+        assert got_faith[key] == pytest.approx(want_faith[key], rel=1e-4, abs=1e-4), key
