@@ -224,6 +224,9 @@ def test_opcheck(device, dtype):
     if not ext_available(device):
         pytest.skip("extension not built for this device")
     for sample in sample_inputs(device, dtype):
+        if (device == "cuda" and sample.op == "sae_encode_sparse" and sample.args[4] == "topk"
+                and min(sample.args[6], sample.n_features) > ops._CUDA_TOPK_MAX_K):
+            continue    # the CUDA kernel refuses such k by contract; ops.sae_encode_sparse runs the reference
         try:
             torch.library.opcheck(getattr(torch.ops.minicirc, sample.op), sample.args)
         except Exception as e:
