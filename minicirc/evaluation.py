@@ -1,4 +1,4 @@
-"""Ablation: faithfulness and completeness of a circuit, and sweeps over node thresholds (DESIGN.md section 8).
+"""Ablation: faithfulness and completeness of a circuit, and sweeps over node thresholds (docs/method.md §8).
 
 The clean input runs through the sites in order; at each evaluated site the current (already edited)
 activation is re-encoded, features outside the kept set are set to their ablation value, the error is

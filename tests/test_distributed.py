@@ -53,18 +53,20 @@ def torchrun(nproc, *args, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def edge_entries(keys, vals, positional):
-    """{(downstream key, [upstream position,] upstream column): value} of one (U, D) pair."""
+def edge_entries(rows, vals, positional):
+    """{(downstream node, [upstream position,] upstream column): value} of one (U, D) pair."""
+    rows = torch.as_tensor(rows).tolist()
     out = {}
     for entry, v in zip(vals.indices().T.tolist(), vals.values().tolist()):
-        out[(keys[entry[0]], *entry[1:])] = v
+        out[(rows[entry[0]], *entry[1:])] = v
     return out
 
 
 def file_edge_entries(tensors, u, d):
+    """The same from effects.safetensors, whose rows are (position or -1, feature or -1 for the error)."""
+    F_d = tensors[f"nodes.{d}.features"].shape[-1]
     rows = tensors[f"edges.{u}.{d}.rows"].tolist()
-    keys = [(t if t >= 0 else None, "err" if i < 0 else i) for t, i in rows]
-    keys = [k[1] if k[0] is None else k for k in keys]
+    keys = [max(t, 0) * (F_d + 1) + (F_d if i < 0 else i) for t, i in rows]
     idx, val = tensors[f"edges.{u}.{d}.indices"], tensors[f"edges.{u}.{d}.values"]
     return {(keys[e[0]], *e[1:]): v for e, v in zip(idx.T.tolist(), val.tolist())}
 
@@ -91,9 +93,9 @@ def test_two_ranks_equal_one_process(tmp_path, aggregation, n, batch_size):
 
     got = load_file(t / "d2" / "effects.safetensors")
     # Every node effect, kept or not.
-    for s, (feat, err) in ref.nodes.items():
-        torch.testing.assert_close(got[f"nodes.{s}.features"], feat, atol=1e-6, rtol=0)
-        torch.testing.assert_close(got[f"nodes.{s}.error"], err, atol=1e-6, rtol=0)
+    for s, v in ref.nodes.items():
+        torch.testing.assert_close(got[f"nodes.{s}.features"], v[..., :-1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[f"nodes.{s}.error"], v[..., -1], atol=1e-6, rtol=0)
     # Every edge effect: same downstream rows, same upstream entries, same values.
     assert sorted(k[:-len("values")] for k in got if k.startswith("edges.") and k.endswith(".values")) == \
         sorted(f"edges.{u}.{d}." for u, d in ref.edges)

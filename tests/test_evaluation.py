@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from minicirc import evaluation
-from minicirc.circuit import node_id
 from minicirc.errors import MinicircError
 from test_attribution import make_batch, make_model, make_saes, neuron_saes, ref_logit_diff
 
@@ -85,7 +84,7 @@ def all_nodes(saes, T=None):
 
 
 def as_circuit_nodes(nodes):
-    return [(node_id(s, i, t), s, i, t, 1.0) for s, i, t in nodes]
+    return [(f"{s}/{i}" + ("" if t is None else f"@{t}"), s, i, t, 1.0) for s, i, t in nodes]
 
 
 CASES = [  # (dictionaries, ablation, errors, positional, first_layer, same length)
