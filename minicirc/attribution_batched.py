@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .attribution import METHODS, SiteState, edge_pairs, frozen_weights, site_order, site_states
+from .attribution import METHODS, edge_pairs, frozen_weights, site_order, site_states
 from .errors import MinicircError
 
 

@@ -8,7 +8,6 @@ Models are tiny random GPT-NeoX (weights perturbed off their init, parallel and 
 random dictionaries (relu, jumprelu, topk; identity for neurons) at every site. Node effects are
 (B, T, F + 1) per site, column F the error node.
 """
-import itertools
 
 import pytest
 import torch
@@ -415,6 +414,22 @@ def test_edges_equal_one_at_a_time(parallel, aggregation):
     assert_edges_equal(as_dict(loop), ref)
 
 
+# The batched code against the definition for every dictionary kind (relu, jumprelu, topk; identity for
+# neurons), both aggregations, from attrib and ig gradients.
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+@pytest.mark.parametrize("kinds,method", [(("relu", "jumprelu", "topk"), "ig"), (("topk", "jumprelu"), "attrib"),
+                                          ("neurons", "ig")])
+def test_batched_edges_equal_definition_every_kind(aggregation, kinds, method):
+    seed = 621 + 2 * len(kinds) + (aggregation == "none") + 5 * (method == "attrib")
+    saes = neuron_saes if kinds == "neurons" else None
+    model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, bool(seed % 2), kinds, method=method, saes=saes)
+    tau = threshold_for(ref_eff)
+    ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, aggregation))
+    assert sum(len(acc) for acc in ref.values()) > 3
+    fast = AB.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
+    assert_edges_equal(as_dict(fast), ref)
+
+
 # Same reference with attrib gradients as L_d and topk dictionaries (batched VJP through topk/scatter).
 def test_edges_equal_one_at_a_time_attrib_topk():
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(613, False, ("topk", "relu"), method="attrib")
@@ -436,6 +451,7 @@ def test_edges_finite_differences(parallel):
     tau = threshold_for(ref_eff)
     sel = selection(ref_eff, tau)
     fast = as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "none"))
+    defn = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "none"))
     clean = plain_sites(model, batch.clean)
     g = torch.Generator().manual_seed(seed + 5)
     pairs = design_pairs(model.cfg.n_layers, parallel)
@@ -484,6 +500,8 @@ def test_edges_finite_differences(parallel):
         fd = (S(eps) - S(-eps)) / (2 * eps)
         val = fast[(U, Dn)][t * (F_d + 1) + j][t_u, i]
         torch.testing.assert_close(val, fd, rtol=1e-6, atol=1e-8, msg=lambda m: f"{U}->{Dn} {(t, j, t_u, i)}: {m}")
+        # the definition too, on its own (its L_d from the IG definition)
+        torch.testing.assert_close(defn[(U, Dn)][t * (F_d + 1) + j][t_u, i], fd, rtol=1e-6, atol=1e-8)
         if abs(fd) > 1e-6:
             seen[(up_err, j == F_d)] = seen.get((up_err, j == F_d), 0) + 1
     assert len(seen) == 4 and min(seen.values()) >= 3, seen

@@ -1,4 +1,4 @@
-"""Faithfulness and completeness (minicirc.evaluation) against the ablation of DESIGN.md section 8 written out
+"""Faithfulness and completeness (minicirc.evaluation) against the ablation of docs/method.md §8 written out
 here: plain runs of the patch inputs give the ablation values, then the clean input runs with an edit at every
 evaluated site that re-encodes the current activation, writes the ablation value into every feature (and
 error) outside the kept set, and writes back decode(f) + err. float64, tiny random models and dictionaries."""
