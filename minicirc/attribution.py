@@ -244,10 +244,11 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
             model(batch.clean, edit=edit, stop_at=D)
             y = recorded["y"]
             f_d = sae_d.encode(y)
-            L_f = grads[D] @ sae_d.W_dec.T if sae_d.kind != "identity" else grads[D]
-            B, T, F_d = f_d.shape
+            err_d = y - sae_d.decode(f_d)
+            L_f = grads[D] @ sae_d.W_dec.T
+            F_d = f_d.shape[-1]
             for b, t, i in torch.nonzero(effects[D].abs() > node_threshold).tolist():
-                value = L_f[b, t, i] * f_d[b, t, i] if i < F_d else (grads[D][b, t] * (y - sae_d.decode(f_d))[b, t]).sum()
+                value = L_f[b, t, i] * f_d[b, t, i] if i < F_d else (grads[D][b, t] * err_d[b, t]).sum()
                 if not value.requires_grad:
                     continue
                 g_f, g_err = torch.autograd.grad(value, [f_u, err_u], retain_graph=True, allow_unused=True)
