@@ -180,6 +180,22 @@ def _rank_main(rank, world, init_file, inputs, out_dir):
             res["agree"] = None
         except Exception as e:
             res["agree"] = (type(e).__name__, str(e))
+        # summed_over_ranks: reduce after a loop that ran everywhere; if rank 1 fails inside it, every rank
+        # raises and none reduces.
+        class Sums:
+            reduced = False
+
+            def reduce(self, group):
+                self.reduced = True
+        for fail in (False, True):
+            sums = Sums()
+            try:
+                with distributed.summed_over_ranks(sums):
+                    if fail and rank == 1:
+                        raise ValueError("inside the loop")
+                res[f"summed {fail}"] = ("ok", sums.reduced)
+            except Exception as e:
+                res[f"summed {fail}"] = (type(e).__name__, str(e), sums.reduced)
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
             pickle.dump(res, f)
     finally:
@@ -225,6 +241,9 @@ def test_collectives_on_three_ranks(tmp_path):
         # The failing ranks raise their own error; the others name the first failing rank.
         assert res["agree"] == [("MinicircError", "rank 1 failed: ValueError: bad shard"),
                                 ("ValueError", "bad shard"), ("MinicircError", "nan here")][r]
+        assert res["summed False"] == ("ok", True)
+        assert res["summed True"] == (("ValueError", "inside the loop", False) if r == 1 else
+                                      ("MinicircError", "rank 1 failed: ValueError: inside the loop", False))
 
 
 def test_launched_needs_every_variable(monkeypatch):
