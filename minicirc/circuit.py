@@ -1,17 +1,26 @@
-"""Circuits: node and edge effects aggregated over a dataset, thresholds, the Circuit object and its files.
+"""Circuits: node and edge effects aggregated over a dataset, the Circuit object and its two files.
 
-Aggregation (DESIGN.md section 7): `sum` sums nodes over positions and edges over both positions, then
+Aggregation (docs/method.md §7): `sum` sums nodes over positions and edges over both positions, then
 averages over examples; `none` keeps positions (all examples must share one length). Batches only add to
 running sums; the division by the number of examples happens once, so batching never changes a result.
+
+Inside the library a site's nodes are one tensor whose last axis has F + 1 entries, column F the error
+node ((F + 1,) with `sum`, (T, F + 1) with `none`), and a node is its index into that tensor, flattened.
+Node names ("resid_1/37", "resid_1/err", "resid_1/37@5") exist only in circuit.json: `node_id` writes
+them and `parse_node_id` reads them.
 """
 import json
 import math
 import os
+import re
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
 from . import attribution
+from . import distributed as dist_mod
+from .attribution_batched import EdgeSum, edge_effects, node_effects
 from .data import Batch, Example, tokenize
 from .errors import MinicircError, read_json
 from .files import staged_files
@@ -21,11 +30,31 @@ from .sae import saes_hash
 AGGREGATIONS = ("sum", "none")
 
 
-def node_id(site, feature, pos=None):
-    return f"{site}/{feature}" + (f"@{pos}" if pos is not None else "")
+# --- node names: the file boundary ------------------------------------------------------------------
+
+def node_id(site, column, n_features, pos=None):
+    """The circuit.json name of a node: "resid_1/37", "resid_1/err" (column n_features), "resid_1/37@5"."""
+    return f"{site}/{'err' if column == n_features else column}" + (f"@{pos}" if pos is not None else "")
 
 
-def check_settings(method, steps, node_threshold, edge_threshold, aggregation, batch_size=1):
+_NODE_ID = re.compile(r"(?P<site>[^/@]+)/(?P<feature>err|\d+)(@(?P<pos>\d+))?")
+
+
+def parse_node_id(text):
+    """node_id's inverse: (site, feature index or None for the error node, position or None); None for
+    anything that is not a node name (the metric node "y")."""
+    m = _NODE_ID.fullmatch(text)
+    if m is None:
+        return None
+    feature, pos = m["feature"], m["pos"]
+    return m["site"], None if feature == "err" else int(feature), None if pos is None else int(pos)
+
+
+# --- finding a circuit ------------------------------------------------------------------------------
+
+def check_arguments(model, saes, examples, metric, method, steps, node_threshold, edge_threshold, aggregation,
+                    batch_size, nodes_only, top_k_nodes, top_k_edges):
+    """find_circuit's arguments, each with a one-line error; returns the sites with dictionaries, in order."""
     if method not in attribution.METHODS:
         raise MinicircError(f"unknown method {method!r} (known: {', '.join(attribution.METHODS)})")
     if aggregation not in AGGREGATIONS:
@@ -37,6 +66,24 @@ def check_settings(method, steps, node_threshold, edge_threshold, aggregation, b
     for name, v in [("node threshold", node_threshold), ("edge threshold", edge_threshold)]:
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise MinicircError(f"{name} must be a finite number >= 0, got {v!r}")
+    for name, k in [("top_k_nodes", top_k_nodes), ("top_k_edges", top_k_edges)]:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise MinicircError(f"{name} must be a positive integer, got {k!r}")
+    if len(examples) == 0:
+        raise MinicircError("the dataset is empty")
+    if metric is attribution.logit_diff and examples.patch is None:
+        raise MinicircError("the logit-difference metric needs patch prefixes and answers")
+    sites = attribution.site_order(model, saes)
+    if not sites:
+        raise MinicircError("no dictionaries given")
+    for s in sites:
+        if saes[s].d_in != model.cfg.d_model:
+            raise MinicircError(f"dictionary for {s} has width {saes[s].d_in}, the model's d_model is {model.cfg.d_model}")
+    if aggregation == "none" and len(set(examples.last.tolist())) > 1:
+        raise MinicircError("aggregation 'none' keeps positions, so all examples must have the same length")
+    if method == "exact" and not nodes_only:
+        raise MinicircError("method 'exact' computes node effects only: pass nodes_only (--nodes-only)")
+    return sites
 
 
 def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.1, edge_threshold=0.01,
@@ -52,88 +99,86 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
     distributed: True (the default torch.distributed group) or a ProcessGroup. This rank computes its
     contiguous share of whole batches, the sums are reduced over the group, and every rank returns the same
     Circuit, equal to the single-process one up to float rounding. Progress shows on rank 0 only."""
-    from . import distributed as dist_mod
-    check_settings(method, steps, node_threshold, edge_threshold, aggregation, batch_size)
-    for name, k in [("top_k_nodes", top_k_nodes), ("top_k_edges", top_k_edges)]:
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise MinicircError(f"{name} must be a positive integer, got {k!r}")
     metric = metric or attribution.logit_diff
     examples = as_batch(examples, tokenizer, model)
-    if len(examples) == 0:
-        raise MinicircError("the dataset is empty")
-    if metric is attribution.logit_diff and examples.patch is None:
-        raise MinicircError("the logit-difference metric needs patch prefixes and answers")
-    sites = attribution.site_order(model, saes)
-    if not sites:
-        raise MinicircError("no dictionaries given")
-    for s in sites:
-        if saes[s].d_in != model.cfg.d_model:
-            raise MinicircError(f"dictionary for {s} has width {saes[s].d_in}, the model's d_model is {model.cfg.d_model}")
-    if aggregation == "none" and len(set(examples.last.tolist())) > 1:
-        raise MinicircError("aggregation 'none' keeps positions, so all examples must have the same length")
-    if method == "exact" and not nodes_only:
-        raise MinicircError("method 'exact' computes node effects only: pass nodes_only (--nodes-only)")
+    sites = check_arguments(model, saes, examples, metric, method, steps, node_threshold, edge_threshold,
+                            aggregation, batch_size, nodes_only, top_k_nodes, top_k_edges)
     device = next(model.parameters()).device
-    out_dtype = next(model.parameters()).dtype
     group = distributed if distributed not in (False, True, None) else None
     rank, world = dist_mod.group_info(group) if distributed else (0, 1)
-
-    n = len(examples)
-    acc = dict(dtype=torch.float64, device=device)
-    T = int(examples.last.max()) + 1
-    node_sums = {s: ((torch.zeros(saes[s].n_features, **acc), torch.zeros((), **acc)) if aggregation == "sum" else
-                     (torch.zeros(T, saes[s].n_features, **acc), torch.zeros(T, **acc))) for s in sites}
-    metric_sums = torch.zeros(2, **acc)
-    edge_sums = {}        # (U, D) -> _EdgeSum
-    lo, hi = dist_mod.shard(-(-n // batch_size), rank, world)
+    sums = EffectSums(saes, sites, aggregation, int(examples.last.max()) + 1, device)
+    lo, hi = dist_mod.shard(-(-len(examples) // batch_size), rank, world)
     bar = tqdm(range(lo, hi), desc=f"circuit ({method}{'' if nodes_only else ' + edges'})",
                disable=not progress or rank != 0, unit="batch")
-    failure = None
-    try:
+    show = progress and rank == 0
+    with dist_mod.summed_over_ranks(sums, group) if distributed else nullcontext():
         for b in bar:
             batch = examples[b * batch_size:(b + 1) * batch_size].to(device)
-            m_c, m_p, states, effects, grads = attribution.node_effects(model, saes, metric, batch, method, steps, use_ext,
-                                                                        progress=progress and rank == 0)
-            metric_sums[0] += m_c.double().sum()
-            if m_p is not None:
-                metric_sums[1] += m_p.double().sum()
-            for s, (feat, err) in effects.items():
-                dims = (0, 1) if aggregation == "sum" else (0,)
-                node_sums[s][0].add_(feat.double().sum(dims))
-                node_sums[s][1].add_(err.double().sum(dims))
+            result = node_effects(model, saes, metric, batch, method, steps, use_ext, progress=show)
+            sums.add_nodes(result)
             if not nodes_only:
-                edges = attribution.edge_effects(model, saes, batch, states, grads, effects, node_threshold,
-                                                 aggregation, progress=progress and rank == 0)
-                for pair, (keys, vals) in edges.items():
-                    edge_sums.setdefault(pair, _EdgeSum(vals.shape[1:])).add(keys, vals)
-            del states, effects, grads
-    except Exception as e:
-        if not distributed:
-            raise
-        failure = e
-    if distributed:
-        dist_mod.agree(failure, rank, group)   # every rank stops if any failed, before any reduction
-        flat = [metric_sums] + [t for pair in node_sums.values() for t in pair]
-        dist_mod.all_reduce_sum(flat, group)
-        # Edge sums are sparse with rank-specific rows: gather them all, merge in rank order (the order a
-        # single process sees the batches in, so rows come out in the same order).
-        shards = dist_mod.all_gather_sparse([(pair, *es.export()) for pair, es in edge_sums.items()], group)
-        edge_sums = {}
-        for part in shards:
-            for pair, keys, idx, val, rest in part:
-                edge_sums.setdefault(pair, _EdgeSum(rest)).add_linear(keys, idx.to(device), val.to(device), merge=False)
-    nodes = {s: ((f / n).to(out_dtype).cpu(), (e / n).to(out_dtype).cpu()) for s, (f, e) in node_sums.items()}
-    edges = {pair: edge_sums[pair].result(n, out_dtype) for pair in sorted(edge_sums, key=pair_order(sites))}
+                sums.add_edges(edge_effects(model, saes, batch, result.states, result.grads, result.effects,
+                                            node_threshold, aggregation, progress=show))
+            del result
     settings = {"method": method, "steps": steps, "node_threshold": node_threshold,
-                "edge_threshold": edge_threshold, "aggregation": aggregation, "n_examples": n,
+                "edge_threshold": edge_threshold, "aggregation": aggregation, "n_examples": len(examples),
                 "model": model_hash(model), "saes": saes_hash(saes)}
     if top_k_nodes is not None:
         settings["top_k_nodes"] = top_k_nodes
     if top_k_edges is not None:
         settings["top_k_edges"] = top_k_edges
-    m_clean, m_patch = metric_sums.tolist()
-    metric_values = {"clean": m_clean / n, "patch": (m_patch / n) if examples.patch is not None else None}
+    nodes, edges, metric_values = sums.means(len(examples), next(model.parameters()).dtype,
+                                             has_patch=examples.patch is not None)
     return Circuit(sites, nodes, edges, settings, metric_values, nodes_only=nodes_only)
+
+
+class EffectSums:
+    """Running float64 sums over examples: the metric (clean, patch), every site's nodes, and each site
+    pair's edges (an EdgeSum). `reduce(group)` sums them over the ranks of a process group."""
+
+    def __init__(self, saes, sites, aggregation, T, device):
+        acc = dict(dtype=torch.float64, device=device)
+        self.positions = aggregation == "none"
+        self.sites = sites
+        self.metric = torch.zeros(2, **acc)
+        self.nodes = {s: torch.zeros(*((T,) if self.positions else ()), saes[s].n_features + 1, **acc) for s in sites}
+        self.edges = {}       # (U, D) -> EdgeSum
+
+    def add_nodes(self, result):
+        self.metric[0] += result.m_clean.double().sum()
+        if result.m_patch is not None:
+            self.metric[1] += result.m_patch.double().sum()
+        dims = (0,) if self.positions else (0, 1)
+        for s, eff in result.effects.items():
+            # Features and error summed apart, each as its own contiguous block: the floating-point order
+            # the results have always had (the files stay byte-identical).
+            F = eff.shape[-1] - 1
+            self.nodes[s][..., :F].add_(eff[..., :F].contiguous().double().sum(dims))
+            self.nodes[s][..., F].add_(eff[..., F].contiguous().double().sum(dims))
+
+    def add_edges(self, edges):
+        for pair, (rows, vals) in edges.items():
+            self.edges.setdefault(pair, EdgeSum(vals.shape[1:])).add(rows, vals)
+
+    def reduce(self, group=None):
+        """Every rank ends with the sums over all ranks (collective)."""
+        dist_mod.all_reduce_sum([self.metric, *self.nodes.values()], group)
+        # Edge sums are sparse with rank-specific rows: gather them all, merge in rank order (the order a
+        # single process sees the batches in, so rows come out in the same order).
+        shards = dist_mod.all_gather_sparse([(pair, *es.export()) for pair, es in self.edges.items()], group)
+        device = self.metric.device
+        self.edges = {}
+        for part in shards:
+            for pair, rows, lin, val, rest in part:
+                self.edges.setdefault(pair, EdgeSum(rest)).add_linear(rows, lin.to(device), val.to(device), merge=False)
+
+    def means(self, n, dtype, has_patch):
+        """(nodes, edges, metric values): the sums divided by the number of examples n, nodes and edges as
+        `dtype` on the CPU."""
+        nodes = {s: (v / n).to(dtype).cpu() for s, v in self.nodes.items()}
+        edges = {pair: self.edges[pair].result(n, dtype) for pair in sorted(self.edges, key=pair_order(self.sites))}
+        m_clean, m_patch = self.metric.tolist()
+        return nodes, edges, {"clean": m_clean / n, "patch": (m_patch / n) if has_patch else None}
 
 
 def as_batch(examples, tokenizer, model):
@@ -152,97 +197,21 @@ def as_batch(examples, tokenizer, model):
                         f"got {type(examples).__name__}")
 
 
-class _EdgeSum:
-    """Running sum of one (U, D) pair's sparse edge values over batches.
-
-    Rows are downstream nodes, one row each in the order first seen. An entry is stored as one linear key
-    row * prod(rest) + (its flat position in rest) and a float64 value, so the running sum is a sorted key
-    array and merging is a sort + segment sum (about twice as fast as torch's coalesce, and a third of the
-    index memory). Pending batch parts are merged whenever they outgrow the running sum, so memory stays
-    within a small multiple of the summed circuit's size, whatever the number of batches."""
-
-    MERGE_MIN = 1 << 16             # entries pending before a merge is worth it
-
-    def __init__(self, rest):
-        self.rest = tuple(rest)     # (F_U + 1,) or (T, F_U + 1)
-        self.width = math.prod(self.rest)
-        self.index = {}             # downstream key -> row
-        self.parts = []             # [(linear keys, float64 values)]: parts[0] is the merged sum
-        self.merged_nnz, self.pending_nnz = 0, 0
-
-    def add(self, keys, vals):
-        """A batch's sparse (R, *rest) values whose rows are `keys`."""
-        idx = vals.indices()
-        flat = idx[1] if len(self.rest) == 1 else idx[1] * self.rest[1] + idx[2]
-        self.add_linear(keys, idx[0] * self.width + flat, vals.values())
-
-    def add_linear(self, keys, lin, val, merge=True):
-        """Entries with linear keys over rows 0..len(keys)-1 of `keys` (another batch's or rank's rows)."""
-        rows = torch.tensor([self.index.setdefault(k, len(self.index)) for k in keys], dtype=torch.long,
-                            device=lin.device)
-        if lin.numel():
-            lin = rows[lin // self.width] * self.width + lin % self.width
-        self.parts.append((lin, val.to(torch.float64)))
-        self.pending_nnz += val.numel()
-        if merge and self.pending_nnz >= max(self.merged_nnz, self.MERGE_MIN):
-            self.merge()
-
-    def merge(self):
-        if len(self.parts) > 1 or (self.parts and self.pending_nnz):
-            lin = torch.cat([p[0] for p in self.parts])
-            val = torch.cat([p[1] for p in self.parts])
-            keys, inverse = torch.unique(lin, sorted=True, return_inverse=True)
-            # index_add_ adds in the order of the entries: parts in arrival order, so the sums are reproducible
-            self.parts = [(keys, torch.zeros(len(keys), dtype=val.dtype, device=val.device).index_add_(0, inverse, val))]
-            self.merged_nnz, self.pending_nnz = len(keys), 0
-        return self.parts[0] if self.parts else (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
-
-    def export(self):
-        """(keys, linear keys, values, rest), for gathering over ranks."""
-        lin, val = self.merge()
-        return list(self.index), lin, val, self.rest
-
-    def result(self, n, dtype):
-        """(downstream keys, coalesced sparse (R, *rest) of sum / n), rows in node order (position, then
-        feature, the error last) whatever order the batches met them in."""
-        lin, val = self.merge()
-        keys = list(self.index)
-        order = sorted(range(len(keys)), key=lambda r: _node_order(keys[r]))
-        new_row = torch.empty(len(keys), dtype=torch.long, device=lin.device)
-        new_row[torch.tensor(order, dtype=torch.long, device=lin.device)] = torch.arange(len(keys), device=lin.device)
-        lin, perm = torch.sort(new_row[lin // self.width] * self.width + lin % self.width)
-        val = val[perm]
-        keys = [keys[r] for r in order]
-        row, flat = lin // self.width, lin % self.width
-        idx = (torch.stack([row, flat]) if len(self.rest) == 1
-               else torch.stack([row, flat // self.rest[1], flat % self.rest[1]]))
-        shape = (len(keys), *self.rest)
-        vals = torch.sparse_coo_tensor(idx, (val / n).to(dtype), shape, is_coalesced=True, check_invariants=False,
-                                       device=val.device)
-        return keys, vals.cpu()
-
-
 def pair_order(sites):
     """Sort key of (upstream, downstream) site pairs: by downstream site, then upstream, in model order."""
     rank = {s: j for j, s in enumerate(sites)}
     return lambda pair: (rank.get(pair[1], len(rank)), rank.get(pair[0], len(rank)))
 
 
-def _node_order(key):
-    """Sort key of a downstream node key: feature index or "err" (last), or (position, that)."""
-    pos, feat = key if isinstance(key, tuple) else (-1, key)
-    return (pos, 1, 0) if feat == "err" else (pos, 0, feat)
-
-
 class Circuit:
     """Aggregated node effects for every site (kept or not), edge effects, and what made them."""
 
-    def __init__(self, sites, nodes, edges, settings, metric, nodes_only=False):
+    def __init__(self, sites, nodes, edges, settings, metric_values, nodes_only=False):
         self.sites = list(sites)
-        self.nodes = nodes          # {site: (features (F,) | (T, F), error () | (T,))}
-        self.edges = edges          # {(U, D): (downstream keys, sparse (R, F_U + 1) | (R, T, F_U + 1))}
+        self.nodes = nodes          # {site: (F + 1,) | (T, F + 1)}, column F the error
+        self.edges = edges          # {(U, D): (rows (R,) long: D's nodes, sparse (R, F_U + 1) | (R, T, F_U + 1))}
         self.settings = dict(settings)
-        self.metric = metric
+        self.metric_values = metric_values    # {"clean": mean metric, "patch": mean metric or None}
         self.nodes_only = nodes_only
         self.annotations = {}       # node id -> extra fields written into circuit.json
 
@@ -250,18 +219,23 @@ class Circuit:
     def positional(self):
         return self.settings["aggregation"] == "none"
 
+    def n_features(self, site):
+        return self.nodes[site].shape[-1] - 1
+
+    def _name(self, site, index):
+        """circuit.json's (id, feature, pos) of node `index` (flat) of `site`."""
+        F = self.n_features(site)
+        pos, col = divmod(index, F + 1) if self.positional else (None, index)
+        return node_id(site, col, F, pos), "err" if col == F else col, pos
+
     def all_nodes(self):
-        """Every node as (id, site, feature | "err", pos | None, effect), in site order."""
+        """Every node as (id, site, feature | "err", pos | None, effect), in site order (the circuit.json
+        records)."""
         out = []
         for s in self.sites:
-            feat, err = self.nodes[s]
-            if self.positional:
-                for t in range(feat.shape[0]):
-                    out += [(node_id(s, i, t), s, i, t, float(feat[t, i])) for i in range(feat.shape[1])]
-                    out.append((node_id(s, "err", t), s, "err", t, float(err[t])))
-            else:
-                out += [(node_id(s, i), s, i, None, float(feat[i])) for i in range(feat.shape[0])]
-                out.append((node_id(s, "err"), s, "err", None, float(err)))
+            for index, effect in enumerate(self.nodes[s].flatten().tolist()):
+                nid, feat, pos = self._name(s, index)
+                out.append((nid, s, feat, pos, effect))
         return out
 
     def kept_nodes(self, threshold=None, top_k=None):
@@ -278,17 +252,12 @@ class Circuit:
         kept = kept if kept is not None else self.kept_nodes()
         ids = {nd[0] for nd in kept}
         out = []
-        for (u, d), (keys, vals) in self.edges.items():
-            idx, v = vals.indices().tolist(), vals.values().tolist()
-            F_u = vals.shape[-1] - 1
-            for k, entry in enumerate(zip(*idx)):
-                if self.positional:
-                    r, tu, j = entry
-                    t, i = keys[r]
-                    target, src = node_id(d, i, t), node_id(u, "err" if j == F_u else j, tu)
-                else:
-                    r, j = entry
-                    target, src = node_id(d, keys[r]), node_id(u, "err" if j == F_u else j)
+        for (u, d), (rows, vals) in self.edges.items():
+            idx, v = vals.indices(), vals.values().tolist()
+            # An upstream entry's flat index into u's node tensor: (position, column) or column.
+            src_index = idx[1] * vals.shape[2] + idx[2] if self.positional else idx[1]
+            for k, (r, j) in enumerate(zip(rows[idx[0]].tolist(), src_index.tolist())):
+                target, src = self._name(d, r)[0], self._name(u, j)[0]
                 if target in ids and src in ids:
                     out.append((src, target, v[k]))
         # The metric node y: edges from the last site's kept nodes carry their node effects.
@@ -310,7 +279,7 @@ class Circuit:
             nodes.append(row)
         # With nodes_only there are no edge effects: only the edges into y (the node effects themselves).
         edges = [{"source": s, "target": t, "effect": e} for s, t, e in self.kept_edges(kept)]
-        return {"version": 1, "settings": self.settings, "metric": self.metric, "sites": self.sites,
+        return {"version": 1, "settings": self.settings, "metric": self.metric_values, "sites": self.sites,
                 "nodes": nodes, "edges": edges}
 
     @classmethod
@@ -332,21 +301,24 @@ class Circuit:
         missing = [s for s in sites if f"nodes.{s}.features" not in f or f"nodes.{s}.error" not in f]
         if not sites or missing:
             raise MinicircError(f"{path}: does not hold the node effects of sites {missing or 'listed in circuit.json'}")
-        nodes = {s: (f[f"nodes.{s}.features"], f[f"nodes.{s}.error"]) for s in sites}
+        try:
+            nodes = {s: torch.cat([f[f"nodes.{s}.features"], f[f"nodes.{s}.error"][..., None]], -1) for s in sites}
+        except RuntimeError as e:
+            raise MinicircError(f"{path}: node effects of different shapes ({e})") from None
+        positional = data["settings"]["aggregation"] == "none"
         edges = {}
         for name in sorted(k for k in f if k.startswith("edges.") and k.endswith(".indices")):
             p = name[:-len(".indices")]
             try:    # checked: indices out of the shape would otherwise read out of bounds later
                 _, u, d = p.split(".")
-                rows = [(t, "err" if i == -1 else i) for t, i in f[p + ".rows"].tolist()]
-                keys = rows if data["settings"]["aggregation"] == "none" else [i for _, i in rows]
+                rows = rows_from_file(f[p + ".rows"], nodes[d].shape, positional)
                 vals = torch.sparse_coo_tensor(f[p + ".indices"], f[p + ".values"], tuple(f[p + ".shape"].tolist()),
                                                check_invariants=True).coalesce()
             except (KeyError, RuntimeError, ValueError, TypeError) as e:
                 raise MinicircError(f"{path}: {p} is corrupt ({type(e).__name__}: {e})") from None
-            if len(keys) != vals.shape[0]:
-                raise MinicircError(f"{path}: edges {u} -> {d} have {vals.shape[0]} rows but {len(keys)} row keys")
-            edges[(u, d)] = (keys, vals)
+            if len(rows) != vals.shape[0]:
+                raise MinicircError(f"{path}: edges {u} -> {d} have {vals.shape[0]} rows but {len(rows)} row keys")
+            edges[(u, d)] = (rows, vals)
         edges = {pair: edges[pair] for pair in sorted(edges, key=pair_order(sites))}
         circuit = cls(sites, nodes, edges, data["settings"], data["metric"], nodes_only=not edges)
         known = {"id", "site", "feature", "effect", "pos"}
@@ -359,17 +331,14 @@ class Circuit:
     def tensors(self):
         """Every effect, kept or not, for effects.safetensors."""
         out = {}
-        for s, (feat, err) in self.nodes.items():
-            out[f"nodes.{s}.features"] = feat.float().contiguous()
-            out[f"nodes.{s}.error"] = err.float().contiguous()
-        for (u, d), (keys, vals) in self.edges.items():
+        for s, v in self.nodes.items():
+            out[f"nodes.{s}.features"] = v[..., :-1].float().contiguous()
+            out[f"nodes.{s}.error"] = v[..., -1].float().contiguous()
+        for (u, d), (rows, vals) in self.edges.items():
             out[f"edges.{u}.{d}.indices"] = vals.indices().contiguous()
             out[f"edges.{u}.{d}.values"] = vals.values().float().contiguous()
             out[f"edges.{u}.{d}.shape"] = torch.tensor(vals.shape, device="cpu")
-            # Downstream key of each row: (position or -1, feature or -1 for the error).
-            enc = [(k if isinstance(k, tuple) else (-1, k)) for k in keys]
-            out[f"edges.{u}.{d}.rows"] = torch.tensor([(t, -1 if i == "err" else i) for t, i in enc], dtype=torch.long,
-                                                          device="cpu")
+            out[f"edges.{u}.{d}.rows"] = rows_to_file(rows, self.nodes[d].shape, self.positional)
         return out
 
     def write(self, stage):
@@ -387,6 +356,25 @@ class Circuit:
         with staged_files(out_dir) as stage:
             data = self.write(stage)
         return data
+
+
+def rows_to_file(rows, shape, positional):
+    """effects.safetensors' encoding of downstream nodes: (R, 2) long of (position or -1, feature or -1 for
+    the error)."""
+    F = shape[-1] - 1
+    pos, col = (rows // (F + 1), rows % (F + 1)) if positional else (torch.full_like(rows, -1), rows)
+    return torch.stack([pos, torch.where(col == F, -1, col)], 1).cpu()
+
+
+def rows_from_file(encoded, shape, positional):
+    """rows_to_file's inverse, checked against the node tensor's shape."""
+    F = shape[-1] - 1
+    pos, col = encoded.long().unbind(1)
+    T = shape[0] if positional else 1
+    if ((col < -1) | (col >= F)).any() or (((pos < 0) | (pos >= T)) if positional else (pos != -1)).any():
+        raise ValueError(f"row keys outside the node tensor {tuple(shape)}")
+    col = torch.where(col == -1, F, col)
+    return pos * (F + 1) + col if positional else col
 
 
 def load_circuit_json(path, model=None, saes=None):

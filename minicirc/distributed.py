@@ -9,9 +9,11 @@ rank (`all_gather_object`) and summed there in rank order, so every rank ends wi
 its thresholds and top-k select the same nodes and edges. Only rank 0 writes files and shows progress.
 
 Errors on one rank (a NaN in its shard, a bad file) are agreed on before any reduction (`agree`), so every
-rank stops with the same message instead of waiting for a collective that never comes.
+rank stops with the same message instead of waiting for a collective that never comes. find_circuit runs
+its loop over batches inside `summed_over_ranks`, which does both.
 """
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -91,6 +93,21 @@ def agree(error, rank, group=None):
     if failed:
         r, m = failed[0]
         raise MinicircError(f"rank {r} failed: {m}")
+
+
+@contextmanager
+def summed_over_ranks(sums, group=None):
+    """Around the loop that adds this rank's share to `sums` (an object with a collective `reduce(group)`):
+    on leaving, every rank holds the sums over all ranks. An exception on any rank is agreed on first, so
+    every rank raises instead of waiting in a reduction the failed rank never joins."""
+    rank, _ = group_info(group)
+    try:
+        yield
+    except Exception as e:
+        agree(e, rank, group)   # raises e here, and a MinicircError naming this rank on the others
+        raise
+    agree(None, rank, group)
+    sums.reduce(group)
 
 
 def all_reduce_sum(tensors, group=None):

@@ -1,4 +1,4 @@
-"""Ablation: faithfulness and completeness of a circuit, and sweeps over node thresholds (DESIGN.md section 8).
+"""Ablation: faithfulness and completeness of a circuit, and sweeps over node thresholds (docs/method.md §8).
 
 The clean input runs through the sites in order; at each evaluated site the current (already edited)
 activation is re-encoded, features outside the kept set are set to their ablation value, the error is
@@ -75,24 +75,24 @@ def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=6
 def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
     """Metric (B,) with every feature outside `keep` set to its ablation value.
 
-    keep: {site: (feature mask (F,) or (T, F) bool, error kept: bool or (T,) bool)}; sites absent from keep
-    are not touched (e.g. layers before the first evaluated one). values: {site: (features, errors)} shaped
+    keep: {site: bool mask (F + 1,) or (T, F + 1), column F the error node}; sites absent from keep are not
+    touched (e.g. layers before the first evaluated one). values: {site: (features, errors)} shaped
     (F,) / (d,), per position (T, F) / (T, d), or per example (B, T, F) / (B, T, d)."""
     if errors not in ERROR_MODES:
         raise MinicircError(f"unknown error handling {errors!r} (known: {', '.join(ERROR_MODES)})")
 
     def ablate(s):
-        fmask, emask = keep[s]
+        mask = keep[s]
         fval, eval_ = values[s]
         sae = saes[s]
         def fn(x):
             f, err = sae(x)
             T = x.shape[1]
-            fm = fmask[:T] if fmask.dim() == 2 else fmask
+            m = mask[:T] if mask.dim() == 2 else mask
             fv = fval[:T] if fval.dim() == 2 else fval[:, :T] if fval.dim() == 3 else fval
-            f = torch.where(fm.to(x.device), f, fv.to(x.device))
-            em = emask if errors == "default" else torch.tensor(errors == "keep", device=x.device)
-            em = em[:T, None] if torch.is_tensor(em) and em.dim() == 1 else torch.as_tensor(em, device=x.device)
+            f = torch.where(m[..., :-1].to(x.device), f, fv.to(x.device))
+            em = m[..., -1] if errors == "default" else torch.tensor(errors == "keep", device=x.device)
+            em = em[:, None] if em.dim() == 1 else em
             ev = eval_[:T] if eval_.dim() == 2 else eval_[:, :T] if eval_.dim() == 3 else eval_
             err = torch.where(em.to(x.device), err, ev.to(x.device))
             return sae.decode(f) + err
@@ -103,16 +103,14 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
 
 
 def node_masks(circuit_nodes, saes, sites, T=None):
-    """Masks {site: (features, error)} from kept node tuples/dicts (id, site, feature, pos, effect).
+    """Masks {site: bool (F + 1,) or (T, F + 1), column F the error} from kept node records: circuit.json's
+    node dicts or Circuit.kept_nodes' tuples (id, site, feature | "err", pos, effect).
 
     Nodes on a site with a dictionary that is not in `sites` (below the first evaluated layer) are skipped:
     that site is left unablated, so keeping them changes nothing."""
     positional = T is not None
-    masks = {}
-    for s in sites:
-        F, on = saes[s].n_features, dict(dtype=torch.bool, device=saes[s].W_enc.device)
-        masks[s] = ((torch.zeros(T, F, **on), torch.zeros(T, **on)) if positional
-                    else (torch.zeros(F, **on), torch.tensor(False, **on)))
+    masks = {s: torch.zeros(*((T,) if positional else ()), saes[s].n_features + 1, dtype=torch.bool,
+                            device=saes[s].W_enc.device) for s in sites}
     for n in circuit_nodes:
         site, feat, pos = (n["site"], n["feature"], n.get("pos")) if isinstance(n, dict) else (n[1], n[2], n[3])
         if site not in saes:
@@ -121,18 +119,13 @@ def node_masks(circuit_nodes, saes, sites, T=None):
             raise MinicircError(f"circuit node {site}/{feat}: feature index out of range ({saes[site].n_features})")
         if site not in masks:
             continue
-        fm, em = masks[site]
+        col = saes[site].n_features if feat == "err" else int(feat)
         if positional:
             if pos is None or not (0 <= pos < T):
                 raise MinicircError(f"circuit node {site}/{feat} lacks a valid position for this data")
-            if feat == "err":
-                em[pos] = True
-            else:
-                fm[pos, feat] = True
-        elif feat == "err":
-            masks[site] = (fm, torch.ones_like(em))
+            masks[site][pos, col] = True
         else:
-            fm[feat] = True
+            masks[site][col] = True
     return masks
 
 
@@ -153,8 +146,8 @@ def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=Non
     values = values or ablation_values(model, saes, metric, batch, sites, ablation, batch_size)
     order = resample_order(batch, seed) if ablation == "resample" else None
     masks = node_masks(circuit_nodes, saes, sites, T)
-    empty = {s: (torch.zeros_like(fm), torch.zeros_like(em)) for s, (fm, em) in masks.items()}
-    complement = {s: (~fm, ~em) for s, (fm, em) in masks.items()}
+    empty = {s: torch.zeros_like(m) for s, m in masks.items()}
+    complement = {s: ~m for s, m in masks.items()}
     runs = ["circuit", "complement"] + (["full", "empty"] if reference is None else [])
     bar = tqdm(total=len(runs) * -(-len(batch) // batch_size), desc="ablations", unit="batch", disable=not progress)
 

@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from .circuit import parse_node_id
 from .errors import MinicircError
 
 _MEMORY = {}  # cache key -> {feature: (values (k,), flat indices (k,))}
@@ -350,18 +351,6 @@ def logit_effects(model, sae, feature, n=5, tokenizer=None, site=None):
             "suppressed": [[_token_str(tokenizer, i), float(scores[i])] for i in bottom]}
 
 
-def _parse_node_id(nid):
-    """"resid_1/37" or "resid_1/37@5" -> ("resid_1", 37); error nodes and the metric node -> None."""
-    if "/" not in nid:
-        return None
-    site, rest = nid.split("/", 1)
-    feat = rest.split("@", 1)[0]
-    try:
-        return site, int(feat)
-    except ValueError:
-        return None  # "err"
-
-
 def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, batch_size=64):
     """The `contexts` argument of viewer.write_html / Circuit.save for every feature node of `circuit`
     (its circuit.json dict): {"site/feature": {"contexts": [...], "logits": {...}}}. Positional node ids
@@ -372,10 +361,10 @@ def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, ba
     sample = tokenize_texts(texts, tokenizer, model)
     wanted = {}
     for node in circuit.get("nodes", []):
-        parsed = _parse_node_id(str(node.get("id", "")))
-        if parsed is None:
+        parsed = parse_node_id(str(node.get("id", "")))
+        if parsed is None or parsed[1] is None:     # the metric node y, error nodes
             continue
-        site, feat = parsed
+        site, feat, _ = parsed
         if site not in saes:
             raise MinicircError(f"circuit node {node['id']}: no dictionary for site {site!r}")
         wanted.setdefault(site, [])

@@ -574,8 +574,8 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
 def summary(res):
     """The JSON-able part of a pipeline result."""
     return {"candidates": res["candidates"], "ablation": res["ablation"], "n_ablated": res["n_ablated"],
-            "circuit_metric": res["circuit"].metric, "sweep": res["sweep"],
-            "error_effects": {s: float(e) for s, (_, e) in res["circuit"].nodes.items()}}
+            "circuit_metric": res["circuit"].metric_values, "sweep": res["sweep"],
+            "error_effects": {s: float(v[-1]) for s, v in res["circuit"].nodes.items()}}
 
 
 # --- report ---------------------------------------------------------------------------------------

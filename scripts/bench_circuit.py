@@ -25,7 +25,7 @@ import time
 import torch
 
 import minicirc
-from minicirc import attribution
+from minicirc import attribution, attribution_batched
 from minicirc.data import Batch
 
 
@@ -188,9 +188,9 @@ def end_to_end(a, model, saes, random_batch, dist_run):
     run = lambda b: minicirc.find_circuit(model, saes, b, steps=a.steps, node_threshold=a.node_threshold,
                                           batch_size=a.batch_size, progress=False, **extra)
     base = random_batch(a.examples, a.pos)
-    data = {(kind, n): attribution.tile(base, -(-n // len(base)))[:n] if kind == "tiled" else random_batch(n, a.pos)
+    data = {(kind, n): attribution_batched.tile(base, -(-n // len(base)))[:n] if kind == "tiled" else random_batch(n, a.pos)
             for kind in a.circuit_data.split(",") for n in sizes}   # the same data whatever the world size
-    run(attribution.tile(base, world)[:a.batch_size * world])   # warm-up: first-call allocations, lazy imports
+    run(attribution_batched.tile(base, world)[:a.batch_size * world])   # warm-up: first-call allocations, lazy imports
     for kind in a.circuit_data.split(","):
         for n in sizes:
             b = data[(kind, n)]
@@ -251,9 +251,10 @@ def original_style_rows(model, saes, batch, states, grads, eff, thr, pair, keys)
         e_d = y - sae_d.decode(f_d)
         L = grads[d]
         L_f = L @ sae_d.W_dec.T
-        sel_f, sel_e = eff[d][0].abs() > thr, eff[d][1].abs() > thr
-        for t, i in keys:
-            if i == "err":
+        F_d = f_d.shape[-1]
+        sel_f, sel_e = eff[d][..., :F_d].abs() > thr, eff[d][..., F_d].abs() > thr
+        for t, i in (divmod(k, F_d + 1) for k in keys):     # keys: flat indices into (T, F_d + 1)
+            if i == F_d:
                 target = (e_d[:, t] * L[:, t] * sel_e[:, t, None]).sum()
             else:
                 target = (f_d[:, t, i] * L_f[:, t, i] * sel_f[:, t, i]).sum()
@@ -268,14 +269,14 @@ def original_style_rows(model, saes, batch, states, grads, eff, thr, pair, keys)
 
 def stages(a, model, saes, batch):
     res = {}
-    stage("nodes attrib", lambda: attribution.node_effects(model, saes, attribution.logit_diff, batch, "attrib"), res)
-    m_c, m_p, states, eff, grads = stage(
-        f"nodes ig ({a.steps} steps)",
-        lambda: attribution.node_effects(model, saes, attribution.logit_diff, batch, "ig", a.steps), res)
-    allv = torch.cat([torch.cat([f.flatten(), e.flatten()]) for f, e in eff.values()]).abs()
+    stage("nodes attrib", lambda: attribution_batched.node_effects(model, saes, attribution.logit_diff, batch, "attrib"), res)
+    r = stage(f"nodes ig ({a.steps} steps)",
+              lambda: attribution_batched.node_effects(model, saes, attribution.logit_diff, batch, "ig", a.steps), res)
+    states, eff, grads = r.states, r.effects, r.grads
+    allv = torch.cat([e.flatten() for e in eff.values()]).abs()
     print(f"  per-example node effects: max {allv.max():.3g}, "
           f"{int((allv > a.node_threshold).sum())} entries above the node threshold {a.node_threshold}")
-    edges = stage("edges batched (vmap)", lambda: attribution.edge_effects(
+    edges = stage("edges batched (vmap)", lambda: attribution_batched.edge_effects(
         model, saes, batch, states, grads, eff, a.node_threshold, "none"), res)
     n_rows = sum(len(k) for k, _ in edges.values())
     print(f"  {n_rows} downstream (position, feature) rows over {len(edges)} site pairs")

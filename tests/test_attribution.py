@@ -1,18 +1,20 @@
-"""Node and edge effects (minicirc.attribution) against slow references written out here.
+"""Node and edge effects: the batched code (minicirc.attribution_batched) against the definitions
+(minicirc.attribution), and both against independent references written out here.
 
-Every reference is computed independently of attribution.py: explicit splices of one site as
-decode(f) + err with f and err as autograd leaves, explicit loops over IG steps, over patched nodes and over
-downstream nodes (one backward pass each), and central finite differences, in float64. Models are tiny
-random GPT-NeoX (weights perturbed off their init, parallel and sequential residual) with random
-dictionaries (relu, jumprelu, topk; identity for neurons) at every site.
+The definitions splice one site as decode(f) + err with f and err as autograd leaves and loop over IG steps,
+over patched nodes and over downstream nodes (one backward pass each). Independent of both: central finite
+differences, patching a whole site, single-neuron patching, site states from plain runs, in float64.
+Models are tiny random GPT-NeoX (weights perturbed off their init, parallel and sequential residual) with
+random dictionaries (relu, jumprelu, topk; identity for neurons) at every site. Node effects are
+(B, T, F + 1) per site, column F the error node.
 """
-import itertools
 
 import pytest
 import torch
 
 import minicirc
 from minicirc import attribution as A
+from minicirc import attribution_batched as AB
 from minicirc.data import Batch
 from minicirc.sae import Dictionary
 
@@ -130,74 +132,27 @@ def ref_states(model, saes, batch):
     return out
 
 
-def spliced_grads(model, sae, metric, batch, site, f, e):
-    """d m[b] / d f and d m[b] / d err with only `site` replaced by decode(f) + err (leaves), one backward
-    per example b; everything else is the plain model (gradients straight through)."""
-    f = f.detach().clone().requires_grad_(True)
-    e = e.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        m = metric(model, batch, batch.clean, {site: lambda x: sae.decode(f) + e})
-        gf, ge = torch.zeros_like(f), torch.zeros_like(e)
-        for b in range(len(batch)):
-            a, c = torch.autograd.grad(m[b], [f, e], retain_graph=True, allow_unused=True)
-            if a is not None:
-                gf[b] = a[b]
-            if c is not None:
-                ge[b] = c[b]
-    return gf, ge
+def states_of(model, saes, metric, batch):
+    """The definitions' site states (attribution.site_states)."""
+    return A.site_states(model, saes, metric, batch, A.site_order(model, saes))[2]
 
 
-def ref_gradients(model, saes, metric, batch, states, method, steps=None):
-    """{site: (dm/df, dm/derr)} at alpha = 0 (attrib) or averaged over alpha = k/steps (ig), one
-    forward/backward per alpha with f_alpha and err_alpha interpolated explicitly."""
-    out = {}
-    alphas = [0.0] if method == "attrib" else [k / steps for k in range(steps)]
-    for s, sae in saes.items():
-        f_c, e_c, f_p, e_p = states[s]
-        gf_sum, ge_sum = torch.zeros_like(f_c), torch.zeros_like(e_c)
-        for a in alphas:
-            gf, ge = spliced_grads(model, sae, metric, batch, s, (1 - a) * f_c + a * f_p, (1 - a) * e_c + a * e_p)
-            gf_sum += gf
-            ge_sum += ge
-        out[s] = (gf_sum / len(alphas), ge_sum / len(alphas))
-    return out
+def definition_gradients(model, saes, metric, batch, states, method, steps=None):
+    """{site: (dm/df, dm/derr)} of the definitions: at alpha = 0 (attrib) or averaged over alpha = k/steps."""
+    return A.ig_gradients(model, saes, metric, batch, states, 1 if method == "attrib" else steps)
 
 
 def effects_from(grads, states):
-    out = {}
-    for s, (gf, ge) in grads.items():
-        f_c, e_c, f_p, e_p = states[s]
-        out[s] = (gf * (f_p - f_c), (ge * (e_p - e_c)).sum(-1))
-    return out
+    return {s: A.effects_from_gradients(*grads[s], states[s]) for s in grads}
 
 
-def ref_exact(model, saes, metric, batch, states):
-    """Activation patching, one forward per (position, node): inside the edit the site is re-encoded, the one
-    feature (or the error) at one position is set to its patch value, and decode(f) + err written back."""
-    with torch.no_grad():
-        m_c = metric(model, batch, batch.clean, {})
-        out = {}
-        for s, sae in saes.items():
-            f_c, e_c, f_p, e_p = states[s]
-            B, T, F = f_c.shape
-            eff = torch.zeros(B, T, F + 1, dtype=f_c.dtype)
-            for t in range(T):
-                for i in range(F + 1):
-                    def edit(x, t=t, i=i, sae=sae, f_p=f_p, e_p=e_p):
-                        f = sae.encode(x).clone()
-                        e = (x - sae.decode(f)).clone()
-                        if i < F:
-                            f[:, t, i] = f_p[:, t, i]
-                        else:
-                            e[:, t] = e_p[:, t]
-                        return sae.decode(f) + e
-                    eff[:, t, i] = metric(model, batch, batch.clean, {s: edit}) - m_c
-            out[s] = (eff[..., :F], eff[..., F])
-    return m_c, out
+def site_grads(L):
+    """The site gradients dm/dx (= dm/derr) that edges take as L_d."""
+    return {s: ge for s, (_, ge) in L.items()}
 
 
 def design_pairs(n_layers, parallel):
-    """The edge table of DESIGN.md section 6, written out again: (U, D, frozen sites)."""
+    """The edge table of docs/method.md §6, written out again: (U, D, frozen sites)."""
     pairs = []
     for l in range(n_layers):
         prev = "embed" if l == 0 else f"resid_{l - 1}"
@@ -218,45 +173,11 @@ def downstream_value(sae_d, y, b, t, j, L):
     return (L_e[b, t] * (y - sae_d.decode(f_d))[b, t]).sum()
 
 
-def ref_edges(model, saes, batch, states, L, sel, aggregation, pairs):
-    """One backward pass per selected downstream (example, position, node), intermediate sites detached.
-    Returns {(U, D): {key: value}} with value (F_U + 1,) for `sum`, (T, F_U + 1) for `none`."""
-    out = {}
-    for U, Dn, frozen in pairs:
-        sae_u, sae_d = saes[U], saes[Dn]
-        f_c, e_c, f_p, e_p = states[U]
-        F_d = states[Dn][0].shape[-1]
-        f_leaf = f_c.clone().requires_grad_(True)
-        e_leaf = e_c.clone().requires_grad_(True)
-        rec = {}
-        edit = {U: lambda x: sae_u.decode(f_leaf) + e_leaf}
-        for fr in frozen:
-            edit[fr] = lambda x: x.detach()
-        edit[Dn] = lambda x: rec.setdefault("y", x)
-        acc = {}
-        with torch.enable_grad():
-            model(batch.clean, edit=edit, stop_at=Dn)
-            sel_f, sel_e = sel[Dn]
-            chosen = [(b, t, j) for b, t, j in itertools.product(*map(range, sel_f.shape)) if sel_f[b, t, j]]
-            chosen += [(b, t, F_d) for b, t in itertools.product(*map(range, sel_e.shape)) if sel_e[b, t]]
-            for b, t, j in chosen:
-                val = downstream_value(sae_d, rec["y"], b, t, j, L[Dn])
-                gf, ge = torch.autograd.grad(val, [f_leaf, e_leaf], retain_graph=True, allow_unused=True)
-                gf = torch.zeros_like(f_leaf) if gf is None else gf
-                ge = torch.zeros_like(e_leaf) if ge is None else ge
-                contrib = torch.cat([gf * (f_p - f_c), (ge * (e_p - e_c)).sum(-1, keepdim=True)], -1).sum(0)
-                name = "err" if j == F_d else j
-                key, v = (name, contrib.sum(0)) if aggregation == "sum" else ((t, name), contrib)
-                acc[key] = acc[key] + v if key in acc else v.detach().clone()
-        if acc:
-            out[(U, Dn)] = acc
-    return out
-
-
 def as_dict(edges):
-    # edge_effects returns sparse rows (a dense block would not fit at real scale): densify to compare.
-    return {pair: {(tuple(k) if isinstance(k, list) else k): v for k, v in zip(keys, vals.to_dense())}
-            for pair, (keys, vals) in edges.items()}
+    """{pair: {downstream node: (F_U + 1,) or (T, F_U + 1)}}; the batched edge_effects returns sparse rows
+    (a dense block would not fit at real scale): densify to compare."""
+    return {pair: dict(zip(torch.as_tensor(rows).tolist(), vals.to_dense() if vals.is_sparse else vals))
+            for pair, (rows, vals) in edges.items()}
 
 
 def assert_edges_equal(fast, ref, rtol=1e-8, atol=1e-10):
@@ -268,14 +189,13 @@ def assert_edges_equal(fast, ref, rtol=1e-8, atol=1e-10):
 
 
 def assert_effects_equal(fast, ref, rtol=1e-8, atol=1e-10, sites=None):
-    for s in (sites or ref):
-        for part, a, b in [("features", fast[s][0], ref[s][0]), ("error", fast[s][1], ref[s][1])]:
-            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{s} {part}: {m}")
+    for s in (sites or ref):    # features and the error node (column F) alike
+        torch.testing.assert_close(fast[s], ref[s], rtol=rtol, atol=atol, msg=lambda m: f"{s}: {m}")
 
 
 def threshold_for(effects):
     """A node threshold that selects roughly half of the non-zero per-example effects."""
-    vals = torch.cat([torch.cat([f.flatten(), e.flatten()]) for f, e in effects.values()]).abs()
+    vals = torch.cat([e.flatten() for e in effects.values()]).abs()
     vals = vals[vals > 0].sort().values
     lo, hi = len(vals) // 4, 3 * len(vals) // 4
     k = lo + int((vals[lo + 1:hi + 1] / vals[lo:hi]).argmax())  # widest relative gap in the middle half
@@ -283,7 +203,7 @@ def threshold_for(effects):
 
 
 def selection(effects, tau):
-    return {s: (f.abs() > tau, e.abs() > tau) for s, (f, e) in effects.items()}
+    return {s: e.abs() > tau for s, e in effects.items()}
 
 
 # --- 1. attrib == exact where the metric is linear in the site ----------------------------------------
@@ -304,14 +224,14 @@ def test_attrib_equals_exact_for_linear_metric(parallel, read):
     if read.startswith("resid"):
         l = read.split("_")[1]
         linear += [f"mlp_{l}"] + ([f"attn_{l}"] if parallel else [])
-    _, _, _, exact, _ = A.node_effects(model, saes, fast_metric, batch, "exact")
-    _, _, _, attrib, _ = A.node_effects(model, saes, fast_metric, batch, "attrib")
-    _, _, _, ig, _ = A.node_effects(model, saes, fast_metric, batch, "ig", steps=3)
-    assert exact[read][0].abs().max() > 1e-3 and exact[read][1].abs().max() > 1e-3
+    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").effects
+    attrib = AB.node_effects(model, saes, fast_metric, batch, "attrib").effects
+    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3).effects
+    assert exact[read][..., :-1].abs().max() > 1e-3 and exact[read][..., -1].abs().max() > 1e-3
     assert_effects_equal(attrib, exact, rtol=1e-9, atol=1e-11, sites=linear)
     assert_effects_equal(ig, exact, rtol=1e-9, atol=1e-11, sites=linear)
     for s in sites[sites.index(read) + 1:]:
-        assert attrib[s][0].abs().max() == 0 and attrib[s][1].abs().max() == 0
+        assert attrib[s][..., :-1].abs().max() == 0 and attrib[s][..., -1].abs().max() == 0
 
 
 # Same, on the float32 model through the default (extension when built) and the torch path.
@@ -321,8 +241,8 @@ def test_attrib_equals_exact_for_linear_metric_float32(use_ext):
     saes = make_saes(model, 212, kinds=("relu", "topk"), dtype=torch.float32)
     batch = make_batch(213)
     fast_metric = linear_metric("resid_0", 214, dtype=torch.float32)
-    _, _, _, exact, _ = A.node_effects(model, saes, fast_metric, batch, "exact")
-    _, _, _, attrib, _ = A.node_effects(model, saes, fast_metric, batch, "attrib", use_ext=use_ext)
+    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").effects
+    attrib = AB.node_effects(model, saes, fast_metric, batch, "attrib", use_ext=use_ext).effects
     assert_effects_equal(attrib, exact, rtol=1e-4, atol=2e-5, sites=["mlp_0", "attn_0", "resid_0"])
 
 
@@ -341,18 +261,18 @@ def test_ig_site_sum_converges_to_site_patch(parallel):
     with torch.no_grad():
         m_c = metric(model, batch, batch.clean, {})
         m_p = metric(model, batch, batch.patch, {})
-    m_c_fast, m_p_fast, _, eff4, _ = A.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
-    *_, eff64, _ = A.node_effects(model, saes, fast_metric, batch, "ig", steps=64)
-    torch.testing.assert_close(m_c_fast, m_c)
-    torch.testing.assert_close(m_p_fast, m_p)
+    r4 = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
+    eff4, eff64 = r4.effects, AB.node_effects(model, saes, fast_metric, batch, "ig", steps=64).effects
+    torch.testing.assert_close(r4.m_clean, m_c)
+    torch.testing.assert_close(r4.m_patch, m_p)
     worst = 0.0
     for s in model.sites:
         with torch.no_grad():
             target = metric(model, batch, batch.clean, {s: lambda x, v=xp[s]: v}) - m_c
         if s == "embed":
             torch.testing.assert_close(target, m_p - m_c)  # patching the embedding is the patch run
-        e4 = (eff4[s][0].sum((1, 2)) + eff4[s][1].sum(1) - target).abs().max().item()
-        e64 = (eff64[s][0].sum((1, 2)) + eff64[s][1].sum(1) - target).abs().max().item()
+        e4 = (eff4[s][..., :-1].sum((1, 2)) + eff4[s][..., -1].sum(1) - target).abs().max().item()
+        e64 = (eff64[s][..., :-1].sum((1, 2)) + eff64[s][..., -1].sum(1) - target).abs().max().item()
         assert e64 < 0.25 * e4 + 1e-9, (s, e4, e64)
         worst = max(worst, e64 / max(target.abs().max().item(), 1e-3))
     assert worst < 0.1
@@ -360,9 +280,9 @@ def test_ig_site_sum_converges_to_site_patch(parallel):
 
 # --- 3. every node method against explicit loops --------------------------------------------------------
 
-# References: attrib = autograd on a model with only the scored site spliced as decode(f) + err (leaves),
-# one backward per example, times delta; ig = a loop over alpha, one forward/backward each; exact = a loop
-# over (position, node) patching one node via `edit`. All float64.
+# References: the definitions (minicirc.attribution): attrib = autograd on a model with only the scored site
+# spliced as decode(f) + err (leaves), times delta; ig = a loop over alpha, one forward/backward each; exact =
+# a loop over (position, node) patching one node via `edit`. Site states against plain runs. All float64.
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("kinds", [("relu",), ("jumprelu", "topk", "relu")])
 def test_node_methods_against_loops(parallel, kinds):
@@ -372,30 +292,35 @@ def test_node_methods_against_loops(parallel, kinds):
     batch = make_batch(seed + 2, B=2, T=4)
     metric = ref_logit_diff
     fast_metric = A.logit_diff if metric is ref_logit_diff else metric
-    st = ref_states(model, saes, batch)
-    m_c, m_p, states, attrib, g_attrib = A.node_effects(model, saes, fast_metric, batch, "attrib")
-    for s, (f_c, e_c, f_p, e_p) in st.items():
+    r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
+    states, attrib, g_attrib = r.states, r.effects, r.grads
+    for s, (f_c, e_c, f_p, e_p) in ref_states(model, saes, batch).items():
         for a, b in [(states[s].f_c, f_c), (states[s].err_c, e_c), (states[s].f_p, f_p), (states[s].err_p, e_p)]:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         assert 0 < (f_c != 0).double().mean() < 1
-    ref_g = ref_gradients(model, saes, metric, batch, st, "attrib")
+    st = states_of(model, saes, metric, batch)
+    ref_g = definition_gradients(model, saes, metric, batch, st, "attrib")
     assert_effects_equal(attrib, effects_from(ref_g, st))
+    assert_effects_equal(attrib, A.attrib_effects(model, saes, metric, batch, st))
     for s in saes:  # the site gradient handed to edges is dm/dx, and dm/df = dm/dx @ W_dec.T
         torch.testing.assert_close(g_attrib[s], ref_g[s][1], rtol=1e-9, atol=1e-12)
 
     steps = 5
-    *_, ig, g_ig = A.node_effects(model, saes, fast_metric, batch, "ig", steps=steps)
-    ref_ig = ref_gradients(model, saes, metric, batch, st, "ig", steps)
+    r = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=steps)
+    ig, g_ig = r.effects, r.grads
+    ref_ig = definition_gradients(model, saes, metric, batch, st, "ig", steps)
     assert_effects_equal(ig, effects_from(ref_ig, st))
+    assert_effects_equal(ig, A.ig_effects(model, saes, metric, batch, st, steps))
     for s in saes:
         torch.testing.assert_close(g_ig[s], ref_ig[s][1], rtol=1e-9, atol=1e-12)
 
-    m_c_ex, _, _, exact, none = A.node_effects(model, saes, fast_metric, batch, "exact")
-    assert none is None
-    m_ref, ref_ex = ref_exact(model, saes, metric, batch, st)
-    torch.testing.assert_close(m_c_ex, m_ref)
-    assert_effects_equal(exact, ref_ex, rtol=1e-9, atol=1e-11)
-    assert all(ref_ex[s][0].abs().max() > 1e-4 for s in saes)
+    r = AB.node_effects(model, saes, fast_metric, batch, "exact")
+    assert r.grads is None
+    with torch.no_grad():
+        torch.testing.assert_close(r.m_clean, metric(model, batch, batch.clean, {}))
+    ref_ex = A.exact_effects(model, saes, metric, batch, st)
+    assert_effects_equal(r.effects, ref_ex, rtol=1e-9, atol=1e-11)
+    assert all(ref_ex[s][..., :-1].abs().max() > 1e-4 for s in saes)
 
 
 # Reference: central finite differences of m[b] along one node's delta (f_c + eps * delta_i e_i, or
@@ -408,7 +333,8 @@ def test_attrib_gradient_finite_differences(parallel):
     batch = make_batch(seed + 2)
     metric = ref_logit_diff
     fast_metric = A.logit_diff if metric is ref_logit_diff else metric
-    _, _, states, attrib, _ = A.node_effects(model, saes, fast_metric, batch, "attrib")
+    r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
+    states, attrib = r.states, r.effects
     g = torch.Generator().manual_seed(seed + 3)
     eps = 1e-4
     checked = 0
@@ -427,7 +353,7 @@ def test_attrib_gradient_finite_differences(parallel):
                 with torch.no_grad():
                     return metric(model, batch, batch.clean, {s: lambda x: sae.decode(f) + err})[b]
             fd = (m_at(eps) - m_at(-eps)) / (2 * eps)
-            fast = attrib[s][1][b, t] if i is None else attrib[s][0][b, t, i]
+            fast = attrib[s][b, t, -1 if i is None else i]
             torch.testing.assert_close(fast, fd, rtol=1e-6, atol=1e-9, msg=lambda m: f"{s} {(b, t, i)}: {m}")
             checked += 1
     assert checked >= 3 * len(model.sites)
@@ -452,47 +378,65 @@ def edge_setup(seed, parallel, kinds=("relu",), method="ig", steps=4, batch=None
     batch = batch or make_batch(seed + 2, B=2, T=4)
     metric = metric or ref_logit_diff
     fast_metric = A.logit_diff if metric is ref_logit_diff else metric
-    st = ref_states(model, saes, batch)
-    L = ref_gradients(model, saes, metric, batch, st, method, steps)
+    st = states_of(model, saes, metric, batch)
+    L = definition_gradients(model, saes, metric, batch, st, method, steps)
     ref_eff = effects_from(L, st)
-    node = A.node_effects(model, saes, fast_metric, batch, method, steps)
+    node = AB.node_effects(model, saes, fast_metric, batch, method, steps)
     return model, saes, batch, metric, st, L, ref_eff, node
 
 
-# Reference: `ref_edges`, one backward per selected downstream (example, position, node) through a model with
-# U spliced, the table's intermediate sites detached and f_D = encode(y), err_D = y - decode(f_D); L_d from the
-# loop-over-alpha IG reference. Also checks the pair table against DESIGN.md section 6.
+# Reference: the definition attribution.edge_effects, one backward per selected downstream (example, position,
+# node) through a model with U spliced, the table's intermediate sites detached and f_D = encode(y),
+# err_D = y - decode(f_D); L_d from the loop-over-alpha IG definition. Also checks the pair table against
+# docs/method.md §6.
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("aggregation", ["sum", "none"])
 def test_edges_equal_one_at_a_time(parallel, aggregation):
     seed = 601 + 2 * parallel + (aggregation == "none")
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, parallel, ("relu", "jumprelu"))
-    _, _, states, effects, grads = node
+    states, effects, grads = node.states, node.effects, node.grads
     assert_effects_equal(effects, ref_eff)
     pairs = design_pairs(model.cfg.n_layers, parallel)
     got = [(u, d, frozenset(fr)) for u, d, fr in A.edge_pairs(model, A.site_order(model, saes))]
     assert len(got) == len(pairs) and set(got) == {(u, d, frozenset(fr)) for u, d, fr in pairs}
     tau = threshold_for(ref_eff)
-    ref = ref_edges(model, saes, batch, st, L, selection(ref_eff, tau), aggregation, pairs)
-    fast = A.edge_effects(model, saes, batch, states, grads, effects, tau, aggregation, use_vmap=True)
+    ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, aggregation, pairs))
+    fast = AB.edge_effects(model, saes, batch, states, grads, effects, tau, aggregation, use_vmap=True)
     assert_edges_equal(as_dict(fast), ref)
     # edges out of and into error nodes are present and non-zero somewhere
     assert any(v[..., -1].abs().max() > 1e-6 for acc in ref.values() for v in acc.values())
-    assert any((k == "err" or (isinstance(k, tuple) and k[1] == "err")) for acc in ref.values() for k in acc)
+    F_of = lambda d: saes[d].n_features
+    assert any(k % (F_of(d) + 1) == F_of(d) for (_, d), acc in ref.items() for k in acc)
     # chunked and one-row-at-a-time paths of the fast code agree too
-    small = A.edge_effects(model, saes, batch, states, grads, effects, tau, aggregation, chunk_bytes=1)
+    small = AB.edge_effects(model, saes, batch, states, grads, effects, tau, aggregation, chunk_bytes=1)
     assert_edges_equal(as_dict(small), ref)
-    loop = A.edge_effects(model, saes, batch, states, grads, effects, tau, aggregation, use_vmap=False)
+    loop = AB.edge_effects(model, saes, batch, states, grads, effects, tau, aggregation, use_vmap=False)
     assert_edges_equal(as_dict(loop), ref)
+
+
+# The batched code against the definition for every dictionary kind (relu, jumprelu, topk; identity for
+# neurons), both aggregations, from attrib and ig gradients.
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+@pytest.mark.parametrize("kinds,method", [(("relu", "jumprelu", "topk"), "ig"), (("topk", "jumprelu"), "attrib"),
+                                          ("neurons", "ig")])
+def test_batched_edges_equal_definition_every_kind(aggregation, kinds, method):
+    seed = 621 + 2 * len(kinds) + (aggregation == "none") + 5 * (method == "attrib")
+    saes = neuron_saes if kinds == "neurons" else None
+    model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, bool(seed % 2), kinds, method=method, saes=saes)
+    tau = threshold_for(ref_eff)
+    ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, aggregation))
+    assert sum(len(acc) for acc in ref.values()) > 3
+    fast = AB.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
+    assert_edges_equal(as_dict(fast), ref)
 
 
 # Same reference with attrib gradients as L_d and topk dictionaries (batched VJP through topk/scatter).
 def test_edges_equal_one_at_a_time_attrib_topk():
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(613, False, ("topk", "relu"), method="attrib")
-    _, _, states, effects, grads = node
+    states, effects, grads = node.states, node.effects, node.grads
     tau = threshold_for(ref_eff)
-    ref = ref_edges(model, saes, batch, st, L, selection(ref_eff, tau), "sum", design_pairs(2, False))
-    fast = A.edge_effects(model, saes, batch, states, grads, effects, tau, "sum", use_vmap=True)
+    ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "sum", design_pairs(2, False)))
+    fast = AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum", use_vmap=True)
     assert_edges_equal(as_dict(fast), ref)
 
 
@@ -503,10 +447,11 @@ def test_edges_equal_one_at_a_time_attrib_topk():
 def test_edges_finite_differences(parallel):
     seed = 701 + parallel
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, parallel, ("relu", "jumprelu", "topk"))
-    _, _, states, effects, grads = node
+    states, effects, grads = node.states, node.effects, node.grads
     tau = threshold_for(ref_eff)
     sel = selection(ref_eff, tau)
-    fast = as_dict(A.edge_effects(model, saes, batch, states, grads, effects, tau, "none"))
+    fast = as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "none"))
+    defn = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "none"))
     clean = plain_sites(model, batch.clean)
     g = torch.Generator().manual_seed(seed + 5)
     pairs = design_pairs(model.cfg.n_layers, parallel)
@@ -519,13 +464,14 @@ def test_edges_finite_differences(parallel):
         if (U, Dn) not in fast:
             continue
         want_err = bool((trial // 2) % 2)
-        keys = [k for k in fast[(U, Dn)] if (k[1] == "err") == want_err]
+        F_d = saes[Dn].n_features
+        keys = [divmod(k, F_d + 1) for k in fast[(U, Dn)] if (k % (F_d + 1) == F_d) == want_err]
         if not keys:
             continue
         t, j = keys[int(torch.randint(0, len(keys), (), generator=g))]
         up_err = bool(trial % 2)
-        F_u = st[U][0].shape[-1]
-        f_c, e_c, f_p, e_p = st[U]
+        F_u = st[U].f_c.shape[-1]
+        f_c, e_c, f_p, e_p = st[U].f_c, st[U].err_c, st[U].f_p, st[U].err_p
         t_u = int(torch.randint(0, t + 1, (), generator=g))
         if up_err:
             i = F_u
@@ -535,9 +481,7 @@ def test_edges_finite_differences(parallel):
                 continue
             i = int(active[int(torch.randint(0, len(active), (), generator=g))])
         sae_u, sae_d = saes[U], saes[Dn]
-        sel_f, sel_e = sel[Dn]
-        rows = [b for b in range(len(batch)) if (sel_e[b, t] if j == "err" else sel_f[b, t, j])]
-        jj = st[Dn][0].shape[-1] if j == "err" else j
+        rows = [b for b in range(len(batch)) if sel[Dn][b, t, j]]
 
         def S(e):
             f, err = f_c.clone(), e_c.clone()
@@ -552,12 +496,14 @@ def test_edges_finite_differences(parallel):
             edit[Dn] = lambda x: rec.setdefault("y", x)
             with torch.no_grad():
                 model(batch.clean, edit=edit, stop_at=Dn)
-                return sum(downstream_value(sae_d, rec["y"], b, t, jj, L[Dn]) for b in rows)
+                return sum(downstream_value(sae_d, rec["y"], b, t, j, L[Dn]) for b in rows)
         fd = (S(eps) - S(-eps)) / (2 * eps)
-        val = fast[(U, Dn)][(t, j)][t_u, i]
+        val = fast[(U, Dn)][t * (F_d + 1) + j][t_u, i]
         torch.testing.assert_close(val, fd, rtol=1e-6, atol=1e-8, msg=lambda m: f"{U}->{Dn} {(t, j, t_u, i)}: {m}")
+        # the definition too, on its own (its L_d from the IG definition)
+        torch.testing.assert_close(defn[(U, Dn)][t * (F_d + 1) + j][t_u, i], fd, rtol=1e-6, atol=1e-8)
         if abs(fd) > 1e-6:
-            seen[(up_err, j == "err")] = seen.get((up_err, j == "err"), 0) + 1
+            seen[(up_err, j == F_d)] = seen.get((up_err, j == F_d), 0) + 1
     assert len(seen) == 4 and min(seen.values()) >= 3, seen
 
 
@@ -565,7 +511,7 @@ def test_edges_finite_differences(parallel):
 
 # Reference: exact = a loop patching one neuron coordinate x[:, t, k] := x_patch[:, t, k] at a time;
 # attrib/ig = autograd on a leaf that replaces the whole site (neurons: f = x, W_dec = I), times delta x;
-# error nodes are identically zero. Edges against the one-at-a-time reference.
+# error nodes are identically zero. Edges against the one-at-a-time definition.
 @pytest.mark.parametrize("parallel", [True, False])
 def test_neurons(parallel):
     seed = 811 + parallel
@@ -577,9 +523,10 @@ def test_neurons(parallel):
     xc, xp = plain_sites(model, batch.clean), plain_sites(model, batch.patch)
     with torch.no_grad():
         m_c = metric(model, batch, batch.clean, {})
-    m_c_fast, _, _, exact, _ = A.node_effects(model, saes, fast_metric, batch, "exact")
-    _, _, states, attrib, _ = A.node_effects(model, saes, fast_metric, batch, "attrib")
-    _, _, _, ig, _ = A.node_effects(model, saes, fast_metric, batch, "ig", steps=3)
+    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").effects
+    r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
+    states, attrib = r.states, r.effects
+    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3).effects
     for s in model.sites:
         B, T, d = xc[s].shape
         ref = torch.zeros(B, T, d, dtype=F64)
@@ -591,9 +538,9 @@ def test_neurons(parallel):
                     return x
                 with torch.no_grad():
                     ref[:, t, k] = metric(model, batch, batch.clean, {s: edit}) - m_c
-        torch.testing.assert_close(exact[s][0], ref, rtol=1e-9, atol=1e-11)
-        assert attrib[s][1].abs().max() == 0 and ig[s][1].abs().max() == 0  # err = 0 for neurons
-        assert exact[s][1].abs().max() < 1e-12
+        torch.testing.assert_close(exact[s][..., :-1], ref, rtol=1e-9, atol=1e-11)
+        assert attrib[s][..., -1].abs().max() == 0 and ig[s][..., -1].abs().max() == 0  # err = 0 for neurons
+        assert exact[s][..., -1].abs().max() < 1e-12
         torch.testing.assert_close(states[s].x_p, xp[s], rtol=0, atol=0)
         for eff, alphas in [(attrib, [0.0]), (ig, [0, 1 / 3, 2 / 3])]:
             gsum = torch.zeros_like(xc[s])
@@ -602,24 +549,24 @@ def test_neurons(parallel):
                 with torch.enable_grad():
                     (gx,) = torch.autograd.grad(metric(model, batch, batch.clean, {s: lambda x: leaf}).sum(), leaf)
                 gsum += gx
-            torch.testing.assert_close(eff[s][0], gsum / len(alphas) * (xp[s] - xc[s]), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(eff[s][..., :-1], gsum / len(alphas) * (xp[s] - xc[s]), rtol=1e-9, atol=1e-12)
     # with a linear readout, attrib over neurons is exactly single-neuron patching
     lin = linear_metric("resid_1", seed + 3)
-    *_, ex_lin, _ = A.node_effects(model, saes, lin, batch, "exact")
-    *_, at_lin, _ = A.node_effects(model, saes, lin, batch, "attrib")
+    ex_lin = AB.node_effects(model, saes, lin, batch, "exact").effects
+    at_lin = AB.node_effects(model, saes, lin, batch, "attrib").effects
     assert_effects_equal(at_lin, ex_lin, rtol=1e-9, atol=1e-11, sites=["resid_1", "mlp_1"])
     # edges between neurons
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, parallel, saes=neuron_saes, batch=batch)
-    _, _, states, effects, grads = node
+    states, effects, grads = node.states, node.effects, node.grads
     tau = threshold_for(ref_eff)
-    ref = ref_edges(model, saes, batch, st, L, selection(ref_eff, tau), "sum", design_pairs(2, parallel))
-    assert_edges_equal(as_dict(A.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
+    ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "sum", design_pairs(2, parallel)))
+    assert_edges_equal(as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
 
 
 # --- 6. zero ablation (patch = None) -----------------------------------------------------------------
 
 # Reference: patch state f = 0, err = 0 (site value decode(0) = b_dec; 0 for neurons) written out here; attrib,
-# ig and exact against the loop references above with that state; edges against the one-at-a-time reference.
+# ig and exact against the loop references above with that state; edges against the one-at-a-time definition.
 @pytest.mark.parametrize("neurons", [False, True])
 def test_zero_ablation(neurons):
     seed = 907 + neurons
@@ -628,24 +575,26 @@ def test_zero_ablation(neurons):
     batch = make_batch(seed + 2, B=2, T=4, patch=False)
     assert batch.patch is None and batch.patch_answer is None
     metric = fast_metric = probe_metric(seed + 3)
-    st = ref_states(model, saes, batch)  # zero patch state
-    m_c, m_p, states, attrib, _ = A.node_effects(model, saes, fast_metric, batch, "attrib")
-    assert m_p is None
+    st = states_of(model, saes, metric, batch)  # zero patch state
+    r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
+    states, attrib = r.states, r.effects
+    assert r.m_patch is None
     for s in model.sites:
         assert states[s].f_p.abs().max() == 0 and states[s].err_p.abs().max() == 0
         expect = torch.zeros(D_MODEL, dtype=F64) if neurons else saes[s].b_dec
         torch.testing.assert_close(states[s].x_p, expect.expand_as(states[s].x_c), rtol=0, atol=0)
-    assert_effects_equal(attrib, effects_from(ref_gradients(model, saes, metric, batch, st, "attrib"), st))
-    *_, ig, grads = A.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
-    L = ref_gradients(model, saes, metric, batch, st, "ig", 4)
+    assert_effects_equal(attrib, A.attrib_effects(model, saes, metric, batch, st))
+    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4).effects
+    L = definition_gradients(model, saes, metric, batch, st, "ig", 4)
     ref_ig = effects_from(L, st)
     assert_effects_equal(ig, ref_ig)
-    *_, exact, _ = A.node_effects(model, saes, fast_metric, batch, "exact")
-    assert_effects_equal(exact, ref_exact(model, saes, metric, batch, st)[1], rtol=1e-9, atol=1e-11)
+    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").effects
+    assert_effects_equal(exact, A.exact_effects(model, saes, metric, batch, st), rtol=1e-9, atol=1e-11)
     tau = threshold_for(ref_ig)
-    ref = ref_edges(model, saes, batch, st, L, selection(ref_ig, tau), "sum", design_pairs(2, False))
-    _, _, states, effects, grads = A.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
-    assert_edges_equal(as_dict(A.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
+    ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_ig, tau, "sum", design_pairs(2, False)))
+    r = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
+    states, effects, grads = r.states, r.effects, r.grads
+    assert_edges_equal(as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
 
 
 # --- 7. right padding ----------------------------------------------------------------------------------
@@ -664,23 +613,26 @@ def test_padding_matches_single_examples(parallel):
     singles = [Batch(batch.clean[b:b + 1, :n].clone(), batch.patch[b:b + 1, :n].clone(), batch.clean_answer[b:b + 1],
                      batch.patch_answer[b:b + 1], torch.tensor([n - 1]), [None]) for b, n in enumerate(lengths)]
     for method in ["attrib", "ig", "exact"]:
-        m_c, m_p, _, eff, _ = A.node_effects(model, saes, fast_metric, batch, method, steps=3)
+        r = AB.node_effects(model, saes, fast_metric, batch, method, steps=3)
+        m_c, m_p, eff = r.m_clean, r.m_patch, r.effects
         for b, (n, one) in enumerate(zip(lengths, singles)):
-            m_c1, m_p1, _, eff1, _ = A.node_effects(model, saes, fast_metric, one, method, steps=3)
+            r1 = AB.node_effects(model, saes, fast_metric, one, method, steps=3)
+            m_c1, m_p1, eff1 = r1.m_clean, r1.m_patch, r1.effects
             torch.testing.assert_close(m_c[b:b + 1], m_c1)
             torch.testing.assert_close(m_p[b:b + 1], m_p1)
             for s in model.sites:
-                torch.testing.assert_close(eff[s][0][b:b + 1, :n], eff1[s][0], rtol=1e-9, atol=1e-11)
-                torch.testing.assert_close(eff[s][1][b:b + 1, :n], eff1[s][1], rtol=1e-9, atol=1e-11)
-                pad = torch.cat([eff[s][0][b, n:].flatten(), eff[s][1][b, n:]])
+                torch.testing.assert_close(eff[s][b:b + 1, :n], eff1[s], rtol=1e-9, atol=1e-11)
+                pad = eff[s][b, n:].flatten()
                 assert (pad.abs() < 1e-12).all(), (s, method, b, pad)
-    _, _, states, eff, grads = A.node_effects(model, saes, fast_metric, batch, "ig", steps=3)
+    r = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3)
+    states, eff, grads = r.states, r.effects, r.grads
     tau = threshold_for(eff)
-    batched = as_dict(A.edge_effects(model, saes, batch, states, grads, eff, tau, "sum"))
+    batched = as_dict(AB.edge_effects(model, saes, batch, states, grads, eff, tau, "sum"))
     total = {}
     for one in singles:
-        _, _, st1, eff1, g1 = A.node_effects(model, saes, fast_metric, one, "ig", steps=3)
-        for pair, acc in as_dict(A.edge_effects(model, saes, one, st1, g1, eff1, tau, "sum")).items():
+        r1 = AB.node_effects(model, saes, fast_metric, one, "ig", steps=3)
+        st1, eff1, g1 = r1.states, r1.effects, r1.grads
+        for pair, acc in as_dict(AB.edge_effects(model, saes, one, st1, g1, eff1, tau, "sum")).items():
             for k, v in acc.items():
                 total.setdefault(pair, {})
                 total[pair][k] = total[pair][k] + v if k in total[pair] else v
@@ -703,14 +655,14 @@ def test_float32_matches_float64(use_ext):
     batch = make_batch(1105)
     out = {}
     for name, model, saes in [("64", model64, saes64), ("32", model32, saes32)]:
-        _, _, states, eff, grads = A.node_effects(model, saes, A.logit_diff, batch, "ig", steps=4, use_ext=use_ext)
-        out[name] = (states, grads, eff)
+        r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=4, use_ext=use_ext)
+        out[name] = (r.states, r.grads, r.effects)
     tau = threshold_for(out["64"][2])
     for s in model64.sites:
-        assert out["32"][2][s][0].dtype == torch.float32
-    assert_effects_equal({s: (f.double(), e.double()) for s, (f, e) in out["32"][2].items()}, out["64"][2],
+        assert out["32"][2][s].dtype == torch.float32
+    assert_effects_equal({s: e.double() for s, e in out["32"][2].items()}, out["64"][2],
                          rtol=2e-4, atol=2e-5)
-    edges = {n: as_dict(A.edge_effects(m, sa, batch, *out[n], tau, "sum"))
+    edges = {n: as_dict(AB.edge_effects(m, sa, batch, *out[n], tau, "sum"))
              for n, m, sa in [("64", model64, saes64), ("32", model32, saes32)]}
     e32 = {p: {k: v.double() for k, v in acc.items()} for p, acc in edges["32"].items()}
     assert_edges_equal(e32, edges["64"], rtol=2e-4, atol=5e-5)
@@ -719,22 +671,23 @@ def test_float32_matches_float64(use_ext):
 # --- dictionaries at some sites only --------------------------------------------------------------------
 
 # Reference: the loop references above on the sites that have dictionaries (the others run plainly), and the
-# one-at-a-time edges over the DESIGN table's pairs whose two ends both have dictionaries.
+# one-at-a-time edges over the edge table's pairs whose two ends both have dictionaries.
 def test_subset_of_sites():
     model = make_model(1301, False)
     saes = {s: sae for s, sae in make_saes(model, 1302, ("relu", "jumprelu")).items()
             if s != "resid_1"}  # every frozen site of a kept pair still has a dictionary
     batch = make_batch(1303, B=2, T=4)
-    st = ref_states(model, saes, batch)
-    L = ref_gradients(model, saes, ref_logit_diff, batch, st, "ig", 3)
+    st = states_of(model, saes, ref_logit_diff, batch)
+    L = definition_gradients(model, saes, ref_logit_diff, batch, st, "ig", 3)
     ref_eff = effects_from(L, st)
-    _, _, states, effects, grads = A.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    states, effects, grads = r.states, r.effects, r.grads
     assert set(effects) == set(saes)
     assert_effects_equal(effects, ref_eff)
     pairs = [(u, d, fr) for u, d, fr in design_pairs(2, False) if u in saes and d in saes]
     tau = threshold_for(ref_eff)
-    ref = ref_edges(model, saes, batch, st, L, selection(ref_eff, tau), "sum", pairs)
-    assert_edges_equal(as_dict(A.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
+    ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "sum", pairs))
+    assert_edges_equal(as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
 
 
 def test_weights_leave_autograd_only_for_the_call():
@@ -747,8 +700,9 @@ def test_weights_leave_autograd_only_for_the_call():
     flags = [bool(j % 3) for j in range(len(params))]
     for p, f in zip(params, flags):
         p.requires_grad_(f)
-    _, _, states, effects, grads = A.node_effects(model, saes, A.logit_diff, batch, "ig", steps=2)
+    r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=2)
+    states, effects, grads = r.states, r.effects, r.grads
     assert [p.requires_grad for p in params] == flags
-    edges = A.edge_effects(model, saes, batch, states, grads, effects, threshold_for(effects), "sum")
+    edges = AB.edge_effects(model, saes, batch, states, grads, effects, threshold_for(effects), "sum")
     assert [p.requires_grad for p in params] == flags
     assert edges and all(p.grad is None for p in params)

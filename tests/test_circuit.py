@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import minicirc
 from minicirc import attribution as A
-from minicirc.circuit import load_circuit_json, node_id
+from minicirc import attribution_batched as AB
+from minicirc.circuit import load_circuit_json, node_id, parse_node_id
 from minicirc.errors import MinicircError
 from test_attribution import make_batch, make_model, make_saes
 
@@ -37,15 +38,15 @@ def test_metric_and_node_effects_are_means_over_examples(aggregation):
     """Batches of 2 over 5 examples: the circuit's metric and node effects equal one node_effects call on the
     whole dataset, summed over examples (and positions for sum) and divided by the number of examples."""
     model, saes, batch, c = setup(fresh_seed(), aggregation, nodes_only=True)
-    m_c, m_p, _, effects, _ = A.node_effects(model, saes, A.logit_diff, batch, "ig", 3)
-    assert c.metric["clean"] == pytest.approx(m_c.mean().item(), abs=1e-12)
-    assert c.metric["patch"] == pytest.approx(m_p.mean().item(), abs=1e-12)
-    assert c.metric["clean"] != pytest.approx(c.metric["patch"])
+    r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", 3)
+    assert c.metric_values["clean"] == pytest.approx(r.m_clean.mean().item(), abs=1e-12)
+    assert c.metric_values["patch"] == pytest.approx(r.m_patch.mean().item(), abs=1e-12)
+    assert c.metric_values["clean"] != pytest.approx(c.metric_values["patch"])
+    assert c.to_json()["metric"] == c.metric_values          # circuit.json keeps the field name "metric"
     dims = (0, 1) if aggregation == "sum" else (0,)
-    for s, (feat, err) in effects.items():
-        torch.testing.assert_close(c.nodes[s][0], feat.sum(dims) / len(batch), rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(c.nodes[s][1], err.sum(dims) / len(batch), rtol=1e-10, atol=1e-13)
-    assert any(float(e.abs().max()) > 0 for _, e in c.nodes.values())
+    for s, eff in r.effects.items():                         # features and the error node (column F) alike
+        torch.testing.assert_close(c.nodes[s], eff.sum(dims) / len(batch), rtol=1e-10, atol=1e-13)
+    assert any(float(v[..., -1].abs().max()) > 0 for v in c.nodes.values())
 
 
 # --- node and edge selection ---------------------------------------------------------------------------
@@ -54,11 +55,12 @@ def every_node(c):
     """(id, site, feature, pos, effect) of every node, straight from the stored tensors."""
     out = []
     for s in c.sites:
-        feat, err = c.nodes[s]
-        for t in (range(feat.shape[0]) if c.positional else [None]):
-            f, e = (feat[t], err[t]) if t is not None else (feat, err)
-            out += [(node_id(s, i, t), s, i, t, float(f[i])) for i in range(f.shape[0])]
-            out.append((node_id(s, "err", t), s, "err", t, float(e)))
+        v = c.nodes[s]
+        F = v.shape[-1] - 1
+        for t in (range(v.shape[0]) if c.positional else [None]):
+            row = v[t] if t is not None else v
+            out += [(f"{s}/{i}" + ("" if t is None else f"@{t}"), s, i, t, float(row[i])) for i in range(F)]
+            out.append((f"{s}/err" + ("" if t is None else f"@{t}"), s, "err", t, float(row[F])))
     return out
 
 
@@ -66,7 +68,7 @@ def every_node(c):
 def test_kept_nodes_by_threshold_and_top_k(aggregation):
     model, saes, batch, c = setup(fresh_seed(), aggregation, nodes_only=True, top_k_nodes=4)
     # A feature inactive on every example has effect exactly 0; some draws have none, so make one.
-    feat = c.nodes[c.sites[int(torch.randint(0, len(c.sites), ()))]][0]
+    feat = c.nodes[c.sites[int(torch.randint(0, len(c.sites), ()))]][..., :-1]
     feat[tuple(int(torch.randint(0, n, ())) for n in feat.shape)] = 0.0
     nodes = every_node(c)
     effects = sorted({abs(n[4]) for n in nodes if n[4] != 0})
@@ -86,16 +88,16 @@ def test_kept_nodes_by_threshold_and_top_k(aggregation):
 def dense_edges(c):
     """{(source id, target id): value} for every non-zero entry of every dense edge tensor."""
     out = {}
-    for (u, d), (keys, vals) in c.edges.items():
+    for (u, d), (rows, vals) in c.edges.items():
         dense = vals.to_dense()
-        F_u = dense.shape[-1] - 1
-        for r, key in enumerate(keys):
-            t, i = key if c.positional else (None, key)
+        F_u, F_d = dense.shape[-1] - 1, c.nodes[d].shape[-1] - 1
+        for r, key in enumerate(rows.tolist()):
+            t, i = divmod(key, F_d + 1) if c.positional else (None, key)
             for tu in (range(dense.shape[1]) if c.positional else [None]):
                 row = dense[r, tu] if c.positional else dense[r]
                 for j in range(F_u + 1):
                     if row[j] != 0:
-                        out[(node_id(u, "err" if j == F_u else j, tu), node_id(d, i, t))] = float(row[j])
+                        out[(node_id(u, j, F_u, tu), node_id(d, i, F_d, t))] = float(row[j])
     return out
 
 
@@ -142,16 +144,19 @@ def test_circuit_json_and_effects_file_hold_the_circuit(aggregation, tmp_path):
         assert any(row["pos"] == 0 for row in data["nodes"]) and any(row["pos"] > 0 for row in data["nodes"])
     # effects.safetensors: every node effect, and each edge tensor rebuilt from indices/values/shape/rows.
     f = load_file(tmp_path / "c" / "effects.safetensors")
-    for s, (feat, err) in c.nodes.items():
-        torch.testing.assert_close(f[f"nodes.{s}.features"], feat.float())
-        torch.testing.assert_close(f[f"nodes.{s}.error"], err.float())
+    for s, v in c.nodes.items():
+        torch.testing.assert_close(f[f"nodes.{s}.features"], v[..., :-1].float())
+        torch.testing.assert_close(f[f"nodes.{s}.error"], v[..., -1].float())
     assert c.edges
-    for (u, d), (keys, vals) in c.edges.items():
+    for (u, d), (rows, vals) in c.edges.items():
         p = f"edges.{u}.{d}"
         rebuilt = torch.sparse_coo_tensor(f[p + ".indices"], f[p + ".values"], tuple(f[p + ".shape"].tolist()))
         torch.testing.assert_close(rebuilt.to_dense(), vals.to_dense().float())
-        for (t, i), key in zip(f[p + ".rows"].tolist(), keys):
-            assert key == ((t, "err" if i == -1 else i) if aggregation == "none" else ("err" if i == -1 else i))
+        F_d = c.nodes[d].shape[-1] - 1
+        assert len(f[p + ".rows"]) == len(rows)
+        for (t, i), key in zip(f[p + ".rows"].tolist(), rows.tolist()):
+            # On disk: (position or -1, feature or -1 for the error); in the object: the flat node index.
+            assert key == ((t * (F_d + 1) + (F_d if i == -1 else i)) if aggregation == "none" else (F_d if i == -1 else i))
             assert (t == -1) == (aggregation == "sum")
 
 
@@ -186,11 +191,10 @@ def test_load_gives_back_the_saved_circuit(aggregation, tmp_path):
     back = minicirc.Circuit.load(tmp_path / "c")
     assert json.dumps(back.to_json()) == json.dumps(data)
     for s in c.sites:
-        torch.testing.assert_close(back.nodes[s][0], c.nodes[s][0], rtol=0, atol=0)
-        torch.testing.assert_close(back.nodes[s][1], c.nodes[s][1], rtol=0, atol=0)
+        torch.testing.assert_close(back.nodes[s], c.nodes[s], rtol=0, atol=0)
     assert back.edges.keys() == c.edges.keys() and c.edges
-    for pair, (keys, vals) in c.edges.items():
-        assert back.edges[pair][0] == keys
+    for pair, (rows, vals) in c.edges.items():
+        assert torch.equal(back.edges[pair][0], rows)
         torch.testing.assert_close(back.edges[pair][1].to_dense(), vals.to_dense(), rtol=0, atol=0)
     assert back.kept_nodes(threshold=0.05) == c.kept_nodes(threshold=0.05)
     # Saving again without contexts drops the earlier run's contexts.json (view would show stale ones).
@@ -209,3 +213,16 @@ def test_load_gives_back_the_saved_circuit(aggregation, tmp_path):
     (tmp_path / "c" / "effects.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(MinicircError, match="effects.safetensors"):
         minicirc.Circuit.load(tmp_path / "c")
+
+
+def test_node_ids_round_trip():
+    """node_id and parse_node_id, the only place node names are made and read, are each other's inverse."""
+    F = 7
+    for site in ("embed", "resid_1", "attn_0"):
+        for col in range(F + 1):
+            for pos in (None, 0, 5):
+                name = node_id(site, col, F, pos)
+                assert name == f"{site}/{'err' if col == F else col}" + ("" if pos is None else f"@{pos}")
+                assert parse_node_id(name) == (site, None if col == F else col, pos)
+    for text in ("y", "resid_1", "resid_1/", "resid_1/x", "resid_1/3@", "resid_1/-1", "a/b/3"):
+        assert parse_node_id(text) is None

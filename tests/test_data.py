@@ -97,12 +97,12 @@ def test_mixed_length_batch_circuit_equals_the_mean_of_single_example_circuits()
     singles = [run(tokenize([ex], tok)) for ex in examples]
     # Each single circuit averages over one example; the mixed one over three: equal weights.
     for s in model.sites:
-        feat, err = mixed.nodes[s]
-        want_feat = sum(c.nodes[s][0] for c in singles) / len(singles)
-        want_err = sum(c.nodes[s][1] for c in singles) / len(singles)
+        feat, err = mixed.nodes[s][..., :-1], mixed.nodes[s][..., -1]      # column F: the error node
+        want_feat = sum(c.nodes[s][..., :-1] for c in singles) / len(singles)
+        want_err = sum(c.nodes[s][..., -1] for c in singles) / len(singles)
         torch.testing.assert_close(feat.double(), want_feat.double(), rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(err.double(), want_err.double(), rtol=1e-7, atol=1e-9)
-    assert any(float(c.nodes[s][0].abs().max()) > 1e-6 for c in singles for s in model.sites), \
+    assert any(float(c.nodes[s][..., :-1].abs().max()) > 1e-6 for c in singles for s in model.sites), \
         "the test needs nonzero effects"
 
 

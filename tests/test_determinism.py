@@ -37,8 +37,7 @@ def load(t):
 def assert_same_effects(a, b, atol, rtol=0.0):
     assert a.sites == b.sites
     for s in a.sites:
-        torch.testing.assert_close(a.nodes[s][0], b.nodes[s][0], atol=atol, rtol=rtol)
-        torch.testing.assert_close(a.nodes[s][1], b.nodes[s][1], atol=atol, rtol=rtol)
+        torch.testing.assert_close(a.nodes[s], b.nodes[s], atol=atol, rtol=rtol)      # the error in column F
     assert a.edges.keys() == b.edges.keys()
     for pair in a.edges:
         ea, eb = edge_entries(*a.edges[pair], a.positional), edge_entries(*b.edges[pair], b.positional)
@@ -50,9 +49,8 @@ def assert_same_effects(a, b, atol, rtol=0.0):
 
 @pytest.mark.parametrize("aggregation", ["sum", "none"])
 def test_batch_size_does_not_change_the_circuit(tmp_path, aggregation, monkeypatch):
-    from minicirc import attribution
-    from minicirc.circuit import _EdgeSum
-    monkeypatch.setattr(_EdgeSum, "MERGE_MIN", 1)     # merge the running edge sums after every batch
+    from minicirc import attribution, attribution_batched
+    monkeypatch.setattr(attribution_batched.EdgeSum, "MERGE_MIN", 1)     # merge the running edge sums after every batch
     t = make_inputs(tmp_path, 3, same_length=aggregation == "none")
     model, saes, batch = load(t)
     kw = dict(steps=2, node_threshold=0.05, edge_threshold=0.05, aggregation=aggregation, progress=False)
@@ -61,12 +59,12 @@ def test_batch_size_does_not_change_the_circuit(tmp_path, aggregation, monkeypat
     assert sum(v._nnz() for _, v in one.edges.values()) > 0
     assert_same_effects(one, all_, 1e-5, rtol=1e-4)   # other batch shapes: float32 rounding only
     # ... and the same order: rows sorted by node, so circuit.json lists nodes and edges identically.
-    assert all(one.edges[p][0] == all_.edges[p][0] for p in one.edges)
+    assert all(torch.equal(one.edges[p][0], all_.edges[p][0]) for p in one.edges)
     ends = lambda c: [(e["source"], e["target"]) for e in c.to_json()["edges"]]
     assert ends(one) == ends(all_) and len(ends(one)) > 0
     # ... and both equal the edge sums of one direct call on the whole dataset, divided by n.
-    m_c, m_p, states, effects, grads = attribution.node_effects(model, saes, attribution.logit_diff, batch, "ig", 2)
-    direct = attribution.edge_effects(model, saes, batch, states, grads, effects, 0.05, aggregation)
+    r = attribution_batched.node_effects(model, saes, attribution.logit_diff, batch, "ig", 2)
+    direct = attribution_batched.edge_effects(model, saes, batch, r.states, r.grads, r.effects, 0.05, aggregation)
     assert direct.keys() == one.edges.keys()
     for pair, (keys, vals) in direct.items():
         want = edge_entries(keys, vals.coalesce(), aggregation == "none")

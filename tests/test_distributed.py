@@ -53,18 +53,20 @@ def torchrun(nproc, *args, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def edge_entries(keys, vals, positional):
-    """{(downstream key, [upstream position,] upstream column): value} of one (U, D) pair."""
+def edge_entries(rows, vals, positional):
+    """{(downstream node, [upstream position,] upstream column): value} of one (U, D) pair."""
+    rows = torch.as_tensor(rows).tolist()
     out = {}
     for entry, v in zip(vals.indices().T.tolist(), vals.values().tolist()):
-        out[(keys[entry[0]], *entry[1:])] = v
+        out[(rows[entry[0]], *entry[1:])] = v
     return out
 
 
 def file_edge_entries(tensors, u, d):
+    """The same from effects.safetensors, whose rows are (position or -1, feature or -1 for the error)."""
+    F_d = tensors[f"nodes.{d}.features"].shape[-1]
     rows = tensors[f"edges.{u}.{d}.rows"].tolist()
-    keys = [(t if t >= 0 else None, "err" if i < 0 else i) for t, i in rows]
-    keys = [k[1] if k[0] is None else k for k in keys]
+    keys = [max(t, 0) * (F_d + 1) + (F_d if i < 0 else i) for t, i in rows]
     idx, val = tensors[f"edges.{u}.{d}.indices"], tensors[f"edges.{u}.{d}.values"]
     return {(keys[e[0]], *e[1:]): v for e, v in zip(idx.T.tolist(), val.tolist())}
 
@@ -91,9 +93,9 @@ def test_two_ranks_equal_one_process(tmp_path, aggregation, n, batch_size):
 
     got = load_file(t / "d2" / "effects.safetensors")
     # Every node effect, kept or not.
-    for s, (feat, err) in ref.nodes.items():
-        torch.testing.assert_close(got[f"nodes.{s}.features"], feat, atol=1e-6, rtol=0)
-        torch.testing.assert_close(got[f"nodes.{s}.error"], err, atol=1e-6, rtol=0)
+    for s, v in ref.nodes.items():
+        torch.testing.assert_close(got[f"nodes.{s}.features"], v[..., :-1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[f"nodes.{s}.error"], v[..., -1], atol=1e-6, rtol=0)
     # Every edge effect: same downstream rows, same upstream entries, same values.
     assert sorted(k[:-len("values")] for k in got if k.startswith("edges.") and k.endswith(".values")) == \
         sorted(f"edges.{u}.{d}." for u, d in ref.edges)
@@ -178,6 +180,22 @@ def _rank_main(rank, world, init_file, inputs, out_dir):
             res["agree"] = None
         except Exception as e:
             res["agree"] = (type(e).__name__, str(e))
+        # summed_over_ranks: reduce after a loop that ran everywhere; if rank 1 fails inside it, every rank
+        # raises and none reduces.
+        class Sums:
+            reduced = False
+
+            def reduce(self, group):
+                self.reduced = True
+        for fail in (False, True):
+            sums = Sums()
+            try:
+                with distributed.summed_over_ranks(sums):
+                    if fail and rank == 1:
+                        raise ValueError("inside the loop")
+                res[f"summed {fail}"] = ("ok", sums.reduced)
+            except Exception as e:
+                res[f"summed {fail}"] = (type(e).__name__, str(e), sums.reduced)
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
             pickle.dump(res, f)
     finally:
@@ -223,6 +241,9 @@ def test_collectives_on_three_ranks(tmp_path):
         # The failing ranks raise their own error; the others name the first failing rank.
         assert res["agree"] == [("MinicircError", "rank 1 failed: ValueError: bad shard"),
                                 ("ValueError", "bad shard"), ("MinicircError", "nan here")][r]
+        assert res["summed False"] == ("ok", True)
+        assert res["summed True"] == (("ValueError", "inside the loop", False) if r == 1 else
+                                      ("MinicircError", "rank 1 failed: ValueError: inside the loop", False))
 
 
 def test_launched_needs_every_variable(monkeypatch):

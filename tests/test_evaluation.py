@@ -1,4 +1,4 @@
-"""Faithfulness and completeness (minicirc.evaluation) against the ablation of DESIGN.md section 8 written out
+"""Faithfulness and completeness (minicirc.evaluation) against the ablation of docs/method.md §8 written out
 here: plain runs of the patch inputs give the ablation values, then the clean input runs with an edit at every
 evaluated site that re-encodes the current activation, writes the ablation value into every feature (and
 error) outside the kept set, and writes back decode(f) + err. float64, tiny random models and dictionaries."""
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from minicirc import evaluation
-from minicirc.circuit import node_id
 from minicirc.errors import MinicircError
 from test_attribution import make_batch, make_model, make_saes, neuron_saes, ref_logit_diff
 
@@ -85,7 +84,7 @@ def all_nodes(saes, T=None):
 
 
 def as_circuit_nodes(nodes):
-    return [(node_id(s, i, t), s, i, t, 1.0) for s, i, t in nodes]
+    return [(f"{s}/{i}" + ("" if t is None else f"@{t}"), s, i, t, 1.0) for s, i, t in nodes]
 
 
 CASES = [  # (dictionaries, ablation, errors, positional, first_layer, same length)

@@ -306,10 +306,13 @@ def test_format_context_window_and_marks():
 
 
 def test_node_ids_and_unknown_sites():
-    assert explain._parse_node_id("resid_1/37@5") == ("resid_1", 37)
-    assert explain._parse_node_id("embed/4") == ("embed", 4)
-    for nid in ("resid_1/err", "resid_1/err@2", "y", "metric"):
-        assert explain._parse_node_id(nid) is None
+    from minicirc.circuit import parse_node_id
+    assert parse_node_id("resid_1/37@5") == ("resid_1", 37, 5)
+    assert parse_node_id("embed/4") == ("embed", 4, None)
+    assert parse_node_id("resid_1/err") == ("resid_1", None, None)     # error nodes: no feature
+    assert parse_node_id("resid_1/err@2") == ("resid_1", None, 2)
+    for nid in ("y", "metric"):
+        assert parse_node_id(nid) is None
     model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
     with pytest.raises(minicirc.MinicircError, match="unknown site"):
         explain.top_activations(model, {"resid_0": saes["resid_0"]}, {"mlp_0": [0]}, sample)

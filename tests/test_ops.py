@@ -385,7 +385,7 @@ def test_bad_arguments():
 @pytest.mark.parametrize("method", ["attrib", "ig"])
 def test_node_effects_same_with_and_without_extension(method):
     import minicirc
-    from minicirc import attribution
+    from minicirc import attribution, attribution_batched
     from minicirc.data import Batch
     torch.manual_seed(int(torch.randint(0, 10**6, ()).item()))
     model = minicirc.GPTNeoX(minicirc.Config(vocab_size=30, d_model=16, n_layers=2, n_heads=2, d_mlp=32)).eval()
@@ -397,12 +397,13 @@ def test_node_effects_same_with_and_without_extension(method):
     B, T = 3, 4
     batch = Batch(torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B,)),
                   torch.randint(0, 30, (B,)), torch.full((B,), T - 1), [None] * B)
-    *_, with_ext, _ = attribution.node_effects(model, saes, attribution.logit_diff, batch, method, 4, use_ext=True)
-    *_, without, _ = attribution.node_effects(model, saes, attribution.logit_diff, batch, method, 4, use_ext=False)
+    run = lambda ext: attribution_batched.node_effects(model, saes, attribution.logit_diff, batch, method, 4,
+                                                      use_ext=ext).effects      # (B, T, F + 1): the error last
+    with_ext, without = run(True), run(False)
     for s in model.sites:
-        assert (with_ext[s][0] != 0).any()
-        torch.testing.assert_close(with_ext[s][0], without[s][0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(with_ext[s][1], without[s][1], rtol=0, atol=0)
+        assert (with_ext[s][..., :-1] != 0).any()
+        torch.testing.assert_close(with_ext[s][..., :-1], without[s][..., :-1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(with_ext[s][..., -1], without[s][..., -1], rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- gaps found by mutation testing
