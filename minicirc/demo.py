@@ -18,7 +18,7 @@ from .circuit import find_circuit
 from .files import prepare_out_dir, write_atomic
 from .data import tokenize
 from .default import get_default
-from .errors import MinicircError
+from .metrics import auroc
 from .sae import identity_saes
 from .tasks import agreement
 
@@ -50,20 +50,6 @@ def token_variables(example):
     return out
 
 
-def auroc(scores, labels):
-    """Area under the ROC curve of scores predicting binary labels (ties count half): the Mann-Whitney U
-    statistic from average ranks."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels, int)
-    n1 = int(labels.sum())
-    n0 = len(labels) - n1
-    if n1 == 0 or n0 == 0:
-        return None
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = ((ends - counts + 1 + ends) / 2)[inverse]     # average 1-based rank of each tied group
-    return (ranks[labels == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
 @torch.no_grad()
 def node_interpretability(model, saes, batch, nodes):
     """For each feature node: (best variable, score = max(AUROC, 1 - AUROC)) over held-out tokens."""
@@ -76,7 +62,7 @@ def node_interpretability(model, saes, batch, nodes):
         cells = [(b, t, v) for b, var in enumerate(variables) for t, v in enumerate(var.get(name, [])) if v is not None]
         if len({c[2] for c in cells}) == 2:
             b, t, y = (torch.tensor(c, device="cpu") for c in zip(*cells))
-            where[name] = (b, t, y.numpy())
+            where[name] = (b, t, y)
     out, encoded = {}, {}
     for n in nodes:
         site, feat = n["site"], n["feature"]
@@ -87,7 +73,7 @@ def node_interpretability(model, saes, batch, nodes):
         acts = encoded[site][..., feat]
         best = (None, 0.5)
         for name, (b, t, y) in where.items():
-            a = auroc(acts[b, t].cpu().numpy(), y)
+            a = auroc(acts[b, t], y)
             if max(a, 1 - a) > best[1]:
                 best = (name, max(a, 1 - a))
         out[n["id"]] = best

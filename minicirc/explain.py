@@ -24,7 +24,9 @@ import os
 
 import torch
 
+from .data import pad_right
 from .errors import MinicircError
+from .hashing import sha256_of
 
 _MEMORY = {}  # cache key -> {feature: (values (k,), flat indices (k,))}
 
@@ -96,17 +98,10 @@ def _as_ids(sample):
 
 # --- hashing and the cache ---------------------------------------------------------------------------
 
-def _sha_tensors(tensors, extra=""):
-    h = hashlib.sha256(extra.encode())
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def sae_sha(sae):
-    return _sha_tensors([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold],
-                        f"{sae.kind}|{sae.k}|{sae.subtract_b_dec}")
+    tensors = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold]
+    return sha256_of([f"{sae.kind}|{sae.k}|{sae.subtract_b_dec}"]
+                     + [part for t in tensors for part in (str(tuple(t.shape)), t)])
 
 
 def sample_sha(ids):
@@ -230,7 +225,7 @@ def _scan(model, saes, wanted, ids, k, batch_size):
         T = max(map(len, rows))
         if T == 0:
             continue
-        tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
+        tokens = pad_right(rows, 0, device)
         flat_all = torch.tensor([offsets[b0 + i] + p if p < len(r) else total for i, r in enumerate(rows)
                                  for p in range(T)], dtype=torch.long, device=device)
         cache = {}

@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .data import Batch
+from .data import Batch, pad_right
 from .errors import MinicircError
+from .metrics import auroc
 
 CONCEPT, SPURIOUS = "profession", "gender"
 
@@ -70,9 +71,8 @@ def bios_batch(bios, tokenizer, label=CONCEPT):
         if not ids:
             raise MinicircError(f"biography {b.text!r} has no tokens")
         rows.append(ids)
-    T = max(map(len, rows))
     ids = lambda values: torch.tensor(values, dtype=torch.long, device="cpu")   # moved by Batch.to(device)
-    return Batch(ids([r + [0] * (T - len(r)) for r in rows]), None, ids([getattr(b, label) for b in bios]), None,
+    return Batch(pad_right(rows), None, ids([getattr(b, label) for b in bios]), None,
                  ids([len(r) - 1 for r in rows]), list(bios))
 
 
@@ -264,7 +264,7 @@ def score(z, batch):
                 groups[f"{p}{g}"] = (pred[sel] == p).float().mean().item()
     return {"profession": (pred == prof).float().mean().item(), "gender": (pred == gen).float().mean().item(),
             "worst_group": min(groups.values()), "groups": groups,
-            "profession_auroc": auroc(z[:, None], prof).item(), "gender_auroc": auroc(z[:, None], gen).item()}
+            "profession_auroc": auroc(z, prof), "gender_auroc": auroc(z, gen)}
 
 
 @torch.no_grad()
@@ -351,17 +351,6 @@ def pooled_features(model, saes, batch, features, batch_size=256):
         # Site by site, then back to the order asked for; cat keeps the dictionaries' dtype (float64 stays).
         out.append(torch.cat(parts, 1)[:, order])
     return torch.cat(out)
-
-
-def auroc(scores, y):
-    """P(score of a random positive > score of a random negative), ties counting half. scores (n, k), y (n,)
-    -> (k,)."""
-    pos, neg = scores[y == 1], scores[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        raise MinicircError("AUROC needs both labels present")
-    gt = (pos[:, None, :] > neg[None, :, :]).double().mean((0, 1))
-    eq = (pos[:, None, :] == neg[None, :, :]).double().mean((0, 1))
-    return gt + 0.5 * eq
 
 
 def effect_sizes(X, profession, gender):

@@ -262,13 +262,14 @@ def test_demo_reduced_budget(cache, tmp_path, monkeypatch):
 
 
 def test_auroc_equals_pairwise_count():
-    from minicirc.demo import auroc
+    from minicirc.metrics import auroc
     g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
     scores = torch.randint(0, 6, (80,), generator=g).float()   # many ties
     labels = torch.randint(0, 2, (80,), generator=g)
     pos, neg = scores[labels == 1], scores[labels == 0]
     brute = sum(float(a > b) + 0.5 * float(a == b) for a in pos for b in neg) / (len(pos) * len(neg))
-    assert auroc(scores.numpy(), labels.numpy()) == pytest.approx(brute, abs=1e-12)
+    assert auroc(scores, labels) == pytest.approx(brute, abs=1e-12)
+    assert auroc(scores.numpy(), labels.tolist()) == auroc(scores, labels)      # arrays and lists alike
 
 
 def _tiny_lm(seed, vocab=23):
@@ -380,10 +381,16 @@ def test_train_sae_does_not_depend_on_the_input_scale():
 
 
 def test_auroc_of_one_class_is_undefined():
-    from minicirc.demo import auroc
-    scores = torch.rand(int(torch.randint(1, 20, ()).item())).numpy()
+    from minicirc.errors import MinicircError
+    from minicirc.metrics import auroc
+    scores = torch.rand(int(torch.randint(1, 20, ()).item()))
     for label in (0, 1):
-        assert auroc(scores, [label] * len(scores)) is None
+        with pytest.raises(MinicircError, match="both labels"):
+            auroc(scores, [label] * len(scores))
+    with pytest.raises(MinicircError, match="labels 0 or 1"):
+        auroc(scores, [2] * len(scores))
+    with pytest.raises(MinicircError, match=r"scores \(n,\)"):
+        auroc(scores[:, None], [0, 1] * (len(scores) // 2) + [0] * (len(scores) % 2))
 
 
 def test_token_variables_match_the_words():

@@ -328,8 +328,9 @@ def test_cache_keys_cover_every_dictionary_field_and_damaged_files_are_recompute
     assert explain.sae_sha(same) == base
     assert explain.sae_sha(Dictionary(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, "relu",
                                       subtract_b_dec=False)) != base
-    t = torch.randn(6)
-    assert explain._sha_tensors([t.reshape(2, 3)]) != explain._sha_tensors([t.reshape(3, 2)])
+    # Shapes are part of the key: zero dictionaries 2 -> 3 and 3 -> 2 have the same bytes (2dF + F + d zeros).
+    zeros = lambda d, n: Dictionary(torch.zeros(d, n), torch.zeros(n), torch.zeros(n, d), torch.zeros(d), "relu")
+    assert explain.sae_sha(zeros(2, 3)) != explain.sae_sha(zeros(3, 2))
     # A damaged cache file is recomputed, not trusted (nor an error).
     explain.clear_cache()
     monkeypatch.setenv("MINICIRC_CACHE", str(tmp_path))

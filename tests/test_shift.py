@@ -508,7 +508,7 @@ def test_score_zero_logit_is_class_0_and_aurocs_by_pairwise_counting():
     assert got["gender_auroc"] == pytest.approx(pairwise(gen), abs=1e-12)
     assert pairwise(prof) != pairwise(gen) or pairwise(prof) != pairwise([1 - v for v in gen])
     with pytest.raises(MinicircError, match="both labels"):
-        shift.auroc(torch.randn(4, 2), torch.ones(4, dtype=torch.long))
+        shift.auroc(torch.randn(4), torch.ones(4, dtype=torch.long))
 
 
 class _Nodes:
