@@ -188,7 +188,7 @@ def build_parser():
     c.add_argument("--limit", type=int, default=None, help="use only the first N examples")
     c.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on CUDA): "
-                        "torchrun --nproc-per-node N -m minicirc.cli circuit ... --distributed")
+                        "torchrun --nproc-per-node N -m minicirc circuit ... --distributed")
     c.set_defaults(func=cmd_circuit)
 
     e = sub.add_parser("evaluate", help="faithfulness and completeness of a circuit by mean ablation")

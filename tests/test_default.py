@@ -153,14 +153,14 @@ def _check_interpretability(got, best, nid, tol):
 
 
 def test_demo_reduced_budget(cache, tmp_path, monkeypatch):
-    from minicirc import demo, evaluation, viz
+    from minicirc import demo, evaluation, report as report_mod
     from minicirc.data import tokenize
     from minicirc.errors import MinicircError
     from minicirc.sae import identity_saes
     from minicirc.tasks import agreement
     curves, targets = {}, []
-    real_plot, real_nodes_for = viz.plot_faithfulness, evaluation.nodes_for_faithfulness
-    monkeypatch.setattr(viz, "plot_faithfulness", lambda c, *a, **kw: curves.update(c) or real_plot(c, *a, **kw))
+    real_plot, real_nodes_for = report_mod.plot_faithfulness, evaluation.nodes_for_faithfulness
+    monkeypatch.setattr(report_mod, "plot_faithfulness", lambda c, *a, **kw: curves.update(c) or real_plot(c, *a, **kw))
     monkeypatch.setattr(evaluation, "nodes_for_faithfulness",
                         lambda points, target=0.9: targets.append(target) or real_nodes_for(points, target))
     results = demo.run_demo(str(tmp_path / "demo"), quick=True, progress=False)
@@ -428,7 +428,7 @@ def test_describe_nounpp_names_the_strongest_number_features():
     """Feature nodes whose best variable is a number of the subject, the token or the next verb, with score
     >= 0.8, listed per site in site order, the 3 of largest |effect| by name and the rest counted."""
     import random
-    from minicirc.demo import describe_nounpp
+    from minicirc.report import describe_nounpp
     rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
     sites = ["embed", "attn_0", "mlp_0", "resid_0", "attn_1", "mlp_1", "resid_1"]
     good = ("subject is plural", "token is plural", "next verb must be plural")
@@ -477,7 +477,7 @@ def test_describe_nounpp_names_the_strongest_number_features():
 
 
 def test_report_fmt_marks_missing_numbers():
-    from minicirc.demo import fmt
+    from minicirc.report import fmt
     x = float(torch.randn(()).item())
     assert fmt(None) == fmt(float("nan")) == "—"
     assert fmt(x) == format(x, ".2f") and fmt(x, ".3f") == format(x, ".3f")
