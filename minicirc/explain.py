@@ -18,7 +18,9 @@ Activations are computed for every requested (site, feature) in one forward pass
 Results are cached in memory keyed by (model weights sha, site, dictionary weights sha, token sample sha,
 k), per feature; with $MINICIRC_CACHE set they also go to $MINICIRC_CACHE/explain/<key>.safetensors.
 """
+import bisect
 import hashlib
+from collections import Counter
 import json
 import os
 
@@ -200,6 +202,16 @@ def _prefix_groups(ids, token_only=False):
     return groups
 
 
+def _offsets(ids):
+    """(flat index of each sentence's first position, total positions): (sentence s, position p) is flat
+    index offsets[s] + p in the sample's positions laid end to end."""
+    offsets, total = [], 0
+    for row in ids:
+        offsets.append(total)
+        total += len(row)
+    return offsets, total
+
+
 @torch.no_grad()
 def _scan(model, saes, wanted, ids, k, batch_size):
     """wanted: {site: [features]} -> {site: {feature: (values (<=k,), flat indices (<=k,))}}, the top-k
@@ -212,10 +224,7 @@ def _scan(model, saes, wanted, ids, k, batch_size):
     cols = {s: torch.tensor(wanted[s], dtype=torch.long, device=device) for s in sites}
     best = {s: (torch.empty(0, len(wanted[s]), device=device, dtype=saes[s].W_enc.dtype),
                 torch.empty(0, len(wanted[s]), dtype=torch.long, device=device)) for s in sites}
-    offsets, total = [], 0
-    for row in ids:
-        offsets.append(total)
-        total += len(row)
+    offsets, total = _offsets(ids)
     first = {}
     for s in sites:
         first[s] = torch.zeros(total + 1, dtype=torch.bool, device=device)  # the last entry: padding
@@ -269,11 +278,7 @@ def top_activations(model, saes, wanted, sample, k=10, batch_size=64):
         for s, res in found.items():
             _MEMORY[keys[s]].update(res)
             _disk_save(keys[s], _MEMORY[keys[s]])
-    starts, total = [], 0
-    for row in ids:
-        starts.append(total)
-        total += len(row)
-    import bisect
+    starts, _ = _offsets(ids)
     out = {}
     for s, feats in wanted.items():
         out[s] = {}
@@ -345,6 +350,16 @@ def logit_effects(model, sae, feature, n=5, tokenizer=None, site=None):
             "suppressed": [[_token_str(tokenizer, i), float(scores[i])] for i in bottom]}
 
 
+def _by_site(model, pairs):
+    """[(site, feature)] -> {site: [feature]}: each feature once, sites in the model's order."""
+    wanted = {}
+    for site, feat in pairs:
+        wanted.setdefault(site, [])
+        if feat not in wanted[site]:
+            wanted[site].append(feat)
+    return {s: wanted[s] for s in sorted(wanted, key=model.sites.index)}
+
+
 def _parse_node_id(nid):
     """"resid_1/37" or "resid_1/37@5" -> ("resid_1", 37); error nodes and the metric node -> None."""
     if "/" not in nid:
@@ -365,20 +380,17 @@ def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, ba
     if isinstance(texts, (str, os.PathLike)):
         texts = load_texts(texts)
     sample = tokenize_texts(texts, tokenizer, model)
-    wanted = {}
+    pairs = []
     for node in circuit.get("nodes", []):
         parsed = _parse_node_id(str(node.get("id", "")))
         if parsed is None:
             continue
-        site, feat = parsed
-        if site not in saes:
-            raise MinicircError(f"circuit node {node['id']}: no dictionary for site {site!r}")
-        wanted.setdefault(site, [])
-        if feat not in wanted[site]:
-            wanted[site].append(feat)
-    if not wanted:
+        if parsed[0] not in saes:
+            raise MinicircError(f"circuit node {node['id']}: no dictionary for site {parsed[0]!r}")
+        pairs.append(parsed)
+    if not pairs:
         return {}
-    wanted = {s: wanted[s] for s in sorted(wanted, key=model.sites.index)}
+    wanted = _by_site(model, pairs)
     rows = top_activations(model, saes, wanted, sample, k=k, batch_size=batch_size)
     out = {}
     for site, feats in wanted.items():
@@ -391,11 +403,35 @@ def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, ba
     return out
 
 
+def marked_text(tokens, index, start=0, end=None):
+    """tokens[start:end] joined, the one at `index` marked [[like this]] (its leading space stays outside)."""
+    mark = lambda t: t[:len(t) - len(t.lstrip())] + f"[[{t.lstrip()}]]"
+    return "".join(mark(t) if j == index else t for j, t in enumerate(tokens[start:end], start=start))
+
+
 def format_context(ctx, window=16):
     """One line: the value, then the tokens around the activating one, which is marked [[like this]]."""
     toks, i = ctx["tokens"], ctx["index"]
     a, b = max(0, i - window), min(len(toks), i + 6)
-    mark = lambda t: t[:len(t) - len(t.lstrip())] + f"[[{t.lstrip()}]]"  # the leading space stays outside
-    text = "".join(mark(t) if j == i else t for j, t in enumerate(toks[a:b], start=a))
-    text = ("…" if a > 0 else "") + text + ("…" if b < len(toks) else "")
+    text = ("…" if a > 0 else "") + marked_text(toks, i, a, b) + ("…" if b < len(toks) else "")
     return f"{ctx['value']:10.4f}  {text}".replace("\n", "↵")
+
+
+def feature_contexts(model, saes, tokenizer, texts, features, k=5):
+    """{(site, feature): [{"text": the whole text with the token marked [[like this]], "token": str, "value":
+    float}]}: the k top-activating (text, position) pairs over `texts` of each (site, feature, ...) in
+    `features` (the scan of top_activations), for reports that quote whole texts."""
+    if not features:
+        return {}
+    sample = tokenize_texts(texts, tokenizer, model)
+    wanted = _by_site(model, [(f[0], f[1]) for f in features])
+    rows = top_activations(model, saes, wanted, sample, k=k)
+    return {(site, f): [{"text": marked_text(sample[sent][1], pos), "token": sample[sent][1][pos].strip(), "value": v}
+                        for sent, pos, v in rows[site][f]]
+            for site, feats in wanted.items() for f in feats}
+
+
+def top_tokens(contexts, n=3):
+    """"she ×3, her ×2": the most frequent activating tokens of a feature's top contexts."""
+    c = Counter(x["token"] for x in contexts)
+    return ", ".join(f"{t} ×{m}" for t, m in c.most_common(n))

@@ -1,4 +1,4 @@
-"""Concept disambiguation (SHIFT, DESIGN.md section 9): find what a classifier really uses, remove the
+"""Concept disambiguation (SHIFT, docs/method.md §9): find what a classifier really uses, remove the
 spurious concept's features, retrain, and measure worst-group accuracy.
 
     model, saes, tokenizer, stats, folder = minicirc.default.get_default("full")
@@ -18,12 +18,12 @@ Choices (the design leaves them open):
 - Metric for the circuit: the wrong-class logit, `-z` for examples labelled 1 and `z` for those labelled 0
   (label = the training label, profession, which equals gender on the ambiguous split), with patch = None,
   so each node's effect estimates how much setting it to zero moves the probe towards the wrong class.
-- Ablation (zero, as DESIGN.md says): at each involved site in forward order, `f = encode(x)`, the chosen
+- Ablation (zero, as docs/method.md §9 says): at each involved site in forward order, `f = encode(x)`, the chosen
   features set to 0 and `x' = decode(f') + (x - decode(f))`, i.e. the SAE error is kept and
   `x' = x - sum_i f_i W_dec[i]` over the ablated features i; each site re-encodes its current (already
   edited upstream) value. With Identity dictionaries (neurons) the chosen coordinates become exactly 0.
-- Candidates: the features whose |aggregated effect| passes `threshold` (DESIGN's "features above a
-  threshold"; default 0), at most top_k of them, strongest first (error nodes are not candidates: they cannot
+- Candidates: the features whose |aggregated effect| passes `threshold` (docs/method.md §9: "features above
+  a threshold"; default 0), at most top_k of them, strongest first (error nodes are not candidates: they cannot
   be judged or ablated without removing everything the dictionary misses).
 - Judge (automatic; the paper used people): on a labelled balanced validation split, each candidate's
   activation is mean-pooled over a bio's real tokens; its gender effect size (difference of the female and
@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import explain
 from .data import Batch, pad_right
 from .errors import MinicircError
 from .metrics import auroc
@@ -81,9 +82,10 @@ def labels(batch, name):
     return torch.tensor([getattr(b, name) for b in batch.examples], dtype=torch.long, device=batch.clean.device)
 
 
-def real_mask(tokens, last):
-    """(n, pos) float: 1 at real tokens, 0 at right padding."""
-    return (torch.arange(tokens.shape[1], device=tokens.device)[None] <= last[:, None]).to(torch.float32)
+def mean_over_tokens(x, last):
+    """x (n, pos, ...) averaged over each example's real tokens, positions 0..last (right padding left out)."""
+    m = (torch.arange(x.shape[1], device=x.device)[None] <= last[:, None]).to(torch.float32)
+    return (x * m[..., None]).sum(1) / m.sum(1, keepdim=True)
 
 
 # --- ablation -------------------------------------------------------------------------------------
@@ -169,8 +171,7 @@ def pooled(model, tokens, last, layer, edit=None):
     cache = {}
     site = probe_site(layer)
     model(tokens, edit=edit, cache=cache, stop_at=site)
-    m = real_mask(tokens, last)
-    return (cache[site] * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+    return mean_over_tokens(cache[site], last)
 
 
 @torch.no_grad()
@@ -343,11 +344,8 @@ def pooled_features(model, saes, batch, features, batch_size=256):
         b = batch[i:i + batch_size]
         cache = {}
         model(b.clean, cache=cache, stop_at=last_site)
-        m = real_mask(b.clean, b.last)
-        parts = []
-        for site, (_, feats) in by_site.items():
-            f = saes[site].encode(cache[site])[..., torch.tensor(feats, device=b.clean.device)]
-            parts.append((f * m[..., None]).sum(1) / m.sum(1, keepdim=True))
+        parts = [mean_over_tokens(saes[site].encode(cache[site])[..., torch.tensor(feats, device=b.clean.device)],
+                                  b.last) for site, (_, feats) in by_site.items()]
         # Site by site, then back to the order asked for; cat keeps the dictionaries' dtype (float64 stays).
         out.append(torch.cat(parts, 1)[:, order])
     return torch.cat(out)
@@ -388,43 +386,6 @@ def judge(model, saes, batch, features, margin=0.2):
             for j, f in enumerate(features)]
 
 
-# --- explanations ---------------------------------------------------------------------------------
-
-def explain_features(model, saes, tokenizer, texts, features, k=5):
-    """{(site, feature): [{"text": bio with the token marked [[like this]], "token": str, "value": float}]}:
-    the k top-activating (bio, position) pairs over `texts` (minicirc.explain's scan)."""
-    from . import explain
-    if not features:
-        return {}
-    sample = explain.tokenize_texts(texts, tokenizer, model)
-    wanted = {}
-    for site, feat, *_ in features:
-        wanted.setdefault(site, [])
-        if feat not in wanted[site]:
-            wanted[site].append(feat)
-    wanted = {s: wanted[s] for s in sorted(wanted, key=model.sites.index)}
-    rows = explain.top_activations(model, saes, wanted, sample, k=k)
-    out = {}
-    for site, feats in wanted.items():
-        for f in feats:
-            ctx = []
-            for sent, pos, v in rows[site][f]:
-                toks = sample[sent][1]
-                t = toks[pos]
-                lead = t[:len(t) - len(t.lstrip())]
-                marked = "".join(toks[:pos]) + f"{lead}[[{t.lstrip()}]]" + "".join(toks[pos + 1:])
-                ctx.append({"text": marked, "token": t.strip(), "value": v})
-            out[(site, f)] = ctx
-    return out
-
-
-def top_tokens(contexts, n=3):
-    """"she ×3, her ×2": the most frequent activating tokens of a feature's top contexts."""
-    from collections import Counter
-    c = Counter(x["token"] for x in contexts)
-    return ", ".join(f"{t} ×{m}" for t, m in c.most_common(n))
-
-
 # --- the whole pipeline ---------------------------------------------------------------------------
 
 def shift_pipeline(model, dicts, tokenizer, probe, data, cfg, sites, ablate=None, progress=True, desc="features"):
@@ -446,11 +407,11 @@ def shift_pipeline(model, dicts, tokenizer, probe, data, cfg, sites, ablate=None
                 if (s, i) not in have:
                     cand.append(by_id.get((s, i)) or judge(model, dicts, data["val"], [(s, i, effects[(s, i)])],
                                                            cfg["margin"])[0])
-    contexts = explain_features(model, dicts, tokenizer, data["explain_texts"],
-                                [(v["site"], v["feature"]) for v in cand], cfg["k_contexts"])
+    contexts = explain.feature_contexts(model, dicts, tokenizer, data["explain_texts"],
+                                        [(v["site"], v["feature"]) for v in cand], cfg["k_contexts"])
     for v in cand:
         v["contexts"] = contexts[(v["site"], v["feature"])]
-        v["top_tokens"] = top_tokens(v["contexts"])
+        v["top_tokens"] = explain.top_tokens(v["contexts"])
         v["ablated"] = (v["feature"] in ablate.get(v["site"], [])) if ablate else v["spurious"]
     ablation = ablate or as_ablation([(v["site"], v["feature"]) for v in cand if v["spurious"]], sites)
     shifted, retrained, retrained_probe = ablate_and_retrain(model, probe, dicts, ablation, data["train"],
@@ -492,7 +453,6 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     from . import report, viz
     from .files import prepare_out_dir, write_atomic
     from .default import get_default
-    from .explain import circuit_contexts
     from .sae import identity_saes
     t0 = time.time()
     cfg = dict(SETTINGS["quick" if quick else "full"], threshold=threshold)
@@ -543,7 +503,7 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
             c.annotations[f"{v['site']}/{v['feature']}"] = {
                 "gender_d": round(v["gender_d"], 4), "profession_d": round(v["profession_d"], 4),
                 "spurious": v["spurious"], "ablated": v["ablated"]}
-        ctx = circuit_contexts(model, dicts, tokenizer, c.to_json(), data["explain_texts"], k=cfg["k_contexts"])
+        ctx = explain.circuit_contexts(model, dicts, tokenizer, c.to_json(), data["explain_texts"], k=cfg["k_contexts"])
         viz.save_circuit(c, os.path.join(out, f"circuit_{kind}"), contexts=ctx)
     stages.update()
     stages.close()

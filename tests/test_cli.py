@@ -160,7 +160,7 @@ def test_mismatched_tree_and_foreign_circuit(setup, capsys, tmp_path):
 
 
 def test_bfloat16_end_to_end_close_to_float32(setup):
-    # bfloat16 weights through the whole pipeline: the float32 run is the reference (DESIGN: float32 is
+    # bfloat16 weights through the whole pipeline: the float32 run is the reference (docs/method.md §11: float32 is
     # the default and the one tests compare); bf16 keeps ~3 significant digits, so effects agree to a few %.
     from safetensors.torch import load_file
     t = setup

@@ -403,3 +403,14 @@ def test_token_names_without_a_cache_and_text_files(tmp_path, monkeypatch):
     (tmp_path / "blank.txt").write_text("\n  \n\n")
     with pytest.raises(minicirc.MinicircError, match="no texts"):
         explain.load_texts(tmp_path / "blank.txt")
+
+
+def test_top_tokens_counts_the_most_frequent():
+    words = ["she", "her", "nurse", "he", "his"]
+    picks = [words[int(i)] for i in torch.randint(0, 5, (30,))]
+    from collections import Counter
+    got = explain.top_tokens([{"token": w} for w in picks], n=3)
+    parts = [p.rsplit(" ×", 1) for p in got.split(", ")]
+    c = Counter(picks)
+    assert len(parts) == 3 and all(c[t] == int(m) for t, m in parts)
+    assert sorted(c.values(), reverse=True)[:3] == [int(m) for _, m in parts]
