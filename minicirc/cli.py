@@ -89,7 +89,8 @@ def cmd_evaluate(args):
 def cmd_view(args):
     from .circuit import load_circuit_json
     from .errors import read_json
-    from .viewer import write_html
+    from .files import write_atomic
+    from .viewer import render_html
     data = load_circuit_json(args.circuit)
     folder = args.circuit if os.path.isdir(args.circuit) else os.path.dirname(os.path.abspath(args.circuit))
     saved = os.path.join(folder, "contexts.json")     # top contexts saved beside the circuit, if any
@@ -97,7 +98,7 @@ def cmd_view(args):
     if contexts is not None and not isinstance(contexts, dict):
         raise MinicircError(f"{saved}: not a contexts file (expected an object keyed by node id)")
     path = os.path.join(folder, "circuit.html")
-    write_html(data, path, contexts)
+    write_atomic(path, render_html(data, contexts).encode("utf-8"))
     print(path)
 
 

@@ -28,6 +28,7 @@ import torch
 
 from .data import pad_right
 from .errors import MinicircError
+from .files import write_atomic
 from .hashing import sha256_of
 
 _MEMORY = {}  # cache key -> {feature: (values (k,), flat indices (k,))}
@@ -153,15 +154,13 @@ def _disk_save(key, entry):
     path = _disk_path(key)
     if not path:
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tensors = {}
         for f, (v, i) in entry.items():
             tensors[f"f{f}.values"], tensors[f"f{f}.index"] = v.contiguous(), i.contiguous()
-        tmp = path + f".{os.getpid()}.tmp"
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, save(tensors))
     except OSError:
         pass  # the cache is an optimisation; an unwritable cache directory is not an error
 

@@ -414,3 +414,20 @@ def test_top_tokens_counts_the_most_frequent():
     c = Counter(picks)
     assert len(parts) == 3 and all(c[t] == int(m) for t, m in parts)
     assert sorted(c.values(), reverse=True)[:3] == [int(m) for _, m in parts]
+
+
+def test_sha256_of_is_hashlib_over_float32_bytes():
+    """The package's one weight hasher against hashlib written out: strings as UTF-8, tensors as their float32
+    values on the CPU; a bfloat16 or non-contiguous copy of the same values hashes alike, order matters."""
+    import hashlib
+    from minicirc.hashing import sha256_of
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()).item()))
+    a = torch.randn(3, 4, generator=g).to(torch.bfloat16).float()      # exactly representable in bfloat16
+    b = torch.randn(5, generator=g)
+    h = hashlib.sha256()
+    for part in (b"W", a.numpy().tobytes(), "é".encode(), b.numpy().tobytes()):
+        h.update(part)
+    assert sha256_of(["W", a, "é", b]) == h.hexdigest()
+    assert sha256_of(["W", a.to(torch.bfloat16), "é", b.double()]) == h.hexdigest()
+    assert sha256_of(["W", a.T.contiguous().T, "é", b]) == h.hexdigest()
+    assert sha256_of(["é", a, "W", b]) != h.hexdigest()
