@@ -4,7 +4,8 @@ variables are known), for the four agreement templates of the original work.
 
 For each template: find the feature circuit and the neuron circuit (Identity dictionaries, same code) on
 discovery examples, sweep node thresholds and measure faithfulness/completeness on held-out examples,
-and score how well each node's activation predicts a known latent variable (AUROC).
+and score how well each node's activation predicts a known latent variable (AUROC). report.md and
+faithfulness_vs_nodes.png are written by minicirc/report.py from the results computed here.
 """
 import json
 import os

@@ -1,6 +1,6 @@
 """The reports and plots of the two experiments: `minicirc demo` (report.md, faithfulness_vs_nodes.png) and
-`minicirc shift` (shift_report.md, shift.png). They read the results the experiments computed and compute
-nothing of their own."""
+`minicirc shift` (shift_report.md, shift.png). They only format and draw the results the experiments computed:
+no number in a report is computed here."""
 import os
 
 import matplotlib
@@ -34,7 +34,6 @@ def describe_nounpp(data, interp):
     return ("Subject number is carried past the distractor by features whose activation tracks it on held-out "
             "sentences — " + "; ".join(parts) + ". Ablating everything else keeps the behaviour to the "
             "faithfulness reported above.")
-
 
 
 def plot_faithfulness(curves, path, title="Faithfulness vs circuit size"):

@@ -32,7 +32,7 @@ Choices (the design leaves them open):
   top-activating contexts so that a person can judge instead (`minicirc shift --ablate site/feature,...`).
 - Evaluation on the held-out balanced split: profession accuracy, gender accuracy (how often the prediction
   equals the gender label) and worst-group accuracy (the lowest profession accuracy over the four
-  (profession, gender) groups).
+  (profession, gender) groups). shift_report.md and shift.png are written by minicirc/report.py.
 """
 import json
 import os
