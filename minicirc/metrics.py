@@ -10,7 +10,8 @@ def auroc(scores, labels):
     0/1 labels (n,) (tensors or sequences) -> float. Computed as the Mann-Whitney U statistic from average
     ranks in float64: sum of the positives' ranks minus n1 (n1 + 1) / 2 is exactly the pairwise count
     (ranks are half-integers), so the result is that count divided by n1 n0, rounded once."""
-    scores = torch.as_tensor(scores, dtype=torch.float64)
+    # A tensor stays on its device; anything else is made on the CPU (never on torch's default device).
+    scores = (scores if isinstance(scores, torch.Tensor) else torch.as_tensor(scores, device="cpu")).to(torch.float64)
     labels = torch.as_tensor(labels, device=scores.device)
     if scores.dim() != 1 or labels.shape != scores.shape:
         raise MinicircError(f"AUROC needs scores (n,) and labels (n,), got {tuple(scores.shape)} and "
