@@ -1,4 +1,5 @@
-"""`minicirc ...` commands. Every user mistake ends in one line naming the problem and exit code 2."""
+"""`minicirc ...` commands (also `python -m minicirc ...`). Every user mistake ends in one line naming the problem
+and exit code 2."""
 import argparse
 import json
 import os
