@@ -1,4 +1,5 @@
-"""`minicirc ...` commands. Every user mistake ends in one line naming the problem and exit code 2."""
+"""`minicirc ...` commands (also `python -m minicirc ...`). Every user mistake ends in one line naming the problem
+and exit code 2."""
 import argparse
 import json
 import os
@@ -89,7 +90,8 @@ def cmd_evaluate(args):
 def cmd_view(args):
     from .circuit import load_circuit_json
     from .errors import read_json
-    from .viewer import write_html
+    from .files import write_atomic
+    from .viewer import render_html
     data = load_circuit_json(args.circuit)
     folder = args.circuit if os.path.isdir(args.circuit) else os.path.dirname(os.path.abspath(args.circuit))
     saved = os.path.join(folder, "contexts.json")     # top contexts saved beside the circuit, if any
@@ -97,7 +99,7 @@ def cmd_view(args):
     if contexts is not None and not isinstance(contexts, dict):
         raise MinicircError(f"{saved}: not a contexts file (expected an object keyed by node id)")
     path = os.path.join(folder, "circuit.html")
-    write_html(data, path, contexts)
+    write_atomic(path, render_html(data, contexts).encode("utf-8"))
     print(path)
 
 
@@ -188,7 +190,7 @@ def build_parser():
     c.add_argument("--limit", type=int, default=None, help="use only the first N examples")
     c.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on CUDA): "
-                        "torchrun --nproc-per-node N -m minicirc.cli circuit ... --distributed")
+                        "torchrun --nproc-per-node N -m minicirc circuit ... --distributed")
     c.set_defaults(func=cmd_circuit)
 
     e = sub.add_parser("evaluate", help="faithfulness and completeness of a circuit by mean ablation")

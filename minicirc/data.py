@@ -91,6 +91,13 @@ class Batch:
                      mv(self.last), self.examples)
 
 
+def pad_right(rows, pad=0, device="cpu"):
+    """Lists of token ids -> (n, longest) long tensor, each row right-padded with `pad`. Batches are made on
+    the CPU by default; find_circuit and friends move each batch to the model's device."""
+    T = max(map(len, rows))
+    return torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
 def _ids(tokenizer, text, what):
     enc = tokenizer.encode(text, add_special_tokens=False)
     unk = tokenizer.token_to_id("<unk>")
@@ -132,11 +139,8 @@ def tokenize(examples, tokenizer, vocab_size=None):
             if len(ids) != 1:
                 raise MinicircError(f"example {i}: {name} {text!r} is {len(ids)} tokens; answers must be exactly one")
             out.append(ids[0])
-    T = max(map(len, rows_c))
-    # Batches are made on the CPU; find_circuit and friends move each batch to the model's device.
     ids = lambda values: torch.tensor(values, dtype=torch.long, device="cpu")
-    padded = lambda rows: ids([r + [pad] * (T - len(r)) for r in rows])
-    batch = Batch(padded(rows_c), padded(rows_p) if has_patch else None, ids(ans_c),
+    batch = Batch(pad_right(rows_c, pad), pad_right(rows_p, pad) if has_patch else None, ids(ans_c),
                   ids(ans_p) if has_patch else None, ids([len(r) - 1 for r in rows_c]), list(examples))
     if vocab_size is not None:
         for name, t in [("clean", batch.clean), ("patch", batch.patch), ("answer", batch.clean_answer),

@@ -4,7 +4,8 @@ variables are known), for the four agreement templates of the original work.
 
 For each template: find the feature circuit and the neuron circuit (Identity dictionaries, same code) on
 discovery examples, sweep node thresholds and measure faithfulness/completeness on held-out examples,
-and score how well each node's activation predicts a known latent variable (AUROC).
+and score how well each node's activation predicts a known latent variable (AUROC). report.md and
+faithfulness_vs_nodes.png are written by minicirc/report.py from the results computed here.
 """
 import json
 import os
@@ -13,12 +14,12 @@ import time
 import numpy as np
 import torch
 
-from . import evaluation, explain, viz
+from . import evaluation, explain, report, viz
 from .circuit import find_circuit
 from .files import prepare_out_dir, write_atomic
 from .data import tokenize
 from .default import get_default
-from .errors import MinicircError
+from .metrics import auroc
 from .sae import identity_saes
 from .tasks import agreement
 
@@ -50,20 +51,6 @@ def token_variables(example):
     return out
 
 
-def auroc(scores, labels):
-    """Area under the ROC curve of scores predicting binary labels (ties count half): the Mann-Whitney U
-    statistic from average ranks."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels, int)
-    n1 = int(labels.sum())
-    n0 = len(labels) - n1
-    if n1 == 0 or n0 == 0:
-        return None
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = ((ends - counts + 1 + ends) / 2)[inverse]     # average 1-based rank of each tied group
-    return (ranks[labels == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
 @torch.no_grad()
 def node_interpretability(model, saes, batch, nodes):
     """For each feature node: (best variable, score = max(AUROC, 1 - AUROC)) over held-out tokens."""
@@ -76,7 +63,7 @@ def node_interpretability(model, saes, batch, nodes):
         cells = [(b, t, v) for b, var in enumerate(variables) for t, v in enumerate(var.get(name, [])) if v is not None]
         if len({c[2] for c in cells}) == 2:
             b, t, y = (torch.tensor(c, device="cpu") for c in zip(*cells))
-            where[name] = (b, t, y.numpy())
+            where[name] = (b, t, y)
     out, encoded = {}, {}
     for n in nodes:
         site, feat = n["site"], n["feature"]
@@ -87,7 +74,7 @@ def node_interpretability(model, saes, batch, nodes):
         acts = encoded[site][..., feat]
         best = (None, 0.5)
         for name, (b, t, y) in where.items():
-            a = auroc(acts[b, t].cpu().numpy(), y)
+            a = auroc(acts[b, t], y)
             if max(a, 1 - a) > best[1]:
                 best = (name, max(a, 1 - a))
         out[n["id"]] = best
@@ -95,29 +82,6 @@ def node_interpretability(model, saes, batch, nodes):
 
 
 # --- the job --------------------------------------------------------------------------------------
-
-def describe_nounpp(data, interp):
-    """A plain-language account of which features carry subject number past the distractor."""
-    by_site = {}
-    for n in data["nodes"]:
-        name, score = interp.get(n["id"], (None, 0))
-        if n["feature"] != "err" and name in ("subject is plural", "token is plural", "next verb must be plural") \
-                and score >= 0.8:
-            by_site.setdefault(n["site"], []).append((n["feature"], name, score, n["effect"]))
-    if not by_site:
-        return ("No feature node of this circuit predicts the subject's number with AUROC >= 0.8 on held-out "
-                "sentences; the circuit does not show a clean number-carrying path.")
-    parts = []
-    for site in data["sites"]:
-        if site in by_site:
-            ranked = sorted(by_site[site], key=lambda r: -abs(r[3]))
-            feats = ", ".join(f"{f} ({nm}, AUROC {s:.2f}, effect {e:+.2f})" for f, nm, s, e in ranked[:3])
-            more = f" and {len(ranked) - 3} more" if len(ranked) > 3 else ""
-            parts.append(f"at {site}: features {feats}{more}")
-    return ("Subject number is carried past the distractor by features whose activation tracks it on held-out "
-            "sentences — " + "; ".join(parts) + ". Ablating everything else keeps the behaviour to the "
-            "faithfulness reported above.")
-
 
 def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", progress=True):
     t0 = time.time()
@@ -143,7 +107,9 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
             top = sorted(found["nodes"], key=lambda n: -abs(n["effect"]))
             interp = node_interpretability(model, dicts, interp_batch, top)
             for nid, (name, score) in interp.items():
-                circuit.annotations[nid] = {"best_variable": name, "interpretability": round(score, 4)}
+                # numpy's rounding (score * 1e4 rounded half to even), as circuit.json has always held it:
+                # Python's round() rounds the exact binary value and differs in the last digit now and then.
+                circuit.annotations[nid] = {"best_variable": name, "interpretability": float(np.round(score, 4))}
             contexts = explain.circuit_contexts(model, dicts, tokenizer, found, texts, k=5)
             data = viz.save_circuit(circuit, os.path.join(out, template, kind), contexts=contexts)
             faith = evaluation.faithfulness(model, dicts, held, kept)
@@ -158,13 +124,13 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
                 "sweep": points, "metric": data["metric"],
             }
             if template == "nounpp" and kind == "features":
-                results[template]["description"] = describe_nounpp(data, interp)
-    viz.plot_faithfulness(curves, os.path.join(out, "faithfulness_vs_nodes.png"),
+                results[template]["description"] = report.describe_nounpp(data, interp)
+    report.plot_faithfulness(curves, os.path.join(out, "faithfulness_vs_nodes.png"),
                           "Faithfulness vs nodes, held-out examples (features solid, neurons dashed)")
     results["_meta"] = {"seconds": time.time() - t0, "default": folder, "stats": stats, "settings": cfg,
                         "full_model_faithfulness": full_model}
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
-    write_atomic(os.path.join(out, "report.md"), report(results, cfg).encode())
+    write_atomic(os.path.join(out, "report.md"), report.demo_report(results, cfg).encode())
     print(f"minicirc demo: wrote {out}/report.md in {time.time() - t0:.0f} s")
     return results
 
@@ -175,41 +141,3 @@ def all_nodes(saes):
         for i in range(d.n_features):
             yield {"site": s, "feature": i}
         yield {"site": s, "feature": "err"}
-
-
-def fmt(v, spec=".2f"):
-    return "—" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
-
-
-def report(results, cfg):
-    meta = results["_meta"]
-    st = meta["stats"]
-    lines = ["# minicirc demo: feature circuits vs neuron circuits", "",
-             f"Embedded default ({st['recipe']} recipe, seed {st['seed']}): {st['config']['num_hidden_layers']} layers, "
-             f"d_model {st['config']['hidden_size']}, vocab {st['config']['vocab_size']}; "
-             f"LM loss {st['lm_loss_first']:.2f} -> {st['lm_loss_last']:.2f}. Cached in `{meta['default']}`.", "",
-             "Agreement accuracy on held-out sentences: " + ", ".join(
-                 f"{t} {100 * a:.1f}%" for t, a in st["agreement_accuracy"].items()) + ".", "",
-             "| site | variance explained | mean L0 | dead features |", "|---|---|---|---|"]
-    for s, v in st["saes"].items():
-        lines.append(f"| {s} | {v['variance_explained']:.3f} | {v['l0']:.1f} | {100 * v['dead_fraction']:.0f}% |")
-    lines += ["", f"Circuits: IG ({cfg['steps']} steps) on {cfg['n_discovery']} discovery examples (train split), "
-              f"node threshold {cfg['node_threshold']}, edge threshold {cfg['edge_threshold']}; faithfulness and "
-              f"completeness by mean ablation on {cfg['n_eval']} held-out examples. Interpretability: for each of the "
-              f"top {cfg['top_k']} nodes by |effect|, max(AUROC, 1-AUROC) of its activation for the best-matching "
-              f"latent variable of the grammar over held-out tokens (0.5 = chance, 1 = perfect).", ""]
-    for t in agreement.TEMPLATES:
-        r = results[t]
-        lines += [f"## {t}", "", f"Model accuracy on held-out `{t}`: {100 * st['agreement_accuracy'][t]:.1f}%; "
-                  f"full-model faithfulness {fmt(meta['full_model_faithfulness'][t], '.3f')}.", "",
-                  "| | nodes | edges | faithfulness | completeness | nodes for 0.9 faithfulness | interpretability (top-k) |",
-                  "|---|---|---|---|---|---|---|"]
-        for kind in ("features", "neurons"):
-            k = r[kind]
-            lines.append(f"| {kind} | {k['nodes']} | {k['edges']} | {fmt(k['faithfulness'])} | {fmt(k['completeness'])} | "
-                         f"{fmt(k['nodes_for_0.9'], 'd')} | {fmt(k['interpretability_top_k'])} |")
-        if "description" in r:
-            lines += ["", r["description"]]
-        lines += ["", f"Pictures: `{t}/features/circuit.png`, `{t}/neurons/circuit.png` (and `circuit.html`).", ""]
-    lines += ["![faithfulness vs nodes](faithfulness_vs_nodes.png)", "", f"Run time: {meta['seconds']:.0f} s."]
-    return "\n".join(lines) + "\n"

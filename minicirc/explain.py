@@ -18,14 +18,19 @@ Activations are computed for every requested (site, feature) in one forward pass
 Results are cached in memory keyed by (model weights sha, site, dictionary weights sha, token sample sha,
 k), per feature; with $MINICIRC_CACHE set they also go to $MINICIRC_CACHE/explain/<key>.safetensors.
 """
+import bisect
 import hashlib
+from collections import Counter
 import json
 import os
 
 import torch
 
 from .circuit import parse_node_id
+from .data import pad_right
 from .errors import MinicircError
+from .files import write_atomic
+from .hashing import sha256_of
 
 _MEMORY = {}  # cache key -> {feature: (values (k,), flat indices (k,))}
 
@@ -97,17 +102,10 @@ def _as_ids(sample):
 
 # --- hashing and the cache ---------------------------------------------------------------------------
 
-def _sha_tensors(tensors, extra=""):
-    h = hashlib.sha256(extra.encode())
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def sae_sha(sae):
-    return _sha_tensors([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold],
-                        f"{sae.kind}|{sae.k}|{sae.subtract_b_dec}")
+    tensors = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold]
+    return sha256_of([f"{sae.kind}|{sae.k}|{sae.subtract_b_dec}"]
+                     + [part for t in tensors for part in (str(tuple(t.shape)), t)])
 
 
 def sample_sha(ids):
@@ -157,15 +155,13 @@ def _disk_save(key, entry):
     path = _disk_path(key)
     if not path:
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tensors = {}
         for f, (v, i) in entry.items():
             tensors[f"f{f}.values"], tensors[f"f{f}.index"] = v.contiguous(), i.contiguous()
-        tmp = path + f".{os.getpid()}.tmp"
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, save(tensors))
     except OSError:
         pass  # the cache is an optimisation; an unwritable cache directory is not an error
 
@@ -206,6 +202,16 @@ def _prefix_groups(ids, token_only=False):
     return groups
 
 
+def _offsets(ids):
+    """(flat index of each sentence's first position, total positions): (sentence s, position p) is flat
+    index offsets[s] + p in the sample's positions laid end to end."""
+    offsets, total = [], 0
+    for row in ids:
+        offsets.append(total)
+        total += len(row)
+    return offsets, total
+
+
 @torch.no_grad()
 def _scan(model, saes, wanted, ids, k, batch_size):
     """wanted: {site: [features]} -> {site: {feature: (values (<=k,), flat indices (<=k,))}}, the top-k
@@ -218,10 +224,7 @@ def _scan(model, saes, wanted, ids, k, batch_size):
     cols = {s: torch.tensor(wanted[s], dtype=torch.long, device=device) for s in sites}
     best = {s: (torch.empty(0, len(wanted[s]), device=device, dtype=saes[s].W_enc.dtype),
                 torch.empty(0, len(wanted[s]), dtype=torch.long, device=device)) for s in sites}
-    offsets, total = [], 0
-    for row in ids:
-        offsets.append(total)
-        total += len(row)
+    offsets, total = _offsets(ids)
     first = {}
     for s in sites:
         first[s] = torch.zeros(total + 1, dtype=torch.bool, device=device)  # the last entry: padding
@@ -231,7 +234,7 @@ def _scan(model, saes, wanted, ids, k, batch_size):
         T = max(map(len, rows))
         if T == 0:
             continue
-        tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
+        tokens = pad_right(rows, 0, device)
         flat_all = torch.tensor([offsets[b0 + i] + p if p < len(r) else total for i, r in enumerate(rows)
                                  for p in range(T)], dtype=torch.long, device=device)
         cache = {}
@@ -275,11 +278,7 @@ def top_activations(model, saes, wanted, sample, k=10, batch_size=64):
         for s, res in found.items():
             _MEMORY[keys[s]].update(res)
             _disk_save(keys[s], _MEMORY[keys[s]])
-    starts, total = [], 0
-    for row in ids:
-        starts.append(total)
-        total += len(row)
-    import bisect
+    starts, _ = _offsets(ids)
     out = {}
     for s, feats in wanted.items():
         out[s] = {}
@@ -351,6 +350,16 @@ def logit_effects(model, sae, feature, n=5, tokenizer=None, site=None):
             "suppressed": [[_token_str(tokenizer, i), float(scores[i])] for i in bottom]}
 
 
+def _by_site(model, pairs):
+    """[(site, feature)] -> {site: [feature]}: each feature once, sites in the model's order."""
+    wanted = {}
+    for site, feat in pairs:
+        wanted.setdefault(site, [])
+        if feat not in wanted[site]:
+            wanted[site].append(feat)
+    return {s: wanted[s] for s in sorted(wanted, key=model.sites.index)}
+
+
 def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, batch_size=64):
     """The `contexts` argument of viewer.write_html / Circuit.save for every feature node of `circuit`
     (its circuit.json dict): {"site/feature": {"contexts": [...], "logits": {...}}}. Positional node ids
@@ -359,20 +368,17 @@ def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, ba
     if isinstance(texts, (str, os.PathLike)):
         texts = load_texts(texts)
     sample = tokenize_texts(texts, tokenizer, model)
-    wanted = {}
+    pairs = []
     for node in circuit.get("nodes", []):
         parsed = parse_node_id(str(node.get("id", "")))
         if parsed is None or parsed[1] is None:     # the metric node y, error nodes
             continue
-        site, feat, _ = parsed
-        if site not in saes:
-            raise MinicircError(f"circuit node {node['id']}: no dictionary for site {site!r}")
-        wanted.setdefault(site, [])
-        if feat not in wanted[site]:
-            wanted[site].append(feat)
-    if not wanted:
+        if parsed[0] not in saes:
+            raise MinicircError(f"circuit node {node['id']}: no dictionary for site {parsed[0]!r}")
+        pairs.append(parsed[:2])
+    if not pairs:
         return {}
-    wanted = {s: wanted[s] for s in sorted(wanted, key=model.sites.index)}
+    wanted = _by_site(model, pairs)
     rows = top_activations(model, saes, wanted, sample, k=k, batch_size=batch_size)
     out = {}
     for site, feats in wanted.items():
@@ -385,11 +391,35 @@ def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, ba
     return out
 
 
+def marked_text(tokens, index, start=0, end=None):
+    """tokens[start:end] joined, the one at `index` marked [[like this]] (its leading space stays outside)."""
+    mark = lambda t: t[:len(t) - len(t.lstrip())] + f"[[{t.lstrip()}]]"
+    return "".join(mark(t) if j == index else t for j, t in enumerate(tokens[start:end], start=start))
+
+
 def format_context(ctx, window=16):
     """One line: the value, then the tokens around the activating one, which is marked [[like this]]."""
     toks, i = ctx["tokens"], ctx["index"]
     a, b = max(0, i - window), min(len(toks), i + 6)
-    mark = lambda t: t[:len(t) - len(t.lstrip())] + f"[[{t.lstrip()}]]"  # the leading space stays outside
-    text = "".join(mark(t) if j == i else t for j, t in enumerate(toks[a:b], start=a))
-    text = ("…" if a > 0 else "") + text + ("…" if b < len(toks) else "")
+    text = ("…" if a > 0 else "") + marked_text(toks, i, a, b) + ("…" if b < len(toks) else "")
     return f"{ctx['value']:10.4f}  {text}".replace("\n", "↵")
+
+
+def feature_contexts(model, saes, tokenizer, texts, features, k=5):
+    """{(site, feature): [{"text": the whole text with the token marked [[like this]], "token": str, "value":
+    float}]}: the k top-activating (text, position) pairs over `texts` of each (site, feature, ...) in
+    `features` (the scan of top_activations), for reports that quote whole texts."""
+    if not features:
+        return {}
+    sample = tokenize_texts(texts, tokenizer, model)
+    wanted = _by_site(model, [(f[0], f[1]) for f in features])
+    rows = top_activations(model, saes, wanted, sample, k=k)
+    return {(site, f): [{"text": marked_text(sample[sent][1], pos), "token": sample[sent][1][pos].strip(), "value": v}
+                        for sent, pos, v in rows[site][f]]
+            for site, feats in wanted.items() for f in feats}
+
+
+def top_tokens(contexts, n=3):
+    """"she ×3, her ×2": the most frequent activating tokens of a feature's top contexts."""
+    c = Counter(x["token"] for x in contexts)
+    return ", ".join(f"{t} ×{m}" for t, m in c.most_common(n))

@@ -325,9 +325,5 @@ def load_tokenizer(model_dir):
 
 def model_hash(model):
     """sha256 over the weights, recorded in circuit.json so a circuit is never applied to another model."""
-    import hashlib
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    from .hashing import sha256_of
+    return sha256_of(part for name, t in sorted(model.state_dict().items()) for part in (name, t))

@@ -327,17 +327,13 @@ def save_saes(saes, sae_dir):
 
 
 def saes_hash(saes):
-    import hashlib
-    h = hashlib.sha256()
+    from .hashing import sha256_of
+    parts = []
     for site in sorted(saes):
-        h.update(site.encode())
         sae = saes[site]
-        h.update(sae.kind.encode())
-        for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold):
-            h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-        h.update(str(sae.k).encode())
+        parts += [site, sae.kind, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold, str(sae.k)]
         # Whether b_dec is subtracted before encoding changes f unless b_dec is 0 (identity dictionaries).
         # Marked only then, so the hashes of dictionaries that subtract it stay what they were.
         if not sae.subtract_b_dec and bool(sae.b_dec.detach().any()):
-            h.update(b"|b_dec not subtracted")
-    return h.hexdigest()
+            parts.append("|b_dec not subtracted")
+    return sha256_of(parts)

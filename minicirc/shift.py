@@ -1,4 +1,4 @@
-"""Concept disambiguation (SHIFT, DESIGN.md section 9): find what a classifier really uses, remove the
+"""Concept disambiguation (SHIFT, docs/method.md §9): find what a classifier really uses, remove the
 spurious concept's features, retrain, and measure worst-group accuracy.
 
     model, saes, tokenizer, stats, folder = minicirc.default.get_default("full")
@@ -18,12 +18,12 @@ Choices (the design leaves them open):
 - Metric for the circuit: the wrong-class logit, `-z` for examples labelled 1 and `z` for those labelled 0
   (label = the training label, profession, which equals gender on the ambiguous split), with patch = None,
   so each node's effect estimates how much setting it to zero moves the probe towards the wrong class.
-- Ablation (zero, as DESIGN.md says): at each involved site in forward order, `f = encode(x)`, the chosen
+- Ablation (zero, as docs/method.md §9 says): at each involved site in forward order, `f = encode(x)`, the chosen
   features set to 0 and `x' = decode(f') + (x - decode(f))`, i.e. the SAE error is kept and
   `x' = x - sum_i f_i W_dec[i]` over the ablated features i; each site re-encodes its current (already
   edited upstream) value. With Identity dictionaries (neurons) the chosen coordinates become exactly 0.
-- Candidates: the features whose |aggregated effect| passes `threshold` (DESIGN's "features above a
-  threshold"; default 0), at most top_k of them, strongest first (error nodes are not candidates: they cannot
+- Candidates: the features whose |aggregated effect| passes `threshold` (docs/method.md §9: "features above
+  a threshold"; default 0), at most top_k of them, strongest first (error nodes are not candidates: they cannot
   be judged or ablated without removing everything the dictionary misses).
 - Judge (automatic; the paper used people): on a labelled balanced validation split, each candidate's
   activation is mean-pooled over a bio's real tokens; its gender effect size (difference of the female and
@@ -32,7 +32,7 @@ Choices (the design leaves them open):
   top-activating contexts so that a person can judge instead (`minicirc shift --ablate site/feature,...`).
 - Evaluation on the held-out balanced split: profession accuracy, gender accuracy (how often the prediction
   equals the gender label) and worst-group accuracy (the lowest profession accuracy over the four
-  (profession, gender) groups).
+  (profession, gender) groups). shift_report.md and shift.png are written by minicirc/report.py.
 """
 import json
 import os
@@ -42,8 +42,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .data import Batch
+from . import explain
+from .data import Batch, pad_right
 from .errors import MinicircError
+from .metrics import auroc
 
 CONCEPT, SPURIOUS = "profession", "gender"
 
@@ -70,9 +72,8 @@ def bios_batch(bios, tokenizer, label=CONCEPT):
         if not ids:
             raise MinicircError(f"biography {b.text!r} has no tokens")
         rows.append(ids)
-    T = max(map(len, rows))
     ids = lambda values: torch.tensor(values, dtype=torch.long, device="cpu")   # moved by Batch.to(device)
-    return Batch(ids([r + [0] * (T - len(r)) for r in rows]), None, ids([getattr(b, label) for b in bios]), None,
+    return Batch(pad_right(rows), None, ids([getattr(b, label) for b in bios]), None,
                  ids([len(r) - 1 for r in rows]), list(bios))
 
 
@@ -81,9 +82,10 @@ def labels(batch, name):
     return torch.tensor([getattr(b, name) for b in batch.examples], dtype=torch.long, device=batch.clean.device)
 
 
-def real_mask(tokens, last):
-    """(n, pos) float: 1 at real tokens, 0 at right padding."""
-    return (torch.arange(tokens.shape[1], device=tokens.device)[None] <= last[:, None]).to(torch.float32)
+def mean_over_tokens(x, last):
+    """x (n, pos, ...) averaged over each example's real tokens, positions 0..last (right padding left out)."""
+    m = (torch.arange(x.shape[1], device=x.device)[None] <= last[:, None]).to(torch.float32)
+    return (x * m[..., None]).sum(1) / m.sum(1, keepdim=True)
 
 
 # --- ablation -------------------------------------------------------------------------------------
@@ -169,8 +171,7 @@ def pooled(model, tokens, last, layer, edit=None):
     cache = {}
     site = probe_site(layer)
     model(tokens, edit=edit, cache=cache, stop_at=site)
-    m = real_mask(tokens, last)
-    return (cache[site] * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+    return mean_over_tokens(cache[site], last)
 
 
 @torch.no_grad()
@@ -264,7 +265,7 @@ def score(z, batch):
                 groups[f"{p}{g}"] = (pred[sel] == p).float().mean().item()
     return {"profession": (pred == prof).float().mean().item(), "gender": (pred == gen).float().mean().item(),
             "worst_group": min(groups.values()), "groups": groups,
-            "profession_auroc": auroc(z[:, None], prof).item(), "gender_auroc": auroc(z[:, None], gen).item()}
+            "profession_auroc": auroc(z, prof), "gender_auroc": auroc(z, gen)}
 
 
 @torch.no_grad()
@@ -343,25 +344,11 @@ def pooled_features(model, saes, batch, features, batch_size=256):
         b = batch[i:i + batch_size]
         cache = {}
         model(b.clean, cache=cache, stop_at=last_site)
-        m = real_mask(b.clean, b.last)
-        parts = []
-        for site, (_, feats) in by_site.items():
-            f = saes[site].encode(cache[site])[..., torch.tensor(feats, device=b.clean.device)]
-            parts.append((f * m[..., None]).sum(1) / m.sum(1, keepdim=True))
+        parts = [mean_over_tokens(saes[site].encode(cache[site])[..., torch.tensor(feats, device=b.clean.device)],
+                                  b.last) for site, (_, feats) in by_site.items()]
         # Site by site, then back to the order asked for; cat keeps the dictionaries' dtype (float64 stays).
         out.append(torch.cat(parts, 1)[:, order])
     return torch.cat(out)
-
-
-def auroc(scores, y):
-    """P(score of a random positive > score of a random negative), ties counting half. scores (n, k), y (n,)
-    -> (k,)."""
-    pos, neg = scores[y == 1], scores[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        raise MinicircError("AUROC needs both labels present")
-    gt = (pos[:, None, :] > neg[None, :, :]).double().mean((0, 1))
-    eq = (pos[:, None, :] == neg[None, :, :]).double().mean((0, 1))
-    return gt + 0.5 * eq
 
 
 def effect_sizes(X, profession, gender):
@@ -399,43 +386,6 @@ def judge(model, saes, batch, features, margin=0.2):
             for j, f in enumerate(features)]
 
 
-# --- explanations ---------------------------------------------------------------------------------
-
-def explain_features(model, saes, tokenizer, texts, features, k=5):
-    """{(site, feature): [{"text": bio with the token marked [[like this]], "token": str, "value": float}]}:
-    the k top-activating (bio, position) pairs over `texts` (minicirc.explain's scan)."""
-    from . import explain
-    if not features:
-        return {}
-    sample = explain.tokenize_texts(texts, tokenizer, model)
-    wanted = {}
-    for site, feat, *_ in features:
-        wanted.setdefault(site, [])
-        if feat not in wanted[site]:
-            wanted[site].append(feat)
-    wanted = {s: wanted[s] for s in sorted(wanted, key=model.sites.index)}
-    rows = explain.top_activations(model, saes, wanted, sample, k=k)
-    out = {}
-    for site, feats in wanted.items():
-        for f in feats:
-            ctx = []
-            for sent, pos, v in rows[site][f]:
-                toks = sample[sent][1]
-                t = toks[pos]
-                lead = t[:len(t) - len(t.lstrip())]
-                marked = "".join(toks[:pos]) + f"{lead}[[{t.lstrip()}]]" + "".join(toks[pos + 1:])
-                ctx.append({"text": marked, "token": t.strip(), "value": v})
-            out[(site, f)] = ctx
-    return out
-
-
-def top_tokens(contexts, n=3):
-    """"she ×3, her ×2": the most frequent activating tokens of a feature's top contexts."""
-    from collections import Counter
-    c = Counter(x["token"] for x in contexts)
-    return ", ".join(f"{t} ×{m}" for t, m in c.most_common(n))
-
-
 # --- the whole pipeline ---------------------------------------------------------------------------
 
 def shift_pipeline(model, dicts, tokenizer, probe, data, cfg, sites, ablate=None, progress=True, desc="features"):
@@ -457,11 +407,11 @@ def shift_pipeline(model, dicts, tokenizer, probe, data, cfg, sites, ablate=None
                 if (s, i) not in have:
                     cand.append(by_id.get((s, i)) or judge(model, dicts, data["val"], [(s, i, effects[(s, i)])],
                                                            cfg["margin"])[0])
-    contexts = explain_features(model, dicts, tokenizer, data["explain_texts"],
-                                [(v["site"], v["feature"]) for v in cand], cfg["k_contexts"])
+    contexts = explain.feature_contexts(model, dicts, tokenizer, data["explain_texts"],
+                                        [(v["site"], v["feature"]) for v in cand], cfg["k_contexts"])
     for v in cand:
         v["contexts"] = contexts[(v["site"], v["feature"])]
-        v["top_tokens"] = top_tokens(v["contexts"])
+        v["top_tokens"] = explain.top_tokens(v["contexts"])
         v["ablated"] = (v["feature"] in ablate.get(v["site"], [])) if ablate else v["spurious"]
     ablation = ablate or as_ablation([(v["site"], v["feature"]) for v in cand if v["spurious"]], sites)
     shifted, retrained, retrained_probe = ablate_and_retrain(model, probe, dicts, ablation, data["train"],
@@ -500,10 +450,9 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     probe's circuits over features and neurons (circuit_features/, circuit_neurons/).
 
     ablate: "site/feature,..." (a person's judgement) instead of the automatic judge, for the SAE features."""
-    from . import viz
+    from . import report, viz
     from .files import prepare_out_dir, write_atomic
     from .default import get_default
-    from .explain import circuit_contexts
     from .sae import identity_saes
     t0 = time.time()
     cfg = dict(SETTINGS["quick" if quick else "full"], threshold=threshold)
@@ -554,7 +503,7 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
             c.annotations[f"{v['site']}/{v['feature']}"] = {
                 "gender_d": round(v["gender_d"], 4), "profession_d": round(v["profession_d"], 4),
                 "spurious": v["spurious"], "ablated": v["ablated"]}
-        ctx = circuit_contexts(model, dicts, tokenizer, c.to_json(), data["explain_texts"], k=cfg["k_contexts"])
+        ctx = explain.circuit_contexts(model, dicts, tokenizer, c.to_json(), data["explain_texts"], k=cfg["k_contexts"])
         viz.save_circuit(c, os.path.join(out, f"circuit_{kind}"), contexts=ctx)
     stages.update()
     stages.close()
@@ -562,10 +511,10 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
                "probe_train_accuracy": train_acc, "settings": cfg, "judge": "user" if user else "automatic",
                "features": summary(feat), "neurons": summary(neur), "default": folder, "recipe": stats["recipe"],
                "seconds": None}
-    plot(results, os.path.join(out, "shift.png"))
+    report.plot_shift(results, os.path.join(out, "shift.png"))
     results["seconds"] = time.time() - t0
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
-    write_atomic(os.path.join(out, "shift_report.md"), report(results, out).encode())
+    write_atomic(os.path.join(out, "shift_report.md"), report.shift_report(results, out).encode())
     if progress:
         print(f"minicirc shift: wrote {out}/shift_report.md in {results['seconds']:.0f} s")
     return results
@@ -576,165 +525,3 @@ def summary(res):
     return {"candidates": res["candidates"], "ablation": res["ablation"], "n_ablated": res["n_ablated"],
             "circuit_metric": res["circuit"].metric_values, "sweep": res["sweep"],
             "error_effects": {s: float(v[-1]) for s, v in res["circuit"].nodes.items()}}
-
-
-# --- report ---------------------------------------------------------------------------------------
-
-ROWS = [("original", "original probe"), ("random", "random ablation (same sites and count; mean of {n} seeds)"),
-        ("random_retrain", "random ablation + retrain (mean of {n} seeds)"), ("shift", "SHIFT (features)"),
-        ("shift_retrain", "SHIFT + retrain (features)"), ("neurons_shift", "SHIFT over neurons"),
-        ("neurons_shift_retrain", "SHIFT over neurons + retrain"), ("oracle", "oracle (trained on balanced data)")]
-SHORT = {"original": "original", "random": "random", "random_retrain": "random\n+ retrain", "shift": "SHIFT",
-         "shift_retrain": "SHIFT\n+ retrain", "neurons_shift": "neurons\nSHIFT", "neurons_shift_retrain":
-         "neurons SHIFT\n+ retrain", "oracle": "oracle"}
-
-
-def plot(results, path):
-    """shift.png: the accuracies of every row (left) and worst-group accuracy after retraining against the
-    number of candidates the judge sees (right)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = [key for key, _ in ROWS]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
-    width = 0.27
-    for j, (metric, colour) in enumerate([("profession", "#1f77b4"), ("gender", "#d62728"),
-                                          ("worst_group", "#2ca02c")]):
-        vals = [100 * results["rows"][k][metric] for k in keys]
-        ax.bar([i + (j - 1) * width for i in range(len(keys))], vals, width, color=colour,
-               label=metric.replace("_", "-") + " accuracy")
-    ax.axhline(50, color="grey", lw=0.6, ls="--")
-    ax.set_xticks(range(len(keys)), [f"{SHORT[k]}\n({results['n_ablated'][k]} abl.)" for k in keys], fontsize=7.5)
-    ax.set_ylabel("% on held-out balanced bios")
-    ax.set_ylim(0, 119)
-    ax.set_yticks(range(0, 101, 20))
-    ax.set_title(f"SHIFT on the embedded default ({results['recipe']}): probe on resid_"
-                 f"{results['settings']['probe_layer']}, {results['judge']} judge", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
-    for kind, style in (("features", "ko-"), ("neurons", "ms--")):
-        pts = results[kind]["sweep"]
-        ax2.plot([p["candidates"] for p in pts], [100 * p["retrain"]["worst_group"] for p in pts], style,
-                 label=f"{kind}: + retrain")
-        ax2.plot([p["candidates"] for p in pts], [100 * p["shift"]["worst_group"] for p in pts], style, alpha=0.35,
-                 label=f"{kind}: ablation only")
-    ax2.axhline(100 * results["rows"]["oracle"]["worst_group"], color="grey", lw=0.8, ls=":", label="oracle")
-    ax2.axhline(100 * results["rows"]["original"]["worst_group"], color="black", lw=0.8, ls=":", label="original")
-    ax2.axvline(results["settings"]["top_k"], color="grey", lw=0.5)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("candidates judged (top k by |effect|)")
-    ax2.set_ylabel("worst-group accuracy (%)")
-    ax2.set_ylim(-3, 103)
-    ax2.set_title("automatic judge over more candidates", fontsize=10)
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _pct(v):
-    return f"{100 * v:.1f}"
-
-
-def verdict_text(results):
-    r = results["rows"]
-    o, s, sr, rr = (r[k]["worst_group"] for k in ("original", "shift", "shift_retrain", "random_retrain"))
-    n = results["n_ablated"]["shift"]
-    if n == 0:
-        return ("The judge marked none of the candidates as spurious, so SHIFT ablated nothing and its rows equal "
-                "the original probe's.")
-    if max(s, sr) > o + 0.05 and sr > rr + 0.05:
-        text = (f"SHIFT raised worst-group accuracy from {_pct(o)}% to {_pct(sr)}% (ablation of {n} features, then "
-                f"retraining), against {_pct(rr)}% for random ablation of as many features with retraining; by "
-                f"ablation alone, without retraining, it {'rose to' if s > o + 0.05 else 'stayed at'} {_pct(s)}%.")
-    else:
-        text = (f"SHIFT did not clearly raise worst-group accuracy: {_pct(o)}% originally, {_pct(s)}% after "
-                f"ablating {n} features, {_pct(sr)}% after retraining (random ablation + retraining: {_pct(rr)}%).")
-    sh = r["shift"]
-    if abs(sh["profession"] - 0.5) < 0.03 and abs(sh["gender"] - 0.5) < 0.03:
-        text += (f" Ablation alone leaves the original probe predicting nearly one class for every bio (its bias "
-                 f"dominates once the gender directions it relied on are gone): threshold-free, its logit ranks "
-                 f"profession with AUROC {sh['profession_auroc']:.2f} and gender with AUROC {sh['gender_auroc']:.2f}"
-                 f" (original probe: {r['original']['profession_auroc']:.2f} and {r['original']['gender_auroc']:.2f}).")
-    return text
-
-
-def report(results, out):
-    cfg, r = results["settings"], results["rows"]
-    n = cfg["random_seeds"]
-    L = cfg["probe_layer"]
-    lines = ["# SHIFT: concept disambiguation on the embedded default", "",
-             f"Model: `{results['default']}` ({results['recipe']} recipe). Task: synthetic biographies "
-             f"(`minicirc.tasks.bios`); intended concept **profession** (professor / nurse), spurious concept "
-             f"**gender**. The probe is a logistic regression on resid_{L} mean-pooled over real tokens, trained "
-             f"on {cfg['n_train']} ambiguous bios (male professors and female nurses only; train accuracy "
-             f"{_pct(results['probe_train_accuracy'])}%). All accuracies are on {cfg['n_test']} held-out balanced "
-             f"bios (all four groups equally often); gender accuracy = how often the prediction equals the gender "
-             f"label; worst-group accuracy = the lowest profession accuracy over the four (profession, gender) "
-             f"groups.", "",
-             "| | profession acc. (%) | gender acc. (%) | worst-group acc. (%) | ablated |", "|---|---|---|---|---|"]
-    for key, label in ROWS:
-        v = r[key]
-        lines.append(f"| {label.format(n=n)} | {_pct(v['profession'])} | {_pct(v['gender'])} | "
-                     f"{_pct(v['worst_group'])} | {results['n_ablated'][key]} |")
-    lines += ["", verdict_text(results), "", "![accuracies](shift.png)", "",
-              "Worst-group accuracy against the number of candidates the automatic judge sees (top k features by "
-              "|effect|; the rows above use k = " + str(cfg["top_k"]) + "):", "",
-              "| k | features ablated | SHIFT | SHIFT + retrain | neurons ablated | neurons SHIFT | neurons SHIFT + retrain |",
-              "|---|---|---|---|---|---|---|"]
-    fs, ns = results["features"]["sweep"], results["neurons"]["sweep"]
-    for k in sorted({p["candidates"] for p in fs + ns}):
-        f = next((p for p in fs if p["candidates"] == k), None)
-        nn_ = next((p for p in ns if p["candidates"] == k), None)
-        cell = lambda p: (str(p["n_ablated"]), _pct(p["shift"]["worst_group"]), _pct(p["retrain"]["worst_group"])) \
-            if p else ("—", "—", "—")
-        lines.append(f"| {k} | " + " | ".join(cell(f) + cell(nn_)) + " |")
-    lines += ["", "## How the features were chosen", "",
-              f"Circuit: IG node effects ({cfg['steps']} steps, patch = None so the counterfactual is zero) of every "
-              f"feature and SAE error at the sites {', '.join(probe_sites_names(L))} on {cfg['n_circuit']} ambiguous "
-              f"training bios, summed over positions and averaged over bios; metric = the probe's wrong-class logit "
-              f"(`z` for label 0, `-z` for label 1). A positive effect: zeroing the feature pushes the probe towards "
-              f"the wrong class (the feature supports the probe's decision). The top {cfg['top_k']} features by "
-              f"|effect| are the candidates. Ablation is zero ablation with the SAE error kept (the error is not a "
-              f"feature and cannot be judged).", ""]
-    folder = results["default"]
-    how = (f"To judge yourself, read the contexts below or run `minicirc explain --model {folder}/model --saes "
-           f"{folder}/saes --site SITE --feature I --data {os.path.join(out, 'bios_sample.txt')}`, then "
-           f"`minicirc shift --ablate SITE/I,SITE/J,...`.")
-    if results["judge"] == "user":
-        lines += ["**Judge for the features: a person** (the `--ablate` list); the automatic judge's verdicts are "
-                  "shown for reference, and the neurons and the sweep use the automatic judge.", ""]
-    else:
-        lines += [f"**Judge: automatic** (not a person). On {cfg['n_val']} labelled balanced validation bios, each "
-                  f"candidate's activation is mean-pooled over a bio's tokens; its gender effect size (difference of "
-                  f"the mean activation of female and male bios, averaged over professions, in within-group standard "
-                  f"deviations) and its profession effect size are compared; it is judged spurious when the gender "
-                  f"effect exceeds the profession effect by more than {cfg['margin']}. " + how, ""]
-    for kind in ("features", "neurons"):
-        res = results[kind]
-        cand = res["candidates"]
-        lines += [f"### {kind}: {res['n_ablated']} ablated of {len(cand)} candidates", ""]
-        if kind == "features":
-            lines += ["SAE error node effects (never ablated): " + ", ".join(
-                f"{s} {e:+.3f}" for s, e in res["error_effects"].items()) + ".", ""]
-        lines += ["| node | effect | gender d | profession d | spurious (auto) | ablated | top-context tokens |",
-                  "|---|---|---|---|---|---|---|"]
-        for v in cand:
-            lines.append(f"| {v['site']}/{v['feature']} | {v['effect']:+.3f} | {v['gender_d']:.2f} | "
-                         f"{v['profession_d']:.2f} | {'yes' if v['spurious'] else 'no'} | "
-                         f"{'**yes**' if v['ablated'] else 'no'} | {v['top_tokens']} |")
-        shown = [v for v in cand if v["ablated"]] + [v for v in cand if not v["ablated"]][:10]
-        lines += ["", f"Top-activating contexts (held-out bios, `bios_sample.txt`; the token is marked [[like this]]) "
-                  f"of every ablated {kind[:-1]} and of the 10 strongest kept candidates:", ""]
-        for v in shown:
-            lines.append(f"- **{v['site']}/{v['feature']}** ({'ablated' if v['ablated'] else 'kept'}; "
-                         f"effect {v['effect']:+.3f}):")
-            for c in v["contexts"]:
-                lines.append(f"  - `{c['value']:.3f}` {c['text']}")
-        lines.append("")
-    lines += ["Circuits: `circuit_features/` and `circuit_neurons/` (circuit.json with the judge's fields on each "
-              "candidate, circuit.png, circuit.html).", "", f"Run time: {results['seconds']:.0f} s."]
-    return "\n".join(lines) + "\n"
-
-
-def probe_sites_names(layer):
-    return ["embed"] + [f"{k}_{l}" for l in range(layer + 1) for k in ("attn", "mlp", "resid")]

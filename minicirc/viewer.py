@@ -3,7 +3,7 @@
     from minicirc.viewer import write_html
     write_html(circuit_dict, "out/circuit.html", contexts=None)
 
-`circuit_dict` is the parsed circuit.json (DESIGN.md section 11); an optional "sites" list gives every site
+`circuit_dict` is the parsed circuit.json (docs/method.md §11); an optional "sites" list gives every site
 a row even where no node was kept, and a node's optional "label" is shown in its panel. `contexts`
 optionally maps a node id to what explains that node:
 

@@ -1,4 +1,4 @@
-"""Pictures of circuits (DOT text and a matplotlib PNG) and faithfulness plots.
+"""Pictures of circuits (DOT text and a matplotlib PNG) and the files of a found circuit.
 
 Layout: one row per site, bottom to top in the order the model computes them (embed at the bottom, the
 metric node y on top); colour = sign of the effect (blue positive, red negative), line width and colour
@@ -103,30 +103,6 @@ def draw_circuit(data, path, title=None):
     ax.set_title(title or f"{len(data['nodes'])} nodes, {len(data['edges'])} edges "
                  f"(method {s.get('method')}, node threshold {s.get('node_threshold')}, "
                  f"edge threshold {s.get('edge_threshold')}); blue +, red −, squares = SAE error", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_faithfulness(curves, path, title="Faithfulness vs circuit size"):
-    """curves: {label: [(n_nodes, faithfulness), ...]}; features solid, neurons dashed when labels say so."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    groups = sorted({label.split(" ")[0] for label in curves})
-    for label, pts in curves.items():
-        pts = sorted(p for p in pts if p[0] > 0)
-        if not pts:
-            continue
-        c = colours[groups.index(label.split(" ")[0]) % len(colours)]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if "neuron" in label else "-", marker=".",
-                color=c, label=label)
-    ax.set_xscale("log")
-    ax.axhline(1.0, color="grey", lw=0.6)
-    ax.axhline(0.0, color="grey", lw=0.6)
-    ax.set_xlabel("nodes in circuit")
-    ax.set_ylabel("faithfulness")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

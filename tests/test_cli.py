@@ -160,7 +160,7 @@ def test_mismatched_tree_and_foreign_circuit(setup, capsys, tmp_path):
 
 
 def test_bfloat16_end_to_end_close_to_float32(setup):
-    # bfloat16 weights through the whole pipeline: the float32 run is the reference (DESIGN: float32 is
+    # bfloat16 weights through the whole pipeline: the float32 run is the reference (docs/method.md §11: float32 is
     # the default and the one tests compare); bf16 keeps ~3 significant digits, so effects agree to a few %.
     from safetensors.torch import load_file
     t = setup
@@ -323,45 +323,50 @@ def _parser_defaults(command, *required):
     return vars(build_parser().parse_args([command, *required]))
 
 
-def test_defaults_are_the_documented_ones():
-    """Every option's default is the one the README's command-line block shows, and the one the Python function it
-    reaches uses (find_circuit, faithfulness, top_contexts, logit_effects, run_demo, run_shift)."""
+def test_defaults_are_the_functions_defaults():
+    """Every option's default is the default of the Python function it reaches (find_circuit, faithfulness,
+    load_model, load_examples, top_contexts, logit_effects, run_demo, run_shift), so the command line and the API
+    never disagree. The few that reach no function's default are named with their value; an option in neither
+    list fails the test."""
     import inspect
-    import re
-    from minicirc import circuit, demo, evaluation, explain, shift
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    block = readme.split("## Command line", 1)[1].split("```")[1]
-    documented, current = {}, None
-    for line in block.splitlines():
-        m = re.match(r"minicirc (\w+)", line)
-        current = m.group(1) if m else current
-        for flag, value in re.findall(r"\[--([\w-]+) ([^\]\s]+)\]", line):
-            documented.setdefault(current, {})[flag.replace("-", "_")] = value.split("|")[0]
+    from minicirc import circuit, data, demo, evaluation, explain, model as model_mod, shift
+    from minicirc.cli import build_parser
     req = ["--model", "m", "--saes", "s", "--data", "d", "--out", "o"]
     parsed = {"circuit": _parser_defaults("circuit", *req), "evaluate": _parser_defaults("evaluate", *req, "--circuit", "c"),
               "demo": _parser_defaults("demo"), "shift": _parser_defaults("shift"),
               "explain": _parser_defaults("explain", "--model", "m", "--saes", "s", "--site", "embed", "--feature", "0")}
-    checked = 0
-    for command, flags in documented.items():
-        for name, value in flags.items():
-            if name in ("method", "top_k", "first_layer") or value.isupper():   # placeholders / preset-resolved
-                continue
-            got = parsed[command][name]
-            assert str(got) == value or (isinstance(got, float) and got == float(value)), (command, name, got, value)
-            checked += 1
-    assert checked >= 12
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}          # --dtype as cli.load_inputs maps it
     api = [("circuit", circuit.find_circuit, ["method", "steps", "node_threshold", "edge_threshold", "aggregation",
-                                              "nodes_only", "batch_size", "top_k_nodes", "top_k_edges"]),
+                                              "nodes_only", "batch_size", "top_k_nodes", "top_k_edges", "distributed"]),
+           ("circuit", model_mod.load_model, ["device", "dtype"]), ("circuit", data.load_examples, ["limit"]),
            ("evaluate", evaluation.faithfulness, ["ablation", "errors", "first_layer", "seed"]),
+           ("evaluate", model_mod.load_model, ["device", "dtype"]),
            ("demo", demo.run_demo, ["out", "quick", "overwrite", "device"]),
            ("shift", shift.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "top_k", "margin",
                                        "random_seeds", "threshold"]),
-           ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"])]
+           ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"]),
+           ("explain", model_mod.load_model, ["device"])]
+    # Options whose default reaches no function's default: the circuit's torch seed, evaluate's batch size
+    # (the CLI's 32, not faithfulness's 64), the thread count (one: the embedded model is too small to gain from
+    # more), explain's text sample (None: the embedded corpus) and --overwrite (off).
+    fixed = {("circuit", "seed"): 0, ("evaluate", "batch_size"): 32, ("demo", "threads"): 1, ("shift", "threads"): 1,
+             ("explain", "data"): None, ("circuit", "overwrite"): False, ("evaluate", "overwrite"): False}
+    covered = set()
     for command, fn, names in api:
         sig = inspect.signature(fn).parameters
         for name in names:
-            assert parsed[command]["n_logits" if name == "n" else name] == sig[name].default, (command, name)
-    assert parsed["demo"]["threads"] == parsed["shift"]["threads"] == 1      # README: "The demo runs on one thread"
+            option = "n_logits" if name == "n" else name
+            got = parsed[command][option]
+            assert (dtypes[got] if option == "dtype" else got) == sig[name].default, (command, name)
+            covered.add((command, option))
+    for (command, option), value in fixed.items():
+        assert parsed[command][option] == value, (command, option)
+        covered.add((command, option))
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    options = {(command, a.dest) for command in parsed for a in sub[command]._actions
+               if a.dest != "help" and not a.required}
+    assert options == covered
+    assert len(covered) >= 12
 
 
 def test_console_entry_exit_codes(setup, capsys, monkeypatch):
@@ -387,6 +392,34 @@ def test_console_entry_exit_codes(setup, capsys, monkeypatch):
                "--device", "cuda") == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (t / "g").exists()
+
+
+def test_python_m_minicirc_runs_the_cli(setup):
+    """`python -m minicirc` (minicirc/__main__.py) in a fresh interpreter: the same circuit files as main() writes,
+    exit code 2 and the one-line message for a user mistake, 2 for a missing command."""
+    import subprocess
+    import sys
+    t = setup
+    root = os.path.dirname(os.path.dirname(os.path.abspath(minicirc.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))   # the same threads as this process: the same sums
+
+    def python_m(*args):
+        return subprocess.run([sys.executable, "-m", "minicirc", *map(str, args)], env=env, capture_output=True,
+                              text=True, timeout=300)
+    common_args = ["--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl", "--method", "attrib",
+                   "--nodes-only"]
+    done = python_m("circuit", *common_args, "--out", t / "sub")
+    assert done.returncode == 0, done.stderr
+    assert "nodes" in done.stdout and "circuit.json" in done.stdout
+    assert run("circuit", *common_args, "--out", t / "inproc") == 0
+    for name in ("circuit.json", "effects.safetensors"):
+        assert (t / "sub" / name).read_bytes() == (t / "inproc" / name).read_bytes(), name
+    bad = python_m("explain", "--model", t / "model", "--saes", "neurons", "--site", "resid_9", "--feature", 0)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("minicirc: error: unknown site 'resid_9'")
+    assert "Traceback" not in bad.stderr
+    assert python_m().returncode == 2
 
 
 def test_explain_refuses_bad_site_and_feature_and_takes_neurons(setup, capsys):

@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import minicirc
-from minicirc.data import Example, load_examples, tokenize
+from minicirc.data import Example, load_examples, pad_right, tokenize
 from minicirc.errors import MinicircError
 from minicirc.model import Config, GPTNeoX
 from minicirc.sae import Dictionary
@@ -84,6 +84,25 @@ def random_model_and_saes(g, vocab):
                           torch.randn(F, 16, generator=g) / 4, torch.randn(16, generator=g) * 0.1, "relu")
             for s in model.sites}
     return model.double(), {s: d.double() for s, d in saes.items()}
+
+
+def test_pad_right_is_the_one_padder():
+    """pad_right against rows padded by hand, and the padders that use it: the bios batch (pad 0) and the
+    corpus's training rows (PAD_ID) hold exactly their rows' ids, then padding."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()).item()))
+    rows = [torch.randint(0, 50, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (6,), generator=g)]
+    T = max(len(r) for r in rows)
+    got = pad_right(rows, pad=7)
+    assert got.dtype == torch.long and got.device.type == "cpu" and got.shape == (len(rows), T)
+    for row, r in zip(got.tolist(), rows):
+        assert row == r + [7] * (T - len(r))
+    assert pad_right(rows).tolist() == [r + [0] * (T - len(r)) for r in rows]
+    from minicirc.tasks import corpus
+    tok = corpus.build_tokenizer()
+    seqs = corpus.training_sequences(tok, 5, seed=int(torch.randint(0, 10**6, ()).item()))
+    docs = [row[:row.index(corpus.SEP_ID) + 1] for row in seqs.tolist()]
+    assert seqs.tolist() == [d + [corpus.PAD_ID] * (seqs.shape[1] - len(d)) for d in docs]
+    assert seqs.shape[1] == max(map(len, docs))
 
 
 def test_mixed_length_batch_circuit_equals_the_mean_of_single_example_circuits():

@@ -153,14 +153,14 @@ def _check_interpretability(got, best, nid, tol):
 
 
 def test_demo_reduced_budget(cache, tmp_path, monkeypatch):
-    from minicirc import demo, evaluation, viz
+    from minicirc import demo, evaluation, report as report_mod
     from minicirc.data import tokenize
     from minicirc.errors import MinicircError
     from minicirc.sae import identity_saes
     from minicirc.tasks import agreement
     curves, targets = {}, []
-    real_plot, real_nodes_for = viz.plot_faithfulness, evaluation.nodes_for_faithfulness
-    monkeypatch.setattr(viz, "plot_faithfulness", lambda c, *a, **kw: curves.update(c) or real_plot(c, *a, **kw))
+    real_plot, real_nodes_for = report_mod.plot_faithfulness, evaluation.nodes_for_faithfulness
+    monkeypatch.setattr(report_mod, "plot_faithfulness", lambda c, *a, **kw: curves.update(c) or real_plot(c, *a, **kw))
     monkeypatch.setattr(evaluation, "nodes_for_faithfulness",
                         lambda points, target=0.9: targets.append(target) or real_nodes_for(points, target))
     results = demo.run_demo(str(tmp_path / "demo"), quick=True, progress=False)
@@ -262,13 +262,14 @@ def test_demo_reduced_budget(cache, tmp_path, monkeypatch):
 
 
 def test_auroc_equals_pairwise_count():
-    from minicirc.demo import auroc
+    from minicirc.metrics import auroc
     g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
     scores = torch.randint(0, 6, (80,), generator=g).float()   # many ties
     labels = torch.randint(0, 2, (80,), generator=g)
     pos, neg = scores[labels == 1], scores[labels == 0]
     brute = sum(float(a > b) + 0.5 * float(a == b) for a in pos for b in neg) / (len(pos) * len(neg))
-    assert auroc(scores.numpy(), labels.numpy()) == pytest.approx(brute, abs=1e-12)
+    assert auroc(scores, labels) == pytest.approx(brute, abs=1e-12)
+    assert auroc(scores.numpy(), labels.tolist()) == auroc(scores, labels)      # arrays and lists alike
 
 
 def _tiny_lm(seed, vocab=23):
@@ -380,10 +381,16 @@ def test_train_sae_does_not_depend_on_the_input_scale():
 
 
 def test_auroc_of_one_class_is_undefined():
-    from minicirc.demo import auroc
-    scores = torch.rand(int(torch.randint(1, 20, ()).item())).numpy()
+    from minicirc.errors import MinicircError
+    from minicirc.metrics import auroc
+    scores = torch.rand(int(torch.randint(1, 20, ()).item()))
     for label in (0, 1):
-        assert auroc(scores, [label] * len(scores)) is None
+        with pytest.raises(MinicircError, match="both labels"):
+            auroc(scores, [label] * len(scores))
+    with pytest.raises(MinicircError, match="labels 0 or 1"):
+        auroc(scores, [2] * len(scores))
+    with pytest.raises(MinicircError, match=r"scores \(n,\)"):
+        auroc(scores[:, None], [0, 1] * (len(scores) // 2) + [0] * (len(scores) % 2))
 
 
 def test_token_variables_match_the_words():
@@ -421,7 +428,7 @@ def test_describe_nounpp_names_the_strongest_number_features():
     """Feature nodes whose best variable is a number of the subject, the token or the next verb, with score
     >= 0.8, listed per site in site order, the 3 of largest |effect| by name and the rest counted."""
     import random
-    from minicirc.demo import describe_nounpp
+    from minicirc.report import describe_nounpp
     rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
     sites = ["embed", "attn_0", "mlp_0", "resid_0", "attn_1", "mlp_1", "resid_1"]
     good = ("subject is plural", "token is plural", "next verb must be plural")
@@ -470,7 +477,7 @@ def test_describe_nounpp_names_the_strongest_number_features():
 
 
 def test_report_fmt_marks_missing_numbers():
-    from minicirc.demo import fmt
+    from minicirc.report import fmt
     x = float(torch.randn(()).item())
     assert fmt(None) == fmt(float("nan")) == "—"
     assert fmt(x) == format(x, ".2f") and fmt(x, ".3f") == format(x, ".3f")

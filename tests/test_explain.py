@@ -331,8 +331,9 @@ def test_cache_keys_cover_every_dictionary_field_and_damaged_files_are_recompute
     assert explain.sae_sha(same) == base
     assert explain.sae_sha(Dictionary(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, "relu",
                                       subtract_b_dec=False)) != base
-    t = torch.randn(6)
-    assert explain._sha_tensors([t.reshape(2, 3)]) != explain._sha_tensors([t.reshape(3, 2)])
+    # Shapes are part of the key: zero dictionaries 2 -> 3 and 3 -> 2 have the same bytes (2dF + F + d zeros).
+    zeros = lambda d, n: Dictionary(torch.zeros(d, n), torch.zeros(n), torch.zeros(n, d), torch.zeros(d), "relu")
+    assert explain.sae_sha(zeros(2, 3)) != explain.sae_sha(zeros(3, 2))
     # A damaged cache file is recomputed, not trusted (nor an error).
     explain.clear_cache()
     monkeypatch.setenv("MINICIRC_CACHE", str(tmp_path))
@@ -405,3 +406,31 @@ def test_token_names_without_a_cache_and_text_files(tmp_path, monkeypatch):
     (tmp_path / "blank.txt").write_text("\n  \n\n")
     with pytest.raises(minicirc.MinicircError, match="no texts"):
         explain.load_texts(tmp_path / "blank.txt")
+
+
+def test_top_tokens_counts_the_most_frequent():
+    words = ["she", "her", "nurse", "he", "his"]
+    picks = [words[int(i)] for i in torch.randint(0, 5, (30,))]
+    from collections import Counter
+    got = explain.top_tokens([{"token": w} for w in picks], n=3)
+    parts = [p.rsplit(" ×", 1) for p in got.split(", ")]
+    c = Counter(picks)
+    assert len(parts) == 3 and all(c[t] == int(m) for t, m in parts)
+    assert sorted(c.values(), reverse=True)[:3] == [int(m) for _, m in parts]
+
+
+def test_sha256_of_is_hashlib_over_float32_bytes():
+    """The package's one weight hasher against hashlib written out: strings as UTF-8, tensors as their float32
+    values on the CPU; a bfloat16 or non-contiguous copy of the same values hashes alike, order matters."""
+    import hashlib
+    from minicirc.hashing import sha256_of
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()).item()))
+    a = torch.randn(3, 4, generator=g).to(torch.bfloat16).float()      # exactly representable in bfloat16
+    b = torch.randn(5, generator=g)
+    h = hashlib.sha256()
+    for part in (b"W", a.numpy().tobytes(), "é".encode(), b.numpy().tobytes()):
+        h.update(part)
+    assert sha256_of(["W", a, "é", b]) == h.hexdigest()
+    assert sha256_of(["W", a.to(torch.bfloat16), "é", b.double()]) == h.hexdigest()
+    assert sha256_of(["W", a.T.contiguous().T, "é", b]) == h.hexdigest()
+    assert sha256_of(["é", a, "W", b]) != h.hexdigest()

@@ -508,7 +508,7 @@ def test_score_zero_logit_is_class_0_and_aurocs_by_pairwise_counting():
     assert got["gender_auroc"] == pytest.approx(pairwise(gen), abs=1e-12)
     assert pairwise(prof) != pairwise(gen) or pairwise(prof) != pairwise([1 - v for v in gen])
     with pytest.raises(MinicircError, match="both labels"):
-        shift.auroc(torch.randn(4, 2), torch.ones(4, dtype=torch.long))
+        shift.auroc(torch.randn(4), torch.ones(4, dtype=torch.long))
 
 
 class _Nodes:
@@ -604,12 +604,12 @@ def test_pooled_features_and_judge_against_a_written_out_scan():
         shift.effect_sizes(torch.randn(7, 3), prof, gen)
 
 
-def test_explain_features_mark_the_top_contexts(quick):
+def test_feature_contexts_mark_the_top_contexts(quick):
     from minicirc import explain
     model, saes, tok = quick
     texts = [b.text for b in balanced_split(12, seed=int(torch.randint(0, 10**6, ()).item()), split="test")]
     feats = [("resid_1", int(torch.randint(0, saes["resid_1"].n_features, ()))), ("embed", 3), ("resid_1", 0)]
-    got = shift.explain_features(model, saes, tok, texts, feats + [("embed", 3, 0.5)], k=4)
+    got = explain.feature_contexts(model, saes, tok, texts, feats + [("embed", 3, 0.5)], k=4)
     assert set(got) == {(s, f) for s, f in feats}
     sample = explain.tokenize_texts(texts, tok, model)
     for (s, f), ctx in got.items():
@@ -621,18 +621,7 @@ def test_explain_features_mark_the_top_contexts(quick):
             assert c["text"] == "".join(toks[:i]) + lead + "[[" + toks[i].lstrip() + "]]" + "".join(toks[i + 1:])
             assert c["text"].replace("[[", "").replace("]]", "") in texts
             assert c["token"] == toks[i].strip()
-    assert shift.explain_features(model, saes, tok, texts, []) == {}
-
-
-def test_top_tokens_counts_the_most_frequent():
-    words = ["she", "her", "nurse", "he", "his"]
-    picks = [words[int(i)] for i in torch.randint(0, 5, (30,))]
-    from collections import Counter
-    got = shift.top_tokens([{"token": w} for w in picks], n=3)
-    parts = [p.rsplit(" ×", 1) for p in got.split(", ")]
-    c = Counter(picks)
-    assert len(parts) == 3 and all(c[t] == int(m) for t, m in parts)
-    assert sorted(c.values(), reverse=True)[:3] == [int(m) for _, m in parts]
+    assert explain.feature_contexts(model, saes, tok, texts, []) == {}
 
 
 def test_run_shift_rejects_bad_settings_before_any_work(tmp_path):

@@ -22,6 +22,7 @@ import random
 
 import torch
 
+from ..data import pad_right
 from . import agreement, bios
 
 PAD, UNK, SEP = "<pad>", "<unk>", "<sep>"
@@ -94,8 +95,7 @@ def training_sequences(tokenizer, n_sentences, seed=0, split="train"):
     exclude PAD_ID from the loss (the "<sep>" target teaches where a document ends)."""
     sep = tokenizer.token_to_id(SEP)
     rows = [enc.ids + [sep] for enc in tokenizer.encode_batch(corpus_documents(n_sentences, seed, split))]
-    T = max(map(len, rows))
-    return torch.tensor([r + [PAD_ID] * (T - len(r)) for r in rows], dtype=torch.long)
+    return pad_right(rows, PAD_ID)
 
 
 def packed_sequences(tokenizer, n_rows, seq_len=32, seed=0, split="train"):

@@ -1,0 +1,257 @@
+"""The reports and plots of the two experiments: `minicirc demo` (report.md, faithfulness_vs_nodes.png) and
+`minicirc shift` (shift_report.md, shift.png). They only format and draw the results the experiments computed:
+no number in a report is computed here."""
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .tasks import agreement  # noqa: E402
+
+
+# --- minicirc demo --------------------------------------------------------------------------------
+
+def describe_nounpp(data, interp):
+    """A plain-language account of which features carry subject number past the distractor."""
+    by_site = {}
+    for n in data["nodes"]:
+        name, score = interp.get(n["id"], (None, 0))
+        if n["feature"] != "err" and name in ("subject is plural", "token is plural", "next verb must be plural") \
+                and score >= 0.8:
+            by_site.setdefault(n["site"], []).append((n["feature"], name, score, n["effect"]))
+    if not by_site:
+        return ("No feature node of this circuit predicts the subject's number with AUROC >= 0.8 on held-out "
+                "sentences; the circuit does not show a clean number-carrying path.")
+    parts = []
+    for site in data["sites"]:
+        if site in by_site:
+            ranked = sorted(by_site[site], key=lambda r: -abs(r[3]))
+            feats = ", ".join(f"{f} ({nm}, AUROC {s:.2f}, effect {e:+.2f})" for f, nm, s, e in ranked[:3])
+            more = f" and {len(ranked) - 3} more" if len(ranked) > 3 else ""
+            parts.append(f"at {site}: features {feats}{more}")
+    return ("Subject number is carried past the distractor by features whose activation tracks it on held-out "
+            "sentences — " + "; ".join(parts) + ". Ablating everything else keeps the behaviour to the "
+            "faithfulness reported above.")
+
+
+def plot_faithfulness(curves, path, title="Faithfulness vs circuit size"):
+    """curves: {label: [(n_nodes, faithfulness), ...]}; features solid, neurons dashed when labels say so."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = sorted({label.split(" ")[0] for label in curves})
+    for label, pts in curves.items():
+        pts = sorted(p for p in pts if p[0] > 0)
+        if not pts:
+            continue
+        c = colours[groups.index(label.split(" ")[0]) % len(colours)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if "neuron" in label else "-", marker=".",
+                color=c, label=label)
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="grey", lw=0.6)
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("nodes in circuit")
+    ax.set_ylabel("faithfulness")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt(v, spec=".2f"):
+    return "—" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+
+
+def demo_report(results, cfg):
+    meta = results["_meta"]
+    st = meta["stats"]
+    lines = ["# minicirc demo: feature circuits vs neuron circuits", "",
+             f"Embedded default ({st['recipe']} recipe, seed {st['seed']}): {st['config']['num_hidden_layers']} layers, "
+             f"d_model {st['config']['hidden_size']}, vocab {st['config']['vocab_size']}; "
+             f"LM loss {st['lm_loss_first']:.2f} -> {st['lm_loss_last']:.2f}. Cached in `{meta['default']}`.", "",
+             "Agreement accuracy on held-out sentences: " + ", ".join(
+                 f"{t} {100 * a:.1f}%" for t, a in st["agreement_accuracy"].items()) + ".", "",
+             "| site | variance explained | mean L0 | dead features |", "|---|---|---|---|"]
+    for s, v in st["saes"].items():
+        lines.append(f"| {s} | {v['variance_explained']:.3f} | {v['l0']:.1f} | {100 * v['dead_fraction']:.0f}% |")
+    lines += ["", f"Circuits: IG ({cfg['steps']} steps) on {cfg['n_discovery']} discovery examples (train split), "
+              f"node threshold {cfg['node_threshold']}, edge threshold {cfg['edge_threshold']}; faithfulness and "
+              f"completeness by mean ablation on {cfg['n_eval']} held-out examples. Interpretability: for each of the "
+              f"top {cfg['top_k']} nodes by |effect|, max(AUROC, 1-AUROC) of its activation for the best-matching "
+              f"latent variable of the grammar over held-out tokens (0.5 = chance, 1 = perfect).", ""]
+    for t in agreement.TEMPLATES:
+        r = results[t]
+        lines += [f"## {t}", "", f"Model accuracy on held-out `{t}`: {100 * st['agreement_accuracy'][t]:.1f}%; "
+                  f"full-model faithfulness {fmt(meta['full_model_faithfulness'][t], '.3f')}.", "",
+                  "| | nodes | edges | faithfulness | completeness | nodes for 0.9 faithfulness | interpretability (top-k) |",
+                  "|---|---|---|---|---|---|---|"]
+        for kind in ("features", "neurons"):
+            k = r[kind]
+            lines.append(f"| {kind} | {k['nodes']} | {k['edges']} | {fmt(k['faithfulness'])} | {fmt(k['completeness'])} | "
+                         f"{fmt(k['nodes_for_0.9'], 'd')} | {fmt(k['interpretability_top_k'])} |")
+        if "description" in r:
+            lines += ["", r["description"]]
+        lines += ["", f"Pictures: `{t}/features/circuit.png`, `{t}/neurons/circuit.png` (and `circuit.html`).", ""]
+    lines += ["![faithfulness vs nodes](faithfulness_vs_nodes.png)", "", f"Run time: {meta['seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+# --- minicirc shift -------------------------------------------------------------------------------
+
+ROWS = [("original", "original probe"), ("random", "random ablation (same sites and count; mean of {n} seeds)"),
+        ("random_retrain", "random ablation + retrain (mean of {n} seeds)"), ("shift", "SHIFT (features)"),
+        ("shift_retrain", "SHIFT + retrain (features)"), ("neurons_shift", "SHIFT over neurons"),
+        ("neurons_shift_retrain", "SHIFT over neurons + retrain"), ("oracle", "oracle (trained on balanced data)")]
+SHORT = {"original": "original", "random": "random", "random_retrain": "random\n+ retrain", "shift": "SHIFT",
+         "shift_retrain": "SHIFT\n+ retrain", "neurons_shift": "neurons\nSHIFT", "neurons_shift_retrain":
+         "neurons SHIFT\n+ retrain", "oracle": "oracle"}
+
+
+def plot_shift(results, path):
+    """shift.png: the accuracies of every row (left) and worst-group accuracy after retraining against the
+    number of candidates the judge sees (right)."""
+    keys = [key for key, _ in ROWS]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    width = 0.27
+    for j, (metric, colour) in enumerate([("profession", "#1f77b4"), ("gender", "#d62728"),
+                                          ("worst_group", "#2ca02c")]):
+        vals = [100 * results["rows"][k][metric] for k in keys]
+        ax.bar([i + (j - 1) * width for i in range(len(keys))], vals, width, color=colour,
+               label=metric.replace("_", "-") + " accuracy")
+    ax.axhline(50, color="grey", lw=0.6, ls="--")
+    ax.set_xticks(range(len(keys)), [f"{SHORT[k]}\n({results['n_ablated'][k]} abl.)" for k in keys], fontsize=7.5)
+    ax.set_ylabel("% on held-out balanced bios")
+    ax.set_ylim(0, 119)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_title(f"SHIFT on the embedded default ({results['recipe']}): probe on resid_"
+                 f"{results['settings']['probe_layer']}, {results['judge']} judge", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    for kind, style in (("features", "ko-"), ("neurons", "ms--")):
+        pts = results[kind]["sweep"]
+        ax2.plot([p["candidates"] for p in pts], [100 * p["retrain"]["worst_group"] for p in pts], style,
+                 label=f"{kind}: + retrain")
+        ax2.plot([p["candidates"] for p in pts], [100 * p["shift"]["worst_group"] for p in pts], style, alpha=0.35,
+                 label=f"{kind}: ablation only")
+    ax2.axhline(100 * results["rows"]["oracle"]["worst_group"], color="grey", lw=0.8, ls=":", label="oracle")
+    ax2.axhline(100 * results["rows"]["original"]["worst_group"], color="black", lw=0.8, ls=":", label="original")
+    ax2.axvline(results["settings"]["top_k"], color="grey", lw=0.5)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("candidates judged (top k by |effect|)")
+    ax2.set_ylabel("worst-group accuracy (%)")
+    ax2.set_ylim(-3, 103)
+    ax2.set_title("automatic judge over more candidates", fontsize=10)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(v):
+    return f"{100 * v:.1f}"
+
+
+def verdict_text(results):
+    r = results["rows"]
+    o, s, sr, rr = (r[k]["worst_group"] for k in ("original", "shift", "shift_retrain", "random_retrain"))
+    n = results["n_ablated"]["shift"]
+    if n == 0:
+        return ("The judge marked none of the candidates as spurious, so SHIFT ablated nothing and its rows equal "
+                "the original probe's.")
+    if max(s, sr) > o + 0.05 and sr > rr + 0.05:
+        text = (f"SHIFT raised worst-group accuracy from {_pct(o)}% to {_pct(sr)}% (ablation of {n} features, then "
+                f"retraining), against {_pct(rr)}% for random ablation of as many features with retraining; by "
+                f"ablation alone, without retraining, it {'rose to' if s > o + 0.05 else 'stayed at'} {_pct(s)}%.")
+    else:
+        text = (f"SHIFT did not clearly raise worst-group accuracy: {_pct(o)}% originally, {_pct(s)}% after "
+                f"ablating {n} features, {_pct(sr)}% after retraining (random ablation + retraining: {_pct(rr)}%).")
+    sh = r["shift"]
+    if abs(sh["profession"] - 0.5) < 0.03 and abs(sh["gender"] - 0.5) < 0.03:
+        text += (f" Ablation alone leaves the original probe predicting nearly one class for every bio (its bias "
+                 f"dominates once the gender directions it relied on are gone): threshold-free, its logit ranks "
+                 f"profession with AUROC {sh['profession_auroc']:.2f} and gender with AUROC {sh['gender_auroc']:.2f}"
+                 f" (original probe: {r['original']['profession_auroc']:.2f} and {r['original']['gender_auroc']:.2f}).")
+    return text
+
+
+def shift_report(results, out):
+    cfg, r = results["settings"], results["rows"]
+    n = cfg["random_seeds"]
+    L = cfg["probe_layer"]
+    lines = ["# SHIFT: concept disambiguation on the embedded default", "",
+             f"Model: `{results['default']}` ({results['recipe']} recipe). Task: synthetic biographies "
+             f"(`minicirc.tasks.bios`); intended concept **profession** (professor / nurse), spurious concept "
+             f"**gender**. The probe is a logistic regression on resid_{L} mean-pooled over real tokens, trained "
+             f"on {cfg['n_train']} ambiguous bios (male professors and female nurses only; train accuracy "
+             f"{_pct(results['probe_train_accuracy'])}%). All accuracies are on {cfg['n_test']} held-out balanced "
+             f"bios (all four groups equally often); gender accuracy = how often the prediction equals the gender "
+             f"label; worst-group accuracy = the lowest profession accuracy over the four (profession, gender) "
+             f"groups.", "",
+             "| | profession acc. (%) | gender acc. (%) | worst-group acc. (%) | ablated |", "|---|---|---|---|---|"]
+    for key, label in ROWS:
+        v = r[key]
+        lines.append(f"| {label.format(n=n)} | {_pct(v['profession'])} | {_pct(v['gender'])} | "
+                     f"{_pct(v['worst_group'])} | {results['n_ablated'][key]} |")
+    lines += ["", verdict_text(results), "", "![accuracies](shift.png)", "",
+              "Worst-group accuracy against the number of candidates the automatic judge sees (top k features by "
+              "|effect|; the rows above use k = " + str(cfg["top_k"]) + "):", "",
+              "| k | features ablated | SHIFT | SHIFT + retrain | neurons ablated | neurons SHIFT | neurons SHIFT + retrain |",
+              "|---|---|---|---|---|---|---|"]
+    fs, ns = results["features"]["sweep"], results["neurons"]["sweep"]
+    for k in sorted({p["candidates"] for p in fs + ns}):
+        f = next((p for p in fs if p["candidates"] == k), None)
+        nn_ = next((p for p in ns if p["candidates"] == k), None)
+        cell = lambda p: (str(p["n_ablated"]), _pct(p["shift"]["worst_group"]), _pct(p["retrain"]["worst_group"])) \
+            if p else ("—", "—", "—")
+        lines.append(f"| {k} | " + " | ".join(cell(f) + cell(nn_)) + " |")
+    lines += ["", "## How the features were chosen", "",
+              f"Circuit: IG node effects ({cfg['steps']} steps, patch = None so the counterfactual is zero) of every "
+              f"feature and SAE error at the sites {', '.join(_probe_site_names(L))} on {cfg['n_circuit']} ambiguous "
+              f"training bios, summed over positions and averaged over bios; metric = the probe's wrong-class logit "
+              f"(`z` for label 0, `-z` for label 1). A positive effect: zeroing the feature pushes the probe towards "
+              f"the wrong class (the feature supports the probe's decision). The top {cfg['top_k']} features by "
+              f"|effect| are the candidates. Ablation is zero ablation with the SAE error kept (the error is not a "
+              f"feature and cannot be judged).", ""]
+    folder = results["default"]
+    how = (f"To judge yourself, read the contexts below or run `minicirc explain --model {folder}/model --saes "
+           f"{folder}/saes --site SITE --feature I --data {os.path.join(out, 'bios_sample.txt')}`, then "
+           f"`minicirc shift --ablate SITE/I,SITE/J,...`.")
+    if results["judge"] == "user":
+        lines += ["**Judge for the features: a person** (the `--ablate` list); the automatic judge's verdicts are "
+                  "shown for reference, and the neurons and the sweep use the automatic judge.", ""]
+    else:
+        lines += [f"**Judge: automatic** (not a person). On {cfg['n_val']} labelled balanced validation bios, each "
+                  f"candidate's activation is mean-pooled over a bio's tokens; its gender effect size (difference of "
+                  f"the mean activation of female and male bios, averaged over professions, in within-group standard "
+                  f"deviations) and its profession effect size are compared; it is judged spurious when the gender "
+                  f"effect exceeds the profession effect by more than {cfg['margin']}. " + how, ""]
+    for kind in ("features", "neurons"):
+        res = results[kind]
+        cand = res["candidates"]
+        lines += [f"### {kind}: {res['n_ablated']} ablated of {len(cand)} candidates", ""]
+        if kind == "features":
+            lines += ["SAE error node effects (never ablated): " + ", ".join(
+                f"{s} {e:+.3f}" for s, e in res["error_effects"].items()) + ".", ""]
+        lines += ["| node | effect | gender d | profession d | spurious (auto) | ablated | top-context tokens |",
+                  "|---|---|---|---|---|---|---|"]
+        for v in cand:
+            lines.append(f"| {v['site']}/{v['feature']} | {v['effect']:+.3f} | {v['gender_d']:.2f} | "
+                         f"{v['profession_d']:.2f} | {'yes' if v['spurious'] else 'no'} | "
+                         f"{'**yes**' if v['ablated'] else 'no'} | {v['top_tokens']} |")
+        shown = [v for v in cand if v["ablated"]] + [v for v in cand if not v["ablated"]][:10]
+        lines += ["", f"Top-activating contexts (held-out bios, `bios_sample.txt`; the token is marked [[like this]]) "
+                  f"of every ablated {kind[:-1]} and of the 10 strongest kept candidates:", ""]
+        for v in shown:
+            lines.append(f"- **{v['site']}/{v['feature']}** ({'ablated' if v['ablated'] else 'kept'}; "
+                         f"effect {v['effect']:+.3f}):")
+            for c in v["contexts"]:
+                lines.append(f"  - `{c['value']:.3f}` {c['text']}")
+        lines.append("")
+    lines += ["Circuits: `circuit_features/` and `circuit_neurons/` (circuit.json with the judge's fields on each "
+              "candidate, circuit.png, circuit.html).", "", f"Run time: {results['seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def _probe_site_names(layer):
+    return ["embed"] + [f"{k}_{l}" for l in range(layer + 1) for k in ("attn", "mlp", "resid")]
