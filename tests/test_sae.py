@@ -518,7 +518,7 @@ def test_saelens_apply_b_dec_false_for_jumprelu_and_topk(tmp_path, arch):
     ({"sae_lens_version": "not-a-version"}, 3),                  # unparsable: not read as pre-6
 ])
 def test_saelens_layout_decides_which_k(tmp_path, cfg_extra, expected_k):
-    """DESIGN/notes: a version below 6.0 (top level, else metadata), or no version and no metadata block,
+    """SAELens: a version below 6.0 (top level, else metadata), or no version and no metadata block,
     means the flat pre-6.0 layout, where k is activation_fn_kwargs.k; otherwise the top-level k."""
     w = rand_weights(torch.float64)
     cfg = {"architecture": "topk", "d_in": D, "d_sae": F, "k": 3, "activation_fn_kwargs": {"k": 7},
@@ -605,7 +605,7 @@ def test_saes_hash_identifies_dictionaries():
 
 
 def test_site_folder_names_match_the_original_tree():
-    """DESIGN section 3: embed/, attn_out_layer{l}/, mlp_out_layer{l}/, resid_out_layer{l}/."""
+    """docs/method.md §3: embed/, attn_out_layer{l}/, mlp_out_layer{l}/, resid_out_layer{l}/."""
     layer = int(torch.randint(0, 24, ()))
     assert [site_folder(s) for s in ["embed", f"attn_{layer}", f"mlp_{layer}", f"resid_{layer}"]] == \
         ["embed", f"attn_out_layer{layer}", f"mlp_out_layer{layer}", f"resid_out_layer{layer}"]

@@ -199,3 +199,344 @@ def test_gemma_scope_refusals(tmp_path):
     np.savez(tmp_path / "nan" / "params.npz", **arrays)
     with pytest.raises(MinicircError, match="b_enc contains NaN or inf"):
         load_sae(tmp_path / "nan")
+
+
+# --- normalize_activations and TransformerLens centring ----------------------------------------------
+
+def relu_np(v):
+    return torch.clamp(v, min=0)
+
+
+@pytest.mark.parametrize("source", ["argument", "cfg", "per-site dict"])
+def test_expected_average_only_in_folds_its_factor(tmp_path, source):
+    w, c = draw(), float(torch.rand(()) * 3 + 0.2)
+    extra = {"normalize_activations": "expected_average_only_in"}
+    if source == "cfg":
+        extra["norm_scaling_factor"] = c
+    write_saelens(tmp_path / "s", cfg6(**extra), std_tensors(w))
+    if source == "per-site dict":
+        from types import SimpleNamespace
+        model = SimpleNamespace(sites=["resid_0"], cfg=SimpleNamespace(d_model=D, n_layers=1))
+        sae = minicirc.load_saes(tmp_path, model, norm_scaling_factor={"resid_0": c})["resid_0"]
+    else:
+        sae = load_sae(tmp_path / "s", norm_scaling_factor=c if source == "argument" else None)
+    x = w["x"]
+    f_lib = relu_np((x * c - w["b_dec"]) @ w["W_enc"] + w["b_enc"])     # the SAE saw x * c
+    torch.testing.assert_close(sae.encode(x.float()).double(), f_lib, rtol=1e-5, atol=1e-4)
+    x_hat = (f_lib @ w["W_dec"] + w["b_dec"]) / c                       # and reconstructed x * c
+    torch.testing.assert_close(sae.decode(f_lib.float()).double(), x_hat, rtol=1e-4, atol=1e-4)
+    assert sae.edge_form_error is None
+
+
+def test_expected_average_only_in_refusals(tmp_path):
+    w = draw()
+    write_saelens(tmp_path, cfg6(normalize_activations="expected_average_only_in"), std_tensors(w))
+    with pytest.raises(MinicircError, match="expected_average_only_in, and its scaling factor is not in the folder .*"
+                                            "pass norm_scaling_factor= to load_sae/load_saes"):
+        load_sae(tmp_path)
+    for bad in (-1.0, 0, "2", True, float("nan")):
+        with pytest.raises(MinicircError, match="norm_scaling_factor must be a positive number"):
+            load_sae(tmp_path, norm_scaling_factor=bad)
+
+
+@pytest.mark.parametrize("arch", ["standard", "gated"])
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_layer_norm_in_and_out(tmp_path, arch, apply_b_dec):
+    """SAELens layer_norm: x_n = (x - mean) / (unbiased std + 1e-5) in, (f @ W_dec + b_dec) * std + mean out.
+    minicirc's f is std * f_lib and decode(f) = f @ W_dec: std * b_dec + mean join the error term."""
+    w, (gate_b, mag_b, r_mag) = draw(), (torch.randn(F, dtype=torch.float64) * 0.5 for _ in range(3))
+    tensors = std_tensors(w) if arch == "standard" else {"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"],
+                                                         "b_gate": gate_b, "b_mag": mag_b, "r_mag": r_mag}
+    write_saelens(tmp_path, cfg6(arch, normalize_activations="layer_norm", apply_b_dec_to_input=apply_b_dec), tensors)
+    sae = load_sae(tmp_path)
+    x = w["x"]
+    mean = x.mean(-1, keepdim=True)
+    std = torch.tensor(np.std(x.numpy(), axis=-1, ddof=1, keepdims=True))
+    s = (x - mean) / (std + 1e-5) - (w["b_dec"] if apply_b_dec else 0)
+    if arch == "standard":
+        pre = s @ w["W_enc"] + w["b_enc"]
+        f_lib, keep = relu_np(pre), pre.abs() > MARGIN
+    else:
+        gate, mag = s @ w["W_enc"] + gate_b, s @ (w["W_enc"] * r_mag.exp()) + mag_b
+        f_lib, keep = (gate > 0) * relu_np(mag), (gate.abs() > MARGIN) & (mag.abs() > MARGIN)
+    close_where(sae.encode(x.float()), std * f_lib, keep)
+    x_hat_lib = (f_lib @ w["W_dec"] + w["b_dec"]) * std + mean
+    torch.testing.assert_close(sae.decode((std * f_lib).float()).double() + std * w["b_dec"] + mean, x_hat_lib,
+                               rtol=1e-4, atol=1e-4)
+    f, err = sae(x.float())
+    torch.testing.assert_close(sae.decode(f) + err, x.float(), rtol=1e-5, atol=1e-5)
+    assert "layer_norm" in sae.edge_form_error
+
+
+def test_constant_norm_rescale_in_and_out(tmp_path):
+    w = draw()
+    write_saelens(tmp_path, cfg6("topk", k=6, normalize_activations="constant_norm_rescale"), std_tensors(w))
+    sae = load_sae(tmp_path)
+    x = w["x"]
+    c = D ** 0.5 / x.norm(dim=-1, keepdim=True)
+    h = (x * c - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    srt = h.sort(dim=-1, descending=True).values
+    f_lib = relu_np(h) * (h >= srt[..., 5:6])
+    keep = ((srt[..., 5] - srt[..., 6]) > MARGIN)[..., None].expand_as(h)
+    close_where(sae.encode(x.float()), f_lib / c, keep)
+    x_hat_lib = (f_lib @ w["W_dec"] + w["b_dec"]) / c
+    torch.testing.assert_close(sae.decode((f_lib / c).float()).double() + w["b_dec"] / c, x_hat_lib, rtol=1e-4, atol=1e-4)
+    assert "constant_norm_rescale" in sae.edge_form_error
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk", "gated"])
+@pytest.mark.parametrize("layout", ["6.x", "pre-6"])
+def test_center_writing_weights_centres_the_input(tmp_path, arch, layout):
+    """Trained on TransformerLens-centred activations: the SAE sees x - mean(x) (its encode is written out here
+    on the centred input); the mean joins the error term."""
+    w = draw()
+    gate_b, mag_b, r_mag = (torch.randn(F, dtype=torch.float64) * 0.5 for _ in range(3))
+    tensors = {**std_tensors(w), "threshold": w["threshold"]} if arch != "gated" else \
+        {"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"], "b_gate": gate_b, "b_mag": mag_b, "r_mag": r_mag}
+    kwargs = {"center_writing_weights": True, "fold_ln": True}
+    if layout == "6.x":
+        cfg = cfg6(arch, k=5, metadata={"model_from_pretrained_kwargs": kwargs})
+    else:
+        cfg = {"architecture": arch, "d_in": D, "d_sae": F, "activation_fn_kwargs": {"k": 5}, "apply_b_dec_to_input": True,
+               "hook_name": "blocks.1.hook_resid_pre", "normalize_activations": "none", "sae_lens_version": "5.11.0",
+               "model_from_pretrained_kwargs": kwargs}
+    write_saelens(tmp_path, cfg, tensors)
+    sae = load_sae(tmp_path)
+    x = w["x"]
+    s = x - x.mean(-1, keepdim=True) - w["b_dec"]
+    pre = s @ w["W_enc"] + w["b_enc"]
+    if arch == "standard":
+        want, keep = relu_np(pre), pre.abs() > MARGIN
+    elif arch == "jumprelu":
+        want, keep = relu_np(pre) * (pre > w["threshold"]), (pre - w["threshold"]).abs() > MARGIN
+    elif arch == "topk":
+        srt = pre.sort(dim=-1, descending=True).values
+        want, keep = relu_np(pre) * (pre >= srt[..., 4:5]), ((srt[..., 4] - srt[..., 5]) > MARGIN)[..., None].expand_as(pre)
+    else:
+        gate, mag = s @ w["W_enc"] + gate_b, s @ (w["W_enc"] * r_mag.exp()) + mag_b
+        want, keep = (gate > 0) * relu_np(mag), (gate.abs() > MARGIN) & (mag.abs() > MARGIN)
+    close_where(sae.encode(x.float()), want, keep)
+    # Not the uncentred reading (the test can tell them apart).
+    pre_raw = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    assert (pre_raw - pre).abs().max() > 0.1
+    assert sae.edge_form_error is None
+
+
+def test_centring_leaves_z_alone_and_refuses_constant_norm(tmp_path):
+    w = draw()
+    kw = {"model_from_pretrained_kwargs": {"center_writing_weights": True}}
+    write_saelens(tmp_path / "z", cfg6(hook="blocks.0.attn.hook_z", metadata=kw), std_tensors(w))
+    pre = (w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]     # z is read before W_O: centring does not reach it
+    close_where(load_sae(tmp_path / "z").encode(w["x"].float()), relu_np(pre), pre.abs() > MARGIN)
+    write_saelens(tmp_path / "c", cfg6(normalize_activations="constant_norm_rescale", metadata=kw), std_tensors(w))
+    with pytest.raises(MinicircError, match="center_writing_weights with constant_norm_rescale .* not supported"):
+        load_sae(tmp_path / "c")
+    # SAELens' default (no model_from_pretrained_kwargs, or center_writing_weights false): not centred.
+    write_saelens(tmp_path / "n", cfg6(metadata={"model_from_pretrained_kwargs": {"center_writing_weights": False}}),
+                  std_tensors(w))
+    close_where(load_sae(tmp_path / "n").encode(w["x"].float()), relu_np(pre), pre.abs() > MARGIN)
+
+
+def test_finetuning_scaling_factor(tmp_path):
+    w = draw()
+    write_saelens(tmp_path / "ones", cfg6(), {**std_tensors(w), "scaling_factor": torch.ones(F)})
+    pre = (w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    close_where(load_sae(tmp_path / "ones").encode(w["x"].float()), relu_np(pre), pre.abs() > MARGIN)
+    write_saelens(tmp_path / "other", cfg6(), {**std_tensors(w), "scaling_factor": torch.rand(F) + 0.5})
+    with pytest.raises(MinicircError, match="finetuning scaling_factor that is not all ones; not supported"):
+        load_sae(tmp_path / "other")
+
+
+def test_unknown_normalisation_is_refused(tmp_path):
+    write_saelens(tmp_path, cfg6(normalize_activations="covariance_whitening"), std_tensors(draw()))
+    with pytest.raises(MinicircError, match="normalize_activations='covariance_whitening' is not supported"):
+        load_sae(tmp_path)
+
+
+# --- gated and Matryoshka -----------------------------------------------------------------------------
+
+def test_saelens_gated(tmp_path):
+    w = draw()
+    b_gate, b_mag, r_mag = (torch.randn(F, dtype=torch.float64) * 0.5 for _ in range(3))
+    write_saelens(tmp_path, cfg6("gated"), {"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"],
+                                            "b_gate": b_gate, "b_mag": b_mag, "r_mag": r_mag})
+    sae = load_sae(tmp_path)
+    s = w["x"] - w["b_dec"]
+    gate, mag = s @ w["W_enc"] + b_gate, s @ (w["W_enc"] * r_mag.exp()) + b_mag
+    want = (gate > 0) * relu_np(mag)
+    assert ((gate > 0) & (mag < 0)).any() and ((gate < 0) & (mag > 0)).any()   # gate and magnitude disagree somewhere
+    close_where(sae.encode(w["x"].float()), want, (gate.abs() > MARGIN) & (mag.abs() > MARGIN))
+    torch.testing.assert_close(sae.decode(want.float()).double(), want @ w["W_dec"] + w["b_dec"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_dictionary_learning_gated(tmp_path, with_config):
+    w = draw()
+    gate_bias, mag_bias, r_mag = (torch.randn(F, dtype=torch.float64) * 0.5 for _ in range(3))
+    # nn.Linear layout, no encoder bias: encoder.weight (F, D), decoder.weight (D, F).
+    state = {"encoder.weight": w["W_enc"].T.float().contiguous(), "decoder.weight": w["W_dec"].T.float().contiguous(),
+             "decoder_bias": w["b_dec"].float(), "r_mag": r_mag.float(), "gate_bias": gate_bias.float(),
+             "mag_bias": mag_bias.float()}
+    write_dl(tmp_path, state, "GatedAutoEncoder" if with_config else None)
+    sae = load_sae(tmp_path)
+    e = (w["x"] - w["b_dec"]) @ w["W_enc"]
+    gate, mag = e + gate_bias, r_mag.exp() * e + mag_bias
+    want = (gate > 0) * relu_np(mag)
+    close_where(sae.encode(w["x"].float()), want, (gate.abs() > MARGIN) & (mag.abs() > MARGIN))
+    torch.testing.assert_close(sae.decode(want.float()).double(), want @ w["W_dec"] + w["b_dec"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threshold", [0.7, -1.0])    # -1: the value a run leaves when the threshold was never set
+@pytest.mark.parametrize("with_config", [True, False])
+def test_dictionary_learning_matryoshka(tmp_path, threshold, with_config):
+    w = draw()
+    state = {"W_enc": w["W_enc"].float(), "b_enc": w["b_enc"].float(), "W_dec": w["W_dec"].float(),
+             "b_dec": w["b_dec"].float(), "k": torch.tensor(6, dtype=torch.int), "threshold": torch.tensor(threshold),
+             "group_sizes": torch.tensor([8, 12, 20])}
+    write_dl(tmp_path, state, "MatryoshkaBatchTopKSAE" if with_config else None, k=6, group_sizes=[8, 12, 20])
+    sae = load_sae(tmp_path)
+    pre = (w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    post = relu_np(pre)
+    want = post * (post > threshold)
+    close_where(sae.encode(w["x"].float()), want, (pre - max(threshold, 0)).abs() > MARGIN)
+
+
+def test_matryoshka_without_threshold(tmp_path):
+    state = {"W_enc": torch.randn(D, F), "b_enc": torch.randn(F), "W_dec": torch.randn(F, D), "b_dec": torch.randn(D),
+             "k": torch.tensor(4), "group_sizes": torch.tensor([F // 2, F // 2])}
+    write_dl(tmp_path, state, "MatryoshkaBatchTopKSAE")
+    with pytest.raises(MinicircError, match="MatryoshkaBatchTopKSAE file lacks its threshold"):
+        load_sae(tmp_path)
+
+
+# --- derivatives: what edges assume, by finite differences ---------------------------------------------
+
+def fd_jacobian(sae, x, eps=1e-4):
+    """(F, D) central differences of encode at one token x (float64), and whether no jump lies within eps
+    (the active set is the same at x and at x +- eps on every axis: then the differences are exact slopes)."""
+    cols, active, stable = [], sae.encode(x) != 0, True
+    for r in range(x.shape[0]):
+        e = torch.zeros_like(x)
+        e[r] = eps
+        up, down = sae.encode(x + e), sae.encode(x - e)
+        stable = stable and torch.equal(up != 0, active) and torch.equal(down != 0, active)
+        cols.append((up - down) / (2 * eps))
+    return torch.stack(cols, dim=1), stable
+
+
+def loaded_kinds(tmp_path):
+    """One loaded dictionary of each kind, in float64."""
+    w = draw()
+    b_gate, b_mag, r_mag = (torch.randn(F, dtype=torch.float64) * 0.5 for _ in range(3))
+    gated = {"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"], "b_gate": b_gate, "b_mag": b_mag, "r_mag": r_mag}
+    centred = {"model_from_pretrained_kwargs": {"center_writing_weights": True}}
+    cases = {"relu": (cfg6(), std_tensors(w)), "jumprelu": (cfg6("jumprelu"), {**std_tensors(w), "threshold": w["threshold"]}),
+             "topk": (cfg6("topk", k=5), std_tensors(w)), "gated": (cfg6("gated"), gated),
+             "centred gated": (cfg6("gated", metadata=centred), gated),
+             "scaled": (cfg6(normalize_activations="expected_average_only_in", norm_scaling_factor=2.5), std_tensors(w)),
+             "layer_norm": (cfg6(normalize_activations="layer_norm"), std_tensors(w)),
+             "constant_norm_rescale": (cfg6(normalize_activations="constant_norm_rescale"), std_tensors(w))}
+    out = {}
+    for name, (cfg, tensors) in cases.items():
+        write_saelens(tmp_path / name, cfg, tensors)
+        out[name] = load_sae(tmp_path / name).double()
+    return out, w["x"].reshape(-1, D)
+
+
+def test_edge_form_holds_where_claimed_and_fails_where_refused(tmp_path):
+    """df_i/dx = 1[f_i != 0] W_enc[:, i] (what attribution.downstream_rows uses) for every kind without a
+    per-token normalisation; the two per-token normalisations break it, and say so in edge_form_error."""
+    saes, xs = loaded_kinds(tmp_path)
+    for name, sae in saes.items():
+        checked = 0
+        for x in xs:
+            J, stable = fd_jacobian(sae, x)
+            claimed = (sae.encode(x) != 0).double()[:, None] * sae.W_enc.T
+            if not stable:
+                continue
+            checked += 1
+            if sae.edge_form_error is None:
+                torch.testing.assert_close(J, claimed, rtol=1e-5, atol=1e-5, msg=name)
+            else:
+                assert (J - claimed).abs().max() > 1e-3, name
+        assert checked >= len(xs) // 2, name
+    assert [n for n, s in saes.items() if s.edge_form_error] == ["layer_norm", "constant_norm_rescale"]
+
+
+def test_edges_refuse_a_per_token_normalised_dictionary(tiny_model_dir, tmp_path):
+    """Node effects only need the splice decode(f) + err (affine in f): they run. Edges into a layer_norm
+    dictionary would use the wrong derivative: refused, naming the dictionary and the way out."""
+    from minicirc.data import load_examples, tokenize
+    from test_cli import ROWS, write_data, write_tokenizer
+    write_tokenizer(tiny_model_dir, 61)
+    model = minicirc.load_model(tiny_model_dir)
+    tiny_saes_for(model, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], tmp_path / "saes")
+    cfg_path = tmp_path / "saes" / "blocks_1_hook_resid_post" / "cfg.json"
+    cfg = json.load(open(cfg_path))
+    cfg["normalize_activations"] = "layer_norm"
+    json.dump(cfg, open(cfg_path, "w"))
+    saes = minicirc.load_saes(tmp_path / "saes", model)
+    write_data(tmp_path / "data.jsonl", ROWS)
+    batch = tokenize(load_examples(tmp_path / "data.jsonl"), minicirc.load_tokenizer(tiny_model_dir))
+    c = minicirc.find_circuit(model, saes, batch, method="attrib", nodes_only=True, progress=False)
+    assert sorted(c.sites) == ["resid_0", "resid_1"]
+    with pytest.raises(MinicircError, match="blocks_1_hook_resid_post: its input normalisation layer_norm .* edge "
+                                            r"effects into this dictionary would be wrong; compute nodes only \(--nodes-only\)"):
+        minicirc.find_circuit(model, saes, batch, method="attrib", progress=False)
+    # Upstream only, it is fine: edges from it use dx/df_j = W_dec[j] of the affine splice.
+    up = {"resid_0": saes["resid_1"], "resid_1": saes["resid_0"]}
+    assert minicirc.find_circuit(model, up, batch, method="attrib", progress=False).sites == ["resid_0", "resid_1"]
+
+
+# --- hashes --------------------------------------------------------------------------------------------
+
+def hash_before_this_change(saes):
+    """saes_hash as circuit.json files written so far carry it, written out: site, kind, the five tensors as
+    float32 bytes, k, and a mark where b_dec is nonzero and not subtracted."""
+    h = hashlib.sha256()
+    for site in sorted(saes):
+        sae = saes[site]
+        h.update(site.encode() + sae.kind.encode())
+        for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold):
+            h.update(t.detach().cpu().float().numpy().tobytes())
+        h.update(str(sae.k).encode())
+        if not sae.subtract_b_dec and bool(sae.b_dec.any()):
+            h.update(b"|b_dec not subtracted")
+    return h.hexdigest()
+
+
+def test_hashes_of_the_kinds_that_loaded_before_are_unchanged(tmp_path):
+    saes, _ = loaded_kinds(tmp_path)
+    old = {n: s.float() for n, s in saes.items() if n in ("relu", "jumprelu", "topk")}
+    w = draw()
+    write_dl(tmp_path / "ae", {"encoder.weight": w["W_enc"].T.float(), "encoder.bias": w["b_enc"].float(),
+                               "decoder.weight": w["W_dec"].T.float(), "bias": w["b_dec"].float()}, "AutoEncoder")
+    old["dl"] = load_sae(tmp_path / "ae")
+    np.savez(tmp_path / "params.npz", **{k: w[k].numpy() for k in ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"]})
+    old["gemma"] = load_sae(tmp_path / "params.npz")
+    old["identity"] = minicirc.IdentityDictionary(D)
+    for name, sae in old.items():
+        assert saes_hash({"resid_0": sae}) == hash_before_this_change({"resid_0": sae}), name
+    assert saes_hash(old) == hash_before_this_change(old)
+
+
+def test_hash_sees_the_gate_and_the_normalisation(tmp_path):
+    saes, _ = loaded_kinds(tmp_path)
+    g = saes["gated"].float()
+    other_gate = Dictionary(g.W_enc, g.b_enc, g.W_dec, g.b_dec, "gated", W_gate=g.W_gate, b_gate=g.b_gate + 0.5)
+    same = Dictionary(g.W_enc, g.b_enc, g.W_dec, g.b_dec, "gated", W_gate=g.W_gate.clone(), b_gate=g.b_gate.clone())
+    assert saes_hash({"a": same}) == saes_hash({"a": g})
+    assert saes_hash({"a": other_gate}) != saes_hash({"a": g})
+    r = saes["relu"].float()
+    normed = Dictionary(r.W_enc, r.b_enc, r.W_dec, r.b_dec, "relu", input_norm="layer_norm")
+    assert saes_hash({"a": normed}) != saes_hash({"a": r})
+
+
+def test_constructor_checks_shapes_only():
+    """Finite values are the loaders' job (sae.checked): building a Dictionary makes no pass over its weights."""
+    w = draw()
+    W = w["W_enc"].clone()
+    W[0, 0] = float("nan")
+    sae = Dictionary(W, w["b_enc"], w["W_dec"], w["b_dec"], "relu")
+    with pytest.raises(MinicircError, match="W_enc contains NaN or inf"):
+        minicirc.sae.checked(sae)
