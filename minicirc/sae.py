@@ -117,7 +117,8 @@ class Dictionary(nn.Module):
             sigma = (x - mean).std(dim=-1, keepdim=True)
             x = (x - mean) / (sigma + LAYER_NORM_EPS)
         elif self.input_norm == "constant_norm_rescale":
-            sigma = x.norm(dim=-1, keepdim=True) / math.sqrt(self.d_in)
+            # An all-zero token would divide 0 by 0 (NaN in SAELens); clamped, its features are ~0 instead.
+            sigma = (x.norm(dim=-1, keepdim=True) / math.sqrt(self.d_in)).clamp(min=torch.finfo(x.dtype).tiny)
             x = x / sigma
         return (x - self.b_dec if self.subtract_b_dec else x), sigma
 

@@ -282,6 +282,8 @@ def test_constant_norm_rescale_in_and_out(tmp_path):
     x_hat_lib = (f_lib @ w["W_dec"] + w["b_dec"]) / c
     torch.testing.assert_close(sae.decode((f_lib / c).float()).double() + w["b_dec"] / c, x_hat_lib, rtol=1e-4, atol=1e-4)
     assert "constant_norm_rescale" in sae.edge_form_error
+    f0, err0 = sae(torch.zeros(2, D))     # an all-zero token: no NaN, no features, nothing left over
+    assert torch.isfinite(f0).all() and f0.abs().max() < 1e-30 and err0.abs().max() < 1e-30
 
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk", "gated"])
