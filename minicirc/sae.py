@@ -425,7 +425,7 @@ def load_saelens(folder, norm_scaling_factor=None):
             raise MinicircError(f"{cfg_path}: topk architecture without k")
         if cfg.get("rescale_acts_by_decoder_norm", False):
             # h is multiplied by the decoder row norms before the top-k and f divided by them before decoding:
-            # fold both into the weights (f here is the library's f times that positive norm).
+            # fold both into the weights (f is then what SAELens' encode returns, the top-k of h * norms).
             norms = W_dec.norm(dim=1)
             W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
     if kwargs["centre"]:
