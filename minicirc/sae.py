@@ -15,8 +15,10 @@ Derivatives (edges need dd_i/dy of a downstream feature d_i = f_i(y)): for relu,
 without input normalisation, df_i/dx = 1[f_i != 0] W_enc[:, i] almost everywhere (a jumprelu threshold, the
 top-k cut and the gate are steps, whose derivative is 0 away from the jump). Centring (TransformerLens'
 center_writing_weights) and a constant scaling factor are linear maps of x folded into W_enc and b_enc at
-load time, so they keep that form. The two per-token normalisations do not (see `input_norm`):
-`Dictionary.edge_form_error` says so, and edges refuse such a dictionary instead of computing them wrong.
+load time, so they keep that form; so does the constant shift of a z dictionary trained through
+TransformerLens, which saw z - b_V (`shift_input`, applied by load_saes). The two per-token normalisations do
+not (see `input_norm`): `Dictionary.edge_form_error` says so, and edges refuse such a dictionary instead of
+computing them wrong.
 
 input_norm (SAELens normalize_activations), with a per-token scale sigma(x) > 0:
 - layer_norm: n(x) = (x - mean(x)) / (std(x) + 1e-5) with the unbiased std; the library decodes
@@ -75,6 +77,9 @@ class Dictionary(nn.Module):
         self.kind, self.k, self.subtract_b_dec, self.source = kind, (int(k) if k is not None else None), subtract_b_dec, source
         self.input_norm = input_norm
         self.site = site   # the site the file says it was trained on (SAELens hook_name), None if it does not say
+        # A z dictionary trained through TransformerLens with fold_value_biases reads z - b_V: set by the
+        # loader, resolved by load_saes, which knows the model (see shift_input).
+        self.reads_z_minus_value_bias = False
         self.W_enc = nn.Parameter(W_enc.float().contiguous(), requires_grad=False)
         self.b_enc = nn.Parameter(b_enc.float().contiguous(), requires_grad=False)
         self.W_dec = nn.Parameter(W_dec.float().contiguous(), requires_grad=False)
@@ -398,7 +403,8 @@ def load_saelens(folder, norm_scaling_factor=None):
             raise MinicircError(f"{cfg_path}: norm_scaling_factor must be a positive number, got {scale!r}")
     if "scaling_factor" in w and not torch.all(w["scaling_factor"] == 1):
         raise MinicircError(f"{w_path}: holds a finetuning scaling_factor that is not all ones; not supported")
-    kwargs = _centring_kwargs(cfg, cfg_path, site, norm)
+    tl_kwargs = _cfg_field(cfg, "model_from_pretrained_kwargs") or {}
+    centre = _centred_input(tl_kwargs, cfg_path, site, norm)
 
     names = ["W_enc", "W_dec", "b_dec"] + (["b_gate", "b_mag", "r_mag"] if arch == "gated" else ["b_enc"])
     tensors = dict(zip(names, _need(w, names, w_path, f"SAELens {arch}")))
@@ -412,43 +418,64 @@ def load_saelens(folder, norm_scaling_factor=None):
         # gate: s @ W_enc + b_gate > 0; magnitude: relu(s @ (W_enc * exp(r_mag)) + b_mag).
         W_gate, b_gate = W_enc, tensors["b_gate"].float()
         W_mag, b_mag = W_enc * tensors["r_mag"].float().exp(), tensors["b_mag"].float()
-        if kwargs["centre"]:
+        if centre:
             W_gate, b_gate = _centred(W_enc, b_gate, b_dec, subtract)
             W_mag, b_mag = _centred(W_mag, b_mag, b_dec, subtract)
-        return checked(Dictionary(W_mag, b_mag, W_dec, b_dec, "gated", W_gate=W_gate, b_gate=b_gate, **common))
-    b_enc = tensors["b_enc"].float()
-    if arch == "topk":
-        k = cfg.get("k")
-        if k is None or _version_below_6(cfg):
-            k = (cfg.get("activation_fn_kwargs") or {}).get("k", k)
-        if k is None:
-            raise MinicircError(f"{cfg_path}: topk architecture without k")
-        if cfg.get("rescale_acts_by_decoder_norm", False):
-            # h is multiplied by the decoder row norms before the top-k and f divided by them before decoding:
-            # fold both into the weights (f is then what SAELens' encode returns, the top-k of h * norms).
-            norms = W_dec.norm(dim=1)
-            W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
-    if kwargs["centre"]:
-        W_enc, b_enc = _centred(W_enc, b_enc, b_dec, subtract)
-    if arch == "standard":
-        return checked(Dictionary(W_enc, b_enc, W_dec, b_dec, "relu", **common))
-    if arch == "jumprelu":
-        (thr,) = _need(w, ["threshold"], w_path, "SAELens jumprelu")
-        return checked(Dictionary(W_enc, b_enc, W_dec, b_dec, "jumprelu", threshold=thr, **common))
-    return checked(Dictionary(W_enc, b_enc, W_dec, b_dec, "topk", k=k, **common))
+        sae = Dictionary(W_mag, b_mag, W_dec, b_dec, "gated", W_gate=W_gate, b_gate=b_gate, **common)
+    else:
+        b_enc = tensors["b_enc"].float()
+        k = None
+        if arch == "topk":
+            k = cfg.get("k")
+            if k is None or _version_below_6(cfg):
+                k = (cfg.get("activation_fn_kwargs") or {}).get("k", k)
+            if k is None:
+                raise MinicircError(f"{cfg_path}: topk architecture without k")
+            if cfg.get("rescale_acts_by_decoder_norm", False):
+                # h is multiplied by the decoder row norms before the top-k and f divided by them before decoding:
+                # fold both into the weights (f is then what SAELens' encode returns, the top-k of h * norms).
+                norms = W_dec.norm(dim=1)
+                W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+        if centre:
+            W_enc, b_enc = _centred(W_enc, b_enc, b_dec, subtract)
+        thr = _need(w, ["threshold"], w_path, "SAELens jumprelu")[0] if arch == "jumprelu" else None
+        kind = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}[arch]
+        sae = Dictionary(W_enc, b_enc, W_dec, b_dec, kind, threshold=thr, k=k, **common)
+    # TransformerLens' from_pretrained folds the value biases into b_O by default (fold_value_biases=True), so
+    # a z dictionary trained through it saw z - b_V; load_saes, which knows the model, shifts it back.
+    sae.reads_z_minus_value_bias = (site or "").startswith("z_") and bool(tl_kwargs.get("fold_value_biases", True))
+    return checked(sae)
 
 
-def _centring_kwargs(cfg, cfg_path, site, norm):
+def shift_input(sae, delta):
+    """The dictionary for x of one trained on x - delta: encode(x - delta), decode(f) + delta. Folded into the
+    biases (b_dec + delta where b_dec is subtracted; else b_enc - delta @ W_enc, b_gate - delta @ W_gate), so
+    the encode keeps its form and its derivative."""
+    if sae.input_norm != "none":
+        raise MinicircError(f"{sae.source}: its input is shifted (z - b_V) and normalised ({sae.input_norm}); "
+                            "the two do not fold together; not supported")
+    delta = delta.to(sae.b_dec)
+    b_enc, b_gate = sae.b_enc, sae.b_gate
+    if not sae.subtract_b_dec:
+        b_enc = b_enc - delta @ sae.W_enc
+        b_gate = b_gate - delta @ sae.W_gate if sae.kind == "gated" else b_gate
+    return Dictionary(sae.W_enc, b_enc, sae.W_dec, sae.b_dec + delta, sae.kind,
+                      threshold=sae.threshold if sae.kind == "jumprelu" else None, k=sae.k,
+                      subtract_b_dec=sae.subtract_b_dec, source=sae.source,
+                      W_gate=sae.W_gate if sae.kind == "gated" else None, b_gate=b_gate if sae.kind == "gated" else None,
+                      input_norm=sae.input_norm, site=sae.site)
+
+
+def _centred_input(tl_kwargs, cfg_path, site, norm):
     """Whether the SAE saw TransformerLens-centred activations (model_from_pretrained_kwargs
-    center_writing_weights: true; SAELens' own default is false). Centring writes x - mean(x) into the
-    residual stream, so it reaches embed, attn, mlp, resid and resid_mid values, not z (before W_O)."""
-    kw = _cfg_field(cfg, "model_from_pretrained_kwargs") or {}
-    centre = bool(kw.get("center_writing_weights", False)) and not (site or "").startswith("z_")
+    center_writing_weights: true; SAELens' own default is false) that minicirc must centre. Centring writes
+    x - mean(x) into the residual stream, so it reaches embed, attn, mlp, resid and resid_mid values, not z
+    (before W_O); layer_norm subtracts the mean itself, so centring first changes nothing there."""
+    centre = bool(tl_kwargs.get("center_writing_weights", False)) and not (site or "").startswith("z_")
     if centre and norm == "constant_norm_rescale":
         raise MinicircError(f"{cfg_path}: center_writing_weights with constant_norm_rescale divides by the norm of "
                             "the centred activation, which does not fold into the weights; not supported")
-    # layer_norm subtracts the mean itself: centring first changes nothing.
-    return {"centre": centre and norm != "layer_norm"}
+    return centre and norm != "layer_norm"
 
 
 # --- one dictionary, and a whole tree --------------------------------------------------------------
@@ -514,6 +541,16 @@ def _place(sae, site, model, where):
         why = (" (z is the concatenated head outputs before the output projection, attn the projected output: "
                "widths may agree, the values do not)" if {sae.site.split("_")[0], site.split("_")[0]} == {"z", "attn"} else "")
         raise MinicircError(f"{sae.source}: its hook_name reads site {sae.site}, but it sits in {where} for site {site}{why}")
+    if sae.reads_z_minus_value_bias:
+        value_bias = getattr(model, "value_bias", None)
+        if value_bias is None:
+            raise MinicircError(f"{sae.source}: trained through TransformerLens with fold_value_biases (its default), "
+                                "this z dictionary reads z - b_V, and this model does not give its value biases "
+                                "(model.value_bias(layer)); set fold_value_biases: false in the cfg only if that is "
+                                "how it was trained")
+        b_V = value_bias(int(site.rsplit("_", 1)[1]))
+        if b_V is not None and bool(b_V.any()):
+            sae = shift_input(sae, b_V)
     if sae.d_in != site_width(model, site):
         what = "n_heads x head_dim" if site.startswith("z_") else "d_model"
         raise MinicircError(f"{sae.source}: dictionary width {sae.d_in} does not match the model's {what} "

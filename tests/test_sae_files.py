@@ -542,3 +542,73 @@ def test_constructor_checks_shapes_only():
     sae = Dictionary(W, w["b_enc"], w["W_dec"], w["b_dec"], "relu")
     with pytest.raises(MinicircError, match="W_enc contains NaN or inf"):
         minicirc.sae.checked(sae)
+
+
+# --- z dictionaries trained through TransformerLens: z - b_V ------------------------------------------
+
+class ZModel:
+    """The little of a model that load_saes reads, with one z site and its value biases."""
+
+    def __init__(self, b_V=None):
+        from types import SimpleNamespace
+        self.sites = ["embed", "z_0", "attn_0"]
+        self.cfg = SimpleNamespace(d_model=D, n_layers=1, n_heads=3, head_dim=D // 3)
+        self.b_V = b_V
+
+    def value_bias(self, layer):
+        assert layer == 0
+        return self.b_V
+
+
+@pytest.mark.parametrize("arch, apply_b_dec", [("standard", True), ("gated", False), ("jumprelu", False)])
+def test_z_dictionary_reads_z_minus_value_bias(tmp_path, arch, apply_b_dec):
+    """TransformerLens folds b_V into b_O by default, so its hook_z is z - b_V: placed on a model, the
+    dictionary is shifted to read minicirc's z (which keeps b_V) and to reconstruct it."""
+    w = draw()
+    b_gate, b_mag, r_mag = (torch.randn(F, dtype=torch.float64) * 0.5 for _ in range(3))
+    tensors = {"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"], "b_gate": b_gate, "b_mag": b_mag,
+               "r_mag": r_mag} if arch == "gated" else {**std_tensors(w), "threshold": w["threshold"]}
+    write_saelens(tmp_path / "t" / "z", cfg6(arch, hook="blocks.0.attn.hook_z", apply_b_dec_to_input=apply_b_dec), tensors)
+    b_V = torch.randn(D, dtype=torch.float64) + 1.0
+    sae = minicirc.load_saes(tmp_path / "t", ZModel(b_V.float()))["z_0"]
+    z = w["x"]
+    s = z - b_V - (w["b_dec"] if apply_b_dec else 0)
+    pre = s @ w["W_enc"] + w["b_enc"]
+    if arch == "standard":
+        want, keep = relu_np(pre), pre.abs() > MARGIN
+    elif arch == "jumprelu":
+        want, keep = relu_np(pre) * (pre > w["threshold"]), (pre - w["threshold"]).abs() > MARGIN
+    else:
+        gate, mag = s @ w["W_enc"] + b_gate, s @ (w["W_enc"] * r_mag.exp()) + b_mag
+        want, keep = (gate > 0) * relu_np(mag), (gate.abs() > MARGIN) & (mag.abs() > MARGIN)
+    close_where(sae.encode(z.float()), want, keep)
+    torch.testing.assert_close(sae.decode(want.float()).double(), want @ w["W_dec"] + w["b_dec"] + b_V, rtol=1e-4, atol=1e-4)
+    assert sae.edge_form_error is None
+    # Loaded alone, without a model, it is the file's own dictionary (reading z - b_V), and says so.
+    alone = load_sae(tmp_path / "t" / "z")
+    assert alone.reads_z_minus_value_bias and not sae.reads_z_minus_value_bias
+
+
+def test_z_dictionary_value_bias_cases(tmp_path):
+    w = draw()
+    write_saelens(tmp_path / "t" / "z", cfg6(hook="blocks.0.attn.hook_z"), std_tensors(w))
+
+    class NoValueBias(ZModel):
+        value_bias = None
+
+    with pytest.raises(MinicircError, match=r"this z dictionary reads z - b_V, and this model does not give its value "
+                                            r"biases \(model.value_bias\(layer\)\)"):
+        minicirc.load_saes(tmp_path / "t", NoValueBias())
+    # A model without value biases (None): nothing to shift.
+    pre = (w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    close_where(minicirc.load_saes(tmp_path / "t", ZModel(None))["z_0"].encode(w["x"].float()), relu_np(pre), pre.abs() > MARGIN)
+    # Trained with fold_value_biases false: read as it is, on any model.
+    write_saelens(tmp_path / "u" / "z", cfg6(hook="blocks.0.attn.hook_z",
+                                             metadata={"model_from_pretrained_kwargs": {"fold_value_biases": False}}),
+                  std_tensors(w))
+    sae = minicirc.load_saes(tmp_path / "u", ZModel(torch.randn(D) + 1))["z_0"]
+    close_where(sae.encode(w["x"].float()), relu_np(pre), pre.abs() > MARGIN)
+    # Shifted and per-token normalised: refused.
+    write_saelens(tmp_path / "v" / "z", cfg6(hook="blocks.0.attn.hook_z", normalize_activations="layer_norm"), std_tensors(w))
+    with pytest.raises(MinicircError, match=r"its input is shifted \(z - b_V\) and normalised \(layer_norm\)"):
+        minicirc.load_saes(tmp_path / "v", ZModel(torch.randn(D) + 1))
