@@ -612,3 +612,33 @@ def test_z_dictionary_value_bias_cases(tmp_path):
     write_saelens(tmp_path / "v" / "z", cfg6(hook="blocks.0.attn.hook_z", normalize_activations="layer_norm"), std_tensors(w))
     with pytest.raises(MinicircError, match=r"its input is shifted \(z - b_V\) and normalised \(layer_norm\)"):
         minicirc.load_saes(tmp_path / "v", ZModel(torch.randn(D) + 1))
+
+
+def test_edges_into_gated_dictionaries_equal_one_at_a_time():
+    """The library's edges (which use dd_i/dy = 1[d_i != 0] W_enc[:, i], W_enc being the magnitude path)
+    against test_attribution's one-backward-per-node reference, with gated dictionaries at half the sites."""
+    import test_attribution as TA
+
+    def gated_saes(model):
+        gen = torch.Generator().manual_seed(619)
+        out = {}
+        for i, s in enumerate(model.sites):
+            base = TA.make_sae(gen, "relu")
+            if i % 2 == 0:
+                W_gate = base.W_enc + 0.5 * torch.randn(base.W_enc.shape, generator=gen) / TA.D_MODEL ** 0.5
+                base = Dictionary(base.W_enc, base.b_enc, base.W_dec, base.b_dec, "gated", W_gate=W_gate,
+                                  b_gate=0.3 * torch.randn(base.n_features, generator=gen), subtract_b_dec=base.subtract_b_dec)
+            out[s] = base.to(torch.float64)
+        return out
+
+    model, saes, batch, metric, st, L, ref_eff, node = TA.edge_setup(617, False, saes=gated_saes)
+    _, _, states, effects, grads = node
+    TA.assert_effects_equal(effects, ref_eff)
+    gated = [s for s in saes if saes[s].kind == "gated"]
+    # The gate closes some features the magnitude path would open, and the reverse.
+    assert any(((saes[s].encode(states[s].x_c) == 0) & (saes[s].pre_activation(states[s].x_c) > 0)).any() for s in gated)
+    tau = TA.threshold_for(ref_eff)
+    ref = TA.ref_edges(model, saes, batch, st, L, TA.selection(ref_eff, tau), "sum", TA.design_pairs(2, False))
+    assert any(d in gated for _, d in ref)
+    fast = minicirc.attribution.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")
+    TA.assert_edges_equal(TA.as_dict(fast), ref)
