@@ -330,6 +330,12 @@ def _cfg_field(cfg, name):
     return cfg[name] if cfg.get(name) is not None else (cfg.get("metadata") or {}).get(name)
 
 
+def _hook_name(cfg):
+    """hook_name, or hook_point as SAELens configs before 3.0 called it."""
+    hook = _cfg_field(cfg, "hook_name")
+    return hook if hook is not None else _cfg_field(cfg, "hook_point")
+
+
 HOOK = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|hook_resid_mid|attn\.hook_z)")
 
 
@@ -377,7 +383,7 @@ def load_saelens(folder, norm_scaling_factor=None):
     except Exception as e:
         raise MinicircError(f"{w_path}: cannot read safetensors file ({e})") from None
 
-    hook = _cfg_field(cfg, "hook_name")
+    hook = _hook_name(cfg)
     try:
         site = hook_site(hook) if hook is not None else None
     except MinicircError as e:
@@ -589,7 +595,7 @@ def _load_hook_tree(sae_dir, folders, model, factor):
     saes, origin = {}, {}
     for d in folders:
         cfg_path = os.path.join(sae_dir, d, "cfg.json")
-        hook = _cfg_field(read_json(cfg_path), "hook_name")
+        hook = _hook_name(read_json(cfg_path))
         if hook is None:
             raise MinicircError(f"{cfg_path}: no hook_name, so the folder names no site")
         try:

@@ -147,6 +147,17 @@ def _hook_of(site):
     return f"blocks.{layer}." + {"attn": "hook_attn_out", "mlp": "hook_mlp_out", "resid": "hook_resid_post"}[kind]
 
 
+def test_hook_point_of_old_configs_names_the_site_too(tmp_path):
+    """SAELens before 3.0 wrote hook_point (and hook_point_layer) where later versions write hook_name."""
+    w = draw()
+    write_saelens(tmp_path, {"d_in": D, "d_sae": F, "hook_point": "blocks.2.hook_resid_pre", "hook_point_layer": 2,
+                             "apply_b_dec_to_input": True}, std_tensors(w))
+    assert load_sae(tmp_path).site == "resid_1"
+    write_saelens(tmp_path / "bad", {"d_in": D, "d_sae": F, "hook_point": "blocks.2.hook_q_input"}, std_tensors(w))
+    with pytest.raises(MinicircError, match="cfg.json: hook 'blocks.2.hook_q_input' is not a site minicirc knows"):
+        load_sae(tmp_path / "bad")
+
+
 def test_original_tree_hooks_must_agree_with_their_folders(tiny_model_dir, tmp_path):
     model = minicirc.load_model(tiny_model_dir)
     original_tree(model, tmp_path / "ok", {})
