@@ -263,6 +263,9 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
     between U and D are frozen by detaching what flows out of them."""
     sites = site_order(model, saes)
     pairs = pairs if pairs is not None else edge_pairs(model, sites)
+    for _, d, _ in pairs:   # downstream_rows assumes dd_i/dy = 1[d_i != 0] W_enc[:, i]; some dictionaries differ
+        if saes[d].edge_form_error:
+            raise MinicircError(saes[d].edge_form_error)
     out = {}
     by_up = {}
     for u, d, frozen in pairs:

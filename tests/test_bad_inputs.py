@@ -157,6 +157,34 @@ def test_inconsistent_sae_shapes(t, capsys):
     expect_cli_error(t, capsys, "inconsistent shapes")
 
 
+def _edit_saelens_cfg(t, folder, **fields):
+    p = t / "saes" / folder / "cfg.json"
+    cfg = json.load(open(p))
+    cfg.update(fields)
+    json.dump(cfg, open(p, "w"))
+
+
+def test_sae_hook_that_does_not_match_its_folder(t, capsys):
+    _edit_saelens_cfg(t, "attn_out_layer1", hook_name="blocks.1.hook_mlp_out")
+    expect_cli_error(t, capsys, "its hook_name reads site mlp_1, but it sits in folder attn_out_layer1 for site attn_1")
+
+
+def test_z_dictionary_in_an_attn_folder(t, capsys):
+    _edit_saelens_cfg(t, "attn_out_layer0", hook_name="blocks.0.attn.hook_z")
+    expect_cli_error(t, capsys, "reads site z_0, but it sits in folder attn_out_layer0 for site attn_0 (z is")
+
+
+def test_sae_scaling_factor_missing(t, capsys):
+    _edit_saelens_cfg(t, "mlp_out_layer0", normalize_activations="expected_average_only_in")
+    expect_cli_error(t, capsys, "expected_average_only_in, and its scaling factor is not in the folder")
+
+
+def test_edges_into_a_layer_norm_dictionary(t, capsys):
+    _edit_saelens_cfg(t, "mlp_out_layer1", normalize_activations="layer_norm")
+    expect_cli_error(t, capsys, "edge effects into this dictionary would be wrong; compute nodes only", fast=False)
+    assert cli(t, out=t / "nodes") == 0     # nodes only: fine
+
+
 def test_unknown_site_api(t):
     model = minicirc.load_model(t / "model")
     batch = tokenize(load_examples(t / "data.jsonl"), minicirc.load_tokenizer(t / "model"))

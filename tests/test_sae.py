@@ -191,7 +191,7 @@ def test_saelens_topk(tmp_path, layout):
 
 def test_saelens_unsupported_normalisation(tmp_path):
     w = rand_weights()
-    write_saelens(tmp_path, saelens_cfg("standard", normalize_activations="layer_norm"),
+    write_saelens(tmp_path, saelens_cfg("standard", normalize_activations="covariance_whitening"),
                   {k: w[k] for k in ["W_enc", "b_enc", "W_dec", "b_dec"]})
     with pytest.raises(MinicircError, match="normalize_activations"):
         load_sae(tmp_path)
@@ -274,8 +274,11 @@ def test_bad_sae_files(tmp_path):
     with pytest.raises(MinicircError, match="threshold"):
         load_sae(tmp_path / "miss")
     write_saelens(tmp_path / "gated", saelens_cfg("gated"), {k: w[k] for k in ["W_enc", "W_dec", "b_dec"]})
-    with pytest.raises(MinicircError, match="not supported"):
+    with pytest.raises(MinicircError, match=r"SAELens gated file lacks \['b_gate', 'b_mag', 'r_mag'\]"):
         load_sae(tmp_path / "gated")
+    write_saelens(tmp_path / "transcoder", saelens_cfg("transcoder"), {k: w[k] for k in ["W_enc", "b_enc", "W_dec", "b_dec"]})
+    with pytest.raises(MinicircError, match="architecture 'transcoder' is not supported"):
+        load_sae(tmp_path / "transcoder")
     os.makedirs(tmp_path / "empty")
     with pytest.raises(MinicircError, match="no dictionary"):
         load_sae(tmp_path / "empty")
@@ -355,8 +358,10 @@ def topk_oracle(h, k):
 def test_dictionary_rejects_inconsistent_construction():
     w = rand_weights(torch.float64)
     W_enc, b_enc, W_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
-    with pytest.raises(MinicircError, match="unknown dictionary kind 'gated'"):
-        Dictionary(W_enc, b_enc, W_dec, b_dec, "gated")
+    with pytest.raises(MinicircError, match="unknown dictionary kind 'sigmoid'"):
+        Dictionary(W_enc, b_enc, W_dec, b_dec, "sigmoid")
+    with pytest.raises(MinicircError, match=rf"gated needs W_gate \({D}, {F}\) and b_gate \({F},\)"):
+        Dictionary(W_enc, b_enc, W_dec, b_dec, "gated", W_gate=W_enc.T, b_gate=b_enc)
     for bad in [(W_enc, b_enc, W_dec.T, b_dec), (W_enc, b_enc[:-1], W_dec, b_dec), (W_enc, b_enc, W_dec, b_dec[:-1])]:
         with pytest.raises(MinicircError, match="inconsistent shapes"):
             Dictionary(*bad, "relu")
@@ -366,10 +371,11 @@ def test_dictionary_rejects_inconsistent_construction():
     for k in [None, 0, -2]:
         with pytest.raises(MinicircError, match="topk needs k >= 1"):
             Dictionary(W_enc, b_enc, W_dec, b_dec, "topk", k=k)
+    # Finite values are checked where files enter (the loaders, through sae.checked), not by the constructor.
     thr = torch.rand(F)
     thr[int(torch.randint(0, F, ()))] = float("inf")
     with pytest.raises(MinicircError, match="threshold contains NaN or inf"):
-        Dictionary(W_enc, b_enc, W_dec, b_dec, "jumprelu", threshold=thr)
+        minicirc.sae.checked(Dictionary(W_enc, b_enc, W_dec, b_dec, "jumprelu", threshold=thr))
     # k given as a 0-d tensor (as stored in state dicts) is kept as a Python int.
     sae = Dictionary(W_enc, b_enc, W_dec, b_dec, "topk", k=torch.tensor(5))
     assert type(sae.k) is int and sae.k == 5
@@ -424,17 +430,11 @@ def test_dictionary_learning_checkpoint_and_non_dict_files(tmp_path):
             load_sae(tmp_path / f"ck{i}")
 
 
-def test_dictionary_learning_unsupported_classes(tmp_path):
-    g = {"encoder.weight": torch.randn(F, D), "decoder.weight": torch.randn(D, F), "decoder_bias": torch.randn(D),
-         "r_mag": torch.randn(F), "gate_bias": torch.randn(F), "mag_bias": torch.randn(F)}
-    write_dl(tmp_path / "gated", g)   # no config.json: recognised by r_mag
-    with pytest.raises(MinicircError, match="GatedAutoEncoder is not supported"):
-        load_sae(tmp_path / "gated")
-    m = {"W_enc": torch.randn(D, F), "b_enc": torch.randn(F), "W_dec": torch.randn(F, D), "b_dec": torch.randn(D),
-         "k": torch.tensor(4), "threshold": torch.tensor(0.5), "group_sizes": torch.tensor([F // 2, F // 2])}
-    write_dl(tmp_path / "matryoshka", m, "MatryoshkaBatchTopKSAE", k=4)
-    with pytest.raises(MinicircError, match="MatryoshkaBatchTopKSAE is not supported"):
-        load_sae(tmp_path / "matryoshka")
+def test_dictionary_learning_unsupported_class(tmp_path):
+    m = {"W_enc": torch.randn(D, F), "b_enc": torch.randn(F), "W_dec": torch.randn(F, D), "b_dec": torch.randn(D)}
+    write_dl(tmp_path / "crosscoder", m, "CrossCoder")
+    with pytest.raises(MinicircError, match="dictionary class CrossCoder is not supported"):
+        load_sae(tmp_path / "crosscoder")
 
 
 def test_dictionary_learning_class_inferred_without_config(tmp_path):
@@ -518,7 +518,7 @@ def test_saelens_apply_b_dec_false_for_jumprelu_and_topk(tmp_path, arch):
     ({"sae_lens_version": "not-a-version"}, 3),                  # unparsable: not read as pre-6
 ])
 def test_saelens_layout_decides_which_k(tmp_path, cfg_extra, expected_k):
-    """DESIGN/notes: a version below 6.0 (top level, else metadata), or no version and no metadata block,
+    """SAELens: a version below 6.0 (top level, else metadata), or no version and no metadata block,
     means the flat pre-6.0 layout, where k is activation_fn_kwargs.k; otherwise the top-level k."""
     w = rand_weights(torch.float64)
     cfg = {"architecture": "topk", "d_in": D, "d_sae": F, "k": 3, "activation_fn_kwargs": {"k": 7},
@@ -531,13 +531,16 @@ def test_saelens_cfg_variants(tmp_path):
     w = rand_weights(torch.float64)
     tensors = _saelens_tensors(w)
     relu = torch.relu((w["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
-    # Old configs: no architecture field (standard), normalize_activations null or expected_average_only_in
-    # (no factor stored in the folder: inputs are not rescaled).
+    # Old configs: no architecture field (standard), normalize_activations null, or expected_average_only_in,
+    # whose factor is not in the folder: refused without one, and a factor of 1 changes nothing.
     for i, norm in enumerate([None, "expected_average_only_in"]):
         cfg = {"d_in": D, "d_sae": F, "apply_b_dec_to_input": True, "normalize_activations": norm,
                "hook_name": "blocks.0.hook_resid_post"}
         write_saelens(tmp_path / f"old{i}", cfg, tensors)
-        sae = load_sae(tmp_path / f"old{i}")
+        if norm is not None:
+            with pytest.raises(MinicircError, match="expected_average_only_in, and its scaling factor is not in the folder"):
+                load_sae(tmp_path / f"old{i}")
+        sae = load_sae(tmp_path / f"old{i}", norm_scaling_factor=1.0)
         assert sae.kind == "relu"
         torch.testing.assert_close(sae.encode(w["x"].float()).double(), relu, rtol=1e-5, atol=1e-4)
     # activation_fn_str (older name of activation_fn) selects top-k in a "standard" config.
@@ -562,7 +565,7 @@ def test_load_sae_path_errors(tmp_path):
     with pytest.raises(MinicircError, match="does not exist"):
         load_sae(tmp_path / "nowhere")
     (tmp_path / "weights.safetensors").write_bytes(b"{}")
-    with pytest.raises(MinicircError, match="expected an ae.pt file or a SAELens folder"):
+    with pytest.raises(MinicircError, match="expected an ae.pt file, a params.npz file or a SAELens folder"):
         load_sae(tmp_path / "weights.safetensors")
     with pytest.raises(MinicircError, match="SAE directory .* does not exist"):
         minicirc.load_saes(tmp_path / "nowhere", None)
@@ -602,7 +605,7 @@ def test_saes_hash_identifies_dictionaries():
 
 
 def test_site_folder_names_match_the_original_tree():
-    """DESIGN section 3: embed/, attn_out_layer{l}/, mlp_out_layer{l}/, resid_out_layer{l}/."""
+    """docs/method.md §3: embed/, attn_out_layer{l}/, mlp_out_layer{l}/, resid_out_layer{l}/."""
     layer = int(torch.randint(0, 24, ()))
     assert [site_folder(s) for s in ["embed", f"attn_{layer}", f"mlp_{layer}", f"resid_{layer}"]] == \
         ["embed", f"attn_out_layer{layer}", f"mlp_out_layer{layer}", f"resid_out_layer{layer}"]
