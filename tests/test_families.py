@@ -1,0 +1,223 @@
+"""GPT-2, Llama, Qwen2, Qwen3 and Gemma-2 against transformers on tiny random checkpoints it writes itself,
+and the site mechanism on every family."""
+import json
+import os
+
+import pytest
+import torch
+
+import minicirc
+from minicirc.errors import MinicircError
+
+V = 67  # vocabulary of every tiny model
+
+
+def write_hf(path, kind, seed=0, **kw):
+    """A random transformers model of family `kind` saved to `path` (weights perturbed so that norms are not
+    all ones and biases not zero); returns transformers' model read back from that folder, eager attention."""
+    import transformers as tf
+    classes = {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+               "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM)}
+    config_cls, model_cls = classes[kind]
+    if kind == "gpt2":
+        base = dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    else:
+        base = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    hf = model_cls(config_cls(**{**base, **kw})).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    return model_cls.from_pretrained(path, attn_implementation="eager").eval()
+
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+CASES = {
+    "gpt2": ("gpt2", {}),
+    "gpt2 gelu, eps": ("gpt2", dict(activation_function="gelu", layer_norm_epsilon=0.3, n_inner=40)),
+    "llama llama3-rope gqa untied": ("llama", dict(rope_parameters=LLAMA3, tie_word_embeddings=False)),
+    "llama llama3-rope gqa tied": ("llama", dict(rope_parameters=LLAMA3, tie_word_embeddings=True)),
+    "llama mha biases": ("llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True, rms_norm_eps=0.1,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 100.0})),
+    "qwen2 biases": ("qwen2", dict(tie_word_embeddings=False)),
+    "qwen3 qk-norm head_dim": ("qwen3", dict(head_dim=12, tie_word_embeddings=True)),
+    "gemma2 softcaps window": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
+                                              final_logit_softcapping=2.0, sliding_window=5,
+                                              layer_types=["sliding_attention", "full_attention"])),
+}
+
+
+def _logit_gap(case, tmp_path, T=17):
+    kind, kw = CASES[case]
+    hf = write_hf(tmp_path, kind, seed=sum(map(ord, case)), **kw)
+    model = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, V, (3, T))
+    with torch.no_grad():
+        expected, got = hf(tokens).logits, model(tokens)
+    assert got.shape == expected.shape == (3, T, V)
+    return (got - expected).abs().max().item(), expected.abs().max().item()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    gap, scale = _logit_gap(case, tmp_path)
+    assert scale > 0.1                                    # the logits are not trivially small
+    assert gap <= 1e-5, (case, gap)
+
+
+def test_gemma2_softcaps_and_window_matter(tmp_path):
+    """The Gemma-2 case exercises what it claims: switching off either cap or the window changes the logits."""
+    write_hf(tmp_path, "gemma2", seed=5, **CASES["gemma2 softcaps window"][1])
+    ref = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, V, (2, 17))
+    with torch.no_grad():
+        base = ref(tokens)
+        assert base.abs().max() <= 2.0 + 1e-6            # final soft-cap 2.0
+        for field in ("attn_softcap", "final_softcap", "sliding_window"):
+            model = minicirc.load_model(tmp_path)
+            setattr(model.cfg, field, None)
+            for layer in model.layers:
+                layer.self_attn.window = model.cfg.sliding_window if layer.self_attn.window else None
+            assert (model(tokens) - base).abs().max() > 1e-3, field
+
+
+def test_gpt2_keys_without_prefix(tmp_path):
+    """GPT-2 checkpoints as GPT2Model writes them (no `transformer.` prefix, no lm_head): same logits."""
+    from safetensors.torch import load_file, save_file
+    hf = write_hf(tmp_path, "gpt2", seed=3)
+    state = load_file(tmp_path / "model.safetensors")
+    assert any(k.startswith("transformer.") for k in state)
+    stripped = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+    save_file(stripped, tmp_path / "model.safetensors")
+    model = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, V, (2, 11))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+
+
+def test_sharded_checkpoint(tmp_path):
+    import transformers as tf
+    hf = write_hf(tmp_path / "one", "llama", seed=4)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = [f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]
+    assert len(shards) > 2 and os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    model = minicirc.load_model(tmp_path / "sharded")
+    again = tf.LlamaForCausalLM.from_pretrained(tmp_path / "sharded", attn_implementation="eager").eval()
+    tokens = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        assert (model(tokens) - again(tokens).logits).abs().max().item() <= 1e-5
+    os.remove(tmp_path / "sharded" / sorted(shards)[1])
+    with pytest.raises(MinicircError, match=f"names 1 shard files that are not there, e.g. {sorted(shards)[1]}"):
+        minicirc.load_model(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2"])
+def test_save_model_roundtrip(tmp_path, kind):
+    import transformers as tf
+    write_hf(tmp_path / "src", kind, seed=6, **({"sliding_window": 4} if kind == "gemma2" else {}))
+    model = minicirc.load_model(tmp_path / "src")
+    minicirc.save_model(model, tmp_path / "out")
+    again = minicirc.load_model(tmp_path / "out")
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    tokens = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), again(tokens))
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+
+
+# --- sites ---------------------------------------------------------------------------------------------
+
+SITE_CASES = ["gpt2", "llama llama3-rope gqa tied", "qwen2 biases", "qwen3 qk-norm head_dim", "gemma2 softcaps window"]
+
+
+@pytest.mark.parametrize("case", SITE_CASES)
+def test_sites_read_and_replace(tmp_path, case):
+    """Reading every site and replacing each by itself leaves the logits unchanged; replacing one site by
+    another value changes it and everything downstream of it, and nothing upstream."""
+    kind, kw = CASES[case]
+    write_hf(tmp_path, kind, seed=7, **kw)
+    model = minicirc.load_model(tmp_path)
+    assert model.sites == ["embed"] + [f"{k}_{l}" for l in range(2) for k in ("attn", "mlp", "resid")]
+    tokens = torch.randint(0, V, (2, 10))
+    with torch.no_grad():
+        ref = model(tokens)
+        clean = {}
+        read = model(tokens, cache=clean)
+        same = model(tokens, edit={s: (lambda x: x.clone()) for s in model.sites})
+    assert torch.equal(read, ref) and torch.equal(same, ref)
+    assert list(clean) == model.sites
+    prev = clean["embed"]
+    for l in range(model.cfg.n_layers):   # what the sites mean: resid_l = resid_{l-1} + attn_l + mlp_l
+        assert torch.allclose(clean[f"resid_{l}"], prev + clean[f"attn_{l}"] + clean[f"mlp_{l}"], atol=1e-6)
+        prev = clean[f"resid_{l}"]
+    assert torch.equal(model.unembed(clean["resid_1"]), ref)
+    order = model.sites
+    for target in ("embed", "attn_0", "mlp_0", "attn_1"):
+        noise = torch.randn(2, 10, model.cfg.d_model)
+        edited = {}
+        with torch.no_grad():
+            out = model(tokens, edit={target: lambda x: x + noise}, cache=edited)
+        i = order.index(target)
+        for s in order[:i]:
+            assert torch.equal(clean[s], edited[s]), f"{s} is upstream of {target} and must not change"
+        assert torch.allclose(edited[target], clean[target] + noise)
+        for s in order[i + 1:]:
+            assert (clean[s] - edited[s]).abs().max() > 1e-4, f"{s} is downstream of {target} and must change"
+        assert (out - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("case", ["llama llama3-rope gqa tied", "gemma2 softcaps window"])
+def test_logit_diff_and_unembed_match_full_logits(tmp_path, case):
+    """The metric's shortcut (two answer logits only) equals the difference of the full logits, soft-cap included."""
+    kind, kw = CASES[case]
+    write_hf(tmp_path, kind, seed=8, **kw)
+    model = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, V, (4, 8))
+    a, b = torch.randint(0, V, (4,)), torch.randint(0, V, (4,))
+    with torch.no_grad():
+        cache = {}
+        logits = model(tokens, cache=cache)[:, -1]
+        h = cache["resid_1"][:, -1]
+        rows = torch.arange(4)
+        assert torch.allclose(model.unembed(h, a), logits[rows, a], atol=1e-6)
+        assert torch.allclose(model.logit_diff(h, a, b), logits[rows, a] - logits[rows, b], atol=1e-6)
+
+
+# --- bad configs -----------------------------------------------------------------------------------------
+
+def test_unsupported_config_features_are_named(tmp_path):
+    write_hf(tmp_path, "llama", seed=9)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for change, msg in [({"model_type": "mixtral"}, "model_type 'mixtral' is not supported"),
+                        ({"num_local_experts": 8}, "num_local_experts = 8: mixture of experts"),
+                        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope type 'yarn'"),
+                        ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
+                        ({"hidden_act": "relu2"}, "hidden_act 'relu2'"),
+                        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+                        ({"pretraining_tp": 2}, "pretraining_tp")]:
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(MinicircError, match=msg):
+            minicirc.load_model(tmp_path)
+    rope = {k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_parameters": rope}))
+    with pytest.raises(MinicircError, match="llama3 rope scaling lacks 'low_freq_factor'"):
+        minicirc.load_model(tmp_path)
+
+
+def test_older_rope_spelling(tmp_path):
+    """Configs from before transformers 5: rope_theta at the top level and llama3 settings in rope_scaling."""
+    hf = write_hf(tmp_path, "llama", seed=10, rope_parameters=LLAMA3)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, V, (2, 30))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
