@@ -79,14 +79,15 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x):
+    def forward(self, x, z_site=None):
         B, T, D = x.shape
         H, hd = self.cfg.n_heads, self.cfg.head_dim
         # The fused projection is laid out [q | k | v], each (H, hd) head-major.
         q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in self.c_attn(x).split(D, dim=-1))
         # Causal mask only: padding is on the right, so real tokens never attend to it.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hd))
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
+        z = y.transpose(1, 2).reshape(B, T, D)   # the concatenated head outputs: site z_l
+        return self.c_proj(z if z_site is None else z_site(z))
 
 
 class MLP(nn.Module):
@@ -108,8 +109,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def attn_block(self, resid):
-        return self.attn(self.ln_1(resid))
+    def attn_block(self, resid, z_site=None):
+        return self.attn(self.ln_1(resid), z_site)
 
     def mlp_block(self, x):
         return self.mlp(self.ln_2(x))

@@ -179,7 +179,7 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window if layer in cfg.sliding_layers else None
         self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, z_site=None):
         B, T, _ = x.shape
         H, KV, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, H, hd)
@@ -209,7 +209,8 @@ class Attention(nn.Module):
             allowed = allowed & (i[:, None] - i[None, :] < self.window)
         scores = scores.masked_fill(~allowed, float("-inf"))
         y = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+        z = y.transpose(1, 2).reshape(B, T, H * hd)   # the concatenated head outputs: site z_l
+        return self.o_proj(z if z_site is None else z_site(z))
 
 
 class MLP(nn.Module):
@@ -237,8 +238,8 @@ class Layer(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.gemma = cfg.gemma
 
-    def attn_block(self, resid):
-        out = self.self_attn(self.input_layernorm(resid))
+    def attn_block(self, resid, z_site=None):
+        out = self.self_attn(self.input_layernorm(resid), z_site)
         return self.post_attention_layernorm(out) if self.gemma else out
 
     def mlp_block(self, x):

@@ -122,34 +122,54 @@ class SiteModel(nn.Module):
 
     @property
     def sites(self):
-        """All site names in the order the forward pass computes them."""
+        """The site names every caller gets (dictionaries, node effects, edges), in the order the forward
+        pass computes them: embed, then attn_l, mlp_l, resid_l per layer."""
         names = ["embed"]
         for l in range(self.cfg.n_layers):
             names += [f"attn_{l}", f"mlp_{l}", f"resid_{l}"]
         return names
 
+    @property
+    def all_sites(self):
+        """`sites` plus the optional ones, in computing order: z_l (the concatenated head outputs, before
+        the attention output projection) and, where the MLP reads the residual after attention (not with
+        GPT-NeoX's parallel residual), resid_mid_l. Optional sites are computed only when asked for (edit,
+        stop_at or `extra`), so callers that never name them pay nothing."""
+        names = ["embed"]
+        for l in range(self.cfg.n_layers):
+            names += [f"z_{l}", f"attn_{l}"] + ([] if self.cfg.parallel_residual else [f"resid_mid_{l}"])
+            names += [f"mlp_{l}", f"resid_{l}"]
+        return names
+
+    def site_width(self, name):
+        """The width of a site's value: d_model, or n_heads * head_dim for z_l (they differ for Qwen3 and Gemma-2)."""
+        return self.cfg.n_heads * self.cfg.head_dim if name.startswith("z_") else self.cfg.d_model
+
     def check_sites(self, names):
-        known = set(self.sites)
+        known = set(self.all_sites)
         for name in names:
             if name not in known:
+                mid = "" if self.cfg.parallel_residual else ", resid_mid_l"
                 raise MinicircError(f"unknown site {name!r}; this model has sites embed, attn_l, mlp_l, "
-                                    f"resid_l for l in 0..{self.cfg.n_layers - 1}")
+                                    f"resid_l{mid} and z_l for l in 0..{self.cfg.n_layers - 1}")
 
-    def forward(self, tokens, edit=None, cache=None, stop_at=None):
+    def forward(self, tokens, edit=None, cache=None, stop_at=None, extra=()):
         """tokens (batch, pos) -> logits (batch, pos, vocab).
 
         edit: {site: fn(x) -> x'} replaces a site's value for this call.
         cache: a dict to fill with {site: value that flowed downstream}.
         stop_at: a site name; return after computing it (returns None instead of logits), for callers that
-        only need sites up to a layer.
+        only need sites up to a layer (z_l stops after its attention block).
+        extra: optional sites (z_l, resid_mid_l) to put in cache too; those in edit or stop_at are computed anyway.
         Token ids are not range-checked here (see check_tokens); shapes are, as that costs nothing.
         """
         edit = edit or {}
-        self.check_sites(list(edit) + ([stop_at] if stop_at else []))
+        self.check_sites(list(edit) + ([stop_at] if stop_at else []) + list(extra))
         if tokens.dim() != 2:
             raise MinicircError(f"tokens must have shape (batch, pos), got {tuple(tokens.shape)}")
         if tokens.shape[1] > self.cfg.max_len:
             raise MinicircError(f"sequence length {tokens.shape[1]} exceeds max_position_embeddings {self.cfg.max_len}")
+        wanted = set(edit) | set(extra) | {stop_at}
 
         def site(name, x):
             if name in edit:
@@ -162,15 +182,26 @@ class SiteModel(nn.Module):
         if stop_at == "embed":
             return None
         for l, layer in enumerate(self.layers):
-            attn = site(f"attn_{l}", layer.attn_block(resid))
-            if stop_at == f"attn_{l}":
+            z_site = (lambda z, name=f"z_{l}": site(name, z)) if f"z_{l}" in wanted else None
+            attn = site(f"attn_{l}", layer.attn_block(resid, z_site))
+            if stop_at in (f"z_{l}", f"attn_{l}"):
                 return None
-            # Parallel residual (GPT-NeoX): the MLP reads the same input as attention; sequential: it
-            # reads the residual after attention.
-            mlp = site(f"mlp_{l}", layer.mlp_block(resid if self.cfg.parallel_residual else resid + attn))
+            if self.cfg.parallel_residual:
+                # GPT-NeoX: the MLP reads the same input as attention.
+                mlp = site(f"mlp_{l}", layer.mlp_block(resid))
+                out = resid + attn + mlp
+            else:
+                # Sequential: the MLP reads the residual after attention.
+                mid = resid + attn
+                if f"resid_mid_{l}" in wanted:
+                    mid = site(f"resid_mid_{l}", mid)
+                    if stop_at == f"resid_mid_{l}":
+                        return None
+                mlp = site(f"mlp_{l}", layer.mlp_block(mid))
+                out = mid + mlp
             if stop_at == f"mlp_{l}":
                 return None
-            resid = site(f"resid_{l}", resid + attn + mlp)
+            resid = site(f"resid_{l}", out)
             if stop_at == f"resid_{l}":
                 return None
         return self.unembed(resid)
@@ -227,7 +258,7 @@ class Attention(nn.Module):
             return torch.cat((t_rot * cos + rotate_half(t_rot) * sin, t_pass), dim=-1)
         return rot(q), rot(k)
 
-    def forward(self, x):
+    def forward(self, x, z_site=None):
         B, T, D = x.shape
         H, hd = self.cfg.n_heads, self.cfg.head_dim
         # GPT-NeoX packs q, k, v per head: (B, T, H, 3*hd), not (B, T, 3, H, hd).
@@ -236,7 +267,8 @@ class Attention(nn.Module):
         q, k = self.rotary(q, k)
         # Causal mask only: padding is on the right, so real tokens never attend to it.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hd))
-        return self.dense(y.transpose(1, 2).reshape(B, T, D))
+        z = y.transpose(1, 2).reshape(B, T, D)   # the concatenated head outputs: site z_l
+        return self.dense(z if z_site is None else z_site(z))
 
 
 class MLP(nn.Module):
@@ -258,8 +290,8 @@ class Layer(nn.Module):
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def attn_block(self, resid):
-        return self.attention(self.input_layernorm(resid))
+    def attn_block(self, resid, z_site=None):
+        return self.attention(self.input_layernorm(resid), z_site)
 
     def mlp_block(self, x):
         return self.mlp(self.post_attention_layernorm(x))

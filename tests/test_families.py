@@ -252,3 +252,92 @@ def test_circuit_command_on_each_family(tmp_path, case):
     batch = tokenize(load_examples(tmp_path / "data.jsonl"), minicirc.load_tokenizer(tmp_path / "model"))
     assert data["metric"]["clean"] == pytest.approx(_reference_metric(hf, batch, batch.clean), abs=1e-5)
     assert data["metric"]["patch"] == pytest.approx(_reference_metric(hf, batch, batch.patch), abs=1e-5)
+
+
+# --- optional sites: z_l and resid_mid_l -------------------------------------------------------------
+
+def _hf_points(hf, kind, l):
+    """transformers' modules whose input is z_l (the output projection) and resid_mid_l (the norm that
+    the MLP branch starts with)."""
+    if kind == "gpt2":
+        block = hf.transformer.h[l]
+        return block.attn.c_proj, block.ln_2
+    block = hf.model.layers[l]
+    return block.self_attn.o_proj, (block.pre_feedforward_layernorm if kind == "gemma2" else block.post_attention_layernorm)
+
+
+@pytest.mark.parametrize("case", SITE_CASES)
+def test_optional_sites_are_transformers_values(tmp_path, case):
+    """z_l is the input of transformers' attention output projection and resid_mid_l the input of the norm
+    before its MLP; asking for them, or replacing them by themselves, leaves the logits unchanged."""
+    kind, kw = CASES[case]
+    hf = write_hf(tmp_path, kind, seed=12, **kw)
+    model = minicirc.load_model(tmp_path)
+    extra = [s for s in model.all_sites if s not in model.sites]
+    assert extra == [f"{k}_{l}" for l in range(2) for k in ("z", "resid_mid")]
+    tokens = torch.randint(0, V, (2, 9))
+    seen, handles = {}, []
+    for l in range(2):
+        for name, module in zip((f"z_{l}", f"resid_mid_{l}"), _hf_points(hf, kind, l)):
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0])))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        for h in handles:
+            h.remove()
+        ref = model(tokens)
+        cache = {}
+        read = model(tokens, cache=cache, extra=extra)
+        same = model(tokens, edit={s: (lambda x: x.clone()) for s in model.all_sites})
+    assert torch.equal(read, ref) and torch.equal(same, ref) and (ref - expected).abs().max() <= 1e-5
+    assert list(cache) == model.all_sites
+    for name in extra:
+        assert cache[name].shape == (2, 9, model.site_width(name))
+        assert (cache[name] - seen[name]).abs().max().item() <= 1e-5, name
+    # Without asking, the cache holds the usual sites only.
+    plain = {}
+    with torch.no_grad():
+        model(tokens, cache=plain)
+    assert list(plain) == model.sites
+
+
+@pytest.mark.parametrize("target", ["z_0", "resid_mid_0", "z_1"])
+def test_optional_site_replacement_changes_only_downstream(tmp_path, target):
+    kind, kw = CASES["llama llama3-rope gqa tied"]
+    write_hf(tmp_path, kind, seed=13, **kw)
+    model = minicirc.load_model(tmp_path)
+    order = model.all_sites
+    tokens = torch.randint(0, V, (2, 8))
+    clean, edited = {}, {}
+    noise = torch.randn(2, 8, model.site_width(target))
+    with torch.no_grad():
+        model(tokens, cache=clean, extra=order)
+        model(tokens, cache=edited, extra=order, edit={target: lambda x: x + noise})
+    i = order.index(target)
+    for s in order[:i]:
+        assert torch.equal(clean[s], edited[s]), f"{s} is upstream of {target}"
+    for s in order[i + 1:]:
+        assert (clean[s] - edited[s]).abs().max() > 1e-4, f"{s} is downstream of {target}"
+    stopped = {}
+    with torch.no_grad():
+        assert model(tokens, cache=stopped, stop_at=target) is None
+    assert target in stopped and f"mlp_{target[-1]}" not in stopped
+
+
+def test_gpt_neox_z_site_and_no_resid_mid(tiny_model_dir):
+    """GPT-NeoX (parallel residual): z_l is the input of transformers' attention.dense; resid_mid_l does
+    not exist, as its MLP never reads the residual after attention."""
+    from transformers import GPTNeoXForCausalLM
+    hf = GPTNeoXForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = minicirc.load_model(tiny_model_dir)
+    assert "resid_mid_0" not in model.all_sites and "z_1" in model.all_sites
+    tokens = torch.randint(0, 61, (2, 7))
+    seen = {}
+    h = hf.gpt_neox.layers[1].attention.dense.register_forward_pre_hook(lambda m, a: seen.setdefault("z", a[0]))
+    cache = {}
+    with torch.no_grad():
+        hf(tokens)
+        h.remove()
+        model(tokens, cache=cache, extra=["z_1"])
+    assert (cache["z_1"] - seen["z"]).abs().max().item() <= 1e-5
+    with pytest.raises(MinicircError, match="unknown site 'resid_mid_0'"):
+        model(tokens, extra=["resid_mid_0"])
