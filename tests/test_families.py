@@ -341,3 +341,21 @@ def test_gpt_neox_z_site_and_no_resid_mid(tiny_model_dir):
     assert (cache["z_1"] - seen["z"]).abs().max().item() <= 1e-5
     with pytest.raises(MinicircError, match="unknown site 'resid_mid_0'"):
         model(tokens, extra=["resid_mid_0"])
+
+
+def test_circuit_command_refuses_unsupported_models_in_one_line(tmp_path, capsys):
+    from minicirc.cli import main
+    from test_cli import ROWS, write_data, write_tokenizer
+    write_hf(tmp_path / "model", "llama", seed=14)
+    write_tokenizer(tmp_path / "model", V)
+    write_data(tmp_path / "data.jsonl", ROWS)
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    args = ["circuit", "--model", str(tmp_path / "model"), "--saes", "neurons", "--data", str(tmp_path / "data.jsonl")]
+    for i, (change, msg) in enumerate([({"model_type": "mixtral"}, "model_type 'mixtral' is not supported"),
+                                       ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope type 'yarn'")]):
+        (tmp_path / "model" / "config.json").write_text(json.dumps({**cfg, **change}))
+        capsys.readouterr()
+        assert main(args + ["--out", str(tmp_path / f"out{i}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / f"out{i}").exists()
