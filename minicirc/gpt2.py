@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MinicircError
-from .model import Family, SiteModel
+from .model import Family, SiteModel, gelu_new
 
 
 @dataclass
@@ -37,12 +37,6 @@ class Config:
 
     def to_hf(self):
         return self.hf
-
-
-def gelu_new(x):
-    # GPT-2's tanh approximation exactly as transformers writes it; torch's approximate="tanh" rounds
-    # differently (about 1e-7), which would show up in the logits.
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 ACTIVATIONS = {"gelu_new": gelu_new, "gelu": F.gelu, "relu": F.relu,

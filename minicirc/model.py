@@ -68,9 +68,15 @@ class Config:
         }
 
 
+def gelu_new(x):
+    # GPT-2's tanh approximation exactly as transformers writes it; torch's approximate="tanh" rounds
+    # differently (about 1e-7), which would show up in the logits.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": gelu_new,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
@@ -106,8 +112,9 @@ def config_from_hf(hf):
 
 
 def check_tokens(tokens, vocab_size):
-    """Refuse token ids outside 0..vocab_size-1 with a one-line error. Called where tokens enter (tokenize,
-    the commands), not in forward: the check reads the tensor's values, a device sync on every call."""
+    """Refuse token ids outside 0..vocab_size-1 with a one-line error. For the places tokens enter (loaders,
+    commands, user code holding raw ids); forward does not check, as reading the values is a device sync
+    on every call."""
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
         bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0].item()
         raise MinicircError(f"token id {bad} is out of the vocabulary (size {vocab_size})")

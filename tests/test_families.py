@@ -116,6 +116,25 @@ def test_sharded_checkpoint(tmp_path):
         minicirc.load_model(tmp_path / "sharded")
 
 
+def test_sharded_pytorch_bin_checkpoint(tmp_path):
+    """Older sharded checkpoints: pytorch_model-0000N-of-0000M.bin files named by pytorch_model.bin.index.json."""
+    from safetensors.torch import load_file
+    hf = write_hf(tmp_path, "qwen2", seed=15)
+    state = load_file(tmp_path / "model.safetensors")
+    os.remove(tmp_path / "model.safetensors")
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        f = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, tmp_path / f)
+        weight_map.update({k: f for k in part})
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2"])
 def test_save_model_roundtrip(tmp_path, kind):
     import transformers as tf
