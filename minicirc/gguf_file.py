@@ -55,7 +55,8 @@ def _unpermute(w, n_heads):
 
 
 def read_gguf(path):
-    """(config.json dict, {Hugging Face name: float32 tensor}) of a llama-architecture GGUF file."""
+    """(config.json dict, {Hugging Face name: float32 tensor}, rope_freqs factors or None) of a
+    llama-architecture GGUF file."""
     gguf, reader = _reader(path)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
@@ -75,15 +76,21 @@ def read_gguf(path):
     if get("rope.dimension_count", head_dim) != head_dim:
         raise MinicircError(f"{path}: llama.rope.dimension_count {get('rope.dimension_count')} differs from the "
                             f"head size {head_dim}; partial rotary is not supported")
-    state = {}
+    state, rope_factors = {}, None
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":   # llama 3.x: the rotary rescaling, one factor per frequency
+            rope_factors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+            if rope_factors.shape != (head_dim // 2,):
+                raise MinicircError(f"{path}: rope_freqs.weight has {rope_factors.size} factors, the head size "
+                                    f"{head_dim} needs {head_dim // 2}")
+            continue
         if t.name.startswith("blk."):
             _, l, rest = t.name.split(".", 2)
             name = f"model.layers.{l}.{LAYER_NAMES[rest]}" if rest in LAYER_NAMES else None
         else:
             name = TOP_NAMES.get(t.name)
         if name is None:
-            # rope_freqs (llama 3's rescaled rotary), biases, ...: a tensor we would otherwise silently drop
+            # biases, experts, ...: a tensor we would otherwise silently drop
             raise MinicircError(f"{path}: tensor {t.name} is not part of the llama layout minicirc reads")
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         if t.name.endswith("attn_q.weight"):
@@ -103,15 +110,17 @@ def read_gguf(path):
           "tie_word_embeddings": "lm_head.weight" not in state, "hidden_act": "silu",
           "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
           "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"), "dtype": "float32"}
-    return hf, state
+    return hf, state, None if rope_factors is None else tuple(rope_factors.tolist())
 
 
 def load_gguf(path):
     """A llama.py Llama (float32, CPU) from a llama-architecture GGUF file."""
     from . import llama
     from .model import build_model
-    hf, state = read_gguf(path)
-    return build_model(llama.FAMILY, llama.config_from_hf(hf), state, os.fspath(path))
+    hf, state, rope_factors = read_gguf(path)
+    cfg = llama.config_from_hf(hf)
+    cfg.rope_freq_factors = rope_factors
+    return build_model(llama.FAMILY, cfg, state, os.fspath(path))
 
 
 # llama.cpp pre-tokenizer names that split text with GPT-2's regex (what pre_tokenizers.ByteLevel does).

@@ -35,6 +35,7 @@ class Config:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_llama3: dict = None       # llama3 scaling: factor, low/high_freq_factor, original_max_position_embeddings
+    rope_freq_factors: tuple = None  # GGUF's rope_freqs tensor: each frequency divided by its factor
     tied_embeddings: bool = False
     act: str = "silu"
     qkv_bias: bool = False         # Qwen2: biases on q, k, v; Llama attention_bias: on q, k, v and o
@@ -51,6 +52,9 @@ class Config:
     parallel_residual = False      # class constant: all four are sequential
 
     def to_hf(self):
+        if self.rope_freq_factors is not None:
+            raise MinicircError("this model's rotary frequencies come from a GGUF rope_freqs tensor, which a "
+                                "Hugging Face config.json cannot express; it cannot be saved")
         return self.hf
 
 
@@ -148,9 +152,12 @@ class RMSNorm(nn.Module):
 
 def rotary_inv_freq(cfg):
     """The rotary frequencies, with Llama 3's rescaling: wavelengths longer than the original context over
-    low_freq_factor are slowed by `factor`, shorter than it over high_freq_factor kept, and smoothly mixed between."""
+    low_freq_factor are slowed by `factor`, shorter than it over high_freq_factor kept, and smoothly mixed
+    between (given as parameters in config.json, or as the per-frequency factors a GGUF file stores)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_freq_factors is not None:   # llama.cpp stores llama 3's rescaling as one factor per frequency
+        return inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
     s = cfg.rope_llama3
     if s is None:
         return inv_freq

@@ -454,8 +454,8 @@ def load_model(path, device="cpu", dtype=torch.float32):
 def save_model(model, model_dir):
     """Write config.json + model.safetensors in the Hugging Face layout of the model's family."""
     from safetensors.torch import save_file
-    os.makedirs(model_dir, exist_ok=True)
     hf = model.cfg.to_hf()
+    os.makedirs(model_dir, exist_ok=True)
     fam = family(hf.get("model_type"))
     own = model.state_dict()
     tensors = {}

@@ -11,6 +11,7 @@ import torch
 
 import minicirc
 from minicirc.errors import MinicircError
+from minicirc.llama import Llama
 
 gguf = pytest.importorskip("gguf")
 
@@ -32,15 +33,38 @@ def _vocab():
     return tokens, types, merges
 
 
-def write_tiny_gguf(path, seed=0, quant="F32", tied=False, arch="llama"):
-    """A random Llama written by transformers, converted to GGUF here; returns the transformers model."""
+def _llama3_rope_factors(theta, head_dim, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """llama.cpp convert_hf_to_gguf.py LlamaModel: llama 3 rope scaling as one divisor per frequency."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    out = []
+    for f in freqs:
+        wavelen = 2 * np.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+
+
+def write_tiny_gguf(path, seed=0, quant="F32", tied=False, arch="llama", llama3=False):
+    """A random Llama written by transformers, converted to GGUF here; returns the transformers model.
+    llama3: the transformers model has llama 3 rope scaling, and the file its rope_freqs tensor."""
     import transformers as tf
     tokens, types, merges = _vocab()
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(vocab_size=len(tokens), hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
                          num_key_value_heads=KV, intermediate_size=D_MLP, max_position_embeddings=64,
                          rms_norm_eps=1e-5, tie_word_embeddings=tied,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 1000.0, **LLAMA3} if llama3
+                         else {"rope_type": "default", "rope_theta": 1000.0})
     hf = tf.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -71,6 +95,8 @@ def write_tiny_gguf(path, seed=0, quant="F32", tied=False, arch="llama"):
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, a)
+    if llama3:
+        w.add_tensor("rope_freqs.weight", _llama3_rope_factors(1000.0, D // HEADS, **LLAMA3))
     add("token_embd.weight", sd["model.embed_tokens.weight"])
     add("output_norm.weight", sd["model.norm.weight"])
     if not tied:
@@ -115,6 +141,27 @@ def test_tiny_gguf_matches_transformers(tmp_path, quant, tied):
         assert (got - exact).abs().max().item() <= 1e-5
     else:                # Q8_0 moves the weights, so the logits move too, but only a little
         assert 1e-5 < (got - exact).abs().max().item() < 0.1 * exact.abs().max().item()
+
+
+def test_gguf_llama3_rope_freqs(tmp_path):
+    """A Llama 3.x GGUF stores its rope scaling as the rope_freqs tensor: minicirc applies it and equals the
+    transformers model with llama3 rope_parameters that the file was made from (positions past the original
+    context, where the scaling matters)."""
+    path = tmp_path / "l3.gguf"
+    original = write_tiny_gguf(path, seed=3, llama3=True)
+    model = minicirc.load_model(path)
+    assert model.cfg.rope_freq_factors is not None and max(model.cfg.rope_freq_factors) == 8.0
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        got, exact = model(tokens), original(tokens).logits
+        model.cfg.rope_freq_factors = None
+        unscaled = Llama(model.cfg)
+        unscaled.load_state_dict(model.state_dict())
+        assert (unscaled(tokens) - exact).abs().max().item() > 1e-3     # the factors do matter here
+    assert (got - exact).abs().max().item() <= 1e-5
+    with pytest.raises(MinicircError, match="rope_freqs"):
+        minicirc.save_model(minicirc.load_model(path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_gguf_tokenizer_matches_transformers(tmp_path):
