@@ -123,8 +123,12 @@ def load_gguf(path):
     return build_model(llama.FAMILY, cfg, state, os.fspath(path))
 
 
-# llama.cpp pre-tokenizer names that split text with GPT-2's regex (what pre_tokenizers.ByteLevel does).
+# How text is split into words before BPE, by llama.cpp's tokenizer.ggml.pre name: GPT-2's regex (what
+# pre_tokenizers.ByteLevel applies by default), or Llama 3's, which keeps runs of up to 3 digits together.
 GPT2_SPLIT_PRE = {None, "default", "gpt2", "gpt-2", "smollm"}
+LLAMA3_SPLIT_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe"}
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _byte_alphabet():
@@ -143,16 +147,16 @@ def _byte_alphabet():
 def load_gguf_tokenizer(path):
     """The byte-level BPE tokenizer (tokenizer.ggml.model "gpt2") a GGUF file describes, as a
     `tokenizers.Tokenizer`; control tokens (type 3) become special tokens, user-defined ones (type 4) added tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     _, reader = _reader(path)
     meta = _metadata(reader)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise MinicircError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (only gpt2, byte-level BPE)")
     pre = meta.get("tokenizer.ggml.pre")
-    if pre not in GPT2_SPLIT_PRE:   # other pre-tokenizers (llama-bpe, qwen2, ...) split text differently
-        raise MinicircError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (supported: GPT-2's split: "
-                            f"{', '.join(sorted(p for p in GPT2_SPLIT_PRE if p))})")
+    if pre not in GPT2_SPLIT_PRE | LLAMA3_SPLIT_PRE:   # others (qwen2, tekken, ...) split text differently
+        raise MinicircError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (supported: "
+                            f"{', '.join(sorted(p for p in GPT2_SPLIT_PRE | LLAMA3_SPLIT_PRE if p))})")
     tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise MinicircError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
@@ -162,7 +166,12 @@ def load_gguf_tokenizer(path):
     vocab = {tok if set(tok) <= alphabet else "".join(spell[b] for b in tok.encode("utf-8")): i
              for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre in LLAMA3_SPLIT_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
     special = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
