@@ -112,7 +112,8 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "transformers"]},
+    # gguf: reading llama-architecture .gguf files; the tests also load them with transformers (+ accelerate).
+    extras_require={"gguf": ["gguf"], "test": ["pytest", "transformers", "gguf", "accelerate"]},
     entry_points={"console_scripts": ["minicirc=minicirc.cli:main"]},
     ext_modules=extension_modules(),
     cmdclass=build_commands(),

@@ -34,9 +34,7 @@ def logit_diff(model, batch, tokens, edit):
     last_site = model.sites[-1]
     model(tokens, edit=edit, cache=cache, stop_at=last_site)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
-    h = model.final_layer_norm(cache[last_site][rows, batch.last])
-    W = model.embed_out.weight
-    return (h * (W[batch.patch_answer] - W[batch.clean_answer])).sum(-1)
+    return model.logit_diff(cache[last_site][rows, batch.last], batch.patch_answer, batch.clean_answer)
 
 
 # --- per-site clean and patch states --------------------------------------------------------------

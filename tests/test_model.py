@@ -7,6 +7,7 @@ import torch
 
 import minicirc
 from minicirc.errors import MinicircError
+from minicirc.model import check_tokens
 from conftest import write_hf_model
 
 
@@ -143,7 +144,7 @@ def test_pickle_with_code_is_refused(tiny_model_dir):
 
 def test_unsupported_config_fields(tiny_model_dir):
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    for change, msg in [({"hidden_act": "swish"}, "hidden_act"), ({"model_type": "llama"}, "model_type"),
+    for change, msg in [({"hidden_act": "swish"}, "hidden_act"), ({"model_type": "t5"}, "model_type 't5' is not supported"),
                         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope type")]:
         (tiny_model_dir / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(MinicircError, match=msg):
@@ -169,8 +170,10 @@ def test_width_mismatch_in_checkpoint(tiny_model_dir):
 
 def test_bad_tokens_and_sites(tiny_model_dir):
     model = minicirc.load_model(tiny_model_dir)
-    with pytest.raises(MinicircError, match="out of the vocabulary"):
-        model(torch.tensor([[1, 2, 61]]))
+    # Token ids are checked where they enter (tokenize, the commands), not on every forward call.
+    with pytest.raises(MinicircError, match="token id 61 is out of the vocabulary"):
+        check_tokens(torch.tensor([[1, 2, 61]]), model.cfg.vocab_size)
+    check_tokens(torch.tensor([[0, 2, 60]]), model.cfg.vocab_size)
     with pytest.raises(MinicircError, match="unknown site"):
         model(torch.tensor([[1, 2]]), edit={"resid_7": lambda x: x})
     with pytest.raises(MinicircError, match="shape"):
@@ -282,8 +285,8 @@ def test_token_and_length_limits(tiny_model_dir):
         assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
     with pytest.raises(MinicircError, match="exceeds max_position_embeddings 64"):
         model(torch.randint(0, 61, (1, 65)))
-    with pytest.raises(MinicircError, match="out of the vocabulary"):
-        model(torch.tensor([[3, -1, 2]]))
+    with pytest.raises(MinicircError, match="token id -1 is out of the vocabulary"):
+        check_tokens(torch.tensor([[3, -1, 2]]), model.cfg.vocab_size)
 
 
 def test_malformed_configs_and_checkpoints(tiny_model_dir):
