@@ -163,7 +163,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("--model", required=True, help="Hugging Face GPT-NeoX checkpoint directory")
+        sp.add_argument("--model", required=True, help="Hugging Face checkpoint directory (gpt_neox, gpt2, llama, qwen2, qwen3, gemma2) or a llama-architecture .gguf file")
         sp.add_argument("--saes", required=True, help="dictionary tree (embed/, attn_out_layer0/, ...) or 'neurons'")
         sp.add_argument("--data", required=True, help="JSON lines or JSON list: clean_prefix, patch_prefix, clean_answer, patch_answer")
         sp.add_argument("--out", required=True, help="output directory")
@@ -231,7 +231,7 @@ def build_parser():
     sh.set_defaults(func=cmd_shift)
 
     x = sub.add_parser("explain", help="top-activating contexts and logit effects of one feature")
-    x.add_argument("--model", required=True, help="Hugging Face GPT-NeoX checkpoint directory")
+    x.add_argument("--model", required=True, help="Hugging Face checkpoint directory (gpt_neox, gpt2, llama, qwen2, qwen3, gemma2) or a llama-architecture .gguf file")
     x.add_argument("--saes", required=True, help="dictionary tree (embed/, attn_out_layer0/, ...) or 'neurons'")
     x.add_argument("--site", required=True, help="embed, attn_L, mlp_L or resid_L")
     x.add_argument("--feature", required=True, type=int)

@@ -328,7 +328,7 @@ def _token_str(tokenizer, i):
 @torch.no_grad()
 def logit_effects(model, sae, feature, n=5, tokenizer=None, site=None):
     """{"promoted": [[token, value]], "suppressed": [[token, value]]}: the n largest and n smallest entries
-    of W_dec[feature] @ embed_out.weight.T, the direct effect on the logits of adding the feature's decoder
+    of W_dec[feature] @ the unembedding.T, the direct effect on the logits of adding the feature's decoder
     direction to the residual stream.
 
     Approximation: the final LayerNorm is skipped (its scale, which depends on the whole residual, and its
@@ -341,7 +341,7 @@ def logit_effects(model, sae, feature, n=5, tokenizer=None, site=None):
         direction[feature] = 1.0
     else:
         direction = sae.W_dec[feature]
-    W = model.embed_out.weight
+    W = model.unembedding
     scores = (direction.to(W.device, W.dtype) @ W.T).float().cpu()
     n = min(n, scores.numel())
     order = torch.sort(scores, descending=True, stable=True).indices
