@@ -289,6 +289,43 @@ def test_expected_average_only_in_refusals(tmp_path):
             load_sae(tmp_path, norm_scaling_factor=bad)
 
 
+def test_norm_scaling_factor_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    """--norm-scaling-factor X reaches load_saes on circuit, evaluate and explain: without it an
+    expected_average_only_in folder is one line and exit 2 (and no output folder), with it the run succeeds
+    and the dictionaries it used are the ones folded with X."""
+    from test_cli import ROWS, write_data, write_tokenizer
+    from minicirc.cli import main
+    write_tokenizer(tiny_model_dir, 61)
+    model = minicirc.load_model(tiny_model_dir)
+    tiny_saes_for(model, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], tmp_path / "saes",
+                  normalize_activations="expected_average_only_in")
+    write_data(tmp_path / "data.jsonl", ROWS)
+    common = ["--model", str(tiny_model_dir), "--saes", str(tmp_path / "saes"), "--data", str(tmp_path / "data.jsonl")]
+    runs = {"circuit": ["circuit", *common, "--method", "attrib", "--out", str(tmp_path / "c")],
+            "evaluate": ["evaluate", *common, "--circuit", str(tmp_path / "c"), "--out", str(tmp_path / "e")],
+            "explain": ["explain", "--model", str(tiny_model_dir), "--saes", str(tmp_path / "saes"), "--site", "resid_1",
+                        "--feature", "3", "--data", str(tmp_path / "data.jsonl"), "--k", "2"]}
+    for name, args in runs.items():
+        if name != "evaluate":  # evaluate needs the circuit made below
+            capsys.readouterr()
+            assert main(args) == 2, name
+            err = capsys.readouterr().err.strip()
+            assert "expected_average_only_in, and its scaling factor is not in the folder" in err, err
+            assert "--norm-scaling-factor X" in err and len(err.splitlines()) == 1, err
+            assert name != "circuit" or not (tmp_path / "c").exists()
+        capsys.readouterr()
+        assert main(args + ["--norm-scaling-factor", "2.5"]) == 0, (name, capsys.readouterr().err)
+    data = json.load(open(tmp_path / "c" / "circuit.json"))
+    assert data["sites"] == ["resid_0", "resid_1"] and data["nodes"]
+    folded = minicirc.load_saes(tmp_path / "saes", model, norm_scaling_factor=2.5)
+    assert data["settings"]["saes"] == saes_hash(folded) != saes_hash(minicirc.load_saes(tmp_path / "saes", model, norm_scaling_factor=1.0))
+    assert json.load(open(tmp_path / "e" / "evaluation.json"))["n_nodes"] == len(data["nodes"])
+    capsys.readouterr()
+    assert main(runs["circuit"][:-1] + [str(tmp_path / "c2"), "--norm-scaling-factor", "-1"]) == 2
+    assert "norm_scaling_factor must be a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "c2").exists()
+
+
 @pytest.mark.parametrize("arch", ["standard", "gated"])
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 def test_layer_norm_in_and_out(tmp_path, arch, apply_b_dec):
