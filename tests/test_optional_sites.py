@@ -202,3 +202,18 @@ def test_find_circuit_checks_each_site_width(request):
     saes["z_1"] = TA.make_sae(gen, "relu", d=model.cfg.d_model).to(F64)     # d_model wide, z_1 is 48 wide
     with pytest.raises(minicirc.MinicircError, match=r"dictionary for z_1 has width 32, the model's n_heads \* head_dim is 48"):
         minicirc.find_circuit(model, saes, TA.make_batch(1, B=2, T=3), progress=False)
+
+
+# Reference: central finite differences in float64 (test_attribution.check_edges_by_finite_differences) for
+# the pairs that touch an optional site, the frozen sites held at their clean values.
+@pytest.mark.parametrize("which", ["all", "z for attn"])
+def test_optional_site_edges_finite_differences(which):
+    model = TA.make_model(43, parallel=False)
+    sites = [s for s in model.all_sites if which == "all" or not s.startswith("attn_")]
+    saes = dicts_at(model, sites, 19)
+    batch = TA.make_batch(23, B=2, T=4)
+    st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
+    L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
+    node = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    pairs = [p for p in A.edge_pairs(model, sites) if any(s.startswith(("z_", "resid_mid")) for s in p[:2])]
+    TA.check_edges_by_finite_differences(model, saes, batch, st, L, TA.effects_from(L, st), node, pairs, 29)
