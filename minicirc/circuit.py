@@ -78,7 +78,7 @@ def check_arguments(model, saes, examples, metric, method, steps, node_threshold
         raise MinicircError("no dictionaries given")
     for s in sites:   # d_model, except z_l: n_heads * head_dim (they differ for Qwen3 and Gemma-2)
         if saes[s].d_in != model.site_width(s):
-            what = "n_heads * head_dim" if s.startswith("z_") else "d_model"
+            what = "n_heads x head_dim" if s.startswith("z_") else "d_model"
             raise MinicircError(f"dictionary for {s} has width {saes[s].d_in}, the model's {what} is {model.site_width(s)}")
     if aggregation == "none" and len(set(examples.last.tolist())) > 1:
         raise MinicircError("aggregation 'none' keeps positions, so all examples must have the same length")

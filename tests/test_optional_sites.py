@@ -200,7 +200,7 @@ def test_find_circuit_checks_each_site_width(request):
     saes = dicts_at(model, ["resid_0"], 1)
     gen = torch.Generator().manual_seed(2)
     saes["z_1"] = TA.make_sae(gen, "relu", d=model.cfg.d_model).to(F64)     # d_model wide, z_1 is 48 wide
-    with pytest.raises(minicirc.MinicircError, match=r"dictionary for z_1 has width 32, the model's n_heads \* head_dim is 48"):
+    with pytest.raises(minicirc.MinicircError, match=r"dictionary for z_1 has width 32, the model's n_heads x head_dim is 48"):
         minicirc.find_circuit(model, saes, TA.make_batch(1, B=2, T=3), progress=False)
 
 
