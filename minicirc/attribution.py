@@ -58,9 +58,9 @@ class SiteState:
 
 
 def site_order(model, saes):
-    """The sites that have a dictionary, in model order."""
+    """The sites that have a dictionary, in model order (optional sites z_l and resid_mid_l included)."""
     model.check_sites(list(saes))
-    return [s for s in model.sites if s in saes]
+    return [s for s in model.all_sites if s in saes]
 
 
 def record_sites(model, metric, batch, tokens, sites):
@@ -198,18 +198,36 @@ def exact_effects(model, saes, metric, batch, states):
 # --- edge effects -----------------------------------------------------------------------------------
 
 def edge_pairs(model, sites):
-    """(upstream, downstream, frozen sites) for adjacent sites (docs/method.md §6): in each layer l, with
-    prev = resid_{l-1} (embed for l = 0), the edges mlp -> resid, attn -> resid (mlp frozen), prev -> mlp
-    (attn frozen), prev -> attn, prev -> resid (attn and mlp frozen), and attn -> mlp with sequential
-    residual. Only pairs whose two ends have dictionaries."""
+    """(upstream, downstream, frozen sites) for adjacent sites (docs/method.md §6). In each layer l, with
+    prev = resid_{l-1} (embed for l = 0): mlp -> resid, attn -> resid (mlp frozen), prev -> mlp (attn
+    frozen), prev -> attn, prev -> resid (attn and mlp frozen), and attn -> mlp with sequential residual.
+    Only pairs whose two ends have dictionaries.
+
+    The optional sites are points on a wire, not blocks: without a dictionary they are not there; with one,
+    every path through them is cut in two at them, and their edges replace the pairs that crossed them.
+    - z_l (attention's head outputs; attn_l = W_O z_l + b_O): prev -> z_l and z_l -> attn_l replace
+      prev -> attn_l; with no dictionary at attn_l, z_l takes attn_l's place in its downstream edges.
+    - resid_mid_l (= prev + attn_l, what the MLP reads): the layer becomes two residual half-layers,
+      prev -> attn_l, attn_l -> resid_mid_l, prev -> resid_mid_l (attn frozen), then resid_mid_l -> mlp_l,
+      mlp_l -> resid_l, resid_mid_l -> resid_l (mlp frozen); prev -> mlp_l, attn_l -> mlp_l, attn_l ->
+      resid_l and prev -> resid_l, whose every path crosses resid_mid_l, are gone.
+    Frozen sets name attn_l and mlp_l only (freezing attn_l also cuts the paths through z_l)."""
     have = set(sites)
     pairs = []
     for l in range(model.cfg.n_layers):
         prev = f"resid_{l - 1}" if l > 0 else "embed"
-        a, m, r = f"attn_{l}", f"mlp_{l}", f"resid_{l}"
-        cand = [(m, r, (), ), (a, r, (m,)), (prev, m, (a,)), (prev, a, ()), (prev, r, (a, m))]
-        if not model.cfg.parallel_residual:
-            cand.append((a, m, ()))
+        a, m, r, z, mid = f"attn_{l}", f"mlp_{l}", f"resid_{l}", f"z_{l}", f"resid_mid_{l}"
+        # The attention block as seen from outside: the site that reads prev, and the site that writes on.
+        a_in = z if z in have else a
+        a_out = a if a in have else z
+        cand = [(z, a, ())] if a_in != a_out else []
+        if mid in have:
+            cand += [(prev, a_in, ()), (a_out, mid, ()), (prev, mid, (a,)),
+                     (mid, m, ()), (m, r, ()), (mid, r, (m,))]
+        else:
+            cand += [(m, r, ()), (a_out, r, (m,)), (prev, m, (a,)), (prev, a_in, ()), (prev, r, (a, m))]
+            if not model.cfg.parallel_residual:
+                cand.append((a_out, m, ()))
         pairs += [(u, d, fr) for u, d, fr in cand if u in have and d in have]
     return pairs
 

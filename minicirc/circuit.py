@@ -76,9 +76,10 @@ def check_arguments(model, saes, examples, metric, method, steps, node_threshold
     sites = attribution.site_order(model, saes)
     if not sites:
         raise MinicircError("no dictionaries given")
-    for s in sites:
-        if saes[s].d_in != model.cfg.d_model:
-            raise MinicircError(f"dictionary for {s} has width {saes[s].d_in}, the model's d_model is {model.cfg.d_model}")
+    for s in sites:   # d_model, except z_l: n_heads * head_dim (they differ for Qwen3 and Gemma-2)
+        if saes[s].d_in != model.site_width(s):
+            what = "n_heads x head_dim" if s.startswith("z_") else "d_model"
+            raise MinicircError(f"dictionary for {s} has width {saes[s].d_in}, the model's {what} is {model.site_width(s)}")
     if aggregation == "none" and len(set(examples.last.tolist())) > 1:
         raise MinicircError("aggregation 'none' keeps positions, so all examples must have the same length")
     if method == "exact" and not nodes_only:

@@ -16,7 +16,8 @@ def load_inputs(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = model_mod.load_model(args.model, device=args.device, dtype=dtype)
     tokenizer = model_mod.load_tokenizer(args.model)
-    saes = sae_mod.identity_saes(model) if args.saes == "neurons" else sae_mod.load_saes(args.saes, model)
+    saes = (sae_mod.identity_saes(model) if args.saes == "neurons"
+            else sae_mod.load_saes(args.saes, model, norm_scaling_factor=args.norm_scaling_factor))
     saes = {s: d.to(device=args.device, dtype=dtype) for s, d in saes.items()}
     examples = data.tokenize(data.load_examples(args.data, limit=getattr(args, "limit", None)), tokenizer,
                              vocab_size=model.cfg.vocab_size)
@@ -113,7 +114,7 @@ def cmd_explain(args):
     if args.saes == "neurons":
         sae = sae_mod.IdentityDictionary(model.cfg.d_model)
     else:
-        sae = sae_mod.load_saes(args.saes, model)[args.site]
+        sae = sae_mod.load_saes(args.saes, model, norm_scaling_factor=args.norm_scaling_factor)[args.site]
     sae = sae.to(args.device)
     explain._check_feature(args.site, sae, args.feature)
     if args.data is None:   # held-out sentences of the embedded corpus (agreement templates and bios)
@@ -158,6 +159,11 @@ def cmd_shift(args):
 THREADS_HELP = "CPU threads (default 1: the embedded model is too small to gain from more)"
 
 
+NORM_SCALING_HELP = ("norm_scaling_factor of SAELens dictionaries with normalize_activations "
+                     "expected_average_only_in (SAELens keeps it in pretrained_saes.yaml, not in the folder; "
+                     "given here, it overrides a norm_scaling_factor field in cfg.json)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="minicirc", description="Sparse feature circuits: find, evaluate and view them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,6 +173,7 @@ def build_parser():
         sp.add_argument("--saes", required=True, help="dictionary tree (embed/, attn_out_layer0/, ...) or 'neurons'")
         sp.add_argument("--data", required=True, help="JSON lines or JSON list: clean_prefix, patch_prefix, clean_answer, patch_answer")
         sp.add_argument("--out", required=True, help="output directory")
+        sp.add_argument("--norm-scaling-factor", type=float, default=None, metavar="X", help=NORM_SCALING_HELP)
         sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="model and dictionary weights (sums are accumulated in float64 either way)")
@@ -235,6 +242,7 @@ def build_parser():
     x.add_argument("--saes", required=True, help="dictionary tree (embed/, attn_out_layer0/, ...) or 'neurons'")
     x.add_argument("--site", required=True, help="embed, attn_L, mlp_L or resid_L")
     x.add_argument("--feature", required=True, type=int)
+    x.add_argument("--norm-scaling-factor", type=float, default=None, metavar="X", help=NORM_SCALING_HELP)
     x.add_argument("--data", default=None, help="text sample: a data file (clean and patch prefixes) or one text a "
                    "line (default: 500 held-out sentences of the embedded corpus)")
     x.add_argument("--k", type=int, default=10, help="number of contexts")

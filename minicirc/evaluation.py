@@ -43,7 +43,8 @@ def resample_values(model, saes, batch, donors, sites):
     tokens = source[donors].to(next(model.parameters()).device)
     cache = {}
     with torch.no_grad():
-        model(tokens, cache=cache, stop_at=max(sites, key=model.sites.index))
+        # extra=: the cache holds optional sites (z_l, resid_mid_l) only when asked for.
+        model(tokens, cache=cache, stop_at=max(sites, key=model.all_sites.index), extra=sites)
         return {s: saes[s](cache[s]) for s in sites}
 
 

@@ -404,7 +404,8 @@ def load_saelens(folder, norm_scaling_factor=None):
         if scale is None:
             raise MinicircError(f"{cfg_path}: normalize_activations=expected_average_only_in, and its scaling factor "
                                 "is not in the folder (SAELens keeps it in pretrained_saes.yaml as norm_scaling_factor); "
-                                "pass norm_scaling_factor= to load_sae/load_saes or add \"norm_scaling_factor\" to cfg.json")
+                                "pass norm_scaling_factor= to load_sae/load_saes (--norm-scaling-factor X on the command line) "
+                                "or add \"norm_scaling_factor\" to cfg.json")
         if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
             raise MinicircError(f"{cfg_path}: norm_scaling_factor must be a positive number, got {scale!r}")
     if "scaling_factor" in w and not torch.all(w["scaling_factor"] == 1):
@@ -536,11 +537,6 @@ def site_folder(site):
     return SITE_FOLDERS[kind] + layer
 
 
-def site_width(model, site):
-    """The width of a site's values: d_model, except z_L (n_heads x head_dim)."""
-    return model.cfg.n_heads * model.cfg.head_dim if site.startswith("z_") else model.cfg.d_model
-
-
 def _place(sae, site, model, where):
     """Check that a dictionary found at `where` fits `site` of `model`: the site the file names, the width."""
     if sae.site is not None and sae.site != site:
@@ -557,10 +553,10 @@ def _place(sae, site, model, where):
         b_V = value_bias(int(site.rsplit("_", 1)[1]))
         if b_V is not None and bool(b_V.any()):
             sae = shift_input(sae, b_V)
-    if sae.d_in != site_width(model, site):
+    if sae.d_in != model.site_width(site):
         what = "n_heads x head_dim" if site.startswith("z_") else "d_model"
         raise MinicircError(f"{sae.source}: dictionary width {sae.d_in} does not match the model's {what} "
-                            f"{site_width(model, site)} (site {site})")
+                            f"{model.site_width(site)} (site {site})")
     return sae
 
 
@@ -579,16 +575,17 @@ def load_saes(sae_dir, model, norm_scaling_factor=None):
     if present and not any(SITE_FOLDER.fullmatch(d) for d in present) and \
             all(os.path.exists(os.path.join(sae_dir, d, "cfg.json")) for d in present):
         return _load_hook_tree(sae_dir, present, model, factor)
-    by_folder = {site_folder(s): s for s in model.sites}
+    # Every site needs its folder; the optional sites (z_layerL, resid_mid_layerL) may have one.
+    by_folder = {site_folder(s): s for s in model.all_sites}
     strangers = [d for d in present if d not in by_folder]
     if strangers:
         raise MinicircError(f"{sae_dir}: folders {strangers} match no site of this model "
                             f"({model.cfg.n_layers} layers): SAE tree and model do not belong together")
-    missing = [f for f in by_folder if f not in present]
+    missing = [site_folder(s) for s in model.sites if site_folder(s) not in present]
     if missing:
         raise MinicircError(f"{sae_dir}: no dictionary for {missing}")
     return {site: _place(load_sae(os.path.join(sae_dir, folder), factor(site)), site, model, f"folder {folder}")
-            for folder, site in by_folder.items()}
+            for folder, site in by_folder.items() if folder in present}
 
 
 def _load_hook_tree(sae_dir, folders, model, factor):
@@ -602,11 +599,11 @@ def _load_hook_tree(sae_dir, folders, model, factor):
             site = hook_site(hook)
         except MinicircError as e:
             raise MinicircError(f"{cfg_path}: {e}") from None
-        if site not in model.sites:
+        if site not in model.all_sites:
             kind = site.rsplit("_", 1)[0]
-            has_kind = any(s.rsplit("_", 1)[0] == kind for s in model.sites if s != "embed")
+            has_kind = any(s.rsplit("_", 1)[0] == kind for s in model.all_sites if s != "embed")
             why = (f"this model has {model.cfg.n_layers} layers" if has_kind or site == "embed"
-                   else f"this model has no {kind} sites (sites: {', '.join(model.sites)})")
+                   else f"this model has no {kind} sites (sites: {', '.join(model.all_sites)})")
             raise MinicircError(f"{cfg_path}: hook {hook} reads site {site}, and {why}")
         if site in saes:
             raise MinicircError(f"{sae_dir}: two dictionaries for site {site}: {origin[site]} and {d}")

@@ -447,14 +447,21 @@ def test_edges_equal_one_at_a_time_attrib_topk():
 def test_edges_finite_differences(parallel):
     seed = 701 + parallel
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, parallel, ("relu", "jumprelu", "topk"))
+    check_edges_by_finite_differences(model, saes, batch, st, L, ref_eff, node, design_pairs(model.cfg.n_layers, parallel),
+                                      seed + 5)
+
+
+def check_edges_by_finite_differences(model, saes, batch, st, L, ref_eff, node, pairs, seed):
+    """Random (downstream node, upstream node) entries of `pairs`, from the fast code and the definition,
+    against central finite differences; until every combination of feature / error at each end was seen
+    non-zero three times."""
     states, effects, grads = node.states, node.effects, node.grads
     tau = threshold_for(ref_eff)
     sel = selection(ref_eff, tau)
     fast = as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "none"))
     defn = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "none"))
     clean = plain_sites(model, batch.clean)
-    g = torch.Generator().manual_seed(seed + 5)
-    pairs = design_pairs(model.cfg.n_layers, parallel)
+    g = torch.Generator().manual_seed(seed)
     eps = 1e-5
     seen = {}  # (upstream is error, downstream is error) -> number of checks with a non-zero edge
     for trial in range(400):

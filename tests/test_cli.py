@@ -329,7 +329,7 @@ def test_defaults_are_the_functions_defaults():
     never disagree. The few that reach no function's default are named with their value; an option in neither
     list fails the test."""
     import inspect
-    from minicirc import circuit, data, demo, evaluation, explain, model as model_mod, shift
+    from minicirc import circuit, data, demo, evaluation, explain, model as model_mod, sae, shift
     from minicirc.cli import build_parser
     req = ["--model", "m", "--saes", "s", "--data", "d", "--out", "o"]
     parsed = {"circuit": _parser_defaults("circuit", *req), "evaluate": _parser_defaults("evaluate", *req, "--circuit", "c"),
@@ -345,7 +345,8 @@ def test_defaults_are_the_functions_defaults():
            ("shift", shift.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "top_k", "margin",
                                        "random_seeds", "threshold"]),
            ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"]),
-           ("explain", model_mod.load_model, ["device"])]
+           ("explain", model_mod.load_model, ["device"]),
+           *((command, sae.load_saes, ["norm_scaling_factor"]) for command in ("circuit", "evaluate", "explain"))]
     # Options whose default reaches no function's default: the circuit's torch seed, evaluate's batch size
     # (the CLI's 32, not faithfulness's 64), the thread count (one: the embedded model is too small to gain from
     # more), explain's text sample (None: the embedded corpus) and --overwrite (off).

@@ -273,6 +273,61 @@ def test_circuit_command_on_each_family(tmp_path, case):
     assert data["metric"]["patch"] == pytest.approx(_reference_metric(hf, batch, batch.patch), abs=1e-5)
 
 
+def _saelens_run(tmp_path, case, hooks, extra_args=()):
+    """A tiny transformers model of `case`, SAELens folders for `hooks` (placed by their hook names), and
+    `minicirc circuit` on them (its metric checked against transformers'); returns (circuit.json data, the
+    --model --saes --data arguments)."""
+    from minicirc.cli import main
+    from minicirc.data import load_examples, tokenize
+    from test_cli import ROWS, write_data, write_tokenizer
+    from minicirc.sae import saes_hash
+    from test_sae_files import NO_FOLD, tiny_saes_for
+    kind, kw = CASES[case]
+    hf = write_hf(tmp_path / "model", kind, seed=15, **kw)
+    write_tokenizer(tmp_path / "model", V)
+    write_data(tmp_path / "data.jsonl", ROWS)
+    model = minicirc.load_model(tmp_path / "model")
+    tiny_saes_for(model, hooks, tmp_path / "saes", seed_shift=0.3, metadata=NO_FOLD)
+    common = ["--model", str(tmp_path / "model"), "--saes", str(tmp_path / "saes"), "--data", str(tmp_path / "data.jsonl")]
+    assert main(["circuit", *common, "--out", str(tmp_path / "out"), "--steps", "3", "--node-threshold", "0.01",
+                 "--edge-threshold", "0.001", *extra_args]) == 0
+    data = json.loads((tmp_path / "out" / "circuit.json").read_text())
+    assert data["settings"]["saes"] == saes_hash(minicirc.load_saes(tmp_path / "saes", model))
+    batch = tokenize(load_examples(tmp_path / "data.jsonl"), minicirc.load_tokenizer(tmp_path / "model"))
+    assert data["metric"]["clean"] == pytest.approx(_reference_metric(hf, batch, batch.clean), abs=1e-5)
+    assert data["metric"]["patch"] == pytest.approx(_reference_metric(hf, batch, batch.patch), abs=1e-5)
+    return data, common
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama llama3-rope gqa untied", "gemma2 softcaps window"])
+def test_circuit_command_with_saelens_saes_on_each_family(tmp_path, case):
+    """`minicirc circuit --saes DIR` with one SAELens folder per resid hook (blocks.0.hook_resid_pre is embed)
+    finds a circuit on each family: feature nodes, edges between them, transformers' logit difference."""
+    hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    data, _ = _saelens_run(tmp_path, case, hooks)
+    assert data["sites"] == ["embed", "resid_0", "resid_1"]
+    assert {n["site"] for n in data["nodes"] if n["feature"] != "err"} == set(data["sites"])
+    between = {(e["source"].split("/")[0], e["target"].split("/")[0]) for e in data["edges"] if e["target"] != "y"}
+    assert between == {("embed", "resid_0"), ("resid_0", "resid_1")}
+
+
+def test_circuit_and_evaluate_commands_at_optional_sites(tmp_path):
+    """Gemma-2 with SAELens dictionaries at z_0 (n_heads * head_dim = 64 wide, d_model 32), resid_mid_1 and
+    resid_1: a circuit with the resid_mid_1 -> resid_1 edges, then `minicirc evaluate` of it, whose unablated
+    metric is the circuit's clean metric and whose empty circuit moves it."""
+    from minicirc.cli import main
+    hooks = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+    data, common = _saelens_run(tmp_path, "gemma2 softcaps window", hooks)
+    assert data["sites"] == ["z_0", "resid_mid_1", "resid_1"]
+    assert {n["site"] for n in data["nodes"] if n["feature"] != "err"} == set(data["sites"])
+    circuit = minicirc.Circuit.load(tmp_path / "out")
+    assert set(circuit.edges) == {("resid_mid_1", "resid_1")} and circuit.edges[("resid_mid_1", "resid_1")][1]._nnz()
+    assert main(["evaluate", *common, "--circuit", str(tmp_path / "out"), "--out", str(tmp_path / "eval")]) == 0
+    ev = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert ev["m_full"] == pytest.approx(data["metric"]["clean"], abs=1e-5)
+    assert abs(ev["m_full"] - ev["m_empty"]) > 1e-3
+
+
 # --- optional sites: z_l and resid_mid_l -------------------------------------------------------------
 
 def _hf_points(hf, kind, l):

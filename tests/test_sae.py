@@ -615,7 +615,8 @@ def test_load_saes_ignores_stray_files(tmp_path):
     """Only folders name sites: a README or .DS_Store beside them is not a 'folder that matches no site'."""
     from types import SimpleNamespace
     sites = ["embed", "attn_0", "mlp_0", "resid_0"]
-    model = SimpleNamespace(sites=sites, cfg=SimpleNamespace(d_model=D, n_layers=1))
+    model = SimpleNamespace(sites=sites, all_sites=sites, site_width=lambda site: D,
+                            cfg=SimpleNamespace(d_model=D, n_layers=1))
     w = rand_weights(torch.float64)
     saes = {s: Dictionary(w["W_enc"], w["b_enc"] + i, w["W_dec"], w["b_dec"], "relu") for i, s in enumerate(sites)}
     minicirc.save_saes(saes, tmp_path / "t")

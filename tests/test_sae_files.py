@@ -66,14 +66,15 @@ def test_unknown_hooks_are_refused(hook):
         hook_site(hook)
 
 
-def tiny_saes_for(model, hooks, root, seed_shift=0.0):
-    """One SAELens folder per hook, named after the hook; returns the weights written, by hook."""
-    d = model.cfg.d_model
+def tiny_saes_for(model, hooks, root, seed_shift=0.0, width=None, **cfg):
+    """One SAELens folder per hook, named after the hook, as wide as its site (or `width`); returns the
+    weights written, by hook."""
     written = {}
     for i, hook in enumerate(hooks):
+        d = width or model.site_width(hook_site(hook))
         w = {"W_enc": torch.randn(d, 16), "b_enc": torch.randn(16) * 0.3 + seed_shift, "W_dec": torch.randn(16, d) / 4,
              "b_dec": torch.randn(d) * 0.1}
-        write_saelens(os.path.join(root, hook.replace(".", "_")), cfg6(hook=hook, d_in=d, d_sae=16), w)
+        write_saelens(os.path.join(root, hook.replace(".", "_")), cfg6(hook=hook, d_in=d, d_sae=16, **cfg), w)
         written[hook] = w
     return written
 
@@ -115,8 +116,9 @@ def test_hook_tree_refusals(tiny_model_dir, tmp_path):
     tiny_saes_for(model, ["blocks.0.hook_resid_mid"], tmp_path / "mid")
     with pytest.raises(MinicircError, match="reads site resid_mid_0, and this model has no resid_mid sites"):
         minicirc.load_saes(tmp_path / "mid", model)
+    # GPT-NeoX has z sites, but gives no value biases for a z dictionary TransformerLens trained on z - b_V.
     tiny_saes_for(model, ["blocks.1.attn.hook_z"], tmp_path / "z")
-    with pytest.raises(MinicircError, match="reads site z_1, and this model has no z sites"):
+    with pytest.raises(MinicircError, match="this z dictionary reads z - b_V, and this model does not give"):
         minicirc.load_saes(tmp_path / "z", model)
     # Two folders for one site: resid_pre of layer 1 and resid_post of layer 0 are both resid_0.
     tiny_saes_for(model, ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_post"], tmp_path / "twice")
@@ -168,6 +170,42 @@ def test_original_tree_hooks_must_agree_with_their_folders(tiny_model_dir, tmp_p
     # resid_pre of layer 1 is resid_0: the same values, accepted in resid_out_layer0.
     original_tree(model, tmp_path / "pre", {"resid_0": "blocks.1.hook_resid_pre"})
     assert "resid_0" in minicirc.load_saes(tmp_path / "pre", model)
+
+
+NO_FOLD = {"model_from_pretrained_kwargs": {"fold_value_biases": False}}
+
+
+def test_optional_sites_load_at_their_own_width(tmp_path):
+    """z_l and resid_mid_l dictionaries in both layouts, on a Qwen3 whose z width (n_heads * head_dim = 48)
+    is not its d_model (32): each lands on its site, each encodes as its file says, a z dictionary of
+    d_model width is refused, and the original tree needs no folder for an optional site."""
+    from minicirc.sae import site_folder
+    from test_families import CASES, write_hf
+    kind, kw = CASES["qwen3 qk-norm head_dim"]
+    write_hf(tmp_path / "model", kind, seed=3, **kw)
+    model = minicirc.load_model(tmp_path / "model")
+    assert model.site_width("z_0") == 48 and model.site_width("resid_mid_1") == model.cfg.d_model == 32
+    hooks = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+    written = tiny_saes_for(model, hooks, tmp_path / "hooks", metadata=NO_FOLD)
+    saes = minicirc.load_saes(tmp_path / "hooks", model)
+    assert list(saes) == ["z_0", "resid_mid_1", "resid_1"]
+    for hook, w in written.items():
+        x = torch.randn(3, w["W_enc"].shape[0])
+        want = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+        torch.testing.assert_close(saes[hook_site(hook)].encode(x), want, rtol=1e-5, atol=1e-5)
+    tiny_saes_for(model, ["blocks.0.attn.hook_z"], tmp_path / "narrow", width=32, metadata=NO_FOLD)
+    with pytest.raises(MinicircError, match=r"dictionary width 32 does not match the model's n_heads x head_dim 48 \(site z_0\)"):
+        minicirc.load_saes(tmp_path / "narrow", model)
+    # The original tree: every site's folder, and optional folders where they are.
+    original_tree(model, tmp_path / "tree", {})
+    assert list(minicirc.load_saes(tmp_path / "tree", model)) == model.sites
+    for hook in hooks[:2]:
+        site = hook_site(hook)
+        tiny_saes_for(model, [hook], tmp_path / "extra", metadata=NO_FOLD)
+        os.rename(tmp_path / "extra" / hook.replace(".", "_"), tmp_path / "tree" / site_folder(site))
+    got = minicirc.load_saes(tmp_path / "tree", model)
+    assert list(got) == [s for s in model.all_sites if s in set(model.sites) | {"z_0", "resid_mid_1"}]
+    assert got["z_0"].d_in == 48
 
 
 def test_z_dictionary_is_refused_for_attn_out_whatever_the_widths(tiny_model_dir, tmp_path):
@@ -227,7 +265,8 @@ def test_expected_average_only_in_folds_its_factor(tmp_path, source):
     write_saelens(tmp_path / "s", cfg6(**extra), std_tensors(w))
     if source == "per-site dict":
         from types import SimpleNamespace
-        model = SimpleNamespace(sites=["resid_0"], cfg=SimpleNamespace(d_model=D, n_layers=1))
+        model = SimpleNamespace(sites=["resid_0"], all_sites=["resid_0"], site_width=lambda site: D,
+                                cfg=SimpleNamespace(d_model=D, n_layers=1))
         sae = minicirc.load_saes(tmp_path, model, norm_scaling_factor={"resid_0": c})["resid_0"]
     else:
         sae = load_sae(tmp_path / "s", norm_scaling_factor=c if source == "argument" else None)
@@ -248,6 +287,43 @@ def test_expected_average_only_in_refusals(tmp_path):
     for bad in (-1.0, 0, "2", True, float("nan")):
         with pytest.raises(MinicircError, match="norm_scaling_factor must be a positive number"):
             load_sae(tmp_path, norm_scaling_factor=bad)
+
+
+def test_norm_scaling_factor_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    """--norm-scaling-factor X reaches load_saes on circuit, evaluate and explain: without it an
+    expected_average_only_in folder is one line and exit 2 (and no output folder), with it the run succeeds
+    and the dictionaries it used are the ones folded with X."""
+    from test_cli import ROWS, write_data, write_tokenizer
+    from minicirc.cli import main
+    write_tokenizer(tiny_model_dir, 61)
+    model = minicirc.load_model(tiny_model_dir)
+    tiny_saes_for(model, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], tmp_path / "saes",
+                  normalize_activations="expected_average_only_in")
+    write_data(tmp_path / "data.jsonl", ROWS)
+    common = ["--model", str(tiny_model_dir), "--saes", str(tmp_path / "saes"), "--data", str(tmp_path / "data.jsonl")]
+    runs = {"circuit": ["circuit", *common, "--method", "attrib", "--out", str(tmp_path / "c")],
+            "evaluate": ["evaluate", *common, "--circuit", str(tmp_path / "c"), "--out", str(tmp_path / "e")],
+            "explain": ["explain", "--model", str(tiny_model_dir), "--saes", str(tmp_path / "saes"), "--site", "resid_1",
+                        "--feature", "3", "--data", str(tmp_path / "data.jsonl"), "--k", "2"]}
+    for name, args in runs.items():
+        if name != "evaluate":  # evaluate needs the circuit made below
+            capsys.readouterr()
+            assert main(args) == 2, name
+            err = capsys.readouterr().err.strip()
+            assert "expected_average_only_in, and its scaling factor is not in the folder" in err, err
+            assert "--norm-scaling-factor X" in err and len(err.splitlines()) == 1, err
+            assert name != "circuit" or not (tmp_path / "c").exists()
+        capsys.readouterr()
+        assert main(args + ["--norm-scaling-factor", "2.5"]) == 0, (name, capsys.readouterr().err)
+    data = json.load(open(tmp_path / "c" / "circuit.json"))
+    assert data["sites"] == ["resid_0", "resid_1"] and data["nodes"]
+    folded = minicirc.load_saes(tmp_path / "saes", model, norm_scaling_factor=2.5)
+    assert data["settings"]["saes"] == saes_hash(folded) != saes_hash(minicirc.load_saes(tmp_path / "saes", model, norm_scaling_factor=1.0))
+    assert json.load(open(tmp_path / "e" / "evaluation.json"))["n_nodes"] == len(data["nodes"])
+    capsys.readouterr()
+    assert main(runs["circuit"][:-1] + [str(tmp_path / "c2"), "--norm-scaling-factor", "-1"]) == 2
+    assert "norm_scaling_factor must be a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "c2").exists()
 
 
 @pytest.mark.parametrize("arch", ["standard", "gated"])
@@ -562,9 +638,13 @@ class ZModel:
 
     def __init__(self, b_V=None):
         from types import SimpleNamespace
-        self.sites = ["embed", "z_0", "attn_0"]
+        self.sites = ["embed", "attn_0"]
+        self.all_sites = ["embed", "z_0", "attn_0"]
         self.cfg = SimpleNamespace(d_model=D, n_layers=1, n_heads=3, head_dim=D // 3)
         self.b_V = b_V
+
+    def site_width(self, name):
+        return self.cfg.n_heads * self.cfg.head_dim if name.startswith("z_") else self.cfg.d_model
 
     def value_bias(self, layer):
         assert layer == 0

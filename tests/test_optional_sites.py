@@ -1,0 +1,219 @@
+"""Dictionaries at the optional sites z_l (head outputs before the output projection) and resid_mid_l (the
+residual between attention and MLP): node effects, edges and evaluation.
+
+References: the definitions in minicirc.attribution (one backward per site, IG step and downstream node;
+one forward per patched node) for the batched code; plain forward passes with `extra=` for site states;
+ablations written out by hand (mean and resample values from plain runs, spliced with `edit=`) for
+evaluation; the edge table of docs/method.md §6, written out again by hand. Models: tiny random GPT-NeoX
+in float64 (sequential and parallel residual, from test_attribution) and a Qwen3 written by transformers
+whose z width (n_heads * head_dim = 48) differs from d_model (32).
+"""
+import pytest
+import torch
+
+import minicirc
+from minicirc import attribution as A
+from minicirc import attribution_batched as AB
+from minicirc import evaluation as E
+import test_attribution as TA
+
+F64 = torch.float64
+
+
+def dicts_at(model, sites, seed, kinds=("relu", "jumprelu", "topk")):
+    """Random dictionaries of each site's own width (n_heads * head_dim at z_l)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {s: TA.make_sae(gen, kinds[i % len(kinds)], d=model.site_width(s)).to(F64) for i, s in enumerate(sites)}
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """transformers' Qwen3 with head_dim 12 (z width 48, d_model 32), read in float64."""
+    from test_families import CASES, write_hf
+    path = tmp_path_factory.mktemp("qwen3")
+    kind, kw = CASES["qwen3 qk-norm head_dim"]
+    write_hf(path, kind, seed=31, **kw)
+    return minicirc.load_model(path, dtype=F64)
+
+
+def model_for(name, request):
+    if name == "qwen3":
+        return request.getfixturevalue("qwen3")
+    return TA.make_model(41, parallel=name == "neox parallel")
+
+
+def tolerance(name):
+    """float64 throughout for GPT-NeoX; Qwen3 computes its RMSNorm and softmax in float32 as transformers
+    does, so two orders of the same sums differ by float32 rounding."""
+    return dict(rtol=1e-4, atol=1e-5) if name == "qwen3" else dict(rtol=1e-8, atol=1e-10)
+
+
+# --- the edge table -----------------------------------------------------------------------------------
+
+def hand_table(layer_sites, parallel):
+    """docs/method.md §6 for one layer (l = 0, prev = embed) with dictionaries at `layer_sites`, by cases."""
+    have = set(layer_sites) | {"embed"}
+    if {"z_0", "attn_0", "resid_mid_0", "mlp_0", "resid_0"} <= have:      # every site: two half-layers
+        return {("z_0", "attn_0", ()), ("embed", "z_0", ()), ("attn_0", "resid_mid_0", ()),
+                ("embed", "resid_mid_0", ("attn_0",)), ("resid_mid_0", "mlp_0", ()), ("mlp_0", "resid_0", ()),
+                ("resid_mid_0", "resid_0", ("mlp_0",))}
+    if have == {"embed", "z_0", "attn_0", "mlp_0", "resid_0"}:               # z before attn, no resid_mid
+        out = {("z_0", "attn_0", ()), ("embed", "z_0", ()), ("mlp_0", "resid_0", ()), ("attn_0", "resid_0", ("mlp_0",)),
+               ("embed", "mlp_0", ("attn_0",)), ("embed", "resid_0", ("attn_0", "mlp_0"))}
+        return out if parallel else out | {("attn_0", "mlp_0", ())}
+    if have == {"embed", "z_0", "mlp_0", "resid_0"}:                         # z stands in for attn
+        out = {("embed", "z_0", ()), ("mlp_0", "resid_0", ()), ("z_0", "resid_0", ("mlp_0",)),
+               ("embed", "mlp_0", ("attn_0",)), ("embed", "resid_0", ("attn_0", "mlp_0"))}
+        return out if parallel else out | {("z_0", "mlp_0", ())}
+    if have == {"embed", "z_0", "resid_mid_0", "resid_0"}:                   # z into resid_mid
+        return {("embed", "z_0", ()), ("z_0", "resid_mid_0", ()), ("embed", "resid_mid_0", ("attn_0",)),
+                ("resid_mid_0", "resid_0", ("mlp_0",))}
+    if have == {"embed", "resid_mid_0", "resid_0"}:
+        return {("embed", "resid_mid_0", ("attn_0",)), ("resid_mid_0", "resid_0", ("mlp_0",))}
+    raise AssertionError(f"no hand-written case for {sorted(have)}")
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("layer_sites", [("z_0", "attn_0", "resid_mid_0", "mlp_0", "resid_0"),
+                                         ("z_0", "attn_0", "mlp_0", "resid_0"), ("z_0", "mlp_0", "resid_0"),
+                                         ("z_0", "resid_mid_0", "resid_0"), ("resid_mid_0", "resid_0")])
+def test_edge_pairs_follow_the_table(parallel, layer_sites):
+    model = TA.make_model(1, parallel, n_layers=1)
+    if parallel and "resid_mid_0" in layer_sites:
+        assert "resid_mid_0" not in model.all_sites       # GPT-NeoX's MLP never reads it
+        return
+    sites = A.site_order(model, {s: None for s in ("embed",) + layer_sites})
+    assert sites == [s for s in model.all_sites if s in ("embed",) + layer_sites]
+    got = A.edge_pairs(model, sites)
+    assert len(got) == len(set(got))
+    assert set((u, d, tuple(fr)) for u, d, fr in got) == hand_table(layer_sites, parallel)
+
+
+def test_edge_pairs_without_optional_sites_are_unchanged():
+    """No dictionary at z or resid_mid: the original table (test_attribution.design_pairs), in order."""
+    for parallel in (True, False):
+        model = TA.make_model(1, parallel)
+        got = [(u, d, set(fr)) for u, d, fr in A.edge_pairs(model, model.sites)]
+        assert got == TA.design_pairs(2, parallel)
+
+
+# --- site states and node effects ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["neox sequential", "neox parallel", "qwen3"])
+def test_node_effects_at_optional_sites(name, request):
+    model = model_for(name, request)
+    saes = dicts_at(model, model.all_sites, 5)
+    batch = TA.make_batch(7, B=2, T=4)
+    # Site states: the clean and patch values are those of plain forward passes that ask for every site.
+    states = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
+    assert list(states) == model.all_sites
+    for tokens, key in [(batch.clean, "x_c"), (batch.patch, "x_p")]:
+        cache = {}
+        with torch.no_grad():
+            model(tokens, cache=cache, extra=model.all_sites)
+        for s in model.all_sites:
+            assert torch.equal(getattr(states[s], key), cache[s]), s
+            assert cache[s].shape[-1] == model.site_width(s)
+    if name == "qwen3":
+        assert model.site_width("z_1") == 48 != model.cfg.d_model
+    defs = {"attrib": A.attrib_effects(model, saes, TA.ref_logit_diff, batch, states),
+            "ig": A.ig_effects(model, saes, TA.ref_logit_diff, batch, states, 3),
+            "exact": A.exact_effects(model, saes, TA.ref_logit_diff, batch, states)}
+    for method, ref in defs.items():
+        fast = AB.node_effects(model, saes, A.logit_diff, batch, method, steps=3)
+        assert set(fast.effects) == set(model.all_sites)
+        TA.assert_effects_equal(fast.effects, ref, **tolerance(name))
+        for s in ("z_1", "resid_mid_1") if "resid_mid_1" in model.all_sites else ("z_1",):
+            assert ref[s].abs().max() > 1e-4, (method, s)      # the optional sites carry effects
+
+
+# --- edges ---------------------------------------------------------------------------------------------
+
+EDGE_CASES = [("neox sequential", "all", "sum"), ("neox sequential", "all", "none"), ("neox parallel", "all", "sum"),
+              ("neox sequential", "z for attn", "none"), ("qwen3", "all", "sum"), ("qwen3", "mid only", "sum")]
+
+
+@pytest.mark.parametrize("name,which,aggregation", EDGE_CASES)
+def test_batched_edges_equal_definition_at_optional_sites(name, which, aggregation, request):
+    model = model_for(name, request)
+    sites = {"all": model.all_sites,
+             "z for attn": [s for s in model.all_sites if not s.startswith("attn_")],
+             "mid only": [s for s in model.all_sites if s.startswith(("resid", "embed"))]}[which]
+    saes = dicts_at(model, sites, 9)
+    batch = TA.make_batch(11, B=2, T=4)
+    st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
+    L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
+    ref_eff = TA.effects_from(L, st)
+    node = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    TA.assert_effects_equal(node.effects, ref_eff, **tolerance(name))
+    tau = TA.threshold_for(ref_eff)
+    pairs = A.edge_pairs(model, A.site_order(model, saes))
+    optional = [(u, d) for u, d, _ in pairs if u.startswith(("z_", "resid_mid")) or d.startswith(("z_", "resid_mid"))]
+    assert optional
+    ref = TA.as_dict(A.edge_effects(model, saes, batch, st, TA.site_grads(L), ref_eff, tau, aggregation, pairs))
+    fast = AB.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
+    TA.assert_edges_equal(TA.as_dict(fast), ref, **tolerance(name))
+    # every pair touching an optional site has edges, and some are far from zero
+    for pair in optional:
+        assert pair in ref and max(v.abs().max() for v in ref[pair].values()) > 1e-6, pair
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+
+def every_node(saes):
+    return [{"site": s, "feature": f} for s, sae in saes.items() for f in list(range(sae.n_features)) + ["err"]]
+
+
+@pytest.mark.parametrize("name", ["neox sequential", "qwen3"])
+@pytest.mark.parametrize("ablation", ["mean", "resample"])
+def test_evaluation_at_optional_sites(name, ablation, request):
+    """An empty circuit at z_0, resid_mid_0 and z_1 sets each site to its ablation value: with mean ablation
+    the per-position mean of the site over the patch inputs (decode(mean f) + mean err = mean x), with
+    resample ablation the donor's own site value. A circuit of every node is the unedited model."""
+    model = model_for(name, request)
+    sites = ["z_0", "resid_mid_0", "z_1"]
+    saes = dicts_at(model, sites, 13)
+    batch = TA.make_batch(17, B=5, T=4)
+    plain = {}
+    with torch.no_grad():
+        model(batch.patch, cache=plain, extra=sites)
+        if ablation == "mean":
+            values = {s: plain[s].mean(0) for s in sites}
+        else:
+            donors = E.resample_order(batch, seed=3)
+            values = {s: plain[s][donors] for s in sites}
+        want_empty = TA.ref_logit_diff(model, batch, batch.clean, {s: (lambda x, v=values[s]: v.expand_as(x)) for s in sites})
+        want_full = TA.ref_logit_diff(model, batch, batch.clean, {})
+    tol = tolerance(name)["atol"]
+    r = E.faithfulness(model, saes, batch, [], ablation=ablation, batch_size=2, seed=3)
+    assert r["m_empty"] == pytest.approx(want_empty.mean().item(), abs=tol)
+    assert r["m_circuit"] == pytest.approx(want_empty.mean().item(), abs=tol)
+    assert r["m_full"] == pytest.approx(want_full.mean().item(), abs=tol)
+    assert abs(r["m_full"] - r["m_empty"]) > 1e-3
+    whole = E.faithfulness(model, saes, batch, every_node(saes), ablation=ablation, batch_size=2, seed=3)
+    assert whole["m_circuit"] == pytest.approx(want_full.mean().item(), abs=tol)
+    assert whole["faithfulness"] == pytest.approx(1.0, abs=1e3 * tol)
+
+
+def test_find_circuit_checks_each_site_width(request):
+    model = request.getfixturevalue("qwen3")
+    saes = dicts_at(model, ["resid_0"], 1)
+    gen = torch.Generator().manual_seed(2)
+    saes["z_1"] = TA.make_sae(gen, "relu", d=model.cfg.d_model).to(F64)     # d_model wide, z_1 is 48 wide
+    with pytest.raises(minicirc.MinicircError, match=r"dictionary for z_1 has width 32, the model's n_heads x head_dim is 48"):
+        minicirc.find_circuit(model, saes, TA.make_batch(1, B=2, T=3), progress=False)
+
+
+# Reference: central finite differences in float64 (test_attribution.check_edges_by_finite_differences) for
+# the pairs that touch an optional site, the frozen sites held at their clean values.
+@pytest.mark.parametrize("which", ["all", "z for attn"])
+def test_optional_site_edges_finite_differences(which):
+    model = TA.make_model(43, parallel=False)
+    sites = [s for s in model.all_sites if which == "all" or not s.startswith("attn_")]
+    saes = dicts_at(model, sites, 19)
+    batch = TA.make_batch(23, B=2, T=4)
+    st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
+    L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
+    node = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    pairs = [p for p in A.edge_pairs(model, sites) if any(s.startswith(("z_", "resid_mid")) for s in p[:2])]
+    TA.check_edges_by_finite_differences(model, saes, batch, st, L, TA.effects_from(L, st), node, pairs, 29)
