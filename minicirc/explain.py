@@ -220,7 +220,7 @@ def _scan(model, saes, wanted, ids, k, batch_size):
     occurrence of each token prefix is a candidate (see _prefix_groups)."""
     device = next(model.parameters()).device
     sites = [s for s in wanted if wanted[s]]
-    last = max(sites, key=model.sites.index)
+    last = max(sites, key=model.all_sites.index)
     cols = {s: torch.tensor(wanted[s], dtype=torch.long, device=device) for s in sites}
     best = {s: (torch.empty(0, len(wanted[s]), device=device, dtype=saes[s].W_enc.dtype),
                 torch.empty(0, len(wanted[s]), dtype=torch.long, device=device)) for s in sites}
@@ -357,7 +357,7 @@ def _by_site(model, pairs):
         wanted.setdefault(site, [])
         if feat not in wanted[site]:
             wanted[site].append(feat)
-    return {s: wanted[s] for s in sorted(wanted, key=model.sites.index)}
+    return {s: wanted[s] for s in sorted(wanted, key=model.all_sites.index)}
 
 
 def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, batch_size=64):

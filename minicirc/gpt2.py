@@ -129,6 +129,11 @@ class GPT2(SiteModel):
     def unembedding(self):
         return self.wte.weight   # tied
 
+    def value_bias(self, layer):
+        """The value projection's bias in z_layer's layout (see model.GPTNeoX.value_bias): c_attn is [q | k | v]."""
+        D = self.cfg.d_model
+        return self.layers[layer].attn.c_attn.bias[2 * D:]
+
 
 # Conv1D weights, stored (in, out).
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

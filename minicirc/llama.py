@@ -279,6 +279,14 @@ class Llama(SiteModel):
     def unembedding(self):
         return self.lm_head.weight
 
+    def value_bias(self, layer):
+        """The value projection's bias in z_layer's layout (see model.GPTNeoX.value_bias): each of the n_kv_heads
+        biases repeated for the query heads that share it (query head h reads key/value head h // group)."""
+        cfg, v_proj = self.cfg, self.layers[layer].self_attn.v_proj
+        if v_proj.bias is None:
+            return torch.zeros(cfg.n_heads * cfg.head_dim, device=v_proj.weight.device)
+        return v_proj.bias.view(cfg.n_kv_heads, cfg.head_dim).repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 0).reshape(-1)
+
 
 def hf_names(cfg, keys=None):
     """minicirc parameter name -> Hugging Face *ForCausalLM name (same names under `model.`, no transposes)."""

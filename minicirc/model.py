@@ -325,6 +325,16 @@ class GPTNeoX(SiteModel):
     def unembedding(self):
         return self.embed_out.weight
 
+    def value_bias(self, layer):
+        """The value projection's bias in z_layer's layout (n_heads * head_dim): TransformerLens folds it out of
+        z (fold_value_biases), so a z dictionary trained there reads z - value_bias (sae.shift_input)."""
+        attn = self.layers[layer].attention
+        bias = attn.query_key_value.bias
+        if bias is None:
+            return torch.zeros(self.cfg.d_model, device=attn.query_key_value.weight.device)
+        H = self.cfg.n_heads
+        return bias.view(H, 3, -1)[:, 2].reshape(-1)    # per head [q | k | v]
+
 
 # --- loading and saving Hugging Face GPT-NeoX checkpoint directories ---------------------------------
 

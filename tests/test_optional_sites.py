@@ -217,3 +217,43 @@ def test_optional_site_edges_finite_differences(which):
     node = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
     pairs = [p for p in A.edge_pairs(model, sites) if any(s.startswith(("z_", "resid_mid")) for s in p[:2])]
     TA.check_edges_by_finite_differences(model, saes, batch, st, L, TA.effects_from(L, st), node, pairs, 29)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "qwen2 biases", "llama mha biases", "gpt_neox"])
+def test_value_bias_is_what_z_carries_of_the_value_projections_bias(tmp_path, case):
+    """Attention weights sum to one, so z_l = sum_j a_ij (v_j + b_V) = (z_l without the value bias) + b_V:
+    zeroing the value projection's bias must move z_l by exactly model.value_bias(l) at every token (the
+    shift a TransformerLens-trained z dictionary reads, sae.shift_input)."""
+    from test_families import CASES, V, write_hf
+    from conftest import write_hf_model
+    if case == "gpt_neox":
+        write_hf_model(tmp_path / "m", seed=5, parallel=False)
+        vocab = 61
+    else:
+        kind, kw = CASES[case]
+        write_hf(tmp_path / "m", kind, seed=14, **kw)
+        vocab = V
+    model = minicirc.load_model(tmp_path / "m").double()
+    tokens = torch.randint(0, vocab, (2, 7))
+    zs = [f"z_{l}" for l in range(model.cfg.n_layers)]
+    with_bias, without = {}, {}
+    with torch.no_grad():
+        model(tokens, cache=with_bias, extra=zs)
+        for l in range(model.cfg.n_layers):
+            b_V = model.value_bias(l).clone()
+            assert b_V.shape == (model.site_width(f"z_{l}"),) and b_V.abs().max() > 0.05
+            layer = model.layers[l]
+            if case == "gpt2":
+                layer.attn.c_attn.bias[2 * model.cfg.d_model:] = 0
+            elif case == "gpt_neox":
+                layer.attention.query_key_value.bias.view(model.cfg.n_heads, 3, -1)[:, 2] = 0
+            else:
+                layer.self_attn.v_proj.bias.zero_()
+            assert model.value_bias(l).abs().max() == 0
+            # only this layer's bias removed so far: z_l moves by b_V (layers below are unchanged)
+            model(tokens, cache=without, extra=zs)
+            # llama.py takes the softmax in float32 even in a float64 model: its weights sum to 1 within ~1e-7
+            tol = 1e-6 if case in ("qwen2 biases", "llama mha biases") else 1e-9
+            torch.testing.assert_close(with_bias[f"z_{l}"] - without[f"z_{l}"], b_V.expand_as(without[f"z_{l}"]),
+                                       rtol=tol, atol=tol)
+            model(tokens, cache=with_bias, extra=zs)   # the next layer's reference, this layer's bias now gone

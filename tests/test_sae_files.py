@@ -116,10 +116,31 @@ def test_hook_tree_refusals(tiny_model_dir, tmp_path):
     tiny_saes_for(model, ["blocks.0.hook_resid_mid"], tmp_path / "mid")
     with pytest.raises(MinicircError, match="reads site resid_mid_0, and this model has no resid_mid sites"):
         minicirc.load_saes(tmp_path / "mid", model)
-    # GPT-NeoX has z sites, but gives no value biases for a z dictionary TransformerLens trained on z - b_V.
+    # A z dictionary TransformerLens trained on z - b_V (fold_value_biases, its default) reads z shifted by the
+    # model's value bias: the same file read as trained on z itself, given z - b_V, encodes alike.
     tiny_saes_for(model, ["blocks.1.attn.hook_z"], tmp_path / "z")
+    shifted = minicirc.load_saes(tmp_path / "z", model)["z_1"]
+    cfg_path = next((tmp_path / "z").rglob("cfg.json"))
+    cfg = json.load(open(cfg_path))
+    cfg.setdefault("model_from_pretrained_kwargs", {})["fold_value_biases"] = False
+    cfg_path.write_text(json.dumps(cfg))
+    plain = minicirc.load_saes(tmp_path / "z", model)["z_1"]
+    b_V = model.value_bias(1)
+    assert b_V.abs().max() > 0.01
+    z = torch.randn(5, model.site_width("z_1"))
+    torch.testing.assert_close(shifted.encode(z), plain.encode(z - b_V))
+    assert not torch.equal(shifted.encode(z), plain.encode(z))
+    # A model that does not give its value biases is refused for such a file.
+    cfg["model_from_pretrained_kwargs"]["fold_value_biases"] = True
+    cfg_path.write_text(json.dumps(cfg))
+
+    class NoValueBias:
+        def __getattr__(self, name):
+            if name == "value_bias":
+                raise AttributeError(name)
+            return getattr(model, name)
     with pytest.raises(MinicircError, match="this z dictionary reads z - b_V, and this model does not give"):
-        minicirc.load_saes(tmp_path / "z", model)
+        minicirc.load_saes(tmp_path / "z", NoValueBias())
     # Two folders for one site: resid_pre of layer 1 and resid_post of layer 0 are both resid_0.
     tiny_saes_for(model, ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_post"], tmp_path / "twice")
     with pytest.raises(MinicircError, match="two dictionaries for site resid_0"):
