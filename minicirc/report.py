@@ -241,6 +241,20 @@ def shift_report(results, out):
         share = v["ablated"] / v["features"] if v["features"] > 0 else float("nan")
         lines.append(f"| {site} | {v['features']:.3f} | {v['candidates']:.3f} ({v['n_candidates']}) | "
                      f"{v['ablated']:.3f} ({v['n_ablated']}) | {fmt(share)} | {v['error']:+.3f} |")
+    if "concept_left" in results:
+        before, after = results["concept_left"]["before"], results["concept_left"]["after"]
+        lines += ["", "How readable each concept is at each site, before and after SHIFT's ablation: held-out "
+                  "accuracy (%) of a linear probe fit on balanced bios (50 = not linearly readable) on the site's "
+                  "mean-pooled value, on the part its SAE features carry, and on its SAE error (of the value that "
+                  "arrives at the site, which the ablation keeps):", "",
+                  "| site | gender: value | gender: features | gender: error | gender after: value | "
+                  "gender after: features | gender after: error | profession after: value |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for site in before:
+            g0, g1 = before[site]["gender"], after[site]["gender"]
+            lines.append(f"| {site} | {_pct(g0['value'])} | {_pct(g0['features'])} | {_pct(g0['error'])} | "
+                         f"{_pct(g1['value'])} | {_pct(g1['features'])} | {_pct(g1['error'])} | "
+                         f"{_pct(after[site]['profession']['value'])} |")
     lines += ["", "## How the features were chosen", "",
               f"Circuit: IG node effects ({cfg['steps']} steps, patch = None so the counterfactual is zero) of every "
               f"feature and SAE error at the sites {', '.join(_probe_site_names(L))} on {cfg['n_circuit']} ambiguous "

@@ -25,10 +25,11 @@ Choices (the design leaves them open):
 - Candidates (`coverage_candidates`): the fewest strongest features whose summed |effect| reaches a stated
   share (`coverage`, default 0.9) of the summed |effect| of all features, ties at the boundary all included.
   The rule has no scale of its own: it reads the effects as a distribution, so the same share means the same
-  thing for SAE features and for neurons, and for another model. A fixed top k does not: 100 candidates were
-  a fifth of the neurons' effect mass left out, and the result swung from 30% to 91% worst-group accuracy
-  between k = 100 and k = 300 on the embedded default. `top_k` (the strongest k) stays as an explicit
-  alternative; `threshold` then drops candidates with |effect| at or below it. Error nodes are not
+  thing for SAE features and for neurons, and for another model. A fixed top k does not: on the first
+  embedded default (default-v1) the top 100 covered 63% of the features' summed |effect| but 70% of the
+  neurons', and SHIFT + retrain swung from 30% to 91% worst-group accuracy between k = 100 and k = 300.
+  `top_k` (the strongest k) stays as an explicit alternative; `threshold` then drops candidates with
+  |effect| at or below it. Error nodes are not
   candidates: they cannot be judged or ablated without removing everything the dictionary misses.
 - Judge (automatic; the paper used people): on a labelled balanced validation split, each candidate's
   activation is mean-pooled over a bio's real tokens; its gender effect size (difference of the female and
@@ -55,7 +56,8 @@ from .metrics import auroc
 CONCEPT, SPURIOUS = "profession", "gender"
 
 SETTINGS = {
-    # A few hundred bios per split; the whole run takes about 12 s on 2 cores once the default is cached.
+    # A few hundred bios per split; the whole run takes about 80 s on 2 cores once the default is cached (most
+    # of it the sweeps, each point with its random control).
     # coverage: the candidate rule's share; circuit_nodes: how many nodes circuit.json/png show (display only).
     # sweep: the shares the report also runs; sweep_k: the fixed top k it compares with.
     "full": dict(n_train=400, n_val=200, n_test=400, n_explain=200, n_circuit=200, steps=10, coverage=0.9,
@@ -421,6 +423,53 @@ def judge(model, saes, batch, features, margin=0.2):
             for j, f in enumerate(features)]
 
 
+# --- where a concept lives -----------------------------------------------------------------------
+
+@torch.no_grad()
+def pooled_parts(model, saes, batch, sites, edit=None, batch_size=256):
+    """{site: {"value", "features", "error"}: (n, d_model)}, each mean-pooled over a bio's real tokens: the
+    site's value that flowed downstream (after `edit`), its SAE error e = x - decode(encode(x)) of the value x
+    that arrived there (before the site's own edit: the error an ablation keeps), and the rest, value - e
+    (what the features carry; decode(encode(x)) when nothing is edited)."""
+    edit = edit or {}
+    out = {s: {"value": [], "features": [], "error": []} for s in sites}
+    last_site = max(sites, key=model.sites.index)
+    for i in range(0, len(batch), batch_size):
+        b = batch[i:i + batch_size]
+        arrived, cache = {}, {}
+        record = {s: (lambda x, s=s, fn=edit.get(s): (arrived.__setitem__(s, x), fn(x) if fn else x)[1])
+                  for s in sites}
+        model(b.clean, edit=record, cache=cache, stop_at=last_site)
+        for s in sites:
+            x = arrived[s]
+            err = x - saes[s].decode(saes[s].encode(x))
+            for part, v in (("value", cache[s]), ("features", cache[s] - err), ("error", err)):
+                out[s][part].append(mean_over_tokens(v, b.last))
+    return {s: {part: torch.cat(v) for part, v in parts.items()} for s, parts in out.items()}
+
+
+def concept_left(model, saes, train, test, sites, ablation=None, l2=1e-3):
+    """Where each concept lives, per site: the held-out accuracy of a linear probe for gender and one for
+    profession (fit on the balanced `train` bios, scored on `test`) on the site's mean-pooled value, on the
+    part its features carry and on its SAE error (pooled_parts), with `ablation` in place. 0.5 = not
+    linearly readable.
+    {site: {concept: {part: accuracy}}}."""
+    edit = ablation_edit(saes, ablation) if ablation else {}
+    X_train = pooled_parts(model, saes, train, sites, edit)
+    X_test = pooled_parts(model, saes, test, sites, edit)
+    out = {}
+    for s in sites:
+        out[s] = {}
+        for concept in (SPURIOUS, CONCEPT):
+            y, y_test = labels(train, concept), labels(test, concept)
+            out[s][concept] = {}
+            for part in ("value", "features", "error"):
+                w, b = fit_logistic(X_train[s][part], y, l2=l2)
+                pred = ((X_test[s][part] @ w + b) > 0).long()
+                out[s][concept][part] = (pred == y_test).float().mean().item()
+    return out
+
+
 # --- the whole pipeline ---------------------------------------------------------------------------
 
 def random_control(model, probe, dicts, like, data, cfg):
@@ -560,6 +609,8 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     neur = shift_pipeline(model, neurons, tokenizer, probe, data, cfg, sites, None, progress, "neurons")
     stages.update()
     oracle = train_probe(model, data["oracle_train"], layer, l2=cfg["l2"])
+    where = {"before": concept_left(model, saes, data["oracle_train"], data["test"], sites, l2=cfg["l2"]),
+             "after": concept_left(model, saes, data["oracle_train"], data["test"], sites, feat["ablation"], cfg["l2"])}
     rows = {"original": evaluate(model, probe, data["test"]), "random": _mean(feat["random_runs"]),
             "random_retrain": _mean(feat["random_retrain_runs"]), "shift": feat["shift"],
             "shift_retrain": feat["retrain"], "neurons_random": _mean(neur["random_runs"]),
@@ -582,7 +633,7 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     stages.close()
     results = {"rows": rows, "n_ablated": n_ablated, "random_runs": feat["random_runs"],
                "random_retrain_runs": feat["random_retrain_runs"], "probe_train_accuracy": train_acc,
-               "settings": cfg, "judge": "user" if user else "automatic",
+               "settings": cfg, "judge": "user" if user else "automatic", "concept_left": where,
                "features": summary(feat), "neurons": summary(neur), "default": folder, "recipe": stats["recipe"],
                "seconds": None}
     report.plot_shift(results, os.path.join(out, "shift.png"))

@@ -231,6 +231,11 @@ def test_shift_reduced_budget(quick, tmp_path):
         assert rows[pre + "random_retrain"]["worst_group"] == pytest.approx(
             sum(r["worst_group"] for r in res["random_retrain_runs"]) / 5, abs=1e-12)
     assert results["random_retrain_runs"] == results["features"]["random_retrain_runs"]
+    # Where the concepts live: concept_left on the balanced bios, before and after the features' ablation.
+    abl = {s: list(v) for s, v in results["features"]["ablation"].items()}
+    for state, a in (("before", None), ("after", abl)):
+        assert results["concept_left"][state] == shift.concept_left(model, saes, data["oracle_train"], data["test"],
+                                                                     sites, a, cfg["l2"]), state
     report = (out / "shift_report.md").read_text()
     assert "Judge: automatic" in report and "worst-group" in report and "[[" in report
     assert "| 0.9 | " in report and "Where the probe's evidence lives" in report
@@ -317,6 +322,58 @@ def test_coverage_rule_against_a_written_out_selection_on_random_effects():
     assert shift.select_candidates(rows, coverage=0.9, threshold=2.0) == rows[:2]
     assert shift.select_candidates(rows, top_k=1) == rows[:1]
     assert shift.select_candidates(rows, top_k=10, threshold=0.5) == rows
+
+
+def test_pooled_parts_and_concept_left_against_a_written_out_split():
+    """pooled_parts: the value that left each site, the SAE error of the value that arrived there (the site's
+    own ablation not yet applied: the run with only the upstream sites ablated, written out here), and their
+    difference, each averaged over a bio's real tokens; concept_left: probes fit on those."""
+    from test_data import random_model_and_saes
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    model, saes = random_model_and_saes(g, 29)
+    train, test = _random_bios(g, model, 16), _random_bios(g, model, 12)
+    sites = shift.probe_sites(model, 1)
+    ablation = {"embed": torch.randperm(10, generator=g)[:3].tolist(), "resid_0": [1, 4], "resid_1": [2]}
+    got = shift.pooled_parts(model, saes, train, sites, shift.ablation_edit(saes, ablation), batch_size=5)
+    for s in sites:
+        upstream = {t: v for t, v in ablation.items() if model.sites.index(t) < model.sites.index(s)}
+        want = {"value": [], "error": [], "arrived": []}
+        for b in range(len(train)):
+            T = int(train.last[b]) + 1
+            arrived, left = {}, {}
+            with torch.no_grad():
+                model(train.clean[b:b + 1, :T], edit=shift.ablation_edit(saes, upstream), cache=arrived)
+                model(train.clean[b:b + 1, :T], edit=shift.ablation_edit(saes, ablation), cache=left)
+            x, sae = arrived[s][0], saes[s]
+            f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+            want["error"].append((x - (f @ sae.W_dec + sae.b_dec)).mean(0))
+            want["value"].append(left[s][0].mean(0))
+            want["arrived"].append(x.mean(0))
+        for part in ("value", "error"):
+            torch.testing.assert_close(got[s][part], torch.stack(want[part]), rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(got[s]["features"], got[s]["value"] - got[s]["error"], rtol=1e-8, atol=1e-10)
+        if s in ablation:   # the site's own ablation changed what left it (so arrived and left differ here)
+            assert not torch.allclose(got[s]["value"], torch.stack(want["arrived"]), atol=1e-6)
+    # With nothing edited the features' part is the reconstruction decode(encode(x)).
+    plain = shift.pooled_parts(model, saes, train, sites)
+    for s in sites:
+        rec = []
+        for b in range(len(train)):
+            T = int(train.last[b]) + 1
+            cache = {}
+            with torch.no_grad():
+                model(train.clean[b:b + 1, :T], cache=cache)
+            rec.append(saes[s].decode(saes[s].encode(cache[s][0])).mean(0))
+        torch.testing.assert_close(plain[s]["features"], torch.stack(rec), rtol=1e-8, atol=1e-10)
+    # concept_left: each accuracy is a probe fit on the train bios' part, scored on the test bios'.
+    left = shift.concept_left(model, saes, train, test, sites, ablation, l2=0.01)
+    X_test = shift.pooled_parts(model, saes, test, sites, shift.ablation_edit(saes, ablation))
+    for s in sites:
+        for concept in ("gender", "profession"):
+            for part in ("value", "features", "error"):
+                w, b = shift.fit_logistic(got[s][part], shift.labels(train, concept), l2=0.01)
+                acc = (((X_test[s][part] @ w + b) > 0).long() == shift.labels(test, concept)).double().mean()
+                assert left[s][concept][part] == pytest.approx(float(acc), abs=1e-6), (s, concept, part)
 
 
 def test_ablate_and_retrain_matches_its_parts(quick):
