@@ -255,6 +255,19 @@ def shift_report(results, out):
             lines.append(f"| {site} | {_pct(g0['value'])} | {_pct(g0['features'])} | {_pct(g0['error'])} | "
                          f"{_pct(g1['value'])} | {_pct(g1['features'])} | {_pct(g1['error'])} | "
                          f"{_pct(after[site]['profession']['value'])} |")
+        top = list(before)[-1]
+        g1 = after[top]["gender"]
+        lines += ["", f"At {top}, the site the probe reads, gender after the ablation is readable at "
+                  f"{_pct(g1['value'])}% from the value and {_pct(g1['error'])}% from the SAE error alone (before: "
+                  f"{_pct(before[top]['gender']['value'])}%), profession at {_pct(after[top]['profession']['value'])}%. "
+                  "The error is not a feature, so no candidate rule can ablate it: what is left of gender there is "
+                  "out of SHIFT's reach. " + (
+                      f"The retrained probe leaves it unused (its predictions match gender on "
+                      f"{_pct(r['shift_retrain']['gender'])}% of the balanced bios): on the ambiguous training "
+                      f"bios, profession now predicts the label better than what remains of gender."
+                      if r["shift_retrain"]["gender"] < 0.6 else
+                      f"The retrained probe still follows it (its predictions match gender on "
+                      f"{_pct(r['shift_retrain']['gender'])}% of the balanced bios).")]
     lines += ["", "## How the features were chosen", "",
               f"Circuit: IG node effects ({cfg['steps']} steps, patch = None so the counterfactual is zero) of every "
               f"feature and SAE error at the sites {', '.join(_probe_site_names(L))} on {cfg['n_circuit']} ambiguous "
