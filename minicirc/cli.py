@@ -149,8 +149,8 @@ def cmd_shift(args):
     from .shift import run_shift
     set_threads(args.threads)
     run_shift(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device, probe_layer=args.probe_layer,
-              ablate=args.ablate, coverage=args.coverage, top_k=args.top_k, margin=args.margin, random_seeds=args.random_seeds,
-              threshold=args.threshold)
+              ablate=args.ablate, coverage=args.coverage, top_k=args.top_k, margin=args.margin,
+              random_seeds=args.random_seeds, threshold=args.threshold)
 
 
 # The embedded default model is tiny (d_model 64): its matmuls are too small to gain from a second thread,
