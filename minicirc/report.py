@@ -173,7 +173,8 @@ def verdict_text(results):
     oracle = r["oracle"]["worst_group"]
     if oracle > 0:
         text += (f" After retraining that is {100 * sr / oracle:.0f}% of the oracle's worst-group accuracy "
-                 f"({_pct(oracle)}%); the same rule over neurons reaches {_pct(r['neurons_shift_retrain']['worst_group'])}% "
+                 f"({_pct(oracle)}%); the same rule over neurons reaches "
+                 f"{_pct(r['neurons_shift_retrain']['worst_group'])}% "
                  f"({results['n_ablated']['neurons_shift']} neurons ablated; random neurons + retrain: "
                  f"{_pct(r['neurons_random_retrain']['worst_group'])}%).")
     sh = r["shift"]
@@ -208,7 +209,8 @@ def shift_report(results, out):
               "The rule's one parameter: worst-group accuracy (%) for other shares (random = as many features "
               f"ablated at random at the same sites, then retrained, mean of {n} seeds):", "",
               "| share | feature candidates | features ablated | SHIFT | SHIFT + retrain | random + retrain | "
-              "neuron candidates | neurons ablated | neurons SHIFT | neurons SHIFT + retrain | neurons random + retrain |",
+              "neuron candidates | neurons ablated | neurons SHIFT | neurons SHIFT + retrain | "
+              "neurons random + retrain |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     cell = lambda p: (str(p["candidates"]), str(p["n_ablated"]), _pct(p["shift"]["worst_group"]),
                       _pct(p["retrain"]["worst_group"]), _pct(p["random_retrain"]["worst_group"])) \
@@ -259,7 +261,8 @@ def shift_report(results, out):
         g1 = after[top]["gender"]
         lines += ["", f"At {top}, the site the probe reads, gender after the ablation is readable at "
                   f"{_pct(g1['value'])}% from the value and {_pct(g1['error'])}% from the SAE error alone (before: "
-                  f"{_pct(before[top]['gender']['value'])}%), profession at {_pct(after[top]['profession']['value'])}%. "
+                  f"{_pct(before[top]['gender']['value'])}%), profession at "
+                  f"{_pct(after[top]['profession']['value'])}%. "
                   "The error is not a feature, so no candidate rule can ablate it: what is left of gender there is "
                   "out of SHIFT's reach. " + (
                       f"The retrained probe leaves it unused (its predictions match gender on "

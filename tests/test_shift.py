@@ -219,7 +219,8 @@ def test_shift_reduced_budget(quick, tmp_path):
             assert v["n_ablated"] == len(abl) and v["error"] == pytest.approx(effects["err"], rel=1e-9)
         # The rows: SHIFT + retrain and the random control are ablate_and_retrain's, recomputed here.
         abl = {s: list(v) for s, v in res["ablation"].items()}
-        shifted, retrained, _ = shift.ablate_and_retrain(model, probe, dicts, abl, data["train"], data["test"], cfg["l2"])
+        shifted, retrained, _ = shift.ablate_and_retrain(model, probe, dicts, abl, data["train"], data["test"],
+                                                         cfg["l2"])
         pre = "" if kind == "features" else "neurons_"
         assert (rows[pre + "shift"], rows[pre + "shift_retrain"]) == (shifted, retrained)
         assert len(res["random_retrain_runs"]) == cfg["random_seeds"] == 5
