@@ -150,8 +150,8 @@ def cmd_shift(args):
     from .shift import run_shift
     set_threads(args.threads)
     run_shift(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device, probe_layer=args.probe_layer,
-              ablate=args.ablate, top_k=args.top_k, margin=args.margin, random_seeds=args.random_seeds,
-              threshold=args.threshold)
+              ablate=args.ablate, coverage=args.coverage, top_k=args.top_k, margin=args.margin,
+              random_seeds=args.random_seeds, threshold=args.threshold)
 
 
 # The embedded default model is tiny (d_model 64): its matmuls are too small to gain from a second thread,
@@ -225,9 +225,13 @@ def build_parser():
     sh.add_argument("--overwrite", action="store_true")
     sh.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sh.add_argument("--probe-layer", type=int, default=None, help="probe reads resid_L (default: the middle layer)")
-    sh.add_argument("--top-k", type=int, default=None, help="candidates for the judge: top k features by |effect|")
+    sh.add_argument("--coverage", type=float, default=None,
+                    help="candidates for the judge: the fewest strongest features whose summed |effect| reaches "
+                         "this share of all features' (default 0.9)")
+    sh.add_argument("--top-k", type=int, default=None,
+                    help="candidates for the judge: the top k features by |effect| instead of --coverage")
     sh.add_argument("--threshold", type=float, default=0.0,
-                    help="candidates must also have |effect| above this (default 0: the top k alone)")
+                    help="candidates must also have |effect| above this (default 0: the rule alone)")
     sh.add_argument("--margin", type=float, default=None,
                     help="automatic judge: spurious when gender effect size > profession effect size + margin")
     sh.add_argument("--random-seeds", type=int, default=None, help="seeds for the random-ablation baseline")

@@ -290,8 +290,11 @@ def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, caps
     assert run("shift", "--out", "o1", "--quick", "--overwrite", "--probe-layer", 1, "--top-k", 7, "--threshold", 0.25,
                "--margin", 0.5, "--random-seeds", 3, "--ablate", "embed/1,resid_0/2") == 0
     assert seen["shift"] == (("o1",), dict(quick=True, overwrite=True, device="cpu", probe_layer=1,
-                                           ablate="embed/1,resid_0/2", top_k=7, margin=0.5, random_seeds=3,
-                                           threshold=0.25))
+                                           ablate="embed/1,resid_0/2", coverage=None, top_k=7, margin=0.5,
+                                           random_seeds=3, threshold=0.25))
+    seen.clear()
+    assert run("shift", "--coverage", 0.75) == 0
+    assert seen["shift"][1]["coverage"] == 0.75 and seen["shift"][1]["top_k"] is None
     assert run("demo", "--out", "o2", "--overwrite", "--threads", 1) == 0
     assert seen["demo"] == (("o2",), dict(quick=False, overwrite=True, device="cpu"))
     for cmd in ("demo", "shift"):
@@ -342,8 +345,8 @@ def test_defaults_are_the_functions_defaults():
            ("evaluate", evaluation.faithfulness, ["ablation", "errors", "first_layer", "seed"]),
            ("evaluate", model_mod.load_model, ["device", "dtype"]),
            ("demo", demo.run_demo, ["out", "quick", "overwrite", "device"]),
-           ("shift", shift.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "top_k", "margin",
-                                       "random_seeds", "threshold"]),
+           ("shift", shift.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "coverage", "top_k",
+                                       "margin", "random_seeds", "threshold"]),
            ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"]),
            ("explain", model_mod.load_model, ["device"]),
            *((command, sae.load_saes, ["norm_scaling_factor"]) for command in ("circuit", "evaluate", "explain"))]

@@ -175,32 +175,78 @@ def test_shift_reduced_budget(quick, tmp_path):
     assert main(["shift", "--quick", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    assert set(rows) == {"original", "random", "random_retrain", "shift", "shift_retrain", "neurons_shift",
-                         "neurons_shift_retrain", "oracle"}
+    assert set(rows) == {"original", "random", "random_retrain", "shift", "shift_retrain", "neurons_random",
+                         "neurons_random_retrain", "neurons_shift", "neurons_shift_retrain", "oracle"}
     for name, r in rows.items():
         for k in ("profession", "gender", "worst_group"):
             assert math.isfinite(r[k]) and 0 <= r[k] <= 1, (name, k)
     assert rows["oracle"]["worst_group"] >= rows["original"]["worst_group"]
-    assert len(results["random_runs"]) >= 5
+    assert len(results["random_runs"]) == len(results["neurons"]["random_runs"]) == 5
     assert results["judge"] == "automatic"
-    assert results["n_ablated"]["shift"] == sum(c["ablated"] for c in results["features"]["candidates"])
-    # top_k candidates; the sweep runs up to every feature with a non-zero effect (the circuit recomputed here).
+    for kind, pre in (("features", ""), ("neurons", "neurons_")):
+        assert results["n_ablated"][pre + "shift"] == results["n_ablated"][pre + "random_retrain"] \
+            == sum(c["ablated"] for c in results[kind]["candidates"]) > 0
+    # The candidates are the coverage rule's choice among every feature with a non-zero effect (the circuit
+    # recomputed here), the same rule for neurons; the sweeps run the rule's other shares and a fixed top k.
     cfg = results["settings"]
-    assert len(results["features"]["candidates"]) == cfg["top_k"]
+    assert cfg["coverage"] == 0.9 and cfg["top_k"] is None
     model, saes, tok = quick
     data = shift.make_data(tok, cfg)
     probe = shift.train_probe(model, data["train"], cfg["probe_layer"], l2=cfg["l2"])
-    circuit = shift.probe_circuit(model, saes, probe, data["circuit"], steps=cfg["steps"], top_k=cfg["top_k"],
-                                  batch_size=cfg["batch_size"], progress=False)
-    n = len(shift.top_features(circuit, k=10**9))
-    assert n > cfg["top_k"]
-    assert [p["candidates"] for p in results["features"]["sweep"]] == sorted({k for k in cfg["sweep"] if k < n} | {n})
+    sites = shift.probe_sites(model, cfg["probe_layer"])
+    for kind, dicts in (("features", saes), ("neurons", identity_saes(model))):
+        res = results[kind]
+        circuit = shift.probe_circuit(model, {s: dicts[s] for s in sites}, probe, data["circuit"], steps=cfg["steps"],
+                                      top_k=cfg["circuit_nodes"], batch_size=cfg["batch_size"], progress=False)
+        ranked = shift.top_features(circuit, k=10**9)
+        want = _coverage_by_hand(ranked, 0.9)
+        assert [(c["site"], c["feature"]) for c in res["candidates"]] == [(s, i) for s, i, _ in want], kind
+        assert 0 < len(want) < len(ranked)
+        assert [(p["coverage"], p["candidates"]) for p in res["sweep"]] == \
+            [(share, len(_coverage_by_hand(ranked, share))) for share in cfg["sweep"]]
+        assert [p["candidates"] for p in res["sweep_k"]] == sorted({k for k in cfg["sweep_k"] if k < len(ranked)}
+                                                                   | {len(ranked)})
+        # Where the evidence lives: each site's summed |effect| of its features, candidates and ablated features,
+        # and its error node's effect, written out from the recomputed circuit.
+        for site in sites:
+            effects = {i: e for _, s, i, _, e in circuit.all_nodes() if s == site}
+            abl = res["ablation"].get(site, [])
+            v = res["sites"][site]
+            assert v["features"] == pytest.approx(sum(abs(e) for i, e in effects.items() if i != "err"), rel=1e-9)
+            assert v["candidates"] == pytest.approx(sum(abs(c["effect"]) for c in res["candidates"]
+                                                        if c["site"] == site), rel=1e-9)
+            assert v["ablated"] == pytest.approx(sum(abs(effects[i]) for i in abl), rel=1e-9, abs=1e-12)
+            assert v["n_ablated"] == len(abl) and v["error"] == pytest.approx(effects["err"], rel=1e-9)
+        # The rows: SHIFT + retrain and the random control are ablate_and_retrain's, recomputed here.
+        abl = {s: list(v) for s, v in res["ablation"].items()}
+        shifted, retrained, _ = shift.ablate_and_retrain(model, probe, dicts, abl, data["train"], data["test"],
+                                                         cfg["l2"])
+        pre = "" if kind == "features" else "neurons_"
+        assert (rows[pre + "shift"], rows[pre + "shift_retrain"]) == (shifted, retrained)
+        assert len(res["random_retrain_runs"]) == cfg["random_seeds"] == 5
+        for seed, run in enumerate(res["random_retrain_runs"]):
+            other = shift.random_ablation(dicts, abl, seed)
+            assert {s: len(v) for s, v in other.items()} == {s: len(v) for s, v in abl.items()}
+            assert run == shift.ablate_and_retrain(model, probe, dicts, other, data["train"], data["test"],
+                                                   cfg["l2"])[1]
+        assert rows[pre + "random_retrain"]["worst_group"] == pytest.approx(
+            sum(r["worst_group"] for r in res["random_retrain_runs"]) / 5, abs=1e-12)
+    assert results["random_retrain_runs"] == results["features"]["random_retrain_runs"]
+    # Where the concepts live: concept_left on the balanced bios, before and after the features' ablation.
+    abl = {s: list(v) for s, v in results["features"]["ablation"].items()}
+    for state, a in (("before", None), ("after", abl)):
+        assert results["concept_left"][state] == shift.concept_left(model, saes, data["oracle_train"], data["test"],
+                                                                     sites, a, cfg["l2"]), state
     report = (out / "shift_report.md").read_text()
     assert "Judge: automatic" in report and "worst-group" in report and "[[" in report
-    # --threshold keeps the candidates above it: the earlier candidates (top k by |effect|) above it, in order.
-    before = [(c["site"], c["feature"], abs(c["effect"])) for c in results["features"]["candidates"]]
+    assert "| 0.9 | " in report and "Where the probe's evidence lives" in report
+    # --top-k keeps the old rule (the strongest k), and --threshold then keeps those above it, in order.
+    assert main(["shift", "--quick", "--out", str(tmp_path / "k"), "--top-k", "8"]) == 0
+    before = json.loads((tmp_path / "k" / "results.json").read_text())["features"]["candidates"]
+    before = [(c["site"], c["feature"], abs(c["effect"])) for c in before]
+    assert len(before) == 8 and [e for *_, e in before] == sorted((e for *_, e in before), reverse=True)
     thr = sorted(e for *_, e in before)[len(before) // 2]
-    assert main(["shift", "--quick", "--out", str(tmp_path / "thr"), "--threshold", str(thr)]) == 0
+    assert main(["shift", "--quick", "--out", str(tmp_path / "thr"), "--top-k", "8", "--threshold", str(thr)]) == 0
     after = json.loads((tmp_path / "thr" / "results.json").read_text())["features"]["candidates"]
     assert [(c["site"], c["feature"]) for c in after] == [(s, i) for s, i, e in before if e > thr]
     assert 0 < len(after) < len(before)
@@ -214,6 +260,121 @@ def test_shift_reduced_budget(quick, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["judge"] == "user" and results["n_ablated"]["shift"] == 2
     assert results["features"]["ablation"] == {"embed": [3], "resid_1": [2]}
+
+
+def _coverage_by_hand(ranked, share):
+    """The candidate rule written out: sort by |effect|, take the shortest prefix whose sum reaches share of the
+    total, then everything at least as strong as its last member, in `ranked`'s order."""
+    mags = sorted((abs(r[2]) for r in ranked), reverse=True)
+    k = next(k for k in range(1, len(mags) + 1) if sum(mags[:k]) >= share * sum(mags))
+    return [r for r in ranked if abs(r[2]) >= mags[k - 1]]
+
+
+def test_coverage_rule_on_hand_made_effects():
+    rule = shift.coverage_candidates
+    rows = [("embed", 0, 4.0), ("embed", 1, -3.0), ("resid_0", 5, 2.0), ("attn_0", 2, -1.0)]   # total 10
+    ids = lambda got: [(s, i) for s, i, *_ in got]
+    # The boundary: 0.7 of 10 is reached exactly by 4 + 3; a hair more needs the third.
+    assert ids(rule(rows, 0.7)) == [("embed", 0), ("embed", 1)]
+    assert ids(rule(rows, 0.7 + 1e-9)) == [("embed", 0), ("embed", 1), ("resid_0", 5)]
+    assert ids(rule(rows, 1e-12)) == [("embed", 0)]
+    assert ids(rule(rows, 1.0)) == ids(rows)
+    # Signs do not matter, order does not matter: the same set whichever way the rows come.
+    flipped = [(s, i, -e) for s, i, e in rows[::-1]]
+    assert sorted(ids(rule(flipped, 0.75))) == sorted(ids(rule(rows, 0.75))) == [("embed", 0), ("embed", 1),
+                                                                                 ("resid_0", 5)]
+    # Ties at the boundary are all in: 2 of the total 8 reaches 0.25, but all three 2s are equally strong.
+    tied = [("embed", 0, 2.0), ("embed", 1, 1.0), ("mlp_0", 3, -2.0), ("resid_0", 4, 2.0), ("resid_0", 7, 1.0)]
+    assert ids(rule(tied, 0.25)) == [("embed", 0), ("mlp_0", 3), ("resid_0", 4)]
+    assert ids(rule(tied, 0.75)) == ids(rule(tied, 0.25))                  # 6 of 8 reaches 0.75 exactly
+    assert ids(rule(tied, 0.8)) == ids(tied)                               # 6.4 needs a 1: both 1s come in
+    # Extra fields ride along (the pipeline passes an index).
+    assert rule([("embed", 0, 1.0, "x")], 0.5) == [("embed", 0, 1.0, "x")]
+    # Nothing to select, or a share that is not one: refused with a clear error.
+    for bad in ([], [("embed", 0, 0.0), ("embed", 1, -0.0)], [("embed", 0, float("nan"))]):
+        with pytest.raises(MinicircError, match="zero effect"):
+            rule(bad, 0.9)
+    for share in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(MinicircError, match=r"coverage must be in \(0, 1\]"):
+            rule(rows, share)
+
+
+def test_coverage_rule_against_a_written_out_selection_on_random_effects():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    for trial in range(50):
+        n = int(torch.randint(1, 40, (), generator=g))
+        # Multiples of 1/8 (exact sums in float, many ties), both signs, some exactly at a share's boundary.
+        mags = (torch.randint(1, 12, (n,), generator=g).double() / 8).tolist()
+        signs = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).tolist()
+        rows = [(("embed", "attn_0", "resid_0")[j % 3], j, m * sg) for j, (m, sg) in enumerate(zip(mags, signs))]
+        ordered = sorted(rows, key=lambda r: -abs(r[2]))
+        cuts = [sum(sorted(mags, reverse=True)[:k]) / sum(mags) for k in range(1, n + 1)]
+        for share in [float(torch.rand((), generator=g)) * 0.999 + 0.001, 1.0, cuts[len(cuts) // 2]]:
+            want = _coverage_by_hand(rows, share)
+            assert shift.coverage_candidates(rows, share) == want, (trial, share)
+            assert shift.coverage_candidates(ordered, share) == _coverage_by_hand(ordered, share)
+            covered = sum(abs(r[2]) for r in want)
+            assert covered >= share * sum(mags)
+            weakest = min(abs(r[2]) for r in want)                 # minimal: without the weakest tier, short
+            assert sum(abs(r[2]) for r in want if abs(r[2]) > weakest) < share * sum(mags)
+    # select_candidates: the coverage rule or the top k, then the threshold.
+    rows = [("embed", 0, 4.0), ("embed", 1, -3.0), ("resid_0", 5, 2.0), ("attn_0", 2, -1.0)]
+    assert shift.select_candidates(rows, coverage=0.9) == rows[:3]
+    assert shift.select_candidates(rows, coverage=0.9, threshold=2.0) == rows[:2]
+    assert shift.select_candidates(rows, top_k=1) == rows[:1]
+    assert shift.select_candidates(rows, top_k=10, threshold=0.5) == rows
+
+
+def test_pooled_parts_and_concept_left_against_a_written_out_split():
+    """pooled_parts: the value that left each site, the SAE error of the value that arrived there (the site's
+    own ablation not yet applied: the run with only the upstream sites ablated, written out here), and their
+    difference, each averaged over a bio's real tokens; concept_left: probes fit on those."""
+    from test_data import random_model_and_saes
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**9, ()).item()))
+    model, saes = random_model_and_saes(g, 29)
+    train, test = _random_bios(g, model, 16), _random_bios(g, model, 12)
+    sites = shift.probe_sites(model, 1)
+    ablation = {"embed": torch.randperm(10, generator=g)[:3].tolist(), "resid_0": [1, 4], "resid_1": [2]}
+    got = shift.pooled_parts(model, saes, train, sites, shift.ablation_edit(saes, ablation), batch_size=5)
+    for s in sites:
+        upstream = {t: v for t, v in ablation.items() if model.sites.index(t) < model.sites.index(s)}
+        want = {"value": [], "error": [], "arrived": []}
+        for b in range(len(train)):
+            T = int(train.last[b]) + 1
+            arrived, left = {}, {}
+            with torch.no_grad():
+                model(train.clean[b:b + 1, :T], edit=shift.ablation_edit(saes, upstream), cache=arrived)
+                model(train.clean[b:b + 1, :T], edit=shift.ablation_edit(saes, ablation), cache=left)
+            x, sae = arrived[s][0], saes[s]
+            f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+            want["error"].append((x - (f @ sae.W_dec + sae.b_dec)).mean(0))
+            want["value"].append(left[s][0].mean(0))
+            want["arrived"].append(x.mean(0))
+        for part in ("value", "error"):
+            torch.testing.assert_close(got[s][part], torch.stack(want[part]), rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(got[s]["features"], got[s]["value"] - got[s]["error"], rtol=1e-8, atol=1e-10)
+        if s in ablation:   # the site's own ablation changed what left it (so arrived and left differ here)
+            assert not torch.allclose(got[s]["value"], torch.stack(want["arrived"]), atol=1e-6)
+    # With nothing edited the features' part is the reconstruction decode(encode(x)).
+    plain = shift.pooled_parts(model, saes, train, sites)
+    for s in sites:
+        rec = []
+        for b in range(len(train)):
+            T = int(train.last[b]) + 1
+            cache = {}
+            with torch.no_grad():
+                model(train.clean[b:b + 1, :T], cache=cache)
+            rec.append(saes[s].decode(saes[s].encode(cache[s][0])).mean(0))
+        torch.testing.assert_close(plain[s]["features"], torch.stack(rec), rtol=1e-8, atol=1e-10)
+    # concept_left: each accuracy is a probe fit on the train bios' part, scored on the test bios'.
+    left = shift.concept_left(model, saes, train, test, sites, ablation, l2=0.01)
+    X_test = shift.pooled_parts(model, saes, test, sites, shift.ablation_edit(saes, ablation))
+    for s in sites:
+        for concept in ("gender", "profession"):
+            for part in ("value", "features", "error"):
+                w, b = shift.fit_logistic(got[s][part], shift.labels(train, concept), l2=0.01)
+                acc = (((X_test[s][part] @ w + b) > 0).long() == shift.labels(test, concept)).double().mean()
+                assert left[s][concept][part] == pytest.approx(float(acc), abs=1e-6), (s, concept, part)
 
 
 def test_ablate_and_retrain_matches_its_parts(quick):
@@ -626,6 +787,8 @@ def test_feature_contexts_mark_the_top_contexts(quick):
 
 def test_run_shift_rejects_bad_settings_before_any_work(tmp_path):
     for kw, msg in [(dict(top_k=0), "at least 1"), (dict(random_seeds=0), "at least 1"),
+                    (dict(coverage=0.0), r"\(0, 1\]"), (dict(coverage=1.01), r"\(0, 1\]"),
+                    (dict(coverage=float("nan")), r"\(0, 1\]"), (dict(coverage=0.5, top_k=3), "give one of them"),
                     (dict(threshold=-0.5), "at least 0"), (dict(threshold=float("nan")), "at least 0")]:
         with pytest.raises(MinicircError, match=msg):
             shift.run_shift(out=str(tmp_path / "never"), quick=True, progress=False, **kw)
