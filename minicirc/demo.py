@@ -12,7 +12,8 @@ discovery examples and measure them on held-out examples under three protocols:
     all sites  every site from embed up, summed (this demo's protocol before issue 15)
 
 For each: faithfulness and completeness of the top-n nodes by |effect| on a log grid of n, nodes needed for
-0.8 and 0.9 faithfulness, and the area under faithfulness against log(nodes). Every unit of every site is
+0.8 and 0.9 faithfulness (bisected to the node between grid sizes), and the area under faithfulness against
+log(nodes). Every unit of every site is
 scored by metrics.best_latent_share against the grammar's token latents. report.md and the plots are
 written by minicirc/report.py from the results computed here.
 """
@@ -36,7 +37,7 @@ from .tasks import agreement
 
 SETTINGS = {
     "full": dict(n_discovery=200, n_eval=100, steps=10, node_threshold=0.1, edge_threshold=0.02, top_k=10,
-                 grid_points=24, n_interp=200),
+                 grid_points=32, n_interp=200),
     "quick": dict(n_discovery=8, n_eval=8, steps=3, node_threshold=0.05, edge_threshold=0.01, top_k=5,
                   grid_points=6, n_interp=16),
 }
@@ -65,19 +66,36 @@ def node_counts(total, cap, points):
     return sorted(n for n in grid if 1 <= n <= total)
 
 
-def faithfulness_curve(model, dicts, batch, circuit, sites, counts):
+def faithfulness_curve(model, dicts, batch, circuit, sites, counts, targets=()):
     """Faithfulness and completeness of the top-n nodes by |effect| of `sites` (all other sites untouched),
-    for each n in counts -> list of {n_nodes, faithfulness, completeness, ...}."""
+    for each n in counts -> (curve, crossings): lists of {n_nodes, faithfulness, completeness, ...}.
+
+    crossings: for each target, the sizes bisected between the last grid size below it and the first grid
+    size reaching it (down to one node), so the nodes needed are known to the node, not to the grid's step."""
     sub = {s: dicts[s] for s in sites}
     ranked = sorted((nd for nd in circuit.all_nodes() if nd[1] in sub), key=lambda nd: -abs(nd[4]))
     values = evaluation.ablation_values(model, sub, attribution.logit_diff, batch, sites)
-    out, reference = [], None
-    for n in counts:
+    reference = None
+
+    def point(n):
+        nonlocal reference
         r = evaluation.faithfulness(model, sub, batch, ranked[:n], positional=circuit.positional, values=values,
                                     reference=reference)
         reference = (r["m_full"], r["m_empty"])
-        out.append({"n_nodes": n, **r})
-    return out
+        return {"n_nodes": n, **r}
+
+    curve = [point(n) for n in counts]
+    crossings = []
+    for target in targets:
+        hit = next((i for i, p in enumerate(curve) if p["faithfulness"] >= target), None)
+        if not hit:           # never reached, or reached by the smallest size
+            continue
+        lo, hi = curve[hit - 1]["n_nodes"], curve[hit]["n_nodes"]
+        while hi - lo > 1:
+            p = point((lo + hi) // 2)
+            crossings.append(p)
+            lo, hi = (lo, p["n_nodes"]) if p["faithfulness"] >= target else (p["n_nodes"], hi)
+    return curve, crossings
 
 
 def area_under(points, cap):
@@ -202,18 +220,19 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
                                                ("summed", circuit, paper_sites, None),
                                                ("all sites", circuit, all_sites, None)]:
                 counts = node_counts(n_nodes_at(dicts, sites, per_pos), caps[name], cfg["grid_points"])
-                points = faithfulness_curve(model, dicts, held, circ, sites, counts)
+                points, crossings = faithfulness_curve(model, dicts, held, circ, sites, counts, TARGETS)
                 curves[(name, f"{template} {kind}")] = points
                 top = sorted((nd for nd in circ.all_nodes() if nd[1] in sites and nd[2] != "err"),
                              key=lambda nd: -abs(nd[4]))
                 # The top-k distinct units (a positional circuit may hold one unit at several positions).
                 units = list(dict.fromkeys((nd[1], nd[2]) for nd in top))[:cfg["top_k"]]
                 protocols[name] = {
-                    **{f"nodes_for_{t}": evaluation.nodes_for_faithfulness(points, t) for t in TARGETS},
+                    **{f"nodes_for_{t}": evaluation.nodes_for_faithfulness(points + crossings, t) for t in TARGETS},
                     "area": area_under(points, caps[name]), "cap": caps[name], "sites": sites,
                     "interpretability_top_k": float(np.mean([scores[kind][s][0][f] for s, f in units]))
                     if units else float("nan"),
-                    "curve": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in points]}
+                    "curve": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in points],
+                    "crossings": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in crossings]}
             results[template][kind] = {
                 "nodes": len(data["nodes"]), "edges": len(data["edges"]),
                 "faithfulness": faith["faithfulness"], "completeness": faith["completeness"],

@@ -97,6 +97,57 @@ def fmt(v, spec=".2f"):
     return "—" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
 
 
+def _compare(results, protocol, key):
+    """(templates where features need clearly fewer nodes for `key`, clearly more, compared): clearly = at
+    most 0.9 times the other kind's count; a kind that never reaches the target needs more than any that does."""
+    inf = float("inf")
+    ahead = behind = 0
+    for t in agreement.TEMPLATES:
+        f, n = (results[t][kind]["protocols"][protocol][key] for kind in ("features", "neurons"))
+        f, n = (inf if f is None else f), (inf if n is None else n)
+        ahead += f <= 0.9 * n and f < n
+        behind += n <= 0.9 * f and n < f
+    return ahead, behind, len(agreement.TEMPLATES)
+
+
+def _verdict(ahead, behind, n):
+    """"yes" when features are ahead in all templates but at most one and behind in none, "no" when they are
+    ahead in at most one, "mixed" otherwise."""
+    return "yes" if ahead >= n - 1 and behind == 0 else "no" if ahead <= 1 else "mixed"
+
+
+def answers(results):
+    """The questions answered in plain words from the results' own numbers (rules in _compare, _verdict)."""
+    lines = ["## Answers", "",
+             "Features count as smaller when they need at most 0.9 times the neurons' nodes; \"yes\" = ahead in "
+             "all templates but at most one and behind in none, \"no\" = ahead in at most one.", ""]
+    for protocol in ("positions", "summed", "all sites"):
+        a9, b9, n = _compare(results, protocol, "nodes_for_0.9")
+        a8, b8, _ = _compare(results, protocol, "nodes_for_0.8")
+        area = sum(results[t]["features"]["protocols"][protocol]["area"]
+                   > results[t]["neurons"]["protocols"][protocol]["area"] for t in agreement.TEMPLATES)
+        need = lambda kind: ", ".join(fmt(results[t][kind]["protocols"][protocol]["nodes_for_0.9"], "d")  # noqa: E731
+                                      for t in agreement.TEMPLATES)
+        lines.append(f"- **Are feature circuits smaller at equal faithfulness** ({protocol})? **{_verdict(a9, b9, n)}**: "
+                     f"for 0.9 faithfulness features need clearly fewer nodes in {a9} of {n} templates and clearly "
+                     f"more in {b9} (nodes, {'/'.join(agreement.TEMPLATES)}: features {need('features')}; neurons "
+                     f"{need('neurons')}); for 0.8, fewer in {a8} and more in {b8}; the larger area in {area} of {n}.")
+    n = len(agreement.TEMPLATES)
+    top = lambda t, kind: results[t][kind]["protocols"]["summed"]["interpretability_top_k"]  # noqa: E731
+    ahead = sum(top(t, "features") > top(t, "neurons") for t in agreement.TEMPLATES)
+    table = results["_meta"]["unit_scores"]
+    kinds = [sk for sk in table["features"] if sk in table["neurons"]]
+    better = [sk for sk in kinds if table["features"][sk]["mean"] > table["neurons"][sk]["mean"]]
+    verdict = "yes" if ahead >= n - 1 else "no" if ahead <= 1 else "mixed"
+    lines.append(f"- **Are their nodes easier to interpret?** **{verdict}** for the circuits' top units: the best "
+                 f"single latent explains more of a feature's variance than of a neuron's in {ahead} of {n} "
+                 f"templates (top units of the summed paper-protocol circuits: features "
+                 f"{', '.join(fmt(top(t, 'features')) for t in agreement.TEMPLATES)}; neurons "
+                 f"{', '.join(fmt(top(t, 'neurons')) for t in agreement.TEMPLATES)}). Over every unit, features score "
+                 f"higher at {len(better)} of {len(kinds)} site kinds ({', '.join(better) or 'none'}).")
+    return lines + [""]
+
+
 def demo_report(results, cfg):
     meta = results["_meta"]
     st = meta["stats"]
@@ -113,7 +164,8 @@ def demo_report(results, cfg):
     lines += ["", f"Circuits: IG ({cfg['steps']} steps) on {cfg['n_discovery']} discovery examples (train split); "
               f"faithfulness and completeness by mean ablation on {cfg['n_eval']} held-out examples.", "",
               "Three evaluation protocols, each measured on the top-n nodes by |effect| for n on a log grid "
-              f"({cfg['grid_points']} sizes from 1 to every node of the evaluated sites):", "",
+              f"({cfg['grid_points']} sizes from 1 to every node of the evaluated sites; the nodes needed for 0.8 "
+              "and 0.9 are bisected to the node between the grid's sizes):", "",
               f"- **positions** (the original's): nodes-only circuits with positions kept (aggregation none), "
               f"only the sites of layers {L}..{n_layers - 1}; embed and lower layers are neither counted nor "
               f"ablated. The original evaluates Pythia-70M from layer 2 of 6; here round(2/6 x {n_layers}) = "
@@ -159,7 +211,8 @@ def demo_report(results, cfg):
         f, n = table["features"].get(sk), table["neurons"].get(sk)
         cell = lambda c: (f"{fmt(c['mean'])} ({c['units']})", fmt(c["share>=0.5"])) if c else ("—", "—")  # noqa: E731
         lines.append(f"| {sk} | {' | '.join(cell(f))} | {' | '.join(cell(n))} |")
-    lines += ["", "![faithfulness vs nodes](faithfulness_vs_nodes.png)", "",
+    lines += [""] + answers(results)
+    lines += ["![faithfulness vs nodes](faithfulness_vs_nodes.png)", "",
               "![completeness vs nodes](completeness_vs_nodes.png)", "", f"Run time: {meta['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 

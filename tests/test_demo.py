@@ -86,7 +86,22 @@ def test_each_protocol_equals_the_written_out_ablation(protocol, dicts):
     circuit = _random_circuit(model, saes, positional, T, rng)
     total = demo.n_nodes_at(saes, sites, T if positional else None)
     counts = sorted(rng.sample(range(1, total + 1), 4))
-    got = demo.faithfulness_curve(model, saes, batch, circuit, sites, counts)
+    targets = (0.3, 0.6, 0.9)
+    curve, crossings = demo.faithfulness_curve(model, saes, batch, circuit, sites, counts, targets)
+    assert [p["n_nodes"] for p in curve] == counts
+    # Bisection: each target's crossing sizes lie between the last grid size below it and the first reaching it.
+    sizes = {p["n_nodes"] for p in crossings}
+    for target in targets:
+        hit = next((i for i, p in enumerate(curve) if p["faithfulness"] >= target), None)
+        if hit:
+            lo, hi = counts[hit - 1], counts[hit]
+            inside = sorted(n for n in sizes if lo < n < hi)
+            assert len(inside) >= min(1, hi - lo - 1)
+            reach = [p["n_nodes"] for p in curve + crossings if p["faithfulness"] >= target]
+            best = min(reach)
+            below = [p for p in curve + crossings if p["n_nodes"] == best - 1]
+            assert best == hi or below and below[0]["faithfulness"] < target
+    got = curve + crossings
     sub = {s: saes[s] for s in sites}
     values = ref_values(model, sub, batch, "mean")
     ranked = sorted(((s, f, p, e) for _, s, f, p, e in circuit.all_nodes() if s in sub), key=lambda r: -abs(r[3]))
@@ -94,11 +109,11 @@ def test_each_protocol_equals_the_written_out_ablation(protocol, dicts):
     full = ref_metric(model, sub, batch, None, values, "default", -1)
     empty = ref_metric(model, sub, batch, set(), values, "default", -1)
     every = {r[:3] for r in ranked}
-    for point, n in zip(got, counts):
+    for point in got:
+        n = point["n_nodes"]
         keep = {r[:3] for r in ranked[:n]}
         m_c = ref_metric(model, sub, batch, keep, values, "default", -1)
         m_mc = ref_metric(model, sub, batch, every - keep, values, "default", -1)
-        assert point["n_nodes"] == n
         assert point["faithfulness"] == pytest.approx((m_c - empty) / (full - empty), rel=1e-7, abs=1e-9)
         assert point["completeness"] == pytest.approx((m_mc - empty) / (full - empty), rel=1e-7, abs=1e-9)
 
@@ -164,7 +179,7 @@ def test_demo_reduced_budget(cache, tmp_path):
                 ns = [q["n_nodes"] for q in p["curve"]]
                 assert ns == demo.node_counts(total, p["cap"], cfg["grid_points"])
                 for target in (0.8, 0.9):
-                    reach = [q["n_nodes"] for q in p["curve"] if q["faithfulness"] >= target]
+                    reach = [q["n_nodes"] for q in p["curve"] + p["crossings"] if q["faithfulness"] >= target]
                     assert p[f"nodes_for_{target}"] == (min(reach) if reach else None)
                 assert p["area"] == pytest.approx(demo.area_under(p["curve"], p["cap"]), nan_ok=True)
                 # Every node kept: the unedited model.
@@ -271,3 +286,27 @@ def test_report_fmt_marks_missing_numbers():
     assert fmt(x) == format(x, ".2f") and fmt(x, ".3f") == format(x, ".3f")
     n = int(torch.randint(0, 999, ()).item())
     assert fmt(n, "d") == str(n)
+
+
+def test_answers_follow_their_rules():
+    """The verdicts of report.answers on hand-made results: features ahead (<= 0.9x the neurons' nodes) in
+    all templates but one -> yes; in at most one -> no; a kind that never reaches 0.9 needs more nodes."""
+    from minicirc.report import _compare, _verdict, answers
+    from minicirc.tasks import agreement
+    rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
+
+    def results(pairs):
+        out = {"_meta": {"unit_scores": {k: {"mlp": {"mean": rng.random(), "units": 3, "share>=0.5": 0.5}}
+                                         for k in ("features", "neurons")}}}
+        for t, (f, n) in zip(agreement.TEMPLATES, pairs):
+            out[t] = {kind: {"protocols": {p: {"nodes_for_0.9": v, "nodes_for_0.8": v, "area": rng.random(),
+                                               "interpretability_top_k": rng.random()} for p in demo.PROTOCOLS}}
+                      for kind, v in (("features", f), ("neurons", n))}
+        return out
+
+    assert _compare(results([(90, 100), (10, 50), (None, 3), (100, 95)]), "summed", "nodes_for_0.9") == (2, 1, 4)
+    assert _compare(results([(91, 100), (50, 10), (3, None), (None, None)]), "summed", "nodes_for_0.9") == (1, 1, 4)
+    assert [_verdict(*x) for x in [(4, 0, 4), (3, 0, 4), (3, 1, 4), (2, 0, 4), (1, 0, 4), (0, 3, 4)]] == \
+        ["yes", "yes", "mixed", "mixed", "no", "no"]
+    lines = [ln for ln in answers(results([(50, 100)] * 3 + [(100, 100)])) if "smaller at equal" in ln]
+    assert len(lines) == 3 and all("**yes**" in ln for ln in lines)
