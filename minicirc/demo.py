@@ -9,13 +9,12 @@ discovery examples and measure them on held-out examples under three protocols:
                sites from the first evaluated layer up (the original skips layers < 2 of Pythia-70M's 6;
                here round(2 / 6 * layers), `--first-layer`), embed never evaluated
     summed     the same sites, node effects summed over positions (aggregation sum)
-    all sites  every site from embed up, summed (this demo's protocol before issue 15)
+    all sites  every site from embed up, summed (this demo's only protocol before)
 
 For each: faithfulness and completeness of the top-n nodes by |effect| on a log grid of n, nodes needed for
 0.8 and 0.9 faithfulness (bisected to the node between grid sizes), and the area under faithfulness against
-log(nodes). Every unit of every site is
-scored by metrics.best_latent_share against the grammar's token latents. report.md and the plots are
-written by minicirc/report.py from the results computed here.
+log(nodes). Every unit of every site is scored by metrics.best_latent_share against the grammar's token
+latents. report.md and the plots are written by minicirc/report.py from the results computed here.
 """
 import json
 import math
@@ -43,6 +42,7 @@ SETTINGS = {
 }
 PROTOCOLS = ("positions", "summed", "all sites")
 TARGETS = (0.8, 0.9)
+BREAK = 0.2     # completeness left after removing a circuit's top nodes, below which the behaviour is gone
 
 
 # --- the protocols --------------------------------------------------------------------------------
@@ -229,6 +229,9 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
                 protocols[name] = {
                     **{f"nodes_for_{t}": evaluation.nodes_for_faithfulness(points + crossings, t) for t in TARGETS},
                     "area": area_under(points, caps[name]), "cap": caps[name], "sites": sites,
+                    # The fewest top nodes whose removal (everything else kept) leaves completeness <= 0.2.
+                    "nodes_to_break": min((p["n_nodes"] for p in points if p["completeness"] <= BREAK),
+                                          default=None),
                     "interpretability_top_k": float(np.mean([scores[kind][s][0][f] for s, f in units]))
                     if units else float("nan"),
                     "curve": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in points],

@@ -174,7 +174,8 @@ def demo_report(results, cfg):
               "- **all sites**: every site from embed up, summed (this demo's protocol before).", "",
               "Area: mean faithfulness over log(nodes) from 1 to the smaller kind's node count (the trapezoid area "
               "under faithfulness against ln n, divided by ln of that count; 1 = faithful from the first node), so "
-              "features and neurons share one axis. Interpretability: metrics.best_latent_share, the share of a "
+              "features and neurons share one axis. Removed for completeness <= 0.2: the fewest top nodes (grid "
+              "sizes) whose ablation, everything else kept, leaves at most 0.2 of the behaviour. Interpretability: metrics.best_latent_share, the share of a "
               "unit's variance over every token of held-out sentences (all templates pooled) that the best "
               "single latent of the grammar explains, within positions (0 = only noise or the position, 1/2 = "
               "an even mixture of two latents, 1 = one latent); the mean over the top "
@@ -183,13 +184,14 @@ def demo_report(results, cfg):
         r = results[t]
         lines += [f"## {t}", "", f"Model accuracy on held-out `{t}`: {100 * st['agreement_accuracy'][t]:.1f}%; "
                   f"full-model faithfulness {fmt(meta['full_model_faithfulness'][t], '.3f')}.", "",
-                  "| protocol | kind | nodes for 0.8 | nodes for 0.9 | area (1..n) | interpretability (top-k) |",
-                  "|---|---|---|---|---|---|"]
+                  "| protocol | kind | nodes for 0.8 | nodes for 0.9 | area (1..n) | removed for completeness <= 0.2 "
+                  "| interpretability (top-k) |", "|---|---|---|---|---|---|---|"]
         for protocol in ("positions", "summed", "all sites"):
             for kind in ("features", "neurons"):
                 p = r[kind]["protocols"][protocol]
                 lines.append(f"| {protocol} | {kind} | {fmt(p['nodes_for_0.8'], 'd')} | {fmt(p['nodes_for_0.9'], 'd')} | "
-                             f"{fmt(p['area'])} ({p['cap']}) | {fmt(p['interpretability_top_k'])} |")
+                             f"{fmt(p['area'])} ({p['cap']}) | {fmt(p['nodes_to_break'], 'd')} | "
+                             f"{fmt(p['interpretability_top_k'])} |")
         lines += ["", f"Saved circuits (all sites, node threshold {cfg['node_threshold']}, edge threshold "
                   f"{cfg['edge_threshold']}):", "",
                   "| | nodes | edges | faithfulness | completeness |", "|---|---|---|---|---|"]

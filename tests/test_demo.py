@@ -169,7 +169,10 @@ def test_demo_reduced_budget(cache, tmp_path):
                 for cell, key in zip(row, ("nodes_for_0.8", "nodes_for_0.9")):
                     assert number(cell, p[key], 0), (t, kind, protocol, key)
                 assert number(row[2].split(" ")[0], p["area"], 0.0051) and row[2].endswith(f"({p['cap']})")
-                assert number(row[3], p["interpretability_top_k"], 0.0051)
+                assert number(row[3], p["nodes_to_break"], 0)
+                assert number(row[4], p["interpretability_top_k"], 0.0051)
+                broken = [q["n_nodes"] for q in p["curve"] if q["completeness"] <= 0.2]
+                assert p["nodes_to_break"] == (min(broken) if broken else None)
                 # The protocol's sites and sizes; the targets and the area from the curve.
                 first = None if protocol == "all sites" else meta["first_layer"]
                 assert p["sites"] == demo.evaluated_sites(model, dicts, first)
