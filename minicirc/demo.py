@@ -126,7 +126,7 @@ def unit_scores(model, dict_sets, batches):
         T = len(next(iter(lat.values())))
         rows += [[lat[k][t] if k in lat else 0 for k in names] for t in range(T)]
         positions += range(T)
-    L, pos = torch.tensor(rows, dtype=torch.float64), torch.tensor(positions)
+    L, pos = torch.tensor(rows, dtype=torch.float64, device="cpu"), torch.tensor(positions, device="cpu")
     caches = []
     for b in batches:
         cache = {}

@@ -69,9 +69,9 @@ def best_latent_share(acts, latents, positions=None):
     live_a = var_a > 1e-12 * scale ** 2
     live_l = var_l > 1e-12
     r2 = torch.where(live_a[:, None] & live_l[None], cov ** 2 / (var_a[:, None] * var_l[None]).clamp_min(1e-300),
-                     torch.zeros((), dtype=torch.float64)).clamp(0, 1)
+                     a.new_zeros(())).clamp(0, 1)
     if r2.shape[1] == 0:
-        return torch.zeros(len(var_a), dtype=torch.float64), torch.full((len(var_a),), -1)
+        return a.new_zeros(len(var_a)), torch.full((len(var_a),), -1, device="cpu")
     share, best = r2.max(1)
     return torch.where(live_a, share, torch.zeros_like(share)), torch.where(live_a, best, torch.full_like(best, -1))
 
