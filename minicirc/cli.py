@@ -143,7 +143,7 @@ def set_threads(n):
 def cmd_demo(args):
     from .demo import run_demo
     set_threads(args.threads)
-    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device)
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device, first_layer=args.first_layer)
 
 
 def cmd_shift(args):
@@ -216,6 +216,9 @@ def build_parser():
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     d.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    d.add_argument("--first-layer", type=int, default=None,
+                   help="first layer of the paper protocol's evaluated sites (default: round(2/6 x layers), the "
+                        "original's layer 2 of Pythia-70M's 6)")
     d.set_defaults(func=cmd_demo)
 
     sh = sub.add_parser("shift", help="concept disambiguation (SHIFT) on the embedded default: remove a probe's "

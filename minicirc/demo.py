@@ -3,132 +3,252 @@ over neurons? Answered on the embedded default (a tiny model trained on a synthe
 variables are known), for the four agreement templates of the original work.
 
 For each template: find the feature circuit and the neuron circuit (Identity dictionaries, same code) on
-discovery examples, sweep node thresholds and measure faithfulness/completeness on held-out examples,
-and score how well each node's activation predicts a known latent variable (AUROC). report.md and
-faithfulness_vs_nodes.png are written by minicirc/report.py from the results computed here.
+discovery examples and measure them on held-out examples under three protocols:
+
+    positions  the original's sweeps: nodes-only circuits with positions kept (aggregation none), only the
+               sites from the first evaluated layer up (the original skips layers < 2 of Pythia-70M's 6;
+               here round(2 / 6 * layers), `--first-layer`), embed never evaluated
+    summed     the same sites, node effects summed over positions (aggregation sum)
+    all sites  every site from embed up, summed (this demo's only protocol before)
+
+For each: faithfulness and completeness of the top-n nodes by |effect| on a log grid of n, nodes needed for
+0.8 and 0.9 faithfulness (bisected to the node between grid sizes), and the area under faithfulness against
+log(nodes). Every unit of every site is scored by metrics.best_latent_share against the grammar's token
+latents. report.md and the plots are written by minicirc/report.py from the results computed here.
 """
 import json
+import math
 import os
 import time
 
 import numpy as np
 import torch
 
-from . import evaluation, explain, report, viz
+from . import attribution, evaluation, explain, report, viz
 from .circuit import find_circuit
-from .files import prepare_out_dir, write_atomic
 from .data import tokenize
 from .default import get_default
-from .metrics import auroc
+from .errors import MinicircError
+from .files import prepare_out_dir, write_atomic
+from .metrics import best_latent_share
 from .sae import identity_saes
 from .tasks import agreement
 
 SETTINGS = {
     "full": dict(n_discovery=200, n_eval=100, steps=10, node_threshold=0.1, edge_threshold=0.02, top_k=10,
-                 sweep=list(np.logspace(-3, 1, 13)), n_interp=200),
+                 grid_points=32, n_interp=200),
     "quick": dict(n_discovery=8, n_eval=8, steps=3, node_threshold=0.05, edge_threshold=0.01, top_k=5,
-                  sweep=list(np.logspace(-3, 0, 4)), n_interp=16),
+                  grid_points=6, n_interp=16),
 }
+PROTOCOLS = ("positions", "summed", "all sites")
+TARGETS = (0.8, 0.9)
+BREAK = 0.2     # completeness left after removing a circuit's top nodes, below which the behaviour is gone
 
 
-# --- interpretability: how well a node's activation predicts a known latent variable ---------------
+# --- the protocols --------------------------------------------------------------------------------
 
-def token_variables(example):
-    """{variable: [0/1 or None per token]}: the grammar's number variables, where they are defined.
+def paper_first_layer(n_layers):
+    """The original evaluates Pythia-70M from layer 2 of 6: the same share of the depth, rounded."""
+    return round(2 * n_layers / 6)
 
-    Only number variables: roles (determiner, subject, ...) are fixed by position in templated data, so any
-    position-sensitive unit would "predict" them and the score would not separate anything."""
-    lat = example.latents
-    roles = lat["role"]
-    T = len(roles)
-    subj_at = roles.index("subj")
-    out = {"subject is plural": [lat["subject_plural"] if t >= subj_at else None for t in range(T)],
-           "token is plural": list(lat["number"]),
-           "next verb must be plural": [lat["answer_plural"] if t == T - 1 else None for t in range(T)]}
-    if "distractor" in roles:
-        d_at = roles.index("distractor")
-        out["second noun is plural"] = [lat["distractor_plural"] if t >= d_at else None for t in range(T)]
-    return out
 
+def evaluated_sites(model, saes, first_layer):
+    """Sites from `first_layer` up, embed left out; first_layer None: every site, embed included."""
+    order = attribution.site_order(model, saes)
+    if first_layer is None:
+        return order
+    return [s for s in order if s != "embed" and int(s.rsplit("_", 1)[1]) >= first_layer]
+
+
+def node_counts(total, cap, points):
+    """Circuit sizes to measure: `points` log-spaced from 1 to total, plus cap (the common end of the area)."""
+    grid = {int(round(x)) for x in np.logspace(0, math.log10(max(total, 1)), points)} | {cap}
+    return sorted(n for n in grid if 1 <= n <= total)
+
+
+def faithfulness_curve(model, dicts, batch, circuit, sites, counts, targets=()):
+    """Faithfulness and completeness of the top-n nodes by |effect| of `sites` (all other sites untouched),
+    for each n in counts -> (curve, crossings): lists of {n_nodes, faithfulness, completeness, ...}.
+
+    crossings: for each target, the sizes bisected between the last grid size below it and the first grid
+    size reaching it (down to one node), so the nodes needed are known to the node, not to the grid's step."""
+    sub = {s: dicts[s] for s in sites}
+    ranked = sorted((nd for nd in circuit.all_nodes() if nd[1] in sub), key=lambda nd: -abs(nd[4]))
+    values = evaluation.ablation_values(model, sub, attribution.logit_diff, batch, sites)
+    reference = None
+
+    def point(n):
+        nonlocal reference
+        r = evaluation.faithfulness(model, sub, batch, ranked[:n], positional=circuit.positional, values=values,
+                                    reference=reference)
+        reference = (r["m_full"], r["m_empty"])
+        return {"n_nodes": n, **r}
+
+    curve = [point(n) for n in counts]
+    crossings = []
+    for target in targets:
+        hit = next((i for i, p in enumerate(curve) if p["faithfulness"] >= target), None)
+        if not hit:           # never reached, or reached by the smallest size
+            continue
+        lo, hi = curve[hit - 1]["n_nodes"], curve[hit]["n_nodes"]
+        while hi - lo > 1:
+            p = point((lo + hi) // 2)
+            crossings.append(p)
+            lo, hi = (lo, p["n_nodes"]) if p["faithfulness"] >= target else (p["n_nodes"], hi)
+    return curve, crossings
+
+
+def area_under(points, cap):
+    """Mean faithfulness over log(nodes) from 1 to cap: the trapezoid area under faithfulness against
+    ln(n) divided by ln(cap) (1 for a circuit that is faithful from its first node on)."""
+    pts = [(math.log(p["n_nodes"]), p["faithfulness"]) for p in points if p["n_nodes"] <= cap]
+    if len(pts) < 2 or cap <= 1:
+        return float("nan")
+    return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:])) / math.log(cap)
+
+
+def n_nodes_at(dicts, sites, T=None):
+    """How many nodes (features and error, per position when T is given) the sites hold."""
+    return sum(dicts[s].n_features + 1 for s in sites) * (T or 1)
+
+
+# --- interpretability: how well the best single latent explains a unit ------------------------------
 
 @torch.no_grad()
-def node_interpretability(model, saes, batch, nodes):
-    """For each feature node: (best variable, score = max(AUROC, 1 - AUROC)) over held-out tokens."""
-    cache = {}
-    model(batch.clean, cache=cache)
-    variables = [token_variables(ex) for ex in batch.examples]
-    names = sorted({k for v in variables for k in v})
-    where = {}  # variable -> (example index, position, label) over the tokens where it is defined
-    for name in names:
-        cells = [(b, t, v) for b, var in enumerate(variables) for t, v in enumerate(var.get(name, [])) if v is not None]
-        if len({c[2] for c in cells}) == 2:
-            b, t, y = (torch.tensor(c, device="cpu") for c in zip(*cells))
-            where[name] = (b, t, y)
-    out, encoded = {}, {}
-    for n in nodes:
-        site, feat = n["site"], n["feature"]
-        if feat == "err":
-            continue
-        if site not in encoded:
-            encoded[site] = saes[site].encode(cache[site])
-        acts = encoded[site][..., feat]
-        best = (None, 0.5)
-        for name, (b, t, y) in where.items():
-            a = auroc(acts[b, t], y)
-            if max(a, 1 - a) > best[1]:
-                best = (name, max(a, 1 - a))
-        out[n["id"]] = best
+def unit_scores(model, dict_sets, batches):
+    """{kind: {site: (share (U,), best latent name per unit, live (U,) bool)}}: metrics.best_latent_share of
+    every unit over every token of the clean prefixes of `batches` (all templates pooled, so position does
+    not fix the template), within positions. live: the unit varies at all on these tokens."""
+    latents = [agreement.token_latents(ex) for b in batches for ex in b.examples]
+    names = sorted({k for lat in latents for k in lat})
+    rows, positions = [], []
+    for lat in latents:
+        T = len(next(iter(lat.values())))
+        rows += [[lat[k][t] if k in lat else 0 for k in names] for t in range(T)]
+        positions += range(T)
+    L, pos = torch.tensor(rows, dtype=torch.float64, device="cpu"), torch.tensor(positions, device="cpu")
+    caches = []
+    for b in batches:
+        cache = {}
+        model(b.clean, cache=cache)
+        caches.append((cache, b.last))
+    out = {}
+    for kind, dicts in dict_sets.items():
+        out[kind] = {}
+        for site, d in dicts.items():
+            acts = torch.cat([d.encode(cache[site])[b, :last + 1] for cache, lasts in caches
+                              for b, last in enumerate(lasts.tolist())]).double().cpu()
+            share, best = best_latent_share(acts, L, pos)
+            live = acts.std(0) > 0
+            out[kind][site] = (share.tolist(), [names[k] if k >= 0 else None for k in best.tolist()], live.tolist())
     return out
+
+
+def site_kind(site):
+    return site.rsplit("_", 1)[0]
+
+
+def score_table(scores):
+    """{kind: {site kind: {"mean": mean share over live units, "units": live units, "share>=0.5": fraction}}}."""
+    table = {}
+    for kind, by_site in scores.items():
+        table[kind] = {}
+        for site, (share, _, live) in by_site.items():
+            cell = table[kind].setdefault(site_kind(site), [])
+            cell += [s for s, ok in zip(share, live) if ok]
+        table[kind] = {sk: {"mean": float(np.mean(v)) if v else float("nan"), "units": len(v),
+                            "share>=0.5": float(np.mean([x >= 0.5 for x in v])) if v else float("nan")}
+                       for sk, v in table[kind].items()}
+    return table
 
 
 # --- the job --------------------------------------------------------------------------------------
 
-def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", progress=True):
+def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", progress=True, first_layer=None):
     t0 = time.time()
     cfg = SETTINGS["quick" if quick else "full"]
     prepare_out_dir(out, overwrite, "report.md")
     model, saes, tokenizer, stats, folder = get_default("quick" if quick else "full", progress=progress)
+    n_layers = model.cfg.n_layers
+    first_layer = paper_first_layer(n_layers) if first_layer is None else first_layer
+    if not 0 <= first_layer < n_layers:
+        raise MinicircError(f"first layer must be in 0..{n_layers - 1} (the model has {n_layers} layers), "
+                            f"got {first_layer}")
     model, saes = model.to(device), {s: d.to(device) for s, d in saes.items()}
     neurons = {s: d.to(device) for s, d in identity_saes(model).items()}
+    kinds = {"features": saes, "neurons": neurons}
+    paper_sites = evaluated_sites(model, saes, first_layer)
+    all_sites = evaluated_sites(model, saes, None)
+    interp_batches = {t: tokenize(agreement.make_examples(t, cfg["n_interp"], seed=3, split="test"), tokenizer).to(device)
+                      for t in agreement.TEMPLATES}
+    scores = unit_scores(model, kinds, list(interp_batches.values()))
     results, curves, full_model = {}, {}, {}
     for template in agreement.TEMPLATES:
         disc = tokenize(agreement.make_examples(template, cfg["n_discovery"], seed=0, split="train"), tokenizer)
         held = tokenize(agreement.make_examples(template, cfg["n_eval"], seed=2, split="test"), tokenizer).to(device)
-        interp_batch = tokenize(agreement.make_examples(template, cfg["n_interp"], seed=3, split="test"), tokenizer).to(device)
+        interp_batch = interp_batches[template]
         texts = [t for ex in interp_batch.examples for t in (ex.clean_prefix, ex.patch_prefix)]
+        T = held.clean.shape[1]
         # Sanity check reported beside the circuits: every node kept must give faithfulness 1.
         full_model[template] = evaluation.faithfulness(model, saes, held, list(all_nodes(saes)))["faithfulness"]
         results[template] = {}
-        for kind, dicts in [("features", saes), ("neurons", neurons)]:
+        # The common end of the area: the smaller kind's node count, so both kinds share one axis.
+        caps = {"positions": min(n_nodes_at(d, paper_sites, T) for d in kinds.values()),
+                "summed": min(n_nodes_at(d, paper_sites) for d in kinds.values()),
+                "all sites": min(n_nodes_at(d, all_sites) for d in kinds.values())}
+        for kind, dicts in kinds.items():
             circuit = find_circuit(model, dicts, disc, steps=cfg["steps"], node_threshold=cfg["node_threshold"],
                                    edge_threshold=cfg["edge_threshold"], progress=progress)
+            # Nodes only, positions kept, only the evaluated sites (IG patches each site on its own, so the
+            # other sites' dictionaries do not change these effects).
+            positional = find_circuit(model, {s: dicts[s] for s in paper_sites}, disc, steps=cfg["steps"],
+                                      node_threshold=cfg["node_threshold"], aggregation="none", nodes_only=True,
+                                      progress=progress)
             kept = circuit.kept_nodes()
             found = circuit.to_json()
-            top = sorted(found["nodes"], key=lambda n: -abs(n["effect"]))
-            interp = node_interpretability(model, dicts, interp_batch, top)
-            for nid, (name, score) in interp.items():
-                # numpy's rounding (score * 1e4 rounded half to even), as circuit.json has always held it:
-                # Python's round() rounds the exact binary value and differs in the last digit now and then.
-                circuit.annotations[nid] = {"best_variable": name, "interpretability": float(np.round(score, 4))}
+            for n in found["nodes"]:
+                if n["feature"] != "err":
+                    share, best, _ = scores[kind][n["site"]]
+                    # numpy's rounding (score * 1e4 rounded half to even), as circuit.json has always held it.
+                    circuit.annotations[n["id"]] = {"best_variable": best[n["feature"]],
+                                                    "interpretability": float(np.round(share[n["feature"]], 4))}
             contexts = explain.circuit_contexts(model, dicts, tokenizer, found, texts, k=5)
             data = viz.save_circuit(circuit, os.path.join(out, template, kind), contexts=contexts)
             faith = evaluation.faithfulness(model, dicts, held, kept)
-            points = evaluation.sweep(model, dicts, held, circuit, thresholds=cfg["sweep"], progress=False)
-            curves[f"{template} {kind}"] = [(p["n_nodes"], p["faithfulness"]) for p in points]
-            feat_scores = [interp[n["id"]][1] for n in top if n["id"] in interp][:cfg["top_k"]]
+            protocols = {}
+            for name, circ, sites, per_pos in [("positions", positional, paper_sites, T),
+                                               ("summed", circuit, paper_sites, None),
+                                               ("all sites", circuit, all_sites, None)]:
+                counts = node_counts(n_nodes_at(dicts, sites, per_pos), caps[name], cfg["grid_points"])
+                points, crossings = faithfulness_curve(model, dicts, held, circ, sites, counts, TARGETS)
+                curves[(name, f"{template} {kind}")] = points
+                top = sorted((nd for nd in circ.all_nodes() if nd[1] in sites and nd[2] != "err"),
+                             key=lambda nd: -abs(nd[4]))
+                # The top-k distinct units (a positional circuit may hold one unit at several positions).
+                units = list(dict.fromkeys((nd[1], nd[2]) for nd in top))[:cfg["top_k"]]
+                protocols[name] = {
+                    **{f"nodes_for_{t}": evaluation.nodes_for_faithfulness(points + crossings, t) for t in TARGETS},
+                    "area": area_under(points, caps[name]), "cap": caps[name], "sites": sites,
+                    # The fewest top nodes whose removal (everything else kept) leaves completeness <= 0.2.
+                    "nodes_to_break": min((p["n_nodes"] for p in points if p["completeness"] <= BREAK),
+                                          default=None),
+                    "interpretability_top_k": float(np.mean([scores[kind][s][0][f] for s, f in units]))
+                    if units else float("nan"),
+                    "curve": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in points],
+                    "crossings": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in crossings]}
             results[template][kind] = {
                 "nodes": len(data["nodes"]), "edges": len(data["edges"]),
                 "faithfulness": faith["faithfulness"], "completeness": faith["completeness"],
-                "nodes_for_0.9": evaluation.nodes_for_faithfulness(points, 0.9),
-                "interpretability_top_k": float(np.mean(feat_scores)) if feat_scores else float("nan"),
-                "sweep": points, "metric": data["metric"],
+                "protocols": protocols, "metric": data["metric"],
             }
             if template == "nounpp" and kind == "features":
-                results[template]["description"] = report.describe_nounpp(data, interp)
-    report.plot_faithfulness(curves, os.path.join(out, "faithfulness_vs_nodes.png"),
-                          "Faithfulness vs nodes, held-out examples (features solid, neurons dashed)")
+                results[template]["description"] = report.describe_nounpp(
+                    data, {nid: (a["best_variable"], a["interpretability"]) for nid, a in circuit.annotations.items()})
+    report.plot_protocols(curves, "faithfulness", os.path.join(out, "faithfulness_vs_nodes.png"))
+    report.plot_protocols(curves, "completeness", os.path.join(out, "completeness_vs_nodes.png"))
     results["_meta"] = {"seconds": time.time() - t0, "default": folder, "stats": stats, "settings": cfg,
-                        "full_model_faithfulness": full_model}
+                        "first_layer": first_layer, "n_layers": n_layers,
+                        "full_model_faithfulness": full_model, "unit_scores": score_table(scores)}
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
     write_atomic(os.path.join(out, "report.md"), report.demo_report(results, cfg).encode())
     print(f"minicirc demo: wrote {out}/report.md in {time.time() - t0:.0f} s")

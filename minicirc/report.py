@@ -13,32 +13,38 @@ from .tasks import agreement  # noqa: E402
 
 # --- minicirc demo --------------------------------------------------------------------------------
 
-def describe_nounpp(data, interp):
-    """A plain-language account of which features carry subject number past the distractor."""
+NUMBER_LATENTS = ("subject is plural", "subject is singular", "token is plural", "token is singular",
+                  "next verb must be plural", "next verb must be singular")
+
+
+def describe_nounpp(data, interp, min_share=0.5):
+    """A plain-language account of which features carry number past the distractor: feature nodes whose best
+    latent is a number of the subject, the token or the next verb and explains at least `min_share` of the
+    unit's variance (interp: {node id: (latent, share)})."""
     by_site = {}
     for n in data["nodes"]:
         name, score = interp.get(n["id"], (None, 0))
-        if n["feature"] != "err" and name in ("subject is plural", "token is plural", "next verb must be plural") \
-                and score >= 0.8:
+        if n["feature"] != "err" and name in NUMBER_LATENTS and score >= min_share:
             by_site.setdefault(n["site"], []).append((n["feature"], name, score, n["effect"]))
     if not by_site:
-        return ("No feature node of this circuit predicts the subject's number with AUROC >= 0.8 on held-out "
-                "sentences; the circuit does not show a clean number-carrying path.")
+        return (f"No feature node of this circuit has a number latent of the subject, the token or the next verb "
+                f"explaining {min_share:.0%} of its variance on held-out sentences; the circuit does not show a "
+                f"clean number-carrying path.")
     parts = []
     for site in data["sites"]:
         if site in by_site:
             ranked = sorted(by_site[site], key=lambda r: -abs(r[3]))
-            feats = ", ".join(f"{f} ({nm}, AUROC {s:.2f}, effect {e:+.2f})" for f, nm, s, e in ranked[:3])
+            feats = ", ".join(f"{f} ({nm}, share {s:.2f}, effect {e:+.2f})" for f, nm, s, e in ranked[:3])
             more = f" and {len(ranked) - 3} more" if len(ranked) > 3 else ""
             parts.append(f"at {site}: features {feats}{more}")
-    return ("Subject number is carried past the distractor by features whose activation tracks it on held-out "
-            "sentences — " + "; ".join(parts) + ". Ablating everything else keeps the behaviour to the "
+    return ("Number is carried past the distractor by features whose activation a number latent explains on "
+            "held-out sentences — " + "; ".join(parts) + ". Ablating everything else keeps the behaviour to the "
             "faithfulness reported above.")
 
 
-def plot_faithfulness(curves, path, title="Faithfulness vs circuit size"):
-    """curves: {label: [(n_nodes, faithfulness), ...]}; features solid, neurons dashed when labels say so."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+def draw_curves(ax, curves):
+    """curves: {label: [(n_nodes, value), ...]} on one axis; features solid, neurons dashed, one colour per
+    template (the label's first word); log x axis."""
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     groups = sorted({label.split(" ")[0] for label in curves})
     for label, pts in curves.items():
@@ -52,6 +58,12 @@ def plot_faithfulness(curves, path, title="Faithfulness vs circuit size"):
     ax.axhline(1.0, color="grey", lw=0.6)
     ax.axhline(0.0, color="grey", lw=0.6)
     ax.set_xlabel("nodes in circuit")
+
+
+def plot_faithfulness(curves, path, title="Faithfulness vs circuit size"):
+    """curves: {label: [(n_nodes, faithfulness), ...]}; features solid, neurons dashed when labels say so."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    draw_curves(ax, curves)
     ax.set_ylabel("faithfulness")
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -60,13 +72,86 @@ def plot_faithfulness(curves, path, title="Faithfulness vs circuit size"):
     plt.close(fig)
 
 
+PROTOCOL_TITLES = {"positions": "paper protocol: positions kept", "summed": "paper protocol: summed over positions",
+                   "all sites": "all sites from embed (summed)"}
+
+
+def plot_protocols(curves, key, path):
+    """One panel per protocol: curves {(protocol, "template kind"): [{n_nodes, faithfulness, completeness}]},
+    `key` the value drawn (faithfulness or completeness)."""
+    protocols = list(dict.fromkeys(p for p, _ in curves))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols), 4.6), squeeze=False)
+    for ax, protocol in zip(axes[0], protocols):
+        draw_curves(ax, {label: [(p["n_nodes"], p[key]) for p in pts] for (pr, label), pts in curves.items()
+                         if pr == protocol})
+        ax.set_title(PROTOCOL_TITLES.get(protocol, protocol), fontsize=10)
+        ax.set_ylabel(key)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{key.capitalize()} vs nodes on held-out examples (features solid, neurons dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def fmt(v, spec=".2f"):
     return "—" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+
+
+def _compare(results, protocol, key):
+    """(templates where features need clearly fewer nodes for `key`, clearly more, compared): clearly = at
+    most 0.9 times the other kind's count; a kind that never reaches the target needs more than any that does."""
+    inf = float("inf")
+    ahead = behind = 0
+    for t in agreement.TEMPLATES:
+        f, n = (results[t][kind]["protocols"][protocol][key] for kind in ("features", "neurons"))
+        f, n = (inf if f is None else f), (inf if n is None else n)
+        ahead += f <= 0.9 * n and f < n
+        behind += n <= 0.9 * f and n < f
+    return ahead, behind, len(agreement.TEMPLATES)
+
+
+def _verdict(ahead, behind, n):
+    """"yes" when features are ahead in all templates but at most one and behind in none, "no" when they are
+    ahead in at most one, "mixed" otherwise."""
+    return "yes" if ahead >= n - 1 and behind == 0 else "no" if ahead <= 1 else "mixed"
+
+
+def answers(results):
+    """The questions answered in plain words from the results' own numbers (rules in _compare, _verdict)."""
+    lines = ["## Answers", "",
+             "Features count as smaller when they need at most 0.9 times the neurons' nodes; \"yes\" = ahead in "
+             "all templates but at most one and behind in none, \"no\" = ahead in at most one.", ""]
+    for protocol in ("positions", "summed", "all sites"):
+        a9, b9, n = _compare(results, protocol, "nodes_for_0.9")
+        a8, b8, _ = _compare(results, protocol, "nodes_for_0.8")
+        area = sum(results[t]["features"]["protocols"][protocol]["area"]
+                   > results[t]["neurons"]["protocols"][protocol]["area"] for t in agreement.TEMPLATES)
+        need = lambda kind: ", ".join(fmt(results[t][kind]["protocols"][protocol]["nodes_for_0.9"], "d")  # noqa: E731
+                                      for t in agreement.TEMPLATES)
+        lines.append(f"- **Are feature circuits smaller at equal faithfulness** ({protocol})? **{_verdict(a9, b9, n)}**: "
+                     f"for 0.9 faithfulness features need clearly fewer nodes in {a9} of {n} templates and clearly "
+                     f"more in {b9} (nodes, {'/'.join(agreement.TEMPLATES)}: features {need('features')}; neurons "
+                     f"{need('neurons')}); for 0.8, fewer in {a8} and more in {b8}; the larger area in {area} of {n}.")
+    n = len(agreement.TEMPLATES)
+    top = lambda t, kind: results[t][kind]["protocols"]["summed"]["interpretability_top_k"]  # noqa: E731
+    ahead = sum(top(t, "features") > top(t, "neurons") for t in agreement.TEMPLATES)
+    table = results["_meta"]["unit_scores"]
+    kinds = [sk for sk in table["features"] if sk in table["neurons"]]
+    better = [sk for sk in kinds if table["features"][sk]["mean"] > table["neurons"][sk]["mean"]]
+    verdict = "yes" if ahead >= n - 1 else "no" if ahead <= 1 else "mixed"
+    lines.append(f"- **Are their nodes easier to interpret?** **{verdict}** for the circuits' top units: the best "
+                 f"single latent explains more of a feature's variance than of a neuron's in {ahead} of {n} "
+                 f"templates (top units of the summed paper-protocol circuits: features "
+                 f"{', '.join(fmt(top(t, 'features')) for t in agreement.TEMPLATES)}; neurons "
+                 f"{', '.join(fmt(top(t, 'neurons')) for t in agreement.TEMPLATES)}). Over every unit, features score "
+                 f"higher at {len(better)} of {len(kinds)} site kinds ({', '.join(better) or 'none'}).")
+    return lines + [""]
 
 
 def demo_report(results, cfg):
     meta = results["_meta"]
     st = meta["stats"]
+    L, n_layers = meta["first_layer"], meta["n_layers"]
     lines = ["# minicirc demo: feature circuits vs neuron circuits", "",
              f"Embedded default ({st['recipe']} recipe, seed {st['seed']}): {st['config']['num_hidden_layers']} layers, "
              f"d_model {st['config']['hidden_size']}, vocab {st['config']['vocab_size']}; "
@@ -76,25 +161,61 @@ def demo_report(results, cfg):
              "| site | variance explained | mean L0 | dead features |", "|---|---|---|---|"]
     for s, v in st["saes"].items():
         lines.append(f"| {s} | {v['variance_explained']:.3f} | {v['l0']:.1f} | {100 * v['dead_fraction']:.0f}% |")
-    lines += ["", f"Circuits: IG ({cfg['steps']} steps) on {cfg['n_discovery']} discovery examples (train split), "
-              f"node threshold {cfg['node_threshold']}, edge threshold {cfg['edge_threshold']}; faithfulness and "
-              f"completeness by mean ablation on {cfg['n_eval']} held-out examples. Interpretability: for each of the "
-              f"top {cfg['top_k']} nodes by |effect|, max(AUROC, 1-AUROC) of its activation for the best-matching "
-              f"latent variable of the grammar over held-out tokens (0.5 = chance, 1 = perfect).", ""]
+    lines += ["", f"Circuits: IG ({cfg['steps']} steps) on {cfg['n_discovery']} discovery examples (train split); "
+              f"faithfulness and completeness by mean ablation on {cfg['n_eval']} held-out examples.", "",
+              "Three evaluation protocols, each measured on the top-n nodes by |effect| for n on a log grid "
+              f"({cfg['grid_points']} sizes from 1 to every node of the evaluated sites; the nodes needed for 0.8 "
+              "and 0.9 are bisected to the node between the grid's sizes):", "",
+              f"- **positions** (the original's): nodes-only circuits with positions kept (aggregation none), "
+              f"only the sites of layers {L}..{n_layers - 1}; embed and lower layers are neither counted nor "
+              f"ablated. The original evaluates Pythia-70M from layer 2 of 6; here round(2/6 x {n_layers}) = "
+              f"{L} (`--first-layer`).",
+              "- **summed**: the same sites, node effects summed over positions.",
+              "- **all sites**: every site from embed up, summed (this demo's protocol before).", "",
+              "Area: mean faithfulness over log(nodes) from 1 to the smaller kind's node count (the trapezoid area "
+              "under faithfulness against ln n, divided by ln of that count; 1 = faithful from the first node), so "
+              "features and neurons share one axis. Removed for completeness <= 0.2: the fewest top nodes (grid "
+              "sizes) whose ablation, everything else kept, leaves at most 0.2 of the behaviour. Interpretability: metrics.best_latent_share, the share of a "
+              "unit's variance over every token of held-out sentences (all templates pooled) that the best "
+              "single latent of the grammar explains, within positions (0 = only noise or the position, 1/2 = "
+              "an even mixture of two latents, 1 = one latent); the mean over the top "
+              f"{cfg['top_k']} units by |effect| of each circuit.", ""]
     for t in agreement.TEMPLATES:
         r = results[t]
         lines += [f"## {t}", "", f"Model accuracy on held-out `{t}`: {100 * st['agreement_accuracy'][t]:.1f}%; "
                   f"full-model faithfulness {fmt(meta['full_model_faithfulness'][t], '.3f')}.", "",
-                  "| | nodes | edges | faithfulness | completeness | nodes for 0.9 faithfulness | interpretability (top-k) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| protocol | kind | nodes for 0.8 | nodes for 0.9 | area (1..n) | removed for completeness <= 0.2 "
+                  "| interpretability (top-k) |", "|---|---|---|---|---|---|---|"]
+        for protocol in ("positions", "summed", "all sites"):
+            for kind in ("features", "neurons"):
+                p = r[kind]["protocols"][protocol]
+                lines.append(f"| {protocol} | {kind} | {fmt(p['nodes_for_0.8'], 'd')} | {fmt(p['nodes_for_0.9'], 'd')} | "
+                             f"{fmt(p['area'])} ({p['cap']}) | {fmt(p['nodes_to_break'], 'd')} | "
+                             f"{fmt(p['interpretability_top_k'])} |")
+        lines += ["", f"Saved circuits (all sites, node threshold {cfg['node_threshold']}, edge threshold "
+                  f"{cfg['edge_threshold']}):", "",
+                  "| | nodes | edges | faithfulness | completeness |", "|---|---|---|---|---|"]
         for kind in ("features", "neurons"):
             k = r[kind]
-            lines.append(f"| {kind} | {k['nodes']} | {k['edges']} | {fmt(k['faithfulness'])} | {fmt(k['completeness'])} | "
-                         f"{fmt(k['nodes_for_0.9'], 'd')} | {fmt(k['interpretability_top_k'])} |")
+            lines.append(f"| {kind} | {k['nodes']} | {k['edges']} | {fmt(k['faithfulness'])} | {fmt(k['completeness'])} |")
         if "description" in r:
             lines += ["", r["description"]]
         lines += ["", f"Pictures: `{t}/features/circuit.png`, `{t}/neurons/circuit.png` (and `circuit.html`).", ""]
-    lines += ["![faithfulness vs nodes](faithfulness_vs_nodes.png)", "", f"Run time: {meta['seconds']:.0f} s."]
+    table = meta["unit_scores"]
+    site_kinds = list(dict.fromkeys(sk for kind in table.values() for sk in kind))
+    lines += ["## Interpretability of every unit, by site kind", "",
+              "Mean best_latent_share over every unit that varies on the held-out tokens (units counted), and "
+              "the fraction of units scoring at least 0.5 (one latent explains most of the variance left after "
+              "the position).", "",
+              "| site kind | features: mean | features: >= 0.5 | neurons: mean | neurons: >= 0.5 |",
+              "|---|---|---|---|---|"]
+    for sk in site_kinds:
+        f, n = table["features"].get(sk), table["neurons"].get(sk)
+        cell = lambda c: (f"{fmt(c['mean'])} ({c['units']})", fmt(c["share>=0.5"])) if c else ("—", "—")  # noqa: E731
+        lines.append(f"| {sk} | {' | '.join(cell(f))} | {' | '.join(cell(n))} |")
+    lines += [""] + answers(results)
+    lines += ["![faithfulness vs nodes](faithfulness_vs_nodes.png)", "",
+              "![completeness vs nodes](completeness_vs_nodes.png)", "", f"Run time: {meta['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 

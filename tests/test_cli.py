@@ -295,8 +295,8 @@ def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, caps
     seen.clear()
     assert run("shift", "--coverage", 0.75) == 0
     assert seen["shift"][1]["coverage"] == 0.75 and seen["shift"][1]["top_k"] is None
-    assert run("demo", "--out", "o2", "--overwrite", "--threads", 1) == 0
-    assert seen["demo"] == (("o2",), dict(quick=False, overwrite=True, device="cpu"))
+    assert run("demo", "--out", "o2", "--overwrite", "--threads", 1, "--first-layer", 2) == 0
+    assert seen["demo"] == (("o2",), dict(quick=False, overwrite=True, device="cpu", first_layer=2))
     for cmd in ("demo", "shift"):
         assert run(cmd, "--threads", 0) == 2
         assert "--threads must be at least 1" in capsys.readouterr().err
@@ -344,7 +344,7 @@ def test_defaults_are_the_functions_defaults():
            ("circuit", model_mod.load_model, ["device", "dtype"]), ("circuit", data.load_examples, ["limit"]),
            ("evaluate", evaluation.faithfulness, ["ablation", "errors", "first_layer", "seed"]),
            ("evaluate", model_mod.load_model, ["device", "dtype"]),
-           ("demo", demo.run_demo, ["out", "quick", "overwrite", "device"]),
+           ("demo", demo.run_demo, ["out", "quick", "overwrite", "device", "first_layer"]),
            ("shift", shift.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "coverage", "top_k",
                                        "margin", "random_seeds", "threshold"]),
            ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"]),

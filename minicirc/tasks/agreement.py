@@ -228,3 +228,36 @@ def vocabulary():
     for forms in MAIN_VERBS.values():
         words |= set(forms)
     return words
+
+
+ROLES = ("det", "subj", "prep", "that", "distractor", "rc_verb")
+
+
+def token_latents(example):
+    """{latent: [0/1 per token of the clean prefix]}: the grammar's binary latents at EVERY token (0 where a
+    variable is undefined), the same keys for every example, for the demo's interpretability score.
+
+    Word identity ("word is <w>", every word of the grammar), role ("role is <r>"), the token's own number
+    ("token is plural" / "token is singular", nouns and verbs), part of speech, "inside a relative clause"
+    (from "that" to the end of the prefix), the subject's and the second noun's number from that noun on,
+    and the number the next verb needs at the last token."""
+    lat = example.latents
+    words, roles, numbers = example.clean_prefix.split(), lat["role"], lat["number"]
+    T = len(words)
+    subj_at = roles.index("subj")
+    second_at = roles.index("distractor") if "distractor" in roles else T
+    clause_at = roles.index("that") if "that" in roles else T
+    out = {f"word is {w}": [int(x == w) for x in words] for w in sorted(vocabulary())}
+    out.update({f"role is {r}": [int(x == r) for x in roles] for r in ROLES})
+    out["token is plural"] = [int(n == 1) for n in numbers]
+    out["token is singular"] = [int(n == 0) for n in numbers]
+    out["token is a noun"] = [int(r in ("subj", "distractor")) for r in roles]
+    out["token is a verb"] = [int(r == "rc_verb") for r in roles]
+    out["inside a relative clause"] = [int(t >= clause_at) for t in range(T)]
+    for name, at, value in [("subject", subj_at, lat["subject_plural"]),
+                            ("second noun", second_at, lat.get("distractor_plural"))]:
+        out[f"{name} is plural"] = [int(t >= at and value == 1) for t in range(T)]
+        out[f"{name} is singular"] = [int(t >= at and value == 0) for t in range(T)]
+    out["next verb must be plural"] = [int(t == T - 1 and lat["answer_plural"] == 1) for t in range(T)]
+    out["next verb must be singular"] = [int(t == T - 1 and lat["answer_plural"] == 0) for t in range(T)]
+    return out
