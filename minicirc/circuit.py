@@ -14,6 +14,7 @@ import math
 import os
 import re
 from contextlib import nullcontext
+from typing import NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +31,19 @@ from .sae import saes_hash
 AGGREGATIONS = ("sum", "none")
 
 
-# --- node names: the file boundary ------------------------------------------------------------------
+# --- nodes, and their names at the file boundary --------------------------------------------------
+
+class Node(NamedTuple):
+    """One node of a circuit, as Circuit.all_nodes / kept_nodes return it: column `column` of `site`'s node
+    tensor, the features then the error (column n_features, `error` True), at position `pos` (None with
+    aggregation `sum`). `id` is its circuit.json name (node_id)."""
+    id: str
+    site: str
+    column: int
+    pos: Optional[int]
+    effect: float
+    error: bool
+
 
 def node_id(site, column, n_features, pos=None):
     """The circuit.json name of a node: "resid_1/37", "resid_1/err" (column n_features), "resid_1/37@5"."""
@@ -223,47 +236,42 @@ class Circuit:
     def n_features(self, site):
         return self.nodes[site].shape[-1] - 1
 
-    def _name(self, site, index):
-        """circuit.json's (id, feature, pos) of node `index` (flat) of `site`."""
+    def _node(self, site, index, effect=0.0):
+        """The Node at flat `index` of `site`'s node tensor ((F + 1,), or (T, F + 1) flattened)."""
         F = self.n_features(site)
         pos, col = divmod(index, F + 1) if self.positional else (None, index)
-        return node_id(site, col, F, pos), "err" if col == F else col, pos
+        return Node(node_id(site, col, F, pos), site, col, pos, effect, col == F)
 
     def all_nodes(self):
-        """Every node as (id, site, feature | "err", pos | None, effect), in site order (the circuit.json
-        records)."""
-        out = []
-        for s in self.sites:
-            for index, effect in enumerate(self.nodes[s].flatten().tolist()):
-                nid, feat, pos = self._name(s, index)
-                out.append((nid, s, feat, pos, effect))
-        return out
+        """Every node as a Node, in site order, then position, then column (the error last)."""
+        return [self._node(s, index, effect) for s in self.sites
+                for index, effect in enumerate(self.nodes[s].flatten().tolist())]
 
     def kept_nodes(self, threshold=None, top_k=None):
         top_k = top_k if top_k is not None else (self.settings.get("top_k_nodes") if threshold is None else None)
         threshold = self.settings["node_threshold"] if threshold is None else threshold
         nodes = self.all_nodes()
         if top_k is not None:
-            keep = set(sorted(range(len(nodes)), key=lambda j: -abs(nodes[j][4]))[:top_k])
-            return [nd for j, nd in enumerate(nodes) if j in keep and nd[4] != 0]
-        return [nd for nd in nodes if abs(nd[4]) > threshold]
+            keep = set(sorted(range(len(nodes)), key=lambda j: -abs(nodes[j].effect))[:top_k])
+            return [nd for j, nd in enumerate(nodes) if j in keep and nd.effect != 0]
+        return [nd for nd in nodes if abs(nd.effect) > threshold]
 
     def kept_edges(self, kept=None):
         """(source id, target id, effect) between kept nodes, passing the edge threshold (or top-k)."""
         kept = kept if kept is not None else self.kept_nodes()
-        ids = {nd[0] for nd in kept}
+        ids = {nd.id for nd in kept}
         out = []
         for (u, d), (rows, vals) in self.edges.items():
             idx, v = vals.indices(), vals.values().tolist()
             # An upstream entry's flat index into u's node tensor: (position, column) or column.
             src_index = idx[1] * vals.shape[2] + idx[2] if self.positional else idx[1]
             for k, (r, j) in enumerate(zip(rows[idx[0]].tolist(), src_index.tolist())):
-                target, src = self._name(d, r)[0], self._name(u, j)[0]
+                target, src = self._node(d, r).id, self._node(u, j).id
                 if target in ids and src in ids:
                     out.append((src, target, v[k]))
         # The metric node y: edges from the last site's kept nodes carry their node effects.
         last = self.sites[-1]
-        out += [(nd[0], "y", nd[4]) for nd in kept if nd[1] == last]
+        out += [(nd.id, "y", nd.effect) for nd in kept if nd.site == last]
         k = self.settings.get("top_k_edges")
         if k is not None:
             return sorted(out, key=lambda e: -abs(e[2]))[:k]
@@ -272,11 +280,11 @@ class Circuit:
     def to_json(self):
         kept = self.kept_nodes()
         nodes = []
-        for nid, site, feat, pos, eff in kept:
-            row = {"id": nid, "site": site, "feature": feat, "effect": eff}
-            if pos is not None:
-                row["pos"] = pos
-            row.update(self.annotations.get(nid, {}))
+        for nd in kept:
+            row = {"id": nd.id, "site": nd.site, "feature": "err" if nd.error else nd.column, "effect": nd.effect}
+            if nd.pos is not None:
+                row["pos"] = nd.pos
+            row.update(self.annotations.get(nd.id, {}))
             nodes.append(row)
         # With nodes_only there are no edge effects: only the edges into y (the node effects themselves).
         edges = [{"source": s, "target": t, "effect": e} for s, t, e in self.kept_edges(kept)]

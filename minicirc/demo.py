@@ -73,7 +73,7 @@ def faithfulness_curve(model, dicts, batch, circuit, sites, counts, targets=()):
     crossings: for each target, the sizes bisected between the last grid size below it and the first grid
     size reaching it (down to one node), so the nodes needed are known to the node, not to the grid's step."""
     sub = {s: dicts[s] for s in sites}
-    ranked = sorted((nd for nd in circuit.all_nodes() if nd[1] in sub), key=lambda nd: -abs(nd[4]))
+    ranked = sorted((nd for nd in circuit.all_nodes() if nd.site in sub), key=lambda nd: -abs(nd.effect))
     values = evaluation.ablation_values(model, sub, attribution.logit_diff, batch, sites)
     reference = None
 
@@ -222,10 +222,10 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
                 counts = node_counts(n_nodes_at(dicts, sites, per_pos), caps[name], cfg["grid_points"])
                 points, crossings = faithfulness_curve(model, dicts, held, circ, sites, counts, TARGETS)
                 curves[(name, f"{template} {kind}")] = points
-                top = sorted((nd for nd in circ.all_nodes() if nd[1] in sites and nd[2] != "err"),
-                             key=lambda nd: -abs(nd[4]))
+                top = sorted((nd for nd in circ.all_nodes() if nd.site in sites and not nd.error),
+                             key=lambda nd: -abs(nd.effect))
                 # The top-k distinct units (a positional circuit may hold one unit at several positions).
-                units = list(dict.fromkeys((nd[1], nd[2]) for nd in top))[:cfg["top_k"]]
+                units = list(dict.fromkeys((nd.site, nd.column) for nd in top))[:cfg["top_k"]]
                 protocols[name] = {
                     **{f"nodes_for_{t}": evaluation.nodes_for_faithfulness(points + crossings, t) for t in TARGETS},
                     "area": area_under(points, caps[name]), "cap": caps[name], "sites": sites,

@@ -105,7 +105,7 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
 
 def node_masks(circuit_nodes, saes, sites, T=None):
     """Masks {site: bool (F + 1,) or (T, F + 1), column F the error} from kept node records: circuit.json's
-    node dicts or Circuit.kept_nodes' tuples (id, site, feature | "err", pos, effect).
+    node dicts (feature an index or "err") or Circuit.kept_nodes' Nodes (column n_features the error).
 
     Nodes on a site with a dictionary that is not in `sites` (below the first evaluated layer) are skipped:
     that site is left unablated, so keeping them changes nothing."""
@@ -113,7 +113,11 @@ def node_masks(circuit_nodes, saes, sites, T=None):
     masks = {s: torch.zeros(*((T,) if positional else ()), saes[s].n_features + 1, dtype=torch.bool,
                             device=saes[s].W_enc.device) for s in sites}
     for n in circuit_nodes:
-        site, feat, pos = (n["site"], n["feature"], n.get("pos")) if isinstance(n, dict) else (n[1], n[2], n[3])
+        if isinstance(n, dict):   # circuit.json's record
+            site, feat, pos = n["site"], n["feature"], n.get("pos")
+        else:
+            site, pos = n.site, n.pos
+            feat = "err" if n.error else n.column
         if site not in saes:
             raise MinicircError(f"circuit node on site {site!r}, which has no dictionary here")
         if feat != "err" and not (0 <= int(feat) < saes[site].n_features):

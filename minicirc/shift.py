@@ -314,7 +314,7 @@ def probe_circuit(model, saes, probe, batch, steps=10, top_k=30, batch_size=100,
 def top_features(circuit, k=30, threshold=0.0):
     """[(site, feature, effect)]: the k feature nodes (error nodes excluded) with the largest |effect| above
     `threshold`, largest first (ties in site order, then feature order)."""
-    rows = [(s, i, e) for _, s, i, _, e in circuit.all_nodes() if i != "err" and abs(e) > threshold]
+    rows = [(n.site, n.column, n.effect) for n in circuit.all_nodes() if not n.error and abs(n.effect) > threshold]
     order = sorted(range(len(rows)), key=lambda j: -abs(rows[j][2]))
     return [rows[j] for j in order[:k]]
 
@@ -494,7 +494,7 @@ def shift_pipeline(model, dicts, tokenizer, probe, data, cfg, sites, ablate=None
     if ablate:   # a person's list: still scored and explained for the report
         have = {(v["site"], v["feature"]) for v in cand}
         by_id = {(v["site"], v["feature"]): v for v in verdicts}
-        effects = {(s, i): e for _, s, i, _, e in circuit.all_nodes() if i != "err"}
+        effects = {(n.site, n.column): n.effect for n in circuit.all_nodes() if not n.error}
         for s, fs in ablate.items():
             for i in fs:
                 if (s, i) not in have:

@@ -52,15 +52,16 @@ def test_metric_and_node_effects_are_means_over_examples(aggregation):
 # --- node and edge selection ---------------------------------------------------------------------------
 
 def every_node(c):
-    """(id, site, feature, pos, effect) of every node, straight from the stored tensors."""
+    """(id, site, column, pos, effect, error) of every node (Circuit.Node's fields), straight from the stored
+    tensors: column F is the error node."""
     out = []
     for s in c.sites:
         v = c.nodes[s]
         F = v.shape[-1] - 1
         for t in (range(v.shape[0]) if c.positional else [None]):
             row = v[t] if t is not None else v
-            out += [(f"{s}/{i}" + ("" if t is None else f"@{t}"), s, i, t, float(row[i])) for i in range(F)]
-            out.append((f"{s}/err" + ("" if t is None else f"@{t}"), s, "err", t, float(row[F])))
+            out += [(f"{s}/{i}" + ("" if t is None else f"@{t}"), s, i, t, float(row[i]), False) for i in range(F)]
+            out.append((f"{s}/err" + ("" if t is None else f"@{t}"), s, F, t, float(row[F]), True))
     return out
 
 
@@ -137,8 +138,8 @@ def test_circuit_json_and_effects_file_hold_the_circuit(aggregation, tmp_path):
     nodes = {n[0]: n for n in every_node(c)}
     assert len(data["nodes"]) == sum(1 for n in nodes.values() if abs(n[4]) > 0)
     for row in data["nodes"]:
-        _, site, feat, pos, eff = nodes[row["id"]]
-        assert (row["site"], row["feature"], row["effect"]) == (site, feat, eff)
+        _, site, col, pos, eff, error = nodes[row["id"]]
+        assert (row["site"], row["feature"], row["effect"]) == (site, "err" if error else col, eff)
         assert row.get("pos") == pos and ("pos" in row) == (aggregation == "none")
     if aggregation == "none":
         assert any(row["pos"] == 0 for row in data["nodes"]) and any(row["pos"] > 0 for row in data["nodes"])

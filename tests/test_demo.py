@@ -104,7 +104,8 @@ def test_each_protocol_equals_the_written_out_ablation(protocol, dicts):
     got = curve + crossings
     sub = {s: saes[s] for s in sites}
     values = ref_values(model, sub, batch, "mean")
-    ranked = sorted(((s, f, p, e) for _, s, f, p, e in circuit.all_nodes() if s in sub), key=lambda r: -abs(r[3]))
+    ranked = sorted(((n.site, "err" if n.error else n.column, n.pos, n.effect) for n in circuit.all_nodes() if n.site in sub),
+                    key=lambda r: -abs(r[3]))
     assert len(ranked) == total
     full = ref_metric(model, sub, batch, None, values, "default", -1)
     empty = ref_metric(model, sub, batch, set(), values, "default", -1)

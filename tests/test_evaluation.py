@@ -84,7 +84,9 @@ def all_nodes(saes, T=None):
 
 
 def as_circuit_nodes(nodes):
-    return [(f"{s}/{i}" + ("" if t is None else f"@{t}"), s, i, t, 1.0) for s, i, t in nodes]
+    """circuit.json's node records for (site, feature | "err", pos | None) triples."""
+    return [{"id": f"{s}/{i}" + ("" if t is None else f"@{t}"), "site": s, "feature": i, "effect": 1.0,
+             **({} if t is None else {"pos": t})} for s, i, t in nodes]
 
 
 CASES = [  # (dictionaries, ablation, errors, positional, first_layer, same length)

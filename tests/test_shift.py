@@ -209,7 +209,7 @@ def test_shift_reduced_budget(quick, tmp_path):
         # Where the evidence lives: each site's summed |effect| of its features, candidates and ablated features,
         # and its error node's effect, written out from the recomputed circuit.
         for site in sites:
-            effects = {i: e for _, s, i, _, e in circuit.all_nodes() if s == site}
+            effects = {"err" if n.error else n.column: n.effect for n in circuit.all_nodes() if n.site == site}
             abl = res["ablation"].get(site, [])
             v = res["sites"][site]
             assert v["features"] == pytest.approx(sum(abs(e) for i, e in effects.items() if i != "err"), rel=1e-9)
@@ -672,6 +672,9 @@ def test_score_zero_logit_is_class_0_and_aurocs_by_pairwise_counting():
         shift.auroc(torch.randn(4), torch.ones(4, dtype=torch.long))
 
 
+from minicirc.circuit import Node  # noqa: E402
+
+
 class _Nodes:
     def __init__(self, rows):
         self.rows = rows
@@ -686,11 +689,11 @@ def test_top_features_by_absolute_effect_strictly_above_the_threshold():
     for s in ("embed", "attn_0", "resid_0"):
         mags = (torch.randint(1, 6, (6,), generator=g).double() / 4).tolist()   # repeated magnitudes: ties
         signs = (torch.randint(0, 2, (6,), generator=g) * 2 - 1).tolist()
-        rows += [(f"{s}/{i}", s, i, None, m * sg) for i, (m, sg) in enumerate(zip(mags, signs))]
-        rows.append((f"{s}/err", s, "err", None, 10.0))                         # error nodes are never candidates
-    assert any(e < 0 for *_, e in rows) and any(e > 0 for *_, e in rows if e < 10)
+        rows += [Node(f"{s}/{i}", s, i, None, m * sg, False) for i, (m, sg) in enumerate(zip(mags, signs))]
+        rows.append(Node(f"{s}/err", s, 6, None, 10.0, True))                   # error nodes are never candidates
+    assert any(r.effect < 0 for r in rows) and any(0 < r.effect < 10 for r in rows)
     circuit = _Nodes(rows)
-    feats = [r for r in rows if r[2] != "err"]
+    feats = [r for r in rows if not r.error]
     for thr in [0.0] + sorted({abs(r[4]) for r in feats})[:2]:
         for k in (3, 100):
             left, want = [r for r in feats if abs(r[4]) > thr], []
