@@ -215,7 +215,10 @@ def monosemantic_shares(model, saes, tokenizer, n=250, seed=4, r=MONOSEMANTIC_R)
     """{"criterion", "n_latents", "n_tokens", "sites": {site: {"neurons": share, "features": share, ...}}}: the share of a site's neurons (its d_model basis
     directions) and of its SAE features that are monosemantic (see `monosemantic`) over every token of
     `n` held-out prefixes per template; latents seen on fewer than MIN_POSITIVES tokens are left out.
-    Dead features count as not monosemantic (the share is over all features)."""
+    Dead features count as not monosemantic (the share is over all features). "<kind>_latents" counts the
+    distinct latents those units are monosemantic for: a share can be high because many units follow one
+    loud latent (on this default, neurons mostly follow "word is the", the first token, whose activations
+    are far larger than the others'), and that count tells how much of the grammar the units name."""
     values, codes, latents, names = token_activations(model, saes, tokenizer, n, seed)
     keep = latents.sum(0) >= MIN_POSITIVES
     latents, names = latents[:, keep], [nm for nm, k in zip(names, keep.tolist()) if k]
