@@ -1,8 +1,8 @@
 """The embedded default: a tiny GPT-NeoX trained on minicirc's synthetic language, and one ReLU SAE per site.
 
 Nothing can be downloaded where minicirc runs, so the project makes its own model. The "full" recipe at
-seed 0 ships inside the package (`minicirc/default_files/`: config.json, model.safetensors, tokenizer.json,
-saes.safetensors with every site's SAE, stats.json), so every machine runs the same weights and gets the
+seed 0 ships inside the package (`minicirc/default_files/`: model/ with config.json, model.safetensors and
+tokenizer.json; saes/ with one SAELens folder of safetensors per site; stats.json), so every machine runs the same weights and gets the
 same numbers; `scripts/train_default.py --ship` rebuilds those files from the seed. Any other recipe or seed
 (the tests' "quick" one) is trained on first use and cached in `$MINICIRC_CACHE` (default
 `~/.cache/minicirc`) under a folder named by the recipe's version and seed: a Hugging Face GPT-NeoX
@@ -111,13 +111,18 @@ def make_default(out_dir, recipe="full", seed=0, progress=True):
 
 
 def get_default(recipe="full", seed=0, progress=True):
-    """(model, saes, tokenizer, stats, folder): the shipped files for the full recipe at seed 0, otherwise
-    from the cache, training them first if absent."""
+    """(model, saes, tokenizer, stats, folder): the package's files for the full recipe at seed 0 (never
+    trained here), otherwise from the cache, training them first if absent. Both folders have the same
+    layout: model/ (Hugging Face), saes/ (a tree `load_saes` reads), stats.json."""
     if (recipe, seed) == SHIPPED_RECIPE:
-        return load_shipped(SHIPPED)
-    folder = default_dir(recipe, seed)
-    if not os.path.exists(os.path.join(folder, "stats.json")):
-        make_default(folder, recipe, seed, progress)
+        folder = SHIPPED
+        if not os.path.exists(os.path.join(folder, "stats.json")):
+            raise MinicircError(f"{folder}: stats.json is missing (the package's default files are incomplete; "
+                                "rebuild them with scripts/train_default.py --ship)")
+    else:
+        folder = default_dir(recipe, seed)
+        if not os.path.exists(os.path.join(folder, "stats.json")):
+            make_default(folder, recipe, seed, progress)
     model = load_model(os.path.join(folder, "model"))
     saes = load_saes(os.path.join(folder, "saes"), model)
     tokenizer = load_tokenizer(os.path.join(folder, "model"))
@@ -128,41 +133,35 @@ def get_default(recipe="full", seed=0, progress=True):
 
 # --- the files shipped in the package --------------------------------------------------------------
 
-SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+def sae_hook(site):
+    """The TransformerLens hook name of a site (the inverse of sae.hook_site), used as the shipped folder name."""
+    if site == "embed":
+        return "blocks.0.hook_resid_pre"
+    kind, layer = site.rsplit("_", 1)
+    return f"blocks.{layer}." + {"attn": "hook_attn_out", "mlp": "hook_mlp_out", "resid": "hook_resid_post"}[kind]
 
 
 def ship(model, saes, tokenizer, stats, out_dir):
-    """Write the package's default files: config.json + model.safetensors + tokenizer.json (the Hugging
-    Face layout), saes.safetensors ("<site>.W_enc", ... for every site) and stats.json."""
+    """Write the package's default files, safetensors and json only: model/ (config.json, model.safetensors,
+    tokenizer.json: the Hugging Face layout), saes/<hook name>/ (one SAELens folder per site: cfg.json,
+    sae_weights.safetensors; `load_saes` and the CLI's --saes read it) and stats.json: the layout of a
+    cached default, with safetensors for the SAEs."""
     from safetensors.torch import save_file
-    save_model(model, out_dir)
-    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    tensors = {f"{site}.{name}": getattr(sae, name).detach().cpu().contiguous()
-               for site, sae in saes.items() for name in SAE_TENSORS}
-    save_file(tensors, os.path.join(out_dir, "saes.safetensors"), metadata={"kind": "relu"})
+    save_model(model, os.path.join(out_dir, "model"))
+    tokenizer.save(os.path.join(out_dir, "model", "tokenizer.json"))
+    for site, sae in saes.items():
+        folder = os.path.join(out_dir, "saes", sae_hook(site))
+        os.makedirs(folder, exist_ok=True)
+        # A plain ReLU SAE, (x - b_dec) @ W_enc + b_enc, as train.train_sae trains it: no normalisation, no
+        # TransformerLens centring.
+        cfg = {"architecture": "standard", "activation_fn": "relu", "hook_name": sae_hook(site), "d_in": sae.d_in,
+               "d_sae": sae.n_features, "apply_b_dec_to_input": True, "normalize_activations": "none"}
+        with open(os.path.join(folder, "cfg.json"), "w") as f:
+            json.dump(cfg, f, indent=1, sort_keys=True)
+        tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        save_file(tensors, os.path.join(folder, "sae_weights.safetensors"))
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1, sort_keys=True)
-
-
-def load_shipped(folder=SHIPPED):
-    """(model, saes, tokenizer, stats, folder) from a folder written by `ship`."""
-    from safetensors.torch import load_file
-    from .sae import Dictionary
-    path = os.path.join(folder, "saes.safetensors")
-    if not os.path.exists(path):
-        raise MinicircError(f"{folder}: saes.safetensors is missing (the package's default files are incomplete; "
-                            "rebuild them with scripts/train_default.py --ship)")
-    model = load_model(folder)
-    tensors = load_file(path)
-    saes = {}
-    for site in model.sites:
-        missing = [n for n in SAE_TENSORS if f"{site}.{n}" not in tensors]
-        if missing:
-            raise MinicircError(f"{path}: no {', '.join(missing)} for site {site}")
-        saes[site] = Dictionary(*(tensors[f"{site}.{n}"] for n in SAE_TENSORS), "relu", source=f"{path}:{site}")
-    with open(os.path.join(folder, "stats.json")) as f:
-        stats = json.load(f)
-    return model, saes, load_tokenizer(folder), stats, folder
 
 
 # --- superposition, measured: which units are monosemantic for a known latent ----------------------

@@ -561,11 +561,20 @@ def test_shipped_default_reproduces_its_recorded_stats():
     accuracy (also by the brute-force count, >= 95% per template), each SAE's variance explained / L0 /
     dead share on the corpus rows it was trained on, the monosemantic shares; safetensors/json, <= 20 MB."""
     folder = default.SHIPPED
-    files = sorted(os.listdir(folder))
-    assert files == ["config.json", "model.safetensors", "saes.safetensors", "stats.json", "tokenizer.json"]
+    files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+    sites = ["embed"] + [f"{k}_{l}" for l in range(3) for k in ("attn", "mlp", "resid")]
+    assert files == sorted(["model/config.json", "model/model.safetensors", "model/tokenizer.json", "stats.json"] +
+                           [f"saes/{default.sae_hook(s)}/{f}" for s in sites for f in ("cfg.json", "sae_weights.safetensors")])
+    assert all(f.endswith(".json") or f.endswith(".safetensors") for f in files)
     assert sum(os.path.getsize(os.path.join(folder, f)) for f in files) <= 20 * 2**20
     model, saes, tok, stats, where = default.get_default("full", seed=0, progress=False)
     assert where == folder and stats["recipe"] == "full" and stats["seed"] == 0
+    assert sorted(saes) == sorted(sites) == sorted(model.sites)
+    # The CLI reads the same files: --model <folder>/model --saes <folder>/saes.
+    from minicirc.sae import hook_site, load_saes
+    assert all(hook_site(default.sae_hook(s)) == s for s in sites)
+    again = load_saes(os.path.join(folder, "saes"), model)
+    assert all(torch.equal(again[s].W_enc, saes[s].W_enc) and torch.equal(again[s].b_dec, saes[s].b_dec) for s in sites)
     cfg = default.RECIPES["full"]
     assert model.cfg.d_model == cfg["d_model"] and all(s.n_features >= 8 * cfg["d_model"] for s in saes.values())
     assert stats["agreement_accuracy"] == default.agreement_accuracy(model, tok)
