@@ -245,3 +245,111 @@ def test_auroc_of_one_class_is_undefined():
         auroc(scores, [2] * len(scores))
     with pytest.raises(MinicircError, match=r"scores \(n,\)"):
         auroc(scores[:, None], [0, 1] * (len(scores) // 2) + [0] * (len(scores) % 2))
+
+
+def test_monosemantic_on_synthetic_units():
+    """Units built from known latents against np.corrcoef written out per (unit, latent): a pure unit (one
+    latent, scaled, plus a little noise) and a negated one are monosemantic; the sum of two independent
+    latents, a position-only unit, noise and a dead unit are not."""
+    import numpy as np
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
+    N, T = 3000, 6
+    latents = (torch.rand(N, 4, generator=g) < torch.tensor([0.3, 0.3, 0.5, 0.2])).double()
+    position = torch.arange(N) % T
+    noise = torch.randn(N, generator=g)
+    units = torch.stack([
+        2.0 * latents[:, 0] + 0.05 * noise,         # pure
+        latents[:, 0] + latents[:, 1],              # mixture of two latents
+        position.double(),                          # position only
+        torch.randn(N, generator=g),                # noise
+        torch.zeros(N),                             # dead
+        1.0 - 3.0 * latents[:, 3],                  # pure, negated
+        latents[:, 2] * (1 + 0.2 * noise.abs()),    # pure with a varying magnitude
+    ], dim=1)
+    mask, best, best_r = default.monosemantic(units, latents)
+    want_r = []
+    for u in range(units.shape[1]):
+        rs = [0.0 if units[:, u].std() == 0 else abs(np.corrcoef(units[:, u].numpy(), latents[:, k].numpy())[0, 1])
+              for k in range(latents.shape[1])]
+        want_r.append(max(rs))
+        if rs[int(best[u])] > 0:
+            assert rs[int(best[u])] == pytest.approx(max(rs), abs=1e-12)
+    assert best_r.tolist() == pytest.approx(want_r, abs=1e-9)
+    assert mask.tolist() == [r >= default.MONOSEMANTIC_R for r in want_r]
+    assert mask.tolist() == [True, False, False, False, False, True, True]
+    assert best[0] == 0 and best[5] == 3 and best[6] == 2
+
+
+def test_monosemantic_shares_count_units_of_each_site(monkeypatch):
+    """monosemantic_shares on a tiny random model equals `monosemantic` applied by hand to the site's
+    values and SAE codes over the held-out prefixes, with rare latents left out."""
+    from minicirc.sae import Dictionary
+    from minicirc.tasks import agreement
+    tok = corpus.build_tokenizer()
+    torch.manual_seed(0)
+    model = minicirc.GPTNeoX(minicirc.Config(vocab_size=tok.get_vocab_size(), d_model=16, n_layers=1, n_heads=2,
+                                             d_mlp=32, max_len=16)).eval()
+    saes = {}
+    for s in model.sites:
+        W = torch.randn(16, 40)
+        saes[s] = Dictionary(W, torch.zeros(40) - 0.5, W.T / W.T.norm(dim=1, keepdim=True), torch.zeros(16), "relu")
+    got = default.monosemantic_shares(model, saes, tok, n=20, seed=0)
+    rows, acts = [], {s: [] for s in model.sites}
+    for template in agreement.TEMPLATES:
+        for ex in agreement.make_examples(template, 20, seed=0, split="test"):
+            cache = {}
+            with torch.no_grad():
+                model(torch.tensor([tok.encode(ex.clean_prefix).ids]), cache=cache)
+            for s in model.sites:
+                acts[s].append(cache[s][0])
+            lat = agreement.token_latents(ex)
+            rows += [[lat[k][t] for k in agreement.latent_names()] for t in range(len(ex.clean_prefix.split()))]
+    latents = torch.tensor(rows, dtype=torch.float64)
+    latents = latents[:, latents.sum(0) >= default.MIN_POSITIVES]
+    assert got["n_latents"] == latents.shape[1] and got["n_tokens"] == latents.shape[0]
+    for s in model.sites:
+        v = torch.cat(acts[s])
+        with torch.no_grad():
+            f = saes[s].encode(v)
+        assert got["sites"][s]["neurons"] == pytest.approx(default.monosemantic(v, latents)[0].double().mean().item())
+        assert got["sites"][s]["features"] == pytest.approx(default.monosemantic(f, latents)[0].double().mean().item())
+        assert got["sites"][s]["features_alive"] == pytest.approx((f != 0).any(0).double().mean().item())
+
+
+def test_shipped_default_reproduces_its_recorded_stats():
+    """The package's files load without training and give the numbers stats.json records: agreement
+    accuracy (also by the brute-force count, >= 95% per template), each SAE's variance explained / L0 /
+    dead share on the corpus rows it was trained on, the monosemantic shares; safetensors/json, <= 20 MB."""
+    folder = default.SHIPPED
+    files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+    sites = ["embed"] + [f"{k}_{l}" for l in range(3) for k in ("attn", "mlp", "resid")]
+    assert files == sorted(["model/config.json", "model/model.safetensors", "model/tokenizer.json", "stats.json"] +
+                           [f"saes/{default.sae_hook(s)}/{f}" for s in sites for f in ("cfg.json", "sae_weights.safetensors")])
+    assert all(f.endswith(".json") or f.endswith(".safetensors") for f in files)
+    assert sum(os.path.getsize(os.path.join(folder, f)) for f in files) <= 20 * 2**20
+    model, saes, tok, stats, where = default.get_default("full", seed=0, progress=False)
+    assert where == folder and stats["recipe"] == "full" and stats["seed"] == 0
+    assert sorted(saes) == sorted(sites) == sorted(model.sites)
+    # The CLI reads the same files: --model <folder>/model --saes <folder>/saes.
+    from minicirc.sae import hook_site, load_saes
+    assert all(hook_site(default.sae_hook(s)) == s for s in sites)
+    again = load_saes(os.path.join(folder, "saes"), model)
+    assert all(torch.equal(again[s].W_enc, saes[s].W_enc) and torch.equal(again[s].b_dec, saes[s].b_dec) for s in sites)
+    cfg = default.RECIPES["full"]
+    assert model.cfg.d_model == cfg["d_model"] and all(s.n_features >= 8 * cfg["d_model"] for s in saes.values())
+    assert stats["agreement_accuracy"] == default.agreement_accuracy(model, tok)
+    brute = _brute_agreement_accuracy(model, tok)
+    assert brute == pytest.approx(stats["agreement_accuracy"], abs=1e-12)
+    assert min(brute.values()) >= 0.95
+    seqs = corpus.packed_sequences(tok, cfg["n_rows"], seq_len=32, seed=0)
+    acts = train.collect_activations(model, seqs[:default.N_STATS_ROWS], pad_id=corpus.PAD_ID)
+    for s in model.sites:
+        got = train.sae_stats(saes[s], acts[s])
+        want = stats["saes"][s]
+        assert got["n_features"] == want["n_features"] and got["dead_fraction"] == want["dead_fraction"], s
+        assert got["variance_explained"] == pytest.approx(want["variance_explained"], abs=1e-5), s
+        assert got["l0"] == pytest.approx(want["l0"], abs=1e-3), s
+    mono = default.monosemantic_shares(model, saes, tok)
+    assert {k: v for k, v in mono.items() if k != "sites"} == {k: v for k, v in stats["monosemantic"].items() if k != "sites"}
+    for s in model.sites:
+        assert mono["sites"][s] == pytest.approx(stats["monosemantic"]["sites"][s]), s

@@ -149,7 +149,9 @@ def test_token_latents_match_the_words():
             T = len(words)
             got = agreement.token_latents(ex)
             assert all(len(v) == T and set(v) <= {0, 1} for v in got.values())
-            for w in agreement.vocabulary():
+            assert list(got) == agreement.latent_names()
+            assert set(words) <= set(agreement.prefix_words())
+            for w in agreement.prefix_words():
                 assert got[f"word is {w}"] == [int(x == w) for x in words]
             assert got["token is plural"] == [int(w in plural) for w in words]
             assert got["token is singular"] == [int(w in singular) for w in words]

@@ -11,12 +11,26 @@ from minicirc.tasks import bios, corpus
 from minicirc.tasks import TEMPLATES, ambiguous_split, balanced_split, build_tokenizer, make_examples
 
 # Independent number tables: plural nouns are "singular + s" except the irregulars listed here.
-IRREGULAR_PLURALS = {"children", "people", "thieves", "fishermen"}
-IRREGULAR_SINGULARS = {"child", "person", "thief", "fisherman"}
+IRREGULAR_PLURALS = {"children", "people", "thieves", "fishermen", "mice", "geese", "wolves", "oxen", "shelves",
+                     "leaves"}
+IRREGULAR_SINGULARS = {"child", "person", "thief", "fisherman", "mouse", "goose", "wolf", "ox", "shelf", "leaf"}
 SINGULAR_VERBS = {"is", "was", "has", "likes", "admires", "hates", "loves", "knows", "sees", "helps", "meets",
-                  "follows", "trusts", "watches", "thanks", "visits", "fears", "praises"}
+                  "follows", "trusts", "watches", "thanks", "visits", "fears", "praises", "greets", "calls",
+                  "chases", "feeds", "hears", "joins", "remembers", "blames", "respects", "avoids", "warns",
+                  "invites"}
 PLURAL_VERBS = {"are", "were", "have", "like", "admire", "hate", "love", "know", "see", "help", "meet",
-                "follow", "trust", "watch", "thank", "visit", "fear", "praise"}
+                "follow", "trust", "watch", "thank", "visit", "fear", "praise", "greet", "call", "chase", "feed",
+                "hear", "join", "remember", "blame", "respect", "avoid", "warn", "invite"}
+# Inanimate nouns (singular and plural): they may only follow a preposition.
+OBJECT_NOUNS = {"table", "box", "tree", "wall", "door", "window", "river", "bridge", "tower", "statue", "fence",
+                "lamp", "chair", "rock", "bench", "gate", "barrel", "cart", "tent", "fountain", "pillar", "shelf",
+                "leaf", "flag"}
+OBJECT_NOUNS |= {w + ("es" if w.endswith(("x", "ch")) else "s") for w in OBJECT_NOUNS - {"shelf", "leaf"}}
+OBJECT_NOUNS |= {"shelves", "leaves"}
+ANIMAL_NOUNS = {"cat", "horse", "rabbit", "lion", "tiger", "bear", "monkey", "donkey", "camel", "eagle", "parrot",
+                "snake", "frog", "duck", "goat", "pig", "cow", "owl", "hawk", "fox"}
+ANIMAL_NOUNS |= {w + ("es" if w == "fox" else "s") for w in ANIMAL_NOUNS} | {"mouse", "mice", "goose", "geese",
+                                                                            "wolf", "wolves", "ox", "oxen"}
 
 
 def noun_is_plural(word):
@@ -148,9 +162,10 @@ def held_out_prefixes_in(docs, examples):
 def test_training_corpus_never_contains_held_out_prefixes():
     docs = corpus.corpus_documents(20000, seed=0)
     for template in ("nounpp", "within_rc", "rc"):
-        assert not held_out_prefixes_in(docs, make_examples(template, 150, seed=0, split="test"))
-        # The check can fail: train prefixes do occur in the corpus.
-        assert held_out_prefixes_in(docs, make_examples(template, 150, seed=0, split="train"))
+        assert not held_out_prefixes_in(docs, make_examples(template, 1000, seed=0, split="test"))
+        # The check can fail: train prefixes do occur in the corpus (the language has ~10^5-10^6 prefixes
+        # per template, so it takes a couple of thousand to meet some).
+        assert held_out_prefixes_in(docs, make_examples(template, 2000, seed=0, split="train"))
 
 
 def test_bios_splits():
@@ -227,7 +242,7 @@ def test_packed_sequences(tokenizer):
 # --- the corpus, parsed back with the grammar written here ------------------------------------------
 
 COPULA_FORMS = {"is", "are", "was", "were"}
-PREPOSITIONS = {"near", "behind", "beside", "with", "around"}
+PREPOSITIONS = {"near", "behind", "beside", "with", "around", "under", "above", "past"}
 MALE_NAMES = {"john", "david", "peter", "james", "mark", "paul", "tom", "george"}
 FEMALE_NAMES = {"mary", "anna", "emma", "julia", "sarah", "linda", "alice", "rose"}
 # The module docstring's mix of document families.
@@ -259,9 +274,11 @@ def parse_document(doc):
             return "question", ("nounpp", noun_lemma(words[2]), words[3], noun_lemma(words[5]))
         return "question", None
     assert words[0] == "the" and words[-1] == ".", doc
+    assert words[1] not in OBJECT_NOUNS, doc   # subjects are animate
     subj_pl = noun_is_plural(words[1])
     if words[2] == "that":
         assert words[3] == "the" and verb_is_plural(words[5]) == noun_is_plural(words[4]), doc
+        assert words[4] not in OBJECT_NOUNS, doc   # so are the relative clause's
         family, frame, v = "rc", ("rc", noun_lemma(words[1]), noun_lemma(words[4])), 6
     elif words[2] in PREPOSITIONS:
         assert words[3] == "the", doc
@@ -276,8 +293,9 @@ def parse_document(doc):
     elif words[v] in ("has", "have"):
         assert len(rest) == 3 and rest[0] == "a", doc             # "a" thing "."
     else:
-        assert len(rest) == 3 and rest[0] == "the", doc           # "the" person "."
+        assert len(rest) == 3 and rest[0] == "the", doc           # "the" person or animal "."
         noun_is_plural(rest[1])
+        assert rest[1] not in OBJECT_NOUNS, doc
     return family, frame
 
 
@@ -372,3 +390,78 @@ def test_bios_distinct_named_shuffled_and_in_both_orders():
                      "hospital", "patients", "ward", "clinic"}
         job_second[bool(job_words & set(sentences[1].split()))] += 1
     assert job_second[True] > 800 and job_second[False] > 800   # both orders, about equally
+
+
+def test_semantic_classes_of_nouns():
+    """Subjects and relative-clause subjects are people or animals; PP objects may be things, and are."""
+    from minicirc.tasks import agreement
+    pp_objects = collections.Counter()
+    for template in TEMPLATES:
+        for ex in make_examples(template, 400, seed=7, split="train"):
+            words = ex.clean_prefix.split()
+            assert words[1] not in OBJECT_NOUNS, ex
+            if template in ("within_rc", "rc"):
+                assert words[4] not in OBJECT_NOUNS, ex
+            if template == "nounpp":
+                pp_objects[words[4] in OBJECT_NOUNS] += 1
+                pp_objects["animal"] += words[4] in ANIMAL_NOUNS
+    assert pp_objects[True] > 50 and pp_objects[False] > 150 and pp_objects["animal"] > 30
+    # The grammar's classes agree with the tables written here.
+    for lemma, plural in agreement.NOUNS.items():
+        cls = "object" if lemma in OBJECT_NOUNS else "animal" if lemma in ANIMAL_NOUNS else "person"
+        assert agreement.NOUN_CLASS[lemma] == cls and (plural in OBJECT_NOUNS) == (cls == "object"), lemma
+        assert noun_is_plural(plural) and not noun_is_plural(lemma), lemma
+
+
+def expected_latents(template, words):
+    """The latents of one clean prefix, parsed from its words with the tables written here (not the
+    grammar's): {name: [0/1 per word]} for the names that hold somewhere."""
+    T = len(words)
+    roles = {"simple": ["det", "subj"], "nounpp": ["det", "subj", "prep", "det", "distractor"],
+             "within_rc": ["det", "subj", "that", "det", "distractor"],
+             "rc": ["det", "subj", "that", "det", "distractor", "rc_verb"]}[template]
+    assert len(roles) == T
+    out = collections.defaultdict(lambda: [0] * T)
+    klass = lambda w: "object" if w in OBJECT_NOUNS else "animal" if w in ANIMAL_NOUNS else "person"
+    subj_pl = noun_is_plural(words[1])
+    controller = noun_is_plural(words[CONTROLLER[template]])
+    for t, (w, role) in enumerate(zip(words, roles)):
+        out[f"word is {w}"][t] = 1
+        out[f"role is {role}"][t] = 1
+        if role in ("subj", "distractor"):
+            out[f"lemma is {noun_lemma(w)}"][t] = 1
+            out["token is a noun"][t] = 1
+            out[{"person": "token is a person", "animal": "token is an animal", "object": "token is an object"}[klass(w)]][t] = 1
+            if klass(w) != "object":
+                out["token is animate"][t] = 1
+            out["token is plural" if noun_is_plural(w) else "token is singular"][t] = 1
+        if role == "rc_verb":
+            out[f"lemma is {verb_lemma(w)}"][t] = 1
+            out["token is a verb"][t] = 1
+            out["token is plural" if verb_is_plural(w) else "token is singular"][t] = 1
+        if t >= 1:
+            out["subject is plural" if subj_pl else "subject is singular"][t] = 1
+            out["subject is a person" if klass(words[1]) == "person" else "subject is an animal"][t] = 1
+        if template != "simple" and t >= 4:
+            out["second noun is plural" if noun_is_plural(words[4]) else "second noun is singular"][t] = 1
+            if klass(words[4]) != "object":
+                out["second noun is animate"][t] = 1
+        if template in ("within_rc", "rc") and t >= 2:
+            out["inside a relative clause"][t] = 1
+        if template == "nounpp" and t >= 2:
+            out["inside a prepositional phrase"][t] = 1
+    out["next verb must be plural" if controller else "next verb must be singular"][T - 1] = 1
+    return dict(out)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_token_latents_parsed_back(template):
+    from minicirc.tasks import agreement
+    names = agreement.latent_names()
+    assert len(names) == len(set(names)) >= 4 * 48   # far more latents than the default's d_model
+    for ex in make_examples(template, 80, seed=int(torch.randint(0, 1000, ()).item()), split="test"):
+        words = ex.clean_prefix.split()
+        got = agreement.token_latents(ex)
+        assert list(got) == names   # every latent, at every token, 0 or 1
+        assert all(len(v) == len(words) and set(v) <= {0, 1} for v in got.values())
+        assert {k: v for k, v in got.items() if any(v)} == expected_latents(template, words), ex

@@ -12,6 +12,13 @@ Everything is lowercase and space separated, so every word is one token of the w
 subject, and the number of the second noun (the PP object, or the relative clause's subject) is drawn
 independently of the subject's, so a model can only get agreement right by tracking the right noun.
 
+Nouns come in three classes: people and animals (animate: they are the subjects, the relative clauses'
+subjects and the objects of transitive verbs) and things (only after a preposition: "the author near the
+tables"). `token_latents(example)` gives the ground truth of every prefix token: 455 binary latents
+(`latent_names()`: word identity, lemma, role, word class, number, class, the subject's and the second
+noun's number, inside a relative clause or a PP, the number the next verb needs), many more than the
+default model's 48 dimensions, so that its neurons must be polysemantic.
+
 Held-out split. A sentence's *frame* is the tuple of lemmas that fixes its prefix, numbers ignored:
 (subject, verb) for simple, (subject, preposition, second noun) for nounpp, (subject, second noun) for
 within_rc and rc (the two share frames: an rc sentence contains a within_rc one). A stable hash sends each frame to "test" (TEST_PERCENT of frames) or "train". `make_examples(...,
@@ -26,9 +33,11 @@ import random
 
 from ..data import Example
 
-# Person nouns, singular -> plural. No gendered nouns (SHIFT reads gender from the biographies) and
-# none of the professions or their context words in `bios.py`.
-NOUNS = {
+# Nouns in three semantic classes, singular -> plural. No gendered nouns (SHIFT reads gender from the
+# biographies) and none of the professions or their context words in `bios.py`. The vocabulary is large on
+# purpose: word identity, lemma, number, class, role and clause are far more binary latents than the
+# default model has dimensions (see `token_latents`), so its neurons cannot all be monosemantic.
+PEOPLE = {
     "author": "authors", "guard": "guards", "pilot": "pilots", "farmer": "farmers",
     "senator": "senators", "manager": "managers", "athlete": "athletes", "dancer": "dancers",
     "singer": "singers", "painter": "painters", "officer": "officers", "lawyer": "lawyers",
@@ -37,10 +46,35 @@ NOUNS = {
     "judge": "judges", "clerk": "clerks", "chef": "chefs", "poet": "poets", "artist": "artists",
     "player": "players", "mayor": "mayors", "builder": "builders", "hunter": "hunters", "miner": "miners",
     "soldier": "soldiers", "captain": "captains", "trader": "traders", "waiter": "waiters",
-    "tailor": "tailors", "runner": "runners",
+    "tailor": "tailors", "runner": "runners", "cook": "cooks", "gardener": "gardeners",
+    "plumber": "plumbers", "porter": "porters", "ranger": "rangers", "scout": "scouts", "rider": "riders",
+    "swimmer": "swimmers", "climber": "climbers", "boxer": "boxers", "golfer": "golfers",
+    "skater": "skaters", "pianist": "pianists", "drummer": "drummers", "sculptor": "sculptors",
+    "butcher": "butchers", "grocer": "grocers", "merchant": "merchants", "editor": "editors",
+    "reporter": "reporters", "critic": "critics", "tourist": "tourists", "pilgrim": "pilgrims",
+    "warden": "wardens", "sheriff": "sheriffs",
     # Irregular plurals, so number is not just a trailing "s".
     "child": "children", "person": "people", "thief": "thieves", "fisherman": "fishermen",
 }
+ANIMALS = {
+    "cat": "cats", "horse": "horses", "rabbit": "rabbits", "lion": "lions", "tiger": "tigers",
+    "bear": "bears", "monkey": "monkeys", "donkey": "donkeys", "camel": "camels", "eagle": "eagles",
+    "parrot": "parrots", "snake": "snakes", "frog": "frogs", "duck": "ducks", "goat": "goats",
+    "pig": "pigs", "cow": "cows", "owl": "owls", "hawk": "hawks", "fox": "foxes",
+    "mouse": "mice", "goose": "geese", "wolf": "wolves", "ox": "oxen",
+}
+OBJECTS = {
+    "table": "tables", "box": "boxes", "tree": "trees", "wall": "walls", "door": "doors",
+    "window": "windows", "river": "rivers", "bridge": "bridges", "tower": "towers", "statue": "statues",
+    "fence": "fences", "lamp": "lamps", "chair": "chairs", "rock": "rocks", "bench": "benches",
+    "gate": "gates", "barrel": "barrels", "cart": "carts", "tent": "tents", "fountain": "fountains",
+    "pillar": "pillars", "shelf": "shelves", "leaf": "leaves", "flag": "flags",
+}
+NOUNS = {**PEOPLE, **ANIMALS, **OBJECTS}
+NOUN_CLASS = {**{n: "person" for n in PEOPLE}, **{n: "animal" for n in ANIMALS}, **{n: "object" for n in OBJECTS}}
+# Who can act: subjects, relative-clause subjects and objects of transitive verbs are animate; a
+# prepositional phrase may name anything ("the author near the tables").
+ANIMATE = [n for n in NOUNS if NOUN_CLASS[n] != "object"]
 
 # Transitive verbs, lemma -> (singular form, plural form). They head relative clauses (whose object is
 # the gap: "the author that the guards like") and also serve as main verbs.
@@ -50,14 +84,18 @@ TRANSITIVE = {
     "help": ("helps", "help"), "meet": ("meets", "meet"), "follow": ("follows", "follow"),
     "trust": ("trusts", "trust"), "watch": ("watches", "watch"), "thank": ("thanks", "thank"),
     "visit": ("visits", "visit"), "fear": ("fears", "fear"), "praise": ("praises", "praise"),
+    "greet": ("greets", "greet"), "call": ("calls", "call"), "chase": ("chases", "chase"),
+    "feed": ("feeds", "feed"), "hear": ("hears", "hear"), "join": ("joins", "join"),
+    "remember": ("remembers", "remember"), "blame": ("blames", "blame"), "respect": ("respects", "respect"),
+    "avoid": ("avoids", "avoid"), "warn": ("warns", "warn"), "invite": ("invites", "invite"),
 }
 
 # Verbs that only appear as main verbs, with what may follow them in a full sentence.
 COPULAS = {"be": ("is", "are"), "be_past": ("was", "were")}   # + adjective
 POSSESSION = {"have": ("has", "have")}                         # + "a" + thing
-MAIN_VERBS = {**COPULAS, **POSSESSION, **TRANSITIVE}           # + "the" + person noun for transitives
+MAIN_VERBS = {**COPULAS, **POSSESSION, **TRANSITIVE}           # + "the" + animate noun for transitives
 
-PREPOSITIONS = ("near", "behind", "beside", "with", "around")
+PREPOSITIONS = ("near", "behind", "beside", "with", "around", "under", "above", "past")
 ADJECTIVES = ("happy", "tall", "young", "old", "busy", "tired", "kind", "brave", "quiet", "smart",
               "rich", "late")
 THINGS = ("dog", "car", "book", "house", "garden", "hat", "boat", "bike")
@@ -100,10 +138,11 @@ def _verb(forms, plural):
 def _sample_lemmas(template, rng, split):
     """Random lemmas for one sentence of `template` whose frame lies in `split` (rejection sampling:
     about 1 in 5 frames is held out, so a few draws suffice)."""
-    nouns = list(NOUNS)
     while True:
-        subj = rng.choice(nouns)
-        second = rng.choice([n for n in nouns if n != subj])   # "the author near the authors" is dull
+        subj = rng.choice(ANIMATE)
+        # The second noun is a PP object (any noun) or a relative clause's subject (animate); never the
+        # subject again ("the author near the authors" is dull).
+        second = rng.choice([n for n in (NOUNS if template == "nounpp" else ANIMATE) if n != subj])
         rc_verb = rng.choice(list(TRANSITIVE))
         prep = rng.choice(PREPOSITIONS)
         verb = rng.choice(list(MAIN_VERBS))
@@ -135,7 +174,7 @@ def _continuation(verb, rng):
         return [rng.choice(ADJECTIVES), "."]
     if verb in POSSESSION:
         return ["a", rng.choice(THINGS), "."]
-    return ["the", _noun(rng.choice(list(NOUNS)), rng.random() < 0.5), "."]
+    return ["the", _noun(rng.choice(ANIMATE), rng.random() < 0.5), "."]
 
 
 def make_examples(template, n, seed=0, split="train"):
@@ -144,7 +183,7 @@ def make_examples(template, n, seed=0, split="train"):
     Singular and plural clean subjects alternate (so both directions of the flip appear, balanced to
     within one), and for the templates with a second noun the four (subject, second noun) number
     combinations are balanced too. Raises ValueError when the split has fewer than `n` distinct examples
-    (only possible for "simple", whose train/test splits hold about 1150/290).
+    (only possible for "simple", whose train/test splits hold 4262/1078).
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
@@ -230,34 +269,80 @@ def vocabulary():
     return words
 
 
+# --- ground-truth latents of every token ---------------------------------------------------------
+
 ROLES = ("det", "subj", "prep", "that", "distractor", "rc_verb")
 
 
-def token_latents(example):
-    """{latent: [0/1 per token of the clean prefix]}: the grammar's binary latents at EVERY token (0 where a
-    variable is undefined), the same keys for every example, for the demo's interpretability score.
+def prefix_words():
+    """Every word an agreement prefix can contain, sorted."""
+    words = {"the", "that", *PREPOSITIONS, *NOUNS, *NOUNS.values()}
+    for forms in TRANSITIVE.values():
+        words |= set(forms)
+    return sorted(words)
 
-    Word identity ("word is <w>", every word of the grammar), role ("role is <r>"), the token's own number
-    ("token is plural" / "token is singular", nouns and verbs), part of speech, "inside a relative clause"
-    (from "that" to the end of the prefix), the subject's and the second noun's number from that noun on,
-    and the number the next verb needs at the last token."""
+
+def latent_names():
+    """The names of the binary latents `token_latents` gives, in a fixed order: word identity, lemma
+    (a noun or verb in either number), role, word class, number, semantic class, and the sentence-level
+    variables that hold from the word that sets them on (subject's number and class, second noun's
+    number, inside a relative clause / prepositional phrase, the number the next verb must have)."""
+    names = [f"word is {w}" for w in prefix_words()]
+    names += [f"lemma is {n}" for n in NOUNS] + [f"lemma is {v}" for v in TRANSITIVE]
+    names += [f"role is {r}" for r in ROLES]
+    names += ["token is a noun", "token is a verb", "token is plural", "token is singular",
+              "token is a person", "token is an animal", "token is an object", "token is animate",
+              "subject is plural", "subject is singular", "subject is a person", "subject is an animal",
+              "second noun is plural", "second noun is singular", "second noun is animate",
+              "inside a relative clause", "inside a prepositional phrase",
+              "next verb must be plural", "next verb must be singular"]
+    return names
+
+
+_LEMMA = {**{n: n for n in NOUNS}, **{pl: n for n, pl in NOUNS.items()},
+          **{form: v for v, forms in TRANSITIVE.items() for form in forms}}
+
+
+def token_latents(example):
+    """{latent: [0/1 per token of the clean prefix]} for every name of `latent_names()` (all zero where
+    a latent never holds in this example), read off the words and `example.latents`."""
+    words = example.clean_prefix.split()
     lat = example.latents
-    words, roles, numbers = example.clean_prefix.split(), lat["role"], lat["number"]
+    roles, numbers = lat["role"], lat["number"]
     T = len(words)
+    out = {name: [0] * T for name in latent_names()}
+
+    def on(name, t):
+        out[name][t] = 1
+
     subj_at = roles.index("subj")
-    second_at = roles.index("distractor") if "distractor" in roles else T
-    clause_at = roles.index("that") if "that" in roles else T
-    out = {f"word is {w}": [int(x == w) for x in words] for w in sorted(vocabulary())}
-    out.update({f"role is {r}": [int(x == r) for x in roles] for r in ROLES})
-    out["token is plural"] = [int(n == 1) for n in numbers]
-    out["token is singular"] = [int(n == 0) for n in numbers]
-    out["token is a noun"] = [int(r in ("subj", "distractor")) for r in roles]
-    out["token is a verb"] = [int(r == "rc_verb") for r in roles]
-    out["inside a relative clause"] = [int(t >= clause_at) for t in range(T)]
-    for name, at, value in [("subject", subj_at, lat["subject_plural"]),
-                            ("second noun", second_at, lat.get("distractor_plural"))]:
-        out[f"{name} is plural"] = [int(t >= at and value == 1) for t in range(T)]
-        out[f"{name} is singular"] = [int(t >= at and value == 0) for t in range(T)]
-    out["next verb must be plural"] = [int(t == T - 1 and lat["answer_plural"] == 1) for t in range(T)]
-    out["next verb must be singular"] = [int(t == T - 1 and lat["answer_plural"] == 0) for t in range(T)]
+    second_at = roles.index("distractor") if "distractor" in roles else None
+    subj_class = NOUN_CLASS[_LEMMA[words[subj_at]]]
+    for t, (w, role, num) in enumerate(zip(words, roles, numbers)):
+        on(f"word is {w}", t)
+        on(f"role is {role}", t)
+        if w in _LEMMA:
+            on(f"lemma is {_LEMMA[w]}", t)
+        if role in ("subj", "distractor"):
+            on("token is a noun", t)
+            cls = NOUN_CLASS[_LEMMA[w]]
+            on({"person": "token is a person", "animal": "token is an animal", "object": "token is an object"}[cls], t)
+            if cls != "object":
+                on("token is animate", t)
+        if role == "rc_verb":
+            on("token is a verb", t)
+        if num is not None:
+            on("token is plural" if num else "token is singular", t)
+        if t >= subj_at:
+            on("subject is plural" if lat["subject_plural"] else "subject is singular", t)
+            on("subject is a person" if subj_class == "person" else "subject is an animal", t)
+        if second_at is not None and t >= second_at:
+            on("second noun is plural" if lat["distractor_plural"] else "second noun is singular", t)
+            if NOUN_CLASS[lat["distractor"]] != "object":
+                on("second noun is animate", t)
+        if "that" in roles and t >= roles.index("that"):
+            on("inside a relative clause", t)
+        if "prep" in roles and t >= roles.index("prep"):
+            on("inside a prepositional phrase", t)
+    on("next verb must be plural" if lat["answer_plural"] else "next verb must be singular", T - 1)
     return out
