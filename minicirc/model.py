@@ -213,6 +213,58 @@ class SiteModel(nn.Module):
                 return None
         return self.unembed(resid)
 
+    def forward_from(self, start, clean, tokens, edit=None, cache=None, stop_at=None):
+        """forward() resumed at site `start`: the sites computed before it are read from `clean` (the cache of
+        an earlier unedited run on the same tokens) instead of computed again, and `start` itself is computed
+        from the values below it and edited as in forward(). IG runs one input many times with one site
+        changed; the layers below that site would give the clean values again each time.
+        Sites before `start` are not edited."""
+        edit = edit or {}
+        self.check_sites([start] + list(edit) + ([stop_at] if stop_at else []))
+        order = self.all_sites
+        first = order.index(start)
+        wanted = set(edit) | {start, stop_at}
+
+        def site(name, compute):
+            below = order.index(name) < first
+            x = clean[name] if below and (compute is None or name in clean) else compute()
+            if name in edit and not below:
+                x = edit[name](x)
+            if cache is not None:
+                cache[name] = x
+            return x
+
+        resid = site("embed", lambda: self.embed(tokens))
+        if stop_at == "embed":
+            return None
+        for l, layer in enumerate(self.layers):
+            if order.index(f"resid_{l}") < first:      # the whole layer is below start
+                site(f"attn_{l}", None), site(f"mlp_{l}", None)
+                resid = site(f"resid_{l}", None)
+                continue
+            z = f"z_{l}"
+            z_site = ((lambda v: site(z, lambda: v)) if z in wanted and order.index(z) >= first else None)
+            attn = site(f"attn_{l}", lambda: layer.attn_block(resid, z_site))
+            if stop_at in (z, f"attn_{l}"):
+                return None
+            if self.cfg.parallel_residual:
+                mlp = site(f"mlp_{l}", lambda: layer.mlp_block(resid))
+                out = resid + attn + mlp
+            else:
+                mid = resid + attn
+                if f"resid_mid_{l}" in wanted:
+                    mid = site(f"resid_mid_{l}", lambda: mid)
+                    if stop_at == f"resid_mid_{l}":
+                        return None
+                mlp = site(f"mlp_{l}", lambda: layer.mlp_block(mid))
+                out = mid + mlp
+            if stop_at == f"mlp_{l}":
+                return None
+            resid = site(f"resid_{l}", lambda: out)
+            if stop_at == f"resid_{l}":
+                return None
+        return self.unembed(resid)
+
     def unembed(self, resid, token_ids=None):
         """Logits from the last residual stream: final norm, unembedding, soft-cap where the family has one.
         token_ids (shape resid.shape[:-1]) computes only the logit of that token at each row (rows, ...)

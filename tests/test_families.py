@@ -433,3 +433,41 @@ def test_circuit_command_refuses_unsupported_models_in_one_line(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / f"out{i}").exists()
+
+
+@pytest.mark.parametrize("case", ["gpt2", "qwen3 qk-norm head_dim", "gemma2 softcaps window", "gpt_neox parallel",
+                                  "gpt_neox sequential"])
+def test_forward_from_equals_forward(tmp_path, case):
+    """Resuming at any site from a clean run's cache gives what the whole forward pass gives with the same
+    edit at that site (bit for bit: the values below are the ones the clean run computed), and fills the
+    cache with the same values; sites before the start are taken from the clean run, not recomputed."""
+    from conftest import write_hf_model
+    if case.startswith("gpt_neox"):
+        write_hf_model(tmp_path, seed=3, parallel=case.endswith("parallel"))
+        vocab = 61
+    else:
+        kind, kw = CASES[case]
+        write_hf(tmp_path, kind, seed=15, **kw)
+        vocab = V
+    model = minicirc.load_model(tmp_path)
+    tokens = torch.randint(0, vocab, (3, 9))
+    clean = {}
+    with torch.no_grad():
+        model(tokens, cache=clean, extra=model.all_sites)
+        for start in model.all_sites:
+            noise = torch.randn(3, 9, model.site_width(start))
+            edit = {start: lambda x: x + noise}
+            want_cache, got_cache = {}, {}
+            want = model(tokens, edit=edit, cache=want_cache)
+            got = model.forward_from(start, clean, tokens, edit=edit, cache=got_cache)
+            assert torch.equal(got, want), start
+            for s, v in want_cache.items():
+                assert torch.equal(got_cache[s], v), (start, s)
+            # below the start nothing is computed: a poisoned clean value shows up unchanged
+            below = model.all_sites[:model.all_sites.index(start)]
+            std = [s for s in below if s in model.sites]
+            if std:
+                poisoned = {**clean, std[-1]: clean[std[-1]] + 1.0}
+                seen = {}
+                model.forward_from(start, poisoned, tokens, edit=edit, cache=seen, stop_at=start)
+                assert torch.equal(seen[std[-1]], poisoned[std[-1]])
