@@ -148,6 +148,26 @@ def answers(results):
     return lines + [""]
 
 
+def superposition_lines(stats):
+    """report.md's table of monosemantic units per site (default.monosemantic_shares, recorded in the
+    default's stats.json when it was trained); nothing for a default trained before it was recorded."""
+    mono = stats.get("monosemantic")
+    if not mono:
+        return []
+    n_latents = mono["n_latents"]
+    d_model = stats["config"]["hidden_size"]
+    lines = ["", f"Superposition: the grammar has {n_latents} binary latents seen on held-out tokens "
+             f"({n_latents / d_model:.1f}x d_model {d_model}). A unit counts as monosemantic when "
+             f"{mono['criterion']} ({mono['n_tokens']} held-out tokens; dead units count as not monosemantic). "
+             "Shares of units, and how many distinct latents those units cover:", "",
+             "| site | neurons monosemantic | latents covered | SAE features monosemantic | latents covered |",
+             "|---|---|---|---|---|"]
+    for s, v in mono["sites"].items():
+        lines.append(f"| {s} | {100 * v['neurons']:.0f}% | {v['neurons_latents']} | {100 * v['features']:.0f}% "
+                     f"| {v['features_latents']} |")
+    return lines
+
+
 def demo_report(results, cfg):
     meta = results["_meta"]
     st = meta["stats"]
@@ -155,12 +175,13 @@ def demo_report(results, cfg):
     lines = ["# minicirc demo: feature circuits vs neuron circuits", "",
              f"Embedded default ({st['recipe']} recipe, seed {st['seed']}): {st['config']['num_hidden_layers']} layers, "
              f"d_model {st['config']['hidden_size']}, vocab {st['config']['vocab_size']}; "
-             f"LM loss {st['lm_loss_first']:.2f} -> {st['lm_loss_last']:.2f}. Cached in `{meta['default']}`.", "",
+             f"LM loss {st['lm_loss_first']:.2f} -> {st['lm_loss_last']:.2f}. Files: `{meta['default']}`.", "",
              "Agreement accuracy on held-out sentences: " + ", ".join(
                  f"{t} {100 * a:.1f}%" for t, a in st["agreement_accuracy"].items()) + ".", "",
              "| site | variance explained | mean L0 | dead features |", "|---|---|---|---|"]
     for s, v in st["saes"].items():
         lines.append(f"| {s} | {v['variance_explained']:.3f} | {v['l0']:.1f} | {100 * v['dead_fraction']:.0f}% |")
+    lines += superposition_lines(st)
     lines += ["", f"Circuits: IG ({cfg['steps']} steps) on {cfg['n_discovery']} discovery examples (train split); "
               f"faithfulness and completeness by mean ablation on {cfg['n_eval']} held-out examples.", "",
               "Three evaluation protocols, each measured on the top-n nodes by |effect| for n on a log grid "

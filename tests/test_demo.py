@@ -314,3 +314,24 @@ def test_answers_follow_their_rules():
         ["yes", "yes", "mixed", "mixed", "no", "no"]
     lines = [ln for ln in answers(results([(50, 100)] * 3 + [(100, 100)])) if "smaller at equal" in ln]
     assert len(lines) == 3 and all("**yes**" in ln for ln in lines)
+
+
+def test_superposition_table_shows_the_recorded_shares():
+    """report.md's monosemantic-units table: one row per site of stats.json's record, the shares as percentages
+    and the latents covered, and nothing for a default trained before the record existed."""
+    import random
+    from minicirc.report import superposition_lines
+    rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
+    sites = {s: {"neurons": rng.random(), "neurons_latents": rng.randrange(9), "features": rng.random(),
+                 "features_latents": rng.randrange(300)} for s in ("embed", "attn_0", "mlp_0", "resid_0")}
+    stats = {"config": {"hidden_size": 48}, "monosemantic": {"n_latents": 350, "n_tokens": 4500, "criterion": "c",
+                                                             "sites": sites}}
+    lines = superposition_lines(stats)
+    assert "350 binary latents" in lines[1] and "7.3x d_model 48" in lines[1]
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| site")]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(sites)
+    for r, (s, v) in zip(rows, sites.items()):
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells == [s, f"{100 * v['neurons']:.0f}%", str(v["neurons_latents"]), f"{100 * v['features']:.0f}%",
+                         str(v["features_latents"])]
+    assert superposition_lines({"config": {"hidden_size": 48}}) == []
