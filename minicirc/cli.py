@@ -154,7 +154,7 @@ def cmd_shift(args):
               random_seeds=args.random_seeds, threshold=args.threshold)
 
 
-# The embedded default model is tiny (d_model 64): its matmuls are too small to gain from a second thread,
+# The embedded default model is tiny (d_model 48): its matmuls are too small to gain from a second thread,
 # and two OpenMP threads on a busy 2-core machine were measured up to 20x slower than one.
 THREADS_HELP = "CPU threads (default 1: the embedded model is too small to gain from more)"
 

@@ -73,7 +73,7 @@ def make_default(out_dir, recipe="full", seed=0, progress=True):
     t0 = time.time()
     tokenizer = corpus.build_tokenizer()
     # Documents packed into rows of 32 tokens (each row starts at a document start, like a prompt):
-    # no padding, so every position teaches; 600 steps reach 100% held-out agreement on all templates.
+    # no padding, so every position teaches; 800 steps reach 100% held-out agreement on all templates (stats.json).
     seqs = corpus.packed_sequences(tokenizer, r["n_rows"], seq_len=32, seed=seed)
     cfg = Config(vocab_size=tokenizer.get_vocab_size(), d_model=r["d_model"], n_layers=r["n_layers"],
                  n_heads=r["n_heads"], d_mlp=r["d_mlp"], rotary_pct=0.5, max_len=64)

@@ -56,7 +56,7 @@ from .metrics import auroc
 CONCEPT, SPURIOUS = "profession", "gender"
 
 SETTINGS = {
-    # A few hundred bios per split; the whole run takes about 80 s on 2 cores once the default is cached (most
+    # A few hundred bios per split; the whole run takes about 40-120 s on 2 cores (BENCHMARKS.md; most
     # of it the sweeps, each point with its random control).
     # coverage: the candidate rule's share; circuit_nodes: how many nodes circuit.json/png show (display only).
     # sweep: the shares the report also runs; sweep_k: the fixed top k it compares with.
