@@ -187,22 +187,66 @@ def attrib_site_gradients(model, metric, batch, sites):
     return {s: (g if g is not None else torch.zeros_like(vals[s])).detach() for s, g in zip(sites, grads)}
 
 
+# Tokens per IG forward pass: a site's steps run in groups of about this many tokens, since the activations
+# kept for the backward pass grow with it (4096 tokens of a Pythia-70M-shaped model: about 1 GB).
+IG_TOKENS = 4096
+
+
+class Resumed:
+    """The model as a metric sees it, every forward pass resumed at site `start` from the clean values
+    below it (model.forward_from) instead of recomputed from the embedding. Valid for metrics that run the
+    model on the tokens they are given (all of minicirc's)."""
+
+    def __init__(self, model, start, clean):
+        self.model, self.start, self.clean = model, start, clean
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, tokens, edit=None, cache=None, stop_at=None):
+        return self.model.forward_from(self.start, self.clean, tokens, edit=edit, cache=cache, stop_at=stop_at)
+
+
+class Tiled(dict):
+    """{site: clean value (B, T, d)} read as repeated k times along examples, each site tiled when first read."""
+
+    def __init__(self, clean, k):
+        super().__init__()
+        self.source, self.k = clean, k
+
+    def __missing__(self, name):
+        self[name] = v = self.source[name].repeat(self.k, 1, 1)
+        return v
+
+
 def ig_site_gradients(model, metric, batch, sites, states, steps, progress=False):
-    """Per site, dm/dx averaged over x = (1-a) x_c + a x_p, a = k/steps, k = 0..steps-1, all steps batched."""
-    big = tile(batch, steps)
+    """Per site, dm/dx averaged over x = (1-a) x_c + a x_p, a = k/steps, k = 0..steps-1, the steps batched
+    (IG_TOKENS tokens per forward). Models with forward_from resume each forward at the interpolated site
+    from the clean values below it (the metric stops at its own last site)."""
     B = len(batch)
+    per = max(1, IG_TOKENS // max(batch.clean.numel(), 1))
+    clean = None
+    if hasattr(model, "forward_from"):
+        clean = {}
+        with torch.no_grad():
+            model(batch.clean, cache=clean, stop_at=max(sites, key=model.sites.index))
     out = {}
     for s in tqdm(sites, desc=f"IG, {steps} steps", unit="site", leave=False, disable=not progress):
         st = states[s]
-        alpha = (torch.arange(steps, dtype=st.x_c.dtype, device=st.x_c.device) / steps).repeat_interleave(B)
-        alpha = alpha[:, None, None]
-        path = ((1 - alpha) * st.x_c.repeat(steps, 1, 1) + alpha * st.x_p.repeat(steps, 1, 1)).detach().requires_grad_(True)
-        with torch.enable_grad():
-            m = metric(model, big, big.clean, {s: lambda x, p=path: p})
-            # A metric that never reads this site does not depend on it: gradient zero.
-            (g,) = torch.autograd.grad(m.sum(), path, allow_unused=True) if m.requires_grad else (None,)
-        g = torch.zeros_like(path) if g is None else g
-        out[s] = g.view(steps, B, *g.shape[1:]).mean(0).detach()
+        grads = []
+        for k0 in range(0, steps, per):
+            n = min(steps, k0 + per) - k0
+            big = tile(batch, n)
+            alpha = (torch.arange(k0, k0 + n, dtype=st.x_c.dtype, device=st.x_c.device) / steps).repeat_interleave(B)
+            alpha = alpha[:, None, None]
+            path = ((1 - alpha) * st.x_c.repeat(n, 1, 1) + alpha * st.x_p.repeat(n, 1, 1)).detach().requires_grad_(True)
+            runner = model if clean is None else Resumed(model, s, Tiled(clean, n))
+            with torch.enable_grad():
+                m = metric(runner, big, big.clean, {s: lambda x, p=path: p})
+                # A metric that never reads this site does not depend on it: gradient zero.
+                (g,) = torch.autograd.grad(m.sum(), path, allow_unused=True) if m.requires_grad else (None,)
+            grads.append((torch.zeros_like(path) if g is None else g).detach().view(n, B, *path.shape[1:]))
+        out[s] = (grads[0] if len(grads) == 1 else torch.cat(grads)).mean(0)
     return out
 
 

@@ -232,6 +232,45 @@ class GPTNeoX(nn.Module):
         return self.embed_out(self.final_layer_norm(resid))
 
 
+    # Resuming a forward pass (issue 14): kept apart from forward() on purpose, for merging.
+    def forward_from(self, start, clean, tokens, edit=None, cache=None, stop_at=None):
+        """forward() with the sites before `start` not computed but read from `clean` ({site: value} of an
+        earlier run on the same tokens, every site, as `cache` fills it). IG re-runs one input many times
+        with one site changed; the layers below that site would give the clean values again each time.
+        `start` itself is computed from the clean values below it and edited as in forward()."""
+        edit = edit or {}
+        self.check_sites([start] + list(edit) + ([stop_at] if stop_at else []))
+        order = self.sites
+        first = order.index(start)
+
+        def site(name, compute):
+            x = clean[name] if order.index(name) < first else compute()
+            if name in edit and order.index(name) >= first:
+                x = edit[name](x)
+            if cache is not None:
+                cache[name] = x
+            return x
+
+        resid = site("embed", lambda: self.embed_in(tokens))
+        if stop_at == "embed":
+            return None
+        for l, layer in enumerate(self.layers):
+            if order.index(f"resid_{l}") < first:     # the whole layer is below start
+                site(f"attn_{l}", None), site(f"mlp_{l}", None)
+                resid = site(f"resid_{l}", None)
+                continue
+            attn = site(f"attn_{l}", lambda: layer.attention(layer.input_layernorm(resid)))
+            if stop_at == f"attn_{l}":
+                return None
+            mlp_in = resid if self.cfg.parallel_residual else resid + attn
+            mlp = site(f"mlp_{l}", lambda: layer.mlp(layer.post_attention_layernorm(mlp_in)))
+            if stop_at == f"mlp_{l}":
+                return None
+            resid = site(f"resid_{l}", lambda: resid + attn + mlp)
+            if stop_at == f"resid_{l}":
+                return None
+        return self.embed_out(self.final_layer_norm(resid))
+
 # --- loading and saving Hugging Face GPT-NeoX checkpoint directories ---------------------------------
 
 def _hf_names(cfg):

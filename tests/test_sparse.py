@@ -183,3 +183,58 @@ def test_no_dense_feature_tensor_in_a_circuit_or_an_evaluation(monkeypatch):
     assert r["m_full"] == r["m_full"]     # a number, not NaN
     assert len(seen) > 100 and max(n for _, n in seen) < limit, max(seen, key=lambda e: e[1])
     assert sum(len(v._values()) for _, v in c.edges.values()) > 0
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_forward_from_equals_forward(parallel):
+    """model.forward_from(start, clean values, ...) against the plain forward pass, for every start site: the
+    same logits and cache without edits, and the same with an edit at the start site."""
+    model = make_model(961 + parallel, parallel)
+    batch = make_batch(963, B=2, T=4)
+    clean = plain_sites(model, batch.clean)
+    shift = torch.randn(2, 4, D_MODEL, generator=torch.Generator().manual_seed(964), dtype=torch.float64)
+    with torch.no_grad():
+        for start in model.sites:
+            for edit in ({}, {start: lambda x: x + shift}):
+                want_cache, got_cache = {}, {}
+                want = model(batch.clean, edit=edit, cache=want_cache)
+                got = model.forward_from(start, clean, batch.clean, edit=edit, cache=got_cache)
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+                assert set(got_cache) == set(want_cache)
+                for s in want_cache:
+                    torch.testing.assert_close(got_cache[s], want_cache[s], rtol=1e-12, atol=1e-12)
+            assert model.forward_from(start, clean, batch.clean, stop_at=start) is None
+
+
+def test_ig_in_step_groups_and_without_forward_from(monkeypatch):
+    """IG with one step per forward pass (IG_TOKENS below one batch), and on a model without forward_from
+    (every forward from the embedding), equals the definition."""
+    model = make_model(971, parallel=False)
+    gen = torch.Generator().manual_seed(972)
+    saes = {s: make_sae(gen, ("relu", "jumprelu", "topk")[i % 3], n=N).to(torch.float64)
+            for i, s in enumerate(model.sites)}
+    batch = make_batch(973, B=2, T=3)
+    st = A.site_states(model, saes, ref_logit_diff, batch, A.site_order(model, saes))[2]
+    ref = A.ig_effects(model, saes, ref_logit_diff, batch, st, 4)
+    monkeypatch.setattr(AB, "IG_TOKENS", 1)
+    assert_effects_equal(AB.node_effects(model, saes, A.logit_diff, batch, "ig", 4).dense_effects(), ref)
+    monkeypatch.setattr(AB, "IG_TOKENS", 4096)
+
+    class Plain(torch.nn.Module):     # the same model behind a forward() only
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *args, **kw):
+            return self.m(*args, **kw)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                if name == "forward_from":
+                    raise
+                return getattr(self.m, name)
+    plain = Plain(model)
+    assert not hasattr(plain, "forward_from")
+    assert_effects_equal(AB.node_effects(plain, saes, A.logit_diff, batch, "ig", 4).dense_effects(), ref)
