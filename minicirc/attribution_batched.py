@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .attribution import METHODS, clean_and_patch_sites, edge_pairs, frozen_weights, site_order
+from .data import Batch
 from .errors import MinicircError
 
 # Elements of the transient (rows x n_features) block when a dictionary's dense encode runs in row chunks.
@@ -65,6 +66,13 @@ def decode_rows(sae, rows, n):
     return torch.cat(parts) if parts else sae.W_dec.new_zeros(0, sae.d_in)
 
 
+def slice_rows(rows, lo, hi):
+    """Rows lo..hi-1 of rows (crow, col, val)."""
+    crow, col, val = rows
+    a, b = int(crow[lo]), int(crow[hi])
+    return crow[lo:hi + 1] - a, col[a:b], val[a:b]
+
+
 @dataclass
 class SparseSiteState:
     """A site's clean and patch states with the features as rows over the B * T tokens (row b * T + t)."""
@@ -79,6 +87,13 @@ class SparseSiteState:
     @property
     def delta_err(self):
         return self.err_p - self.err_c
+
+    def examples(self, lo, hi):
+        """The state of examples lo..hi-1."""
+        T = self.x_c.shape[1]
+        return SparseSiteState(self.x_c[lo:hi], self.x_p[lo:hi], slice_rows(self.c, lo * T, hi * T),
+                               slice_rows(self.p, lo * T, hi * T), self.err_c[lo:hi], self.err_p[lo:hi],
+                               self.n_features)
 
     def delta(self):
         """f_p - f_c as rows, exact zeros dropped."""
@@ -134,6 +149,10 @@ class SiteEffects:
     err: torch.Tensor    # (B, T)
     n_features: int
 
+    def examples(self, lo, hi):
+        T = self.err.shape[1]
+        return SiteEffects(slice_rows(self.rows, lo * T, hi * T), self.err[lo:hi], self.n_features)
+
     def dense(self):
         """(B, T, F + 1), column F the error node (for tests and small problems)."""
         B, T = self.err.shape
@@ -162,7 +181,6 @@ class NodeEffects:
 
 def tile(batch, k):
     """The batch repeated k times along examples (row s*B + b is example b), for batched IG steps."""
-    from .data import Batch
     rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))
     return Batch(rep(batch.clean), rep(batch.patch), rep(batch.clean_answer), rep(batch.patch_answer),
                  rep(batch.last), batch.examples * k)
@@ -476,16 +494,59 @@ def sparse_cat_rows(parts):
 
 
 def edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation="sum",
-                 chunk_bytes=256 * 2**20, pairs=None, use_vmap=True, progress=False):
+                 chunk_bytes=256 * 2**20, pairs=None, use_vmap=True, progress=False, group=1):
     """attribution.edge_effects, batched: {(U, D): (rows, values)} with rows a list of D's node indices (in
     the order `downstream_rows` makes them, not sorted) and values a sparse COO tensor (R, F_U + 1) for
     `sum`, (R, T, F_U + 1) for `none`, summed over the batch's examples.
 
     U's value is a leaf (the straight-through splice decode(f) + err has d x_U / d f_j = W_dec[j]); the sites
-    between U and D are frozen by detaching what flows out of them."""
+    between U and D are frozen by detaching what flows out of them. Examples run `group` at a time: they do
+    not interact, and a downstream row's backward pass then covers only the examples where that node was
+    selected (with all examples at once, every row's pass ran over the whole batch)."""
     sites = site_order(model, saes)
     pairs = pairs if pairs is not None else edge_pairs(model, sites)
     effects = {s: e if isinstance(e, SiteEffects) else SiteEffects.from_dense(e) for s, e in effects.items()}
+    B = len(batch)
+    parts = {}
+    for lo in range(0, B, group):
+        hi = min(B, lo + group)
+        sub = {s: st.examples(lo, hi) for s, st in states.items()}
+        sub_eff = {s: e.examples(lo, hi) for s, e in effects.items()}
+        for pair, (rows, vals) in group_edge_effects(model, saes, example_slice(batch, lo, hi), sites, pairs, sub,
+                                                     {s: g[lo:hi] for s, g in grads.items()}, sub_eff, node_threshold,
+                                                     aggregation, chunk_bytes, use_vmap, progress).items():
+            parts.setdefault(pair, []).append((rows, vals))
+    return {pair: merge_groups(p, saes[pair[1]].n_features) for pair, p in parts.items()}
+
+
+def example_slice(batch, lo, hi):
+    """Examples lo..hi-1 with all the batch's positions (slicing a Batch trims them to its longest example)."""
+    cut = lambda t: None if t is None else t[lo:hi]
+    return Batch(cut(batch.clean), cut(batch.patch), cut(batch.clean_answer), cut(batch.patch_answer),
+                 cut(batch.last), batch.examples[lo:hi])
+
+
+def merge_groups(parts, F):
+    """One pair's (rows, values) of several example groups summed: rows in downstream_rows' order (features
+    ascending, then the error nodes ascending)."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = sorted({r for rows, _ in parts for r in rows}, key=lambda r: (r % (F + 1) == F, r))
+    where = {r: j for j, r in enumerate(keys)}
+    idx, val = [], []
+    for rows, vals in parts:
+        i = vals.indices().clone()
+        i[0] = torch.tensor([where[r] for r in rows], dtype=torch.long, device=i.device)[i[0]]
+        idx.append(i)
+        val.append(vals.values())
+    total = torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(val), (len(keys), *parts[0][1].shape[1:]),
+                                    device=val[0].device).coalesce()
+    return keys, total
+
+
+def group_edge_effects(model, saes, batch, sites, pairs, states, grads, effects, node_threshold, aggregation,
+                       chunk_bytes, use_vmap, progress):
+    """edge_effects of one group of examples."""
     out = {}
     by_up = {}
     for u, d, frozen in pairs:

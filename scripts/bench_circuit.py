@@ -163,6 +163,8 @@ def main():
     p.add_argument("--sweep-features", default=None, help="sparse end to end at each of these n_features")
     p.add_argument("--edge-threshold", type=float, default=0.01)
     p.add_argument("--dense-ref", default="7e15fa2", help="the commit whose (dense) minicirc is the dense path")
+    p.add_argument("--dense-max-features", type=int, default=32768,
+                   help="skip the dense path above this n_features (its dense states would not fit in memory)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: one run, results to this folder
     argv = sys.argv[1:]
     if "--preset" in argv:   # the preset's values first, so that explicit flags override them
@@ -409,7 +411,11 @@ def sparse_against_dense(a):
     dense_root = dense_checkout(a.dense_ref) if "dense" in paths else None
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tempfile.mkdtemp(prefix="bench-sparse-")
-    flags = [x for x in sys.argv[1:] if x not in ("--paths", a.paths, "--sweep-features", a.sweep_features or "")]
+    flags, skip = [], {"--paths", "--sweep-features", "--dense-max-features", "--dense-ref"}
+    argv = sys.argv[1:]
+    for j, x in enumerate(argv):
+        if x not in skip and (j == 0 or argv[j - 1] not in skip):
+            flags.append(x)
     print(f"model d={a.d_model} d_mlp={a.d_mlp} layers={a.layers} vocab={a.vocab}; {1 + 3 * a.layers} relu SAEs, "
           f"target L0 {a.l0}; "
           f"{a.examples} examples x {a.pos} tokens; IG {a.steps} steps + all edges, thresholds {a.node_threshold} / "
@@ -418,6 +424,9 @@ def sparse_against_dense(a):
     for F in sizes:
         res = {}
         for path in paths:
+            if path == "dense" and F > a.dense_max_features:
+                print(f"  {F:7d} features, dense : skipped (above --dense-max-features {a.dense_max_features})", flush=True)
+                continue
             folder = os.path.join(out, f"{path}-{F}")
             env = dict(os.environ, PYTHONPATH=dense_root if path == "dense" else here)
             t = time.perf_counter()
