@@ -152,11 +152,13 @@ def rows_matmul(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, W: tor
     n = crow.numel() - 1
     if val.numel() == 0:
         return W.new_zeros(n, W.shape[1])
+    # torch's sparse CSR product has no 16-bit CPU kernel: those run in float32 (as the other ops here)
+    cd = W.dtype if W.dtype in _CPU_DTYPES or W.device.type == "cuda" else torch.float32
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        m = torch.sparse_csr_tensor(crow, col, val.to(W.dtype), (n, W.shape[0]), check_invariants=False,
+        m = torch.sparse_csr_tensor(crow, col, val.to(cd), (n, W.shape[0]), check_invariants=False,
                                     device=W.device)
-        return m @ W
+        return (m @ W.to(cd)).to(W.dtype)
 
 
 # ----------------------------------------------------------------------------- torch reference
