@@ -165,6 +165,7 @@ def main():
     p.add_argument("--dense-ref", default="7e15fa2", help="the commit whose (dense) minicirc is the dense path")
     p.add_argument("--dense-max-features", type=int, default=32768,
                    help="skip the dense path above this n_features (its dense states would not fit in memory)")
+    p.add_argument("--ig-tokens", type=int, default=None, help="attribution_batched.IG_TOKENS for the sparse path")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: one run, results to this folder
     argv = sys.argv[1:]
     if "--preset" in argv:   # the preset's values first, so that explicit flags override them
@@ -345,6 +346,8 @@ PRESETS = {"issue14": ["--d-model", "512", "--d-mlp", "2048", "--layers", "6", "
 
 def child_run(a):
     """One find_circuit (IG nodes + all edges) of the flags' workload; writes stats.json and the circuit."""
+    if a.ig_tokens and hasattr(attribution_batched, "IG_TOKENS"):
+        attribution_batched.IG_TOKENS = a.ig_tokens
     model, saes, cache = build(a)
     B, T = a.examples, a.pos
     batch = Batch(torch.randint(0, a.vocab, (B, T)), torch.randint(0, a.vocab, (B, T)),
