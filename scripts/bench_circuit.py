@@ -454,6 +454,10 @@ def sparse_against_dense(a):
                   f"{d_['peak_rss_mb'] / s_['peak_rss_mb']:.2f}x; largest relative difference: nodes {dn:.2g}, "
                   f"edges {de:.2g} {'(ok: <= 1e-5)' if max(dn, de) <= 1e-5 else '(ABOVE 1e-5)'}", flush=True)
         rows.append((F, res))
+    if dense_root:
+        import shutil
+        shutil.rmtree(dense_root, ignore_errors=True)
+    print(f"circuits and stats.json of every run: {out}")
     if len(rows) > 1 and all("sparse" in r for _, r in rows):
         (F0, r0), (F1, r1) = rows[0], rows[-1]
         beyond = lambda st: st["peak_rss_mb"] - st["sae_weights_mb"]
