@@ -79,18 +79,25 @@ def record_sites(model, metric, batch, tokens, sites):
     return m, cache
 
 
+def clean_and_patch_sites(model, metric, batch, sites):
+    """(m_clean, {site: clean value}, m_patch or None, {site: patch value} or None), clean values checked."""
+    m_c, clean = record_sites(model, metric, batch, batch.clean, sites)
+    m_p, patch = (record_sites(model, metric, batch, batch.patch, sites) if batch.patch is not None else (None, None))
+    for s in sites:
+        if not torch.isfinite(clean[s]).all():
+            raise MinicircError(f"site {s} holds NaN or inf on the clean input")
+    return m_c, clean, m_p, patch
+
+
 def site_states(model, saes, metric, batch, sites):
     """(m_clean, m_patch or None, {site: SiteState}), each state from the unmodified model on its own input.
     Without patch inputs (zero ablation) the patch state is f = 0, err = 0."""
-    m_c, clean = record_sites(model, metric, batch, batch.clean, sites)
-    m_p, patch = (record_sites(model, metric, batch, batch.patch, sites) if batch.patch is not None else (None, None))
+    m_c, clean, m_p, patch = clean_and_patch_sites(model, metric, batch, sites)
     states = {}
     with torch.no_grad():
         for s in sites:
             sae = saes[s]
             x_c = clean[s]
-            if not torch.isfinite(x_c).all():
-                raise MinicircError(f"site {s} holds NaN or inf on the clean input")
             f_c, err_c = sae(x_c)
             if patch is None:
                 f_p, err_p = torch.zeros_like(f_c), torch.zeros_like(err_c)

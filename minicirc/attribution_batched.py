@@ -1,12 +1,17 @@
 """Node and edge effects, batched and sparse: the numbers of minicirc.attribution's definitions, fast.
 
+- Site states: a dictionary site's features are compressed rows (minicirc.ops: row pointers, feature ids,
+  values) of the active features only, from the sparse encode; its error comes from the sparse decode.
+  No (tokens x n_features) tensor is made for a dictionary site; identity dictionaries (d features) and
+  kinds without a sparse encode go through the dictionary's own encode, a row chunk at a time.
 - Site gradients: dm/dx in one backward for every site (attrib), all IG steps of a site in one batch
-  (ig); dm/df = (dm/dx) @ W_dec.T is projected only where delta_f != 0 (the sampled product minicirc.ops
-  fuses), and dm/derr = dm/dx.
+  (ig); node effects (dm/dx @ W_dec.T) * delta_f by ops.feature_attribution directly on the clean and
+  patch rows, and dm/derr = dm/dx. Per-example node effects stay rows too (SiteEffects).
 - Exact patching: `group` patched nodes per forward, by tiling the examples.
 - Edges: many downstream nodes share one batched vector-Jacobian product (`downstream_rows` builds their
-  cotangents on the downstream site, `upstream_effects` contracts the gradients at the upstream site), and
-  the results are sparse: at real scale a dense (rows x positions x 32k features) block would not fit.
+  cotangents on the downstream site, `upstream_effects` contracts the gradients at the upstream site's
+  rows), and the results are sparse: at real scale a dense (rows x positions x 32k features) block would
+  not fit.
 - EdgeSum: the running sum of one site pair's sparse edge values over batches.
 """
 import math
@@ -15,8 +20,149 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .attribution import METHODS, edge_pairs, frozen_weights, site_order, site_states
+from . import ops
+from .attribution import METHODS, clean_and_patch_sites, edge_pairs, frozen_weights, site_order
+from .data import Batch
 from .errors import MinicircError
+
+# Elements of the transient (rows x n_features) block when a dictionary's dense encode runs in row chunks.
+CHUNK_ELEMS = 1 << 22
+
+
+# --- sparse site states -----------------------------------------------------------------------------
+
+def encode_rows(sae, x, use_ext=None):
+    """encode(x) for x (N, d) as rows (crow, col, val): the active features only.
+
+    relu and jumprelu run ops.sae_encode_sparse. top-k runs the dictionary's own encode in row chunks:
+    with ties at the k-th value the kernel may keep another of the tied features than torch.topk does, and
+    the definitions (and the other libraries) are torch.topk. Identity dictionaries and kinds this module
+    does not know take the same chunked path, so any dictionary with encode/decode works."""
+    if sae.kind in ("relu", "jumprelu"):
+        b_dec = sae.b_dec if sae.subtract_b_dec else torch.zeros_like(sae.b_dec)
+        return ops.sae_encode_sparse(x, sae.W_enc, sae.b_enc, b_dec, sae.kind, sae.threshold, 0, use_ext)
+    step = max(1, CHUNK_ELEMS // max(sae.n_features, 1))
+    with torch.no_grad():
+        return ops.cat_rows([ops.dense_to_rows(sae.encode(x[i:i + step])) for i in range(0, max(len(x), 1), step)])
+
+
+def affine_decode(sae):
+    """Whether decode(f) = f @ W_dec + b_dec (every kind minicirc knows; identity has W_dec = I, b_dec = 0)."""
+    return sae.kind in ops.KINDS or sae.kind == "identity"
+
+
+def decode_rows(sae, rows, n):
+    """decode(f) (n, d) of features given as rows: b_dec + the active features' decoder rows."""
+    if sae.kind == "identity":
+        return ops.rows_to_dense(*rows, sae.n_features)
+    if affine_decode(sae):
+        return ops.rows_matmul(*rows, sae.W_dec) + sae.b_dec
+    # A kind with a decode of its own: the dense features, a row chunk at a time.
+    crow, col, val = rows
+    step = max(1, CHUNK_ELEMS // max(sae.n_features, 1))
+    parts = [sae.decode(ops.rows_to_dense(crow[lo:hi + 1] - crow[lo], col[crow[lo]:crow[hi]], val[crow[lo]:crow[hi]],
+                                          sae.n_features))
+             for lo, hi in ((lo, min(n, lo + step)) for lo in range(0, n, step))]
+    return torch.cat(parts) if parts else sae.W_dec.new_zeros(0, sae.d_in)
+
+
+def slice_rows(rows, lo, hi):
+    """Rows lo..hi-1 of rows (crow, col, val)."""
+    crow, col, val = rows
+    a, b = int(crow[lo]), int(crow[hi])
+    return crow[lo:hi + 1] - a, col[a:b], val[a:b]
+
+
+@dataclass
+class SparseSiteState:
+    """A site's clean and patch states with the features as rows over the B * T tokens (row b * T + t)."""
+    x_c: torch.Tensor    # (B, T, d) clean site value
+    x_p: torch.Tensor    # (B, T, d) patch site value (decode(0) = b_dec when there is no patch)
+    c: tuple             # clean features: rows (crow (B*T+1,), col (nnz,), val (nnz,))
+    p: tuple             # patch features (no entries when there is no patch)
+    err_c: torch.Tensor  # (B, T, d)
+    err_p: torch.Tensor
+    n_features: int
+
+    @property
+    def delta_err(self):
+        return self.err_p - self.err_c
+
+    def examples(self, lo, hi):
+        """The state of examples lo..hi-1."""
+        T = self.x_c.shape[1]
+        return SparseSiteState(self.x_c[lo:hi], self.x_p[lo:hi], slice_rows(self.c, lo * T, hi * T),
+                               slice_rows(self.p, lo * T, hi * T), self.err_c[lo:hi], self.err_p[lo:hi],
+                               self.n_features)
+
+    def delta(self):
+        """f_p - f_c as rows, exact zeros dropped."""
+        return ops.delta_rows(self.c, self.p, self.n_features)
+
+    # Dense views, (B, T, F): for tests and small checks against attribution.SiteState; the pipeline never
+    # calls them (at real scale they are the tensors this module exists to avoid).
+    def dense(self, rows):
+        B, T, _ = self.x_c.shape
+        return ops.rows_to_dense(*rows, self.n_features).view(B, T, self.n_features)
+
+    @property
+    def f_c(self):
+        return self.dense(self.c)
+
+    @property
+    def f_p(self):
+        return self.dense(self.p)
+
+    @property
+    def delta_f(self):
+        return self.f_p - self.f_c
+
+
+def sparse_site_states(model, saes, metric, batch, sites, use_ext=None):
+    """attribution.site_states with rows: (m_clean, m_patch or None, {site: SparseSiteState}). Without patch
+    inputs (zero ablation) the patch state is f = 0 (no rows), err = 0."""
+    m_c, clean, m_p, patch = clean_and_patch_sites(model, metric, batch, sites)
+    states = {}
+    with torch.no_grad():
+        for s in sites:
+            sae, x_c = saes[s], clean[s]
+            B, T, d = x_c.shape
+            c = encode_rows(sae, x_c.reshape(B * T, d), use_ext)
+            err_c = x_c - decode_rows(sae, c, B * T).view(B, T, d)
+            if patch is None:
+                p = ops.empty_rows(B * T, c[2].dtype, x_c.device)
+                x_p = decode_rows(sae, p, B * T).view(B, T, d)
+                err_p = torch.zeros_like(err_c)
+            else:
+                x_p = patch[s]
+                p = encode_rows(sae, x_p.reshape(B * T, d), use_ext)
+                err_p = x_p - decode_rows(sae, p, B * T).view(B, T, d)
+            states[s] = SparseSiteState(x_c, x_p, c, p, err_c, err_p, sae.n_features)
+    return m_c, m_p, states
+
+
+@dataclass
+class SiteEffects:
+    """Per-example node effects of one site: the features as rows over the B * T tokens (the features
+    active on clean or patch; every other feature's effect is 0), the error node dense."""
+    rows: tuple          # (crow, col, val)
+    err: torch.Tensor    # (B, T)
+    n_features: int
+
+    def examples(self, lo, hi):
+        T = self.err.shape[1]
+        return SiteEffects(slice_rows(self.rows, lo * T, hi * T), self.err[lo:hi], self.n_features)
+
+    def dense(self):
+        """(B, T, F + 1), column F the error node (for tests and small problems)."""
+        B, T = self.err.shape
+        f = ops.rows_to_dense(*self.rows, self.n_features).view(B, T, self.n_features)
+        return torch.cat([f, self.err[..., None].to(f.dtype)], -1)
+
+    @classmethod
+    def from_dense(cls, eff):
+        B, T, F1 = eff.shape
+        return cls(ops.dense_to_rows(eff[..., :-1].reshape(B * T, F1 - 1)), eff[..., -1], F1 - 1)
 
 
 @dataclass
@@ -24,14 +170,17 @@ class NodeEffects:
     """Per-example node effects of one batch."""
     m_clean: torch.Tensor           # (B,) metric on the clean inputs
     m_patch: torch.Tensor | None    # (B,) metric on the patch inputs (None without patch inputs)
-    states: dict                    # {site: SiteState}
-    effects: dict                   # {site: (B, T, F + 1)}, column F the error node
+    states: dict                    # {site: SparseSiteState}
+    effects: dict                   # {site: SiteEffects}
     grads: dict | None              # {site: dm/dx (B, T, d)}, the L_d of edges (None for `exact`)
+
+    def dense_effects(self):
+        """{site: (B, T, F + 1)}, column F the error node (for tests and small problems)."""
+        return {s: e.dense() for s, e in self.effects.items()}
 
 
 def tile(batch, k):
     """The batch repeated k times along examples (row s*B + b is example b), for batched IG steps."""
-    from .data import Batch
     rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))
     return Batch(rep(batch.clean), rep(batch.patch), rep(batch.clean_answer), rep(batch.patch_answer),
                  rep(batch.last), batch.examples * k)
@@ -56,47 +205,99 @@ def attrib_site_gradients(model, metric, batch, sites):
     return {s: (g if g is not None else torch.zeros_like(vals[s])).detach() for s, g in zip(sites, grads)}
 
 
+# Tokens per IG forward pass: a site's steps run in groups of about this many tokens, since the activations
+# kept for the backward pass grow with it (4096 tokens of a Pythia-70M-shaped model: about 1 GB).
+IG_TOKENS = 4096
+
+
+class Resumed:
+    """The model as a metric sees it, every forward pass resumed at site `start` from the clean values
+    below it (model.forward_from) instead of recomputed from the embedding. Valid for metrics that run the
+    model on the tokens they are given (all of minicirc's)."""
+
+    def __init__(self, model, start, clean):
+        self.model, self.start, self.clean = model, start, clean
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, tokens, edit=None, cache=None, stop_at=None):
+        return self.model.forward_from(self.start, self.clean, tokens, edit=edit, cache=cache, stop_at=stop_at)
+
+
+class Tiled(dict):
+    """{site: clean value (B, T, d)} read as repeated k times along examples, each site tiled when first read."""
+
+    def __init__(self, clean, k):
+        super().__init__()
+        self.source, self.k = clean, k
+
+    def __missing__(self, name):
+        self[name] = v = self.source[name].repeat(self.k, 1, 1)
+        return v
+
+
 def ig_site_gradients(model, metric, batch, sites, states, steps, progress=False):
-    """Per site, dm/dx averaged over x = (1-a) x_c + a x_p, a = k/steps, k = 0..steps-1, all steps batched."""
-    big = tile(batch, steps)
+    """Per site, dm/dx averaged over x = (1-a) x_c + a x_p, a = k/steps, k = 0..steps-1, the steps batched
+    (IG_TOKENS tokens per forward). Models with forward_from resume each forward at the interpolated site
+    from the clean values below it (the metric stops at its own last site)."""
     B = len(batch)
+    per = max(1, IG_TOKENS // max(batch.clean.numel(), 1))
+    clean = None
+    if hasattr(model, "forward_from"):
+        clean = {}
+        with torch.no_grad():
+            model(batch.clean, cache=clean, stop_at=max(sites, key=model.all_sites.index), extra=sites)
     out = {}
     for s in tqdm(sites, desc=f"IG, {steps} steps", unit="site", leave=False, disable=not progress):
         st = states[s]
-        alpha = (torch.arange(steps, dtype=st.x_c.dtype, device=st.x_c.device) / steps).repeat_interleave(B)
-        alpha = alpha[:, None, None]
-        path = ((1 - alpha) * st.x_c.repeat(steps, 1, 1) + alpha * st.x_p.repeat(steps, 1, 1)).detach().requires_grad_(True)
-        with torch.enable_grad():
-            m = metric(model, big, big.clean, {s: lambda x, p=path: p})
-            # A metric that never reads this site does not depend on it: gradient zero.
-            (g,) = torch.autograd.grad(m.sum(), path, allow_unused=True) if m.requires_grad else (None,)
-        g = torch.zeros_like(path) if g is None else g
-        out[s] = g.view(steps, B, *g.shape[1:]).mean(0).detach()
+        grads = []
+        for k0 in range(0, steps, per):
+            n = min(steps, k0 + per) - k0
+            big = tile(batch, n)
+            alpha = (torch.arange(k0, k0 + n, dtype=st.x_c.dtype, device=st.x_c.device) / steps).repeat_interleave(B)
+            alpha = alpha[:, None, None]
+            path = ((1 - alpha) * st.x_c.repeat(n, 1, 1) + alpha * st.x_p.repeat(n, 1, 1)).detach().requires_grad_(True)
+            runner = model if clean is None else Resumed(model, s, Tiled(clean, n))
+            with torch.enable_grad():
+                m = metric(runner, big, big.clean, {s: lambda x, p=path: p})
+                # A metric that never reads this site does not depend on it: gradient zero.
+                (g,) = torch.autograd.grad(m.sum(), path, allow_unused=True) if m.requires_grad else (None,)
+            grads.append((torch.zeros_like(path) if g is None else g).detach().view(n, B, *path.shape[1:]))
+        out[s] = (grads[0] if len(grads) == 1 else torch.cat(grads)).mean(0)
     return out
 
 
-def feature_effects(g_x, sae, delta_f, use_ext=None):
-    """(g_x @ W_dec.T) * delta_f, computed only where delta_f != 0 (minicirc.ops when available)."""
-    shape = delta_f.shape
-    if sae.kind == "identity":
-        return g_x * delta_f
-    from . import ops
-    flat = ops.sampled_feature_effects(g_x.reshape(-1, g_x.shape[-1]), sae.W_dec, delta_f.reshape(-1, shape[-1]),
-                                       use_ext=use_ext)
-    return flat.view(shape)
+def site_effects(g_x, st, sae, use_ext=None):
+    """SiteEffects from the site gradient g_x (B, T, d): (g_x @ W_dec.T) * (f_p - f_c) by
+    ops.feature_attribution on the clean and patch rows, and the error node g_x . (err_p - err_c)."""
+    B, T, d = g_x.shape
+    err = (g_x * st.delta_err).sum(-1)
+    if sae.kind == "identity":     # W_dec = I: the product is g_x itself (d features, dense is fine)
+        rows = ops.dense_to_rows((g_x * st.delta_f).reshape(B * T, d))
+    else:
+        rows = ops.feature_attribution(g_x.reshape(B * T, d), sae.W_dec, st.c, st.p, use_ext=use_ext)
+    return SiteEffects(rows, err, st.n_features)
 
 
 def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, group=64):
     """attribution.exact_effects with `group` patched nodes per forward (the examples tiled): moving one
-    node to its patch value moves the site by delta_f * (its decoder row), or by delta_err."""
+    node to its patch value moves the site by delta_f * (its decoder row), or by delta_err. A feature whose
+    delta_f is 0 at a position in every example is not patched there (its effect is exactly 0)."""
     B, T = batch.clean.shape
     out = {}
     with torch.no_grad():
         for s in sites:
             st, sae = states[s], saes[s]
-            F = st.f_c.shape[-1]
-            nodes = [(t, i) for t in range(T) for i in range(F + 1)]
-            eff = torch.zeros(B, T, F + 1, dtype=st.x_c.dtype, device=st.x_c.device)
+            F = st.n_features
+            crow, col, dv = st.delta()
+            n = ops.row_ids(crow)
+            b_of, t_of = n // T, n % T
+            node_key = t_of * (F + 1) + col                          # (position, feature) of each delta entry
+            keys = torch.cat([node_key.unique(), torch.arange(T, device=col.device) * (F + 1) + F]).sort().values
+            nodes = [divmod(k, F + 1) for k in keys.tolist()]
+            where = torch.searchsorted(keys, node_key)                # each delta entry's node
+            vals = torch.zeros(len(nodes), B, dtype=st.x_c.dtype, device=st.x_c.device)
             for start in range(0, len(nodes), group):
                 chunk = nodes[start:start + group]
                 G = len(chunk)
@@ -104,16 +305,28 @@ def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, gr
                 for g, (t, i) in enumerate(chunk):
                     if i == F:
                         shift[g, :, t] = st.delta_err[:, t]
-                    elif sae.kind == "identity":
-                        shift[g, :, t, i] = st.delta_f[:, t, i]
-                    else:
-                        shift[g, :, t] = st.delta_f[:, t, i, None] * sae.W_dec[i]
+                sel = (where >= start) & (where < start + G)
+                g_e, b_e, t_e, i_e, d_e = where[sel] - start, b_of[sel], t_of[sel], col[sel], dv[sel]
+                if sae.kind == "identity":
+                    shift[g_e, b_e, t_e, i_e] = d_e
+                else:
+                    shift[g_e, b_e, t_e] = d_e[:, None] * sae.W_dec[i_e]
                 shift = shift.view(G * B, T, -1)
                 big = tile(batch, G)
                 m = metric(model, big, big.clean, {s: lambda x, d=shift: x + d}).view(G, B)
-                for g, (t, i) in enumerate(chunk):
-                    eff[:, t, i] = m[g] - m_clean
-            out[s] = eff
+                vals[start:start + G] = m - m_clean
+            # Feature nodes as rows: entry (b * T + t, i) for every example of every patched (t, i).
+            t_k, i_k = keys // (F + 1), keys % (F + 1)
+            feat = i_k < F
+            order_b = torch.arange(B, device=keys.device)
+            row = (order_b[:, None] * T + t_k[feat][None]).flatten()
+            key = row * F + i_k[feat].repeat(B)
+            v = vals[feat].T.flatten()
+            key, perm = key.sort()
+            rows = ops.rows_from_entries(B * T, key // F, key % F, v[perm])
+            err = torch.zeros(B, T, dtype=st.x_c.dtype, device=st.x_c.device)
+            err[:, t_k[~feat]] = vals[~feat].T
+            out[s] = SiteEffects(rows, err, F)
     return out
 
 
@@ -122,24 +335,20 @@ def node_effects(model, saes, metric, batch, method="ig", steps=10, use_ext=None
     if method not in METHODS:
         raise MinicircError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     sites = site_order(model, saes)
-    m_c, m_p, states = site_states(model, saes, metric, batch, sites)
+    m_c, m_p, states = sparse_site_states(model, saes, metric, batch, sites, use_ext)
     if method == "exact":
         return NodeEffects(m_c, m_p, states, grouped_exact_effects(model, saes, metric, batch, sites, states, m_c), None)
     with frozen_weights(model):
         grads = (attrib_site_gradients(model, metric, batch, sites) if method == "attrib"
                  else ig_site_gradients(model, metric, batch, sites, states, steps, progress))
-    effects = {}
     with torch.no_grad():
-        for s in sites:
-            st = states[s]
-            err = (grads[s] * st.delta_err).sum(-1, keepdim=True)
-            effects[s] = torch.cat([feature_effects(grads[s], saes[s], st.delta_f, use_ext), err], -1)
+        effects = {s: site_effects(grads[s], states[s], saes[s], use_ext) for s in sites}
     return NodeEffects(m_c, m_p, states, effects, grads)
 
 
 # --- edges ----------------------------------------------------------------------------------------
 
-def downstream_rows(sae_d, f, L, effects, node_threshold, aggregation):
+def downstream_rows(sae_d, st, L, effects, node_threshold, aggregation):
     """The downstream nodes that get edges, and their cotangents on the downstream site value y.
 
     A downstream feature d_i = f_i(y) has dd_i/dy = 1[f_i != 0] W_enc[:, i] (relu, jumprelu and topk alike;
@@ -149,63 +358,94 @@ def downstream_rows(sae_d, f, L, effects, node_threshold, aggregation):
     summing the selected (example, position) entries that aggregation merges anyway (all positions with
     `sum`, the same position with `none`).
 
-    f: the downstream features at the clean input (they fix which features are active); effects: the
-    per-example node effects (B, T, F + 1). Returns (rows, build): rows name the downstream node of each row
-    (its index into the aggregated node tensor, (F + 1,) or (T, F + 1) flattened; the features first, then
-    the errors), and build(lo, hi) gives the cotangents (hi - lo, B, T, d) of rows lo..hi-1."""
-    F = f.shape[-1]
+    st: the downstream site's state (its clean rows fix which features are active); effects: its
+    per-example SiteEffects. Only the selected entries of the effect rows and the active entries of the
+    clean rows are touched: nothing of size (tokens x F). Returns (rows, build): rows name the downstream
+    node of each row (its index into the aggregated node tensor, (F + 1,) or (T, F + 1) flattened; the
+    features first, then the errors), and build(lo, hi) gives the cotangents (hi - lo, B, T, d) of rows
+    lo..hi-1."""
+    F = st.n_features
+    B, T, d = L.shape
+    L2 = L.reshape(B * T, d)
+    identity = sae_d.kind == "identity"
     with torch.no_grad():
-        active = torch.ones_like(f) if sae_d.kind == "identity" else (f != 0).to(f.dtype)
-        sel_feat = effects[..., :F].abs() > node_threshold                          # (B, T, F)
-        coef = (L @ sae_d.W_dec.T) * sel_feat * active                              # (B, T, F)
-        sel_err = effects[..., F].abs() > node_threshold                            # (B, T)
+        crow, col, val = effects.rows
+        n_all = ops.row_ids(crow)
+        sel = val.abs() > node_threshold
+        n_sel, i_sel = n_all[sel], col[sel]
+        if not identity:    # active on the clean input: the selected entry is one of the clean rows' entries
+            clean_keys = ops.row_ids(st.c[0]) * F + st.c[1]                       # sorted
+            keys = n_sel * F + i_sel
+            at = torch.searchsorted(clean_keys, keys).clamp(max=max(len(clean_keys) - 1, 0))
+            active = (clean_keys[at] == keys) if len(clean_keys) else torch.zeros_like(keys, dtype=torch.bool)
+            n_sel, i_sel = n_sel[active], i_sel[active]
+        # coef[n, i] = (L @ W_dec.T)[n, i] at the selected active entries only
+        coef = (L2[n_sel] * sae_d.W_dec[i_sel]).sum(-1)
+        sel_err = effects.err.abs() > node_threshold                              # (B, T)
+    t_sel = n_sel % T
+    # The rows that selection touched, not those of selected but inactive entries (their coefficient is 0):
+    # as before, any entry above the threshold names its row.
+    sel_rows_all = col[sel] if aggregation == "sum" else (n_all[sel] % T) * (F + 1) + col[sel]
+    feat_keys = torch.unique(sel_rows_all)                                          # sorted
+    rows = feat_keys.tolist()
     if aggregation == "sum":
-        rows = torch.nonzero(sel_feat.any(dim=(0, 1))).flatten().tolist()
         rows += [F] if sel_err.any() else []
     else:
-        rows = [t * (F + 1) + i for t, i in torch.nonzero(sel_feat.any(dim=0)).tolist()]
         rows += [t * (F + 1) + F for t in torch.nonzero(sel_err.any(dim=0)).flatten().tolist()]
+    entry_key = i_sel if aggregation == "sum" else t_sel * (F + 1) + i_sel
+    entry_row = torch.searchsorted(feat_keys, entry_key)                           # each entry's row
 
-    def error_cotangent(v):
-        return v - ((v @ sae_d.W_dec.T) * active) @ sae_d.W_enc.T
+    if identity:
+        def error_cotangent(v):        # v - ((v @ I) * 1) @ I: exactly 0
+            return torch.zeros_like(v)
+    else:
+        a_n, a_i = ops.row_ids(st.c[0]), st.c[1]                                   # the active entries
 
-    def error_cotangent_at(v, t):
-        return v - ((v @ sae_d.W_dec.T) * active[:, t]) @ sae_d.W_enc.T
+        def error_cotangent(v):
+            """v - ((v @ W_dec.T) * active) @ W_enc.T for v (N, d), the product on the active entries only."""
+            out = v.clone()
+            step = max(1, CHUNK_ELEMS // max(d, 1))
+            for lo in range(0, len(a_n), step):
+                n, i = a_n[lo:lo + step], a_i[lo:lo + step]
+                s_e = (v[n] * sae_d.W_dec[i]).sum(-1)
+                out.index_add_(0, n, -(s_e[:, None] * sae_d.W_enc[:, i].T))
+            return out
+
+    n_feat = len(feat_keys)
 
     def build(lo, hi):
         chunk = [divmod(r, F + 1) for r in rows[lo:hi]]          # (position, column); position 0 for `sum`
-        out = torch.zeros(len(chunk), *L.shape, dtype=L.dtype, device=L.device)   # (r, B, T, d)
-        feats = [(r, t, i) for r, (t, i) in enumerate(chunk) if i != F]
-        if feats:
-            r_idx, t_idx, i_idx = (torch.tensor(v, device=L.device) for v in zip(*feats))
-            if aggregation == "sum":
-                # row r: coef[b, t, i_r] * W_enc[:, i_r] at every (b, t)
-                out[r_idx] = coef[..., i_idx].permute(2, 0, 1)[..., None] * sae_d.W_enc[:, i_idx].T[:, None, None, :]
-            else:
-                # row r: only position t_r is non-zero
-                out[r_idx, :, t_idx] = coef[:, t_idx, i_idx].T[..., None] * sae_d.W_enc[:, i_idx].T[:, None, :]
+        out = torch.zeros(len(chunk), B * T, d, dtype=L.dtype, device=L.device)   # (r, B*T, d)
+        f_lo, f_hi = min(lo, n_feat), min(hi, n_feat)
+        if f_hi > f_lo:
+            # each selected active entry (n, i) puts coef * W_enc[:, i] at token n of its row
+            e = (entry_row >= f_lo) & (entry_row < f_hi)
+            out[entry_row[e] - lo, n_sel[e]] = coef[e, None] * sae_d.W_enc[:, i_sel[e]].T
         for r, (t, i) in enumerate(chunk):
-            if i == F and aggregation == "sum":
-                out[r] = error_cotangent(L * sel_err[..., None])
-            elif i == F:   # only position t is non-zero
-                out[r, :, t] = error_cotangent_at(L[:, t] * sel_err[:, t, None], t)
-        return out
+            if i != F:
+                continue
+            if aggregation == "sum":
+                out[r] = error_cotangent(L2 * sel_err.reshape(-1, 1))
+            else:   # only position t is non-zero
+                v = torch.zeros_like(L)
+                v[:, t] = L[:, t] * sel_err[:, t, None]
+                out[r] = error_cotangent(v.reshape(B * T, d))
+        return out.view(len(chunk), B, T, d)
 
     return rows, build
 
 
 def upstream_effects(G, st, sae_u, aggregation):
     """Edge values from the gradients G (R, B, T, d) at the upstream site: for feature j,
-    sum over (example, position) of (G . W_dec[j]) * delta_f[j], computed only where delta_f != 0 (the
-    sampled product), and G . delta_err for the error.
+    sum over (example, position) of (G . W_dec[j]) * delta_f[j], computed only on the entries of the
+    upstream state's delta rows (the sampled product), and G . delta_err for the error.
 
     Returns a sparse COO tensor (R, F + 1) for `sum`, (R, T, F + 1) for `none` (last column: the error)."""
     R, B, T, d = G.shape
-    F = st.delta_f.shape[-1]
-    delta = st.delta_f.reshape(B * T, F)
-    n_idx, j_idx = torch.nonzero(delta, as_tuple=True)            # sorted by position n
+    F = st.n_features
+    crow, j_idx, d_sel = st.delta()
+    n_idx = ops.row_ids(crow)                                      # sorted by position n
     W_sel = sae_u.W_dec[j_idx]                                     # (nnz, d): decoder rows of active features
-    d_sel = delta[n_idx, j_idx]
     Gt = G.reshape(R, B * T, d).transpose(0, 1).contiguous()      # (positions, R, d)
     vals = torch.empty(len(n_idx), R, dtype=G.dtype, device=G.device)
     start = 0
@@ -254,18 +494,62 @@ def sparse_cat_rows(parts):
 
 
 def edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation="sum",
-                 chunk_bytes=256 * 2**20, pairs=None, use_vmap=True, progress=False):
+                 chunk_bytes=256 * 2**20, pairs=None, use_vmap=True, progress=False, group=1):
     """attribution.edge_effects, batched: {(U, D): (rows, values)} with rows a list of D's node indices (in
     the order `downstream_rows` makes them, not sorted) and values a sparse COO tensor (R, F_U + 1) for
     `sum`, (R, T, F_U + 1) for `none`, summed over the batch's examples.
 
     U's value is a leaf (the straight-through splice decode(f) + err has d x_U / d f_j = W_dec[j]); the sites
-    between U and D are frozen by detaching what flows out of them."""
+    between U and D are frozen by detaching what flows out of them. Examples run `group` at a time: they do
+    not interact, and a downstream row's backward pass then covers only the examples where that node was
+    selected (with all examples at once, every row's pass ran over the whole batch)."""
     sites = site_order(model, saes)
     pairs = pairs if pairs is not None else edge_pairs(model, sites)
     for _, d, _ in pairs:   # downstream_rows assumes dd_i/dy = 1[d_i != 0] W_enc[:, i]; some dictionaries differ
         if saes[d].edge_form_error:
             raise MinicircError(saes[d].edge_form_error)
+    effects = {s: e if isinstance(e, SiteEffects) else SiteEffects.from_dense(e) for s, e in effects.items()}
+    B = len(batch)
+    parts = {}
+    for lo in range(0, B, group):
+        hi = min(B, lo + group)
+        sub = {s: st.examples(lo, hi) for s, st in states.items()}
+        sub_eff = {s: e.examples(lo, hi) for s, e in effects.items()}
+        for pair, (rows, vals) in group_edge_effects(model, saes, example_slice(batch, lo, hi), sites, pairs, sub,
+                                                     {s: g[lo:hi] for s, g in grads.items()}, sub_eff, node_threshold,
+                                                     aggregation, chunk_bytes, use_vmap, progress).items():
+            parts.setdefault(pair, []).append((rows, vals))
+    return {pair: merge_groups(p, saes[pair[1]].n_features) for pair, p in parts.items()}
+
+
+def example_slice(batch, lo, hi):
+    """Examples lo..hi-1 with all the batch's positions (slicing a Batch trims them to its longest example)."""
+    cut = lambda t: None if t is None else t[lo:hi]
+    return Batch(cut(batch.clean), cut(batch.patch), cut(batch.clean_answer), cut(batch.patch_answer),
+                 cut(batch.last), batch.examples[lo:hi])
+
+
+def merge_groups(parts, F):
+    """One pair's (rows, values) of several example groups summed: rows in downstream_rows' order (features
+    ascending, then the error nodes ascending)."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = sorted({r for rows, _ in parts for r in rows}, key=lambda r: (r % (F + 1) == F, r))
+    where = {r: j for j, r in enumerate(keys)}
+    idx, val = [], []
+    for rows, vals in parts:
+        i = vals.indices().clone()
+        i[0] = torch.tensor([where[r] for r in rows], dtype=torch.long, device=i.device)[i[0]]
+        idx.append(i)
+        val.append(vals.values())
+    total = torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(val), (len(keys), *parts[0][1].shape[1:]),
+                                    device=val[0].device).coalesce()
+    return keys, total
+
+
+def group_edge_effects(model, saes, batch, sites, pairs, states, grads, effects, node_threshold, aggregation,
+                       chunk_bytes, use_vmap, progress):
+    """edge_effects of one group of examples."""
     out = {}
     by_up = {}
     for u, d, frozen in pairs:
@@ -290,7 +574,7 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
             model(batch.clean, edit=edit, stop_at=last)
             for d, _ in downs:
                 y = recorded[d]
-                rows, build = downstream_rows(saes[d], states[d].f_c, grads[d], effects[d], node_threshold, aggregation)
+                rows, build = downstream_rows(saes[d], states[d], grads[d], effects[d], node_threshold, aggregation)
                 if not rows or not y.requires_grad:
                     continue
                 step = max(1, int(chunk_bytes // (B * T * y.shape[-1] * y.element_size() * 8)))

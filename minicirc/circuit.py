@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import attribution
 from . import distributed as dist_mod
+from . import ops
 from .attribution_batched import EdgeSum, edge_effects, node_effects
 from .data import Batch, Example, tokenize
 from .errors import MinicircError, read_json
@@ -164,11 +165,17 @@ class EffectSums:
             self.metric[1] += result.m_patch.double().sum()
         dims = (0,) if self.positions else (0, 1)
         for s, eff in result.effects.items():
-            # Features and error summed apart, each as its own contiguous block: the floating-point order
-            # the results have always had (the files stay byte-identical).
-            F = eff.shape[-1] - 1
-            self.nodes[s][..., :F].add_(eff[..., :F].contiguous().double().sum(dims))
-            self.nodes[s][..., F].add_(eff[..., F].contiguous().double().sum(dims))
+            # The features from their rows: each entry added at its feature (and position with `none`), in
+            # row order, so every sum runs over the examples in the order a dense sum would. The error apart.
+            F = eff.n_features
+            crow, col, val = eff.rows
+            if self.positions:
+                T = eff.err.shape[1]
+                index = (ops.row_ids(crow) % T) * (F + 1) + col
+                self.nodes[s].view(-1).index_add_(0, index, val.double())
+            else:
+                self.nodes[s][:F].index_add_(0, col, val.double())
+            self.nodes[s][..., F].add_(eff.err.contiguous().double().sum(dims))
 
     def add_edges(self, edges):
         for pair, (rows, vals) in edges.items():

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import attribution
+from . import attribution, ops
+from .attribution_batched import decode_rows, encode_rows
 from .errors import MinicircError
 
 ERROR_MODES = ("default", "remove", "keep")
@@ -38,14 +39,23 @@ def resample_order(batch, seed=0):
 
 
 def resample_values(model, saes, batch, donors, sites):
-    """{site: (features (B, T, F), errors (B, T, d))} of the donor examples' patch inputs (clean without patch)."""
+    """{site: (features as rows over the B * T tokens, errors (B, T, d))} of the donor examples' patch inputs
+    (clean without patch)."""
     source = batch.patch if batch.patch is not None else batch.clean
     tokens = source[donors].to(next(model.parameters()).device)
     cache = {}
     with torch.no_grad():
         # extra=: the cache holds optional sites (z_l, resid_mid_l) only when asked for.
         model(tokens, cache=cache, stop_at=max(sites, key=model.all_sites.index), extra=sites)
-        return {s: saes[s](cache[s]) for s in sites}
+        return {s: site_rows(saes[s], cache[s]) for s in sites}
+
+
+def site_rows(sae, x):
+    """(features of x (B, T, d) as rows over its B * T tokens, error (B, T, d)): the sparse encode and decode,
+    so no (tokens x n_features) tensor."""
+    B, T, d = x.shape
+    rows = encode_rows(sae, x.reshape(B * T, d))
+    return rows, x - decode_rows(sae, rows, B * T).view(B, T, d)
 
 
 def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=64):
@@ -58,6 +68,7 @@ def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=6
     if mode == "resample":
         return None     # per example: resample_values, batch by batch
     same_length = len(set(batch.last.tolist())) == 1
+    T = batch.clean.shape[1]
     sums, count = {}, 0         # float64 running sums over examples (same length) or over real tokens
     with torch.no_grad():
         for _, b in chunks(model, batch, batch_size):
@@ -66,9 +77,20 @@ def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=6
             real = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= b.last[:, None])[..., None]
             count += len(b) if same_length else int(real.sum())
             for s in sites:
-                f, err = (t.double() for t in saes[s](cache[s]))
-                part = (f.sum(0), err.sum(0)) if same_length else ((f * real).sum((0, 1)), (err * real).sum((0, 1)))
-                sums[s] = part if s not in sums else (sums[s][0] + part[0], sums[s][1] + part[1])
+                F = saes[s].n_features
+                (crow, col, val), err = site_rows(saes[s], cache[s])
+                n, val, err = ops.row_ids(crow), val.double(), err.double()
+                if s not in sums:
+                    sums[s] = (torch.zeros(*((T,) if same_length else ()), F, dtype=torch.float64, device=val.device),
+                               torch.zeros(*((T,) if same_length else ()), err.shape[-1], dtype=torch.float64,
+                                           device=val.device))
+                # each entry added at its feature (and position), examples in order: the dense sum's order
+                if same_length:
+                    sums[s][0].view(-1).index_add_(0, (n % tokens.shape[1]) * F + col, val)
+                    sums[s][1].add_(err.sum(0))
+                else:
+                    sums[s][0].index_add_(0, col, val * real.flatten()[n])
+                    sums[s][1].add_((err * real).sum((0, 1)))
     dtype = lambda s: saes[s].W_enc.dtype
     return {s: ((f / count).to(dtype(s)), (e / count).to(dtype(s))) for s, (f, e) in sums.items()}
 
@@ -78,7 +100,7 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
 
     keep: {site: bool mask (F + 1,) or (T, F + 1), column F the error node}; sites absent from keep are not
     touched (e.g. layers before the first evaluated one). values: {site: (features, errors)} shaped
-    (F,) / (d,), per position (T, F) / (T, d), or per example (B, T, F) / (B, T, d)."""
+    (F,) / (d,), per position (T, F) / (T, d), or per example (rows over the B * T tokens) / (B, T, d)."""
     if errors not in ERROR_MODES:
         raise MinicircError(f"unknown error handling {errors!r} (known: {', '.join(ERROR_MODES)})")
 
@@ -86,21 +108,47 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
         mask = keep[s]
         fval, eval_ = values[s]
         sae = saes[s]
+
         def fn(x):
-            f, err = sae(x)
-            T = x.shape[1]
-            m = mask[:T] if mask.dim() == 2 else mask
-            fv = fval[:T] if fval.dim() == 2 else fval[:, :T] if fval.dim() == 3 else fval
-            f = torch.where(m[..., :-1].to(x.device), f, fv.to(x.device))
+            B, T, d = x.shape
+            m = (mask[:T] if mask.dim() == 2 else mask).to(x.device)
             em = m[..., -1] if errors == "default" else torch.tensor(errors == "keep", device=x.device)
             em = em[:, None] if em.dim() == 1 else em
             ev = eval_[:T] if eval_.dim() == 2 else eval_[:, :T] if eval_.dim() == 3 else eval_
-            err = torch.where(em.to(x.device), err, ev.to(x.device))
-            return sae.decode(f) + err
+            rows, err = site_rows(sae, x)
+            err = torch.where(em, err, ev.to(x.device))
+            if sae.kind not in ops.KINDS:     # identity (d features) and kinds of their own: dense
+                f = dense_features(rows, B, T, sae.n_features)
+                fv = (dense_features(fval, B, T, sae.n_features) if isinstance(fval, tuple)
+                      else fval[:T] if fval.dim() == 2 else fval)
+                return sae.decode(torch.where(m[..., :-1], f, fv.to(x.device))) + err
+            # decode(f') with f' = f on kept features, the ablation value elsewhere: b_dec + (kept entries of
+            # the rows) @ W_dec + (ablation values outside the set) @ W_dec
+            kept = kept_entries(rows, m[..., :-1], T)
+            out = (ops.rows_matmul(*kept, sae.W_dec) + sae.b_dec).view(B, T, d)
+            if isinstance(fval, tuple):     # per example (resample): the donors' rows outside the set
+                out = out + ops.rows_matmul(*kept_entries(fval, ~m[..., :-1], T), sae.W_dec).view(B, T, d)
+            else:
+                fv = fval[:T] if fval.dim() == 2 else fval
+                out = out + (fv.to(x.device) * ~m[..., :-1]) @ sae.W_dec
+            return out + err
         return fn
 
     with torch.no_grad():
         return metric(model, batch, batch.clean, {s: ablate(s) for s in keep})
+
+
+def kept_entries(rows, mask, T):
+    """The entries of rows (over B * T tokens, token b * T + t) whose feature is set in mask (F,) or (T, F)."""
+    crow, col, val = rows
+    n = ops.row_ids(crow)
+    keep = mask[n % T, col] if mask.dim() == 2 else mask[col]
+    return ops.rows_from_entries(crow.numel() - 1, n[keep], col[keep], val[keep])
+
+
+def dense_features(rows, B, T, F):
+    """Rows over B * T tokens as (B, T, F): only for dictionaries with few features (identity)."""
+    return ops.rows_to_dense(*rows, F).view(B, T, F)
 
 
 def node_masks(circuit_nodes, saes, sites, T=None):

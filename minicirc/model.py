@@ -227,7 +227,15 @@ class SiteModel(nn.Module):
 
         def site(name, compute):
             below = order.index(name) < first
-            x = clean[name] if below and (compute is None or name in clean) else compute()
+            x = None
+            if below:
+                try:        # `clean` may fill itself on first read (attribution_batched.Tiled): no `in` test
+                    x = clean[name]
+                except KeyError:
+                    if compute is None:
+                        raise
+            if x is None:   # at or after start, or an optional site the clean run did not keep
+                x = compute()
             if name in edit and not below:
                 x = edit[name](x)
             if cache is not None:

@@ -114,6 +114,53 @@ def rows_to_dense(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, n_fe
     return out
 
 
+def cat_rows(parts):
+    """Rows of several row blocks, one after the other (the blocks of a chunked encode)."""
+    if len(parts) == 1:
+        return parts[0]
+    crows = [parts[0][0]] + [p[0][1:] for p in parts[1:]]
+    offsets = torch.tensor([0] + [int(p[0][-1]) for p in parts[:-1]], device=parts[0][0].device).cumsum(0)
+    crow = torch.cat([c + o for c, o in zip(crows, offsets)])
+    return crow, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+
+def rows_from_entries(n: int, row: torch.Tensor, col: torch.Tensor, val: torch.Tensor):
+    """Rows from entries already sorted by (row, col)."""
+    crow = torch.zeros(n + 1, dtype=torch.long, device=row.device)
+    crow[1:] = torch.bincount(row, minlength=n).cumsum(0)
+    return crow, col, val
+
+
+def delta_rows(clean, patch, n_features: int):
+    """patch - clean as rows over the union of their entries, exact zeros dropped (entries active on both
+    with no change)."""
+    n = clean[0].numel() - 1
+    kc = row_ids(clean[0]) * n_features + clean[1]
+    kp = row_ids(patch[0]) * n_features + patch[1]
+    keys = torch.cat([kc, kp]).unique()  # sorted: row-major order, increasing ids per row
+    dtype = torch.promote_types(clean[2].dtype, patch[2].dtype)
+    delta = torch.zeros(keys.numel(), dtype=dtype, device=keys.device)
+    delta.index_add_(0, torch.searchsorted(keys, kp), patch[2].to(dtype))
+    delta.index_add_(0, torch.searchsorted(keys, kc), -clean[2].to(dtype))
+    nz = delta != 0
+    keys, delta = keys[nz], delta[nz]
+    return rows_from_entries(n, keys // max(n_features, 1), keys % max(n_features, 1), delta)
+
+
+def rows_matmul(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The rows as an (N, n_features) matrix times W (n_features, d): (N, d), never the dense matrix."""
+    n = crow.numel() - 1
+    if val.numel() == 0:
+        return W.new_zeros(n, W.shape[1])
+    # torch's sparse CSR product has no 16-bit CPU kernel: those run in float32 (as the other ops here)
+    cd = W.dtype if W.dtype in _CPU_DTYPES or W.device.type == "cuda" else torch.float32
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        m = torch.sparse_csr_tensor(crow, col, val.to(cd), (n, W.shape[0]), check_invariants=False,
+                                    device=W.device)
+        return (m @ W.to(cd)).to(W.dtype)
+
+
 # ----------------------------------------------------------------------------- torch reference
 
 def activate(pre: torch.Tensor, kind: str, threshold: torch.Tensor | None = None, k: int = 0) -> torch.Tensor:

@@ -16,9 +16,23 @@ is the largest over ranks):
 
     python scripts/bench_circuit.py --skip-stages --circuit-sizes 20,80
     torchrun --standalone --nproc-per-node 2 scripts/bench_circuit.py --skip-stages --circuit-sizes 40
+
+Sparse against dense (section "sparse end to end"): the whole find_circuit, each run in its own process so
+that peak RSS is the run's own, once with this checkout's minicirc and once with the dense code of
+--dense-ref (a commit before issue 14; extracted with `git archive`, the compiled extension copied beside
+it), node and edge effects compared (<= 1e-5 relative), times and peaks printed as ratios. --preset issue14
+is issue 14's workload (Pythia-70M shape, 19 ReLU SAEs of 32768 features at L0 ~64, 32 x 64 tokens, IG 10
+steps + all edges, thresholds 0.02 / 0.01); --sweep-features runs it at each n_features (same L0):
+
+    python scripts/bench_circuit.py --preset issue14 --paths sparse,dense
+    python scripts/bench_circuit.py --preset issue14 --sweep-features 8192,32768,131072 --examples 4 --paths sparse,dense
 """
 import argparse
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -95,6 +109,30 @@ def stage(name, fn, results):
     return out
 
 
+def build(a):
+    """The random model and dictionaries of the flags (the same for every process with the same flags)."""
+    torch.manual_seed(a.seed)
+    cfg = minicirc.Config(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, d_mlp=a.d_mlp)
+    model = minicirc.GPTNeoX(cfg).eval()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.normal_(0, 1.5 / a.d_model ** 0.5 if prm.dim() > 1 else 0.02)
+    # Random SAEs whose encoder bias gives about `l0` active features per token. The encoder is scaled by
+    # each site's activation size (measured on random tokens), so that pre-activations are ~N(0, 1): with an
+    # unscaled encoder the sites' small activations left every feature inactive (L0 = 0).
+    cache = {}
+    with torch.no_grad():
+        model(torch.randint(0, a.vocab, (a.examples, a.pos)), cache=cache)
+    saes = {}
+    for s in model.sites:
+        W_enc = torch.randn(a.d_model, a.features) / (a.d_model ** 0.5 * cache[s].std().item())
+        frac = min(0.5, a.l0 / a.features)
+        bias = -torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - frac)).item()
+        saes[s] = minicirc.Dictionary(W_enc, torch.full((a.features,), bias), torch.randn(a.features, a.d_model) / a.l0 ** 0.5,
+                                      torch.zeros(a.d_model), "relu")
+    return model, saes, cache
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-model", type=int, default=64)
@@ -119,7 +157,24 @@ def main():
     p.add_argument("--skip-stages", action="store_true", help="only the end-to-end find_circuit section")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the model, SAEs and data live (cuda: peak memory is the GPU's, RSS otherwise)")
-    a = p.parse_args()
+    p.add_argument("--preset", choices=["issue14"], help="issue 14's workload (sets the sizes; flags after it win)")
+    p.add_argument("--paths", default=None,
+                   help="sparse end to end: comma list of paths to run, each in its own process (sparse, dense)")
+    p.add_argument("--sweep-features", default=None, help="sparse end to end at each of these n_features")
+    p.add_argument("--edge-threshold", type=float, default=0.01)
+    p.add_argument("--dense-ref", default="7e15fa2", help="the commit whose (dense) minicirc is the dense path")
+    p.add_argument("--dense-max-features", type=int, default=32768,
+                   help="skip the dense path above this n_features (its dense states would not fit in memory)")
+    p.add_argument("--ig-tokens", type=int, default=None, help="attribution_batched.IG_TOKENS for the sparse path")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: one run, results to this folder
+    argv = sys.argv[1:]
+    if "--preset" in argv:   # the preset's values first, so that explicit flags override them
+        argv = PRESETS[argv[argv.index("--preset") + 1]] + argv
+    a = p.parse_args(argv)
+    if a.child:
+        return child_run(a)
+    if a.paths:
+        return sparse_against_dense(a)
     global PEAK
     if a.device == "cuda":
         if not torch.cuda.is_available():
@@ -133,25 +188,7 @@ def main():
         if rank != 0:  # only rank 0 prints
             import builtins
             builtins.print = lambda *args, **kw: None
-    torch.manual_seed(a.seed)
-    cfg = minicirc.Config(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, d_mlp=a.d_mlp)
-    model = minicirc.GPTNeoX(cfg).eval()
-    with torch.no_grad():
-        for prm in model.parameters():
-            prm.normal_(0, 1.5 / a.d_model ** 0.5 if prm.dim() > 1 else 0.02)
-    # Random SAEs whose encoder bias gives about `l0` active features per token. The encoder is scaled by
-    # each site's activation size (measured on random tokens), so that pre-activations are ~N(0, 1): with an
-    # unscaled encoder the sites' small activations left every feature inactive (L0 = 0).
-    cache = {}
-    with torch.no_grad():
-        model(torch.randint(0, a.vocab, (a.examples, a.pos)), cache=cache)
-    saes = {}
-    for s in model.sites:
-        W_enc = torch.randn(a.d_model, a.features) / (a.d_model ** 0.5 * cache[s].std().item())
-        frac = min(0.5, a.l0 / a.features)
-        bias = -torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - frac)).item()
-        saes[s] = minicirc.Dictionary(W_enc, torch.full((a.features,), bias), torch.randn(a.features, a.d_model) / a.l0 ** 0.5,
-                                      torch.zeros(a.d_model), "relu")
+    model, saes, cache = build(a)
     def random_batch(B, T):   # on the CPU: find_circuit moves each slice, the stages below the whole batch
         return Batch(torch.randint(0, a.vocab, (B, T)), torch.randint(0, a.vocab, (B, T)),
                      torch.randint(0, a.vocab, (B,)), torch.randint(0, a.vocab, (B,)), torch.full((B,), T - 1),
@@ -299,6 +336,133 @@ def stages(a, model, saes, batch):
           f"peak +{mem.mb:8.1f} MB  ({done} of {n_rows} rows timed)")
     print(f"edges speed-up, batched vs one row at a time: "
           f"{res['edges one row at a time'][0] / res['edges batched (vmap)'][0]:.1f}x")
+
+# --- sparse end to end: this checkout against the dense code, each run in its own process ---------------
+
+PRESETS = {"issue14": ["--d-model", "512", "--d-mlp", "2048", "--layers", "6", "--heads", "8", "--vocab", "50304",
+                       "--features", "32768", "--l0", "64", "--examples", "32", "--pos", "64", "--steps", "10",
+                       "--node-threshold", "0.02", "--edge-threshold", "0.01", "--batch-size", "32"]}
+
+
+def child_run(a):
+    """One find_circuit (IG nodes + all edges) of the flags' workload; writes stats.json and the circuit."""
+    if a.ig_tokens and hasattr(attribution_batched, "IG_TOKENS"):
+        attribution_batched.IG_TOKENS = a.ig_tokens
+    model, saes, cache = build(a)
+    B, T = a.examples, a.pos
+    batch = Batch(torch.randint(0, a.vocab, (B, T)), torch.randint(0, a.vocab, (B, T)),
+                  torch.randint(0, a.vocab, (B,)), torch.randint(0, a.vocab, (B,)), torch.full((B,), T - 1), [None] * B)
+    del cache
+    with torch.no_grad():   # L0 on the workload's own clean tokens, a slice at a time
+        c = {}
+        model(batch.clean[:4], cache=c)
+        from minicirc import ops
+        l0 = sum(int(ops.sae_encode_sparse(c[s].reshape(-1, a.d_model), d.W_enc, d.b_enc, d.b_dec, "relu")[1].numel())
+                 / c[s].shape[0] / c[s].shape[1] for s, d in saes.items()) / len(saes)
+        del c
+    weights = sum(t.numel() * t.element_size() for d in saes.values() for t in (d.W_enc, d.W_dec)) / 2**20
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:    # sampled during the run only (building the random SAEs has its own transients)
+        circuit = minicirc.find_circuit(model, saes, batch, method="ig", steps=a.steps, node_threshold=a.node_threshold,
+                                        edge_threshold=a.edge_threshold, batch_size=a.batch_size, progress=False)
+    seconds = time.perf_counter() - t0
+    before, peak = mem.base / 2**20, mem.peak / 2**20
+    circuit.save(a.child)
+    stats = {"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "sae_weights_mb": weights, "l0": l0,
+             "threads": torch.get_num_threads(), "minicirc": os.path.dirname(minicirc.__file__),
+             "kept_nodes": len(circuit.kept_nodes()), "edge_entries": sum(v._nnz() for _, v in circuit.edges.values())}
+    with open(os.path.join(a.child, "stats.json"), "w") as f:
+        json.dump(stats, f)
+
+
+def dense_checkout(ref):
+    """minicirc at commit `ref` in a temporary folder (git archive), with this checkout's compiled extension."""
+    import shutil
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = tempfile.mkdtemp(prefix="minicirc-dense-")
+    archive = subprocess.run(["git", "-C", here, "archive", ref, "minicirc"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
+    for f in os.listdir(os.path.join(here, "minicirc")):
+        if f.endswith(".so"):
+            shutil.copy(os.path.join(here, "minicirc", f), os.path.join(root, "minicirc", f))
+    return root
+
+
+def compare_circuits(dir_a, dir_b):
+    """Largest |a - b| / max|a| over node effects and over edge effects; edges as sparse tensors (an entry
+    stored in one and not the other counts as 0 there: the dense code also stored exact zeros)."""
+    from safetensors.torch import load_file
+    A, B = load_file(os.path.join(dir_a, "effects.safetensors")), load_file(os.path.join(dir_b, "effects.safetensors"))
+    if set(A) != set(B):
+        return float("inf"), float("inf")
+    rel = lambda x, y: ((x - y).abs().max() / x.abs().max().clamp(min=1e-30)).item() if x.numel() else 0.0
+    nodes = max(rel(A[k].double(), B[k].double()) for k in A if k.startswith("nodes."))
+    edges = 0.0
+    for k in (k[:-len(".indices")] for k in A if k.endswith(".indices")):
+        if not (torch.equal(A[k + ".rows"], B[k + ".rows"]) and torch.equal(A[k + ".shape"], B[k + ".shape"])):
+            return nodes, float("inf")
+        shape = tuple(A[k + ".shape"].tolist())
+        ea = torch.sparse_coo_tensor(A[k + ".indices"], A[k + ".values"].double(), shape, check_invariants=True)
+        eb = torch.sparse_coo_tensor(B[k + ".indices"], B[k + ".values"].double(), shape, check_invariants=True)
+        diff = (ea - eb).coalesce().values()
+        if diff.numel():
+            edges = max(edges, (diff.abs().max() / ea.coalesce().values().abs().max().clamp(min=1e-30)).item())
+    return nodes, edges
+
+
+def sparse_against_dense(a):
+    paths = a.paths.split(",")
+    sizes = [int(x) for x in a.sweep_features.split(",")] if a.sweep_features else [a.features]
+    dense_root = dense_checkout(a.dense_ref) if "dense" in paths else None
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tempfile.mkdtemp(prefix="bench-sparse-")
+    flags, skip = [], {"--paths", "--sweep-features", "--dense-max-features", "--dense-ref"}
+    argv = sys.argv[1:]
+    for j, x in enumerate(argv):
+        if x not in skip and (j == 0 or argv[j - 1] not in skip):
+            flags.append(x)
+    print(f"model d={a.d_model} d_mlp={a.d_mlp} layers={a.layers} vocab={a.vocab}; {1 + 3 * a.layers} relu SAEs, "
+          f"target L0 {a.l0}; "
+          f"{a.examples} examples x {a.pos} tokens; IG {a.steps} steps + all edges, thresholds {a.node_threshold} / "
+          f"{a.edge_threshold}; {torch.get_num_threads()} threads; dense = minicirc at {a.dense_ref}", flush=True)
+    rows = []
+    for F in sizes:
+        res = {}
+        for path in paths:
+            if path == "dense" and F > a.dense_max_features:
+                print(f"  {F:7d} features, dense : skipped (above --dense-max-features {a.dense_max_features})", flush=True)
+                continue
+            folder = os.path.join(out, f"{path}-{F}")
+            env = dict(os.environ, PYTHONPATH=dense_root if path == "dense" else here)
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, "--features", str(F), "--child", folder],
+                               env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"  {F:7d} features, {path}: failed after {time.perf_counter() - t:.0f} s (exit {r.returncode}): "
+                      f"{r.stderr.strip().splitlines()[-1:] or ''}", flush=True)
+                continue
+            with open(os.path.join(folder, "stats.json")) as f:
+                res[path] = st = json.load(f)
+            print(f"  {F:7d} features, {path:6s}: {st['seconds']:8.1f} s   peak RSS {st['peak_rss_mb']:8.0f} MB "
+                  f"(SAE weights {st['sae_weights_mb']:.0f} MB, peak beyond the RSS before the run "
+                  f"{st['peak_rss_mb'] - st['rss_before_mb']:.0f} MB)   L0 {st['l0']:.1f}   {st['kept_nodes']} nodes kept, "
+                  f"{st['edge_entries']} edge entries", flush=True)
+        if "sparse" in res and "dense" in res:
+            dn, de = compare_circuits(os.path.join(out, f"sparse-{F}"), os.path.join(out, f"dense-{F}"))
+            s_, d_ = res["sparse"], res["dense"]
+            print(f"  {F:7d} features: dense / sparse time {d_['seconds'] / s_['seconds']:.2f}x, peak RSS "
+                  f"{d_['peak_rss_mb'] / s_['peak_rss_mb']:.2f}x; largest relative difference: nodes {dn:.2g}, "
+                  f"edges {de:.2g} {'(ok: <= 1e-5)' if max(dn, de) <= 1e-5 else '(ABOVE 1e-5)'}", flush=True)
+        rows.append((F, res))
+    if dense_root:
+        import shutil
+        shutil.rmtree(dense_root, ignore_errors=True)
+    print(f"circuits and stats.json of every run: {out}")
+    if len(rows) > 1 and all("sparse" in r for _, r in rows):
+        (F0, r0), (F1, r1) = rows[0], rows[-1]
+        beyond = lambda st: st["peak_rss_mb"] - st["sae_weights_mb"]
+        print(f"sparse: {F1 // F0}x the features -> peak RSS beyond the SAE weights {beyond(r1['sparse']):.0f} MB vs "
+              f"{beyond(r0['sparse']):.0f} MB ({beyond(r1['sparse']) / beyond(r0['sparse']):.2f}x; target <= 1.5x)")
 
 
 if __name__ == "__main__":

@@ -224,9 +224,9 @@ def test_attrib_equals_exact_for_linear_metric(parallel, read):
     if read.startswith("resid"):
         l = read.split("_")[1]
         linear += [f"mlp_{l}"] + ([f"attn_{l}"] if parallel else [])
-    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").effects
-    attrib = AB.node_effects(model, saes, fast_metric, batch, "attrib").effects
-    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3).effects
+    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").dense_effects()
+    attrib = AB.node_effects(model, saes, fast_metric, batch, "attrib").dense_effects()
+    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3).dense_effects()
     assert exact[read][..., :-1].abs().max() > 1e-3 and exact[read][..., -1].abs().max() > 1e-3
     assert_effects_equal(attrib, exact, rtol=1e-9, atol=1e-11, sites=linear)
     assert_effects_equal(ig, exact, rtol=1e-9, atol=1e-11, sites=linear)
@@ -241,8 +241,8 @@ def test_attrib_equals_exact_for_linear_metric_float32(use_ext):
     saes = make_saes(model, 212, kinds=("relu", "topk"), dtype=torch.float32)
     batch = make_batch(213)
     fast_metric = linear_metric("resid_0", 214, dtype=torch.float32)
-    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").effects
-    attrib = AB.node_effects(model, saes, fast_metric, batch, "attrib", use_ext=use_ext).effects
+    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").dense_effects()
+    attrib = AB.node_effects(model, saes, fast_metric, batch, "attrib", use_ext=use_ext).dense_effects()
     assert_effects_equal(attrib, exact, rtol=1e-4, atol=2e-5, sites=["mlp_0", "attn_0", "resid_0"])
 
 
@@ -262,7 +262,7 @@ def test_ig_site_sum_converges_to_site_patch(parallel):
         m_c = metric(model, batch, batch.clean, {})
         m_p = metric(model, batch, batch.patch, {})
     r4 = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
-    eff4, eff64 = r4.effects, AB.node_effects(model, saes, fast_metric, batch, "ig", steps=64).effects
+    eff4, eff64 = r4.dense_effects(), AB.node_effects(model, saes, fast_metric, batch, "ig", steps=64).dense_effects()
     torch.testing.assert_close(r4.m_clean, m_c)
     torch.testing.assert_close(r4.m_patch, m_p)
     worst = 0.0
@@ -293,7 +293,7 @@ def test_node_methods_against_loops(parallel, kinds):
     metric = ref_logit_diff
     fast_metric = A.logit_diff if metric is ref_logit_diff else metric
     r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
-    states, attrib, g_attrib = r.states, r.effects, r.grads
+    states, attrib, g_attrib = r.states, r.dense_effects(), r.grads
     for s, (f_c, e_c, f_p, e_p) in ref_states(model, saes, batch).items():
         for a, b in [(states[s].f_c, f_c), (states[s].err_c, e_c), (states[s].f_p, f_p), (states[s].err_p, e_p)]:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -307,7 +307,7 @@ def test_node_methods_against_loops(parallel, kinds):
 
     steps = 5
     r = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=steps)
-    ig, g_ig = r.effects, r.grads
+    ig, g_ig = r.dense_effects(), r.grads
     ref_ig = definition_gradients(model, saes, metric, batch, st, "ig", steps)
     assert_effects_equal(ig, effects_from(ref_ig, st))
     assert_effects_equal(ig, A.ig_effects(model, saes, metric, batch, st, steps))
@@ -319,7 +319,7 @@ def test_node_methods_against_loops(parallel, kinds):
     with torch.no_grad():
         torch.testing.assert_close(r.m_clean, metric(model, batch, batch.clean, {}))
     ref_ex = A.exact_effects(model, saes, metric, batch, st)
-    assert_effects_equal(r.effects, ref_ex, rtol=1e-9, atol=1e-11)
+    assert_effects_equal(r.dense_effects(), ref_ex, rtol=1e-9, atol=1e-11)
     assert all(ref_ex[s][..., :-1].abs().max() > 1e-4 for s in saes)
 
 
@@ -334,7 +334,7 @@ def test_attrib_gradient_finite_differences(parallel):
     metric = ref_logit_diff
     fast_metric = A.logit_diff if metric is ref_logit_diff else metric
     r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
-    states, attrib = r.states, r.effects
+    states, attrib = r.states, r.dense_effects()
     g = torch.Generator().manual_seed(seed + 3)
     eps = 1e-4
     checked = 0
@@ -394,23 +394,23 @@ def edge_setup(seed, parallel, kinds=("relu",), method="ig", steps=4, batch=None
 def test_edges_equal_one_at_a_time(parallel, aggregation):
     seed = 601 + 2 * parallel + (aggregation == "none")
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, parallel, ("relu", "jumprelu"))
-    states, effects, grads = node.states, node.effects, node.grads
+    states, effects, grads = node.states, node.dense_effects(), node.grads
     assert_effects_equal(effects, ref_eff)
     pairs = design_pairs(model.cfg.n_layers, parallel)
     got = [(u, d, frozenset(fr)) for u, d, fr in A.edge_pairs(model, A.site_order(model, saes))]
     assert len(got) == len(pairs) and set(got) == {(u, d, frozenset(fr)) for u, d, fr in pairs}
     tau = threshold_for(ref_eff)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, aggregation, pairs))
-    fast = AB.edge_effects(model, saes, batch, states, grads, effects, tau, aggregation, use_vmap=True)
+    fast = AB.edge_effects(model, saes, batch, states, grads, node.effects, tau, aggregation, use_vmap=True)
     assert_edges_equal(as_dict(fast), ref)
     # edges out of and into error nodes are present and non-zero somewhere
     assert any(v[..., -1].abs().max() > 1e-6 for acc in ref.values() for v in acc.values())
     F_of = lambda d: saes[d].n_features
     assert any(k % (F_of(d) + 1) == F_of(d) for (_, d), acc in ref.items() for k in acc)
     # chunked and one-row-at-a-time paths of the fast code agree too
-    small = AB.edge_effects(model, saes, batch, states, grads, effects, tau, aggregation, chunk_bytes=1)
+    small = AB.edge_effects(model, saes, batch, states, grads, node.effects, tau, aggregation, chunk_bytes=1)
     assert_edges_equal(as_dict(small), ref)
-    loop = AB.edge_effects(model, saes, batch, states, grads, effects, tau, aggregation, use_vmap=False)
+    loop = AB.edge_effects(model, saes, batch, states, grads, node.effects, tau, aggregation, use_vmap=False)
     assert_edges_equal(as_dict(loop), ref)
 
 
@@ -433,7 +433,7 @@ def test_batched_edges_equal_definition_every_kind(aggregation, kinds, method):
 # Same reference with attrib gradients as L_d and topk dictionaries (batched VJP through topk/scatter).
 def test_edges_equal_one_at_a_time_attrib_topk():
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(613, False, ("topk", "relu"), method="attrib")
-    states, effects, grads = node.states, node.effects, node.grads
+    states, effects, grads = node.states, node.dense_effects(), node.grads
     tau = threshold_for(ref_eff)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "sum", design_pairs(2, False)))
     fast = AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum", use_vmap=True)
@@ -455,7 +455,7 @@ def check_edges_by_finite_differences(model, saes, batch, st, L, ref_eff, node, 
     """Random (downstream node, upstream node) entries of `pairs`, from the fast code and the definition,
     against central finite differences; until every combination of feature / error at each end was seen
     non-zero three times."""
-    states, effects, grads = node.states, node.effects, node.grads
+    states, effects, grads = node.states, node.dense_effects(), node.grads
     tau = threshold_for(ref_eff)
     sel = selection(ref_eff, tau)
     fast = as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "none"))
@@ -530,10 +530,10 @@ def test_neurons(parallel):
     xc, xp = plain_sites(model, batch.clean), plain_sites(model, batch.patch)
     with torch.no_grad():
         m_c = metric(model, batch, batch.clean, {})
-    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").effects
+    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").dense_effects()
     r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
-    states, attrib = r.states, r.effects
-    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3).effects
+    states, attrib = r.states, r.dense_effects()
+    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3).dense_effects()
     for s in model.sites:
         B, T, d = xc[s].shape
         ref = torch.zeros(B, T, d, dtype=F64)
@@ -559,12 +559,12 @@ def test_neurons(parallel):
             torch.testing.assert_close(eff[s][..., :-1], gsum / len(alphas) * (xp[s] - xc[s]), rtol=1e-9, atol=1e-12)
     # with a linear readout, attrib over neurons is exactly single-neuron patching
     lin = linear_metric("resid_1", seed + 3)
-    ex_lin = AB.node_effects(model, saes, lin, batch, "exact").effects
-    at_lin = AB.node_effects(model, saes, lin, batch, "attrib").effects
+    ex_lin = AB.node_effects(model, saes, lin, batch, "exact").dense_effects()
+    at_lin = AB.node_effects(model, saes, lin, batch, "attrib").dense_effects()
     assert_effects_equal(at_lin, ex_lin, rtol=1e-9, atol=1e-11, sites=["resid_1", "mlp_1"])
     # edges between neurons
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, parallel, saes=neuron_saes, batch=batch)
-    states, effects, grads = node.states, node.effects, node.grads
+    states, effects, grads = node.states, node.dense_effects(), node.grads
     tau = threshold_for(ref_eff)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "sum", design_pairs(2, parallel)))
     assert_edges_equal(as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
@@ -584,23 +584,23 @@ def test_zero_ablation(neurons):
     metric = fast_metric = probe_metric(seed + 3)
     st = states_of(model, saes, metric, batch)  # zero patch state
     r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
-    states, attrib = r.states, r.effects
+    states, attrib = r.states, r.dense_effects()
     assert r.m_patch is None
     for s in model.sites:
         assert states[s].f_p.abs().max() == 0 and states[s].err_p.abs().max() == 0
         expect = torch.zeros(D_MODEL, dtype=F64) if neurons else saes[s].b_dec
         torch.testing.assert_close(states[s].x_p, expect.expand_as(states[s].x_c), rtol=0, atol=0)
     assert_effects_equal(attrib, A.attrib_effects(model, saes, metric, batch, st))
-    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4).effects
+    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4).dense_effects()
     L = definition_gradients(model, saes, metric, batch, st, "ig", 4)
     ref_ig = effects_from(L, st)
     assert_effects_equal(ig, ref_ig)
-    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").effects
+    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").dense_effects()
     assert_effects_equal(exact, A.exact_effects(model, saes, metric, batch, st), rtol=1e-9, atol=1e-11)
     tau = threshold_for(ref_ig)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_ig, tau, "sum", design_pairs(2, False)))
     r = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
-    states, effects, grads = r.states, r.effects, r.grads
+    states, effects, grads = r.states, r.dense_effects(), r.grads
     assert_edges_equal(as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
 
 
@@ -621,10 +621,10 @@ def test_padding_matches_single_examples(parallel):
                      batch.patch_answer[b:b + 1], torch.tensor([n - 1]), [None]) for b, n in enumerate(lengths)]
     for method in ["attrib", "ig", "exact"]:
         r = AB.node_effects(model, saes, fast_metric, batch, method, steps=3)
-        m_c, m_p, eff = r.m_clean, r.m_patch, r.effects
+        m_c, m_p, eff = r.m_clean, r.m_patch, r.dense_effects()
         for b, (n, one) in enumerate(zip(lengths, singles)):
             r1 = AB.node_effects(model, saes, fast_metric, one, method, steps=3)
-            m_c1, m_p1, eff1 = r1.m_clean, r1.m_patch, r1.effects
+            m_c1, m_p1, eff1 = r1.m_clean, r1.m_patch, r1.dense_effects()
             torch.testing.assert_close(m_c[b:b + 1], m_c1)
             torch.testing.assert_close(m_p[b:b + 1], m_p1)
             for s in model.sites:
@@ -632,13 +632,13 @@ def test_padding_matches_single_examples(parallel):
                 pad = eff[s][b, n:].flatten()
                 assert (pad.abs() < 1e-12).all(), (s, method, b, pad)
     r = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3)
-    states, eff, grads = r.states, r.effects, r.grads
+    states, eff, grads = r.states, r.dense_effects(), r.grads
     tau = threshold_for(eff)
     batched = as_dict(AB.edge_effects(model, saes, batch, states, grads, eff, tau, "sum"))
     total = {}
     for one in singles:
         r1 = AB.node_effects(model, saes, fast_metric, one, "ig", steps=3)
-        st1, eff1, g1 = r1.states, r1.effects, r1.grads
+        st1, eff1, g1 = r1.states, r1.dense_effects(), r1.grads
         for pair, acc in as_dict(AB.edge_effects(model, saes, one, st1, g1, eff1, tau, "sum")).items():
             for k, v in acc.items():
                 total.setdefault(pair, {})
@@ -663,7 +663,7 @@ def test_float32_matches_float64(use_ext):
     out = {}
     for name, model, saes in [("64", model64, saes64), ("32", model32, saes32)]:
         r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=4, use_ext=use_ext)
-        out[name] = (r.states, r.grads, r.effects)
+        out[name] = (r.states, r.grads, r.dense_effects())
     tau = threshold_for(out["64"][2])
     for s in model64.sites:
         assert out["32"][2][s].dtype == torch.float32
@@ -688,7 +688,7 @@ def test_subset_of_sites():
     L = definition_gradients(model, saes, ref_logit_diff, batch, st, "ig", 3)
     ref_eff = effects_from(L, st)
     r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
-    states, effects, grads = r.states, r.effects, r.grads
+    states, effects, grads = r.states, r.dense_effects(), r.grads
     assert set(effects) == set(saes)
     assert_effects_equal(effects, ref_eff)
     pairs = [(u, d, fr) for u, d, fr in design_pairs(2, False) if u in saes and d in saes]
@@ -708,7 +708,7 @@ def test_weights_leave_autograd_only_for_the_call():
     for p, f in zip(params, flags):
         p.requires_grad_(f)
     r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=2)
-    states, effects, grads = r.states, r.effects, r.grads
+    states, effects, grads = r.states, r.dense_effects(), r.grads
     assert [p.requires_grad for p in params] == flags
     edges = AB.edge_effects(model, saes, batch, states, grads, effects, threshold_for(effects), "sum")
     assert [p.requires_grad for p in params] == flags

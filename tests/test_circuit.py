@@ -44,7 +44,7 @@ def test_metric_and_node_effects_are_means_over_examples(aggregation):
     assert c.metric_values["clean"] != pytest.approx(c.metric_values["patch"])
     assert c.to_json()["metric"] == c.metric_values          # circuit.json keeps the field name "metric"
     dims = (0, 1) if aggregation == "sum" else (0,)
-    for s, eff in r.effects.items():                         # features and the error node (column F) alike
+    for s, eff in r.dense_effects().items():                      # features and the error node (column F) alike
         torch.testing.assert_close(c.nodes[s], eff.sum(dims) / len(batch), rtol=1e-10, atol=1e-13)
     assert any(float(v[..., -1].abs().max()) > 0 for v in c.nodes.values())
 

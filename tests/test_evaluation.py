@@ -98,6 +98,7 @@ CASES = [  # (dictionaries, ablation, errors, positional, first_layer, same leng
     ("neurons", "mean", "default", False, 1, False),
     ("saes", "resample", "default", False, 0, True),
     ("saes", "resample", "remove", True, 1, True),
+    ("neurons", "resample", "default", True, 0, True),
 ]
 
 

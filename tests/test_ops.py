@@ -398,7 +398,7 @@ def test_node_effects_same_with_and_without_extension(method):
     batch = Batch(torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B,)),
                   torch.randint(0, 30, (B,)), torch.full((B,), T - 1), [None] * B)
     run = lambda ext: attribution_batched.node_effects(model, saes, attribution.logit_diff, batch, method, 4,
-                                                      use_ext=ext).effects      # (B, T, F + 1): the error last
+                                                      use_ext=ext).dense_effects()      # (B, T, F + 1): the error last
     with_ext, without = run(True), run(False)
     for s in model.sites:
         assert (with_ext[s][..., :-1] != 0).any()

@@ -122,7 +122,7 @@ def test_node_effects_at_optional_sites(name, request):
     for method, ref in defs.items():
         fast = AB.node_effects(model, saes, A.logit_diff, batch, method, steps=3)
         assert set(fast.effects) == set(model.all_sites)
-        TA.assert_effects_equal(fast.effects, ref, **tolerance(name))
+        TA.assert_effects_equal(fast.dense_effects(), ref, **tolerance(name))
         for s in ("z_1", "resid_mid_1") if "resid_mid_1" in model.all_sites else ("z_1",):
             assert ref[s].abs().max() > 1e-4, (method, s)      # the optional sites carry effects
 
@@ -145,7 +145,7 @@ def test_batched_edges_equal_definition_at_optional_sites(name, which, aggregati
     L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
     ref_eff = TA.effects_from(L, st)
     node = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
-    TA.assert_effects_equal(node.effects, ref_eff, **tolerance(name))
+    TA.assert_effects_equal(node.dense_effects(), ref_eff, **tolerance(name))
     tau = TA.threshold_for(ref_eff)
     pairs = A.edge_pairs(model, A.site_order(model, saes))
     optional = [(u, d) for u, d, _ in pairs if u.startswith(("z_", "resid_mid")) or d.startswith(("z_", "resid_mid"))]

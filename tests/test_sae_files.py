@@ -745,7 +745,7 @@ def test_edges_into_gated_dictionaries_equal_one_at_a_time():
         return out
 
     model, saes, batch, metric, st, L, ref_eff, node = TA.edge_setup(617, False, saes=gated_saes)
-    states, effects, grads = node.states, node.effects, node.grads
+    states, effects, grads = node.states, node.dense_effects(), node.grads
     TA.assert_effects_equal(effects, ref_eff)
     gated = [s for s in saes if saes[s].kind == "gated"]
     # The gate closes some features the magnitude path would open, and the reverse.
