@@ -36,9 +36,10 @@ def encode_rows(sae, x, use_ext=None):
 
     relu and jumprelu run ops.sae_encode_sparse. top-k runs the dictionary's own encode in row chunks:
     with ties at the k-th value the kernel may keep another of the tied features than torch.topk does, and
-    the definitions (and the other libraries) are torch.topk. Identity dictionaries and kinds this module
-    does not know take the same chunked path, so any dictionary with encode/decode works."""
-    if sae.kind in ("relu", "jumprelu"):
+    the definitions (and the other libraries) are torch.topk. Identity dictionaries, kinds this module
+    does not know and dictionaries with a per-token input normalisation (sae.input_norm) take the same
+    chunked path, so any dictionary with encode/decode works."""
+    if sae.kind in ("relu", "jumprelu") and getattr(sae, "input_norm", "none") == "none":
         b_dec = sae.b_dec if sae.subtract_b_dec else torch.zeros_like(sae.b_dec)
         return ops.sae_encode_sparse(x, sae.W_enc, sae.b_enc, b_dec, sae.kind, sae.threshold, 0, use_ext)
     step = max(1, CHUNK_ELEMS // max(sae.n_features, 1))
@@ -47,8 +48,9 @@ def encode_rows(sae, x, use_ext=None):
 
 
 def affine_decode(sae):
-    """Whether decode(f) = f @ W_dec + b_dec (every kind minicirc knows; identity has W_dec = I, b_dec = 0)."""
-    return sae.kind in ops.KINDS or sae.kind == "identity"
+    """Whether decode(f) = f @ W_dec + b_dec (every kind minicirc knows, without a per-token input
+    normalisation, whose decode leaves b_dec to the error term; identity has W_dec = I, b_dec = 0)."""
+    return (sae.kind in ops.KINDS or sae.kind == "identity") and getattr(sae, "input_norm", "none") == "none"
 
 
 def decode_rows(sae, rows, n):
