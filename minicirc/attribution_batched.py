@@ -47,6 +47,28 @@ def encode_rows(sae, x, use_ext=None):
         return ops.cat_rows([ops.dense_to_rows(sae.encode(x[i:i + step])) for i in range(0, max(len(x), 1), step)])
 
 
+def features_at(sae, x, features):
+    """encode(x)[..., features] for x (..., d) without the (tokens x n_features) tensor: the sparse rows, then
+    only the asked-for columns, in the order given."""
+    shape = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
+    features = torch.as_tensor(features, dtype=torch.long, device=x.device)
+    crow, col, val = encode_rows(sae, x)
+    where = torch.full((sae.n_features,), -1, dtype=torch.long, device=x.device)
+    where[features] = torch.arange(len(features), device=x.device)
+    j = where[col]
+    keep = j >= 0
+    out = val.new_zeros(len(x), len(features))
+    out[ops.row_ids(crow)[keep], j[keep]] = val[keep]
+    return out.view(*shape, len(features))
+
+
+def error_of(sae, x):
+    """x - decode(encode(x)) for x (..., d), through the sparse rows."""
+    flat = x.reshape(-1, x.shape[-1])
+    return x - decode_rows(sae, encode_rows(sae, flat), len(flat)).view(x.shape)
+
+
 def affine_decode(sae):
     """Whether decode(f) = f @ W_dec + b_dec (every kind minicirc knows, without a per-token input
     normalisation, whose decode leaves b_dec to the error term; identity has W_dec = I, b_dec = 0)."""

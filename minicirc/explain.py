@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from .attribution_batched import features_at
 from .circuit import parse_node_id
 from .data import pad_right
 from .errors import MinicircError
@@ -242,7 +243,8 @@ def _scan(model, saes, wanted, ids, k, batch_size):
         for s in sites:
             real = first[s][flat_all]
             flat = flat_all[real]
-            f = saes[s].encode(cache[s].to(saes[s].W_enc.dtype)).flatten(0, 1)[real][:, cols[s]]  # (n, features)
+            x = cache[s].to(saes[s].W_enc.dtype).flatten(0, 1)[real]
+            f = features_at(saes[s], x, cols[s])                     # (n, features), from the sparse rows
             v = torch.cat([best[s][0], f])
             i = torch.cat([best[s][1], flat[:, None].expand_as(f)])
             # Earlier candidates come first and a stable sort keeps them first among equal values.

@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import explain
+from .attribution_batched import error_of, features_at
 from .data import Batch, pad_right
 from .errors import MinicircError
 from .metrics import auroc
@@ -106,11 +107,10 @@ def ablate_site(sae, x, features):
     if len(features) == 0:
         return x
     idx = torch.as_tensor(list(features), dtype=torch.long, device=x.device)
-    f = sae.encode(x)
     if sae.kind == "identity":
         return x.index_fill(-1, idx, 0.0)
     # decode(f') + x - decode(f) = x - f[..., idx] @ W_dec[idx]: only the ablated features' share moves.
-    return x - f.index_select(-1, idx) @ sae.W_dec.index_select(0, idx)
+    return x - features_at(sae, x, idx) @ sae.W_dec.index_select(0, idx)
 
 
 def ablation_edit(saes, ablation):
@@ -381,8 +381,8 @@ def pooled_features(model, saes, batch, features, batch_size=256):
         b = batch[i:i + batch_size]
         cache = {}
         model(b.clean, cache=cache, stop_at=last_site)
-        parts = [mean_over_tokens(saes[site].encode(cache[site])[..., torch.tensor(feats, device=b.clean.device)],
-                                  b.last) for site, (_, feats) in by_site.items()]
+        parts = [mean_over_tokens(features_at(saes[site], cache[site], feats), b.last)
+                 for site, (_, feats) in by_site.items()]
         # Site by site, then back to the order asked for; cat keeps the dictionaries' dtype (float64 stays).
         out.append(torch.cat(parts, 1)[:, order])
     return torch.cat(out)
@@ -442,7 +442,7 @@ def pooled_parts(model, saes, batch, sites, edit=None, batch_size=256):
         model(b.clean, edit=record, cache=cache, stop_at=last_site)
         for s in sites:
             x = arrived[s]
-            err = x - saes[s].decode(saes[s].encode(x))
+            err = error_of(saes[s], x)
             for part, v in (("value", cache[s]), ("features", cache[s] - err), ("error", err)):
                 out[s][part].append(mean_over_tokens(v, b.last))
     return {s: {part: torch.cat(v) for part, v in parts.items()} for s, parts in out.items()}
