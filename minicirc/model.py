@@ -160,7 +160,7 @@ class SiteModel(nn.Module):
                 raise MinicircError(f"unknown site {name!r}; this model has sites embed, attn_l, mlp_l, "
                                     f"resid_l{mid} and z_l for l in 0..{self.cfg.n_layers - 1}")
 
-    def forward(self, tokens, edit=None, cache=None, stop_at=None, extra=()):
+    def forward(self, tokens, edit=None, cache=None, stop_at=None, extra=(), start=None, clean=None):
         """tokens (batch, pos) -> logits (batch, pos, vocab).
 
         edit: {site: fn(x) -> x'} replaces a site's value for this call.
@@ -168,62 +168,19 @@ class SiteModel(nn.Module):
         stop_at: a site name; return after computing it (returns None instead of logits), for callers that
         only need sites up to a layer (z_l stops after its attention block).
         extra: optional sites (z_l, resid_mid_l) to put in cache too; those in edit or stop_at are computed anyway.
+        start, clean: resume at site `start` (see forward_from): the sites before it are read from `clean`
+        instead of computed, and not edited.
         Token ids are not range-checked here (see check_tokens); shapes are, as that costs nothing.
         """
         edit = edit or {}
-        self.check_sites(list(edit) + ([stop_at] if stop_at else []) + list(extra))
+        self.check_sites(list(edit) + ([stop_at] if stop_at else []) + list(extra) + ([start] if start else []))
         if tokens.dim() != 2:
             raise MinicircError(f"tokens must have shape (batch, pos), got {tuple(tokens.shape)}")
         if tokens.shape[1] > self.cfg.max_len:
             raise MinicircError(f"sequence length {tokens.shape[1]} exceeds max_position_embeddings {self.cfg.max_len}")
-        wanted = set(edit) | set(extra) | {stop_at}
-
-        def site(name, x):
-            if name in edit:
-                x = edit[name](x)
-            if cache is not None:
-                cache[name] = x
-            return x
-
-        resid = site("embed", self.embed(tokens))
-        if stop_at == "embed":
-            return None
-        for l, layer in enumerate(self.layers):
-            z_site = (lambda z, name=f"z_{l}": site(name, z)) if f"z_{l}" in wanted else None
-            attn = site(f"attn_{l}", layer.attn_block(resid, z_site))
-            if stop_at in (f"z_{l}", f"attn_{l}"):
-                return None
-            if self.cfg.parallel_residual:
-                # GPT-NeoX: the MLP reads the same input as attention.
-                mlp = site(f"mlp_{l}", layer.mlp_block(resid))
-                out = resid + attn + mlp
-            else:
-                # Sequential: the MLP reads the residual after attention.
-                mid = resid + attn
-                if f"resid_mid_{l}" in wanted:
-                    mid = site(f"resid_mid_{l}", mid)
-                    if stop_at == f"resid_mid_{l}":
-                        return None
-                mlp = site(f"mlp_{l}", layer.mlp_block(mid))
-                out = mid + mlp
-            if stop_at == f"mlp_{l}":
-                return None
-            resid = site(f"resid_{l}", out)
-            if stop_at == f"resid_{l}":
-                return None
-        return self.unembed(resid)
-
-    def forward_from(self, start, clean, tokens, edit=None, cache=None, stop_at=None):
-        """forward() resumed at site `start`: the sites computed before it are read from `clean` (the cache of
-        an earlier unedited run on the same tokens) instead of computed again, and `start` itself is computed
-        from the values below it and edited as in forward(). IG runs one input many times with one site
-        changed; the layers below that site would give the clean values again each time.
-        Sites before `start` are not edited."""
-        edit = edit or {}
-        self.check_sites([start] + list(edit) + ([stop_at] if stop_at else []))
         order = self.all_sites
-        first = order.index(start)
-        wanted = set(edit) | {start, stop_at}
+        first = order.index(start) if start else 0
+        wanted = set(edit) | set(extra) | {stop_at, start}
 
         def site(name, compute):
             below = order.index(name) < first
@@ -251,14 +208,16 @@ class SiteModel(nn.Module):
                 resid = site(f"resid_{l}", None)
                 continue
             z = f"z_{l}"
-            z_site = ((lambda v: site(z, lambda: v)) if z in wanted and order.index(z) >= first else None)
+            z_site = (lambda v: site(z, lambda: v)) if z in wanted and order.index(z) >= first else None
             attn = site(f"attn_{l}", lambda: layer.attn_block(resid, z_site))
             if stop_at in (z, f"attn_{l}"):
                 return None
             if self.cfg.parallel_residual:
+                # GPT-NeoX: the MLP reads the same input as attention.
                 mlp = site(f"mlp_{l}", lambda: layer.mlp_block(resid))
                 out = resid + attn + mlp
             else:
+                # Sequential: the MLP reads the residual after attention.
                 mid = resid + attn
                 if f"resid_mid_{l}" in wanted:
                     mid = site(f"resid_mid_{l}", lambda: mid)
@@ -272,6 +231,14 @@ class SiteModel(nn.Module):
             if stop_at == f"resid_{l}":
                 return None
         return self.unembed(resid)
+
+    def forward_from(self, start, clean, tokens, edit=None, cache=None, stop_at=None):
+        """forward() resumed at site `start`: the sites computed before it are read from `clean` (the cache of
+        an earlier unedited run on the same tokens) instead of computed again, and `start` itself is computed
+        from the values below it and edited as in forward(). IG runs one input many times with one site
+        changed; the layers below that site would give the clean values again each time.
+        Sites before `start` are not edited."""
+        return self(tokens, edit=edit, cache=cache, stop_at=stop_at, start=start, clean=clean)
 
     def unembed(self, resid, token_ids=None):
         """Logits from the last residual stream: final norm, unembedding, soft-cap where the family has one.
