@@ -205,37 +205,34 @@ def exact_effects(model, saes, metric, batch, states):
 # --- edge effects -----------------------------------------------------------------------------------
 
 def edge_pairs(model, sites):
-    """(upstream, downstream, frozen sites) for adjacent sites (docs/method.md §6). In each layer l, with
-    prev = resid_{l-1} (embed for l = 0): mlp -> resid, attn -> resid (mlp frozen), prev -> mlp (attn
-    frozen), prev -> attn, prev -> resid (attn and mlp frozen), and attn -> mlp with sequential residual.
-    Only pairs whose two ends have dictionaries.
+    """(upstream, downstream, frozen sites) for the sites that carry dictionaries (docs/method.md §6).
 
-    The optional sites are points on a wire, not blocks: without a dictionary they are not there; with one,
-    every path through them is cut in two at them, and their edges replace the pairs that crossed them.
-    - z_l (attention's head outputs; attn_l = W_O z_l + b_O): prev -> z_l and z_l -> attn_l replace
-      prev -> attn_l; with no dictionary at attn_l, z_l takes attn_l's place in its downstream edges.
-    - resid_mid_l (= prev + attn_l, what the MLP reads): the layer becomes two residual half-layers,
-      prev -> attn_l, attn_l -> resid_mid_l, prev -> resid_mid_l (attn frozen), then resid_mid_l -> mlp_l,
-      mlp_l -> resid_l, resid_mid_l -> resid_l (mlp frozen); prev -> mlp_l, attn_l -> mlp_l, attn_l ->
-      resid_l and prev -> resid_l, whose every path crosses resid_mid_l, are gone.
-    Frozen sets name attn_l and mlp_l only (freezing attn_l also cuts the paths through z_l)."""
+    Over the model's site graph (SiteModel.site_graph), (U, D) is a pair when some path leads from U to D
+    with no dictionary site inside it: a site without a dictionary is part of the computation between its
+    neighbours, whatever it is. The edge counts those paths only, so the dictionary sites that other U -> D
+    paths cross are frozen; it is enough to freeze the last one before D on each, i.e. the dictionary sites
+    W that U reaches and that pair with D themselves. Sites without a dictionary are never frozen.
+    With dictionaries at every standard site this is the per-layer table of §6 (mlp_l -> resid_l,
+    attn_l -> resid_l with mlp_l frozen, ...); with dictionaries at resid sites only it is
+    resid_{l-1} -> resid_l through the whole layer, or resid_1 -> resid_3 through two.
+    Order: by upstream site, then downstream site, in model order; frozen sites in model order."""
+    graph = model.site_graph()
+    order = model.all_sites
     have = set(sites)
+    model.check_sites(sites)
+    # reach[s]: every site downstream of s; near[s]: the dictionary sites s reaches with none inside the path.
+    reach, near = {}, {}
+    for s in reversed(order):
+        reach[s] = set()
+        near[s] = set()
+        for t in graph[s]:
+            reach[s] |= {t} | reach[t]
+            near[s] |= {t} if t in have else near[t]
     pairs = []
-    for l in range(model.cfg.n_layers):
-        prev = f"resid_{l - 1}" if l > 0 else "embed"
-        a, m, r, z, mid = f"attn_{l}", f"mlp_{l}", f"resid_{l}", f"z_{l}", f"resid_mid_{l}"
-        # The attention block as seen from outside: the site that reads prev, and the site that writes on.
-        a_in = z if z in have else a
-        a_out = a if a in have else z
-        cand = [(z, a, ())] if a_in != a_out else []
-        if mid in have:
-            cand += [(prev, a_in, ()), (a_out, mid, ()), (prev, mid, (a,)),
-                     (mid, m, ()), (m, r, ()), (mid, r, (m,))]
-        else:
-            cand += [(m, r, ()), (a_out, r, (m,)), (prev, m, (a,)), (prev, a_in, ()), (prev, r, (a, m))]
-            if not model.cfg.parallel_residual:
-                cand.append((a_out, m, ()))
-        pairs += [(u, d, fr) for u, d, fr in cand if u in have and d in have]
+    for u in (s for s in order if s in have):
+        for d in sorted(near[u], key=order.index):
+            frozen = tuple(w for w in order if w in have and w in reach[u] and d in near[w])
+            pairs.append((u, d, frozen))
     return pairs
 
 

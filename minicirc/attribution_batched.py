@@ -354,17 +354,26 @@ def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, gr
     return out
 
 
-def node_effects(model, saes, metric, batch, method="ig", steps=10, use_ext=None, progress=False):
-    """Per-example node effects of one batch by `method` (attrib, ig or exact) -> NodeEffects."""
+def node_effects(model, saes, metric, batch, method="ig", steps=10, use_ext=None, progress=False, known=None):
+    """Per-example node effects of one batch by `method` (attrib, ig or exact) -> NodeEffects.
+
+    known: {site: dm/dx} from an earlier call on the same batch, method, steps and metric, for any
+    dictionaries: the site gradients do not depend on them (attrib's is taken at the clean input, IG's
+    along x = (1-a) x_c + a x_p, the site's own values), so circuits of features and of neurons over the
+    same examples can share them. Only the sites missing from it are computed, and it is filled with them."""
     if method not in METHODS:
         raise MinicircError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     sites = site_order(model, saes)
     m_c, m_p, states = sparse_site_states(model, saes, metric, batch, sites, use_ext)
     if method == "exact":
         return NodeEffects(m_c, m_p, states, grouped_exact_effects(model, saes, metric, batch, sites, states, m_c), None)
-    with frozen_weights(model):
-        grads = (attrib_site_gradients(model, metric, batch, sites) if method == "attrib"
-                 else ig_site_gradients(model, metric, batch, sites, states, steps, progress))
+    known = {} if known is None else known
+    missing = [s for s in sites if s not in known]
+    if missing:
+        with frozen_weights(model):
+            known.update(attrib_site_gradients(model, metric, batch, missing) if method == "attrib"
+                         else ig_site_gradients(model, metric, batch, missing, states, steps, progress))
+    grads = {s: known[s] for s in sites}
     with torch.no_grad():
         effects = {s: site_effects(grads[s], states[s], saes[s], use_ext) for s in sites}
     return NodeEffects(m_c, m_p, states, effects, grads)

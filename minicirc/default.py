@@ -14,17 +14,16 @@ The model is in superposition by construction: the language has 455 ground-truth
 """
 import json
 import os
-import shutil
-import tempfile
 import time
 
 import torch
 
 from . import train
 from .errors import MinicircError
+from .files import staged_folder
 from .data import tokenize
 from .model import Config, GPTNeoX, load_model, load_tokenizer, save_model
-from .sae import load_saes, save_saes
+from .sae import load_saes, save_saelens, save_saes
 from .tasks import agreement, corpus
 
 VERSION = 2
@@ -91,22 +90,12 @@ def make_default(out_dir, recipe="full", seed=0, progress=True):
              "lm_loss_last": sum(losses[-50:]) / min(50, len(losses)), "agreement_accuracy": accuracy,
              "saes": sae_stats, "monosemantic": monosemantic_shares(model, saes, tokenizer),
              "train_seconds": time.time() - t0}
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-default-")
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is ordinary user data
-    try:
+    with staged_folder(out_dir) as tmp:
         save_model(model, os.path.join(tmp, "model"))
         tokenizer.save(os.path.join(tmp, "model", "tokenizer.json"))
         save_saes(saes, os.path.join(tmp, "saes"))
         with open(os.path.join(tmp, "stats.json"), "w") as f:
             json.dump(stats, f, indent=1, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return model, saes, tokenizer, stats
 
 
@@ -146,20 +135,12 @@ def ship(model, saes, tokenizer, stats, out_dir):
     tokenizer.json: the Hugging Face layout), saes/<hook name>/ (one SAELens folder per site: cfg.json,
     sae_weights.safetensors; `load_saes` and the CLI's --saes read it) and stats.json: the layout of a
     cached default, with safetensors for the SAEs."""
-    from safetensors.torch import save_file
     save_model(model, os.path.join(out_dir, "model"))
     tokenizer.save(os.path.join(out_dir, "model", "tokenizer.json"))
     for site, sae in saes.items():
-        folder = os.path.join(out_dir, "saes", sae_hook(site))
-        os.makedirs(folder, exist_ok=True)
         # A plain ReLU SAE, (x - b_dec) @ W_enc + b_enc, as train.train_sae trains it: no normalisation, no
         # TransformerLens centring.
-        cfg = {"architecture": "standard", "activation_fn": "relu", "hook_name": sae_hook(site), "d_in": sae.d_in,
-               "d_sae": sae.n_features, "apply_b_dec_to_input": True, "normalize_activations": "none"}
-        with open(os.path.join(folder, "cfg.json"), "w") as f:
-            json.dump(cfg, f, indent=1, sort_keys=True)
-        tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-        save_file(tensors, os.path.join(folder, "sae_weights.safetensors"))
+        save_saelens(sae, os.path.join(out_dir, "saes", sae_hook(site)), sae_hook(site))
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1, sort_keys=True)
 

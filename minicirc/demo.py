@@ -164,28 +164,74 @@ def score_table(scores):
 
 # --- the job --------------------------------------------------------------------------------------
 
-def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", progress=True, first_layer=None):
-    t0 = time.time()
-    cfg = SETTINGS["quick" if quick else "full"]
-    prepare_out_dir(out, overwrite, "report.md")
+REAL_LM_SETTINGS = {
+    # simple's held-out split has about 80 distinct prompts with these verbs, so n_eval stays below it.
+    "full": dict(n_discovery=32, n_eval=64, steps=10, node_threshold=0.1, edge_threshold=0.02, top_k=10,
+                 grid_points=12, n_interp=48, n_accuracy=64, min_accuracy=0.9),
+    # Smoke tests on tiny random models: nothing is excluded (a random model is never accurate).
+    "quick": dict(n_discovery=4, n_eval=4, steps=2, node_threshold=0.05, edge_threshold=0.01, top_k=3,
+                  grid_points=4, n_interp=4, n_accuracy=8, min_accuracy=0.0),
+}
+
+
+def default_subject(quick, progress):
+    """The embedded default as the demo sees it: model, dictionaries, tokenizer, prompts, accuracy."""
     model, saes, tokenizer, stats, folder = get_default("quick" if quick else "full", progress=progress)
+    return dict(model=model, saes=saes, tokenizer=tokenizer, cfg=SETTINGS["quick" if quick else "full"],
+                examples=lambda t, n, seed, split: agreement.make_examples(t, n, seed=seed, split=split),
+                accuracy=stats["agreement_accuracy"], compared=list(agreement.TEMPLATES),
+                meta={"kind": "default", "default": folder, "stats": stats})
+
+
+def real_lm_subject(name, quick, progress):
+    """A pretrained model (--model smollm2 or a path) with SAEs minicirc trains on it (real_lm.py); templates
+    the model gets right less often than min_accuracy are reported and left out of the comparison."""
+    from . import real_lm
+    recipe = "quick" if quick else "full"
+    cfg = REAL_LM_SETTINGS[recipe]
+    model, saes, tokenizer, info = real_lm.load_real_lm(name, recipe, progress)
+    lex = real_lm.lexicon_for(tokenizer)
+    accuracy = real_lm.agreement_accuracy(model, tokenizer, cfg["n_accuracy"], lex=lex)
+    compared = [t for t in agreement.TEMPLATES if accuracy[t] >= cfg["min_accuracy"]]
+    if not compared:
+        raise MinicircError(f"{info['title']}: no template reaches {cfg['min_accuracy']:.0%} agreement accuracy "
+                            f"({', '.join(f'{t} {a:.0%}' for t, a in accuracy.items())}); nothing to compare")
+    return dict(model=model, saes=saes, tokenizer=tokenizer, cfg=cfg,
+                examples=lambda t, n, seed, split: real_lm.agreement_examples(tokenizer, t, n, seed, split, lex),
+                accuracy=accuracy, compared=compared,
+                meta={"kind": "real", **{k: v for k, v in info.items() if k != "settings"},
+                      "sae_settings": info["settings"], "lexicon": {k: len(v) for k, v in lex._asdict().items()},
+                      "config": {"n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
+                                 "vocab_size": model.cfg.vocab_size}})
+
+
+def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", progress=True, first_layer=None,
+             model="default"):
+    """`minicirc demo`: on the embedded default (model="default"), or on a pretrained model ("smollm2", or
+    the path of a Hugging Face folder or GGUF file) with SAEs trained by minicirc and cached."""
+    t0 = time.time()
+    prepare_out_dir(out, overwrite, "report.md")
+    subject = default_subject(quick, progress) if model == "default" else real_lm_subject(model, quick, progress)
+    model, saes, tokenizer, cfg = subject["model"], subject["saes"], subject["tokenizer"], subject["cfg"]
+    make_examples = subject["examples"]
     n_layers = model.cfg.n_layers
     first_layer = paper_first_layer(n_layers) if first_layer is None else first_layer
     if not 0 <= first_layer < n_layers:
         raise MinicircError(f"first layer must be in 0..{n_layers - 1} (the model has {n_layers} layers), "
                             f"got {first_layer}")
     model, saes = model.to(device), {s: d.to(device) for s, d in saes.items()}
-    neurons = {s: d.to(device) for s, d in identity_saes(model).items()}
+    neurons = {s: d.to(device) for s, d in identity_saes(model).items() if s in saes}
     kinds = {"features": saes, "neurons": neurons}
     paper_sites = evaluated_sites(model, saes, first_layer)
     all_sites = evaluated_sites(model, saes, None)
-    interp_batches = {t: tokenize(agreement.make_examples(t, cfg["n_interp"], seed=3, split="test"), tokenizer).to(device)
+    interp_batches = {t: tokenize(make_examples(t, cfg["n_interp"], 3, "test"), tokenizer).to(device)
                       for t in agreement.TEMPLATES}
     scores = unit_scores(model, kinds, list(interp_batches.values()))
     results, curves, full_model = {}, {}, {}
-    for template in agreement.TEMPLATES:
-        disc = tokenize(agreement.make_examples(template, cfg["n_discovery"], seed=0, split="train"), tokenizer)
-        held = tokenize(agreement.make_examples(template, cfg["n_eval"], seed=2, split="test"), tokenizer).to(device)
+    for template in subject["compared"]:
+        disc = tokenize(make_examples(template, cfg["n_discovery"], 0, "train"), tokenizer)
+        held = tokenize(make_examples(template, cfg["n_eval"], 2, "test"), tokenizer).to(device)
+        gradients = {}   # IG's site gradients on `disc`, shared by this template's four circuits
         interp_batch = interp_batches[template]
         texts = [t for ex in interp_batch.examples for t in (ex.clean_prefix, ex.patch_prefix)]
         T = held.clean.shape[1]
@@ -198,12 +244,12 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
                 "all sites": min(n_nodes_at(d, all_sites) for d in kinds.values())}
         for kind, dicts in kinds.items():
             circuit = find_circuit(model, dicts, disc, steps=cfg["steps"], node_threshold=cfg["node_threshold"],
-                                   edge_threshold=cfg["edge_threshold"], progress=progress)
+                                   edge_threshold=cfg["edge_threshold"], progress=progress, site_gradients=gradients)
             # Nodes only, positions kept, only the evaluated sites (IG patches each site on its own, so the
             # other sites' dictionaries do not change these effects).
             positional = find_circuit(model, {s: dicts[s] for s in paper_sites}, disc, steps=cfg["steps"],
                                       node_threshold=cfg["node_threshold"], aggregation="none", nodes_only=True,
-                                      progress=progress)
+                                      progress=progress, site_gradients=gradients)
             kept = circuit.kept_nodes()
             found = circuit.to_json()
             for n in found["nodes"]:
@@ -246,8 +292,9 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
                     data, {nid: (a["best_variable"], a["interpretability"]) for nid, a in circuit.annotations.items()})
     report.plot_protocols(curves, "faithfulness", os.path.join(out, "faithfulness_vs_nodes.png"))
     report.plot_protocols(curves, "completeness", os.path.join(out, "completeness_vs_nodes.png"))
-    results["_meta"] = {"seconds": time.time() - t0, "default": folder, "stats": stats, "settings": cfg,
-                        "first_layer": first_layer, "n_layers": n_layers,
+    results["_meta"] = {"seconds": time.time() - t0, **subject["meta"], "settings": cfg,
+                        "first_layer": first_layer, "n_layers": n_layers, "accuracy": subject["accuracy"],
+                        "templates": subject["compared"],
                         "full_model_faithfulness": full_model, "unit_scores": score_table(scores)}
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
     write_atomic(os.path.join(out, "report.md"), report.demo_report(results, cfg).encode())

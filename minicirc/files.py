@@ -3,6 +3,7 @@
 Every command writes through these, so that a failure midway never leaves a partial file or a mix of an
 earlier run's files and this run's, and an earlier run is never overwritten without --overwrite."""
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -56,6 +57,26 @@ def staged_files(out_dir):
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+
+
+@contextmanager
+def staged_folder(folder):
+    """Write a whole folder as one: `with staged_folder(d) as tmp: write into tmp`. tmp is a new folder
+    beside d; when the block completes it replaces d (an earlier d is removed), and on failure it is
+    removed, so d is always either the earlier folder or the complete new one (caches: a run stopped midway
+    never leaves files that a later run would take for finished ones)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(folder)}-")
+    os.chmod(tmp, 0o777 & ~_umask())    # mkdtemp makes it private; caches are ordinary user data
+    try:
+        yield tmp
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
 
 
 def prepare_out_dir(out, overwrite, marker):

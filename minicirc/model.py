@@ -148,6 +148,28 @@ class SiteModel(nn.Module):
             names += [f"mlp_{l}", f"resid_{l}"]
         return names
 
+    def site_graph(self):
+        """{site: [the sites its value feeds directly]} over `all_sites`: the computation as a graph whose
+        arrows are one block or one sum. Per layer l, with prev = resid_{l-1} (embed for l = 0):
+        prev -> z_l -> attn_l (attn_l = W_O z_l + b_O); sequential residual: prev, attn_l -> resid_mid_l
+        (their sum), resid_mid_l -> mlp_l, resid_mid_l, mlp_l -> resid_l; parallel residual (GPT-NeoX):
+        prev -> mlp_l and prev, attn_l, mlp_l -> resid_l. Edges are defined over it (attribution.edge_pairs)."""
+        out = {s: [] for s in self.all_sites}
+        for l in range(self.cfg.n_layers):
+            prev = f"resid_{l - 1}" if l > 0 else "embed"
+            z, a, mid, m, r = f"z_{l}", f"attn_{l}", f"resid_mid_{l}", f"mlp_{l}", f"resid_{l}"
+            out[prev].append(z)
+            out[z].append(a)
+            if self.cfg.parallel_residual:
+                out[prev] += [m, r]
+                out[a].append(r)
+            else:
+                out[prev].append(mid)
+                out[a].append(mid)
+                out[mid] += [m, r]
+            out[m].append(r)
+        return out
+
     def site_width(self, name):
         """The width of a site's value: d_model, or n_heads * head_dim for z_l (they differ for Qwen3 and Gemma-2)."""
         return self.cfg.n_heads * self.cfg.head_dim if name.startswith("z_") else self.cfg.d_model

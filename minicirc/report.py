@@ -102,12 +102,18 @@ def _compare(results, protocol, key):
     most 0.9 times the other kind's count; a kind that never reaches the target needs more than any that does."""
     inf = float("inf")
     ahead = behind = 0
-    for t in agreement.TEMPLATES:
+    templates = compared_templates(results)
+    for t in templates:
         f, n = (results[t][kind]["protocols"][protocol][key] for kind in ("features", "neurons"))
         f, n = (inf if f is None else f), (inf if n is None else n)
         ahead += f <= 0.9 * n and f < n
         behind += n <= 0.9 * f and n < f
-    return ahead, behind, len(agreement.TEMPLATES)
+    return ahead, behind, len(templates)
+
+
+def compared_templates(results):
+    """The templates the demo compared (a real model's less accurate ones are left out)."""
+    return results["_meta"].get("templates", list(agreement.TEMPLATES))
 
 
 def _verdict(ahead, behind, n):
@@ -121,20 +127,21 @@ def answers(results):
     lines = ["## Answers", "",
              "Features count as smaller when they need at most 0.9 times the neurons' nodes; \"yes\" = ahead in "
              "all templates but at most one and behind in none, \"no\" = ahead in at most one.", ""]
+    templates = compared_templates(results)
     for protocol in ("positions", "summed", "all sites"):
         a9, b9, n = _compare(results, protocol, "nodes_for_0.9")
         a8, b8, _ = _compare(results, protocol, "nodes_for_0.8")
         area = sum(results[t]["features"]["protocols"][protocol]["area"]
-                   > results[t]["neurons"]["protocols"][protocol]["area"] for t in agreement.TEMPLATES)
+                   > results[t]["neurons"]["protocols"][protocol]["area"] for t in templates)
         need = lambda kind: ", ".join(fmt(results[t][kind]["protocols"][protocol]["nodes_for_0.9"], "d")  # noqa: E731
-                                      for t in agreement.TEMPLATES)
+                                      for t in templates)
         lines.append(f"- **Are feature circuits smaller at equal faithfulness** ({protocol})? **{_verdict(a9, b9, n)}**: "
                      f"for 0.9 faithfulness features need clearly fewer nodes in {a9} of {n} templates and clearly "
-                     f"more in {b9} (nodes, {'/'.join(agreement.TEMPLATES)}: features {need('features')}; neurons "
+                     f"more in {b9} (nodes, {'/'.join(templates)}: features {need('features')}; neurons "
                      f"{need('neurons')}); for 0.8, fewer in {a8} and more in {b8}; the larger area in {area} of {n}.")
-    n = len(agreement.TEMPLATES)
+    n = len(templates)
     top = lambda t, kind: results[t][kind]["protocols"]["summed"]["interpretability_top_k"]  # noqa: E731
-    ahead = sum(top(t, "features") > top(t, "neurons") for t in agreement.TEMPLATES)
+    ahead = sum(top(t, "features") > top(t, "neurons") for t in templates)
     table = results["_meta"]["unit_scores"]
     kinds = [sk for sk in table["features"] if sk in table["neurons"]]
     better = [sk for sk in kinds if table["features"][sk]["mean"] > table["neurons"][sk]["mean"]]
@@ -142,8 +149,8 @@ def answers(results):
     lines.append(f"- **Are their nodes easier to interpret?** **{verdict}** for the circuits' top units: the best "
                  f"single latent explains more of a feature's variance than of a neuron's in {ahead} of {n} "
                  f"templates (top units of the summed paper-protocol circuits: features "
-                 f"{', '.join(fmt(top(t, 'features')) for t in agreement.TEMPLATES)}; neurons "
-                 f"{', '.join(fmt(top(t, 'neurons')) for t in agreement.TEMPLATES)}). Over every unit, features score "
+                 f"{', '.join(fmt(top(t, 'features')) for t in templates)}; neurons "
+                 f"{', '.join(fmt(top(t, 'neurons')) for t in templates)}). Over every unit, features score "
                  f"higher at {len(better)} of {len(kinds)} site kinds ({', '.join(better) or 'none'}).")
     return lines + [""]
 
@@ -168,12 +175,9 @@ def superposition_lines(stats):
     return lines
 
 
-def demo_report(results, cfg):
-    meta = results["_meta"]
+def default_header(meta):
     st = meta["stats"]
-    L, n_layers = meta["first_layer"], meta["n_layers"]
-    lines = ["# minicirc demo: feature circuits vs neuron circuits", "",
-             f"Embedded default ({st['recipe']} recipe, seed {st['seed']}): {st['config']['num_hidden_layers']} layers, "
+    lines = [f"Embedded default ({st['recipe']} recipe, seed {st['seed']}): {st['config']['num_hidden_layers']} layers, "
              f"d_model {st['config']['hidden_size']}, vocab {st['config']['vocab_size']}; "
              f"LM loss {st['lm_loss_first']:.2f} -> {st['lm_loss_last']:.2f}. Files: `{meta['default']}`.", "",
              "Agreement accuracy on held-out sentences: " + ", ".join(
@@ -181,7 +185,44 @@ def demo_report(results, cfg):
              "| site | variance explained | mean L0 | dead features |", "|---|---|---|---|"]
     for s, v in st["saes"].items():
         lines.append(f"| {s} | {v['variance_explained']:.3f} | {v['l0']:.1f} | {100 * v['dead_fraction']:.0f}% |")
-    lines += superposition_lines(st)
+    return lines + superposition_lines(st)
+
+
+def real_lm_header(meta):
+    """A pretrained model: what was loaded, the prompts' accuracy (templates below the bar left out), and the
+    SAEs minicirc trained on it (real_lm.py)."""
+    c, st, sae = meta["config"], meta["sae_stats"], meta["sae_settings"]
+    low = [t for t in meta["accuracy"] if t not in meta["templates"]]
+    lex = meta["lexicon"]
+    lines = [f"Model: {meta['title']} (`{meta['path']}`): {c['n_layers']} layers, d_model {c['d_model']}, "
+             f"vocab {c['vocab_size']}.", "",
+             f"Prompts: the agreement templates in English words that are one token each in its tokenizer "
+             f"({lex['nouns']} nouns, {lex['animate']} of them animate, {lex['transitive']} transitive verbs, main "
+             f"verbs is/are, was/were, has/have).", "",
+             "| template | agreement accuracy (held-out prompts, clean and patch) | compared |", "|---|---|---|"]
+    for t, a in meta["accuracy"].items():
+        lines.append(f"| {t} | {100 * a:.1f}% | {'yes' if t in meta['templates'] else '**no: under ' + format(meta['settings']['min_accuracy'], '.0%') + '**'} |")
+    if low:
+        lines += ["", f"Left out of the comparison (accuracy under {meta['settings']['min_accuracy']:.0%}): "
+                  f"{', '.join(low)}."]
+    lines += ["", f"SAEs trained by minicirc (real_lm.py, cached in `{meta['folder']}`): top-k (k = {sae['k']}), "
+              f"{sae['expansion']}x d_model = {sae['expansion'] * c['d_model']} features, at {len(st['sites'])} sites "
+              f"(resid_l after every {sae['site_stride']}-th layer), on {st['n_train_tokens']} tokens of "
+              f"the corpus's agreement sentences in English ({sae['n_sentences']} sentences, first positions left "
+              f"out), {sae['epochs']} epochs. Measured on {st['n_held_out_tokens']} tokens of held-out sentences. "
+              f"Training took {st['train_seconds']:.0f} s.", "",
+              "| site | variance explained | mean L0 | dead features |", "|---|---|---|---|"]
+    for s, v in st["sites"].items():
+        lines.append(f"| {s} | {v['variance_explained']:.3f} | {v['l0']:.1f} | {100 * v['dead_fraction']:.0f}% |")
+    return lines
+
+
+def demo_report(results, cfg):
+    meta = results["_meta"]
+    L, n_layers = meta["first_layer"], meta["n_layers"]
+    real = meta.get("kind") == "real"
+    lines = ["# minicirc demo: feature circuits vs neuron circuits", ""]
+    lines += real_lm_header(meta) if real else default_header(meta)
     lines += ["", f"Circuits: IG ({cfg['steps']} steps) on {cfg['n_discovery']} discovery examples (train split); "
               f"faithfulness and completeness by mean ablation on {cfg['n_eval']} held-out examples.", "",
               "Three evaluation protocols, each measured on the top-n nodes by |effect| for n on a log grid "
@@ -192,7 +233,7 @@ def demo_report(results, cfg):
               f"ablated. The original evaluates Pythia-70M from layer 2 of 6; here round(2/6 x {n_layers}) = "
               f"{L} (`--first-layer`).",
               "- **summed**: the same sites, node effects summed over positions.",
-              "- **all sites**: every site from embed up, summed (this demo's protocol before).", "",
+              "- **all sites**: every site with a dictionary (from embed up on the default), summed.", "",
               "Area: mean faithfulness over log(nodes) from 1 to the smaller kind's node count (the trapezoid area "
               "under faithfulness against ln n, divided by ln of that count; 1 = faithful from the first node), so "
               "features and neurons share one axis. Removed for completeness <= 0.2: the fewest top nodes (grid "
@@ -201,9 +242,9 @@ def demo_report(results, cfg):
               "single latent of the grammar explains, within positions (0 = only noise or the position, 1/2 = "
               "an even mixture of two latents, 1 = one latent); the mean over the top "
               f"{cfg['top_k']} units by |effect| of each circuit.", ""]
-    for t in agreement.TEMPLATES:
+    for t in compared_templates(results):
         r = results[t]
-        lines += [f"## {t}", "", f"Model accuracy on held-out `{t}`: {100 * st['agreement_accuracy'][t]:.1f}%; "
+        lines += [f"## {t}", "", f"Model accuracy on held-out `{t}`: {100 * meta['accuracy'][t]:.1f}%; "
                   f"full-model faithfulness {fmt(meta['full_model_faithfulness'][t], '.3f')}.", "",
                   "| protocol | kind | nodes for 0.8 | nodes for 0.9 | area (1..n) | removed for completeness <= 0.2 "
                   "| interpretability (top-k) |", "|---|---|---|---|---|---|---|"]

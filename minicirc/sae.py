@@ -612,6 +612,26 @@ def _load_hook_tree(sae_dir, folders, model, factor):
     return saes
 
 
+def save_saelens(sae, folder, hook_name):
+    """Write a relu or topk Dictionary with no input normalisation as a SAELens folder (cfg.json,
+    sae_weights.safetensors) that load_saelens reads back to the same encoding."""
+    from safetensors.torch import save_file
+    from .files import write_atomic
+    if sae.kind not in ("relu", "topk") or sae.input_norm != "none" or not sae.subtract_b_dec:
+        raise MinicircError(f"save_saelens writes relu and topk dictionaries that subtract b_dec and normalise "
+                            f"nothing; got kind {sae.kind}, input_norm {sae.input_norm}")
+    os.makedirs(folder, exist_ok=True)
+    cfg = {"architecture": "standard" if sae.kind == "relu" else "topk", "hook_name": hook_name,
+           "d_in": sae.d_in, "d_sae": sae.n_features, "apply_b_dec_to_input": True, "normalize_activations": "none"}
+    if sae.kind == "relu":
+        cfg["activation_fn"] = "relu"
+    else:
+        cfg["k"] = sae.k
+    tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    save_file(tensors, os.path.join(folder, "sae_weights.safetensors"))
+    write_atomic(os.path.join(folder, "cfg.json"), json.dumps(cfg, indent=1, sort_keys=True).encode())
+
+
 def save_saes(saes, sae_dir):
     """Write {site: relu Dictionary} as a dictionary_learning tree."""
     for site, sae in saes.items():

@@ -99,3 +99,67 @@ def sae_stats(sae, acts):
     total = (acts - acts.mean(0)).pow(2).sum()
     return {"variance_explained": 1 - (resid / total).item(), "l0": (f != 0).float().sum(-1).mean().item(),
             "dead_fraction": ((f != 0).sum(0) == 0).float().mean().item(), "n_features": sae.n_features}
+
+
+def train_topk_sae(acts, n_features, k, epochs=4, batch_size=1024, lr=1e-3, aux_k=None, aux_weight=1 / 32, seed=0,
+                   progress=True, desc="train top-k SAE"):
+    """A TopK SAE (Gao et al. 2024): f = topk(relu((x - b_dec) @ W_enc + b_enc), k), x_hat = f @ W_dec + b_dec,
+    trained on the mean squared error over `epochs` passes through the site's activations (N, d), shuffled
+    by a seeded generator. No sparsity penalty to tune: k fixes L0. Inputs are scaled to unit RMS (folded
+    back into the weights at the end), decoder rows are kept at unit norm, W_enc starts as W_dec.T and b_dec
+    at the mean. Features that have not fired for a whole epoch's worth of tokens are dead; the auxiliary
+    loss (AuxK) lets the `aux_k` (default 2k) largest of them reconstruct what the live ones leave, so they
+    get gradient and can come back.
+    Returns (Dictionary of kind "topk", stats of the training inputs: variance explained, L0, dead features)."""
+    g = torch.Generator().manual_seed(seed)
+    N, d = acts.shape
+    if N == 0:
+        raise ValueError("no activations to train on")
+    aux_k = aux_k or 2 * k
+    scale = acts.pow(2).sum(-1).mean().sqrt().item() / math.sqrt(d) + 1e-8
+    x_all = acts / scale
+    W_dec = torch.randn(n_features, d, generator=g)
+    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+    params = {"W_enc": W_dec.T.clone().contiguous(), "b_enc": torch.zeros(n_features), "W_dec": W_dec,
+              "b_dec": x_all.mean(0).clone()}
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    since_fired = torch.zeros(n_features, dtype=torch.long)
+    steps = epochs * -(-N // batch_size)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    for _ in range(epochs):
+        order = torch.randperm(N, generator=g)
+        for start in range(0, N, batch_size):
+            x = x_all[order[start:start + batch_size]]
+            pre = torch.relu((x - params["b_dec"]) @ params["W_enc"] + params["b_enc"])
+            top = pre.topk(min(k, n_features), dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+            x_hat = f @ params["W_dec"] + params["b_dec"]
+            total = (x - x.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+            loss = (x_hat - x).pow(2).sum(-1).mean() / total
+            with torch.no_grad():
+                fired = torch.zeros(n_features, dtype=torch.bool).scatter_(0, top.indices[top.values > 0].flatten(), True)
+                since_fired = torch.where(fired, 0, since_fired + x.shape[0])
+                dead = since_fired >= N
+            if dead.any():
+                # AuxK: the dead features' largest pre-activations reconstruct the live ones' residual.
+                aux_pre = pre.masked_fill(~dead, 0.0)
+                aux = aux_pre.topk(min(aux_k, int(dead.sum())), dim=-1)
+                e_hat = torch.zeros_like(pre).scatter(-1, aux.indices, aux.values) @ params["W_dec"]
+                e = (x - x_hat).detach()
+                loss = loss + aux_weight * (e_hat - e).pow(2).sum(-1).mean() / total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                params["W_dec"] /= params["W_dec"].norm(dim=1, keepdim=True).clamp(min=1e-8)
+            bar.update(1)
+            bar.set_postfix(fvu=f"{loss.item():.3f}", dead=int(dead.sum()))
+    bar.close()
+    with torch.no_grad():
+        # Fold the input scale back in: encode(x) = scale * f(x / scale), decode the same rows times scale.
+        sae = Dictionary(params["W_enc"].detach().clone(), params["b_enc"].detach() * scale,
+                         params["W_dec"].detach().clone(), params["b_dec"].detach() * scale, "topk", k=k)
+        stats = sae_stats(sae, acts)
+    return sae, stats

@@ -107,10 +107,10 @@ def probe_metric(seed, dtype=F64):
 
 # --- references -----------------------------------------------------------------------------------
 
-def plain_sites(model, tokens):
+def plain_sites(model, tokens, extra=()):
     cache = {}
     with torch.no_grad():
-        model(tokens, cache=cache)
+        model(tokens, cache=cache, extra=extra)
     return cache
 
 
@@ -152,12 +152,14 @@ def site_grads(L):
 
 
 def design_pairs(n_layers, parallel):
-    """The edge table of docs/method.md §6, written out again: (U, D, frozen sites)."""
+    """The edge table of docs/method.md §6, written out again: (U, D, frozen sites). With the parallel
+    residual the MLP reads prev, not attn: prev -> mlp and attn -> resid have nothing to freeze."""
     pairs = []
     for l in range(n_layers):
         prev = "embed" if l == 0 else f"resid_{l - 1}"
         a, m, r = f"attn_{l}", f"mlp_{l}", f"resid_{l}"
-        pairs += [(m, r, set()), (a, r, {m}), (prev, m, {a}), (prev, a, set()), (prev, r, {a, m})]
+        pairs += [(m, r, set()), (a, r, set() if parallel else {m}), (prev, m, set() if parallel else {a}),
+                  (prev, a, set()), (prev, r, {a, m})]
         if not parallel:
             pairs.append((a, m, set()))
     return pairs
@@ -460,7 +462,7 @@ def check_edges_by_finite_differences(model, saes, batch, st, L, ref_eff, node, 
     sel = selection(ref_eff, tau)
     fast = as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "none"))
     defn = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "none"))
-    clean = plain_sites(model, batch.clean)
+    clean = plain_sites(model, batch.clean, extra=model.all_sites)    # frozen sites may be optional ones (z_l)
     g = torch.Generator().manual_seed(seed)
     eps = 1e-5
     seen = {}  # (upstream is error, downstream is error) -> number of checks with a non-zero edge

@@ -296,7 +296,10 @@ def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, caps
     assert run("shift", "--coverage", 0.75) == 0
     assert seen["shift"][1]["coverage"] == 0.75 and seen["shift"][1]["top_k"] is None
     assert run("demo", "--out", "o2", "--overwrite", "--threads", 1, "--first-layer", 2) == 0
-    assert seen["demo"] == (("o2",), dict(quick=False, overwrite=True, device="cpu", first_layer=2))
+    assert seen["demo"] == (("o2",), dict(quick=False, overwrite=True, device="cpu", first_layer=2, model="default"))
+    seen.clear()
+    assert run("demo", "--model", "smollm2", "--quick", "--threads", 1) == 0   # (the default would be every core)
+    assert seen["demo"][1]["model"] == "smollm2" and seen["demo"][1]["quick"]
     for cmd in ("demo", "shift"):
         assert run(cmd, "--threads", 0) == 2
         assert "--threads must be at least 1" in capsys.readouterr().err
@@ -344,7 +347,7 @@ def test_defaults_are_the_functions_defaults():
            ("circuit", model_mod.load_model, ["device", "dtype"]), ("circuit", data.load_examples, ["limit"]),
            ("evaluate", evaluation.faithfulness, ["ablation", "errors", "first_layer", "seed"]),
            ("evaluate", model_mod.load_model, ["device", "dtype"]),
-           ("demo", demo.run_demo, ["out", "quick", "overwrite", "device", "first_layer"]),
+           ("demo", demo.run_demo, ["out", "quick", "overwrite", "device", "first_layer", "model"]),
            ("shift", shift.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "coverage", "top_k",
                                        "margin", "random_seeds", "threshold"]),
            ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"]),
@@ -352,8 +355,9 @@ def test_defaults_are_the_functions_defaults():
            *((command, sae.load_saes, ["norm_scaling_factor"]) for command in ("circuit", "evaluate", "explain"))]
     # Options whose default reaches no function's default: the circuit's torch seed, evaluate's batch size
     # (the CLI's 32, not faithfulness's 64), the thread count (one: the embedded model is too small to gain from
-    # more), explain's text sample (None: the embedded corpus) and --overwrite (off).
-    fixed = {("circuit", "seed"): 0, ("evaluate", "batch_size"): 32, ("demo", "threads"): 1, ("shift", "threads"): 1,
+    # more; demo's None is one on the default and every core on --model), explain's text sample (None: the
+    # embedded corpus) and --overwrite (off).
+    fixed = {("circuit", "seed"): 0, ("evaluate", "batch_size"): 32, ("demo", "threads"): None, ("shift", "threads"): 1,
              ("explain", "data"): None, ("circuit", "overwrite"): False, ("evaluate", "overwrite"): False}
     covered = set()
     for command, fn, names in api:

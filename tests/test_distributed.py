@@ -88,8 +88,13 @@ def test_two_ranks_equal_one_process(tmp_path, aggregation, n, batch_size):
     saes = minicirc.load_saes(t / "saes", model)
     batch = tokenize(load_examples(t / "data.jsonl"), minicirc.load_tokenizer(t / "model"))
     # One thread, like each rank: the same batches then give the same float32 rounding.
-    ref = minicirc.find_circuit(model, saes, batch, steps=3, node_threshold=0.15, edge_threshold=0.05,
-                                aggregation=aggregation, batch_size=batch_size, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = minicirc.find_circuit(model, saes, batch, steps=3, node_threshold=0.15, edge_threshold=0.05,
+                                    aggregation=aggregation, batch_size=batch_size, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
     got = load_file(t / "d2" / "effects.safetensors")
     # Every node effect, kept or not.

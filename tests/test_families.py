@@ -313,15 +313,17 @@ def test_circuit_command_with_saelens_saes_on_each_family(tmp_path, case):
 
 def test_circuit_and_evaluate_commands_at_optional_sites(tmp_path):
     """Gemma-2 with SAELens dictionaries at z_0 (n_heads * head_dim = 64 wide, d_model 32), resid_mid_1 and
-    resid_1: a circuit with the resid_mid_1 -> resid_1 edges, then `minicirc evaluate` of it, whose unablated
-    metric is the circuit's clean metric and whose empty circuit moves it."""
+    resid_1: a circuit with the z_0 -> resid_mid_1 edges (through attention's output projection and layer 0's
+    MLP, neither with a dictionary, so neither frozen) and the resid_mid_1 -> resid_1 edges, then `minicirc
+    evaluate` of it, whose unablated metric is the circuit's clean metric and whose empty circuit moves it."""
     from minicirc.cli import main
     hooks = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
     data, common = _saelens_run(tmp_path, "gemma2 softcaps window", hooks)
     assert data["sites"] == ["z_0", "resid_mid_1", "resid_1"]
     assert {n["site"] for n in data["nodes"] if n["feature"] != "err"} == set(data["sites"])
     circuit = minicirc.Circuit.load(tmp_path / "out")
-    assert set(circuit.edges) == {("resid_mid_1", "resid_1")} and circuit.edges[("resid_mid_1", "resid_1")][1]._nnz()
+    assert set(circuit.edges) == {("z_0", "resid_mid_1"), ("resid_mid_1", "resid_1")}
+    assert all(vals._nnz() for _, vals in circuit.edges.values())
     assert main(["evaluate", *common, "--circuit", str(tmp_path / "out"), "--out", str(tmp_path / "eval")]) == 0
     ev = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert ev["m_full"] == pytest.approx(data["metric"]["clean"], abs=1e-5)

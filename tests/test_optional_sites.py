@@ -51,25 +51,29 @@ def tolerance(name):
 # --- the edge table -----------------------------------------------------------------------------------
 
 def hand_table(layer_sites, parallel):
-    """docs/method.md §6 for one layer (l = 0, prev = embed) with dictionaries at `layer_sites`, by cases."""
+    """docs/method.md §6 for one layer (l = 0, prev = embed) with dictionaries at `layer_sites`, by cases.
+    Frozen: the dictionary sites that cut the pair's other paths; a site without a dictionary never is.
+    With GPT-NeoX's parallel residual the MLP reads prev, so attn_0 -> mlp_0 is no path at all."""
     have = set(layer_sites) | {"embed"}
+    seq = not parallel
     if {"z_0", "attn_0", "resid_mid_0", "mlp_0", "resid_0"} <= have:      # every site: two half-layers
         return {("z_0", "attn_0", ()), ("embed", "z_0", ()), ("attn_0", "resid_mid_0", ()),
                 ("embed", "resid_mid_0", ("attn_0",)), ("resid_mid_0", "mlp_0", ()), ("mlp_0", "resid_0", ()),
                 ("resid_mid_0", "resid_0", ("mlp_0",))}
     if have == {"embed", "z_0", "attn_0", "mlp_0", "resid_0"}:               # z before attn, no resid_mid
-        out = {("z_0", "attn_0", ()), ("embed", "z_0", ()), ("mlp_0", "resid_0", ()), ("attn_0", "resid_0", ("mlp_0",)),
-               ("embed", "mlp_0", ("attn_0",)), ("embed", "resid_0", ("attn_0", "mlp_0"))}
-        return out if parallel else out | {("attn_0", "mlp_0", ())}
+        out = {("z_0", "attn_0", ()), ("embed", "z_0", ()), ("mlp_0", "resid_0", ()),
+               ("attn_0", "resid_0", ("mlp_0",) * seq), ("embed", "mlp_0", ("attn_0",) * seq),
+               ("embed", "resid_0", ("attn_0", "mlp_0"))}
+        return out | {("attn_0", "mlp_0", ())} if seq else out
     if have == {"embed", "z_0", "mlp_0", "resid_0"}:                         # z stands in for attn
-        out = {("embed", "z_0", ()), ("mlp_0", "resid_0", ()), ("z_0", "resid_0", ("mlp_0",)),
-               ("embed", "mlp_0", ("attn_0",)), ("embed", "resid_0", ("attn_0", "mlp_0"))}
-        return out if parallel else out | {("z_0", "mlp_0", ())}
-    if have == {"embed", "z_0", "resid_mid_0", "resid_0"}:                   # z into resid_mid
-        return {("embed", "z_0", ()), ("z_0", "resid_mid_0", ()), ("embed", "resid_mid_0", ("attn_0",)),
-                ("resid_mid_0", "resid_0", ("mlp_0",))}
-    if have == {"embed", "resid_mid_0", "resid_0"}:
-        return {("embed", "resid_mid_0", ("attn_0",)), ("resid_mid_0", "resid_0", ("mlp_0",))}
+        out = {("embed", "z_0", ()), ("mlp_0", "resid_0", ()), ("z_0", "resid_0", ("mlp_0",) * seq),
+               ("embed", "mlp_0", ("z_0",) * seq), ("embed", "resid_0", ("z_0", "mlp_0"))}
+        return out | {("z_0", "mlp_0", ())} if seq else out
+    if have == {"embed", "z_0", "resid_mid_0", "resid_0"}:                   # z into resid_mid, mlp_0 computed
+        return {("embed", "z_0", ()), ("z_0", "resid_mid_0", ()), ("embed", "resid_mid_0", ("z_0",)),
+                ("resid_mid_0", "resid_0", ())}
+    if have == {"embed", "resid_mid_0", "resid_0"}:                          # attn_0 and mlp_0 computed
+        return {("embed", "resid_mid_0", ()), ("resid_mid_0", "resid_0", ())}
     raise AssertionError(f"no hand-written case for {sorted(have)}")
 
 
@@ -89,12 +93,14 @@ def test_edge_pairs_follow_the_table(parallel, layer_sites):
     assert set((u, d, tuple(fr)) for u, d, fr in got) == hand_table(layer_sites, parallel)
 
 
-def test_edge_pairs_without_optional_sites_are_unchanged():
-    """No dictionary at z or resid_mid: the original table (test_attribution.design_pairs), in order."""
+def test_edge_pairs_without_optional_sites_are_the_per_layer_table():
+    """No dictionary at z or resid_mid: the original table (test_attribution.design_pairs), each pair once,
+    by upstream then downstream site in model order."""
     for parallel in (True, False):
         model = TA.make_model(1, parallel)
         got = [(u, d, set(fr)) for u, d, fr in A.edge_pairs(model, model.sites)]
-        assert got == TA.design_pairs(2, parallel)
+        rank = model.sites.index
+        assert got == sorted(TA.design_pairs(2, parallel), key=lambda p: (rank(p[0]), rank(p[1])))
 
 
 # --- site states and node effects ---------------------------------------------------------------------

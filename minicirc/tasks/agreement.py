@@ -30,6 +30,7 @@ prefix.
 """
 import hashlib
 import random
+from typing import NamedTuple
 
 from ..data import Example
 
@@ -135,17 +136,44 @@ def _verb(forms, plural):
     return forms[1] if plural else forms[0]
 
 
-def _sample_lemmas(template, rng, split):
+class Lexicon(NamedTuple):
+    """The lemmas sentences are drawn from: all of them by default; `lexicon` narrows them (for a real
+    model's tokenizer, whose words must each be one token)."""
+    animate: tuple
+    nouns: tuple
+    transitive: tuple
+    prepositions: tuple
+    main_verbs: tuple
+
+
+FULL_LEXICON = Lexicon(tuple(ANIMATE), tuple(NOUNS), tuple(TRANSITIVE), PREPOSITIONS, tuple(MAIN_VERBS))
+
+
+def lexicon(words=None, main_verbs=None):
+    """A Lexicon of the lemmas whose every form is in `words` (None: any word), with main verbs limited to
+    `main_verbs` (names of MAIN_VERBS, e.g. ("be", "be_past", "have"); None: all). Raises ValueError when a
+    class is left empty."""
+    ok = (lambda *forms: True) if words is None else (lambda *forms: all(f in words for f in forms))
+    lex = Lexicon(tuple(n for n in ANIMATE if ok(n, NOUNS[n])), tuple(n for n in NOUNS if ok(n, NOUNS[n])),
+                  tuple(v for v in TRANSITIVE if ok(*TRANSITIVE[v])), tuple(p for p in PREPOSITIONS if ok(p)),
+                  tuple(v for v in MAIN_VERBS if (main_verbs is None or v in main_verbs) and ok(*MAIN_VERBS[v])))
+    empty = [name for name, lemmas in lex._asdict().items() if len(lemmas) < (2 if name == "animate" else 1)]
+    if empty or not ok("the", "that"):
+        raise ValueError(f"no sentence can be written with these words: too few {', '.join(empty) or 'function words'}")
+    return lex
+
+
+def _sample_lemmas(template, rng, split, lex=FULL_LEXICON):
     """Random lemmas for one sentence of `template` whose frame lies in `split` (rejection sampling:
     about 1 in 5 frames is held out, so a few draws suffice)."""
     while True:
-        subj = rng.choice(ANIMATE)
+        subj = rng.choice(lex.animate)
         # The second noun is a PP object (any noun) or a relative clause's subject (animate); never the
         # subject again ("the author near the authors" is dull).
-        second = rng.choice([n for n in (NOUNS if template == "nounpp" else ANIMATE) if n != subj])
-        rc_verb = rng.choice(list(TRANSITIVE))
-        prep = rng.choice(PREPOSITIONS)
-        verb = rng.choice(list(MAIN_VERBS))
+        second = rng.choice([n for n in (lex.nouns if template == "nounpp" else lex.animate) if n != subj])
+        rc_verb = rng.choice(lex.transitive)
+        prep = rng.choice(lex.prepositions)
+        verb = rng.choice(lex.main_verbs)
         if split_of(_frame_key(template, subj, second, rc_verb, prep, verb)) == split:
             return subj, second, rc_verb, prep, verb
 
@@ -177,12 +205,12 @@ def _continuation(verb, rng):
     return ["the", _noun(rng.choice(ANIMATE), rng.random() < 0.5), "."]
 
 
-def make_examples(template, n, seed=0, split="train"):
+def make_examples(template, n, seed=0, split="train", lex=FULL_LEXICON):
     """`n` distinct clean/patch agreement examples of `template`, the same list for the same arguments.
 
     Singular and plural clean subjects alternate (so both directions of the flip appear, balanced to
     within one), and for the templates with a second noun the four (subject, second noun) number
-    combinations are balanced too. Raises ValueError when the split has fewer than `n` distinct examples
+    combinations are balanced too. `lex` (see `lexicon`) limits the lemmas drawn. Raises ValueError when the split has fewer than `n` distinct examples
     (only possible for "simple", whose train/test splits hold 4262/1078).
     """
     if template not in TEMPLATES:
@@ -197,7 +225,7 @@ def make_examples(template, n, seed=0, split="train"):
         if template == "simple":
             second_pl = None
         for _ in range(10_000):
-            lemmas = _sample_lemmas(template, rng, split)
+            lemmas = _sample_lemmas(template, rng, split, lex)
             subj, second, rc_verb, prep, verb = lemmas
             # The distinct example is what its strings depend on.
             ident = {"simple": (subj, verb), "nounpp": (subj, prep, second, verb),
@@ -306,7 +334,7 @@ _LEMMA = {**{n: n for n in NOUNS}, **{pl: n for n, pl in NOUNS.items()},
 def token_latents(example):
     """{latent: [0/1 per token of the clean prefix]} for every name of `latent_names()` (all zero where
     a latent never holds in this example), read off the words and `example.latents`."""
-    words = example.clean_prefix.split()
+    words = example.clean_prefix.lower().split()   # "The author ..." for a real model's prompts
     lat = example.latents
     roles, numbers = lat["role"], lat["number"]
     T = len(words)

