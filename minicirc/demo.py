@@ -19,17 +19,20 @@ latents. report.md and the plots are written by minicirc/report.py from the resu
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import attribution, evaluation, explain, report, viz
 from .circuit import find_circuit
 from .data import tokenize
 from .default import get_default
 from .errors import MinicircError
-from .files import prepare_out_dir, write_atomic
+from .files import prepare_out_dir, staged_folder, write_atomic
+from .hashing import sha256_of
 from .metrics import best_latent_share
 from .sae import identity_saes
 from .tasks import agreement
@@ -66,7 +69,7 @@ def node_counts(total, cap, points):
     return sorted(n for n in grid if 1 <= n <= total)
 
 
-def faithfulness_curve(model, dicts, batch, circuit, sites, counts, targets=()):
+def faithfulness_curve(model, dicts, batch, circuit, sites, counts, targets=(), progress=False, desc="faithfulness"):
     """Faithfulness and completeness of the top-n nodes by |effect| of `sites` (all other sites untouched),
     for each n in counts -> (curve, crossings): lists of {n_nodes, faithfulness, completeness, ...}.
 
@@ -84,7 +87,7 @@ def faithfulness_curve(model, dicts, batch, circuit, sites, counts, targets=()):
         reference = (r["m_full"], r["m_empty"])
         return {"n_nodes": n, **r}
 
-    curve = [point(n) for n in counts]
+    curve = [point(n) for n in tqdm(counts, desc=desc, unit="size", leave=False, disable=not progress)]
     crossings = []
     for target in targets:
         hit = next((i for i, p in enumerate(curve) if p["faithfulness"] >= target), None)
@@ -199,10 +202,44 @@ def real_lm_subject(name, quick, progress):
     return dict(model=model, saes=saes, tokenizer=tokenizer, cfg=cfg,
                 examples=lambda t, n, seed, split: real_lm.agreement_examples(tokenizer, t, n, seed, split, lex),
                 accuracy=accuracy, compared=compared,
-                meta={"kind": "real", **{k: v for k, v in info.items() if k != "settings"},
+                cache=info["folder"], meta={"kind": "real", "load_seconds": info["seconds"],
+                                            **{k: v for k, v in info.items() if k not in ("settings", "seconds")},
                       "sae_settings": info["settings"], "lexicon": {k: len(v) for k, v in lex._asdict().items()},
                       "config": {"n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
                                  "vocab_size": model.cfg.vocab_size}})
+
+
+CACHE_VERSION = 1   # bump when the demo's computation changes: cached template results are then recomputed
+
+
+def cached(folder, compute, progress, what):
+    """compute() -> (json-able value, {name: file}), through `folder` (None: no cache). Results for a real
+    model take most of an hour on 2 cores and only their key (the settings, the SAEs, CACHE_VERSION) can
+    change them, so a second run reads them back instead of computing them again; the files (the circuits'
+    pictures and json) are copied back to where they were written."""
+    if folder is not None and os.path.exists(os.path.join(folder, "value.json")):
+        with open(os.path.join(folder, "value.json")) as f:
+            value = json.load(f)
+        if progress:
+            print(f"minicirc: {what} from the cache ({folder})")
+        return value, os.path.join(folder, "files")
+    value, files = compute()
+    if folder is not None:
+        with staged_folder(folder) as tmp:
+            with open(os.path.join(tmp, "value.json"), "w") as f:
+                json.dump(value, f, default=float)
+            if files:
+                shutil.copytree(files, os.path.join(tmp, "files"))
+    return value, None
+
+
+def cache_key(subject, cfg, first_layer, device, part):
+    """The folder holding one part of a run's results (None for the embedded default, whose run is quick)."""
+    if subject.get("cache") is None:
+        return None
+    key = sha256_of([json.dumps({"version": CACHE_VERSION, "cfg": cfg, "first_layer": first_layer,
+                                 "device": str(device), "part": part}, sort_keys=True)])[:16]
+    return os.path.join(subject["cache"], "demo", f"{part}-{key}")
 
 
 def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", progress=True, first_layer=None,
@@ -226,70 +263,18 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
     all_sites = evaluated_sites(model, saes, None)
     interp_batches = {t: tokenize(make_examples(t, cfg["n_interp"], 3, "test"), tokenizer).to(device)
                       for t in agreement.TEMPLATES}
-    scores = unit_scores(model, kinds, list(interp_batches.values()))
+    scores, _ = cached(cache_key(subject, cfg, first_layer, device, "unit-scores"),
+                       lambda: (unit_scores(model, kinds, list(interp_batches.values())), None), progress, "unit scores")
     results, curves, full_model = {}, {}, {}
     for template in subject["compared"]:
-        disc = tokenize(make_examples(template, cfg["n_discovery"], 0, "train"), tokenizer)
-        held = tokenize(make_examples(template, cfg["n_eval"], 2, "test"), tokenizer).to(device)
-        gradients = {}   # IG's site gradients on `disc`, shared by this template's four circuits
-        interp_batch = interp_batches[template]
-        texts = [t for ex in interp_batch.examples for t in (ex.clean_prefix, ex.patch_prefix)]
-        T = held.clean.shape[1]
-        # Sanity check reported beside the circuits: every node kept must give faithfulness 1.
-        full_model[template] = evaluation.faithfulness(model, saes, held, list(all_nodes(saes)))["faithfulness"]
-        results[template] = {}
-        # The common end of the area: the smaller kind's node count, so both kinds share one axis.
-        caps = {"positions": min(n_nodes_at(d, paper_sites, T) for d in kinds.values()),
-                "summed": min(n_nodes_at(d, paper_sites) for d in kinds.values()),
-                "all sites": min(n_nodes_at(d, all_sites) for d in kinds.values())}
-        for kind, dicts in kinds.items():
-            circuit = find_circuit(model, dicts, disc, steps=cfg["steps"], node_threshold=cfg["node_threshold"],
-                                   edge_threshold=cfg["edge_threshold"], progress=progress, site_gradients=gradients)
-            # Nodes only, positions kept, only the evaluated sites (IG patches each site on its own, so the
-            # other sites' dictionaries do not change these effects).
-            positional = find_circuit(model, {s: dicts[s] for s in paper_sites}, disc, steps=cfg["steps"],
-                                      node_threshold=cfg["node_threshold"], aggregation="none", nodes_only=True,
-                                      progress=progress, site_gradients=gradients)
-            kept = circuit.kept_nodes()
-            found = circuit.to_json()
-            for n in found["nodes"]:
-                if n["feature"] != "err":
-                    share, best, _ = scores[kind][n["site"]]
-                    # numpy's rounding (score * 1e4 rounded half to even), as circuit.json has always held it.
-                    circuit.annotations[n["id"]] = {"best_variable": best[n["feature"]],
-                                                    "interpretability": float(np.round(share[n["feature"]], 4))}
-            contexts = explain.circuit_contexts(model, dicts, tokenizer, found, texts, k=5)
-            data = viz.save_circuit(circuit, os.path.join(out, template, kind), contexts=contexts)
-            faith = evaluation.faithfulness(model, dicts, held, kept)
-            protocols = {}
-            for name, circ, sites, per_pos in [("positions", positional, paper_sites, T),
-                                               ("summed", circuit, paper_sites, None),
-                                               ("all sites", circuit, all_sites, None)]:
-                counts = node_counts(n_nodes_at(dicts, sites, per_pos), caps[name], cfg["grid_points"])
-                points, crossings = faithfulness_curve(model, dicts, held, circ, sites, counts, TARGETS)
-                curves[(name, f"{template} {kind}")] = points
-                top = sorted((nd for nd in circ.all_nodes() if nd.site in sites and not nd.error),
-                             key=lambda nd: -abs(nd.effect))
-                # The top-k distinct units (a positional circuit may hold one unit at several positions).
-                units = list(dict.fromkeys((nd.site, nd.column) for nd in top))[:cfg["top_k"]]
-                protocols[name] = {
-                    **{f"nodes_for_{t}": evaluation.nodes_for_faithfulness(points + crossings, t) for t in TARGETS},
-                    "area": area_under(points, caps[name]), "cap": caps[name], "sites": sites,
-                    # The fewest top nodes whose removal (everything else kept) leaves completeness <= 0.2.
-                    "nodes_to_break": min((p["n_nodes"] for p in points if p["completeness"] <= BREAK),
-                                          default=None),
-                    "interpretability_top_k": float(np.mean([scores[kind][s][0][f] for s, f in units]))
-                    if units else float("nan"),
-                    "curve": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in points],
-                    "crossings": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in crossings]}
-            results[template][kind] = {
-                "nodes": len(data["nodes"]), "edges": len(data["edges"]),
-                "faithfulness": faith["faithfulness"], "completeness": faith["completeness"],
-                "protocols": protocols, "metric": data["metric"],
-            }
-            if template == "nounpp" and kind == "features":
-                results[template]["description"] = report.describe_nounpp(
-                    data, {nid: (a["best_variable"], a["interpretability"]) for nid, a in circuit.annotations.items()})
+        value, files = cached(cache_key(subject, cfg, first_layer, device, template),
+                              lambda: template_results(model, kinds, tokenizer, make_examples, cfg, template, out,
+                                                       interp_batches[template], scores, paper_sites, all_sites,
+                                                       device, progress), progress, f"{template}'s circuits")
+        if files is not None:
+            shutil.copytree(files, os.path.join(out, template), dirs_exist_ok=True)
+        results[template], full_model[template] = value["results"], value["full_model"]
+        curves.update({(name, label): points for name, label, points in value["curves"]})
     report.plot_protocols(curves, "faithfulness", os.path.join(out, "faithfulness_vs_nodes.png"))
     report.plot_protocols(curves, "completeness", os.path.join(out, "completeness_vs_nodes.png"))
     results["_meta"] = {"seconds": time.time() - t0, **subject["meta"], "settings": cfg,
@@ -300,6 +285,80 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
     write_atomic(os.path.join(out, "report.md"), report.demo_report(results, cfg).encode())
     print(f"minicirc demo: wrote {out}/report.md in {time.time() - t0:.0f} s")
     return results
+
+
+def template_results(model, kinds, tokenizer, make_examples, cfg, template, out, interp_batch, scores,
+                     paper_sites, all_sites, device, progress):
+    """One template's circuits (files under out/template) and measurements ->
+    ({"results", "full_model", "curves": [[protocol, label, points]]}, out/template)."""
+    saes = kinds["features"]
+    results, curves, full_model = {}, {}, {}
+    disc = tokenize(make_examples(template, cfg["n_discovery"], 0, "train"), tokenizer)
+    held = tokenize(make_examples(template, cfg["n_eval"], 2, "test"), tokenizer).to(device)
+    gradients = {}   # IG's site gradients on `disc`, shared by this template's four circuits
+    texts = [t for ex in interp_batch.examples for t in (ex.clean_prefix, ex.patch_prefix)]
+    T = held.clean.shape[1]
+    # Sanity check reported beside the circuits: every node kept must give faithfulness 1.
+    full_model[template] = evaluation.faithfulness(model, saes, held, list(all_nodes(saes)))["faithfulness"]
+    results[template] = {}
+    # The common end of the area: the smaller kind's node count, so both kinds share one axis.
+    caps = {"positions": min(n_nodes_at(d, paper_sites, T) for d in kinds.values()),
+            "summed": min(n_nodes_at(d, paper_sites) for d in kinds.values()),
+            "all sites": min(n_nodes_at(d, all_sites) for d in kinds.values())}
+    for kind, dicts in kinds.items():
+        circuit = find_circuit(model, dicts, disc, steps=cfg["steps"], node_threshold=cfg["node_threshold"],
+                               edge_threshold=cfg["edge_threshold"], progress=progress, site_gradients=gradients)
+        # Nodes only, positions kept, only the evaluated sites (IG patches each site on its own, so the
+        # other sites' dictionaries do not change these effects).
+        positional = find_circuit(model, {s: dicts[s] for s in paper_sites}, disc, steps=cfg["steps"],
+                                  node_threshold=cfg["node_threshold"], aggregation="none", nodes_only=True,
+                                  progress=progress, site_gradients=gradients)
+        kept = circuit.kept_nodes()
+        found = circuit.to_json()
+        for n in found["nodes"]:
+            if n["feature"] != "err":
+                share, best, _ = scores[kind][n["site"]]
+                # numpy's rounding (score * 1e4 rounded half to even), as circuit.json has always held it.
+                circuit.annotations[n["id"]] = {"best_variable": best[n["feature"]],
+                                                "interpretability": float(np.round(share[n["feature"]], 4))}
+        contexts = explain.circuit_contexts(model, dicts, tokenizer, found, texts, k=5)
+        data = viz.save_circuit(circuit, os.path.join(out, template, kind), contexts=contexts)
+        faith = evaluation.faithfulness(model, dicts, held, kept)
+        protocols = {}
+        for name, circ, sites, per_pos in [("positions", positional, paper_sites, T),
+                                           ("summed", circuit, paper_sites, None),
+                                           ("all sites", circuit, all_sites, None)]:
+            counts = node_counts(n_nodes_at(dicts, sites, per_pos), caps[name], cfg["grid_points"])
+            points, crossings = faithfulness_curve(model, dicts, held, circ, sites, counts, TARGETS, progress,
+                                                   f"{template} {kind}: faithfulness, {name}")
+            curves[(name, f"{template} {kind}")] = points
+            top = sorted((nd for nd in circ.all_nodes() if nd.site in sites and not nd.error),
+                         key=lambda nd: -abs(nd.effect))
+            # The top-k distinct units (a positional circuit may hold one unit at several positions).
+            units = list(dict.fromkeys((nd.site, nd.column) for nd in top))[:cfg["top_k"]]
+            protocols[name] = {
+                **{f"nodes_for_{t}": evaluation.nodes_for_faithfulness(points + crossings, t) for t in TARGETS},
+                "area": area_under(points, caps[name]), "cap": caps[name], "sites": sites,
+                # The fewest top nodes whose removal (everything else kept) leaves completeness <= 0.2.
+                "nodes_to_break": min((p["n_nodes"] for p in points if p["completeness"] <= BREAK),
+                                      default=None),
+                "interpretability_top_k": float(np.mean([scores[kind][s][0][f] for s, f in units]))
+                if units else float("nan"),
+                "curve": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in points],
+                "crossings": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in crossings]}
+        results[template][kind] = {
+            "nodes": len(data["nodes"]), "edges": len(data["edges"]),
+            # (nodes whose summed effect is not 0, all nodes): the others rank by a tie in every curve
+            "with_effect": [int(sum((circuit.nodes[s] != 0).sum() for s in all_sites)), n_nodes_at(dicts, all_sites)],
+            "faithfulness": faith["faithfulness"], "completeness": faith["completeness"],
+            "protocols": protocols, "metric": data["metric"],
+        }
+        if template == "nounpp" and kind == "features":
+            results[template]["description"] = report.describe_nounpp(
+                data, {nid: (a["best_variable"], a["interpretability"]) for nid, a in circuit.annotations.items()})
+    value = {"results": results[template], "full_model": full_model[template],
+             "curves": [[name, label, points] for (name, label), points in curves.items()]}
+    return value, os.path.join(out, template)
 
 
 def all_nodes(saes):

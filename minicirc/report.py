@@ -188,10 +188,15 @@ def default_header(meta):
     return lines + superposition_lines(st)
 
 
+def site_list(sites):
+    return ", ".join(sites) if len(sites) <= 3 else f"{sites[0]}, {sites[1]}, ..., {sites[-1]}"
+
+
 def real_lm_header(meta):
     """A pretrained model: what was loaded, the prompts' accuracy (templates below the bar left out), and the
     SAEs minicirc trained on it (real_lm.py)."""
     c, st, sae = meta["config"], meta["sae_stats"], meta["sae_settings"]
+    sites = sorted(st["sites"], key=lambda s: int(s.rsplit("_", 1)[1]))    # stats.json keeps them sorted by name
     low = [t for t in meta["accuracy"] if t not in meta["templates"]]
     lex = meta["lexicon"]
     lines = [f"Model: {meta['title']} (`{meta['path']}`): {c['n_layers']} layers, d_model {c['d_model']}, "
@@ -207,12 +212,14 @@ def real_lm_header(meta):
                   f"{', '.join(low)}."]
     lines += ["", f"SAEs trained by minicirc (real_lm.py, cached in `{meta['folder']}`): top-k (k = {sae['k']}), "
               f"{sae['expansion']}x d_model = {sae['expansion'] * c['d_model']} features, at {len(st['sites'])} sites "
-              f"(resid_l after every {sae['site_stride']}-th layer), on {st['n_train_tokens']} tokens of "
+              f"({site_list(sites)}: the residual stream every {sae['site_stride']} layers and after the "
+              f"last), on {st['n_train_tokens']} tokens of "
               f"the corpus's agreement sentences in English ({sae['n_sentences']} sentences, first positions left "
               f"out), {sae['epochs']} epochs. Measured on {st['n_held_out_tokens']} tokens of held-out sentences. "
               f"Training took {st['train_seconds']:.0f} s.", "",
               "| site | variance explained | mean L0 | dead features |", "|---|---|---|---|"]
-    for s, v in st["sites"].items():
+    for s in sites:
+        v = st["sites"][s]
         lines.append(f"| {s} | {v['variance_explained']:.3f} | {v['l0']:.1f} | {100 * v['dead_fraction']:.0f}% |")
     return lines
 
@@ -260,6 +267,13 @@ def demo_report(results, cfg):
         for kind in ("features", "neurons"):
             k = r[kind]
             lines.append(f"| {kind} | {k['nodes']} | {k['edges']} | {fmt(k['faithfulness'])} | {fmt(k['completeness'])} |")
+        if real:
+            f, n = r["features"]["with_effect"], r["neurons"]["with_effect"]
+            lines += ["", f"Nodes with a non-zero effect on the discovery examples (all sites): features "
+                      f"{f[0]} of {f[1]}, neurons {n[0]} of {n[1]}. A unit that no discovery example moves has "
+                      "effect 0 and ranks last, but mean ablation still moves it on held-out prompts that use it: "
+                      "a sparse dictionary has many such units, a dense neuron basis none, so the curves of "
+                      "features need most of the zero-effect units too before they reach 0.9."]
         if "description" in r:
             lines += ["", r["description"]]
         lines += ["", f"Pictures: `{t}/features/circuit.png`, `{t}/neurons/circuit.png` (and `circuit.html`).", ""]

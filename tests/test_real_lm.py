@@ -76,6 +76,28 @@ def test_demo_on_a_tiny_llama(tiny_llama, cache, tmp_path, monkeypatch):
     for v in meta["sae_stats"]["sites"].values():
         assert 0 < v["l0"] <= real_lm.RECIPES["quick"]["k"] and math.isfinite(v["variance_explained"])
 
+    # A second run reads every template's results and files from the cache: nothing is computed again, and
+    # results.json and the circuits are those of the first run.
+    def no_compute(*a, **k):
+        raise AssertionError("computed again although the cache holds these settings")
+    monkeypatch.setattr(demo, "template_results", no_compute)
+    monkeypatch.setattr(demo, "unit_scores", no_compute)
+    again = run_demo(str(tmp_path / "again"), quick=True, model=str(tiny_llama), progress=False)
+    timings = ("seconds", "load_seconds")
+    strip = lambda r: json.loads(json.dumps(  # noqa: E731
+        {**r, "_meta": {k: v for k, v in r["_meta"].items() if k not in timings}}, default=float))
+    first = json.loads((out / "results.json").read_text())
+    assert strip(json.loads((tmp_path / "again" / "results.json").read_text())) == strip(first)
+    assert strip(again) == strip(first)
+    for t in agreement.TEMPLATES:
+        for kind in ("features", "neurons"):
+            for name in ("circuit.json", "effects.safetensors", "circuit.html"):
+                assert (tmp_path / "again" / t / kind / name).read_bytes() == (out / t / kind / name).read_bytes()
+    # Other settings are another key: computed again.
+    monkeypatch.setitem(demo.REAL_LM_SETTINGS, "quick", {**demo.REAL_LM_SETTINGS["quick"], "steps": 3})
+    with pytest.raises(AssertionError, match="computed again"):
+        run_demo(str(tmp_path / "other"), quick=True, model=str(tiny_llama), progress=False)
+
 
 def test_cached_saes_reload_to_identical_encodings(tiny_llama, cache, monkeypatch):
     model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
