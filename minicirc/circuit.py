@@ -118,8 +118,8 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
     Circuit, equal to the single-process one up to float rounding. Progress shows on rank 0 only.
 
     site_gradients: a dict kept by the caller across calls on the same examples (and metric): each batch's
-    site gradients are stored in it and reused by later calls with the same method, steps and batch size,
-    whatever their dictionaries (attribution_batched.node_effects says why), e.g. a feature circuit and a
+    site gradients are stored in it, keyed by method, steps and the batch's contents, and reused by later
+    calls that meet the same batch, whatever their dictionaries (attribution_batched.node_effects says why), e.g. a feature circuit and a
     neuron circuit of one template."""
     metric = metric or attribution.logit_diff
     examples = as_batch(examples, tokenizer, model)
@@ -138,7 +138,7 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
             batch = examples[b * batch_size:(b + 1) * batch_size].to(device)
             known = None
             if site_gradients is not None:
-                key = (method, steps, batch_size, b, sha256_of([t if t is not None else "-" for t in (
+                key = (method, steps, sha256_of([t if t is not None else "-" for t in (
                     batch.clean, batch.patch, batch.clean_answer, batch.patch_answer, batch.last)]))
                 known = site_gradients.setdefault(key, {})
             result = node_effects(model, saes, metric, batch, method, steps, use_ext, progress=show, known=known)

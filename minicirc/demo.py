@@ -213,10 +213,11 @@ CACHE_VERSION = 1   # bump when the demo's computation changes: cached template 
 
 
 def cached(folder, compute, progress, what):
-    """compute() -> (json-able value, {name: file}), through `folder` (None: no cache). Results for a real
-    model take most of an hour on 2 cores and only their key (the settings, the SAEs, CACHE_VERSION) can
-    change them, so a second run reads them back instead of computing them again; the files (the circuits'
-    pictures and json) are copied back to where they were written."""
+    """(value, folder of files or None) through the cache `folder` (None: no cache). compute() returns a
+    json-able value and the folder it wrote its files into (or None). Results for a real model take most of
+    an hour on 2 cores and only their key (the settings, the SAEs, CACHE_VERSION) can change them, so a
+    second run reads the value back and returns the cached copy of the files, which the caller copies to
+    where compute() wrote them; a computed value returns None for the files (they are already in place)."""
     if folder is not None and os.path.exists(os.path.join(folder, "value.json")):
         with open(os.path.join(folder, "value.json")) as f:
             value = json.load(f)
@@ -292,15 +293,14 @@ def template_results(model, kinds, tokenizer, make_examples, cfg, template, out,
     """One template's circuits (files under out/template) and measurements ->
     ({"results", "full_model", "curves": [[protocol, label, points]]}, out/template)."""
     saes = kinds["features"]
-    results, curves, full_model = {}, {}, {}
+    results, curves = {}, []
     disc = tokenize(make_examples(template, cfg["n_discovery"], 0, "train"), tokenizer)
     held = tokenize(make_examples(template, cfg["n_eval"], 2, "test"), tokenizer).to(device)
     gradients = {}   # IG's site gradients on `disc`, shared by this template's four circuits
     texts = [t for ex in interp_batch.examples for t in (ex.clean_prefix, ex.patch_prefix)]
     T = held.clean.shape[1]
     # Sanity check reported beside the circuits: every node kept must give faithfulness 1.
-    full_model[template] = evaluation.faithfulness(model, saes, held, list(all_nodes(saes)))["faithfulness"]
-    results[template] = {}
+    full_model = evaluation.faithfulness(model, saes, held, list(all_nodes(saes)))["faithfulness"]
     # The common end of the area: the smaller kind's node count, so both kinds share one axis.
     caps = {"positions": min(n_nodes_at(d, paper_sites, T) for d in kinds.values()),
             "summed": min(n_nodes_at(d, paper_sites) for d in kinds.values()),
@@ -331,7 +331,7 @@ def template_results(model, kinds, tokenizer, make_examples, cfg, template, out,
             counts = node_counts(n_nodes_at(dicts, sites, per_pos), caps[name], cfg["grid_points"])
             points, crossings = faithfulness_curve(model, dicts, held, circ, sites, counts, TARGETS, progress,
                                                    f"{template} {kind}: faithfulness, {name}")
-            curves[(name, f"{template} {kind}")] = points
+            curves.append([name, f"{template} {kind}", points])
             top = sorted((nd for nd in circ.all_nodes() if nd.site in sites and not nd.error),
                          key=lambda nd: -abs(nd.effect))
             # The top-k distinct units (a positional circuit may hold one unit at several positions).
@@ -346,7 +346,7 @@ def template_results(model, kinds, tokenizer, make_examples, cfg, template, out,
                 if units else float("nan"),
                 "curve": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in points],
                 "crossings": [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in crossings]}
-        results[template][kind] = {
+        results[kind] = {
             "nodes": len(data["nodes"]), "edges": len(data["edges"]),
             # (nodes whose summed effect is not 0, all nodes): the others rank by a tie in every curve
             "with_effect": [int(sum((circuit.nodes[s] != 0).sum() for s in all_sites)), n_nodes_at(dicts, all_sites)],
@@ -354,11 +354,9 @@ def template_results(model, kinds, tokenizer, make_examples, cfg, template, out,
             "protocols": protocols, "metric": data["metric"],
         }
         if template == "nounpp" and kind == "features":
-            results[template]["description"] = report.describe_nounpp(
+            results["description"] = report.describe_nounpp(
                 data, {nid: (a["best_variable"], a["interpretability"]) for nid, a in circuit.annotations.items()})
-    value = {"results": results[template], "full_model": full_model[template],
-             "curves": [[name, label, points] for (name, label), points in curves.items()]}
-    return value, os.path.join(out, template)
+    return {"results": results, "full_model": full_model, "curves": curves}, os.path.join(out, template)
 
 
 def all_nodes(saes):

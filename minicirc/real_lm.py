@@ -9,7 +9,7 @@ Prompts: the four agreement templates of tasks/agreement.py, written as English 
 guards" -> " is" / " are"), using only the words that are one token each in the model's tokenizer (so each
 token is one word of the grammar and its ground-truth latents still apply), with the main verbs limited to
 is/are, was/were and has/have (SmolLM2 gets those right far more often than transitive verbs; measured in
-README's table). within_rc's answer is the relative clause's transitive verb, as in the original.
+BENCHMARKS.md, "A real model"). within_rc's answer is the relative clause's transitive verb, as in the original.
 
 Sites: the residual stream after every `site_stride`-th layer (SmolLM2: resid_1, resid_3, ..., resid_29, 15
 sites). The residual stream carries everything computed so far, so every layer lies between two dictionaries

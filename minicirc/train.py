@@ -102,7 +102,7 @@ def sae_stats(sae, acts):
 
 
 def train_topk_sae(acts, n_features, k, epochs=4, batch_size=1024, lr=1e-3, aux_k=None, aux_weight=1 / 32, seed=0,
-                   progress=True, desc="train top-k SAE"):
+                   progress=True, desc="train top-k SAE", stats_rows=8192):
     """A TopK SAE (Gao et al. 2024): f = topk(relu((x - b_dec) @ W_enc + b_enc), k), x_hat = f @ W_dec + b_dec,
     trained on the mean squared error over `epochs` passes through the site's activations (N, d), shuffled
     by a seeded generator. No sparsity penalty to tune: k fixes L0. Inputs are scaled to unit RMS (folded
@@ -110,7 +110,9 @@ def train_topk_sae(acts, n_features, k, epochs=4, batch_size=1024, lr=1e-3, aux_
     at the mean. Features that have not fired for a whole epoch's worth of tokens are dead; the auxiliary
     loss (AuxK) lets the `aux_k` (default 2k) largest of them reconstruct what the live ones leave, so they
     get gradient and can come back.
-    Returns (Dictionary of kind "topk", stats of the training inputs: variance explained, L0, dead features)."""
+    Returns (Dictionary of kind "topk", stats on the first `stats_rows` training rows: variance explained,
+    L0, dead features; a bounded sample, as a dense encode of every row is N x n_features floats, 1 GB for
+    a real model's site)."""
     g = torch.Generator().manual_seed(seed)
     N, d = acts.shape
     if N == 0:
@@ -161,5 +163,5 @@ def train_topk_sae(acts, n_features, k, epochs=4, batch_size=1024, lr=1e-3, aux_
         # Fold the input scale back in: encode(x) = scale * f(x / scale), decode the same rows times scale.
         sae = Dictionary(params["W_enc"].detach().clone(), params["b_enc"].detach() * scale,
                          params["W_dec"].detach().clone(), params["b_dec"].detach() * scale, "topk", k=k)
-        stats = sae_stats(sae, acts)
+        stats = sae_stats(sae, acts[:stats_rows])
     return sae, stats
