@@ -14,6 +14,8 @@
   not fit.
 - EdgeSum: the running sum of one site pair's sparse edge values over batches.
 """
+import ctypes
+import ctypes.util
 import math
 from dataclasses import dataclass
 
@@ -27,6 +29,31 @@ from .errors import MinicircError
 
 # Elements of the transient (rows x n_features) block when a dictionary's dense encode runs in row chunks.
 CHUNK_ELEMS = 1 << 22
+
+
+def _libc_trim():
+    """glibc's malloc_trim, or None elsewhere (macOS, musl, Windows)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_TRIM = _libc_trim()
+
+
+def release_freed_memory(device=None):
+    """Give the pages of freed CPU tensors back to the operating system (glibc's malloc_trim; nothing
+    elsewhere, or for a CUDA device, whose memory torch's caching allocator manages).
+
+    Why: glibc raises its mmap threshold after the first large free, so later tensors of up to 32 MB come
+    from a heap it keeps after they are freed; between the stages of a circuit run that kept memory grew to
+    about 1 GB on the issue-14 workload (BENCHMARKS.md, "Memory profile"). Calling this between stages
+    returns it without changing any allocation setting of the process."""
+    if _TRIM is not None and (device is None or torch.device(device).type == "cpu"):
+        _TRIM(0)
 
 
 # --- sparse site states -----------------------------------------------------------------------------
@@ -123,6 +150,11 @@ class SparseSiteState:
         """f_p - f_c as rows, exact zeros dropped."""
         return ops.delta_rows(self.c, self.p, self.n_features)
 
+    def for_edges(self):
+        """What the edges read: x_c, the feature rows and err_p - err_c (x_p and the two error terms apart
+        dropped), two (B, T, d) tensors a site instead of four while a circuit's edges run."""
+        return EdgeSiteState(self.x_c, self.c, self.p, self.delta_err, self.n_features)
+
     # Dense views, (B, T, F): for tests and small checks against attribution.SiteState; the pipeline never
     # calls them (at real scale they are the tensors this module exists to avoid).
     def dense(self, rows):
@@ -140,6 +172,25 @@ class SparseSiteState:
     @property
     def delta_f(self):
         return self.f_p - self.f_c
+
+
+@dataclass
+class EdgeSiteState:
+    """SparseSiteState.for_edges: a site's state as the edges use it (upstream_site_edges, downstream_rows,
+    upstream_effects read these fields only)."""
+    x_c: torch.Tensor    # (B, T, d)
+    c: tuple
+    p: tuple
+    delta_err: torch.Tensor   # (B, T, d) err_p - err_c
+    n_features: int
+
+    def examples(self, lo, hi):
+        T = self.x_c.shape[1]
+        return EdgeSiteState(self.x_c[lo:hi], slice_rows(self.c, lo * T, hi * T), slice_rows(self.p, lo * T, hi * T),
+                             self.delta_err[lo:hi], self.n_features)
+
+    def delta(self):
+        return ops.delta_rows(self.c, self.p, self.n_features)
 
 
 def sparse_site_states(model, saes, metric, batch, sites, use_ext=None):
@@ -162,6 +213,7 @@ def sparse_site_states(model, saes, metric, batch, sites, use_ext=None):
                 p = encode_rows(sae, x_p.reshape(B * T, d), use_ext)
                 err_p = x_p - decode_rows(sae, p, B * T).view(B, T, d)
             states[s] = SparseSiteState(x_c, x_p, c, p, err_c, err_p, sae.n_features)
+            release_freed_memory(x_c.device)
     return m_c, m_p, states
 
 
@@ -229,9 +281,20 @@ def attrib_site_gradients(model, metric, batch, sites):
     return {s: (g if g is not None else torch.zeros_like(vals[s])).detach() for s, g in zip(sites, grads)}
 
 
-# Tokens per IG forward pass: a site's steps run in groups of about this many tokens, since the activations
-# kept for the backward pass grow with it (4096 tokens of a Pythia-70M-shaped model: about 1 GB).
-IG_TOKENS = 4096
+# Tokens per IG forward pass: a site's steps (and, past that, the batch's examples) run in groups of at most
+# this many tokens, since the activations kept for the backward pass grow with it (a Pythia-70M-shaped model,
+# the issue-14 workload: the run's RSS during IG 3.81 GiB at 1024 tokens, 3.57 GiB at 512, for 17% more
+# time; BENCHMARKS.md, issue 14). A batch of more tokens is split by examples.
+IG_TOKENS = 512
+
+
+def ig_groups(B, T, steps):
+    """(example lo, example hi, step lo, step hi) groups of at most IG_TOKENS tokens each (at least one
+    example at one step): all of a group's examples at all of its steps run in one forward pass."""
+    per_ex = max(1, min(B, IG_TOKENS // max(T, 1)))          # examples in one step of a group
+    per_step = max(1, IG_TOKENS // max(per_ex * T, 1)) if per_ex == B else 1
+    return [(e0, min(B, e0 + per_ex), k0, min(steps, k0 + per_step))
+            for e0 in range(0, B, per_ex) for k0 in range(0, steps, per_step)]
 
 
 class Resumed:
@@ -263,32 +326,38 @@ class Tiled(dict):
 
 def ig_site_gradients(model, metric, batch, sites, states, steps, progress=False):
     """Per site, dm/dx averaged over x = (1-a) x_c + a x_p, a = k/steps, k = 0..steps-1, the steps batched
-    (IG_TOKENS tokens per forward). Models with forward_from resume each forward at the interpolated site
-    from the clean values below it (the metric stops at its own last site)."""
-    B = len(batch)
-    per = max(1, IG_TOKENS // max(batch.clean.numel(), 1))
+    (ig_groups: at most IG_TOKENS tokens per forward; the examples do not interact, so a batch may be split
+    among them). Models with forward_from resume each forward at the interpolated site from the clean values
+    below it (the metric stops at its own last site)."""
+    B, T = batch.clean.shape
     clean = None
     if hasattr(model, "forward_from"):
         clean = {}
         with torch.no_grad():
             model(batch.clean, cache=clean, stop_at=max(sites, key=model.all_sites.index), extra=sites)
+    groups = ig_groups(B, T, steps)
     out = {}
     for s in tqdm(sites, desc=f"IG, {steps} steps", unit="site", leave=False, disable=not progress):
         st = states[s]
-        grads = []
-        for k0 in range(0, steps, per):
-            n = min(steps, k0 + per) - k0
-            big = tile(batch, n)
-            alpha = (torch.arange(k0, k0 + n, dtype=st.x_c.dtype, device=st.x_c.device) / steps).repeat_interleave(B)
+        grads = {}                  # example group -> its gradients at each step group, (n, e, T, d)
+        for e0, e1, k0, k1 in groups:
+            n, part = k1 - k0, example_slice(batch, e0, e1)
+            x_c, x_p = st.x_c[e0:e1], st.x_p[e0:e1]
+            big = tile(part, n)
+            alpha = (torch.arange(k0, k1, dtype=x_c.dtype, device=x_c.device) / steps).repeat_interleave(e1 - e0)
             alpha = alpha[:, None, None]
-            path = ((1 - alpha) * st.x_c.repeat(n, 1, 1) + alpha * st.x_p.repeat(n, 1, 1)).detach().requires_grad_(True)
-            runner = model if clean is None else Resumed(model, s, Tiled(clean, n))
+            path = ((1 - alpha) * x_c.repeat(n, 1, 1) + alpha * x_p.repeat(n, 1, 1)).detach().requires_grad_(True)
+            below = clean if clean is None or (e0, e1) == (0, B) else {k: v[e0:e1] for k, v in clean.items()}
+            runner = model if clean is None else Resumed(model, s, Tiled(below, n))
             with torch.enable_grad():
                 m = metric(runner, big, big.clean, {s: lambda x, p=path: p})
                 # A metric that never reads this site does not depend on it: gradient zero.
                 (g,) = torch.autograd.grad(m.sum(), path, allow_unused=True) if m.requires_grad else (None,)
-            grads.append((torch.zeros_like(path) if g is None else g).detach().view(n, B, *path.shape[1:]))
-        out[s] = (grads[0] if len(grads) == 1 else torch.cat(grads)).mean(0)
+            g = torch.zeros_like(path) if g is None else g.detach()
+            grads.setdefault((e0, e1), []).append(g.view(n, e1 - e0, *path.shape[1:]))
+        parts = [(g[0] if len(g) == 1 else torch.cat(g)).mean(0) for g in grads.values()]
+        out[s] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        release_freed_memory(st.x_c.device)
     return out
 
 
@@ -552,7 +621,11 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
                                                      {s: g[lo:hi] for s, g in grads.items()}, sub_eff, node_threshold,
                                                      aggregation, chunk_bytes, use_vmap, progress).items():
             parts.setdefault(pair, []).append((rows, vals))
-    return {pair: merge_groups(p, saes[pair[1]].n_features) for pair, p in parts.items()}
+    out = {}
+    for pair in list(parts):      # each pair's group parts freed once merged: never all parts and all sums
+        out[pair] = merge_groups(parts.pop(pair), saes[pair[1]].n_features)
+        release_freed_memory(batch.clean.device)
+    return out
 
 
 def example_slice(batch, lo, hi):
@@ -587,40 +660,52 @@ def group_edge_effects(model, saes, batch, sites, pairs, states, grads, effects,
     by_up = {}
     for u, d, frozen in pairs:
         by_up.setdefault(u, []).append((d, frozen))
-    B, T = batch.clean.shape
     for u, downs in tqdm(by_up.items(), desc="edges", unit="upstream site", leave=False, disable=not progress):
-        su, sae_u = states[u], saes[u]
-        x_u = su.x_c.detach().clone().requires_grad_(True)
-        recorded = {}
+        out.update(upstream_site_edges(model, saes, batch, sites, u, downs, states, grads, effects, node_threshold,
+                                       aggregation, chunk_bytes, use_vmap))
+        # The graph of this upstream site's forward pass is gone now (it lived in the call above).
+        release_freed_memory(batch.clean.device)
+    return out
 
-        def keep(s, frozen):
-            def fn(x):
-                recorded[s] = x                       # its own value still depends on U (for U -> s)
-                return x.detach() if frozen else x    # but a frozen site passes nothing of U downstream
-            return fn
 
-        frozen_any = {fr for _, frs in downs for fr in frs}
-        edit = {s: keep(s, s in frozen_any) for s in {d for d, _ in downs} | frozen_any}
-        edit[u] = lambda x: x_u
-        last = max((d for d, _ in downs), key=sites.index)
-        with frozen_weights(model), torch.enable_grad():
-            model(batch.clean, edit=edit, stop_at=last)
-            for d, _ in downs:
-                y = recorded[d]
-                rows, build = downstream_rows(saes[d], states[d], grads[d], effects[d], node_threshold, aggregation)
-                if not rows or not y.requires_grad:
-                    continue
-                step = max(1, int(chunk_bytes // (B * T * y.shape[-1] * y.element_size() * 8)))
-                vals = []
-                for lo in range(0, len(rows), step):
-                    cot = build(lo, min(len(rows), lo + step))
-                    if use_vmap:
-                        (G,) = torch.autograd.grad(y, x_u, cot, retain_graph=True, is_grads_batched=True)
-                    else:  # one backward per downstream row
-                        G = torch.stack([torch.autograd.grad(y, x_u, c, retain_graph=True)[0] for c in cot])
-                    with torch.no_grad():
-                        vals.append(upstream_effects(G, su, sae_u, aggregation))
-                out[(u, d)] = (rows, sparse_cat_rows(vals))
+def upstream_site_edges(model, saes, batch, sites, u, downs, states, grads, effects, node_threshold, aggregation,
+                        chunk_bytes, use_vmap):
+    """The edges from upstream site u to each of its downstream sites `downs` [(D, frozen sites)]: one forward
+    pass from u, then batched vector-Jacobian products of each D's selected nodes back to u."""
+    B, T = batch.clean.shape
+    out = {}
+    su, sae_u = states[u], saes[u]
+    x_u = su.x_c.detach().clone().requires_grad_(True)
+    recorded = {}
+
+    def keep(s, frozen):
+        def fn(x):
+            recorded[s] = x                       # its own value still depends on U (for U -> s)
+            return x.detach() if frozen else x    # but a frozen site passes nothing of U downstream
+        return fn
+
+    frozen_any = {fr for _, frs in downs for fr in frs}
+    edit = {s: keep(s, s in frozen_any) for s in {d for d, _ in downs} | frozen_any}
+    edit[u] = lambda x: x_u
+    last = max((d for d, _ in downs), key=sites.index)
+    with frozen_weights(model), torch.enable_grad():
+        model(batch.clean, edit=edit, stop_at=last)
+        for d, _ in downs:
+            y = recorded[d]
+            rows, build = downstream_rows(saes[d], states[d], grads[d], effects[d], node_threshold, aggregation)
+            if not rows or not y.requires_grad:
+                continue
+            step = max(1, int(chunk_bytes // (B * T * y.shape[-1] * y.element_size() * 8)))
+            vals = []
+            for lo in range(0, len(rows), step):
+                cot = build(lo, min(len(rows), lo + step))
+                if use_vmap:
+                    (G,) = torch.autograd.grad(y, x_u, cot, retain_graph=True, is_grads_batched=True)
+                else:  # one backward per downstream row
+                    G = torch.stack([torch.autograd.grad(y, x_u, c, retain_graph=True)[0] for c in cot])
+                with torch.no_grad():
+                    vals.append(upstream_effects(G, su, sae_u, aggregation))
+            out[(u, d)] = (rows, sparse_cat_rows(vals))
     return out
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import attribution
 from . import distributed as dist_mod
 from . import ops
-from .attribution_batched import EdgeSum, edge_effects, node_effects
+from .attribution_batched import EdgeSum, edge_effects, node_effects, release_freed_memory
 from .data import Batch, Example, tokenize
 from .errors import MinicircError, read_json
 from .hashing import sha256_of
@@ -143,10 +143,20 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
                 known = site_gradients.setdefault(key, {})
             result = node_effects(model, saes, metric, batch, method, steps, use_ext, progress=show, known=known)
             sums.add_nodes(result)
-            if not nodes_only:
-                sums.add_edges(edge_effects(model, saes, batch, result.states, result.grads, result.effects,
-                                            node_threshold, aggregation, progress=show))
+            if not nodes_only:   # the edges read part of the states (for_edges: x_p and the error terms go)
+                states = {s: st.for_edges() for s, st in result.states.items()}
+                grads, effects = result.grads, result.effects
+            # The rest of the batch's states goes before the edge stage, and the pages of what is freed back to
+            # the system (release_freed_memory).
             del result
+            release_freed_memory(device)
+            if not nodes_only:
+                edges = edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation,
+                                     progress=show)
+                del states, grads, effects
+                release_freed_memory(device)
+                sums.add_edges(edges)
+                del edges
     settings = {"method": method, "steps": steps, "node_threshold": node_threshold,
                 "edge_threshold": edge_threshold, "aggregation": aggregation, "n_examples": len(examples),
                 "model": model_hash(model), "saes": saes_hash(saes)}
@@ -190,8 +200,13 @@ class EffectSums:
             self.nodes[s][..., F].add_(eff.err.contiguous().double().sum(dims))
 
     def add_edges(self, edges):
-        for pair, (rows, vals) in edges.items():
+        """Adds a batch's {pair: (rows, sparse values)} and empties that dict: each pair's values are freed
+        once added, so the batch's edges and the grown sums are not all held at once."""
+        for pair in list(edges):
+            rows, vals = edges.pop(pair)
             self.edges.setdefault(pair, EdgeSum(vals.shape[1:])).add(rows, vals)
+            del vals
+            release_freed_memory(self.metric.device)
 
     def reduce(self, group=None):
         """Every rank ends with the sums over all ranks (collective)."""
@@ -207,9 +222,14 @@ class EffectSums:
 
     def means(self, n, dtype, has_patch):
         """(nodes, edges, metric values): the sums divided by the number of examples n, nodes and edges as
-        `dtype` on the CPU."""
+        `dtype` on the CPU. Consumes the edge sums (called once, at the end of a run)."""
         nodes = {s: (v / n).to(dtype).cpu() for s, v in self.nodes.items()}
-        edges = {pair: self.edges[pair].result(n, dtype) for pair in sorted(self.edges, key=pair_order(self.sites))}
+        # Each pair's running sum is dropped once its result exists (the sums are not used after this), so the
+        # float64 sums and the results of every pair are never held at once.
+        edges = {}
+        for pair in sorted(self.edges, key=pair_order(self.sites)):
+            edges[pair] = self.edges.pop(pair).result(n, dtype)
+            release_freed_memory(self.metric.device)
         m_clean, m_patch = self.metric.tolist()
         return nodes, edges, {"clean": m_clean / n, "patch": (m_patch / n) if has_patch else None}
 

@@ -20,7 +20,7 @@ import bench_circuit  # noqa: E402
 from minicirc import attribution_batched, circuit  # noqa: E402
 
 PHASES = {attribution_batched: ["sparse_site_states", "ig_site_gradients", "site_effects", "group_edge_effects",
-                                "downstream_rows", "upstream_effects", "merge_groups"],
+                                "upstream_site_edges", "downstream_rows", "upstream_effects", "merge_groups"],
           circuit: ["find_circuit", "node_effects", "edge_effects"]}
 
 

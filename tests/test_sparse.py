@@ -86,8 +86,10 @@ def check_against_definitions(model, saes, batch, methods=("attrib", "ig", "exac
             want = as_dict(A.edge_effects(model, saes, batch, st, {s: g for s, (_, g) in grads.items()}, ref, tau,
                                           aggregation))
             assert sum(len(v) for v in want.values()) > 3
-            got = as_dict(AB.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation))
-            assert_edges_equal(got, want)
+            # find_circuit passes the edges the states' for_edges part only: both give the definition's edges
+            for states in (node.states, {s: v.for_edges() for s, v in node.states.items()}):
+                got = as_dict(AB.edge_effects(model, saes, batch, states, node.grads, node.effects, tau, aggregation))
+                assert_edges_equal(got, want)
 
 
 @pytest.mark.parametrize("case", ["jumprelu_at_threshold", "topk_ties", "topk_fewer_than_k"])
@@ -206,9 +208,22 @@ def test_forward_from_equals_forward(parallel):
             assert model.forward_from(start, clean, batch.clean, stop_at=start) is None
 
 
+@pytest.mark.parametrize("B,T,steps,tokens", [(32, 64, 10, 1024), (2, 3, 4, 1), (5, 7, 3, 20), (4, 2, 9, 17),
+                                               (3, 2000, 2, 1024)])
+def test_ig_groups_cover_every_example_step_once(monkeypatch, B, T, steps, tokens):
+    monkeypatch.setattr(AB, "IG_TOKENS", tokens)
+    seen = []
+    for e0, e1, k0, k1 in AB.ig_groups(B, T, steps):
+        assert 0 <= e0 < e1 <= B and 0 <= k0 < k1 <= steps
+        assert (e1 - e0) * (k1 - k0) * T <= max(tokens, T)      # one example at one step is the least a group holds
+        seen += [(e, k) for e in range(e0, e1) for k in range(k0, k1)]
+    assert sorted(seen) == [(e, k) for e in range(B) for k in range(steps)]
+
+
 def test_ig_in_step_groups_and_without_forward_from(monkeypatch):
-    """IG with one step per forward pass (IG_TOKENS below one batch), and on a model without forward_from
-    (every forward from the embedding), equals the definition."""
+    """IG with its forward passes split by steps and by examples (IG_TOKENS from one example at one step up
+    to all steps at once), and on a model without forward_from (every forward from the embedding), equals
+    the definition."""
     model = make_model(971, parallel=False)
     gen = torch.Generator().manual_seed(972)
     saes = {s: make_sae(gen, ("relu", "jumprelu", "topk")[i % 3], n=N).to(torch.float64)
@@ -216,8 +231,9 @@ def test_ig_in_step_groups_and_without_forward_from(monkeypatch):
     batch = make_batch(973, B=2, T=3)
     st = A.site_states(model, saes, ref_logit_diff, batch, A.site_order(model, saes))[2]
     ref = A.ig_effects(model, saes, ref_logit_diff, batch, st, 4)
-    monkeypatch.setattr(AB, "IG_TOKENS", 1)
-    assert_effects_equal(AB.node_effects(model, saes, A.logit_diff, batch, "ig", 4).dense_effects(), ref)
+    for tokens in (1, 3, 6, 13):    # one example a step; one example a step; the batch a step; two steps
+        monkeypatch.setattr(AB, "IG_TOKENS", tokens)
+        assert_effects_equal(AB.node_effects(model, saes, A.logit_diff, batch, "ig", 4).dense_effects(), ref)
     monkeypatch.setattr(AB, "IG_TOKENS", 4096)
 
     class Plain(torch.nn.Module):     # the same model behind a forward() only
