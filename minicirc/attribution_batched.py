@@ -151,9 +151,9 @@ class SparseSiteState:
         return ops.delta_rows(self.c, self.p, self.n_features)
 
     def for_edges(self):
-        """What the edges read: x_c, the feature rows and err_p - err_c (x_p and the two error terms apart
-        dropped), two (B, T, d) tensors a site instead of four while a circuit's edges run."""
-        return EdgeSiteState(self.x_c, self.c, self.p, self.delta_err, self.n_features)
+        """What the edges read (EdgeSiteState): two (B, T, d) tensors a site instead of four, and the delta
+        rows and error difference computed once instead of in every chunk of every edge pass."""
+        return EdgeSiteState(self.x_c, self.c, self.delta(), self.delta_err, self.n_features)
 
     # Dense views, (B, T, F): for tests and small checks against attribution.SiteState; the pipeline never
     # calls them (at real scale they are the tensors this module exists to avoid).
@@ -176,21 +176,19 @@ class SparseSiteState:
 
 @dataclass
 class EdgeSiteState:
-    """SparseSiteState.for_edges: a site's state as the edges use it (upstream_site_edges, downstream_rows,
-    upstream_effects read these fields only)."""
-    x_c: torch.Tensor    # (B, T, d)
-    c: tuple
-    p: tuple
+    """SparseSiteState.for_edges: a site's state as the edges read it (upstream_site_edges, downstream_rows,
+    upstream_effects use these fields only)."""
+    x_c: torch.Tensor         # (B, T, d) clean site value
+    c: tuple                  # clean feature rows
+    delta_rows: tuple         # f_p - f_c as rows (SparseSiteState.delta)
     delta_err: torch.Tensor   # (B, T, d) err_p - err_c
     n_features: int
 
     def examples(self, lo, hi):
+        """The state of examples lo..hi-1."""
         T = self.x_c.shape[1]
-        return EdgeSiteState(self.x_c[lo:hi], slice_rows(self.c, lo * T, hi * T), slice_rows(self.p, lo * T, hi * T),
-                             self.delta_err[lo:hi], self.n_features)
-
-    def delta(self):
-        return ops.delta_rows(self.c, self.p, self.n_features)
+        return EdgeSiteState(self.x_c[lo:hi], slice_rows(self.c, lo * T, hi * T),
+                             slice_rows(self.delta_rows, lo * T, hi * T), self.delta_err[lo:hi], self.n_features)
 
 
 def sparse_site_states(model, saes, metric, batch, sites, use_ext=None):
@@ -347,8 +345,7 @@ def ig_site_gradients(model, metric, batch, sites, states, steps, progress=False
             alpha = (torch.arange(k0, k1, dtype=x_c.dtype, device=x_c.device) / steps).repeat_interleave(e1 - e0)
             alpha = alpha[:, None, None]
             path = ((1 - alpha) * x_c.repeat(n, 1, 1) + alpha * x_p.repeat(n, 1, 1)).detach().requires_grad_(True)
-            below = clean if clean is None or (e0, e1) == (0, B) else {k: v[e0:e1] for k, v in clean.items()}
-            runner = model if clean is None else Resumed(model, s, Tiled(below, n))
+            runner = model if clean is None else Resumed(model, s, Tiled({k: v[e0:e1] for k, v in clean.items()}, n))
             with torch.enable_grad():
                 m = metric(runner, big, big.clean, {s: lambda x, p=path: p})
                 # A metric that never reads this site does not depend on it: gradient zero.
@@ -391,13 +388,14 @@ def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, gr
             nodes = [divmod(k, F + 1) for k in keys.tolist()]
             where = torch.searchsorted(keys, node_key)                # each delta entry's node
             vals = torch.zeros(len(nodes), B, dtype=st.x_c.dtype, device=st.x_c.device)
+            delta_err = st.delta_err            # a property (err_p - err_c): once, not once per error node
             for start in range(0, len(nodes), group):
                 chunk = nodes[start:start + group]
                 G = len(chunk)
                 shift = torch.zeros(G, B, T, st.x_c.shape[-1], dtype=st.x_c.dtype, device=st.x_c.device)
                 for g, (t, i) in enumerate(chunk):
                     if i == F:
-                        shift[g, :, t] = st.delta_err[:, t]
+                        shift[g, :, t] = delta_err[:, t]
                 sel = (where >= start) & (where < start + G)
                 g_e, b_e, t_e, i_e, d_e = where[sel] - start, b_of[sel], t_of[sel], col[sel], dv[sel]
                 if sae.kind == "identity":
@@ -545,7 +543,7 @@ def upstream_effects(G, st, sae_u, aggregation):
     Returns a sparse COO tensor (R, F + 1) for `sum`, (R, T, F + 1) for `none` (last column: the error)."""
     R, B, T, d = G.shape
     F = st.n_features
-    crow, j_idx, d_sel = st.delta()
+    crow, j_idx, d_sel = st.delta_rows
     n_idx = ops.row_ids(crow)                                      # sorted by position n
     W_sel = sae_u.W_dec[j_idx]                                     # (nnz, d): decoder rows of active features
     Gt = G.reshape(R, B * T, d).transpose(0, 1).contiguous()      # (positions, R, d)
@@ -599,7 +597,8 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
                  chunk_bytes=256 * 2**20, pairs=None, use_vmap=True, progress=False, group=1):
     """attribution.edge_effects, batched: {(U, D): (rows, values)} with rows a list of D's node indices (in
     the order `downstream_rows` makes them, not sorted) and values a sparse COO tensor (R, F_U + 1) for
-    `sum`, (R, T, F_U + 1) for `none`, summed over the batch's examples.
+    `sum`, (R, T, F_U + 1) for `none`, summed over the batch's examples. `states` are SparseSiteState or their
+    for_edges() part (find_circuit passes that, to free the rest first).
 
     U's value is a leaf (the straight-through splice decode(f) + err has d x_U / d f_j = W_dec[j]); the sites
     between U and D are frozen by detaching what flows out of them. Examples run `group` at a time: they do
@@ -611,6 +610,7 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
         if saes[d].edge_form_error:
             raise MinicircError(saes[d].edge_form_error)
     effects = {s: e if isinstance(e, SiteEffects) else SiteEffects.from_dense(e) for s, e in effects.items()}
+    states = {s: st if isinstance(st, EdgeSiteState) else st.for_edges() for s, st in states.items()}
     B = len(batch)
     parts = {}
     for lo in range(0, B, group):

@@ -231,7 +231,7 @@ def test_ig_in_step_groups_and_without_forward_from(monkeypatch):
     batch = make_batch(973, B=2, T=3)
     st = A.site_states(model, saes, ref_logit_diff, batch, A.site_order(model, saes))[2]
     ref = A.ig_effects(model, saes, ref_logit_diff, batch, st, 4)
-    for tokens in (1, 3, 6, 13):    # one example a step; one example a step; the batch a step; two steps
+    for tokens in (1, 3, 6, 13):    # less than an example (still one); one example; the batch a step; two steps
         monkeypatch.setattr(AB, "IG_TOKENS", tokens)
         assert_effects_equal(AB.node_effects(model, saes, A.logit_diff, batch, "ig", 4).dense_effects(), ref)
     monkeypatch.setattr(AB, "IG_TOKENS", 4096)
