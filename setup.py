@@ -103,7 +103,7 @@ setup(
     description="Sparse feature circuits: a minimal pure-torch reference with a fused C++/CUDA extension",
     packages=find_packages(include=["minicirc", "minicirc.*"]),
     # default_files: the embedded default model, tokenizer and SAEs (safetensors + json, a few MB).
-    package_data={"minicirc": ["data/*", "data/**/*", "default_files/*", "default_files/*/*", "default_files/*/*/*"]},
+    package_data={"minicirc.experiments": ["default_files/*", "default_files/*/*", "default_files/*/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -20,15 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import attribution
-from . import distributed as dist_mod
-from . import ops
-from .attribution_batched import EdgeSum, edge_effects, node_effects, release_freed_memory
+from .attribution import distributed as dist_mod
+from .attribution.batched import EdgeSum, edge_effects, node_effects
+from .attribution.memory import release_freed_memory
 from .data import Batch, Example, tokenize
 from .errors import MinicircError, read_json
 from .hashing import sha256_of
 from .files import staged_files
 from .model import model_hash
 from .sae import saes_hash
+from .rows import row_ids
 
 AGGREGATIONS = ("sum", "none")
 
@@ -193,7 +194,7 @@ class EffectSums:
             crow, col, val = eff.rows
             if self.positions:
                 T = eff.err.shape[1]
-                index = (ops.row_ids(crow) % T) * (F + 1) + col
+                index = (row_ids(crow) % T) * (F + 1) + col
                 self.nodes[s].view(-1).index_add_(0, index, val.double())
             else:
                 self.nodes[s][:F].index_add_(0, col, val.double())

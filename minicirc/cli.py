@@ -32,7 +32,7 @@ def cmd_circuit(args):
         raise MinicircError(f"--limit must be at least 1, got {args.limit}")
     rank, dist = 0, None
     if args.distributed:
-        from . import distributed as dist
+        from .attribution import distributed as dist
         rank, _, args.device = dist.init(args.device)
     created = not os.path.exists(args.out)
     try:
@@ -118,7 +118,7 @@ def cmd_explain(args):
     sae = sae.to(args.device)
     explain._check_feature(args.site, sae, args.feature)
     if args.data is None:   # held-out sentences of the embedded corpus (agreement templates and bios)
-        from .tasks.corpus import corpus_documents
+        from .experiments.tasks.corpus import corpus_documents
         texts = corpus_documents(500, seed=0, split="test")
         print(f"no --data: {len(texts)} held-out sentences of the embedded corpus")
     else:
@@ -141,7 +141,7 @@ def set_threads(n):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from .experiments.demo import run_demo
     # One thread on the tiny default (deterministic and no slower); every core on a real model.
     set_threads(args.threads if args.threads is not None else 1 if args.model == "default" else os.cpu_count() or 1)
     run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device, first_layer=args.first_layer,
@@ -149,7 +149,7 @@ def cmd_demo(args):
 
 
 def cmd_shift(args):
-    from .shift import run_shift
+    from .experiments.shift import run_shift
     set_threads(args.threads)
     run_shift(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device, probe_layer=args.probe_layer,
               ablate=args.ablate, coverage=args.coverage, top_k=args.top_k, margin=args.margin,

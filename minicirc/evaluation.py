@@ -13,8 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import attribution, ops
-from .attribution_batched import decode_rows, encode_rows
+from .sae.sparse import decode_rows, encode_rows
 from .errors import MinicircError
+from .model.sites import sites_from_layer
+from .rows import row_ids, rows_from_entries, rows_matmul, rows_to_dense
 
 ERROR_MODES = ("default", "remove", "keep")
 ABLATIONS = ("mean", "zero", "resample")
@@ -79,7 +81,7 @@ def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=6
             for s in sites:
                 F = saes[s].n_features
                 (crow, col, val), err = site_rows(saes[s], cache[s])
-                n, val, err = ops.row_ids(crow), val.double(), err.double()
+                n, val, err = row_ids(crow), val.double(), err.double()
                 if s not in sums:
                     sums[s] = (torch.zeros(*((T,) if same_length else ()), F, dtype=torch.float64, device=val.device),
                                torch.zeros(*((T,) if same_length else ()), err.shape[-1], dtype=torch.float64,
@@ -125,9 +127,9 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
             # decode(f') with f' = f on kept features, the ablation value elsewhere: b_dec + (kept entries of
             # the rows) @ W_dec + (ablation values outside the set) @ W_dec
             kept = kept_entries(rows, m[..., :-1], T)
-            out = (ops.rows_matmul(*kept, sae.W_dec) + sae.b_dec).view(B, T, d)
+            out = (rows_matmul(*kept, sae.W_dec) + sae.b_dec).view(B, T, d)
             if isinstance(fval, tuple):     # per example (resample): the donors' rows outside the set
-                out = out + ops.rows_matmul(*kept_entries(fval, ~m[..., :-1], T), sae.W_dec).view(B, T, d)
+                out = out + rows_matmul(*kept_entries(fval, ~m[..., :-1], T), sae.W_dec).view(B, T, d)
             else:
                 fv = fval[:T] if fval.dim() == 2 else fval
                 out = out + (fv.to(x.device) * ~m[..., :-1]) @ sae.W_dec
@@ -141,14 +143,14 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
 def kept_entries(rows, mask, T):
     """The entries of rows (over B * T tokens, token b * T + t) whose feature is set in mask (F,) or (T, F)."""
     crow, col, val = rows
-    n = ops.row_ids(crow)
+    n = row_ids(crow)
     keep = mask[n % T, col] if mask.dim() == 2 else mask[col]
-    return ops.rows_from_entries(crow.numel() - 1, n[keep], col[keep], val[keep])
+    return rows_from_entries(crow.numel() - 1, n[keep], col[keep], val[keep])
 
 
 def dense_features(rows, B, T, F):
     """Rows over B * T tokens as (B, T, F): only for dictionaries with few features (identity)."""
-    return ops.rows_to_dense(*rows, F).view(B, T, F)
+    return rows_to_dense(*rows, F).view(B, T, F)
 
 
 def node_masks(circuit_nodes, saes, sites, T=None):
@@ -191,8 +193,8 @@ def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=Non
     the circuit, so a sweep computes them once. Examples run batch_size at a time. seed: the donor permutation
     of resample ablation."""
     metric = metric or attribution.logit_diff
-    sites = [s for s in attribution.site_order(model, saes) if s == "embed" and first_layer <= 0
-             or s != "embed" and int(s.rsplit("_", 1)[1]) >= first_layer]
+    # first_layer <= 0: every site, embed included (embed counts as layer -1)
+    sites = sites_from_layer(attribution.site_order(model, saes), first_layer if first_layer > 0 else None)
     T = batch.clean.shape[1] if positional else None
     if len(batch) == 0:
         raise MinicircError("the dataset is empty")

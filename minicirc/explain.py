@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .attribution_batched import features_at
+from .sae.sparse import features_at
 from .circuit import parse_node_id
 from .data import pad_right
 from .errors import MinicircError

@@ -7,12 +7,12 @@ Two ops, each documented by the dense torch computation it must equal:
   ``pre > threshold``, or top-k then relu), without materialising ``(N, n_features)``.
 - ``feature_attribution(g_x, W_dec, clean_rows, patch_rows)`` equals, after ``rows_to_dense``,
   ``(g_x @ W_dec.T) * (f_patch - f_clean)`` restricted to the features active on clean or patch.
-  The error node's effect is not part of the op: callers add ``error_effect(g_x, err_c, err_p)``
-  ``= (g_x * (err_p - err_c)).sum(-1)``, since the gradient reaching the error is ``g_x`` itself.
+  The error node's effect is not part of the op: callers add ``(g_x * (err_p - err_c)).sum(-1)``,
+  since the gradient reaching the error is ``g_x`` itself.
 
-Rows ("compressed rows", CSR without the matrix object): ``crow`` int64 ``(N+1,)``, ``col`` int64
-``(nnz,)``, ``val`` ``(nnz,)``; row ``n`` lists its active features with strictly increasing ids.
-Both ops produce rows in that form and ``feature_attribution`` requires it of its inputs.
+Rows are minicirc.rows' compressed rows (``crow`` int64 ``(N+1,)``, ``col`` int64 ``(nnz,)``, ``val``
+``(nnz,)``; row ``n`` lists its active features with strictly increasing ids). Both ops produce rows in that
+form and ``feature_attribution`` requires it of its inputs.
 
 The ops are inference-only (no autograd formula): the wrappers run them under ``no_grad``.
 ``MINICIRC_NO_EXT=1`` or ``use_ext=False`` force the reference path.
@@ -24,6 +24,8 @@ import os
 import warnings
 
 import torch
+
+from .rows import Rows, chunk_rows, row_ids
 
 _CPU_EXT = False  # minicirc._C loaded: op schemas + CPU kernels
 _CUDA_EXT = False  # minicirc._C_cuda loaded: CUDA kernels
@@ -85,82 +87,6 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype, ext: bool) -> torch
     return dtype if dtype in _CPU_DTYPES else torch.float32
 
 
-# ----------------------------------------------------------------------------- rows helpers
-
-def empty_rows(n: int, dtype=torch.float32, device=None):
-    """Rows with no active feature (e.g. the all-zero patch state when there is no patch)."""
-    return (torch.zeros(n + 1, dtype=torch.long, device=device),
-            torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=dtype, device=device))
-
-
-def row_ids(crow: torch.Tensor) -> torch.Tensor:
-    """The row index of every stored entry."""
-    n = crow.numel() - 1
-    return torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff())
-
-
-def dense_to_rows(dense: torch.Tensor):
-    """(N, F) -> rows of its non-zero entries (row-major, so ids increase within a row)."""
-    r, c = dense.nonzero(as_tuple=True)
-    crow = torch.zeros(dense.shape[0] + 1, dtype=torch.long, device=dense.device)
-    crow[1:] = torch.bincount(r, minlength=dense.shape[0]).cumsum(0)
-    return crow, c, dense[r, c]
-
-
-def rows_to_dense(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, n_features: int) -> torch.Tensor:
-    """Scatter rows to a dense (N, n_features) tensor, zeros elsewhere."""
-    out = val.new_zeros(crow.numel() - 1, n_features)
-    out[row_ids(crow), col] = val
-    return out
-
-
-def cat_rows(parts):
-    """Rows of several row blocks, one after the other (the blocks of a chunked encode)."""
-    if len(parts) == 1:
-        return parts[0]
-    crows = [parts[0][0]] + [p[0][1:] for p in parts[1:]]
-    offsets = torch.tensor([0] + [int(p[0][-1]) for p in parts[:-1]], device=parts[0][0].device).cumsum(0)
-    crow = torch.cat([c + o for c, o in zip(crows, offsets)])
-    return crow, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-
-
-def rows_from_entries(n: int, row: torch.Tensor, col: torch.Tensor, val: torch.Tensor):
-    """Rows from entries already sorted by (row, col)."""
-    crow = torch.zeros(n + 1, dtype=torch.long, device=row.device)
-    crow[1:] = torch.bincount(row, minlength=n).cumsum(0)
-    return crow, col, val
-
-
-def delta_rows(clean, patch, n_features: int):
-    """patch - clean as rows over the union of their entries, exact zeros dropped (entries active on both
-    with no change)."""
-    n = clean[0].numel() - 1
-    kc = row_ids(clean[0]) * n_features + clean[1]
-    kp = row_ids(patch[0]) * n_features + patch[1]
-    keys = torch.cat([kc, kp]).unique()  # sorted: row-major order, increasing ids per row
-    dtype = torch.promote_types(clean[2].dtype, patch[2].dtype)
-    delta = torch.zeros(keys.numel(), dtype=dtype, device=keys.device)
-    delta.index_add_(0, torch.searchsorted(keys, kp), patch[2].to(dtype))
-    delta.index_add_(0, torch.searchsorted(keys, kc), -clean[2].to(dtype))
-    nz = delta != 0
-    keys, delta = keys[nz], delta[nz]
-    return rows_from_entries(n, keys // max(n_features, 1), keys % max(n_features, 1), delta)
-
-
-def rows_matmul(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """The rows as an (N, n_features) matrix times W (n_features, d): (N, d), never the dense matrix."""
-    n = crow.numel() - 1
-    if val.numel() == 0:
-        return W.new_zeros(n, W.shape[1])
-    # torch's sparse CSR product has no 16-bit CPU kernel: those run in float32 (as the other ops here)
-    cd = W.dtype if W.dtype in _CPU_DTYPES or W.device.type == "cuda" else torch.float32
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        m = torch.sparse_csr_tensor(crow, col, val.to(cd), (n, W.shape[0]), check_invariants=False,
-                                    device=W.device)
-        return (m @ W.to(cd)).to(W.dtype)
-
-
 # ----------------------------------------------------------------------------- torch reference
 
 def activate(pre: torch.Tensor, kind: str, threshold: torch.Tensor | None = None, k: int = 0) -> torch.Tensor:
@@ -176,14 +102,11 @@ def activate(pre: torch.Tensor, kind: str, threshold: torch.Tensor | None = None
     raise ValueError(f"unknown SAE kind {kind!r}; expected one of {KINDS}")
 
 
-# Rows per chunk of the reference encode: a (rows, n_features) block of ~4M elements, as the
-# C++ kernel, so the fallback does not materialise (N, n_features) either.
-_CHUNK_ELEMS = 1 << 22
-
-
 def _encode_reference(x, W_enc, b_enc, b_dec, kind, threshold, k):
     n, s = x.shape[0], W_enc.shape[1]
-    step = max(1, _CHUNK_ELEMS // max(s, 1))
+    # A (rows, n_features) block of CHUNK_ELEMS at a time, as the C++ kernel: the fallback does not
+    # materialise (N, n_features) either.
+    step = chunk_rows(s)
     counts, cols, vals = [torch.zeros(1, dtype=torch.long, device=x.device)], [], []
     for r0 in range(0, n, step):
         f = activate((x[r0:r0 + step] - b_dec) @ W_enc + b_enc, kind, threshold, k)
@@ -244,7 +167,7 @@ def sae_encode_sparse(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
             crow, col, val = torch.ops.minicirc.sae_encode_sparse(*args)
         else:
             crow, col, val = _encode_reference(*args)
-    return crow, col, val.to(x.dtype)
+    return Rows(crow, col, val.to(x.dtype))
 
 
 def feature_attribution(g_x: torch.Tensor, W_dec: torch.Tensor, clean_rows, patch_rows,
@@ -253,8 +176,8 @@ def feature_attribution(g_x: torch.Tensor, W_dec: torch.Tensor, clean_rows, patc
 
     ``val[e] = (g_x[n] . W_dec[i]) * (f_patch[n, i] - f_clean[n, i])`` for each entry ``e = (n, i)``;
     g_x (N, d) is the gradient of the metric at the site, W_dec (n_features, d), clean_rows and
-    patch_rows as produced by ``sae_encode_sparse``. The error node's effect is
-    ``error_effect(g_x, err_c, err_p)``, computed by the caller.
+    patch_rows as produced by ``sae_encode_sparse``. The error node's effect,
+    ``(g_x * (err_p - err_c)).sum(-1)``, is computed by the caller.
     """
     dt = torch.promote_types(g_x.dtype, W_dec.dtype)
     ext = _use_ext(g_x.device, use_ext)
@@ -266,30 +189,7 @@ def feature_attribution(g_x: torch.Tensor, W_dec: torch.Tensor, clean_rows, patc
             crow, col, val = torch.ops.minicirc.feature_attribution(g_x.to(cd), W_dec.to(cd), *clean, *patch)
         else:
             crow, col, val = _attribution_reference(g_x.to(cd), W_dec.to(cd), clean, patch)
-    return crow, col, val.to(dt)
-
-
-def error_effect(g_x: torch.Tensor, err_c: torch.Tensor, err_p: torch.Tensor) -> torch.Tensor:
-    """Effect of the SAE error node: ``g_x . (err_p - err_c)`` over the last dim."""
-    return (g_x * (err_p - err_c)).sum(-1)
-
-
-def sampled_feature_effects(g_x: torch.Tensor, W_dec: torch.Tensor, delta: torch.Tensor,
-                            use_ext: bool | None = None) -> torch.Tensor:
-    """``(g_x @ W_dec.T) * delta`` with the dot products computed only where ``delta != 0``.
-
-    g_x (..., d), W_dec (n_features, d), delta (..., n_features) dense; returns delta's shape in
-    the promoted dtype. This is the attrib / IG node-effect product (``delta = f_p - f_c``).
-    """
-    dt = torch.promote_types(torch.promote_types(g_x.dtype, W_dec.dtype), delta.dtype)
-    nf = W_dec.shape[0]
-    with torch.no_grad():
-        d2 = delta.reshape(-1, nf).to(dt)
-        g2 = g_x.reshape(-1, g_x.shape[-1]).to(dt)
-        patch = dense_to_rows(d2)
-        clean = empty_rows(d2.shape[0], dt, d2.device)
-        crow, col, val = feature_attribution(g2, W_dec.to(dt), clean, patch, use_ext=use_ext)
-        return rows_to_dense(crow, col, val.to(dt), nf).reshape(delta.shape)
+    return Rows(crow, col, val.to(dt))
 
 
 if _CPU_EXT:

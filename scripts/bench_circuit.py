@@ -39,7 +39,8 @@ import time
 import torch
 
 import minicirc
-from minicirc import attribution, attribution_batched
+from minicirc.attribution import reference as attribution
+from minicirc.attribution import batched as attribution_batched
 from minicirc.data import Batch
 
 
@@ -183,7 +184,7 @@ def main():
     dist_run = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     rank = 0
     if dist_run:
-        from minicirc import distributed
+        from minicirc.attribution import distributed
         rank, world, a.device = distributed.init(a.device)
         if rank != 0:  # only rank 0 prints
             import builtins

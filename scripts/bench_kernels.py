@@ -74,12 +74,13 @@ def worker(path, n, d, s, l0, reps):
         info = {}
         if path != "dense":
             from minicirc import ops
+            from minicirc.rows import rows_to_dense
             crow, col, val = out
             info = {"nnz": int(col.numel()), "ext": ops.extension_loaded()}
             # Sanity: the sparse rows equal the dense effect on the first rows.
             m = 128
             ref = dense_path(inputs[0][:m], inputs[1][:m], inputs[2][:m], *inputs[3:])
-            got = ops.rows_to_dense(crow[:m + 1], col[:int(crow[m])], val[:int(crow[m])], s)
+            got = rows_to_dense(crow[:m + 1], col[:int(crow[m])], val[:int(crow[m])], s)
             info["max_abs_diff"] = float((got - ref).abs().max())
         del out
         times = []

@@ -17,7 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_circuit  # noqa: E402
-from minicirc import attribution_batched, circuit  # noqa: E402
+from minicirc.attribution import batched as attribution_batched
+from minicirc import circuit  # noqa: E402
 
 PHASES = {attribution_batched: ["sparse_site_states", "ig_site_gradients", "site_effects", "group_edge_effects",
                                 "upstream_site_edges", "downstream_rows", "upstream_effects", "merge_groups"],

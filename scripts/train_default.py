@@ -1,6 +1,6 @@
 """Train (or retrain) the embedded default model and SAEs, and print their statistics.
 
-    python scripts/train_default.py --ship          # full recipe, seed 0 -> minicirc/default_files (shipped)
+    python scripts/train_default.py --ship          # full recipe, seed 0 -> minicirc/experiments/default_files (shipped)
     python scripts/train_default.py --out /tmp/d    # the same files somewhere else (to compare with the shipped)
     python scripts/train_default.py --recipe quick --seed 3   # -> $MINICIRC_CACHE/default-v2-quick-seed3
 
@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from minicirc.default import RECIPES, SHIPPED, default_dir, make_default, ship
+from minicirc.experiments.default import RECIPES, SHIPPED, default_dir, make_default, ship
 
 
 def main():

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import minicirc
-from minicirc import attribution as A
-from minicirc import attribution_batched as AB
+from minicirc.attribution import reference as A
+from minicirc.attribution import batched as AB
 from minicirc.data import Batch
 from minicirc.sae import Dictionary
 

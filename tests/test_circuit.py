@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import minicirc
-from minicirc import attribution as A
-from minicirc import attribution_batched as AB
+from minicirc.attribution import reference as A
+from minicirc.attribution import batched as AB
 from minicirc.circuit import load_circuit_json, node_id, parse_node_id
 from minicirc.errors import MinicircError
 from test_attribution import make_batch, make_model, make_saes

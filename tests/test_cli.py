@@ -283,7 +283,8 @@ def test_evaluate_flags_reach_faithfulness(setup, flags, kw):
 
 
 def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, capsys):
-    from minicirc import demo, explain, shift
+    from minicirc.experiments import demo, shift
+    from minicirc import explain
     seen = {}
     monkeypatch.setattr(shift, "run_shift", lambda *a, **kw: seen.setdefault("shift", (a, kw)))
     monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: seen.setdefault("demo", (a, kw)))
@@ -335,7 +336,8 @@ def test_defaults_are_the_functions_defaults():
     never disagree. The few that reach no function's default are named with their value; an option in neither
     list fails the test."""
     import inspect
-    from minicirc import circuit, data, demo, evaluation, explain, model as model_mod, sae, shift
+    from minicirc import circuit, data, evaluation, explain, model as model_mod, sae
+    from minicirc.experiments import demo, shift
     from minicirc.cli import build_parser
     req = ["--model", "m", "--saes", "s", "--data", "d", "--out", "o"]
     parsed = {"circuit": _parser_defaults("circuit", *req), "evaluate": _parser_defaults("evaluate", *req, "--circuit", "c"),
@@ -479,7 +481,8 @@ def test_view_refuses_a_contexts_file_that_is_not_an_object(setup, capsys):
 
 def test_batch_size_and_threads_reach_their_functions(setup, monkeypatch):
     """--batch-size changes no number (means are accumulated in float64), so it is checked where it goes."""
-    from minicirc import circuit, demo, evaluation
+    from minicirc import circuit, evaluation
+    from minicirc.experiments import demo
     t = setup
     seen = {}
     real_find, real_faith = circuit.find_circuit, evaluation.faithfulness

@@ -97,7 +97,7 @@ def test_pad_right_is_the_one_padder():
     for row, r in zip(got.tolist(), rows):
         assert row == r + [7] * (T - len(r))
     assert pad_right(rows).tolist() == [r + [0] * (T - len(r)) for r in rows]
-    from minicirc.tasks import corpus
+    from minicirc.experiments.tasks import corpus
     tok = corpus.build_tokenizer()
     seqs = corpus.training_sequences(tok, 5, seed=int(torch.randint(0, 10**6, ()).item()))
     docs = [row[:row.index(corpus.SEP_ID) + 1] for row in seqs.tolist()]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import minicirc
-from minicirc import default, train
-from minicirc.tasks import corpus
+from minicirc.experiments import default, train
+from minicirc.experiments.tasks import corpus
+from minicirc.sae import site_hook
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def test_sae_training_explains_variance():
 def _brute_agreement_accuracy(model, tok, n=200, seed=1):
     """Per template, the fraction of held-out examples whose right verb form outscores the wrong one at the
     last prefix token: each prefix encoded on its own, prefixes of one length run together (no padding)."""
-    from minicirc.tasks import agreement
+    from minicirc.experiments.tasks import agreement
     out = {}
     for template in agreement.TEMPLATES:
         examples = agreement.make_examples(template, n, seed=seed, split="test")
@@ -284,7 +285,7 @@ def test_monosemantic_shares_count_units_of_each_site(monkeypatch):
     """monosemantic_shares on a tiny random model equals `monosemantic` applied by hand to the site's
     values and SAE codes over the held-out prefixes, with rare latents left out."""
     from minicirc.sae import Dictionary
-    from minicirc.tasks import agreement
+    from minicirc.experiments.tasks import agreement
     tok = corpus.build_tokenizer()
     torch.manual_seed(0)
     model = minicirc.GPTNeoX(minicirc.Config(vocab_size=tok.get_vocab_size(), d_model=16, n_layers=1, n_heads=2,
@@ -324,7 +325,7 @@ def test_shipped_default_reproduces_its_recorded_stats():
     files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
     sites = ["embed"] + [f"{k}_{l}" for l in range(3) for k in ("attn", "mlp", "resid")]
     assert files == sorted(["model/config.json", "model/model.safetensors", "model/tokenizer.json", "stats.json"] +
-                           [f"saes/{default.sae_hook(s)}/{f}" for s in sites for f in ("cfg.json", "sae_weights.safetensors")])
+                           [f"saes/{site_hook(s)}/{f}" for s in sites for f in ("cfg.json", "sae_weights.safetensors")])
     assert all(f.endswith(".json") or f.endswith(".safetensors") for f in files)
     assert sum(os.path.getsize(os.path.join(folder, f)) for f in files) <= 20 * 2**20
     model, saes, tok, stats, where = default.get_default("full", seed=0, progress=False)
@@ -332,7 +333,7 @@ def test_shipped_default_reproduces_its_recorded_stats():
     assert sorted(saes) == sorted(sites) == sorted(model.sites)
     # The CLI reads the same files: --model <folder>/model --saes <folder>/saes.
     from minicirc.sae import hook_site, load_saes
-    assert all(hook_site(default.sae_hook(s)) == s for s in sites)
+    assert all(hook_site(site_hook(s)) == s for s in sites)
     again = load_saes(os.path.join(folder, "saes"), model)
     assert all(torch.equal(again[s].W_enc, saes[s].W_enc) and torch.equal(again[s].b_dec, saes[s].b_dec) for s in sites)
     cfg = default.RECIPES["full"]

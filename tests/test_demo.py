@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from minicirc import demo, default
+from minicirc.experiments import demo, default
 from minicirc.circuit import Circuit
 from minicirc.errors import MinicircError
 from test_attribution import make_batch, make_model, make_saes, neuron_saes
@@ -123,7 +123,7 @@ def test_demo_reduced_budget(cache, tmp_path):
     from minicirc import evaluation
     from minicirc.data import tokenize
     from minicirc.sae import identity_saes
-    from minicirc.tasks import agreement
+    from minicirc.experiments.tasks import agreement
     results = demo.run_demo(str(tmp_path / "demo"), quick=True, progress=False)
     report = (tmp_path / "demo" / "report.md").read_text()
     with pytest.raises(MinicircError, match="overwrite"):
@@ -236,7 +236,7 @@ def test_demo_reduced_budget(cache, tmp_path):
 def test_describe_nounpp_names_the_strongest_number_features():
     """Feature nodes whose best latent is a number of the subject, the token or the next verb, with share
     >= 0.5, listed per site in site order, the 3 of largest |effect| by name and the rest counted."""
-    from minicirc.report import NUMBER_LATENTS, describe_nounpp
+    from minicirc.experiments.report import NUMBER_LATENTS, describe_nounpp
     rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
     sites = ["embed", "attn_0", "mlp_0", "resid_0", "attn_1", "mlp_1", "resid_1"]
     good = NUMBER_LATENTS
@@ -284,7 +284,7 @@ def test_describe_nounpp_names_the_strongest_number_features():
 
 
 def test_report_fmt_marks_missing_numbers():
-    from minicirc.report import fmt
+    from minicirc.experiments.report import fmt
     x = float(torch.randn(()).item())
     assert fmt(None) == fmt(float("nan")) == "—"
     assert fmt(x) == format(x, ".2f") and fmt(x, ".3f") == format(x, ".3f")
@@ -295,8 +295,8 @@ def test_report_fmt_marks_missing_numbers():
 def test_answers_follow_their_rules():
     """The verdicts of report.answers on hand-made results: features ahead (<= 0.9x the neurons' nodes) in
     all templates but one -> yes; in at most one -> no; a kind that never reaches 0.9 needs more nodes."""
-    from minicirc.report import _compare, _verdict, answers
-    from minicirc.tasks import agreement
+    from minicirc.experiments.report import _compare, _verdict, answers
+    from minicirc.experiments.tasks import agreement
     rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
 
     def results(pairs):
@@ -320,7 +320,7 @@ def test_superposition_table_shows_the_recorded_shares():
     """report.md's monosemantic-units table: one row per site of stats.json's record, the shares as percentages
     and the latents covered, and nothing for a default trained before the record existed."""
     import random
-    from minicirc.report import superposition_lines
+    from minicirc.experiments.report import superposition_lines
     rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
     sites = {s: {"neurons": rng.random(), "neurons_latents": rng.randrange(9), "features": rng.random(),
                  "features_latents": rng.randrange(300)} for s in ("embed", "attn_0", "mlp_0", "resid_0")}

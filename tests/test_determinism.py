@@ -49,7 +49,8 @@ def assert_same_effects(a, b, atol, rtol=0.0):
 
 @pytest.mark.parametrize("aggregation", ["sum", "none"])
 def test_batch_size_does_not_change_the_circuit(tmp_path, aggregation, monkeypatch):
-    from minicirc import attribution, attribution_batched
+    from minicirc.attribution import reference as attribution
+    from minicirc.attribution import batched as attribution_batched
     monkeypatch.setattr(attribution_batched.EdgeSum, "MERGE_MIN", 1)     # merge the running edge sums after every batch
     t = make_inputs(tmp_path, 3, same_length=aggregation == "none")
     model, saes, batch = load(t)

@@ -94,7 +94,7 @@ def test_find_circuit_and_sweep(tmp_path, kw):
 @pytest.fixture(scope="module")
 def quick_cache(tmp_path_factory):
     """The quick-recipe default, trained (unguarded) into a temporary cache for this module."""
-    from minicirc import default
+    from minicirc.experiments import default
     mp = pytest.MonkeyPatch()
     mp.setenv("MINICIRC_CACHE", str(tmp_path_factory.mktemp("cache")))
     default.get_default("quick", progress=False)
@@ -103,8 +103,8 @@ def quick_cache(tmp_path_factory):
 
 
 def test_demo_and_shift(quick_cache, tmp_path):
-    from minicirc.demo import run_demo
-    from minicirc.shift import run_shift
+    from minicirc.experiments.demo import run_demo
+    from minicirc.experiments.shift import run_shift
     with explicit_devices_only():
         demo = run_demo(str(tmp_path / "demo"), quick=True, progress=False)
         shifted = run_shift(str(tmp_path / "shift"), quick=True, progress=False)

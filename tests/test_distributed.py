@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import minicirc
-from minicirc import distributed
+from minicirc.attribution import distributed
 from minicirc.data import load_examples, tokenize
 from conftest import write_hf_model
 from test_cli import write_data, write_tokenizer, write_tree

@@ -189,8 +189,8 @@ def test_cli_explain(files, capsys):
 
 
 def test_cli_without_data_uses_held_out_corpus_sentences(tmp_path, monkeypatch, capsys):
-    from minicirc import default
-    from minicirc.tasks.corpus import corpus_documents
+    from minicirc.experiments import default
+    from minicirc.experiments.tasks.corpus import corpus_documents
     monkeypatch.setenv("MINICIRC_CACHE", str(tmp_path / "cache"))
     *_, folder = default.get_default("quick", progress=False)
     assert main(["explain", "--model", f"{folder}/model", "--saes", f"{folder}/saes", "--site", "resid_1",

@@ -11,7 +11,7 @@ import torch
 
 import minicirc
 from minicirc.errors import MinicircError
-from minicirc.llama import Llama
+from minicirc.model.llama import Llama
 
 gguf = pytest.importorskip("gguf")
 
@@ -25,7 +25,7 @@ def _permute(w, n_heads):
 
 def _vocab():
     """A small byte-level BPE vocabulary: the 256 byte symbols, a few merges, one control token."""
-    from minicirc.gguf_file import _byte_alphabet
+    from minicirc.model.gguf import _byte_alphabet
     symbols = list(_byte_alphabet().values())
     merges = ["Ġ t", "h e", "Ġt he", "Ġ c", "a t", "Ġc at", "Ġ s", "Ġs at", "3 4"]
     tokens = symbols + [m.replace(" ", "") for m in merges] + ["<|endoftext|>"]

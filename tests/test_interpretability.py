@@ -6,7 +6,7 @@ import torch
 
 from minicirc.errors import MinicircError
 from minicirc.metrics import best_latent_share
-from minicirc.tasks import agreement
+from minicirc.experiments.tasks import agreement
 
 
 def _tokens(n_per_template=60):

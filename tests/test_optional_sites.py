@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import minicirc
-from minicirc import attribution as A
-from minicirc import attribution_batched as AB
+from minicirc.attribution import reference as A
+from minicirc.attribution import batched as AB
 from minicirc import evaluation as E
 import test_attribution as TA
 

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from minicirc import real_lm, train
-from minicirc.demo import run_demo
+from minicirc.experiments import real_lm, train
+from minicirc.experiments.demo import run_demo
 from minicirc.errors import MinicircError
 from minicirc.model import load_model, load_tokenizer
-from minicirc.tasks import agreement
+from minicirc.experiments.tasks import agreement
 
 N_LAYERS = 4
 
@@ -47,7 +47,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_demo_on_a_tiny_llama(tiny_llama, cache, tmp_path, monkeypatch):
-    from minicirc import demo
+    from minicirc.experiments import demo
     # A random model's effects are tiny: thresholds low enough that its circuits hold nodes and edges.
     monkeypatch.setitem(demo.REAL_LM_SETTINGS, "quick",
                         {**demo.REAL_LM_SETTINGS["quick"], "node_threshold": 1e-5, "edge_threshold": 1e-7})

@@ -729,7 +729,7 @@ def test_z_dictionary_value_bias_cases(tmp_path):
 def test_edges_into_gated_dictionaries_equal_one_at_a_time():
     """The library's edges (which use dd_i/dy = 1[d_i != 0] W_enc[:, i], W_enc being the magnitude path)
     against test_attribution's one-backward-per-node reference, with gated dictionaries at half the sites."""
-    import minicirc.attribution_batched
+    import minicirc.attribution.batched
     import test_attribution as TA
 
     def gated_saes(model):
@@ -754,5 +754,5 @@ def test_edges_into_gated_dictionaries_equal_one_at_a_time():
     ref = TA.as_dict(minicirc.attribution.edge_effects(model, saes, batch, st, TA.site_grads(L), ref_eff, tau, "sum",
                                                        TA.design_pairs(2, False)))
     assert any(d in gated for _, d in ref)
-    fast = minicirc.attribution_batched.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")
+    fast = minicirc.attribution.batched.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")
     TA.assert_edges_equal(TA.as_dict(fast), ref)

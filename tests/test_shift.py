@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 
-from minicirc import default, identity_saes, shift
+from minicirc.experiments import default, shift
+
+from minicirc import identity_saes
 from minicirc.cli import main
 from minicirc.errors import MinicircError
-from minicirc.tasks.bios import ambiguous_split, balanced_split
+from minicirc.experiments.tasks.bios import ambiguous_split, balanced_split
 
 
 @pytest.fixture(scope="module")
@@ -496,7 +498,7 @@ def test_probe_metric_with_an_ablated_probe_equals_a_hand_edited_forward():
 
 def _bios_batch_from_labels(prof, gen):
     from minicirc.data import Batch
-    from minicirc.tasks.bios import Bio
+    from minicirc.experiments.tasks.bios import Bio
     n = len(prof)
     return Batch(torch.zeros(n, 1, dtype=torch.long), None, torch.tensor(prof), None, torch.zeros(n, dtype=torch.long),
                  [Bio("x", p, q) for p, q in zip(prof, gen)])
@@ -572,7 +574,7 @@ def _random_bios(g, model, n):
     """A Batch of n random token rows for `model` (lengths 2..9, right-padded with random ids) labelled as
     bios, every (profession, gender) group at least twice when n >= 8."""
     from minicirc.data import Batch
-    from minicirc.tasks.bios import Bio
+    from minicirc.experiments.tasks.bios import Bio
     lengths = [int(v) for v in torch.randint(2, 10, (n,), generator=g)]
     T = max(lengths)
     tokens = torch.randint(0, model.cfg.vocab_size, (n, T), generator=g)
@@ -799,7 +801,7 @@ def test_run_shift_rejects_bad_settings_before_any_work(tmp_path):
 
 
 def test_bios_batch_labels_padding_and_errors(quick):
-    from minicirc.tasks.bios import Bio
+    from minicirc.experiments.tasks.bios import Bio
     _, _, tok = quick
     bios = balanced_split(8, seed=int(torch.randint(0, 10**6, ()).item()))
     for label in ("profession", "gender"):

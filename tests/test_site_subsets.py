@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import minicirc
-from minicirc import attribution as A
-from minicirc import attribution_batched as AB
+from minicirc.attribution import reference as A
+from minicirc.attribution import batched as AB
 import test_attribution as TA
 from test_attribution import one_thread  # noqa: F401  (autouse: tiny tensors, one thread)
 from test_optional_sites import dicts_at

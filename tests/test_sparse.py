@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import minicirc
-from minicirc import attribution as A
-from minicirc import attribution_batched as AB
+from minicirc.attribution import reference as A
+from minicirc.attribution import batched as AB
 from minicirc import evaluation
 from minicirc.sae import Dictionary
+from minicirc.sae.sparse import decode_rows, encode_rows
 from test_attribution import (D_MODEL, as_dict, assert_edges_equal, assert_effects_equal, make_batch, make_model,
                               make_sae, neuron_saes, plain_sites, ref_logit_diff, threshold_for)
 
@@ -273,11 +274,11 @@ def test_rows_equal_the_dictionary_for_normalised_and_gated_kinds(kind, input_no
                      threshold=0.2 * torch.rand(F, generator=g, dtype=torch.float64) if kind == "jumprelu" else None,
                      input_norm=input_norm, **extra).to(torch.float64)
     x = 2 * torch.randn(37, d, generator=g, dtype=torch.float64) + 0.7
-    rows = AB.encode_rows(sae, x)
+    rows = encode_rows(sae, x)
     dense = sae.encode(x)
     assert (dense != 0).any() and (dense == 0).any()
-    torch.testing.assert_close(minicirc.ops.rows_to_dense(*rows, F), dense, rtol=0, atol=0)
-    torch.testing.assert_close(AB.decode_rows(sae, rows, len(x)), sae.decode(dense), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(minicirc.rows.rows_to_dense(*rows, F), dense, rtol=0, atol=0)
+    torch.testing.assert_close(decode_rows(sae, rows, len(x)), sae.decode(dense), rtol=1e-12, atol=1e-12)
     model = make_model(5, parallel=True)
     saes = {s: sae for s in model.sites}
     check_against_definitions(model, saes, make_batch(6, B=2, T=4), edges=False)

@@ -7,8 +7,8 @@ import collections
 import pytest
 import torch
 
-from minicirc.tasks import bios, corpus
-from minicirc.tasks import TEMPLATES, ambiguous_split, balanced_split, build_tokenizer, make_examples
+from minicirc.experiments.tasks import bios, corpus
+from minicirc.experiments.tasks import TEMPLATES, ambiguous_split, balanced_split, build_tokenizer, make_examples
 
 # Independent number tables: plural nouns are "singular + s" except the irregulars listed here.
 IRREGULAR_PLURALS = {"children", "people", "thieves", "fishermen", "mice", "geese", "wolves", "oxen", "shelves",
@@ -250,13 +250,13 @@ DOCUMENTED_MIX = {"simple": 0.15, "nounpp": 0.25, "rc": 0.30, "question": 0.10, 
 
 
 def noun_lemma(word):
-    from minicirc.tasks import agreement
+    from minicirc.experiments.tasks import agreement
     singular = {pl: sg for sg, pl in agreement.NOUNS.items()}
     return singular.get(word, word)
 
 
 def verb_lemma(word):
-    from minicirc.tasks import agreement
+    from minicirc.experiments.tasks import agreement
     return next(lemma for lemma, forms in agreement.MAIN_VERBS.items() if word in forms)
 
 
@@ -300,7 +300,7 @@ def parse_document(doc):
 
 
 def check_documents(docs, split):
-    from minicirc.tasks import agreement
+    from minicirc.experiments.tasks import agreement
     families = collections.Counter()
     for doc in docs:
         family, frame = parse_document(doc)
@@ -358,7 +358,7 @@ def test_tokenizer_round_trips_documents(tokenizer):
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_latents_name_the_words(template):
-    from minicirc.tasks import agreement
+    from minicirc.experiments.tasks import agreement
     for ex in make_examples(template, 60, seed=int(torch.randint(0, 1000, ()).item()), split="test"):
         words, lat = ex.clean_prefix.split(), ex.latents
         assert lat["subject"] == noun_lemma(words[1]) and lat["subject"] in agreement.NOUNS
@@ -394,7 +394,7 @@ def test_bios_distinct_named_shuffled_and_in_both_orders():
 
 def test_semantic_classes_of_nouns():
     """Subjects and relative-clause subjects are people or animals; PP objects may be things, and are."""
-    from minicirc.tasks import agreement
+    from minicirc.experiments.tasks import agreement
     pp_objects = collections.Counter()
     for template in TEMPLATES:
         for ex in make_examples(template, 400, seed=7, split="train"):
@@ -456,7 +456,7 @@ def expected_latents(template, words):
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_token_latents_parsed_back(template):
-    from minicirc.tasks import agreement
+    from minicirc.experiments.tasks import agreement
     names = agreement.latent_names()
     assert len(names) == len(set(names)) >= 4 * 48   # far more latents than the default's d_model
     for ex in make_examples(template, 80, seed=int(torch.randint(0, 1000, ()).item()), split="test"):

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from minicirc import train
+from minicirc.experiments import train
 
 
 def test_train_sae_is_the_written_out_loop():

@@ -8,7 +8,9 @@ import re
 import pytest
 import torch
 
-from minicirc import report, viz
+from minicirc.experiments import report
+
+from minicirc import viz
 
 
 def random_circuit(rng):

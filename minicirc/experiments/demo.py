@@ -14,7 +14,7 @@ discovery examples and measure them on held-out examples under three protocols:
 For each: faithfulness and completeness of the top-n nodes by |effect| on a log grid of n, nodes needed for
 0.8 and 0.9 faithfulness (bisected to the node between grid sizes), and the area under faithfulness against
 log(nodes). Every unit of every site is scored by metrics.best_latent_share against the grammar's token
-latents. report.md and the plots are written by minicirc/report.py from the results computed here.
+latents. report.md and the plots are written by report.py from the results computed here.
 """
 import json
 import math
@@ -26,15 +26,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import attribution, evaluation, explain, report, viz
-from .circuit import find_circuit
-from .data import tokenize
+from .. import attribution, evaluation, explain, viz
+
+from . import report
+from ..circuit import find_circuit
+from ..data import tokenize
 from .default import get_default
-from .errors import MinicircError
-from .files import prepare_out_dir, staged_folder, write_atomic
-from .hashing import sha256_of
-from .metrics import best_latent_share
-from .sae import identity_saes
+from ..errors import MinicircError
+from ..files import prepare_out_dir, staged_folder, write_atomic
+from ..hashing import sha256_of
+from ..metrics import best_latent_share
+from ..model.sites import site_kind, sites_from_layer
+from ..sae import identity_saes
 from .tasks import agreement
 
 SETTINGS = {
@@ -60,7 +63,7 @@ def evaluated_sites(model, saes, first_layer):
     order = attribution.site_order(model, saes)
     if first_layer is None:
         return order
-    return [s for s in order if s != "embed" and int(s.rsplit("_", 1)[1]) >= first_layer]
+    return sites_from_layer(order, first_layer)
 
 
 def node_counts(total, cap, points):
@@ -145,10 +148,6 @@ def unit_scores(model, dict_sets, batches):
             live = acts.std(0) > 0
             out[kind][site] = (share.tolist(), [names[k] if k >= 0 else None for k in best.tolist()], live.tolist())
     return out
-
-
-def site_kind(site):
-    return site.rsplit("_", 1)[0]
 
 
 def score_table(scores):

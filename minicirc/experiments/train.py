@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .sae import Dictionary
+from ..sae import Dictionary
 
 
 def train_lm(model, sequences, steps=1500, batch_size=64, lr=3e-3, seed=0, pad_id=0, progress=True):

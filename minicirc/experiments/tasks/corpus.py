@@ -22,7 +22,7 @@ import random
 
 import torch
 
-from ..data import pad_right
+from ...data import pad_right
 from . import agreement, bios
 
 PAD, UNK, SEP = "<pad>", "<unk>", "<sep>"

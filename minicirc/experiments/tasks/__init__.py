@@ -1,6 +1,6 @@
 """The synthetic language of the embedded default model: agreement templates, biographies, LM corpus.
 
-    from minicirc.tasks import make_examples, ambiguous_split, balanced_split, build_tokenizer
+    from minicirc.experiments.tasks import make_examples, ambiguous_split, balanced_split, build_tokenizer
     examples = make_examples("rc", 100, seed=0, split="train")   # list[minicirc.Example]
 """
 from .agreement import TEMPLATES, make_examples

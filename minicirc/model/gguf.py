@@ -2,7 +2,8 @@
 
 Needs the optional `gguf` package (pip install minicirc[gguf]). Every tensor is dequantized to float32 by
 gguf's own numpy code; the file is then one more Hugging Face Llama checkpoint: its metadata becomes a
-config.json dict and its tensor names the Hugging Face ones, and llama.py builds the model. Two things
+config.json dict and its tensor names the Hugging Face ones, and checkpoints.load_model builds a llama.py
+model from them (this file only reads). Two things
 llama.cpp changed on the way in are undone here: its converter permutes the rows of q and k from the
 "rotate half" rotary layout to interleaved pairs, and it spells byte-level BPE tokens in raw UTF-8.
 """
@@ -11,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from .errors import MinicircError
+from ..errors import MinicircError
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face Llama name (after "model.layers.N.").
 LAYER_NAMES = {
@@ -111,16 +112,6 @@ def read_gguf(path):
           "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
           "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"), "dtype": "float32"}
     return hf, state, None if rope_factors is None else tuple(rope_factors.tolist())
-
-
-def load_gguf(path):
-    """A llama.py Llama (float32, CPU) from a llama-architecture GGUF file."""
-    from . import llama
-    from .model import build_model
-    hf, state, rope_factors = read_gguf(path)
-    cfg = llama.config_from_hf(hf)
-    cfg.rope_freq_factors = rope_factors
-    return build_model(llama.FAMILY, cfg, state, os.fspath(path))
 
 
 # How text is split into words before BPE, by llama.cpp's tokenizer.ggml.pre name: GPT-2's regex (what

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MinicircError
+from ..errors import MinicircError
 
 METHODS = ("attrib", "ig", "exact")
 

@@ -14,115 +14,22 @@
   not fit.
 - EdgeSum: the running sum of one site pair's sparse edge values over batches.
 """
-import ctypes
-import ctypes.util
 import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from . import ops
-from .attribution import METHODS, clean_and_patch_sites, edge_pairs, frozen_weights, site_order
-from .data import Batch
-from .errors import MinicircError
-
-# Elements of the transient (rows x n_features) block when a dictionary's dense encode runs in row chunks.
-CHUNK_ELEMS = 1 << 22
-
-
-def _libc_trim():
-    """glibc's malloc_trim, or None elsewhere (macOS, musl, Windows)."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-_TRIM = _libc_trim()
-
-
-def release_freed_memory(device=None):
-    """Give the pages of freed CPU tensors back to the operating system (glibc's malloc_trim; nothing
-    elsewhere, or for a CUDA device, whose memory torch's caching allocator manages).
-
-    Why: glibc raises its mmap threshold after the first large free, so later tensors of up to 32 MB come
-    from a heap it keeps after they are freed; between the stages of a circuit run that kept memory grew to
-    about 1 GB on the issue-14 workload (BENCHMARKS.md, "Memory profile"). Calling this between stages
-    returns it without changing any allocation setting of the process."""
-    if _TRIM is not None and (device is None or torch.device(device).type == "cpu"):
-        _TRIM(0)
-
+from .. import ops
+from ..data import Batch
+from ..errors import MinicircError
+from ..rows import (chunk_rows, delta_rows, dense_to_rows, empty_rows, row_ids, rows_from_entries, rows_to_dense,
+                    slice_rows)
+from ..sae.sparse import decode_rows, encode_rows
+from .memory import release_freed_memory
+from .reference import METHODS, clean_and_patch_sites, edge_pairs, frozen_weights, site_order
 
 # --- sparse site states -----------------------------------------------------------------------------
-
-def encode_rows(sae, x, use_ext=None):
-    """encode(x) for x (N, d) as rows (crow, col, val): the active features only.
-
-    relu and jumprelu run ops.sae_encode_sparse. top-k runs the dictionary's own encode in row chunks:
-    with ties at the k-th value the kernel may keep another of the tied features than torch.topk does, and
-    the definitions (and the other libraries) are torch.topk. Identity dictionaries, kinds this module
-    does not know and dictionaries with a per-token input normalisation (sae.input_norm) take the same
-    chunked path, so any dictionary with encode/decode works."""
-    if sae.kind in ("relu", "jumprelu") and getattr(sae, "input_norm", "none") == "none":
-        b_dec = sae.b_dec if sae.subtract_b_dec else torch.zeros_like(sae.b_dec)
-        return ops.sae_encode_sparse(x, sae.W_enc, sae.b_enc, b_dec, sae.kind, sae.threshold, 0, use_ext)
-    step = max(1, CHUNK_ELEMS // max(sae.n_features, 1))
-    with torch.no_grad():
-        return ops.cat_rows([ops.dense_to_rows(sae.encode(x[i:i + step])) for i in range(0, max(len(x), 1), step)])
-
-
-def features_at(sae, x, features):
-    """encode(x)[..., features] for x (..., d) without the (tokens x n_features) tensor: the sparse rows, then
-    only the asked-for columns, in the order given."""
-    shape = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
-    features = torch.as_tensor(features, dtype=torch.long, device=x.device)
-    crow, col, val = encode_rows(sae, x)
-    where = torch.full((sae.n_features,), -1, dtype=torch.long, device=x.device)
-    where[features] = torch.arange(len(features), device=x.device)
-    j = where[col]
-    keep = j >= 0
-    out = val.new_zeros(len(x), len(features))
-    out[ops.row_ids(crow)[keep], j[keep]] = val[keep]
-    return out.view(*shape, len(features))
-
-
-def error_of(sae, x):
-    """x - decode(encode(x)) for x (..., d), through the sparse rows."""
-    flat = x.reshape(-1, x.shape[-1])
-    return x - decode_rows(sae, encode_rows(sae, flat), len(flat)).view(x.shape)
-
-
-def affine_decode(sae):
-    """Whether decode(f) = f @ W_dec + b_dec (every kind minicirc knows, without a per-token input
-    normalisation, whose decode leaves b_dec to the error term; identity has W_dec = I, b_dec = 0)."""
-    return (sae.kind in ops.KINDS or sae.kind == "identity") and getattr(sae, "input_norm", "none") == "none"
-
-
-def decode_rows(sae, rows, n):
-    """decode(f) (n, d) of features given as rows: b_dec + the active features' decoder rows."""
-    if sae.kind == "identity":
-        return ops.rows_to_dense(*rows, sae.n_features)
-    if affine_decode(sae):
-        return ops.rows_matmul(*rows, sae.W_dec) + sae.b_dec
-    # A kind with a decode of its own: the dense features, a row chunk at a time.
-    crow, col, val = rows
-    step = max(1, CHUNK_ELEMS // max(sae.n_features, 1))
-    parts = [sae.decode(ops.rows_to_dense(crow[lo:hi + 1] - crow[lo], col[crow[lo]:crow[hi]], val[crow[lo]:crow[hi]],
-                                          sae.n_features))
-             for lo, hi in ((lo, min(n, lo + step)) for lo in range(0, n, step))]
-    return torch.cat(parts) if parts else sae.W_dec.new_zeros(0, sae.d_in)
-
-
-def slice_rows(rows, lo, hi):
-    """Rows lo..hi-1 of rows (crow, col, val)."""
-    crow, col, val = rows
-    a, b = int(crow[lo]), int(crow[hi])
-    return crow[lo:hi + 1] - a, col[a:b], val[a:b]
-
 
 @dataclass
 class SparseSiteState:
@@ -148,7 +55,7 @@ class SparseSiteState:
 
     def delta(self):
         """f_p - f_c as rows, exact zeros dropped."""
-        return ops.delta_rows(self.c, self.p, self.n_features)
+        return delta_rows(self.c, self.p, self.n_features)
 
     def for_edges(self):
         """What the edges read (EdgeSiteState): two (B, T, d) tensors a site instead of four, and the delta
@@ -159,7 +66,7 @@ class SparseSiteState:
     # calls them (at real scale they are the tensors this module exists to avoid).
     def dense(self, rows):
         B, T, _ = self.x_c.shape
-        return ops.rows_to_dense(*rows, self.n_features).view(B, T, self.n_features)
+        return rows_to_dense(*rows, self.n_features).view(B, T, self.n_features)
 
     @property
     def f_c(self):
@@ -203,7 +110,7 @@ def sparse_site_states(model, saes, metric, batch, sites, use_ext=None):
             c = encode_rows(sae, x_c.reshape(B * T, d), use_ext)
             err_c = x_c - decode_rows(sae, c, B * T).view(B, T, d)
             if patch is None:
-                p = ops.empty_rows(B * T, c[2].dtype, x_c.device)
+                p = empty_rows(B * T, c[2].dtype, x_c.device)
                 x_p = decode_rows(sae, p, B * T).view(B, T, d)
                 err_p = torch.zeros_like(err_c)
             else:
@@ -230,13 +137,13 @@ class SiteEffects:
     def dense(self):
         """(B, T, F + 1), column F the error node (for tests and small problems)."""
         B, T = self.err.shape
-        f = ops.rows_to_dense(*self.rows, self.n_features).view(B, T, self.n_features)
+        f = rows_to_dense(*self.rows, self.n_features).view(B, T, self.n_features)
         return torch.cat([f, self.err[..., None].to(f.dtype)], -1)
 
     @classmethod
     def from_dense(cls, eff):
         B, T, F1 = eff.shape
-        return cls(ops.dense_to_rows(eff[..., :-1].reshape(B * T, F1 - 1)), eff[..., -1], F1 - 1)
+        return cls(dense_to_rows(eff[..., :-1].reshape(B * T, F1 - 1)), eff[..., -1], F1 - 1)
 
 
 @dataclass
@@ -364,7 +271,7 @@ def site_effects(g_x, st, sae, use_ext=None):
     B, T, d = g_x.shape
     err = (g_x * st.delta_err).sum(-1)
     if sae.kind == "identity":     # W_dec = I: the product is g_x itself (d features, dense is fine)
-        rows = ops.dense_to_rows((g_x * st.delta_f).reshape(B * T, d))
+        rows = dense_to_rows((g_x * st.delta_f).reshape(B * T, d))
     else:
         rows = ops.feature_attribution(g_x.reshape(B * T, d), sae.W_dec, st.c, st.p, use_ext=use_ext)
     return SiteEffects(rows, err, st.n_features)
@@ -381,7 +288,7 @@ def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, gr
             st, sae = states[s], saes[s]
             F = st.n_features
             crow, col, dv = st.delta()
-            n = ops.row_ids(crow)
+            n = row_ids(crow)
             b_of, t_of = n // T, n % T
             node_key = t_of * (F + 1) + col                          # (position, feature) of each delta entry
             keys = torch.cat([node_key.unique(), torch.arange(T, device=col.device) * (F + 1) + F]).sort().values
@@ -414,7 +321,7 @@ def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, gr
             key = row * F + i_k[feat].repeat(B)
             v = vals[feat].T.flatten()
             key, perm = key.sort()
-            rows = ops.rows_from_entries(B * T, key // F, key % F, v[perm])
+            rows = rows_from_entries(B * T, key // F, key % F, v[perm])
             err = torch.zeros(B, T, dtype=st.x_c.dtype, device=st.x_c.device)
             err[:, t_k[~feat]] = vals[~feat].T
             out[s] = SiteEffects(rows, err, F)
@@ -470,11 +377,11 @@ def downstream_rows(sae_d, st, L, effects, node_threshold, aggregation):
     identity = sae_d.kind == "identity"
     with torch.no_grad():
         crow, col, val = effects.rows
-        n_all = ops.row_ids(crow)
+        n_all = row_ids(crow)
         sel = val.abs() > node_threshold
         n_sel, i_sel = n_all[sel], col[sel]
         if not identity:    # active on the clean input: the selected entry is one of the clean rows' entries
-            clean_keys = ops.row_ids(st.c[0]) * F + st.c[1]                       # sorted
+            clean_keys = row_ids(st.c[0]) * F + st.c[1]                       # sorted
             keys = n_sel * F + i_sel
             at = torch.searchsorted(clean_keys, keys).clamp(max=max(len(clean_keys) - 1, 0))
             active = (clean_keys[at] == keys) if len(clean_keys) else torch.zeros_like(keys, dtype=torch.bool)
@@ -499,12 +406,12 @@ def downstream_rows(sae_d, st, L, effects, node_threshold, aggregation):
         def error_cotangent(v):        # v - ((v @ I) * 1) @ I: exactly 0
             return torch.zeros_like(v)
     else:
-        a_n, a_i = ops.row_ids(st.c[0]), st.c[1]                                   # the active entries
+        a_n, a_i = row_ids(st.c[0]), st.c[1]                                   # the active entries
 
         def error_cotangent(v):
             """v - ((v @ W_dec.T) * active) @ W_enc.T for v (N, d), the product on the active entries only."""
             out = v.clone()
-            step = max(1, CHUNK_ELEMS // max(d, 1))
+            step = chunk_rows(d)
             for lo in range(0, len(a_n), step):
                 n, i = a_n[lo:lo + step], a_i[lo:lo + step]
                 s_e = (v[n] * sae_d.W_dec[i]).sum(-1)
@@ -544,7 +451,7 @@ def upstream_effects(G, st, sae_u, aggregation):
     R, B, T, d = G.shape
     F = st.n_features
     crow, j_idx, d_sel = st.delta_rows
-    n_idx = ops.row_ids(crow)                                      # sorted by position n
+    n_idx = row_ids(crow)                                      # sorted by position n
     W_sel = sae_u.W_dec[j_idx]                                     # (nnz, d): decoder rows of active features
     Gt = G.reshape(R, B * T, d).transpose(0, 1).contiguous()      # (positions, R, d)
     vals = torch.empty(len(n_idx), R, dtype=G.dtype, device=G.device)

@@ -47,7 +47,8 @@ import re
 import torch
 import torch.nn as nn
 
-from .errors import MinicircError, read_json
+from ..errors import MinicircError, read_json
+from ..model.sites import site_kind, site_layer
 
 KINDS = ("relu", "jumprelu", "topk", "gated", "identity")
 INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
@@ -354,6 +355,16 @@ def hook_site(hook_name):
             "attn.hook_z": "z"}[hook] + f"_{layer}"
 
 
+def site_hook(site):
+    """The TransformerLens hook name of a site, the inverse of hook_site: embed is blocks.0.hook_resid_pre,
+    resid_L blocks.L.hook_resid_post (not blocks.{L+1}.hook_resid_pre, its other name)."""
+    if site == "embed":
+        return "blocks.0.hook_resid_pre"
+    hook = {"resid": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out", "resid_mid": "hook_resid_mid",
+            "z": "attn.hook_z"}[site_kind(site)]
+    return f"blocks.{site_layer(site)}.{hook}"
+
+
 def _centred(W_enc, b_enc, b_dec, subtract):
     """Fold TransformerLens' centring (the encoder sees x - mean(x)) into the encoder: with P = I - 11^T/d,
     (P x - b_dec) @ W_enc = (x - b_dec) @ (P W_enc) - mean(b_dec) * sum_r W_enc[r]. Exact, and linear in x."""
@@ -533,8 +544,7 @@ def site_folder(site):
     """Folder name of a site in the original code's dictionaries/ tree (resid_mid and z: same pattern)."""
     if site == "embed":
         return "embed"
-    kind, layer = site.rsplit("_", 1)
-    return SITE_FOLDERS[kind] + layer
+    return SITE_FOLDERS[site_kind(site)] + str(site_layer(site))
 
 
 def _place(sae, site, model, where):
@@ -550,7 +560,7 @@ def _place(sae, site, model, where):
                                 "this z dictionary reads z - b_V, and this model does not give its value biases "
                                 "(model.value_bias(layer)); set fold_value_biases: false in the cfg only if that is "
                                 "how it was trained")
-        b_V = value_bias(int(site.rsplit("_", 1)[1]))
+        b_V = value_bias(site_layer(site))
         if b_V is not None and bool(b_V.any()):
             sae = shift_input(sae, b_V)
     if sae.d_in != model.site_width(site):
@@ -600,8 +610,8 @@ def _load_hook_tree(sae_dir, folders, model, factor):
         except MinicircError as e:
             raise MinicircError(f"{cfg_path}: {e}") from None
         if site not in model.all_sites:
-            kind = site.rsplit("_", 1)[0]
-            has_kind = any(s.rsplit("_", 1)[0] == kind for s in model.all_sites if s != "embed")
+            kind = site_kind(site)
+            has_kind = any(site_kind(s) == kind for s in model.all_sites if s != "embed")
             why = (f"this model has {model.cfg.n_layers} layers" if has_kind or site == "embed"
                    else f"this model has no {kind} sites (sites: {', '.join(model.all_sites)})")
             raise MinicircError(f"{cfg_path}: hook {hook} reads site {site}, and {why}")
@@ -616,7 +626,7 @@ def save_saelens(sae, folder, hook_name):
     """Write a relu or topk Dictionary with no input normalisation as a SAELens folder (cfg.json,
     sae_weights.safetensors) that load_saelens reads back to the same encoding."""
     from safetensors.torch import save_file
-    from .files import write_atomic
+    from ..files import write_atomic
     if sae.kind not in ("relu", "topk") or sae.input_norm != "none" or not sae.subtract_b_dec:
         raise MinicircError(f"save_saelens writes relu and topk dictionaries that subtract b_dec and normalise "
                             f"nothing; got kind {sae.kind}, input_norm {sae.input_norm}")
@@ -639,7 +649,7 @@ def save_saes(saes, sae_dir):
 
 
 def saes_hash(saes):
-    from .hashing import sha256_of
+    from ..hashing import sha256_of
     parts = []
     for site in sorted(saes):
         sae = saes[site]

@@ -1,7 +1,7 @@
 """The embedded default: a tiny GPT-NeoX trained on minicirc's synthetic language, and one ReLU SAE per site.
 
 Nothing can be downloaded where minicirc runs, so the project makes its own model. The "full" recipe at
-seed 0 ships inside the package (`minicirc/default_files/`: model/ with config.json, model.safetensors and
+seed 0 ships inside the package (`minicirc/experiments/default_files/`: model/ with config.json, model.safetensors and
 tokenizer.json; saes/ with one SAELens folder of safetensors per site; stats.json), so every machine runs the same weights and gets the
 same numbers; `scripts/train_default.py --ship` rebuilds those files from the seed. Any other recipe or seed
 (the tests' "quick" one) is trained on first use and cached in `$MINICIRC_CACHE` (default
@@ -19,11 +19,11 @@ import time
 import torch
 
 from . import train
-from .errors import MinicircError
-from .files import staged_folder
-from .data import tokenize
-from .model import Config, GPTNeoX, load_model, load_tokenizer, save_model
-from .sae import load_saes, save_saelens, save_saes
+from ..errors import MinicircError
+from ..files import staged_folder
+from ..data import tokenize
+from ..model import Config, GPTNeoX, load_model, load_tokenizer, save_model
+from ..sae import load_saes, save_saelens, save_saes, site_hook
 from .tasks import agreement, corpus
 
 VERSION = 2
@@ -122,14 +122,6 @@ def get_default(recipe="full", seed=0, progress=True):
 
 # --- the files shipped in the package --------------------------------------------------------------
 
-def sae_hook(site):
-    """The TransformerLens hook name of a site (the inverse of sae.hook_site), used as the shipped folder name."""
-    if site == "embed":
-        return "blocks.0.hook_resid_pre"
-    kind, layer = site.rsplit("_", 1)
-    return f"blocks.{layer}." + {"attn": "hook_attn_out", "mlp": "hook_mlp_out", "resid": "hook_resid_post"}[kind]
-
-
 def ship(model, saes, tokenizer, stats, out_dir):
     """Write the package's default files, safetensors and json only: model/ (config.json, model.safetensors,
     tokenizer.json: the Hugging Face layout), saes/<hook name>/ (one SAELens folder per site: cfg.json,
@@ -140,7 +132,7 @@ def ship(model, saes, tokenizer, stats, out_dir):
     for site, sae in saes.items():
         # A plain ReLU SAE, (x - b_dec) @ W_enc + b_enc, as train.train_sae trains it: no normalisation, no
         # TransformerLens centring.
-        save_saelens(sae, os.path.join(out_dir, "saes", sae_hook(site)), sae_hook(site))
+        save_saelens(sae, os.path.join(out_dir, "saes", site_hook(site)), site_hook(site))
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1, sort_keys=True)
 

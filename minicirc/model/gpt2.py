@@ -1,4 +1,4 @@
-"""GPT-2 in plain torch, with the sites of model.py (embed, attn_l, mlp_l, resid_l).
+"""GPT-2 in plain torch, with the sites of sites.py (embed, attn_l, mlp_l, resid_l).
 
 Its own file because it shares little with the rotary families: learned position embeddings added to the
 token embedding (so `embed` is their sum), LayerNorm with biases, one fused q|k|v projection, a plain
@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import MinicircError
-from .model import Family, SiteModel, gelu_new
+from ..errors import MinicircError
+from .layers import ACTIVATIONS
+from .sites import SiteModel
 
 
 @dataclass
@@ -37,10 +38,6 @@ class Config:
 
     def to_hf(self):
         return self.hf
-
-
-ACTIVATIONS = {"gelu_new": gelu_new, "gelu": F.gelu, "relu": F.relu,
-               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def config_from_hf(hf):
@@ -130,7 +127,7 @@ class GPT2(SiteModel):
         return self.wte.weight   # tied
 
     def value_bias(self, layer):
-        """The value projection's bias in z_layer's layout (see model.GPTNeoX.value_bias): c_attn is [q | k | v]."""
+        """The value projection's bias in z_layer's layout (see gpt_neox.GPTNeoX.value_bias): c_attn is [q | k | v]."""
         D = self.cfg.d_model
         return self.layers[layer].attn.c_attn.bias[2 * D:]
 
@@ -151,6 +148,3 @@ def hf_names(cfg, keys=None):
                   "mlp.c_proj.weight", "mlp.c_proj.bias"]:
             names[f"layers.{l}.{p}"] = f"h.{l}.{p}"
     return {own: prefix + hf for own, hf in names.items()}
-
-
-FAMILY = Family(config_from_hf, GPT2, hf_names, TRANSPOSED)

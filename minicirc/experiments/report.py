@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a screen
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..model.sites import site_layer  # noqa: E402
 from .tasks import agreement  # noqa: E402
 
 
@@ -196,7 +197,7 @@ def real_lm_header(meta):
     """A pretrained model: what was loaded, the prompts' accuracy (templates below the bar left out), and the
     SAEs minicirc trained on it (real_lm.py)."""
     c, st, sae = meta["config"], meta["sae_stats"], meta["sae_settings"]
-    sites = sorted(st["sites"], key=lambda s: int(s.rsplit("_", 1)[1]))    # stats.json keeps them sorted by name
+    sites = sorted(st["sites"], key=site_layer)    # stats.json keeps them sorted by name
     low = [t for t in meta["accuracy"] if t not in meta["templates"]]
     lex = meta["lexicon"]
     lines = [f"Model: {meta['title']} (`{meta['path']}`): {c['n_layers']} layers, d_model {c['d_model']}, "
@@ -389,7 +390,7 @@ def shift_report(results, out):
     L = cfg["probe_layer"]
     lines = ["# SHIFT: concept disambiguation on the embedded default", "",
              f"Model: `{results['default']}` ({results['recipe']} recipe). Task: synthetic biographies "
-             f"(`minicirc.tasks.bios`); intended concept **profession** (professor / nurse), spurious concept "
+             f"(`minicirc.experiments.tasks.bios`); intended concept **profession** (professor / nurse), spurious concept "
              f"**gender**. The probe is a logistic regression on resid_{L} mean-pooled over real tokens, trained "
              f"on {cfg['n_train']} ambiguous bios (male professors and female nurses only; train accuracy "
              f"{_pct(results['probe_train_accuracy'])}%). All accuracies are on {cfg['n_test']} held-out balanced "

@@ -6,7 +6,7 @@ The shared shape: token embedding; per layer x + attn(norm(x)), then + mlp(norm(
 RMSNorm; rotary embeddings on the whole head ("rotate half" layout); grouped-query attention (n_kv_heads
 key/value heads, each shared by n_heads / n_kv_heads query heads); a gated MLP down(act(gate(x)) * up(x)).
 
-Sites are those of model.py: embed, attn_l, mlp_l, resid_l. For Gemma-2, attn_l and mlp_l are the values
+Sites are those of sites.py: embed, attn_l, mlp_l, resid_l. For Gemma-2, attn_l and mlp_l are the values
 after their post-norms, i.e. what is added to the residual stream.
 """
 import math
@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import MinicircError
-from .model import Family, SiteModel, rotate_half
+from ..errors import MinicircError
+from .layers import ACTIVATIONS, rotate_half
+from .sites import SiteModel
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma2")
 
@@ -56,13 +57,6 @@ class Config:
             raise MinicircError("this model's rotary frequencies come from a GGUF rope_freqs tensor, which a "
                                 "Hugging Face config.json cannot express; it cannot be saved")
         return self.hf
-
-
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 
 
 def _rope(hf):
@@ -299,6 +293,3 @@ def hf_names(cfg, keys=None):
         for p, _ in layer.named_parameters():
             names[f"layers.{l}.{p}"] = f"model.layers.{l}.{p}"
     return names
-
-
-FAMILY = Family(config_from_hf, Llama, hf_names)

@@ -38,13 +38,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import train
-from .data import tokenize
-from .default import cache_root, sae_hook
-from .errors import MinicircError
-from .files import staged_folder
-from .hashing import sha256_of
-from .model import load_model, load_tokenizer, model_hash
-from .sae import load_saes, save_saelens
+from ..data import tokenize
+from .default import cache_root
+from ..errors import MinicircError
+from ..files import staged_folder
+from ..hashing import sha256_of
+from ..model import load_model, load_tokenizer, model_hash
+from ..sae import load_saes, save_saelens, site_hook
 from .tasks import agreement
 
 VERSION = 1
@@ -218,7 +218,7 @@ def get_saes(name, model, tokenizer, recipe="full", progress=True):
     saes, stats = train_saes(model, tokenizer, settings, progress)
     with staged_folder(folder) as tmp:
         for s, sae in saes.items():
-            save_saelens(sae, os.path.join(tmp, "saes", sae_hook(s)), sae_hook(s))
+            save_saelens(sae, os.path.join(tmp, "saes", site_hook(s)), site_hook(s))
         for fname, obj in (("stats.json", stats), ("settings.json", settings)):
             with open(os.path.join(tmp, fname), "w") as f:
                 json.dump(obj, f, indent=1, sort_keys=True)

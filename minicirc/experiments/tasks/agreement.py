@@ -32,7 +32,7 @@ import hashlib
 import random
 from typing import NamedTuple
 
-from ..data import Example
+from ...data import Example
 
 # Nouns in three semantic classes, singular -> plural. No gendered nouns (SHIFT reads gender from the
 # biographies) and none of the professions or their context words in `bios.py`. The vocabulary is large on

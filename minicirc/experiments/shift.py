@@ -1,7 +1,7 @@
 """Concept disambiguation (SHIFT, docs/method.md §9): find what a classifier really uses, remove the
 spurious concept's features, retrain, and measure worst-group accuracy.
 
-    model, saes, tokenizer, stats, folder = minicirc.default.get_default("full")
+    model, saes, tokenizer, stats, folder = minicirc.experiments.default.get_default("full")
     train = bios_batch(ambiguous_split(400), tokenizer)            # profession == gender
     probe = train_probe(model, train, layer=1)                      # linear probe on mean-pooled resid_1
     circuit = probe_circuit(model, saes, probe, train[:200])        # metric: the probe's wrong-class logit
@@ -38,7 +38,7 @@ Choices (the design leaves them open):
   top-activating contexts so that a person can judge instead (`minicirc shift --ablate site/feature,...`).
 - Evaluation on the held-out balanced split: profession accuracy, gender accuracy (how often the prediction
   equals the gender label) and worst-group accuracy (the lowest profession accuracy over the four
-  (profession, gender) groups). shift_report.md and shift.png are written by minicirc/report.py.
+  (profession, gender) groups). shift_report.md and shift.png are written by report.py.
 """
 import json
 import os
@@ -48,11 +48,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import explain
-from .attribution_batched import error_of, features_at
-from .data import Batch, pad_right
-from .errors import MinicircError
-from .metrics import auroc
+from .. import explain
+from ..sae.sparse import error_of, features_at
+from ..data import Batch, pad_right
+from ..errors import MinicircError
+from ..metrics import auroc
 
 CONCEPT, SPURIOUS = "profession", "gender"
 
@@ -303,7 +303,7 @@ def probe_metric(probe):
 def probe_circuit(model, saes, probe, batch, steps=10, top_k=30, batch_size=100, progress=True):
     """IG node effects of every feature and error node at the sites up to the probe (patch = None: zero
     ablation as the counterfactual), summed over positions and averaged over examples."""
-    from .circuit import find_circuit
+    from ..circuit import find_circuit
     sites = probe_sites(model, probe.layer)
     dicts = {s: saes[s] for s in sites}
     return find_circuit(model, dicts, batch, method="ig", steps=steps, node_threshold=0.0, aggregation="sum",
@@ -572,10 +572,11 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
 
     coverage: the candidate rule's share (default 0.9); top_k: the strongest k instead (not both).
     ablate: "site/feature,..." (a person's judgement) instead of the automatic judge, for the SAE features."""
-    from . import report, viz
-    from .files import prepare_out_dir, write_atomic
+    from . import report
+    from .. import viz
+    from ..files import prepare_out_dir, write_atomic
     from .default import get_default
-    from .sae import identity_saes
+    from ..sae import identity_saes
     t0 = time.time()
     cfg = dict(SETTINGS["quick" if quick else "full"], threshold=threshold, top_k=top_k)
     for key, v in (("coverage", coverage), ("margin", margin), ("random_seeds", random_seeds)):

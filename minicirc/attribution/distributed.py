@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import torch
 
-from .errors import MinicircError
+from ..errors import MinicircError
 
 
 def _dist():

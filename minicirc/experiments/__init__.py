@@ -1,0 +1,4 @@
+"""The experiments minicirc runs on its own: the embedded default model and its synthetic language
+(default.py, train.py, tasks/, default_files/), the feature-vs-neuron comparison (demo.py, report.py), SHIFT
+(shift.py) and the real model (real_lm.py). The library (minicirc/*, model/, sae/, attribution/) never
+imports from here."""
