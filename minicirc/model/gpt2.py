@@ -15,16 +15,11 @@ import torch.nn.functional as F
 
 from ..errors import MinicircError
 from .layers import ACTIVATIONS
-from .sites import SiteModel
+from .sites import SiteConfig, SiteModel
 
 
 @dataclass
-class Config:
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_mlp: int
+class Config(SiteConfig):
     max_len: int = 1024
     layer_norm_eps: float = 1e-5
     act: str = "gelu_new"

@@ -16,16 +16,11 @@ import torch.nn.functional as F
 
 from ..errors import MinicircError
 from .layers import ACTIVATIONS, rotate_half
-from .sites import SiteModel
+from .sites import SiteConfig, SiteModel
 
 
 @dataclass
-class Config:
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_mlp: int
+class Config(SiteConfig):
     rotary_pct: float = 0.25
     rotary_base: float = 10000.0
     max_len: int = 2048

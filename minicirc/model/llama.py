@@ -18,20 +18,15 @@ import torch.nn.functional as F
 
 from ..errors import MinicircError
 from .layers import ACTIVATIONS, rotate_half
-from .sites import SiteModel
+from .sites import SiteConfig, SiteModel
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma2")
 
 
 @dataclass
-class Config:
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
+class Config(SiteConfig):
     n_kv_heads: int
     head_dim: int
-    d_mlp: int
     max_len: int = 2048
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0

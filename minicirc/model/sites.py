@@ -11,11 +11,24 @@ and `cache={}` is filled with the value that flowed downstream from every site (
 outlives the call: there are no module hooks. A family (gpt_neox.py, gpt2.py, llama.py) subclasses
 `SiteModel` and only says how a layer computes its attention and MLP outputs.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MinicircError
+
+
+@dataclass
+class SiteConfig:
+    """The fields every family's config has (gpt_neox.Config, gpt2.Config, llama.Config add their own). SiteModel
+    also reads max_len, parallel_residual and final_softcap, which each family sets."""
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
 
 
 def site_kind(site):
