@@ -39,8 +39,8 @@ def extension_modules():
     debug = os.getenv("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     here = os.path.dirname(os.path.abspath(__file__))
-    # The argument checks both libraries include; listed so that sdists ship it.
-    depends = [os.path.join("csrc", "minicirc_checks.h")]
+    # The headers both libraries include (argument checks, the rows walk): a change rebuilds both.
+    depends = [os.path.join("csrc", h) for h in ("minicirc_checks.h", "minicirc_rows.h")]
     exts = [
         CppExtension(
             "minicirc._C",

@@ -4,8 +4,7 @@
 // shims, so one build works with any later torch and the translation unit compiles in seconds.
 // The CUDA kernels live in minicirc_cuda.cu, a separate library that only adds CUDA impls.
 //
-// Compressed rows ("rows"): crow int64 (N+1,), col int64 (nnz,), val (nnz,). Row n holds the
-// features active on token n (f != 0), column ids strictly increasing.
+// Compressed rows ("rows"): see minicirc_rows.h.
 #include <Python.h>
 
 #include <torch/csrc/stable/library.h>
@@ -15,6 +14,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include "minicirc_checks.h"
+#include "minicirc_rows.h"
 
 #include <algorithm>
 #include <atomic>
@@ -36,7 +36,8 @@ using torch::stable::Tensor;
 
 // The (rows, n_features) pre-activation block of one chunk is the encode's only large
 // temporary: 4M elements (16 MB in float32) keeps peak memory flat in N while the GEMM stays
-// large enough to run at BLAS speed.
+// large enough to run at BLAS speed. The same number as CHUNK_ELEMS in minicirc/rows.py, the
+// chunk of the torch reference and of the Python side's dense encodes.
 constexpr int64_t kChunkElems = int64_t(1) << 22;
 
 // GCC does not vectorise a floating-point reduction without permission to reassociate; this
@@ -159,24 +160,6 @@ std::tuple<Tensor, Tensor, Tensor> sae_encode_sparse_cpu(
   return encode_cpu_impl<float>(x, W_enc, b_enc, b_dec, kind, th, k);
 }
 
-// Walks the sorted union of two rows' column ids, calling emit(col, index in a or -1, index in
-// b or -1). Returns false on an out-of-range or non-increasing id instead of throwing, because
-// it runs inside parallel_for and exceptions must not cross the C shim.
-template <typename Emit>
-inline bool merge_rows(const int64_t* a, int64_t na, const int64_t* b, int64_t nb, int64_t F, Emit emit) {
-  int64_t i = 0, j = 0, last = -1;
-  while (i < na || j < nb) {
-    const int64_t ca = i < na ? a[i] : F, cb = j < nb ? b[j] : F;
-    const int64_t c = std::min(ca, cb);
-    if (c < 0 || c >= F || c <= last) return false;
-    emit(c, ca == c ? i : -1, cb == c ? j : -1);
-    i += ca == c;
-    j += cb == c;
-    last = c;
-  }
-  return true;
-}
-
 // The crow values (shapes and dtypes were checked by check_attribution_args).
 void check_crow_values(const Tensor& crow, const Tensor& col, int64_t N, const char* which) {
   const int64_t* c = crow.const_data_ptr<int64_t>();
@@ -201,10 +184,8 @@ std::tuple<Tensor, Tensor, Tensor> attribution_cpu_impl(const Tensor& g, const T
   std::atomic<bool> ok{true};
   torch::stable::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
-      int64_t cnt = 0;
-      if (!merge_rows(cip + ccp[n], ccp[n + 1] - ccp[n], pip + pcp[n], pcp[n + 1] - pcp[n], F,
-                      [&](int64_t, int64_t, int64_t) { ++cnt; }))
-        ok = false;
+      const int64_t cnt = union_size(ccp, cip, pcp, pip, n, F);
+      if (cnt < 0) ok = false;
       oc[n + 1] = cnt;
     }
   });
@@ -220,9 +201,8 @@ std::tuple<Tensor, Tensor, Tensor> attribution_cpu_impl(const Tensor& g, const T
     for (int64_t n = b; n < e; ++n) {
       int64_t o = oc[n];
       const T* gn = gp + n * d;
-      const int64_t c0 = ccp[n], p0 = pcp[n];
-      merge_rows(cip + c0, ccp[n + 1] - c0, pip + p0, pcp[n + 1] - p0, F, [&](int64_t c, int64_t ia, int64_t ib) {
-        const T delta = (ib >= 0 ? pvp[p0 + ib] : T(0)) - (ia >= 0 ? cvp[c0 + ia] : T(0));
+      merge_rows(ccp, cip, pcp, pip, n, F, [&](int64_t c, int64_t ia, int64_t ib) {
+        const T delta = (ib >= 0 ? pvp[ib] : T(0)) - (ia >= 0 ? cvp[ia] : T(0));
         ocol[o] = c;
         oval[o++] = dot(gn, wp + c * d, d) * delta;
       });

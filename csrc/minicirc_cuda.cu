@@ -29,6 +29,7 @@
 #include <torch/csrc/stable/c/shim.h>
 
 #include "minicirc_checks.h"
+#include "minicirc_rows.h"
 
 #include <cub/device/device_scan.cuh>
 #include <cuda_bf16.h>
@@ -328,7 +329,7 @@ __global__ void padded_to_rows(const T* pad_val, const int64_t* pad_idx, const i
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> encode_cuda_impl(const Tensor& x, const Tensor& W, const Tensor& b_enc,
-                                                    const Tensor& b_dec, const Tensor* theta, int kind, int64_t k) {
+                                                    const Tensor& b_dec, const Tensor* theta, Kind kind, int64_t k) {
   using A = typename Acc<T>::type;
   const int64_t N = x.size(0), d = x.size(1), S = W.size(1);
   cudaStream_t stream = current_stream(x);
@@ -341,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor> encode_cuda_impl(const Tensor& x, const Tenso
     return std::make_tuple(crow, empty_on(x, {0}, ScalarType::Long), empty_on(x, {0}, x.scalar_type()));
   };
 
-  if (kind == 2) {  // topk
+  if (kind == Kind::TopK) {
     const int kk = int(std::min<int64_t>(k, S));
     if (N == 0 || kk == 0) return empty_result();
     int cap = 64;
@@ -378,7 +379,7 @@ std::tuple<Tensor, Tensor, Tensor> encode_cuda_impl(const Tensor& x, const Tenso
   int64_t *cp = mptr<int64_t>(counts), *op = mptr<int64_t>(offsets);
   const auto launch = [&](auto write, int64_t* col, T* val) {
     constexpr bool W_ = decltype(write)::value;
-    if (kind == 0)
+    if (kind == Kind::ReLU)
       encode_tile_kernel<T, Act::ReLU, W_><<<grid, kThreads, 0, stream>>>(xp, wp, bep, bdp, thp, N, d, S, n_tiles, cp, op, col, val);
     else
       encode_tile_kernel<T, Act::JumpReLU, W_><<<grid, kThreads, 0, stream>>>(xp, wp, bep, bdp, thp, N, d, S, n_tiles, cp, op, col, val);
@@ -403,19 +404,18 @@ std::tuple<Tensor, Tensor, Tensor> sae_encode_sparse_cuda(const Tensor& x_, cons
                                                           const Tensor& b_enc_, const Tensor& b_dec_,
                                                           std::string kind_, std::optional<Tensor> threshold,
                                                           int64_t k) {
-  // kind: 0 relu, 1 jumprelu, 2 topk (the values of Kind)
-  const int kind = static_cast<int>(check_encode_args(x_, W_enc_, b_enc_, b_dec_, kind_, threshold, k));
+  const Kind kind = check_encode_args(x_, W_enc_, b_enc_, b_dec_, kind_, threshold, k);
   const int64_t S = W_enc_.size(1);
-  STD_TORCH_CHECK(kind != 2 || std::min<int64_t>(k, S) <= kTopkMaxK,
+  STD_TORCH_CHECK(kind != Kind::TopK || std::min<int64_t>(k, S) <= kTopkMaxK,
                   "sae_encode_sparse (CUDA): topk needs 0 <= k <= ", kTopkMaxK);
   STD_TORCH_CHECK(S < INT_MAX, "sae_encode_sparse (CUDA): n_features must fit in int32");
   for (const auto* t : {&W_enc_, &b_enc_, &b_dec_}) check_cuda_device(*t, x_, "W_enc/b_enc/b_dec");
-  if (kind == 1) check_cuda_device(*threshold, x_, "threshold");
+  if (kind == Kind::JumpReLU) check_cuda_device(*threshold, x_, "threshold");
   torch::stable::accelerator::DeviceGuard guard(x_.get_device_index());
   const Tensor x = torch::stable::contiguous(x_), W = torch::stable::contiguous(W_enc_),
                be = torch::stable::contiguous(b_enc_), bd = torch::stable::contiguous(b_dec_);
   std::optional<Tensor> th;
-  if (kind == 1) th = torch::stable::contiguous(*threshold);
+  if (kind == Kind::JumpReLU) th = torch::stable::contiguous(*threshold);
   std::tuple<Tensor, Tensor, Tensor> out{x, x, x};
   dispatch_float(x.scalar_type(), "sae_encode_sparse", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -425,22 +425,6 @@ std::tuple<Tensor, Tensor, Tensor> sae_encode_sparse_cuda(const Tensor& x_, cons
 }
 
 // ----------------------------------------------------------------------------- attribution
-
-// Same walk as merge_rows in minicirc_cpu.cpp: the sorted union of two rows' ids.
-template <typename Emit>
-__device__ bool merge_rows(const int64_t* a, int64_t na, const int64_t* b, int64_t nb, int64_t F, Emit emit) {
-  int64_t i = 0, j = 0, last = -1;
-  while (i < na || j < nb) {
-    const int64_t ca = i < na ? a[i] : F, cb = j < nb ? b[j] : F;
-    const int64_t c = ca < cb ? ca : cb;
-    if (c < 0 || c >= F || c <= last) return false;
-    emit(c, ca == c ? i : -1, cb == c ? j : -1);
-    i += ca == c;
-    j += cb == c;
-    last = c;
-  }
-  return true;
-}
 
 // Flags: 1 bad crow, 2 bad column ids. Bad rows are skipped so no out-of-range read happens.
 __device__ bool row_range_ok(const int64_t* crow, int64_t n, int64_t nnz) {
@@ -458,10 +442,8 @@ __global__ void union_count_kernel(const int64_t* cc, const int64_t* ci, int64_t
     atomicOr(flag, 1);
     return;
   }
-  int64_t cnt = 0;
-  if (!merge_rows(ci + cc[n], cc[n + 1] - cc[n], pi + pc[n], pc[n + 1] - pc[n], F,
-                  [&](int64_t, int64_t, int64_t) { ++cnt; }))
-    atomicOr(flag, 2);
+  const int64_t cnt = union_size(cc, ci, pc, pi, n, F);
+  if (cnt < 0) atomicOr(flag, 2);
   count[n] = cnt;
 }
 
@@ -473,10 +455,9 @@ __global__ void union_write_kernel(const int64_t* cc, const int64_t* ci, const T
   const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= N) return;
   int64_t o = crow[n];
-  const int64_t c0 = cc[n], p0 = pc[n];
-  merge_rows(ci + c0, cc[n + 1] - c0, pi + p0, pc[n + 1] - p0, F, [&](int64_t c, int64_t ia, int64_t ib) {
+  merge_rows(cc, ci, pc, pi, n, F, [&](int64_t c, int64_t ia, int64_t ib) {
     out_col[o] = c;
-    delta[o++] = (ib >= 0 ? to_acc(pv[p0 + ib]) : A(0)) - (ia >= 0 ? to_acc(cv[c0 + ia]) : A(0));
+    delta[o++] = (ib >= 0 ? to_acc(pv[ib]) : A(0)) - (ia >= 0 ? to_acc(cv[ia]) : A(0));
   });
 }
 

@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from .rows import Rows, chunk_rows, row_ids
+from .rows import Rows, delta_rows, dense_rows_in_chunks
 
 _CPU_EXT = False  # minicirc._C loaded: op schemas + CPU kernels
 _CUDA_EXT = False  # minicirc._C_cuda loaded: CUDA kernels
@@ -103,35 +103,16 @@ def activate(pre: torch.Tensor, kind: str, threshold: torch.Tensor | None = None
 
 
 def _encode_reference(x, W_enc, b_enc, b_dec, kind, threshold, k):
-    n, s = x.shape[0], W_enc.shape[1]
     # A (rows, n_features) block of CHUNK_ELEMS at a time, as the C++ kernel: the fallback does not
     # materialise (N, n_features) either.
-    step = chunk_rows(s)
-    counts, cols, vals = [torch.zeros(1, dtype=torch.long, device=x.device)], [], []
-    for r0 in range(0, n, step):
-        f = activate((x[r0:r0 + step] - b_dec) @ W_enc + b_enc, kind, threshold, k)
-        r, c = f.nonzero(as_tuple=True)
-        counts.append(torch.bincount(r, minlength=f.shape[0]))
-        cols.append(c)
-        vals.append(f[r, c])
-    crow = torch.cat(counts).cumsum(0)
-    if not cols:
-        return crow, x.new_zeros(0, dtype=torch.long), x.new_zeros(0)
-    return crow, torch.cat(cols), torch.cat(vals)
+    return dense_rows_in_chunks(lambda xs: activate((xs - b_dec) @ W_enc + b_enc, kind, threshold, k), x,
+                                W_enc.shape[1])
 
 
 def _attribution_reference(g_x, W_dec, clean, patch):
     n, nf = g_x.shape[0], W_dec.shape[0]
-    kc = row_ids(clean[0]) * nf + clean[1]
-    kp = row_ids(patch[0]) * nf + patch[1]
-    keys = torch.cat([kc, kp]).unique()  # sorted: row-major order, increasing ids per row
-    delta = g_x.new_zeros(keys.numel())
-    delta.index_add_(0, torch.searchsorted(keys, kp), patch[2])
-    delta.index_add_(0, torch.searchsorted(keys, kc), -clean[2])
-    rows, cols = keys // max(nf, 1), keys % max(nf, 1)
-    crow = torch.zeros(n + 1, dtype=torch.long, device=g_x.device)
-    crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
-    if keys.numel() == 0:
+    crow, cols, delta = delta_rows(clean, patch, nf, keep_zeros=True)
+    if cols.numel() == 0:
         return crow, cols, delta
     # The sampled product (g_x @ W_dec.T)[rows, cols]: SDDMM, never the dense (N, F) product.
     with warnings.catch_warnings():

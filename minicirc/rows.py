@@ -29,6 +29,13 @@ def chunk_rows(n_features):
     return max(1, CHUNK_ELEMS // max(n_features, 1))
 
 
+def dense_rows_in_chunks(dense_of, x, n_features):
+    """Rows of dense_of(x), an (N, n_features) function of x's rows, run a chunk_rows block of rows at a
+    time: the whole (N, n_features) tensor is never made."""
+    step = chunk_rows(n_features)
+    return cat_rows([dense_to_rows(dense_of(x[i:i + step])) for i in range(0, max(len(x), 1), step)])
+
+
 def empty_rows(n: int, dtype=torch.float32, device=None):
     """Rows with no active feature (e.g. the all-zero patch state when there is no patch)."""
     return Rows(torch.zeros(n + 1, dtype=torch.long, device=device),
@@ -73,9 +80,9 @@ def rows_from_entries(n: int, row: torch.Tensor, col: torch.Tensor, val: torch.T
     return Rows(crow, col, val)
 
 
-def delta_rows(clean, patch, n_features: int):
-    """patch - clean as rows over the union of their entries, exact zeros dropped (entries active on both
-    with no change)."""
+def delta_rows(clean, patch, n_features: int, keep_zeros: bool = False):
+    """patch - clean as rows over the union of their entries. Exact zeros (entries active on both with no
+    change) are dropped, or kept with keep_zeros: the whole union, as feature_attribution returns it."""
     n = clean[0].numel() - 1
     kc = row_ids(clean[0]) * n_features + clean[1]
     kp = row_ids(patch[0]) * n_features + patch[1]
@@ -84,8 +91,9 @@ def delta_rows(clean, patch, n_features: int):
     delta = torch.zeros(keys.numel(), dtype=dtype, device=keys.device)
     delta.index_add_(0, torch.searchsorted(keys, kp), patch[2].to(dtype))
     delta.index_add_(0, torch.searchsorted(keys, kc), -clean[2].to(dtype))
-    nz = delta != 0
-    keys, delta = keys[nz], delta[nz]
+    if not keep_zeros:
+        nz = delta != 0
+        keys, delta = keys[nz], delta[nz]
     return rows_from_entries(n, keys // max(n_features, 1), keys % max(n_features, 1), delta)
 
 

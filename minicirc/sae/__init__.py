@@ -1,6 +1,12 @@
 """Dictionaries (SAEs and their kinds), their sparse view, the file formats they come in, and a model's set
-of them."""
-from .dictionary import (INPUT_NORMS, KINDS, Dictionary, IdentityDictionary, checked, hook_site, identity_saes,
-                         load_dictionary_learning, load_gemma_scope, load_sae, load_saelens, load_saes,
-                         save_dictionary_learning, save_saelens, save_saes, saes_hash, shift_input, site_folder,
-                         site_hook)
+of them.
+
+    dictionary.py  Dictionary (relu, jumprelu, topk, gated, identity), identity_saes, shift_input
+    sparse.py      the sparse view: encode_rows, decode_rows, features_at, error_of
+    formats.py     dictionary_learning, SAELens and Gemma Scope files; TransformerLens hook names both ways
+    tree.py        load_sae, load_saes, save_saes, saes_hash
+"""
+from .dictionary import INPUT_NORMS, KINDS, Dictionary, IdentityDictionary, checked, identity_saes, shift_input
+from .formats import (hook_site, load_dictionary_learning, load_gemma_scope, load_saelens, save_dictionary_learning,
+                      save_saelens, site_hook)
+from .tree import load_sae, load_saes, save_saes, saes_hash, site_folder

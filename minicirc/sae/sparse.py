@@ -10,7 +10,7 @@ that no (tokens x n_features) tensor is made for a dictionary site.
 import torch
 
 from ..ops import KINDS, sae_encode_sparse
-from ..rows import cat_rows, chunk_rows, dense_to_rows, row_ids, rows_matmul, rows_to_dense
+from ..rows import chunk_rows, dense_rows_in_chunks, row_ids, rows_matmul, rows_to_dense
 
 
 def encode_rows(sae, x, use_ext=None):
@@ -24,9 +24,8 @@ def encode_rows(sae, x, use_ext=None):
     if sae.kind in ("relu", "jumprelu") and getattr(sae, "input_norm", "none") == "none":
         b_dec = sae.b_dec if sae.subtract_b_dec else torch.zeros_like(sae.b_dec)
         return sae_encode_sparse(x, sae.W_enc, sae.b_enc, b_dec, sae.kind, sae.threshold, 0, use_ext)
-    step = chunk_rows(sae.n_features)
     with torch.no_grad():
-        return cat_rows([dense_to_rows(sae.encode(x[i:i + step])) for i in range(0, max(len(x), 1), step)])
+        return dense_rows_in_chunks(sae.encode, x, sae.n_features)
 
 
 def features_at(sae, x, features):
