@@ -80,7 +80,7 @@ KERNEL_TOLERANCE = 1e-4     # sparse ops vs dense path, relative to the largest 
 SPEEDUP_TARGET = 4.0        # the CUDA targets bench_kernels.py prints
 ENCODE_SHARE_TARGET = 0.5
 FAITHFULNESS_TOLERANCE = 1e-3
-LOG_SECTION_BYTES = 1 << 20
+LOG_SECTION_BYTES = 1 << 19     # per command in gpu-check.log: the log stays a few MB
 
 # Run with the checked python: what torch, the packages and the extension are (one JSON line).
 PROBE = r"""
