@@ -26,8 +26,16 @@ steps + all edges, thresholds 0.02 / 0.01); --sweep-features runs it at each n_f
 
     python scripts/bench_circuit.py --preset issue14 --paths sparse,dense
     python scripts/bench_circuit.py --preset issue14 --sweep-features 8192,32768,131072 --examples 4 --paths sparse,dense
+
+A device against the CPU (scripts/gpu_check.sh): the same find_circuit once with the model and dictionaries on
+--device and once on the CPU, each in its own process; time, peak memory (the GPU's allocated memory on cuda),
+node and edge effects compared (<= --tolerance, 1e-4 relative). --preset pythia70m is issue 14's shapes on
+4 x 32 tokens:
+
+    python scripts/bench_circuit.py --preset pythia70m --device cuda --against-cpu [--json PATH]
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -158,7 +166,9 @@ def main():
     p.add_argument("--skip-stages", action="store_true", help="only the end-to-end find_circuit section")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the model, SAEs and data live (cuda: peak memory is the GPU's, RSS otherwise)")
-    p.add_argument("--preset", choices=["issue14"], help="issue 14's workload (sets the sizes; flags after it win)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="issue14: issue 14's workload; pythia70m: the same shapes on fewer tokens, the GPU check's "
+                        "(sets the sizes; flags after it win)")
     p.add_argument("--paths", default=None,
                    help="sparse end to end: comma list of paths to run, each in its own process (sparse, dense)")
     p.add_argument("--sweep-features", default=None, help="sparse end to end at each of these n_features")
@@ -167,6 +177,12 @@ def main():
     p.add_argument("--dense-max-features", type=int, default=32768,
                    help="skip the dense path above this n_features (its dense states would not fit in memory)")
     p.add_argument("--ig-tokens", type=int, default=None, help="attribution_batched.IG_TOKENS for the sparse path")
+    p.add_argument("--against-cpu", action="store_true",
+                   help="find_circuit on --device and on the CPU, each in its own process: time, peak memory (the "
+                        "GPU's on cuda), node and edge effects compared (<= --tolerance relative)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="--against-cpu: largest relative difference of node and edge effects (tests/test_device.py's)")
+    p.add_argument("--json", metavar="PATH", help="--against-cpu: also write the results as JSON to PATH")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)   # internal: one run, results to this folder
     argv = sys.argv[1:]
     if "--preset" in argv:   # the preset's values first, so that explicit flags override them
@@ -174,6 +190,8 @@ def main():
     a = p.parse_args(argv)
     if a.child:
         return child_run(a)
+    if a.against_cpu:
+        return against_cpu(a)
     if a.paths:
         return sparse_against_dense(a)
     global PEAK
@@ -340,9 +358,15 @@ def stages(a, model, saes, batch):
 
 # --- sparse end to end: this checkout against the dense code, each run in its own process ---------------
 
-PRESETS = {"issue14": ["--d-model", "512", "--d-mlp", "2048", "--layers", "6", "--heads", "8", "--vocab", "50304",
-                       "--features", "32768", "--l0", "64", "--examples", "32", "--pos", "64", "--steps", "10",
-                       "--node-threshold", "0.02", "--edge-threshold", "0.01", "--batch-size", "32"]}
+PYTHIA70M = ["--d-model", "512", "--d-mlp", "2048", "--layers", "6", "--heads", "8", "--vocab", "50304",
+             "--features", "32768", "--l0", "64"]
+PRESETS = {"issue14": PYTHIA70M + ["--examples", "32", "--pos", "64", "--steps", "10",
+                                   "--node-threshold", "0.02", "--edge-threshold", "0.01", "--batch-size", "32"],
+           # The GPU check's (scripts/gpu_check.sh): issue 14's shapes and settings on 4 x 32 tokens (1/16 of its
+           # tokens), so that the CPU run it is compared with stays well under a minute on 16 cores (on the 2-core
+           # CPU, 2026-12-07, under load: 46 s at 2 x 16 tokens, 99 s at 4 x 16, 185 s at 8 x 32).
+           "pythia70m": PYTHIA70M + ["--examples", "4", "--pos", "32", "--steps", "10",
+                                     "--node-threshold", "0.02", "--edge-threshold", "0.01", "--batch-size", "4"]}
 
 
 def child_run(a):
@@ -354,16 +378,22 @@ def child_run(a):
     batch = Batch(torch.randint(0, a.vocab, (B, T)), torch.randint(0, a.vocab, (B, T)),
                   torch.randint(0, a.vocab, (B,)), torch.randint(0, a.vocab, (B,)), torch.full((B,), T - 1), [None] * B)
     del cache
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device")
+    # Built on the CPU (the same random draws whatever the device), then moved; find_circuit moves each slice.
+    model, saes = model.to(a.device), {s: d.to(a.device) for s, d in saes.items()}
     with torch.no_grad():   # L0 on the workload's own clean tokens, a slice at a time
         c = {}
-        model(batch.clean[:4], cache=c)
+        model(batch.clean[:4].to(a.device), cache=c)
         from minicirc import ops
         l0 = sum(int(ops.sae_encode_sparse(c[s].reshape(-1, a.d_model), d.W_enc, d.b_enc, d.b_dec, "relu")[1].numel())
                  / c[s].shape[0] / c[s].shape[1] for s, d in saes.items()) / len(saes)
         del c
     weights = sum(t.numel() * t.element_size() for d in saes.values() for t in (d.W_enc, d.W_dec)) / 2**20
     t0 = time.perf_counter()
-    with PeakRSS() as mem:    # sampled during the run only (building the random SAEs has its own transients)
+    # sampled during the run only (building the random SAEs has its own transients); on cuda, the GPU's peak too
+    with PeakRSS() as mem, (PeakCUDA() if cuda else contextlib.nullcontext()) as gpu:
         circuit = minicirc.find_circuit(model, saes, batch, method="ig", steps=a.steps, node_threshold=a.node_threshold,
                                         edge_threshold=a.edge_threshold, batch_size=a.batch_size, progress=False)
     seconds = time.perf_counter() - t0
@@ -371,9 +401,75 @@ def child_run(a):
     circuit.save(a.child)
     stats = {"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "sae_weights_mb": weights, "l0": l0,
              "threads": torch.get_num_threads(), "minicirc": os.path.dirname(minicirc.__file__),
-             "kept_nodes": len(circuit.kept_nodes()), "edge_entries": sum(v._nnz() for _, v in circuit.edges.values())}
+             "kept_nodes": len(circuit.kept_nodes()), "edge_entries": sum(v._nnz() for _, v in circuit.edges.values()),
+             "device": a.device, "device_name": torch.cuda.get_device_name() if cuda else "cpu"}
+    if cuda:   # GPU memory allocated: the peak during the run, and the level before it (model + SAEs)
+        stats.update(peak_gpu_mb=gpu.peak / 2**20, gpu_before_mb=gpu.base / 2**20)
     with open(os.path.join(a.child, "stats.json"), "w") as f:
         json.dump(stats, f)
+
+
+def child_flags(a):
+    """The flags that define the workload (model, dictionaries, data, settings), for a --child run."""
+    flags = ["--d-model", a.d_model, "--d-mlp", a.d_mlp, "--layers", a.layers, "--heads", a.heads, "--vocab", a.vocab,
+             "--features", a.features, "--l0", a.l0, "--examples", a.examples, "--pos", a.pos, "--steps", a.steps,
+             "--node-threshold", a.node_threshold, "--edge-threshold", a.edge_threshold,
+             "--batch-size", a.batch_size, "--seed", a.seed]
+    if a.ig_tokens:
+        flags += ["--ig-tokens", a.ig_tokens]
+    return [str(x) for x in flags]
+
+
+def against_cpu(a):
+    """--against-cpu: one find_circuit (IG nodes + all edges) on --device and the same on the CPU, each in its
+    own process (same random model, dictionaries and data: both are drawn on the CPU); node and edge effects
+    compared with compare_circuits. With --device cpu both runs are on the CPU (gpu_check.sh's dry run)."""
+    out = tempfile.mkdtemp(prefix="bench-against-cpu-")
+    print(f"model d={a.d_model} d_mlp={a.d_mlp} layers={a.layers} vocab={a.vocab}; {1 + 3 * a.layers} relu SAEs x "
+          f"{a.features} features, target L0 {a.l0}; {a.examples} examples x {a.pos} tokens; IG {a.steps} steps + all "
+          f"edges, thresholds {a.node_threshold} / {a.edge_threshold}; {a.device} against cpu", flush=True)
+    result = {"device": a.device, "workload": {k: getattr(a, k.replace("-", "_")) for k in
+                                               ("d-model", "d-mlp", "layers", "heads", "vocab", "features", "l0",
+                                                "examples", "pos", "steps", "node-threshold", "edge-threshold",
+                                                "batch-size", "seed")},
+              "tolerance": a.tolerance, "runs": {}, "folder": out}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    def write_json():   # after each step, so that a run stopped at its time limit leaves what it measured
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    for label, device in (("device", a.device), ("cpu", "cpu")):
+        folder = os.path.join(out, label)
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), *child_flags(a), "--device", device,
+                            "--child", folder], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"  {device:4s} run failed after {time.perf_counter() - t:.0f} s (exit {r.returncode}):\n{r.stderr}",
+                  flush=True)
+            result["runs"][label] = {"device": device, "failed": r.returncode, "stderr": r.stderr[-4000:]}
+            write_json()
+            continue
+        with open(os.path.join(folder, "stats.json")) as f:
+            result["runs"][label] = st = json.load(f)
+        gpu = (f"   peak GPU memory {st['peak_gpu_mb']:8.0f} MB (model + SAEs {st['gpu_before_mb']:.0f} MB)"
+               if "peak_gpu_mb" in st else "")
+        print(f"  {device:4s} ({st['device_name']}, {st['threads']} threads): {st['seconds']:8.2f} s   peak RSS "
+              f"{st['peak_rss_mb']:8.0f} MB{gpu}   L0 {st['l0']:.1f}   {st['kept_nodes']} nodes kept, "
+              f"{st['edge_entries']} edge entries", flush=True)
+        write_json()
+    ok = False
+    if all("seconds" in result["runs"].get(k, {}) for k in ("device", "cpu")):
+        nodes, edges = compare_circuits(os.path.join(out, "device"), os.path.join(out, "cpu"))
+        ok = max(nodes, edges) <= a.tolerance
+        result.update(node_rel_diff=nodes, edge_rel_diff=edges)
+        print(f"  {a.device} against cpu: largest relative difference: nodes {nodes:.2g}, edges {edges:.2g} "
+              f"({'ok' if ok else 'ABOVE'}: tolerance {a.tolerance:g})", flush=True)
+    result["ok"] = ok
+    print(f"circuits and stats.json of both runs: {out}")
+    write_json()
+    return 0 if ok else 1
 
 
 def dense_checkout(ref):

@@ -10,7 +10,8 @@ told to mmap every allocation >= 64 KiB so freed memory is returned) is not poll
 Targets on CPU: sparse >= 1.2x faster and <= 1/5 of the dense peak memory.
 With a GPU (and the CUDA extension) it also times N=4096, 32768 features on the device.
 
-    python scripts/bench_kernels.py [--n 2048 --d 512 --s 16384 --l0 64 --reps 5]
+    python scripts/bench_kernels.py [--n 2048 --d 512 --s 16384 --l0 64 --reps 5] [--json PATH]
+    python scripts/bench_kernels.py --device cuda --n 4096 --s 32768 --reps 20 --json PATH   # the device section only
 """
 import argparse
 import itertools
@@ -105,23 +106,43 @@ def run_worker(path, args, no_ext=False):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def bench_cuda(n=4096, d=512, s=32768, l0=64, reps=20):
+def scatter_rows(crow, col, val, n_features):
+    """Compressed rows (crow, col, val) as a dense (N, n_features) tensor, on their device."""
+    row = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+    out = torch.zeros(crow.numel() - 1, n_features, dtype=val.dtype, device=val.device)
+    out[row, col] = val
+    return out
+
+
+def bench_device(device="cuda", n=4096, d=512, s=32768, l0=64, reps=20):
+    """Dense path against the sparse ops on one device, in this process: time, peak memory, the encode's
+    share of a plain matmul's throughput, and the sparse rows checked against the dense effect on the first
+    rows. On the CPU (scripts/gpu_check.sh --dry-run) peak memory is VmHWM above the RSS before the call."""
     from minicirc import ops
-    inputs = make_inputs(n, d, s, l0, device="cuda")
+    inputs = make_inputs(n, d, s, l0, device=device)
+    cuda = device == "cuda"
 
     def timed(fn):
-        for _ in range(3):
+        for _ in range(3 if cuda else 1):
             fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / reps, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        rss0 = _status_kb("VmRSS")
+        t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        return 1e3 * (time.perf_counter() - t0) / reps, max(_status_kb("VmHWM") - rss0, 0) / 1024
 
     with torch.no_grad():
         x_c, x_p, g, W_enc, W_dec, b_enc, b_dec = inputs
@@ -129,14 +150,38 @@ def bench_cuda(n=4096, d=512, s=32768, l0=64, reps=20):
         ms_sparse, mb_sparse = timed(lambda: sparse_path(*inputs))
         ms_mm, _ = timed(lambda: x_c @ W_enc)
         ms_enc, _ = timed(lambda: ops.sae_encode_sparse(x_c, W_enc, b_enc, b_dec, "relu"))
+        # Correctness on the device: the sparse rows against the dense effect on the first rows.
+        crow, col, val = sparse_path(*inputs)
+        m = min(n, 128)
+        ref = dense_path(inputs[0][:m], inputs[1][:m], inputs[2][:m], *inputs[3:])
+        got = scatter_rows(crow[:m + 1], col[:int(crow[m])], val[:int(crow[m])], s)
+        max_abs_diff, max_abs_ref = float((got - ref).abs().max()), float(ref.abs().max())
     flops = 2 * n * d * s
-    print(f"\nCUDA ({torch.cuda.get_device_name()}), N={n} d={d} S={s} L0~{l0}, "
-          f"cuda extension loaded: {ops.cuda_extension_loaded()}")
+    res = {"device": device, "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "n": n, "d": d, "s": s, "l0": l0,
+           "reps": reps, "extension_loaded": ops.extension_loaded(),
+           "cuda_extension_loaded": ops.cuda_extension_loaded(), "nnz": int(col.numel()),
+           "ms_dense": ms_dense, "mb_dense": mb_dense, "ms_sparse": ms_sparse, "mb_sparse": mb_sparse,
+           "speedup": ms_dense / ms_sparse, "memory_ratio": mb_sparse / mb_dense if mb_dense > 0 else None,
+           "ms_encode": ms_enc, "ms_matmul": ms_mm, "encode_tflops": flops / ms_enc / 1e9,
+           "matmul_tflops": flops / ms_mm / 1e9, "encode_share_of_matmul": ms_mm / ms_enc,
+           "check_rows": m, "max_abs_diff": max_abs_diff, "max_abs_ref": max_abs_ref,
+           "rel_diff": max_abs_diff / max(max_abs_ref, 1e-30)}
+    ext = ops.cuda_extension_loaded() if cuda else ops.extension_loaded()
+    print(f"\n{device.upper()} ({res['device_name']}), N={n} d={d} S={s} L0~{l0}, "
+          f"{device} extension loaded: {ext}")
+    mem = f"{res['memory_ratio']:.3f}" if res["memory_ratio"] is not None else "n/a"
     print(f"  dense torch path   {ms_dense:9.2f} ms  peak {mb_dense:8.1f} MB")
     print(f"  sparse (ops)       {ms_sparse:9.2f} ms  peak {mb_sparse:8.1f} MB")
-    print(f"  speedup {ms_dense / ms_sparse:.2f}x (target >= 4x)   memory ratio {mb_sparse / mb_dense:.3f}")
-    print(f"  encode {flops / ms_enc / 1e9:.1f} TFLOP/s vs torch matmul {flops / ms_mm / 1e9:.1f} TFLOP/s "
+    print(f"  speedup {ms_dense / ms_sparse:.2f}x (target >= 4x)   memory ratio {mem}")
+    print(f"  encode {res['encode_tflops']:.1f} TFLOP/s vs torch matmul {res['matmul_tflops']:.1f} TFLOP/s "
           f"({ms_mm / ms_enc:.2f} of the matmul; target >= 0.5 of the roof)")
+    print(f"  sparse vs dense on the first {m} rows: max|diff| {max_abs_diff:.2e} (max|effect| {max_abs_ref:.2e})")
+    return res
+
+
+def bench_cuda(n=4096, d=512, s=32768, l0=64, reps=20):
+    return bench_device("cuda", n, d, s, l0, reps)
 
 
 def compare_cpu(args):
@@ -155,7 +200,7 @@ def compare_cpu(args):
           f"(target <= 0.2): {'PASS' if ok else 'FAIL'}")
     print(f"  reference vs dense: {dense['ms'] / ref['ms']:.2f}x faster, peak memory ratio "
           f"{ref['peak_mb'] / dense['peak_mb']:.3f}")
-    return ok
+    return ok, {"dense": dense, "sparse": sparse, "reference": ref, "speedup": speed, "memory_ratio": mem, "ok": ok}
 
 
 def main():
@@ -168,9 +213,26 @@ def main():
     p.add_argument("--worker", choices=["dense", "sparse"])
     p.add_argument("--no-cuda", action="store_true")
     p.add_argument("--grid", action="store_true", help="run the full N x S x L0 grid (several minutes)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="only the in-process section on this device at --n/--d/--s/--l0, --reps timed calls "
+                        "(scripts/gpu_check.sh: cuda at N=4096 d=512 S=32768; cpu with tiny sizes in its dry run)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args.n, args.d, args.s, args.l0, args.reps)
+    results = {}
+
+    def write_json():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    if args.device:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda but torch sees no CUDA device")
+        results["device"] = bench_device(args.device, args.n, args.d, args.s, args.l0, args.reps)
+        write_json()
+        return 0
 
     if args.grid:  # the issue's grid: N in {2048, 4096}, S in {16384, 32768}, L0 in {32, 64, 128}
         print(f"CPU, {torch.get_num_threads()} threads, d={args.d}, median of {args.reps}; ratios vs the dense path")
@@ -184,9 +246,10 @@ def main():
                   f"{sparse['peak_mb'] / dense['peak_mb']:8.3f} | {dense['ms'] / ref['ms']:6.2f} "
                   f"{ref['peak_mb'] / dense['peak_mb']:8.3f}", flush=True)
     else:
-        ok = compare_cpu(args)
+        ok, results["cpu"] = compare_cpu(args)
     if torch.cuda.is_available() and not args.no_cuda:
-        bench_cuda()
+        results["device"] = bench_cuda()
+    write_json()
     return 0 if ok else 1
 
 
