@@ -9,5 +9,6 @@ from .model import GPTNeoX, Config, load_model, load_tokenizer, save_model
 from .sae import Dictionary, IdentityDictionary, identity_saes, load_sae, load_saes, save_saes
 from .data import Example
 from .data import load_examples, tokenize
-from .circuit import Circuit, find_circuit
+from .circuit import Circuit
+from .attribution.find import find_circuit
 from .evaluation import faithfulness

@@ -1,8 +1,8 @@
-"""Circuits: node and edge effects aggregated over a dataset, the Circuit object and its two files.
+"""Circuits: the Circuit object (node and edge effects aggregated over a dataset, and what made them) and
+its two files, circuit.json and effects.safetensors. minicirc.attribution.find_circuit makes one.
 
 Aggregation (docs/method.md §7): `sum` sums nodes over positions and edges over both positions, then
-averages over examples; `none` keeps positions (all examples must share one length). Batches only add to
-running sums; the division by the number of examples happens once, so batching never changes a result.
+averages over examples; `none` keeps positions (all examples must share one length).
 
 Inside the library a site's nodes are one tensor whose last axis has F + 1 entries, column F the error
 node ((F + 1,) with `sum`, (T, F + 1) with `none`), and a node is its index into that tensor, flattened.
@@ -10,26 +10,16 @@ Node names ("resid_1/37", "resid_1/err", "resid_1/37@5") exist only in circuit.j
 them and `parse_node_id` reads them.
 """
 import json
-import math
 import os
 import re
-from contextlib import nullcontext
 from typing import NamedTuple, Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from . import attribution
-from .attribution import distributed as dist_mod
-from .attribution.batched import EdgeSum, edge_effects, node_effects
-from .attribution.memory import release_freed_memory
-from .data import Batch, Example, tokenize
 from .errors import MinicircError, read_json
-from .hashing import sha256_of
 from .files import staged_files
 from .model import model_hash
 from .sae import saes_hash
-from .rows import row_ids
 
 AGGREGATIONS = ("sum", "none")
 
@@ -66,190 +56,7 @@ def parse_node_id(text):
     return m["site"], None if feature == "err" else int(feature), None if pos is None else int(pos)
 
 
-# --- finding a circuit ------------------------------------------------------------------------------
-
-def check_arguments(model, saes, examples, metric, method, steps, node_threshold, edge_threshold, aggregation,
-                    batch_size, nodes_only, top_k_nodes, top_k_edges):
-    """find_circuit's arguments, each with a one-line error; returns the sites with dictionaries, in order."""
-    if method not in attribution.METHODS:
-        raise MinicircError(f"unknown method {method!r} (known: {', '.join(attribution.METHODS)})")
-    if aggregation not in AGGREGATIONS:
-        raise MinicircError(f"unknown aggregation {aggregation!r} (known: sum, none)")
-    if not (isinstance(steps, int) and steps >= 1):
-        raise MinicircError(f"steps must be a positive integer, got {steps!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise MinicircError(f"batch size must be a positive integer, got {batch_size!r}")
-    for name, v in [("node threshold", node_threshold), ("edge threshold", edge_threshold)]:
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise MinicircError(f"{name} must be a finite number >= 0, got {v!r}")
-    for name, k in [("top_k_nodes", top_k_nodes), ("top_k_edges", top_k_edges)]:
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise MinicircError(f"{name} must be a positive integer, got {k!r}")
-    if len(examples) == 0:
-        raise MinicircError("the dataset is empty")
-    if metric is attribution.logit_diff and examples.patch is None:
-        raise MinicircError("the logit-difference metric needs patch prefixes and answers")
-    sites = attribution.site_order(model, saes)
-    if not sites:
-        raise MinicircError("no dictionaries given")
-    for s in sites:   # d_model, except z_l: n_heads * head_dim (they differ for Qwen3 and Gemma-2)
-        if saes[s].d_in != model.site_width(s):
-            what = "n_heads x head_dim" if s.startswith("z_") else "d_model"
-            raise MinicircError(f"dictionary for {s} has width {saes[s].d_in}, the model's {what} is {model.site_width(s)}")
-    if aggregation == "none" and len(set(examples.last.tolist())) > 1:
-        raise MinicircError("aggregation 'none' keeps positions, so all examples must have the same length")
-    if method == "exact" and not nodes_only:
-        raise MinicircError("method 'exact' computes node effects only: pass nodes_only (--nodes-only)")
-    return sites
-
-
-def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.1, edge_threshold=0.01,
-                 aggregation="sum", nodes_only=False, batch_size=32, metric=None, top_k_nodes=None,
-                 top_k_edges=None, progress=True, use_ext=None, distributed=False, tokenizer=None,
-                 site_gradients=None):
-    """Node (and unless nodes_only, edge) effects over `examples` -> Circuit. `examples` is a Batch
-    (minicirc.tokenize) or what the loaders return (minicirc.load_examples, the task generators: a list of
-    Example), which is tokenized here with `tokenizer`.
-
-    Memory is streamed: each batch only adds to running sums (float64; dense per site for nodes, sparse and
-    merged as it grows for edges), so peak memory follows the batch size and the circuit, not the dataset.
-
-    distributed: True (the default torch.distributed group) or a ProcessGroup. This rank computes its
-    contiguous share of whole batches, the sums are reduced over the group, and every rank returns the same
-    Circuit, equal to the single-process one up to float rounding. Progress shows on rank 0 only.
-
-    site_gradients: a dict kept by the caller across calls on the same examples (and metric): each batch's
-    site gradients are stored in it, keyed by method, steps and the batch's contents, and reused by later
-    calls that meet the same batch, whatever their dictionaries (attribution_batched.node_effects says why), e.g. a feature circuit and a
-    neuron circuit of one template."""
-    metric = metric or attribution.logit_diff
-    examples = as_batch(examples, tokenizer, model)
-    sites = check_arguments(model, saes, examples, metric, method, steps, node_threshold, edge_threshold,
-                            aggregation, batch_size, nodes_only, top_k_nodes, top_k_edges)
-    device = next(model.parameters()).device
-    group = distributed if distributed not in (False, True, None) else None
-    rank, world = dist_mod.group_info(group) if distributed else (0, 1)
-    sums = EffectSums(saes, sites, aggregation, int(examples.last.max()) + 1, device)
-    lo, hi = dist_mod.shard(-(-len(examples) // batch_size), rank, world)
-    bar = tqdm(range(lo, hi), desc=f"circuit ({method}{'' if nodes_only else ' + edges'})",
-               disable=not progress or rank != 0, unit="batch")
-    show = progress and rank == 0
-    with dist_mod.summed_over_ranks(sums, group) if distributed else nullcontext():
-        for b in bar:
-            batch = examples[b * batch_size:(b + 1) * batch_size].to(device)
-            known = None
-            if site_gradients is not None:
-                key = (method, steps, sha256_of([t if t is not None else "-" for t in (
-                    batch.clean, batch.patch, batch.clean_answer, batch.patch_answer, batch.last)]))
-                known = site_gradients.setdefault(key, {})
-            result = node_effects(model, saes, metric, batch, method, steps, use_ext, progress=show, known=known)
-            sums.add_nodes(result)
-            if not nodes_only:   # the edges read part of the states (for_edges: x_p and the error terms go)
-                states = {s: st.for_edges() for s, st in result.states.items()}
-                grads, effects = result.grads, result.effects
-            # The rest of the batch's states goes before the edge stage, and the pages of what is freed back to
-            # the system (release_freed_memory).
-            del result
-            release_freed_memory(device)
-            if not nodes_only:
-                edges = edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation,
-                                     progress=show)
-                del states, grads, effects
-                release_freed_memory(device)
-                sums.add_edges(edges)
-                del edges
-    settings = {"method": method, "steps": steps, "node_threshold": node_threshold,
-                "edge_threshold": edge_threshold, "aggregation": aggregation, "n_examples": len(examples),
-                "model": model_hash(model), "saes": saes_hash(saes)}
-    if top_k_nodes is not None:
-        settings["top_k_nodes"] = top_k_nodes
-    if top_k_edges is not None:
-        settings["top_k_edges"] = top_k_edges
-    nodes, edges, metric_values = sums.means(len(examples), next(model.parameters()).dtype,
-                                             has_patch=examples.patch is not None)
-    return Circuit(sites, nodes, edges, settings, metric_values, nodes_only=nodes_only)
-
-
-class EffectSums:
-    """Running float64 sums over examples: the metric (clean, patch), every site's nodes, and each site
-    pair's edges (an EdgeSum). `reduce(group)` sums them over the ranks of a process group."""
-
-    def __init__(self, saes, sites, aggregation, T, device):
-        acc = dict(dtype=torch.float64, device=device)
-        self.positions = aggregation == "none"
-        self.sites = sites
-        self.metric = torch.zeros(2, **acc)
-        self.nodes = {s: torch.zeros(*((T,) if self.positions else ()), saes[s].n_features + 1, **acc) for s in sites}
-        self.edges = {}       # (U, D) -> EdgeSum
-
-    def add_nodes(self, result):
-        self.metric[0] += result.m_clean.double().sum()
-        if result.m_patch is not None:
-            self.metric[1] += result.m_patch.double().sum()
-        dims = (0,) if self.positions else (0, 1)
-        for s, eff in result.effects.items():
-            # The features from their rows: each entry added at its feature (and position with `none`), in
-            # row order, so every sum runs over the examples in the order a dense sum would. The error apart.
-            F = eff.n_features
-            crow, col, val = eff.rows
-            if self.positions:
-                T = eff.err.shape[1]
-                index = (row_ids(crow) % T) * (F + 1) + col
-                self.nodes[s].view(-1).index_add_(0, index, val.double())
-            else:
-                self.nodes[s][:F].index_add_(0, col, val.double())
-            self.nodes[s][..., F].add_(eff.err.contiguous().double().sum(dims))
-
-    def add_edges(self, edges):
-        """Adds a batch's {pair: (rows, sparse values)} and empties that dict: each pair's values are freed
-        once added, so the batch's edges and the grown sums are not all held at once."""
-        for pair in list(edges):
-            rows, vals = edges.pop(pair)
-            self.edges.setdefault(pair, EdgeSum(vals.shape[1:])).add(rows, vals)
-            del vals
-            release_freed_memory(self.metric.device)
-
-    def reduce(self, group=None):
-        """Every rank ends with the sums over all ranks (collective)."""
-        dist_mod.all_reduce_sum([self.metric, *self.nodes.values()], group)
-        # Edge sums are sparse with rank-specific rows: gather them all, merge in rank order (the order a
-        # single process sees the batches in, so rows come out in the same order).
-        shards = dist_mod.all_gather_sparse([(pair, *es.export()) for pair, es in self.edges.items()], group)
-        device = self.metric.device
-        self.edges = {}
-        for part in shards:
-            for pair, rows, lin, val, rest in part:
-                self.edges.setdefault(pair, EdgeSum(rest)).add_linear(rows, lin.to(device), val.to(device), merge=False)
-
-    def means(self, n, dtype, has_patch):
-        """(nodes, edges, metric values): the sums divided by the number of examples n, nodes and edges as
-        `dtype` on the CPU. Consumes the edge sums (called once, at the end of a run)."""
-        nodes = {s: (v / n).to(dtype).cpu() for s, v in self.nodes.items()}
-        # Each pair's running sum is dropped once its result exists (the sums are not used after this), so the
-        # float64 sums and the results of every pair are never held at once.
-        edges = {}
-        for pair in sorted(self.edges, key=pair_order(self.sites)):
-            edges[pair] = self.edges.pop(pair).result(n, dtype)
-            release_freed_memory(self.metric.device)
-        m_clean, m_patch = self.metric.tolist()
-        return nodes, edges, {"clean": m_clean / n, "patch": (m_patch / n) if has_patch else None}
-
-
-def as_batch(examples, tokenizer, model):
-    """A Batch as is; a list of Example records tokenized with `tokenizer` (token ids checked against the
-    model's vocabulary)."""
-    if isinstance(examples, Batch):
-        return examples
-    if isinstance(examples, (list, tuple)) and all(isinstance(e, Example) for e in examples):
-        if tokenizer is None:
-            raise MinicircError("examples are untokenized Example records: pass tokenizer= (minicirc.load_tokenizer"
-                                "(model_dir)) or a Batch from minicirc.tokenize(examples, tokenizer)")
-        if not examples:
-            raise MinicircError("the dataset is empty")
-        return tokenize(list(examples), tokenizer, vocab_size=model.cfg.vocab_size)
-    raise MinicircError(f"examples must be a minicirc Batch or a list of minicirc Example records, "
-                        f"got {type(examples).__name__}")
-
+# --- the circuit ------------------------------------------------------------------------------------
 
 def pair_order(sites):
     """Sort key of (upstream, downstream) site pairs: by downstream site, then upstream, in model order."""

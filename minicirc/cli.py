@@ -26,7 +26,7 @@ def load_inputs(args):
 
 def cmd_circuit(args):
     from . import viz
-    from .circuit import find_circuit
+    from .attribution.find import find_circuit
     torch.manual_seed(args.seed)
     if args.limit is not None and args.limit < 1:
         raise MinicircError(f"--limit must be at least 1, got {args.limit}")

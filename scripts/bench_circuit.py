@@ -48,7 +48,7 @@ import torch
 
 import minicirc
 from minicirc.attribution import reference as attribution
-from minicirc.attribution import batched as attribution_batched
+from minicirc.attribution import edges as attribution_edges, nodes as attribution_nodes, states as attribution_states
 from minicirc.data import Batch
 
 
@@ -176,7 +176,7 @@ def main():
     p.add_argument("--dense-ref", default="7e15fa2", help="the commit whose (dense) minicirc is the dense path")
     p.add_argument("--dense-max-features", type=int, default=32768,
                    help="skip the dense path above this n_features (its dense states would not fit in memory)")
-    p.add_argument("--ig-tokens", type=int, default=None, help="attribution_batched.IG_TOKENS for the sparse path")
+    p.add_argument("--ig-tokens", type=int, default=None, help="attribution.nodes.IG_TOKENS for the sparse path")
     p.add_argument("--against-cpu", action="store_true",
                    help="find_circuit on --device and on the CPU, each in its own process: time, peak memory (the "
                         "GPU's on cuda), node and edge effects compared (<= --tolerance relative)")
@@ -244,9 +244,9 @@ def end_to_end(a, model, saes, random_batch, dist_run):
     run = lambda b: minicirc.find_circuit(model, saes, b, steps=a.steps, node_threshold=a.node_threshold,
                                           batch_size=a.batch_size, progress=False, **extra)
     base = random_batch(a.examples, a.pos)
-    data = {(kind, n): attribution_batched.tile(base, -(-n // len(base)))[:n] if kind == "tiled" else random_batch(n, a.pos)
+    data = {(kind, n): attribution_states.tile(base, -(-n // len(base)))[:n] if kind == "tiled" else random_batch(n, a.pos)
             for kind in a.circuit_data.split(",") for n in sizes}   # the same data whatever the world size
-    run(attribution_batched.tile(base, world)[:a.batch_size * world])   # warm-up: first-call allocations, lazy imports
+    run(attribution_states.tile(base, world)[:a.batch_size * world])   # warm-up: first-call allocations, lazy imports
     for kind in a.circuit_data.split(","):
         for n in sizes:
             b = data[(kind, n)]
@@ -325,14 +325,14 @@ def original_style_rows(model, saes, batch, states, grads, eff, thr, pair, keys)
 
 def stages(a, model, saes, batch):
     res = {}
-    stage("nodes attrib", lambda: attribution_batched.node_effects(model, saes, attribution.logit_diff, batch, "attrib"), res)
+    stage("nodes attrib", lambda: attribution_nodes.node_effects(model, saes, attribution.logit_diff, batch, "attrib"), res)
     r = stage(f"nodes ig ({a.steps} steps)",
-              lambda: attribution_batched.node_effects(model, saes, attribution.logit_diff, batch, "ig", a.steps), res)
+              lambda: attribution_nodes.node_effects(model, saes, attribution.logit_diff, batch, "ig", a.steps), res)
     states, eff, grads = r.states, r.effects, r.grads
     allv = torch.cat([e.flatten() for e in eff.values()]).abs()
     print(f"  per-example node effects: max {allv.max():.3g}, "
           f"{int((allv > a.node_threshold).sum())} entries above the node threshold {a.node_threshold}")
-    edges = stage("edges batched (vmap)", lambda: attribution_batched.edge_effects(
+    edges = stage("edges batched (vmap)", lambda: attribution_edges.edge_effects(
         model, saes, batch, states, grads, eff, a.node_threshold, "none"), res)
     n_rows = sum(len(k) for k, _ in edges.values())
     print(f"  {n_rows} downstream (position, feature) rows over {len(edges)} site pairs")
@@ -371,8 +371,8 @@ PRESETS = {"issue14": PYTHIA70M + ["--examples", "32", "--pos", "64", "--steps",
 
 def child_run(a):
     """One find_circuit (IG nodes + all edges) of the flags' workload; writes stats.json and the circuit."""
-    if a.ig_tokens and hasattr(attribution_batched, "IG_TOKENS"):
-        attribution_batched.IG_TOKENS = a.ig_tokens
+    if a.ig_tokens and hasattr(attribution_nodes, "IG_TOKENS"):
+        attribution_nodes.IG_TOKENS = a.ig_tokens
     model, saes, cache = build(a)
     B, T = a.examples, a.pos
     batch = Batch(torch.randint(0, a.vocab, (B, T)), torch.randint(0, a.vocab, (B, T)),

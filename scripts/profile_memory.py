@@ -1,8 +1,8 @@
 """Peak resident memory of one bench_circuit child run (the issue-14 workload by default), by phase.
 
 A thread samples /proc/self/statm every 3 ms and charges each sample to the minicirc function running at
-that moment (the stage functions of attribution_batched and circuit, wrapped for the run), so the peak can
-be placed: site states, IG, node effects, edges, merging. Flags after the script's name go to
+that moment (the stage functions of minicirc.attribution's nodes, edges, find and sums, wrapped for the
+run), so the peak can be placed: site states, IG, node effects, edges, merging. Flags after the script's name go to
 bench_circuit.py (default: --preset issue14); try it with glibc's mmap threshold fixed, e.g.
 
     python scripts/profile_memory.py
@@ -17,12 +17,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_circuit  # noqa: E402
-from minicirc.attribution import batched as attribution_batched
-from minicirc import circuit  # noqa: E402
+from minicirc.attribution import edges, find, nodes, sums  # noqa: E402
 
-PHASES = {attribution_batched: ["sparse_site_states", "ig_site_gradients", "site_effects", "group_edge_effects",
-                                "upstream_site_edges", "downstream_rows", "upstream_effects", "merge_groups"],
-          circuit: ["find_circuit", "node_effects", "edge_effects"]}
+# Each function wrapped in the module whose global its callers look up: node_effects calls
+# sparse_site_states (states.py) by the name nodes.py imported, find_circuit calls node_effects and
+# edge_effects by find.py's names.
+PHASES = {nodes: ["sparse_site_states", "ig_site_gradients", "site_effects"],
+          edges: ["group_edge_effects", "upstream_site_edges", "downstream_rows", "upstream_effects", "merge_groups"],
+          find: ["find_circuit", "node_effects", "edge_effects"]}
 
 
 def main():
@@ -50,8 +52,8 @@ def main():
     for module, names in PHASES.items():
         for name in names:
             setattr(module, name, tagged(name, getattr(module, name)))
-    circuit.EffectSums.add_edges = tagged("EffectSums.add_edges", circuit.EffectSums.add_edges)
-    bench_circuit.minicirc.find_circuit = circuit.find_circuit     # the child run calls it by this name
+    sums.EffectSums.add_edges = tagged("EffectSums.add_edges", sums.EffectSums.add_edges)
+    bench_circuit.minicirc.find_circuit = find.find_circuit     # the child run calls it by this name
     threading.Thread(target=watch, daemon=True).start()
     child = tempfile.mkdtemp(prefix="minicirc-profile-")
     sys.argv = ["bench_circuit.py", *(sys.argv[1:] or ["--preset", "issue14"]), "--child", child]

@@ -1,5 +1,5 @@
-"""Node and edge effects: the batched code (minicirc.attribution_batched) against the definitions
-(minicirc.attribution), and both against independent references written out here.
+"""Node and edge effects: the batched code (minicirc.attribution's states, nodes and edges) against the
+definitions (minicirc.attribution.reference), and both against independent references written out here.
 
 The definitions splice one site as decode(f) + err with f and err as autograd leaves and loop over IG steps,
 over patched nodes and over downstream nodes (one backward pass each). Independent of both: central finite
@@ -14,8 +14,10 @@ import torch
 
 import minicirc
 from minicirc.attribution import reference as A
-from minicirc.attribution import batched as AB
+from minicirc.attribution import edges as AE
+from minicirc.attribution import nodes as AN
 from minicirc.data import Batch
+from minicirc.rows import rows_to_dense
 from minicirc.sae import Dictionary
 
 VOCAB, D_MODEL, N_FEAT = 17, 12, 9
@@ -137,6 +139,25 @@ def states_of(model, saes, metric, batch):
     return A.site_states(model, saes, metric, batch, A.site_order(model, saes))[2]
 
 
+# --- dense views of the fast path's rows (here only: at real scale they are the tensors it avoids) -------
+
+def dense_state(st):
+    """A states.SparseSiteState as the definitions' SiteState: f_c and f_p dense, (B, T, F)."""
+    B, T, _ = st.x_c.shape
+    dense = lambda rows: rows_to_dense(*rows, st.n_features).view(B, T, st.n_features)
+    return A.SiteState(st.x_c, st.x_p, dense(st.c), dense(st.p), st.err_c, st.err_p)
+
+
+def dense_effects(node):
+    """{site: (B, T, F + 1)} of a node_effects result (NodeEffects), column F the error node."""
+    out = {}
+    for s, e in node.effects.items():
+        B, T = e.err.shape
+        f = rows_to_dense(*e.rows, e.n_features).view(B, T, e.n_features)
+        out[s] = torch.cat([f, e.err[..., None].to(f.dtype)], -1)
+    return out
+
+
 def definition_gradients(model, saes, metric, batch, states, method, steps=None):
     """{site: (dm/df, dm/derr)} of the definitions: at alpha = 0 (attrib) or averaged over alpha = k/steps."""
     return A.ig_gradients(model, saes, metric, batch, states, 1 if method == "attrib" else steps)
@@ -226,9 +247,9 @@ def test_attrib_equals_exact_for_linear_metric(parallel, read):
     if read.startswith("resid"):
         l = read.split("_")[1]
         linear += [f"mlp_{l}"] + ([f"attn_{l}"] if parallel else [])
-    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").dense_effects()
-    attrib = AB.node_effects(model, saes, fast_metric, batch, "attrib").dense_effects()
-    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3).dense_effects()
+    exact = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "exact"))
+    attrib = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "attrib"))
+    ig = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "ig", steps=3))
     assert exact[read][..., :-1].abs().max() > 1e-3 and exact[read][..., -1].abs().max() > 1e-3
     assert_effects_equal(attrib, exact, rtol=1e-9, atol=1e-11, sites=linear)
     assert_effects_equal(ig, exact, rtol=1e-9, atol=1e-11, sites=linear)
@@ -243,8 +264,8 @@ def test_attrib_equals_exact_for_linear_metric_float32(use_ext):
     saes = make_saes(model, 212, kinds=("relu", "topk"), dtype=torch.float32)
     batch = make_batch(213)
     fast_metric = linear_metric("resid_0", 214, dtype=torch.float32)
-    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").dense_effects()
-    attrib = AB.node_effects(model, saes, fast_metric, batch, "attrib", use_ext=use_ext).dense_effects()
+    exact = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "exact"))
+    attrib = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "attrib", use_ext=use_ext))
     assert_effects_equal(attrib, exact, rtol=1e-4, atol=2e-5, sites=["mlp_0", "attn_0", "resid_0"])
 
 
@@ -263,8 +284,8 @@ def test_ig_site_sum_converges_to_site_patch(parallel):
     with torch.no_grad():
         m_c = metric(model, batch, batch.clean, {})
         m_p = metric(model, batch, batch.patch, {})
-    r4 = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
-    eff4, eff64 = r4.dense_effects(), AB.node_effects(model, saes, fast_metric, batch, "ig", steps=64).dense_effects()
+    r4 = AN.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
+    eff4, eff64 = dense_effects(r4), dense_effects(AN.node_effects(model, saes, fast_metric, batch, "ig", steps=64))
     torch.testing.assert_close(r4.m_clean, m_c)
     torch.testing.assert_close(r4.m_patch, m_p)
     worst = 0.0
@@ -294,10 +315,11 @@ def test_node_methods_against_loops(parallel, kinds):
     batch = make_batch(seed + 2, B=2, T=4)
     metric = ref_logit_diff
     fast_metric = A.logit_diff if metric is ref_logit_diff else metric
-    r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
-    states, attrib, g_attrib = r.states, r.dense_effects(), r.grads
+    r = AN.node_effects(model, saes, fast_metric, batch, "attrib")
+    states, attrib, g_attrib = r.states, dense_effects(r), r.grads
     for s, (f_c, e_c, f_p, e_p) in ref_states(model, saes, batch).items():
-        for a, b in [(states[s].f_c, f_c), (states[s].err_c, e_c), (states[s].f_p, f_p), (states[s].err_p, e_p)]:
+        d = dense_state(states[s])
+        for a, b in [(d.f_c, f_c), (d.err_c, e_c), (d.f_p, f_p), (d.err_p, e_p)]:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         assert 0 < (f_c != 0).double().mean() < 1
     st = states_of(model, saes, metric, batch)
@@ -308,20 +330,20 @@ def test_node_methods_against_loops(parallel, kinds):
         torch.testing.assert_close(g_attrib[s], ref_g[s][1], rtol=1e-9, atol=1e-12)
 
     steps = 5
-    r = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=steps)
-    ig, g_ig = r.dense_effects(), r.grads
+    r = AN.node_effects(model, saes, fast_metric, batch, "ig", steps=steps)
+    ig, g_ig = dense_effects(r), r.grads
     ref_ig = definition_gradients(model, saes, metric, batch, st, "ig", steps)
     assert_effects_equal(ig, effects_from(ref_ig, st))
     assert_effects_equal(ig, A.ig_effects(model, saes, metric, batch, st, steps))
     for s in saes:
         torch.testing.assert_close(g_ig[s], ref_ig[s][1], rtol=1e-9, atol=1e-12)
 
-    r = AB.node_effects(model, saes, fast_metric, batch, "exact")
+    r = AN.node_effects(model, saes, fast_metric, batch, "exact")
     assert r.grads is None
     with torch.no_grad():
         torch.testing.assert_close(r.m_clean, metric(model, batch, batch.clean, {}))
     ref_ex = A.exact_effects(model, saes, metric, batch, st)
-    assert_effects_equal(r.dense_effects(), ref_ex, rtol=1e-9, atol=1e-11)
+    assert_effects_equal(dense_effects(r), ref_ex, rtol=1e-9, atol=1e-11)
     assert all(ref_ex[s][..., :-1].abs().max() > 1e-4 for s in saes)
 
 
@@ -335,13 +357,13 @@ def test_attrib_gradient_finite_differences(parallel):
     batch = make_batch(seed + 2)
     metric = ref_logit_diff
     fast_metric = A.logit_diff if metric is ref_logit_diff else metric
-    r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
-    states, attrib = r.states, r.dense_effects()
+    r = AN.node_effects(model, saes, fast_metric, batch, "attrib")
+    states, attrib = r.states, dense_effects(r)
     g = torch.Generator().manual_seed(seed + 3)
     eps = 1e-4
     checked = 0
     for s in model.sites:
-        st, sae = states[s], saes[s]
+        st, sae = dense_state(states[s]), saes[s]
         nz = torch.nonzero(st.delta_f)
         picks = [tuple(nz[j].tolist()) for j in torch.randperm(len(nz), generator=g)[:2].tolist()]
         picks.append((int(torch.randint(0, 3, (), generator=g)), int(torch.randint(0, 4, (), generator=g)), None))
@@ -383,7 +405,7 @@ def edge_setup(seed, parallel, kinds=("relu",), method="ig", steps=4, batch=None
     st = states_of(model, saes, metric, batch)
     L = definition_gradients(model, saes, metric, batch, st, method, steps)
     ref_eff = effects_from(L, st)
-    node = AB.node_effects(model, saes, fast_metric, batch, method, steps)
+    node = AN.node_effects(model, saes, fast_metric, batch, method, steps)
     return model, saes, batch, metric, st, L, ref_eff, node
 
 
@@ -396,23 +418,23 @@ def edge_setup(seed, parallel, kinds=("relu",), method="ig", steps=4, batch=None
 def test_edges_equal_one_at_a_time(parallel, aggregation):
     seed = 601 + 2 * parallel + (aggregation == "none")
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, parallel, ("relu", "jumprelu"))
-    states, effects, grads = node.states, node.dense_effects(), node.grads
+    states, effects, grads = node.states, dense_effects(node), node.grads
     assert_effects_equal(effects, ref_eff)
     pairs = design_pairs(model.cfg.n_layers, parallel)
     got = [(u, d, frozenset(fr)) for u, d, fr in A.edge_pairs(model, A.site_order(model, saes))]
     assert len(got) == len(pairs) and set(got) == {(u, d, frozenset(fr)) for u, d, fr in pairs}
     tau = threshold_for(ref_eff)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, aggregation, pairs))
-    fast = AB.edge_effects(model, saes, batch, states, grads, node.effects, tau, aggregation, use_vmap=True)
+    fast = AE.edge_effects(model, saes, batch, states, grads, node.effects, tau, aggregation, use_vmap=True)
     assert_edges_equal(as_dict(fast), ref)
     # edges out of and into error nodes are present and non-zero somewhere
     assert any(v[..., -1].abs().max() > 1e-6 for acc in ref.values() for v in acc.values())
     F_of = lambda d: saes[d].n_features
     assert any(k % (F_of(d) + 1) == F_of(d) for (_, d), acc in ref.items() for k in acc)
     # chunked and one-row-at-a-time paths of the fast code agree too
-    small = AB.edge_effects(model, saes, batch, states, grads, node.effects, tau, aggregation, chunk_bytes=1)
+    small = AE.edge_effects(model, saes, batch, states, grads, node.effects, tau, aggregation, chunk_bytes=1)
     assert_edges_equal(as_dict(small), ref)
-    loop = AB.edge_effects(model, saes, batch, states, grads, node.effects, tau, aggregation, use_vmap=False)
+    loop = AE.edge_effects(model, saes, batch, states, grads, node.effects, tau, aggregation, use_vmap=False)
     assert_edges_equal(as_dict(loop), ref)
 
 
@@ -428,17 +450,17 @@ def test_batched_edges_equal_definition_every_kind(aggregation, kinds, method):
     tau = threshold_for(ref_eff)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, aggregation))
     assert sum(len(acc) for acc in ref.values()) > 3
-    fast = AB.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
+    fast = AE.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
     assert_edges_equal(as_dict(fast), ref)
 
 
 # Same reference with attrib gradients as L_d and topk dictionaries (batched VJP through topk/scatter).
 def test_edges_equal_one_at_a_time_attrib_topk():
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(613, False, ("topk", "relu"), method="attrib")
-    states, effects, grads = node.states, node.dense_effects(), node.grads
+    states, effects, grads = node.states, node.effects, node.grads
     tau = threshold_for(ref_eff)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "sum", design_pairs(2, False)))
-    fast = AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum", use_vmap=True)
+    fast = AE.edge_effects(model, saes, batch, states, grads, effects, tau, "sum", use_vmap=True)
     assert_edges_equal(as_dict(fast), ref)
 
 
@@ -457,10 +479,10 @@ def check_edges_by_finite_differences(model, saes, batch, st, L, ref_eff, node, 
     """Random (downstream node, upstream node) entries of `pairs`, from the fast code and the definition,
     against central finite differences; until every combination of feature / error at each end was seen
     non-zero three times."""
-    states, effects, grads = node.states, node.dense_effects(), node.grads
+    states, effects, grads = node.states, node.effects, node.grads
     tau = threshold_for(ref_eff)
     sel = selection(ref_eff, tau)
-    fast = as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "none"))
+    fast = as_dict(AE.edge_effects(model, saes, batch, states, grads, effects, tau, "none"))
     defn = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "none"))
     clean = plain_sites(model, batch.clean, extra=model.all_sites)    # frozen sites may be optional ones (z_l)
     g = torch.Generator().manual_seed(seed)
@@ -532,10 +554,10 @@ def test_neurons(parallel):
     xc, xp = plain_sites(model, batch.clean), plain_sites(model, batch.patch)
     with torch.no_grad():
         m_c = metric(model, batch, batch.clean, {})
-    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").dense_effects()
-    r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
-    states, attrib = r.states, r.dense_effects()
-    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3).dense_effects()
+    exact = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "exact"))
+    r = AN.node_effects(model, saes, fast_metric, batch, "attrib")
+    states, attrib = r.states, dense_effects(r)
+    ig = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "ig", steps=3))
     for s in model.sites:
         B, T, d = xc[s].shape
         ref = torch.zeros(B, T, d, dtype=F64)
@@ -561,15 +583,15 @@ def test_neurons(parallel):
             torch.testing.assert_close(eff[s][..., :-1], gsum / len(alphas) * (xp[s] - xc[s]), rtol=1e-9, atol=1e-12)
     # with a linear readout, attrib over neurons is exactly single-neuron patching
     lin = linear_metric("resid_1", seed + 3)
-    ex_lin = AB.node_effects(model, saes, lin, batch, "exact").dense_effects()
-    at_lin = AB.node_effects(model, saes, lin, batch, "attrib").dense_effects()
+    ex_lin = dense_effects(AN.node_effects(model, saes, lin, batch, "exact"))
+    at_lin = dense_effects(AN.node_effects(model, saes, lin, batch, "attrib"))
     assert_effects_equal(at_lin, ex_lin, rtol=1e-9, atol=1e-11, sites=["resid_1", "mlp_1"])
     # edges between neurons
     model, saes, batch, metric, st, L, ref_eff, node = edge_setup(seed, parallel, saes=neuron_saes, batch=batch)
-    states, effects, grads = node.states, node.dense_effects(), node.grads
+    states, effects, grads = node.states, node.effects, node.grads
     tau = threshold_for(ref_eff)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "sum", design_pairs(2, parallel)))
-    assert_edges_equal(as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
+    assert_edges_equal(as_dict(AE.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
 
 
 # --- 6. zero ablation (patch = None) -----------------------------------------------------------------
@@ -585,25 +607,25 @@ def test_zero_ablation(neurons):
     assert batch.patch is None and batch.patch_answer is None
     metric = fast_metric = probe_metric(seed + 3)
     st = states_of(model, saes, metric, batch)  # zero patch state
-    r = AB.node_effects(model, saes, fast_metric, batch, "attrib")
-    states, attrib = r.states, r.dense_effects()
+    r = AN.node_effects(model, saes, fast_metric, batch, "attrib")
+    states, attrib = r.states, dense_effects(r)
     assert r.m_patch is None
     for s in model.sites:
-        assert states[s].f_p.abs().max() == 0 and states[s].err_p.abs().max() == 0
+        assert dense_state(states[s]).f_p.abs().max() == 0 and states[s].err_p.abs().max() == 0
         expect = torch.zeros(D_MODEL, dtype=F64) if neurons else saes[s].b_dec
         torch.testing.assert_close(states[s].x_p, expect.expand_as(states[s].x_c), rtol=0, atol=0)
     assert_effects_equal(attrib, A.attrib_effects(model, saes, metric, batch, st))
-    ig = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4).dense_effects()
+    ig = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "ig", steps=4))
     L = definition_gradients(model, saes, metric, batch, st, "ig", 4)
     ref_ig = effects_from(L, st)
     assert_effects_equal(ig, ref_ig)
-    exact = AB.node_effects(model, saes, fast_metric, batch, "exact").dense_effects()
+    exact = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "exact"))
     assert_effects_equal(exact, A.exact_effects(model, saes, metric, batch, st), rtol=1e-9, atol=1e-11)
     tau = threshold_for(ref_ig)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_ig, tau, "sum", design_pairs(2, False)))
-    r = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
-    states, effects, grads = r.states, r.dense_effects(), r.grads
-    assert_edges_equal(as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
+    r = AN.node_effects(model, saes, fast_metric, batch, "ig", steps=4)
+    states, effects, grads = r.states, r.effects, r.grads
+    assert_edges_equal(as_dict(AE.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
 
 
 # --- 7. right padding ----------------------------------------------------------------------------------
@@ -622,26 +644,26 @@ def test_padding_matches_single_examples(parallel):
     singles = [Batch(batch.clean[b:b + 1, :n].clone(), batch.patch[b:b + 1, :n].clone(), batch.clean_answer[b:b + 1],
                      batch.patch_answer[b:b + 1], torch.tensor([n - 1]), [None]) for b, n in enumerate(lengths)]
     for method in ["attrib", "ig", "exact"]:
-        r = AB.node_effects(model, saes, fast_metric, batch, method, steps=3)
-        m_c, m_p, eff = r.m_clean, r.m_patch, r.dense_effects()
+        r = AN.node_effects(model, saes, fast_metric, batch, method, steps=3)
+        m_c, m_p, eff = r.m_clean, r.m_patch, dense_effects(r)
         for b, (n, one) in enumerate(zip(lengths, singles)):
-            r1 = AB.node_effects(model, saes, fast_metric, one, method, steps=3)
-            m_c1, m_p1, eff1 = r1.m_clean, r1.m_patch, r1.dense_effects()
+            r1 = AN.node_effects(model, saes, fast_metric, one, method, steps=3)
+            m_c1, m_p1, eff1 = r1.m_clean, r1.m_patch, dense_effects(r1)
             torch.testing.assert_close(m_c[b:b + 1], m_c1)
             torch.testing.assert_close(m_p[b:b + 1], m_p1)
             for s in model.sites:
                 torch.testing.assert_close(eff[s][b:b + 1, :n], eff1[s], rtol=1e-9, atol=1e-11)
                 pad = eff[s][b, n:].flatten()
                 assert (pad.abs() < 1e-12).all(), (s, method, b, pad)
-    r = AB.node_effects(model, saes, fast_metric, batch, "ig", steps=3)
-    states, eff, grads = r.states, r.dense_effects(), r.grads
+    r = AN.node_effects(model, saes, fast_metric, batch, "ig", steps=3)
+    states, eff, grads = r.states, dense_effects(r), r.grads
     tau = threshold_for(eff)
-    batched = as_dict(AB.edge_effects(model, saes, batch, states, grads, eff, tau, "sum"))
+    batched = as_dict(AE.edge_effects(model, saes, batch, states, grads, r.effects, tau, "sum"))
     total = {}
     for one in singles:
-        r1 = AB.node_effects(model, saes, fast_metric, one, "ig", steps=3)
-        st1, eff1, g1 = r1.states, r1.dense_effects(), r1.grads
-        for pair, acc in as_dict(AB.edge_effects(model, saes, one, st1, g1, eff1, tau, "sum")).items():
+        r1 = AN.node_effects(model, saes, fast_metric, one, "ig", steps=3)
+        st1, eff1, g1 = r1.states, r1.effects, r1.grads
+        for pair, acc in as_dict(AE.edge_effects(model, saes, one, st1, g1, eff1, tau, "sum")).items():
             for k, v in acc.items():
                 total.setdefault(pair, {})
                 total[pair][k] = total[pair][k] + v if k in total[pair] else v
@@ -662,16 +684,16 @@ def test_float32_matches_float64(use_ext):
                             threshold=sae.threshold if sae.kind == "jumprelu" else None, k=sae.k,
                             subtract_b_dec=sae.subtract_b_dec) for s, sae in saes64.items()}
     batch = make_batch(1105)
-    out = {}
+    out, dense = {}, {}
     for name, model, saes in [("64", model64, saes64), ("32", model32, saes32)]:
-        r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=4, use_ext=use_ext)
-        out[name] = (r.states, r.grads, r.dense_effects())
-    tau = threshold_for(out["64"][2])
+        r = AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=4, use_ext=use_ext)
+        out[name], dense[name] = (r.states, r.grads, r.effects), dense_effects(r)
+    tau = threshold_for(dense["64"])
     for s in model64.sites:
-        assert out["32"][2][s].dtype == torch.float32
-    assert_effects_equal({s: e.double() for s, e in out["32"][2].items()}, out["64"][2],
+        assert dense["32"][s].dtype == torch.float32
+    assert_effects_equal({s: e.double() for s, e in dense["32"].items()}, dense["64"],
                          rtol=2e-4, atol=2e-5)
-    edges = {n: as_dict(AB.edge_effects(m, sa, batch, *out[n], tau, "sum"))
+    edges = {n: as_dict(AE.edge_effects(m, sa, batch, *out[n], tau, "sum"))
              for n, m, sa in [("64", model64, saes64), ("32", model32, saes32)]}
     e32 = {p: {k: v.double() for k, v in acc.items()} for p, acc in edges["32"].items()}
     assert_edges_equal(e32, edges["64"], rtol=2e-4, atol=5e-5)
@@ -689,14 +711,14 @@ def test_subset_of_sites():
     st = states_of(model, saes, ref_logit_diff, batch)
     L = definition_gradients(model, saes, ref_logit_diff, batch, st, "ig", 3)
     ref_eff = effects_from(L, st)
-    r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
-    states, effects, grads = r.states, r.dense_effects(), r.grads
+    r = AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    states, effects, grads = r.states, dense_effects(r), r.grads
     assert set(effects) == set(saes)
     assert_effects_equal(effects, ref_eff)
     pairs = [(u, d, fr) for u, d, fr in design_pairs(2, False) if u in saes and d in saes]
     tau = threshold_for(ref_eff)
     ref = as_dict(A.edge_effects(model, saes, batch, st, site_grads(L), ref_eff, tau, "sum", pairs))
-    assert_edges_equal(as_dict(AB.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")), ref)
+    assert_edges_equal(as_dict(AE.edge_effects(model, saes, batch, states, grads, r.effects, tau, "sum")), ref)
 
 
 def test_weights_leave_autograd_only_for_the_call():
@@ -709,9 +731,9 @@ def test_weights_leave_autograd_only_for_the_call():
     flags = [bool(j % 3) for j in range(len(params))]
     for p, f in zip(params, flags):
         p.requires_grad_(f)
-    r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=2)
-    states, effects, grads = r.states, r.dense_effects(), r.grads
+    r = AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=2)
+    states, effects, grads = r.states, dense_effects(r), r.grads
     assert [p.requires_grad for p in params] == flags
-    edges = AB.edge_effects(model, saes, batch, states, grads, effects, threshold_for(effects), "sum")
+    edges = AE.edge_effects(model, saes, batch, states, grads, r.effects, threshold_for(effects), "sum")
     assert [p.requires_grad for p in params] == flags
     assert edges and all(p.grad is None for p in params)

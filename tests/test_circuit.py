@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 import minicirc
 from minicirc.attribution import reference as A
-from minicirc.attribution import batched as AB
+from minicirc.attribution import nodes as AN
 from minicirc.circuit import load_circuit_json, node_id, parse_node_id
 from minicirc.errors import MinicircError
-from test_attribution import make_batch, make_model, make_saes
+from test_attribution import dense_effects, make_batch, make_model, make_saes
 
 
 def fresh_seed():
@@ -38,13 +38,13 @@ def test_metric_and_node_effects_are_means_over_examples(aggregation):
     """Batches of 2 over 5 examples: the circuit's metric and node effects equal one node_effects call on the
     whole dataset, summed over examples (and positions for sum) and divided by the number of examples."""
     model, saes, batch, c = setup(fresh_seed(), aggregation, nodes_only=True)
-    r = AB.node_effects(model, saes, A.logit_diff, batch, "ig", 3)
+    r = AN.node_effects(model, saes, A.logit_diff, batch, "ig", 3)
     assert c.metric_values["clean"] == pytest.approx(r.m_clean.mean().item(), abs=1e-12)
     assert c.metric_values["patch"] == pytest.approx(r.m_patch.mean().item(), abs=1e-12)
     assert c.metric_values["clean"] != pytest.approx(c.metric_values["patch"])
     assert c.to_json()["metric"] == c.metric_values          # circuit.json keeps the field name "metric"
     dims = (0, 1) if aggregation == "sum" else (0,)
-    for s, eff in r.dense_effects().items():                      # features and the error node (column F) alike
+    for s, eff in dense_effects(r).items():                       # features and the error node (column F) alike
         torch.testing.assert_close(c.nodes[s], eff.sum(dims) / len(batch), rtol=1e-10, atol=1e-13)
     assert any(float(v[..., -1].abs().max()) > 0 for v in c.nodes.values())
 

@@ -336,7 +336,8 @@ def test_defaults_are_the_functions_defaults():
     never disagree. The few that reach no function's default are named with their value; an option in neither
     list fails the test."""
     import inspect
-    from minicirc import circuit, data, evaluation, explain, model as model_mod, sae
+    from minicirc import data, evaluation, explain, model as model_mod, sae
+    from minicirc.attribution import find
     from minicirc.experiments import demo, shift
     from minicirc.cli import build_parser
     req = ["--model", "m", "--saes", "s", "--data", "d", "--out", "o"]
@@ -344,8 +345,8 @@ def test_defaults_are_the_functions_defaults():
               "demo": _parser_defaults("demo"), "shift": _parser_defaults("shift"),
               "explain": _parser_defaults("explain", "--model", "m", "--saes", "s", "--site", "embed", "--feature", "0")}
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}          # --dtype as cli.load_inputs maps it
-    api = [("circuit", circuit.find_circuit, ["method", "steps", "node_threshold", "edge_threshold", "aggregation",
-                                              "nodes_only", "batch_size", "top_k_nodes", "top_k_edges", "distributed"]),
+    api = [("circuit", find.find_circuit, ["method", "steps", "node_threshold", "edge_threshold", "aggregation",
+                                           "nodes_only", "batch_size", "top_k_nodes", "top_k_edges", "distributed"]),
            ("circuit", model_mod.load_model, ["device", "dtype"]), ("circuit", data.load_examples, ["limit"]),
            ("evaluate", evaluation.faithfulness, ["ablation", "errors", "first_layer", "seed"]),
            ("evaluate", model_mod.load_model, ["device", "dtype"]),
@@ -481,12 +482,13 @@ def test_view_refuses_a_contexts_file_that_is_not_an_object(setup, capsys):
 
 def test_batch_size_and_threads_reach_their_functions(setup, monkeypatch):
     """--batch-size changes no number (means are accumulated in float64), so it is checked where it goes."""
-    from minicirc import circuit, evaluation
+    from minicirc import evaluation
+    from minicirc.attribution import find
     from minicirc.experiments import demo
     t = setup
     seen = {}
-    real_find, real_faith = circuit.find_circuit, evaluation.faithfulness
-    monkeypatch.setattr(circuit, "find_circuit", lambda *a, **kw: seen.setdefault("find", kw) and real_find(*a, **kw))
+    real_find, real_faith = find.find_circuit, evaluation.faithfulness
+    monkeypatch.setattr(find, "find_circuit", lambda *a, **kw: seen.setdefault("find", kw) and real_find(*a, **kw))
     monkeypatch.setattr(evaluation, "faithfulness", lambda *a, **kw: seen.setdefault("faith", kw) and real_faith(*a, **kw))
     b1, b2 = (int(v) for v in torch.randint(1, 5, (2,)))
     common_args = ["--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl"]

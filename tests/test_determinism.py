@@ -50,8 +50,8 @@ def assert_same_effects(a, b, atol, rtol=0.0):
 @pytest.mark.parametrize("aggregation", ["sum", "none"])
 def test_batch_size_does_not_change_the_circuit(tmp_path, aggregation, monkeypatch):
     from minicirc.attribution import reference as attribution
-    from minicirc.attribution import batched as attribution_batched
-    monkeypatch.setattr(attribution_batched.EdgeSum, "MERGE_MIN", 1)     # merge the running edge sums after every batch
+    from minicirc.attribution import edges as attribution_edges, nodes as attribution_nodes, sums
+    monkeypatch.setattr(sums.EdgeSum, "MERGE_MIN", 1)     # merge the running edge sums after every batch
     t = make_inputs(tmp_path, 3, same_length=aggregation == "none")
     model, saes, batch = load(t)
     kw = dict(steps=2, node_threshold=0.05, edge_threshold=0.05, aggregation=aggregation, progress=False)
@@ -64,8 +64,8 @@ def test_batch_size_does_not_change_the_circuit(tmp_path, aggregation, monkeypat
     ends = lambda c: [(e["source"], e["target"]) for e in c.to_json()["edges"]]
     assert ends(one) == ends(all_) and len(ends(one)) > 0
     # ... and both equal the edge sums of one direct call on the whole dataset, divided by n.
-    r = attribution_batched.node_effects(model, saes, attribution.logit_diff, batch, "ig", 2)
-    direct = attribution_batched.edge_effects(model, saes, batch, r.states, r.grads, r.effects, 0.05, aggregation)
+    r = attribution_nodes.node_effects(model, saes, attribution.logit_diff, batch, "ig", 2)
+    direct = attribution_edges.edge_effects(model, saes, batch, r.states, r.grads, r.effects, 0.05, aggregation)
     assert direct.keys() == one.edges.keys()
     for pair, (keys, vals) in direct.items():
         want = edge_entries(keys, vals.coalesce(), aggregation == "none")

@@ -400,8 +400,9 @@ def test_bad_arguments():
 def test_node_effects_same_with_and_without_extension(method):
     import minicirc
     from minicirc.attribution import reference as attribution
-    from minicirc.attribution import batched as attribution_batched
+    from minicirc.attribution import nodes as attribution_nodes
     from minicirc.data import Batch
+    from test_attribution import dense_effects
     torch.manual_seed(int(torch.randint(0, 10**6, ()).item()))
     model = minicirc.GPTNeoX(minicirc.Config(vocab_size=30, d_model=16, n_layers=2, n_heads=2, d_mlp=32)).eval()
     with torch.no_grad():
@@ -412,8 +413,8 @@ def test_node_effects_same_with_and_without_extension(method):
     B, T = 3, 4
     batch = Batch(torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B, T)), torch.randint(0, 30, (B,)),
                   torch.randint(0, 30, (B,)), torch.full((B,), T - 1), [None] * B)
-    run = lambda ext: attribution_batched.node_effects(model, saes, attribution.logit_diff, batch, method, 4,
-                                                      use_ext=ext).dense_effects()      # (B, T, F + 1): the error last
+    run = lambda ext: dense_effects(attribution_nodes.node_effects(model, saes, attribution.logit_diff, batch, method,
+                                                                  4, use_ext=ext))  # (B, T, F + 1): the error last
     with_ext, without = run(True), run(False)
     for s in model.sites:
         assert (with_ext[s][..., :-1] != 0).any()

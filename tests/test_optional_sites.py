@@ -13,7 +13,8 @@ import torch
 
 import minicirc
 from minicirc.attribution import reference as A
-from minicirc.attribution import batched as AB
+from minicirc.attribution import edges as AE
+from minicirc.attribution import nodes as AN
 from minicirc import evaluation as E
 import test_attribution as TA
 
@@ -126,9 +127,9 @@ def test_node_effects_at_optional_sites(name, request):
             "ig": A.ig_effects(model, saes, TA.ref_logit_diff, batch, states, 3),
             "exact": A.exact_effects(model, saes, TA.ref_logit_diff, batch, states)}
     for method, ref in defs.items():
-        fast = AB.node_effects(model, saes, A.logit_diff, batch, method, steps=3)
+        fast = AN.node_effects(model, saes, A.logit_diff, batch, method, steps=3)
         assert set(fast.effects) == set(model.all_sites)
-        TA.assert_effects_equal(fast.dense_effects(), ref, **tolerance(name))
+        TA.assert_effects_equal(TA.dense_effects(fast), ref, **tolerance(name))
         for s in ("z_1", "resid_mid_1") if "resid_mid_1" in model.all_sites else ("z_1",):
             assert ref[s].abs().max() > 1e-4, (method, s)      # the optional sites carry effects
 
@@ -150,14 +151,14 @@ def test_batched_edges_equal_definition_at_optional_sites(name, which, aggregati
     st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
     L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
     ref_eff = TA.effects_from(L, st)
-    node = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
-    TA.assert_effects_equal(node.dense_effects(), ref_eff, **tolerance(name))
+    node = AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    TA.assert_effects_equal(TA.dense_effects(node), ref_eff, **tolerance(name))
     tau = TA.threshold_for(ref_eff)
     pairs = A.edge_pairs(model, A.site_order(model, saes))
     optional = [(u, d) for u, d, _ in pairs if u.startswith(("z_", "resid_mid")) or d.startswith(("z_", "resid_mid"))]
     assert optional
     ref = TA.as_dict(A.edge_effects(model, saes, batch, st, TA.site_grads(L), ref_eff, tau, aggregation, pairs))
-    fast = AB.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
+    fast = AE.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
     TA.assert_edges_equal(TA.as_dict(fast), ref, **tolerance(name))
     # every pair touching an optional site has edges, and some are far from zero
     for pair in optional:
@@ -220,7 +221,7 @@ def test_optional_site_edges_finite_differences(which):
     batch = TA.make_batch(23, B=2, T=4)
     st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
     L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
-    node = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    node = AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
     pairs = [p for p in A.edge_pairs(model, sites) if any(s.startswith(("z_", "resid_mid")) for s in p[:2])]
     TA.check_edges_by_finite_differences(model, saes, batch, st, L, TA.effects_from(L, st), node, pairs, 29)
 

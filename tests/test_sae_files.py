@@ -554,7 +554,7 @@ def loaded_kinds(tmp_path):
 
 
 def test_edge_form_holds_where_claimed_and_fails_where_refused(tmp_path):
-    """df_i/dx = 1[f_i != 0] W_enc[:, i] (what attribution_batched.downstream_rows uses) for every kind without a
+    """df_i/dx = 1[f_i != 0] W_enc[:, i] (what attribution.edges.downstream_rows uses) for every kind without a
     per-token normalisation; the two per-token normalisations break it, and say so in edge_form_error."""
     saes, xs = loaded_kinds(tmp_path)
     for name, sae in saes.items():
@@ -729,7 +729,7 @@ def test_z_dictionary_value_bias_cases(tmp_path):
 def test_edges_into_gated_dictionaries_equal_one_at_a_time():
     """The library's edges (which use dd_i/dy = 1[d_i != 0] W_enc[:, i], W_enc being the magnitude path)
     against test_attribution's one-backward-per-node reference, with gated dictionaries at half the sites."""
-    import minicirc.attribution.batched
+    import minicirc.attribution.edges
     import test_attribution as TA
 
     def gated_saes(model):
@@ -745,7 +745,7 @@ def test_edges_into_gated_dictionaries_equal_one_at_a_time():
         return out
 
     model, saes, batch, metric, st, L, ref_eff, node = TA.edge_setup(617, False, saes=gated_saes)
-    states, effects, grads = node.states, node.dense_effects(), node.grads
+    states, effects, grads = node.states, TA.dense_effects(node), node.grads
     TA.assert_effects_equal(effects, ref_eff)
     gated = [s for s in saes if saes[s].kind == "gated"]
     # The gate closes some features the magnitude path would open, and the reverse.
@@ -754,5 +754,5 @@ def test_edges_into_gated_dictionaries_equal_one_at_a_time():
     ref = TA.as_dict(minicirc.attribution.edge_effects(model, saes, batch, st, TA.site_grads(L), ref_eff, tau, "sum",
                                                        TA.design_pairs(2, False)))
     assert any(d in gated for _, d in ref)
-    fast = minicirc.attribution.batched.edge_effects(model, saes, batch, states, grads, effects, tau, "sum")
+    fast = minicirc.attribution.edges.edge_effects(model, saes, batch, states, grads, node.effects, tau, "sum")
     TA.assert_edges_equal(TA.as_dict(fast), ref)

@@ -13,7 +13,8 @@ import torch
 
 import minicirc
 from minicirc.attribution import reference as A
-from minicirc.attribution import batched as AB
+from minicirc.attribution import edges as AE
+from minicirc.attribution import nodes as AN
 import test_attribution as TA
 from test_attribution import one_thread  # noqa: F401  (autouse: tiny tensors, one thread)
 from test_optional_sites import dicts_at
@@ -55,13 +56,13 @@ def test_edges_over_a_subset_equal_the_definition_and_finite_differences(subset,
     st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
     L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
     ref_eff = TA.effects_from(L, st)
-    node = AB.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
-    TA.assert_effects_equal(node.dense_effects(), ref_eff)
+    node = AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    TA.assert_effects_equal(TA.dense_effects(node), ref_eff)
     tau = TA.threshold_for(ref_eff)
     hand = sorted(table)
     for aggregation in ("sum", "none"):
         ref = TA.as_dict(A.edge_effects(model, saes, batch, st, TA.site_grads(L), ref_eff, tau, aggregation, hand))
-        fast = AB.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
+        fast = AE.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
         TA.assert_edges_equal(TA.as_dict(fast), ref)
         assert {(u, d) for u, d, _ in hand} == set(ref)       # every pair carries edges
     TA.check_edges_by_finite_differences(model, saes, batch, st, L, ref_eff, node, hand, seed + 3)

@@ -1,21 +1,22 @@
-"""The sparse pipeline (minicirc.attribution_batched with its site states as compressed rows) against the
-dense definitions (minicirc.attribution) on dictionaries built to sit on the edges of each kind's rule:
-JumpReLU pre-activations exactly at the threshold, TopK with ties at the k-th value, TopK with fewer than k
-positive pre-activations, and identity dictionaries (neurons). attrib, ig and exact node effects, and edges
-in both aggregations. Also: a circuit and an evaluation run never build a (tokens x n_features) tensor
-for a dictionary site, and a dictionary kind the sparse encode does not know runs through its own encode.
-float64, tiny random models (test_attribution's fixtures)."""
+"""The sparse pipeline (minicirc.attribution's states, nodes and edges: site states as compressed rows)
+against the dense definitions (minicirc.attribution.reference) on dictionaries built to sit on the edges
+of each kind's rule: JumpReLU pre-activations exactly at the threshold, TopK with ties at the k-th value,
+TopK with fewer than k positive pre-activations, and identity dictionaries (neurons). attrib, ig and exact
+node effects, and edges in both aggregations. Also: a circuit and an evaluation run never build a
+(tokens x n_features) tensor for a dictionary site, and a dictionary kind the sparse encode does not know
+runs through its own encode. float64, tiny random models (test_attribution's fixtures)."""
 import pytest
 import torch
 
 import minicirc
 from minicirc.attribution import reference as A
-from minicirc.attribution import batched as AB
+from minicirc.attribution import edges as AE
+from minicirc.attribution import nodes as AN
 from minicirc import evaluation
 from minicirc.sae import Dictionary
 from minicirc.sae.sparse import decode_rows, encode_rows
-from test_attribution import (D_MODEL, as_dict, assert_edges_equal, assert_effects_equal, make_batch, make_model,
-                              make_sae, neuron_saes, plain_sites, ref_logit_diff, threshold_for)
+from test_attribution import (D_MODEL, as_dict, assert_edges_equal, assert_effects_equal, dense_effects, dense_state,
+                              make_batch, make_model, make_sae, neuron_saes, plain_sites, ref_logit_diff, threshold_for)
 
 N = 10
 
@@ -68,18 +69,18 @@ def check_against_definitions(model, saes, batch, methods=("attrib", "ig", "exac
     metric = ref_logit_diff
     st = A.site_states(model, saes, metric, batch, A.site_order(model, saes))[2]
     for method in methods:
-        node = AB.node_effects(model, saes, A.logit_diff, batch, method, steps)
+        node = AN.node_effects(model, saes, A.logit_diff, batch, method, steps)
         for s in saes:     # the sparse states are the dense ones
-            for a, b in [(node.states[s].f_c, st[s].f_c), (node.states[s].f_p, st[s].f_p),
-                         (node.states[s].err_c, st[s].err_c), (node.states[s].err_p, st[s].err_p)]:
+            d = dense_state(node.states[s])
+            for a, b in [(d.f_c, st[s].f_c), (d.f_p, st[s].f_p), (d.err_c, st[s].err_c), (d.err_p, st[s].err_p)]:
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         if method == "exact":
             ref = A.exact_effects(model, saes, metric, batch, st)
-            assert_effects_equal(node.dense_effects(), ref, rtol=1e-9, atol=1e-11)
+            assert_effects_equal(dense_effects(node), ref, rtol=1e-9, atol=1e-11)
             continue
         grads = A.ig_gradients(model, saes, metric, batch, st, 1 if method == "attrib" else steps)
         ref = {s: A.effects_from_gradients(*grads[s], st[s]) for s in grads}
-        assert_effects_equal(node.dense_effects(), ref)
+        assert_effects_equal(dense_effects(node), ref)
         if not edges:
             continue
         tau = threshold_for(ref)
@@ -89,7 +90,7 @@ def check_against_definitions(model, saes, batch, methods=("attrib", "ig", "exac
             assert sum(len(v) for v in want.values()) > 3
             # find_circuit passes the edges the states' for_edges part only: both give the definition's edges
             for states in (node.states, {s: v.for_edges() for s, v in node.states.items()}):
-                got = as_dict(AB.edge_effects(model, saes, batch, states, node.grads, node.effects, tau, aggregation))
+                got = as_dict(AE.edge_effects(model, saes, batch, states, node.grads, node.effects, tau, aggregation))
                 assert_edges_equal(got, want)
 
 
@@ -139,9 +140,9 @@ def test_unknown_kind_falls_back_to_its_own_encode():
         saes[s].kind = "halved"
     batch = make_batch(943, B=2, T=3)
     st = A.site_states(model, saes, ref_logit_diff, batch, A.site_order(model, saes))[2]
-    node = AB.node_effects(model, saes, A.logit_diff, batch, "attrib")
+    node = AN.node_effects(model, saes, A.logit_diff, batch, "attrib")
     for s in saes:
-        torch.testing.assert_close(node.states[s].f_c, st[s].f_c, rtol=0, atol=1e-12)
+        torch.testing.assert_close(dense_state(node.states[s]).f_c, st[s].f_c, rtol=0, atol=1e-12)
         torch.testing.assert_close(node.states[s].err_c, st[s].err_c, rtol=0, atol=1e-12)
     assert any((st[s].f_c != 0).any() for s in saes)
 
@@ -212,9 +213,9 @@ def test_forward_from_equals_forward(parallel):
 @pytest.mark.parametrize("B,T,steps,tokens", [(32, 64, 10, 1024), (2, 3, 4, 1), (5, 7, 3, 20), (4, 2, 9, 17),
                                                (3, 2000, 2, 1024)])
 def test_ig_groups_cover_every_example_step_once(monkeypatch, B, T, steps, tokens):
-    monkeypatch.setattr(AB, "IG_TOKENS", tokens)
+    monkeypatch.setattr(AN, "IG_TOKENS", tokens)
     seen = []
-    for e0, e1, k0, k1 in AB.ig_groups(B, T, steps):
+    for e0, e1, k0, k1 in AN.ig_groups(B, T, steps):
         assert 0 <= e0 < e1 <= B and 0 <= k0 < k1 <= steps
         assert (e1 - e0) * (k1 - k0) * T <= max(tokens, T)      # one example at one step is the least a group holds
         seen += [(e, k) for e in range(e0, e1) for k in range(k0, k1)]
@@ -233,9 +234,9 @@ def test_ig_in_step_groups_and_without_forward_from(monkeypatch):
     st = A.site_states(model, saes, ref_logit_diff, batch, A.site_order(model, saes))[2]
     ref = A.ig_effects(model, saes, ref_logit_diff, batch, st, 4)
     for tokens in (1, 3, 6, 13):    # less than an example (still one); one example; the batch a step; two steps
-        monkeypatch.setattr(AB, "IG_TOKENS", tokens)
-        assert_effects_equal(AB.node_effects(model, saes, A.logit_diff, batch, "ig", 4).dense_effects(), ref)
-    monkeypatch.setattr(AB, "IG_TOKENS", 4096)
+        monkeypatch.setattr(AN, "IG_TOKENS", tokens)
+        assert_effects_equal(dense_effects(AN.node_effects(model, saes, A.logit_diff, batch, "ig", 4)), ref)
+    monkeypatch.setattr(AN, "IG_TOKENS", 4096)
 
     class Plain(torch.nn.Module):     # the same model behind a forward() only
         def __init__(self, m):
@@ -254,7 +255,7 @@ def test_ig_in_step_groups_and_without_forward_from(monkeypatch):
                 return getattr(self.m, name)
     plain = Plain(model)
     assert not hasattr(plain, "forward_from")
-    assert_effects_equal(AB.node_effects(plain, saes, A.logit_diff, batch, "ig", 4).dense_effects(), ref)
+    assert_effects_equal(dense_effects(AN.node_effects(plain, saes, A.logit_diff, batch, "ig", 4)), ref)
 
 
 @pytest.mark.parametrize("input_norm", ["layer_norm", "constant_norm_rescale"])

@@ -17,12 +17,13 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from ..errors import MinicircError
 
 
 def _dist():
-    import torch.distributed as dist
+    """torch.distributed, checked: a torch build without it has the module but none of its functions."""
     if not dist.is_available():
         raise MinicircError("this torch build has no torch.distributed")
     return dist
@@ -69,7 +70,7 @@ def group_info(group=None):
     dist = _dist()
     if not dist.is_initialized():
         raise MinicircError("distributed=True but no process group is initialised: launch with torchrun and call "
-                            "minicirc.distributed.init() (the CLI's --distributed does)")
+                            "minicirc.attribution.distributed.init() (the CLI's --distributed does)")
     return dist.get_rank(group), dist.get_world_size(group)
 
 

@@ -10,32 +10,18 @@ metric m (per example) is estimated by
 An edge u -> d between adjacent sites is L_d . (dd/du) . delta_u with the sites between them frozen.
 
 These functions are written to be read (one backward per site, per IG step, per downstream node; one
-forward per patched node); minicirc.attribution_batched computes the same numbers fast, and the tests hold
-it equal to these.
+forward per patched node); states.py, nodes.py and edges.py beside this file compute the same numbers fast,
+and the tests hold them equal to these. What both use (the logit-difference metric, the dictionary sites
+in model order, the clean and patch site values, the weights out of autograd, and edge_pairs, the site
+pairs of §6 with their frozen sites) is in common.py.
 """
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import MinicircError
-
-METHODS = ("attrib", "ig", "exact")
-
-
-# --- metric ---------------------------------------------------------------------------------------
-
-def logit_diff(model, batch, tokens, edit):
-    """m = logit(patch_answer) - logit(clean_answer) at each example's last real token: (rows,).
-
-    Only the two answer logits are computed (the unembedding of a 50k vocabulary at every position would
-    dominate the cost of every forward pass)."""
-    cache = {}
-    last_site = model.sites[-1]
-    model(tokens, edit=edit, cache=cache, stop_at=last_site)
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    return model.logit_diff(cache[last_site][rows, batch.last], batch.patch_answer, batch.clean_answer)
-
+# Shared with the fast path (common.py): the metric, the site order, the site values and the site pairs.
+from .common import (METHODS, clean_and_patch_sites, edge_pairs, frozen_weights, logit_diff,  # noqa: F401
+                     record_sites, site_order)
 
 # --- per-site clean and patch states --------------------------------------------------------------
 
@@ -57,38 +43,6 @@ class SiteState:
         return self.err_p - self.err_c
 
 
-def site_order(model, saes):
-    """The sites that have a dictionary, in model order (optional sites z_l and resid_mid_l included)."""
-    model.check_sites(list(saes))
-    return [s for s in model.all_sites if s in saes]
-
-
-def record_sites(model, metric, batch, tokens, sites):
-    """Run the unmodified model once; return (metric, {site: value})."""
-    cache = {}
-    def keep(s):
-        def fn(x):
-            cache[s] = x
-            return x
-        return fn
-    with torch.no_grad():
-        m = metric(model, batch, tokens, {s: keep(s) for s in sites})
-    missing = [s for s in sites if s not in cache]
-    if missing:
-        raise MinicircError(f"the metric never computed sites {missing}: drop their dictionaries")
-    return m, cache
-
-
-def clean_and_patch_sites(model, metric, batch, sites):
-    """(m_clean, {site: clean value}, m_patch or None, {site: patch value} or None), clean values checked."""
-    m_c, clean = record_sites(model, metric, batch, batch.clean, sites)
-    m_p, patch = (record_sites(model, metric, batch, batch.patch, sites) if batch.patch is not None else (None, None))
-    for s in sites:
-        if not torch.isfinite(clean[s]).all():
-            raise MinicircError(f"site {s} holds NaN or inf on the clean input")
-    return m_c, clean, m_p, patch
-
-
 def site_states(model, saes, metric, batch, sites):
     """(m_clean, m_patch or None, {site: SiteState}), each state from the unmodified model on its own input.
     Without patch inputs (zero ablation) the patch state is f = 0, err = 0."""
@@ -107,22 +61,6 @@ def site_states(model, saes, metric, batch, sites):
                 f_p, err_p = sae(x_p)
             states[s] = SiteState(x_c, x_p, f_c, f_p, err_c, err_p)
     return m_c, m_p, states
-
-
-@contextmanager
-def frozen_weights(model):
-    """The model's weights out of autograd for the duration (restored after). Every gradient here is taken
-    with respect to site values; weights that require grad make each forward save activations for weight
-    gradients nobody asks for (IG peak memory 40% lower on a 4-layer d_model 256 model; at the scale of the
-    original's Pythia-70m dictionaries their states dominate and it changes little)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 # --- node effects -----------------------------------------------------------------------------------
@@ -203,38 +141,6 @@ def exact_effects(model, saes, metric, batch, states):
 
 
 # --- edge effects -----------------------------------------------------------------------------------
-
-def edge_pairs(model, sites):
-    """(upstream, downstream, frozen sites) for the sites that carry dictionaries (docs/method.md §6).
-
-    Over the model's site graph (SiteModel.site_graph), (U, D) is a pair when some path leads from U to D
-    with no dictionary site inside it: a site without a dictionary is part of the computation between its
-    neighbours, whatever it is. The edge counts those paths only, so the dictionary sites that other U -> D
-    paths cross are frozen; it is enough to freeze the last one before D on each, i.e. the dictionary sites
-    W that U reaches and that pair with D themselves. Sites without a dictionary are never frozen.
-    With dictionaries at every standard site this is the per-layer table of §6 (mlp_l -> resid_l,
-    attn_l -> resid_l with mlp_l frozen, ...); with dictionaries at resid sites only it is
-    resid_{l-1} -> resid_l through the whole layer, or resid_1 -> resid_3 through two.
-    Order: by upstream site, then downstream site, in model order; frozen sites in model order."""
-    graph = model.site_graph()
-    order = model.all_sites
-    have = set(sites)
-    model.check_sites(sites)
-    # reach[s]: every site downstream of s; near[s]: the dictionary sites s reaches with none inside the path.
-    reach, near = {}, {}
-    for s in reversed(order):
-        reach[s] = set()
-        near[s] = set()
-        for t in graph[s]:
-            reach[s] |= {t} | reach[t]
-            near[s] |= {t} if t in have else near[t]
-    pairs = []
-    for u in (s for s in order if s in have):
-        for d in sorted(near[u], key=order.index):
-            frozen = tuple(w for w in order if w in have and w in reach[u] and d in near[w])
-            pairs.append((u, d, frozen))
-    return pairs
-
 
 def edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation="sum", pairs=None):
     """Edge effects of one batch, summed over its examples, one backward per downstream node.

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .. import attribution, evaluation, explain, viz
 
 from . import report
-from ..circuit import find_circuit
+from ..attribution.find import find_circuit
 from ..data import tokenize
 from .default import get_default
 from ..errors import MinicircError

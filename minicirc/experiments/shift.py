@@ -303,7 +303,7 @@ def probe_metric(probe):
 def probe_circuit(model, saes, probe, batch, steps=10, top_k=30, batch_size=100, progress=True):
     """IG node effects of every feature and error node at the sites up to the probe (patch = None: zero
     ablation as the counterfactual), summed over positions and averaged over examples."""
-    from ..circuit import find_circuit
+    from ..attribution.find import find_circuit
     sites = probe_sites(model, probe.layer)
     dicts = {s: saes[s] for s in sites}
     return find_circuit(model, dicts, batch, method="ig", steps=steps, node_threshold=0.0, aggregation="sum",
