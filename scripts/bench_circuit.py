@@ -50,6 +50,7 @@ import minicirc
 from minicirc.attribution import reference as attribution
 from minicirc.attribution import edges as attribution_edges, nodes as attribution_nodes, states as attribution_states
 from minicirc.data import Batch
+from minicirc.rows import rows_to_dense
 
 
 def trim_heap():
@@ -280,6 +281,20 @@ def evaluate(model, saes, batch, nodes, batch_size):
               f"faithfulness {r['faithfulness']:.4f} ({len(nodes)} nodes kept)", flush=True)
 
 
+def dense_views(eff, states):
+    """The baseline's dense inputs: {site: (B, T, F + 1)} node effects (column F the error) and the
+    definitions' SiteState (dense f_c, f_p) of every site."""
+    out_eff, out_st = {}, {}
+    for s, e in eff.items():
+        B, T = e.err.shape
+        f = rows_to_dense(*e.rows, e.n_features).view(B, T, e.n_features)
+        out_eff[s] = torch.cat([f, e.err[..., None].to(f.dtype)], -1)
+        st = states[s]
+        dense = lambda rows: rows_to_dense(*rows, st.n_features).view(B, T, st.n_features)
+        out_st[s] = attribution.SiteState(st.x_c, st.x_p, dense(st.c), dense(st.p), st.err_c, st.err_p)
+    return out_eff, out_st
+
+
 def original_style_rows(model, saes, batch, states, grads, eff, thr, pair, keys):
     """One backward pass per downstream row, as the original code does; returns how many rows it ran."""
     u, d, frozen = pair
@@ -329,7 +344,8 @@ def stages(a, model, saes, batch):
     r = stage(f"nodes ig ({a.steps} steps)",
               lambda: attribution_nodes.node_effects(model, saes, attribution.logit_diff, batch, "ig", a.steps), res)
     states, eff, grads = r.states, r.effects, r.grads
-    allv = torch.cat([e.flatten() for e in eff.values()]).abs()
+    dense_eff, dense_st = dense_views(eff, states)
+    allv = torch.cat([e.flatten() for e in dense_eff.values()]).abs()
     print(f"  per-example node effects: max {allv.max():.3g}, "
           f"{int((allv > a.node_threshold).sum())} entries above the node threshold {a.node_threshold}")
     edges = stage("edges batched (vmap)", lambda: attribution_edges.edge_effects(
@@ -347,7 +363,7 @@ def stages(a, model, saes, batch):
             keys = edges.get(pair[:2], ([], None))[0]
             if done >= limit or not keys:
                 continue
-            done += original_style_rows(model, saes, batch, states, grads, eff, a.node_threshold, pair,
+            done += original_style_rows(model, saes, batch, dense_st, grads, dense_eff, a.node_threshold, pair,
                                         keys[:limit - done])
     t_loop = (time.perf_counter() - t0) * n_rows / max(done, 1)
     res["edges one row at a time"] = (t_loop, mem.mb)
