@@ -15,25 +15,20 @@ causal, so padding never changes a real position). "Top" means the k highest act
 position first), so the result is deterministic.
 
 Activations are computed for every requested (site, feature) in one forward pass per batch of texts.
-Results are cached in memory keyed by (model weights sha, site, dictionary weights sha, token sample sha,
-k), per feature; with $MINICIRC_CACHE set they also go to $MINICIRC_CACHE/explain/<key>.safetensors.
+Results are cached per feature (explain_cache.py), keyed by (model weights sha, token sample sha, k, site,
+dictionary weights sha), in memory and, with $MINICIRC_CACHE set, in $MINICIRC_CACHE/explain/.
 """
 import bisect
-import hashlib
-from collections import Counter
-import json
 import os
+from collections import Counter
 
 import torch
 
+from . import explain_cache
 from .sae.sparse import features_at
 from .circuit import parse_node_id
-from .data import pad_right
+from .data import load_examples, pad_right
 from .errors import MinicircError
-from .files import write_atomic
-from .hashing import sha256_of
-
-_MEMORY = {}  # cache key -> {feature: (values (k,), flat indices (k,))}
 
 
 # --- text samples ----------------------------------------------------------------------------------
@@ -41,7 +36,6 @@ _MEMORY = {}  # cache key -> {feature: (values (k,), flat indices (k,))}
 def load_texts(path):
     """Texts from a data file (every distinct clean_prefix and patch_prefix, in file order) or, for any other
     file, one text a line (blank lines skipped)."""
-    from .data import load_examples
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MinicircError(f"text file {path} does not exist")
@@ -101,75 +95,9 @@ def _as_ids(sample):
     return ids, strs
 
 
-# --- hashing and the cache ---------------------------------------------------------------------------
-
-def sae_sha(sae):
-    tensors = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold]
-    return sha256_of([f"{sae.kind}|{sae.k}|{sae.subtract_b_dec}"]
-                     + [part for t in tensors for part in (str(tuple(t.shape)), t)])
-
-
-def sample_sha(ids):
-    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
-
-
-_MODEL_SHA = {}
-
-
-def _model_sha(model):
-    # Hashing every weight costs a pass over them; remember it per model object and weight versions.
-    key = (id(model), tuple(p._version for p in model.parameters()))
-    if key not in _MODEL_SHA:
-        from .model import model_hash
-        _MODEL_SHA.clear()
-        _MODEL_SHA[key] = model_hash(model)
-    return _MODEL_SHA[key]
-
-
-def clear_cache():
-    _MEMORY.clear()
-    _MODEL_SHA.clear()
-
-
-def _disk_path(key):
-    root = os.environ.get("MINICIRC_CACHE")
-    if not root:
-        return None
-    return os.path.join(root, "explain", hashlib.sha256("|".join(map(str, key)).encode()).hexdigest()[:32]
-                        + ".safetensors")
-
-
-def _disk_load(key):
-    path = _disk_path(key)
-    if not path or not os.path.exists(path):
-        return {}
-    from safetensors.torch import load_file
-    try:
-        t = load_file(path)
-    except Exception:
-        return {}  # a damaged cache file is recomputed, never trusted
-    return {int(n.split(".")[0][1:]): (t[n], t[n.replace(".values", ".index")])
-            for n in t if n.endswith(".values") and n.replace(".values", ".index") in t}
-
-
-def _disk_save(key, entry):
-    path = _disk_path(key)
-    if not path:
-        return
-    from safetensors.torch import save
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tensors = {}
-        for f, (v, i) in entry.items():
-            tensors[f"f{f}.values"], tensors[f"f{f}.index"] = v.contiguous(), i.contiguous()
-        write_atomic(path, save(tensors))
-    except OSError:
-        pass  # the cache is an optimisation; an unwritable cache directory is not an error
-
-
 # --- the activation scan -------------------------------------------------------------------------------
 
-def _check_feature(site, sae, feature):
+def check_feature(site, sae, feature):
     if not isinstance(feature, int) or isinstance(feature, bool):
         raise MinicircError(f"feature {feature!r} of {site} is not an integer")
     if not 0 <= feature < sae.n_features:
@@ -262,31 +190,26 @@ def top_activations(model, saes, wanted, sample, k=10, batch_size=64):
         if s not in saes:
             raise MinicircError(f"unknown site {s!r}; known: {', '.join(saes)}")
         for f in feats:
-            _check_feature(s, saes[s], f)
+            check_feature(s, saes[s], f)
     if not ids:
         raise MinicircError("the text sample is empty")
-    base = (_model_sha(model), sample_sha(ids), int(k))
+    base = (explain_cache.model_sha(model), explain_cache.sample_sha(ids), int(k))
     keys, todo = {}, {}
     for s, feats in wanted.items():
-        key = base + (s, sae_sha(saes[s]))
-        keys[s] = key
-        if key not in _MEMORY:
-            _MEMORY[key] = _disk_load(key)
-        missing = [f for f in dict.fromkeys(feats) if f not in _MEMORY[key]]
+        keys[s] = base + (s, explain_cache.sae_sha(saes[s]))
+        missing = [f for f in dict.fromkeys(feats) if f not in explain_cache.cached(keys[s])]
         if missing:
             todo[s] = missing
     if todo:
-        found = _scan(model, saes, todo, ids, k, batch_size)
-        for s, res in found.items():
-            _MEMORY[keys[s]].update(res)
-            _disk_save(keys[s], _MEMORY[keys[s]])
+        for s, found in _scan(model, saes, todo, ids, k, batch_size).items():
+            explain_cache.store(keys[s], found)
     starts, _ = _offsets(ids)
     out = {}
     for s, feats in wanted.items():
         out[s] = {}
         groups = _prefix_groups(ids, token_only=s == "embed")
         for f in feats:
-            vals, idx = _MEMORY[keys[s]][f]
+            vals, idx = explain_cache.cached(keys[s])[f]
             # The top k first occurrences hold the first occurrences of the overall top k (each ranks above
             # its repeats); add the repeats with their value and rank again by (value desc, sample order).
             cand = [(v, j) for v, i in zip(vals.tolist(), idx.tolist()) for j in [i] + groups[i]]
@@ -337,7 +260,7 @@ def logit_effects(model, sae, feature, n=5, tokenizer=None, site=None):
     elementwise weight and mean removal), so the values rank tokens rather than give exact logit changes.
     Meaningful for every site (embed, attn_l, mlp_l and resid_l all write to the residual stream), and only
     as a direct effect: later layers are ignored."""
-    _check_feature(site or "this site", sae, feature)
+    check_feature(site or "this site", sae, feature)
     if sae.kind == "identity":
         direction = torch.zeros(sae.d_in, device=sae.W_dec.device)
         direction[feature] = 1.0

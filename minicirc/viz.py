@@ -4,13 +4,18 @@ Layout: one row per site, bottom to top in the order the model computes them (em
 metric node y on top); colour = sign of the effect (blue positive, red negative), line width and colour
 intensity = |effect|; error nodes are squares, features circles.
 """
+import json
 import math
+import os
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a screen
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
+
+from .files import staged_files  # noqa: E402
+from .viewer import write_html  # noqa: E402
 
 
 def _rows(data):
@@ -113,10 +118,6 @@ def save_circuit(circuit, out_dir, contexts=None, picture=True):
     circuit.dot, circuit.png (unless picture=False), circuit.html, and contexts.json when contexts are given
     (kept so that `minicirc view` can redraw circuit.html with them; an earlier run's is removed otherwise).
     Returns the circuit.json data."""
-    import json
-    import os
-    from .files import staged_files
-    from .viewer import write_html
     with staged_files(out_dir) as stage:
         data = circuit.write(stage)
         with open(stage("circuit.dot"), "wb") as f:

@@ -375,12 +375,12 @@ def test_failure_while_saving_leaves_no_files(t, capsys, monkeypatch):
 def test_failure_while_saving_keeps_the_earlier_run(t, capsys, monkeypatch):
     assert cli(t) == 0
     before = {p: open(p, "rb").read() for p in files_under(t / "out")}
-    from minicirc import viewer
+    from minicirc import viz
 
     def broken(*a, **k):
         raise OSError(13, "Permission denied")
 
-    monkeypatch.setattr(viewer, "write_html", broken)
+    monkeypatch.setattr(viz, "write_html", broken)     # save_circuit fails while staging circuit.html
     expect_cli_error(t, capsys, "Permission denied", "--overwrite", "--node-threshold", "0.5")
     assert {p: open(p, "rb").read() for p in files_under(t / "out")} == before
 

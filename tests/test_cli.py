@@ -283,10 +283,10 @@ def test_evaluate_flags_reach_faithfulness(setup, flags, kw):
 
 
 def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, capsys):
-    from minicirc.experiments import demo, shift
+    from minicirc.experiments import demo, shift_run
     from minicirc import explain
     seen = {}
-    monkeypatch.setattr(shift, "run_shift", lambda *a, **kw: seen.setdefault("shift", (a, kw)))
+    monkeypatch.setattr(shift_run, "run_shift", lambda *a, **kw: seen.setdefault("shift", (a, kw)))
     monkeypatch.setattr(demo, "run_demo", lambda *a, **kw: seen.setdefault("demo", (a, kw)))
     assert run("shift", "--out", "o1", "--quick", "--overwrite", "--probe-layer", 1, "--top-k", 7, "--threshold", 0.25,
                "--margin", 0.5, "--random-seeds", 3, "--ablate", "embed/1,resid_0/2") == 0
@@ -338,7 +338,7 @@ def test_defaults_are_the_functions_defaults():
     import inspect
     from minicirc import data, evaluation, explain, model as model_mod, sae
     from minicirc.attribution import find
-    from minicirc.experiments import demo, shift
+    from minicirc.experiments import demo, shift_run
     from minicirc.cli import build_parser
     req = ["--model", "m", "--saes", "s", "--data", "d", "--out", "o"]
     parsed = {"circuit": _parser_defaults("circuit", *req), "evaluate": _parser_defaults("evaluate", *req, "--circuit", "c"),
@@ -351,8 +351,8 @@ def test_defaults_are_the_functions_defaults():
            ("evaluate", evaluation.faithfulness, ["ablation", "errors", "first_layer", "seed"]),
            ("evaluate", model_mod.load_model, ["device", "dtype"]),
            ("demo", demo.run_demo, ["out", "quick", "overwrite", "device", "first_layer", "model"]),
-           ("shift", shift.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "coverage", "top_k",
-                                       "margin", "random_seeds", "threshold"]),
+           ("shift", shift_run.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "coverage",
+                                           "top_k", "margin", "random_seeds", "threshold"]),
            ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"]),
            ("explain", model_mod.load_model, ["device"]),
            *((command, sae.load_saes, ["norm_scaling_factor"]) for command in ("circuit", "evaluate", "explain"))]
@@ -482,13 +482,12 @@ def test_view_refuses_a_contexts_file_that_is_not_an_object(setup, capsys):
 
 def test_batch_size_and_threads_reach_their_functions(setup, monkeypatch):
     """--batch-size changes no number (means are accumulated in float64), so it is checked where it goes."""
-    from minicirc import evaluation
-    from minicirc.attribution import find
+    from minicirc import cli, evaluation
     from minicirc.experiments import demo
     t = setup
     seen = {}
-    real_find, real_faith = find.find_circuit, evaluation.faithfulness
-    monkeypatch.setattr(find, "find_circuit", lambda *a, **kw: seen.setdefault("find", kw) and real_find(*a, **kw))
+    real_find, real_faith = cli.find_circuit, evaluation.faithfulness
+    monkeypatch.setattr(cli, "find_circuit", lambda *a, **kw: seen.setdefault("find", kw) and real_find(*a, **kw))
     monkeypatch.setattr(evaluation, "faithfulness", lambda *a, **kw: seen.setdefault("faith", kw) and real_faith(*a, **kw))
     b1, b2 = (int(v) for v in torch.randint(1, 5, (2,)))
     common_args = ["--model", t / "model", "--saes", "neurons", "--data", t / "data.jsonl"]

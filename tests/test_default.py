@@ -40,7 +40,7 @@ def test_sae_training_explains_variance():
     assert stats == pytest.approx(train.sae_stats(sae, x))
 
 
-def _brute_agreement_accuracy(model, tok, n=200, seed=1):
+def _brute_clean_agreement_accuracy(model, tok, n=200, seed=1):
     """Per template, the fraction of held-out examples whose right verb form outscores the wrong one at the
     last prefix token: each prefix encoded on its own, prefixes of one length run together (no padding)."""
     from minicirc.experiments.tasks import agreement
@@ -75,7 +75,7 @@ def test_saved_default_reproduces_the_in_memory_model(cache, monkeypatch):
     (losses,) = seen
     assert stats["lm_loss_first"] == losses[0]
     assert stats["lm_loss_last"] == pytest.approx(sum(losses[-50:]) / len(losses[-50:]))
-    assert stats["agreement_accuracy"] == pytest.approx(_brute_agreement_accuracy(model, tok))
+    assert stats["agreement_accuracy"] == pytest.approx(_brute_clean_agreement_accuracy(model, tok))
     assert set(stats["saes"]) == set(model.sites)
     # Ordinary user data: others may read it; no temporary folder is left behind.
     assert os.stat(folder).st_mode & 0o777 == 0o755
@@ -338,8 +338,8 @@ def test_shipped_default_reproduces_its_recorded_stats():
     assert all(torch.equal(again[s].W_enc, saes[s].W_enc) and torch.equal(again[s].b_dec, saes[s].b_dec) for s in sites)
     cfg = default.RECIPES["full"]
     assert model.cfg.d_model == cfg["d_model"] and all(s.n_features >= 8 * cfg["d_model"] for s in saes.values())
-    assert stats["agreement_accuracy"] == default.agreement_accuracy(model, tok)
-    brute = _brute_agreement_accuracy(model, tok)
+    assert stats["agreement_accuracy"] == default.clean_agreement_accuracy(model, tok)
+    brute = _brute_clean_agreement_accuracy(model, tok)
     assert brute == pytest.approx(stats["agreement_accuracy"], abs=1e-12)
     assert min(brute.values()) >= 0.95
     seqs = corpus.packed_sequences(tok, cfg["n_rows"], seq_len=32, seed=0)

@@ -1,4 +1,4 @@
-"""`minicirc demo` (minicirc/demo.py, the demo half of minicirc/report.py): the three evaluation protocols
+"""`minicirc demo` (minicirc/experiments/demo.py and demo_report.py): the three evaluation protocols
 against the ablation written out in float64 (test_evaluation's reference), the protocol's sites, sizes and
 area by their definitions, and a reduced-budget run whose report, files and scores are checked against
 independent recomputations."""
@@ -236,7 +236,7 @@ def test_demo_reduced_budget(cache, tmp_path):
 def test_describe_nounpp_names_the_strongest_number_features():
     """Feature nodes whose best latent is a number of the subject, the token or the next verb, with share
     >= 0.5, listed per site in site order, the 3 of largest |effect| by name and the rest counted."""
-    from minicirc.experiments.report import NUMBER_LATENTS, describe_nounpp
+    from minicirc.experiments.demo_report import NUMBER_LATENTS, describe_nounpp
     rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
     sites = ["embed", "attn_0", "mlp_0", "resid_0", "attn_1", "mlp_1", "resid_1"]
     good = NUMBER_LATENTS
@@ -284,7 +284,7 @@ def test_describe_nounpp_names_the_strongest_number_features():
 
 
 def test_report_fmt_marks_missing_numbers():
-    from minicirc.experiments.report import fmt
+    from minicirc.experiments.demo_report import fmt
     x = float(torch.randn(()).item())
     assert fmt(None) == fmt(float("nan")) == "—"
     assert fmt(x) == format(x, ".2f") and fmt(x, ".3f") == format(x, ".3f")
@@ -295,7 +295,7 @@ def test_report_fmt_marks_missing_numbers():
 def test_answers_follow_their_rules():
     """The verdicts of report.answers on hand-made results: features ahead (<= 0.9x the neurons' nodes) in
     all templates but one -> yes; in at most one -> no; a kind that never reaches 0.9 needs more nodes."""
-    from minicirc.experiments.report import _compare, _verdict, answers
+    from minicirc.experiments.demo_report import _compare, _verdict, answers
     from minicirc.experiments.tasks import agreement
     rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
 
@@ -320,7 +320,7 @@ def test_superposition_table_shows_the_recorded_shares():
     """report.md's monosemantic-units table: one row per site of stats.json's record, the shares as percentages
     and the latents covered, and nothing for a default trained before the record existed."""
     import random
-    from minicirc.experiments.report import superposition_lines
+    from minicirc.experiments.demo_report import superposition_lines
     rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
     sites = {s: {"neurons": rng.random(), "neurons_latents": rng.randrange(9), "features": rng.random(),
                  "features_latents": rng.randrange(300)} for s in ("embed", "attn_0", "mlp_0", "resid_0")}

@@ -104,7 +104,7 @@ def quick_cache(tmp_path_factory):
 
 def test_demo_and_shift(quick_cache, tmp_path):
     from minicirc.experiments.demo import run_demo
-    from minicirc.experiments.shift import run_shift
+    from minicirc.experiments.shift_run import run_shift
     with explicit_devices_only():
         demo = run_demo(str(tmp_path / "demo"), quick=True, progress=False)
         shifted = run_shift(str(tmp_path / "shift"), quick=True, progress=False)

@@ -1,11 +1,12 @@
-"""minicirc.explain: top contexts equal a brute-force scan, the cache returns the same thing without a new
-pass, circuit_contexts covers every feature node in one pass per batch, and `minicirc explain` prints them."""
+"""minicirc.explain: top contexts equal a brute-force scan, the cache (explain_cache) returns the same thing
+without a new pass, circuit_contexts covers every feature node in one pass per batch, and `minicirc explain`
+prints them."""
 
 import pytest
 import torch
 
 import minicirc
-from minicirc import explain
+from minicirc import explain, explain_cache
 from minicirc.cli import main
 from minicirc.model import Config, GPTNeoX
 from minicirc.sae import Dictionary
@@ -64,7 +65,7 @@ def brute_force(sae, xs, feature, k):
 def test_top_contexts_equal_brute_force(site):
     seed = int(torch.randint(0, 10**6, ()).item())
     model, saes, sample = random_setup(seed)
-    explain.clear_cache()
+    explain_cache.clear_cache()
     xs = site_values(model, site, sample)
     n_tokens = sum(map(len, sample))
     for feature in range(saes[site].n_features):
@@ -81,7 +82,7 @@ def test_top_contexts_equal_brute_force(site):
 
 def test_cache_memory_and_disk(tmp_path, monkeypatch):
     model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
-    explain.clear_cache()
+    explain_cache.clear_cache()
     monkeypatch.setenv("MINICIRC_CACHE", str(tmp_path))
     first = explain.top_contexts(model, saes["resid_0"], "resid_0", sample, 3, k=4)
     assert list((tmp_path / "explain").glob("*.safetensors"))
@@ -90,7 +91,7 @@ def test_cache_memory_and_disk(tmp_path, monkeypatch):
         raise AssertionError("the cache should have answered")
     monkeypatch.setattr(explain, "_scan", no_scan)
     assert explain.top_contexts(model, saes["resid_0"], "resid_0", sample, 3, k=4) == first  # memory
-    explain.clear_cache()
+    explain_cache.clear_cache()
     assert explain.top_contexts(model, saes["resid_0"], "resid_0", sample, 3, k=4) == first  # disk
     # Another sample, other dictionary weights or another model are other keys.
     with pytest.raises(AssertionError, match="cache"):
@@ -141,7 +142,7 @@ def test_circuit_contexts_cover_every_feature_node(files, monkeypatch):
     texts = explain.load_texts(t / "data.jsonl")
     assert texts == list(dict.fromkeys(x for r in ROWS for x in (r["clean_prefix"], r["patch_prefix"])))
     texts = texts + explain.load_texts(t / "texts.txt")
-    explain.clear_cache()
+    explain_cache.clear_cache()
     calls = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
@@ -321,34 +322,34 @@ def test_node_ids_and_unknown_sites():
 def test_cache_keys_cover_every_dictionary_field_and_damaged_files_are_recomputed(tmp_path, monkeypatch):
     model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
     sae = saes["resid_0"]
-    base = explain.sae_sha(sae)
+    base = explain_cache.sae_sha(sae)
     fields = dict(W_enc=sae.W_enc, b_enc=sae.b_enc, W_dec=sae.W_dec, b_dec=sae.b_dec)
     for name in fields:
         changed = {k: (v + 0.5 * torch.randn_like(v) if k == name else v) for k, v in fields.items()}
         other = Dictionary(changed["W_enc"], changed["b_enc"], changed["W_dec"], changed["b_dec"], "relu")
-        assert explain.sae_sha(other) != base, name
+        assert explain_cache.sae_sha(other) != base, name
     same = Dictionary(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, "relu")
-    assert explain.sae_sha(same) == base
-    assert explain.sae_sha(Dictionary(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, "relu",
-                                      subtract_b_dec=False)) != base
+    assert explain_cache.sae_sha(same) == base
+    assert explain_cache.sae_sha(Dictionary(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, "relu",
+                                            subtract_b_dec=False)) != base
     # Shapes are part of the key: zero dictionaries 2 -> 3 and 3 -> 2 have the same bytes (2dF + F + d zeros).
     zeros = lambda d, n: Dictionary(torch.zeros(d, n), torch.zeros(n), torch.zeros(n, d), torch.zeros(d), "relu")
-    assert explain.sae_sha(zeros(2, 3)) != explain.sae_sha(zeros(3, 2))
+    assert explain_cache.sae_sha(zeros(2, 3)) != explain_cache.sae_sha(zeros(3, 2))
     # A damaged cache file is recomputed, not trusted (nor an error).
-    explain.clear_cache()
+    explain_cache.clear_cache()
     monkeypatch.setenv("MINICIRC_CACHE", str(tmp_path))
     first = explain.top_contexts(model, sae, "resid_0", sample, 2, k=5)
     files = list((tmp_path / "explain").glob("*.safetensors"))
     assert files
     for f in files:
         f.write_bytes(b"not a safetensors file" * 3)
-    explain.clear_cache()
+    explain_cache.clear_cache()
     assert explain.top_contexts(model, sae, "resid_0", sample, 2, k=5) == first
 
 
 def test_empty_rows_of_ids_are_skipped_but_keep_their_sentence_index():
     model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float64)
-    explain.clear_cache()
+    explain_cache.clear_cache()
     padded = [[]] + sample[:3] + [[], []] + sample[3:]
     where = [1, 2, 3] + list(range(6, len(padded)))                    # padded index of each sample sentence
     site, k = "resid_1", 8
@@ -362,7 +363,7 @@ def test_ties_at_the_kth_place_keep_the_earliest_positions_across_batches():
     """Zero activations tie; with k just past the last positive one, the kept zeros must be the earliest
     (sentence, position) pairs even though they come from different batches."""
     model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()))
-    explain.clear_cache()
+    explain_cache.clear_cache()
     site = "mlp_0"
     xs = site_values(model, site, sample)
     n_tokens = sum(map(len, sample))
@@ -385,7 +386,7 @@ def test_ties_at_the_kth_place_keep_the_earliest_positions_across_batches():
 
 def test_token_names_without_a_cache_and_text_files(tmp_path, monkeypatch):
     model, saes, sample = random_setup(int(torch.randint(0, 10**6, ()).item()), dtype=torch.float32)
-    explain.clear_cache()
+    explain_cache.clear_cache()
     # Without $MINICIRC_CACHE nothing is written anywhere (not even relative to the working directory).
     monkeypatch.delenv("MINICIRC_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minicirc.experiments import default, shift
+from minicirc.experiments import default, shift, shift_run
 
 from minicirc import identity_saes
 from minicirc.cli import main
@@ -193,7 +193,7 @@ def test_shift_reduced_budget(quick, tmp_path):
     cfg = results["settings"]
     assert cfg["coverage"] == 0.9 and cfg["top_k"] is None
     model, saes, tok = quick
-    data = shift.make_data(tok, cfg)
+    data = shift_run.make_data(tok, cfg)
     probe = shift.train_probe(model, data["train"], cfg["probe_layer"], l2=cfg["l2"])
     sites = shift.probe_sites(model, cfg["probe_layer"])
     for kind, dicts in (("features", saes), ("neurons", identity_saes(model))):
@@ -763,7 +763,7 @@ def test_pooled_features_and_judge_against_a_written_out_scan():
         assert v["gender_d"] == pytest.approx(a, rel=1e-4, abs=1e-6)
         assert v["profession_d"] == pytest.approx(b, rel=1e-4, abs=1e-6)
         assert v["spurious"] == (a > b + margin)
-    assert inspect.signature(shift.judge).parameters["margin"].default == shift.SETTINGS["full"]["margin"]
+    assert inspect.signature(shift.judge).parameters["margin"].default == shift_run.SETTINGS["full"]["margin"]
     # Every (profession, gender) group needs two bios for a within-group standard deviation.
     prof, gen = torch.tensor([0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 0, 1, 0, 0, 1, 1])
     with pytest.raises(MinicircError, match="at least two"):
@@ -796,7 +796,7 @@ def test_run_shift_rejects_bad_settings_before_any_work(tmp_path):
                     (dict(coverage=float("nan")), r"\(0, 1\]"), (dict(coverage=0.5, top_k=3), "give one of them"),
                     (dict(threshold=-0.5), "at least 0"), (dict(threshold=float("nan")), "at least 0")]:
         with pytest.raises(MinicircError, match=msg):
-            shift.run_shift(out=str(tmp_path / "never"), quick=True, progress=False, **kw)
+            shift_run.run_shift(out=str(tmp_path / "never"), quick=True, progress=False, **kw)
     assert not (tmp_path / "never").exists()
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from minicirc.experiments import report
+from minicirc.experiments import demo_report
 
 from minicirc import viz
 
@@ -171,7 +171,7 @@ def test_faithfulness_plot_curves(tmp_path, kept_figures):
             n = torch.randint(0, 60, (7,), generator=g).tolist() + [0]
             curves[f"{template} {kind}"] = list(zip(n, torch.randn(8, generator=g).tolist()))
     curves["empty features"] = [(0, 0.5)]
-    report.plot_faithfulness(curves, tmp_path / "f.png")
+    demo_report.plot_faithfulness(curves, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
     (fig,) = kept_figures
     ax = fig.axes[0]

@@ -17,6 +17,7 @@ import os
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from . import train
 from ..errors import MinicircError
@@ -52,8 +53,9 @@ def default_dir(recipe="full", seed=0):
 
 
 @torch.no_grad()
-def agreement_accuracy(model, tokenizer, n=200, seed=1, split="test"):
-    """Fraction of held-out examples per template where the right verb form outscores the wrong one."""
+def clean_agreement_accuracy(model, tokenizer, n=200, seed=1, split="test"):
+    """{template: fraction of held-out clean prompts where the right verb form outscores the wrong one}, as
+    stats.json's "agreement_accuracy" records it (the patch prompts are not scored)."""
     out = {}
     for template in agreement.TEMPLATES:
         ex = agreement.make_examples(template, n, seed=seed, split=split)
@@ -79,10 +81,9 @@ def make_default(out_dir, recipe="full", seed=0, progress=True):
     model = GPTNeoX(cfg)
     losses = train.train_lm(model, seqs, steps=r["lm_steps"], batch_size=r["lm_batch"], seed=seed,
                             pad_id=corpus.PAD_ID, progress=progress)
-    accuracy = agreement_accuracy(model, tokenizer)
+    accuracy = clean_agreement_accuracy(model, tokenizer)
     acts = train.collect_activations(model, seqs[:N_STATS_ROWS], pad_id=corpus.PAD_ID)
     saes, sae_stats = {}, {}
-    from tqdm.auto import tqdm
     for i, site in enumerate(tqdm(model.sites, desc="train SAEs", disable=not progress)):
         saes[site], sae_stats[site] = train.train_sae(acts[site], r["sae_features"], l1=r["sae_l1"],
                                                       steps=r["sae_steps"], seed=seed * 1000 + i)

@@ -14,7 +14,7 @@ discovery examples and measure them on held-out examples under three protocols:
 For each: faithfulness and completeness of the top-n nodes by |effect| on a log grid of n, nodes needed for
 0.8 and 0.9 faithfulness (bisected to the node between grid sizes), and the area under faithfulness against
 log(nodes). Every unit of every site is scored by metrics.best_latent_share against the grammar's token
-latents. report.md and the plots are written by report.py from the results computed here.
+latents. report.md and the plots are written by demo_report.py from the results computed here.
 """
 import json
 import math
@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from .. import attribution, evaluation, explain, viz
 
-from . import report
+from . import real_lm
+from .demo_report import demo_report, describe_nounpp, plot_protocols
 from ..attribution.find import find_circuit
 from ..data import tokenize
 from .default import get_default
@@ -188,12 +189,11 @@ def default_subject(quick, progress):
 def real_lm_subject(name, quick, progress):
     """A pretrained model (--model smollm2 or a path) with SAEs minicirc trains on it (real_lm.py); templates
     the model gets right less often than min_accuracy are reported and left out of the comparison."""
-    from . import real_lm
     recipe = "quick" if quick else "full"
     cfg = REAL_LM_SETTINGS[recipe]
     model, saes, tokenizer, info = real_lm.load_real_lm(name, recipe, progress)
     lex = real_lm.lexicon_for(tokenizer)
-    accuracy = real_lm.agreement_accuracy(model, tokenizer, cfg["n_accuracy"], lex=lex)
+    accuracy = real_lm.clean_and_patch_agreement_accuracy(model, tokenizer, cfg["n_accuracy"], lex=lex)
     compared = [t for t in agreement.TEMPLATES if accuracy[t] >= cfg["min_accuracy"]]
     if not compared:
         raise MinicircError(f"{info['title']}: no template reaches {cfg['min_accuracy']:.0%} agreement accuracy "
@@ -275,14 +275,14 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
             shutil.copytree(files, os.path.join(out, template), dirs_exist_ok=True)
         results[template], full_model[template] = value["results"], value["full_model"]
         curves.update({(name, label): points for name, label, points in value["curves"]})
-    report.plot_protocols(curves, "faithfulness", os.path.join(out, "faithfulness_vs_nodes.png"))
-    report.plot_protocols(curves, "completeness", os.path.join(out, "completeness_vs_nodes.png"))
+    plot_protocols(curves, "faithfulness", os.path.join(out, "faithfulness_vs_nodes.png"))
+    plot_protocols(curves, "completeness", os.path.join(out, "completeness_vs_nodes.png"))
     results["_meta"] = {"seconds": time.time() - t0, **subject["meta"], "settings": cfg,
                         "first_layer": first_layer, "n_layers": n_layers, "accuracy": subject["accuracy"],
                         "templates": subject["compared"],
                         "full_model_faithfulness": full_model, "unit_scores": score_table(scores)}
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
-    write_atomic(os.path.join(out, "report.md"), report.demo_report(results, cfg).encode())
+    write_atomic(os.path.join(out, "report.md"), demo_report(results, cfg).encode())
     print(f"minicirc demo: wrote {out}/report.md in {time.time() - t0:.0f} s")
     return results
 
@@ -353,7 +353,7 @@ def template_results(model, kinds, tokenizer, make_examples, cfg, template, out,
             "protocols": protocols, "metric": data["metric"],
         }
         if template == "nounpp" and kind == "features":
-            results["description"] = report.describe_nounpp(
+            results["description"] = describe_nounpp(
                 data, {nid: (a["best_variable"], a["interpretability"]) for nid, a in circuit.annotations.items()})
     return {"results": results, "full_model": full_model, "curves": curves}, os.path.join(out, template)
 

@@ -226,8 +226,9 @@ def get_saes(name, model, tokenizer, recipe="full", progress=True):
 
 
 @torch.no_grad()
-def agreement_accuracy(model, tokenizer, n, seed=1, lex=None):
-    """{template: fraction of held-out prompts, clean and patch, where the right verb form scores higher}."""
+def clean_and_patch_agreement_accuracy(model, tokenizer, n, seed=1, lex=None):
+    """{template: fraction of held-out prompts, clean and patch, where the right verb form scores higher}: both
+    prompts of each pair count (default.clean_agreement_accuracy scores the clean prompt only)."""
     out = {}
     for template in agreement.TEMPLATES:
         batch = tokenize(agreement_examples(tokenizer, template, n, seed=seed, split="test", lex=lex), tokenizer,
