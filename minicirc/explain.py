@@ -189,6 +189,8 @@ def top_activations(model, saes, wanted, sample, k=10, batch_size=64):
     for s, feats in wanted.items():
         if s not in saes:
             raise MinicircError(f"unknown site {s!r}; known: {', '.join(saes)}")
+        if getattr(saes[s], "reads", None):   # the scan encodes the site's own value
+            raise MinicircError(saes[s].method_error)
         for f in feats:
             check_feature(s, saes[s], f)
     if not ids:

@@ -23,8 +23,12 @@ def logit_diff(model, batch, tokens, edit):
 
 
 def site_order(model, saes):
-    """The sites that have a dictionary, in model order (optional sites z_l and resid_mid_l included)."""
+    """The sites that have a dictionary, in model order (optional sites z_l and resid_mid_l included); a
+    dictionary the method cannot splice (Dictionary.method_error: transcoders, skip terms) is refused."""
     model.check_sites(list(saes))
+    for sae in saes.values():
+        if getattr(sae, "method_error", None):
+            raise MinicircError(sae.method_error)
     return [s for s in model.all_sites if s in saes]
 
 

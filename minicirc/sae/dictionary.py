@@ -5,11 +5,24 @@ err = x - x_hat, from the SAE input s = n(x) - b_dec (the `- b_dec` only where t
 n is the input normalisation, the identity unless stated) and `pre = s @ W_enc + b_enc`:
 - relu:     f = relu(pre)
 - jumprelu: f = pre * (pre > threshold), strict, threshold per feature
-- topk:     the k largest entries of pre per row, then relu; all others 0
+- topk:     the k largest entries of pre per row, then relu; all others 0. sparsify takes relu first and
+            then the top k of relu(pre): the same function (both keep exactly the positive entries among
+            the k largest; what else either keeps is 0)
+- groupmax: the n_features columns split into k contiguous groups of n_features / k; per group the
+            largest entry of pre, then relu, at its column; all others 0 (sparsify's groupmax, which takes
+            relu first: the same function)
 - gated:    f = relu(pre) * (s @ W_gate + b_gate > 0), W_enc and b_enc being the magnitude path's
             (the gate path shares the file's encoder; the magnitude path scales its columns by exp(r_mag))
 - identity: f = x (W_dec = I): the neuron baseline runs through exactly the same code.
 Orientation is SAELens': W_enc (d_in, n_features), W_dec (n_features, d_in).
+
+Skip terms and transcoders (sparsify, circuit-tracer): a dictionary may hold W_skip (d_out, d_in), and then
+the library's output is decode(f) + skip(x) with skip(x) = x @ W_skip.T, the raw input (also for a sparsify
+SAE with skip). A transcoder (`reads` not None) encodes another tensor than the one it reconstructs: it sits
+at site mlp_L (its output) and reads the MLP's input of layer L, `reads` naming which value: "mlp_in" (what
+the MLP's first projection reads, after the norm) or "resid_mid" (the residual before that norm). Its
+features and decode are the library's; minicirc's method does not splice such dictionaries yet
+(`method_error` says so, and attribution and evaluation refuse them).
 
 Derivatives (edges need dd_i/dy of a downstream feature d_i = f_i(y)): for relu, jumprelu, topk and gated
 without input normalisation, df_i/dx = 1[f_i != 0] W_enc[:, i] almost everywhere (a jumprelu threshold, the
@@ -40,14 +53,16 @@ import torch.nn as nn
 
 from ..errors import MinicircError
 
-KINDS = ("relu", "jumprelu", "topk", "gated", "identity")
+KINDS = ("relu", "jumprelu", "topk", "groupmax", "gated", "identity")
 INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
+READS = (None, "mlp_in", "resid_mid")   # what a dictionary encodes: its own site's value, or its layer's MLP input
 LAYER_NORM_EPS = 1e-5   # SAELens' layer_norm: x / (std + 1e-5) on the way in, x * std on the way out
 
 
 class Dictionary(nn.Module):
     def __init__(self, W_enc, b_enc, W_dec, b_dec, kind="relu", threshold=None, k=None,
-                 subtract_b_dec=True, source="", W_gate=None, b_gate=None, input_norm="none", site=None):
+                 subtract_b_dec=True, source="", W_gate=None, b_gate=None, input_norm="none", site=None,
+                 W_skip=None, reads=None):
         super().__init__()
         name = source or "dictionary"
         if kind not in KINDS:
@@ -63,6 +78,12 @@ class Dictionary(nn.Module):
                 raise MinicircError(f"{name}: jumprelu needs a threshold of shape ({n},)")
         if kind == "topk" and (k is None or int(k) < 1):
             raise MinicircError(f"{name}: topk needs k >= 1, got {k}")
+        if kind == "groupmax" and (k is None or int(k) < 1 or n % int(k)):
+            raise MinicircError(f"{name}: groupmax needs k >= 1 groups dividing the {n} features, got {k}")
+        if W_skip is not None and W_skip.shape != (d_in, d_in):
+            raise MinicircError(f"{name}: W_skip has shape {tuple(W_skip.shape)}, expected ({d_in}, {d_in})")
+        if reads not in READS:
+            raise MinicircError(f"{name}: unknown transcoder input {reads!r} (known: {', '.join(map(str, READS))})")
         if kind == "gated" and (W_gate is None or b_gate is None or W_gate.shape != (d_in, n) or b_gate.shape != (n,)):
             raise MinicircError(f"{name}: gated needs W_gate ({d_in}, {n}) and b_gate ({n},)")
         self.kind, self.k, self.subtract_b_dec, self.source = kind, (int(k) if k is not None else None), subtract_b_dec, source
@@ -80,6 +101,8 @@ class Dictionary(nn.Module):
         empty = torch.zeros(0, device=W_enc.device)
         thr = threshold.float().clamp(min=0) if threshold is not None else empty
         self.threshold = nn.Parameter(thr.contiguous(), requires_grad=False)
+        self.W_skip = nn.Parameter(W_skip.float().contiguous() if W_skip is not None else empty.clone(), requires_grad=False)
+        self.reads = reads
         self.W_gate = nn.Parameter(W_gate.float().contiguous() if kind == "gated" else empty.clone(), requires_grad=False)
         self.b_gate = nn.Parameter(b_gate.float().contiguous() if kind == "gated" else empty.clone(), requires_grad=False)
 
@@ -90,6 +113,24 @@ class Dictionary(nn.Module):
     @property
     def n_features(self):
         return self.W_enc.shape[1]
+
+    @property
+    def has_skip(self):
+        return self.W_skip.numel() > 0
+
+    def skip(self, x):
+        """The skip term x @ W_skip.T (0 without one): the library's output is decode(f) + skip(x)."""
+        return x @ self.W_skip.T if self.has_skip else torch.zeros_like(x)
+
+    @property
+    def method_error(self):
+        """None where minicirc's splice x = decode(f) + err applies, else why not (transcoders, skip terms)."""
+        what = ("a transcoder (features from the MLP's input, output at the MLP's output)" if self.reads
+                else "an SAE with a skip term (output decode(f) + x @ W_skip.T)" if self.has_skip else None)
+        if what is None:
+            return None
+        return (f"{self.source or 'dictionary'}: {what} loads as data (encode, decode, skip), but minicirc's "
+                "circuits splice only dictionaries that reconstruct the value they read; not supported yet")
 
     @property
     def edge_form_error(self):
@@ -133,6 +174,10 @@ class Dictionary(nn.Module):
             f = pre * (pre > self.threshold)
         elif self.kind == "gated":
             f = torch.relu(pre) * (s @ self.W_gate + self.b_gate > 0)
+        elif self.kind == "groupmax":
+            top = pre.unflatten(-1, (self.k, -1)).max(dim=-1)
+            cols = top.indices + torch.arange(0, self.n_features, self.n_features // self.k, device=pre.device)
+            f = torch.zeros_like(pre).scatter(-1, cols, torch.relu(top.values))
         else:
             top = pre.topk(min(self.k, self.n_features), dim=-1)
             f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
@@ -169,7 +214,7 @@ def identity_saes(model):
 
 def checked(sae):
     """`sae` after a pass over its weights: every loader returns through here (the constructor does not scan)."""
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_gate", "b_gate"):
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_gate", "b_gate", "W_skip"):
         if not torch.isfinite(getattr(sae, name)).all():
             raise MinicircError(f"{sae.source or 'dictionary'}: {name} contains NaN or inf")
     return sae

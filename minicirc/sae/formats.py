@@ -192,6 +192,23 @@ def load_gemma_scope(path):
 
 # --- SAELens folders -------------------------------------------------------------------------------
 
+def read_safetensors(path):
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise MinicircError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def read_folder(folder, weights_name, library):
+    """(cfg path, weights path, cfg, {name: tensor}) of a folder holding cfg.json and `weights_name`
+    (SAELens and sparsify folders), each missing file named."""
+    cfg_path, w_path = os.path.join(folder, "cfg.json"), os.path.join(folder, weights_name)
+    for p in (cfg_path, w_path):
+        if not os.path.exists(p):
+            raise MinicircError(f"{folder}: {library} folder lacks {os.path.basename(p)}")
+    return cfg_path, w_path, read_json(cfg_path), read_safetensors(w_path)
+
+
 def _version_below_6(cfg):
     v = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
     if v is None:
@@ -249,16 +266,7 @@ def load_saelens(folder, norm_scaling_factor=None):
     outside the folder (its pretrained_saes.yaml `norm_scaling_factor`); a cfg field of that name is used
     when no argument is given. The SAE was trained on x * factor: the factor is folded into the weights as
     SAELens' fold_activation_norm_scaling_factor does (W_enc * c, W_dec / c, b_dec / c)."""
-    cfg_path = os.path.join(folder, "cfg.json")
-    w_path = os.path.join(folder, "sae_weights.safetensors")
-    for p in (cfg_path, w_path):
-        if not os.path.exists(p):
-            raise MinicircError(f"{folder}: SAELens folder lacks {os.path.basename(p)}")
-    cfg = read_json(cfg_path)
-    try:
-        w = load_file(w_path)
-    except Exception as e:
-        raise MinicircError(f"{w_path}: cannot read safetensors file ({e})") from None
+    cfg_path, w_path, cfg, w = read_folder(folder, "sae_weights.safetensors", "SAELens")
 
     site = cfg_hook_site(cfg, cfg_path)[1]
     arch = cfg.get("architecture", "standard")

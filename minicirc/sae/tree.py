@@ -1,5 +1,5 @@
 """A model's set of dictionaries: one dictionary from a path (load_sae), {site: dictionary} from a folder in
-either of two layouts (load_saes), written back as the original code's tree (save_saes), and the hash that
+any of its layouts (load_saes), written back as the original code's tree (save_saes), and the hash that
 names a set in caches (saes_hash).
 """
 import os
@@ -9,7 +9,9 @@ from ..errors import MinicircError, read_json
 from ..hashing import sha256_of
 from ..model.sites import site_kind, site_layer
 from .dictionary import shift_input
+from .circuit_tracer import LAYER_FILE, layer_files, load_transcoder, load_transcoder_set, read_config, transcoder_problem
 from .formats import cfg_hook_site, load_dictionary_learning, load_gemma_scope, load_saelens, save_dictionary_learning
+from .sparsify import hookpoint_problem, hookpoint_site, is_sparsify, load_sparsify
 
 
 def _candidates(folder):
@@ -25,15 +27,33 @@ def _candidates(folder):
     return found
 
 
+def _one_transcoder(path):
+    """A circuit-tracer `layer_<i>.safetensors`, or a transcoder-set folder holding one."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    reads, output_hook = read_config(folder)
+    if os.path.isdir(path):
+        files = layer_files(path)
+        if len(files) > 1:
+            raise MinicircError(f"{path}: a transcoder set of {len(files)} layers; load_saes(folder, model) loads "
+                                "the set, load_sae one layer_<i>.safetensors")
+        path = next(iter(files.values()))
+    return load_transcoder(path, reads, output_hook)
+
+
 def load_sae(path, norm_scaling_factor=None):
-    """One dictionary: an `ae.pt`, a Gemma Scope `params.npz`, a SAELens folder, or a folder holding exactly
-    one of those. norm_scaling_factor: see load_saelens (SAELens expected_average_only_in only)."""
+    """One dictionary: an `ae.pt`, a Gemma Scope `params.npz`, a SAELens or sparsify folder, a circuit-tracer
+    `layer_<i>.safetensors` (config.yaml beside it), or a folder holding exactly one of those.
+    norm_scaling_factor: see load_saelens (SAELens expected_average_only_in only)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MinicircError(f"dictionary path {path} does not exist")
+    if os.path.isfile(path) and LAYER_FILE.fullmatch(os.path.basename(path)) or \
+            os.path.isdir(path) and os.path.exists(os.path.join(path, "config.yaml")):
+        return _one_transcoder(path)
     if os.path.isfile(path):
         if not path.endswith((".pt", ".npz")):
-            raise MinicircError(f"{path}: expected an ae.pt file, a params.npz file or a SAELens folder")
+            raise MinicircError(f"{path}: expected an ae.pt file, a params.npz file or a SAELens folder (or a "
+                                "sparsify folder, or a circuit-tracer layer_<i>.safetensors)")
         found = [path]
     else:
         found = _candidates(path)
@@ -45,6 +65,8 @@ def load_sae(path, norm_scaling_factor=None):
         return load_dictionary_learning(found[0])
     if found[0].endswith(".npz"):
         return load_gemma_scope(found[0])
+    if is_sparsify(found[0]):
+        return load_sparsify(found[0])
     return load_saelens(found[0], norm_scaling_factor)
 
 
@@ -61,7 +83,14 @@ def site_folder(site):
 
 
 def _place(sae, site, model, where):
-    """Check that a dictionary found at `where` fits `site` of `model`: the site the file names, the width."""
+    """Check that a dictionary found at `where` fits `site` of `model`: the site the file names (a hook name,
+    a sparsify hookpoint, a circuit-tracer layer), that this model's family computes it, the width."""
+    problem = hookpoint_problem(sae, model) or transcoder_problem(sae, model)
+    if problem:
+        raise MinicircError(problem)
+    if sae.reads is not None and sae.d_in != model.cfg.d_model:
+        raise MinicircError(f"{sae.source}: transcoder width {sae.d_in} does not match the MLP of layer "
+                            f"{site_layer(site)} (reads and writes d_model {model.cfg.d_model})")
     if sae.site is not None and sae.site != site:
         why = (" (z is the concatenated head outputs before the output projection, attn the projected output: "
                "widths may agree, the values do not)" if {site_kind(sae.site), site_kind(site)} == {"z", "attn"} else "")
@@ -84,15 +113,19 @@ def _place(sae, site, model, where):
 
 
 def load_saes(sae_dir, model, norm_scaling_factor=None):
-    """{site: dictionary} from a folder of dictionaries, in one of two layouts:
+    """{site: dictionary} from a folder of dictionaries, in one of three layouts:
     - the original code's dictionaries/ tree: one folder per site of the model (embed, attn_out_layer0, ...,
       see site_folder), each holding one dictionary; a SAELens cfg's hook_name must agree with its folder.
-    - one SAELens folder per hook, named anything: each placed by its cfg's hook_name (see hook_site); sites
-      without one get no dictionary.
+    - one SAELens folder per hook, named anything, each placed by its cfg's hook_name (see hook_site), or a
+      sparsify run: one folder per hookpoint, named by it (see sparsify.hookpoint_site); sites without one
+      get no dictionary.
+    - a circuit-tracer transcoder set (config.yaml + layer_<i>.safetensors): one transcoder per MLP site.
     norm_scaling_factor: a number, or {site: number}, for SAELens expected_average_only_in dictionaries."""
     sae_dir = os.fspath(sae_dir)
     if not os.path.isdir(sae_dir):
         raise MinicircError(f"SAE directory {sae_dir} does not exist")
+    if os.path.exists(os.path.join(sae_dir, "config.yaml")):
+        return {site: _place(sae, site, model, f"folder {sae_dir}") for site, sae in load_transcoder_set(sae_dir).items()}
     factor = lambda site: norm_scaling_factor.get(site) if isinstance(norm_scaling_factor, dict) else norm_scaling_factor
     present = sorted(d for d in os.listdir(sae_dir) if os.path.isdir(os.path.join(sae_dir, d)))
     if present and not any(SITE_FOLDER.fullmatch(d) for d in present) and \
@@ -112,11 +145,19 @@ def load_saes(sae_dir, model, norm_scaling_factor=None):
 
 
 def _load_hook_tree(sae_dir, folders, model, factor):
-    """load_saes' second layout: each SAELens folder placed at the site its cfg's hook names."""
+    """load_saes' second layout: each SAELens folder placed at the site its cfg's hook names, each sparsify
+    folder at the site its name (a hookpoint) names."""
     saes, origin = {}, {}
     for d in folders:
         cfg_path = os.path.join(sae_dir, d, "cfg.json")
-        hook, site = cfg_hook_site(read_json(cfg_path), cfg_path)
+        sparsify = is_sparsify(os.path.join(sae_dir, d))
+        if sparsify:
+            try:
+                hook, site = d, hookpoint_site(d, bool(read_json(cfg_path).get("transcode", False)))
+            except MinicircError as e:
+                raise MinicircError(f"{os.path.join(sae_dir, d)}: {e}") from None
+        else:
+            hook, site = cfg_hook_site(read_json(cfg_path), cfg_path)
         if hook is None:
             raise MinicircError(f"{cfg_path}: no hook_name, so the folder names no site")
         if site not in model.all_sites:
@@ -127,7 +168,8 @@ def _load_hook_tree(sae_dir, folders, model, factor):
             raise MinicircError(f"{cfg_path}: hook {hook} reads site {site}, and {why}")
         if site in saes:
             raise MinicircError(f"{sae_dir}: two dictionaries for site {site}: {origin[site]} and {d}")
-        saes[site] = _place(load_saelens(os.path.join(sae_dir, d), factor(site)), site, model, f"folder {d}")
+        sae = load_sparsify(os.path.join(sae_dir, d)) if sparsify else load_saelens(os.path.join(sae_dir, d), factor(site))
+        saes[site] = _place(sae, site, model, f"folder {d}")
         origin[site] = d
     return saes
 
@@ -153,4 +195,8 @@ def saes_hash(saes):
             parts += [sae.W_gate, sae.b_gate]
         if sae.input_norm != "none":
             parts.append(f"|input_norm {sae.input_norm}")
+        if sae.has_skip:
+            parts.append(sae.W_skip)
+        if sae.reads is not None:
+            parts.append(f"|reads {sae.reads}")
     return sha256_of(parts)
