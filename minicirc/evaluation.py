@@ -251,3 +251,16 @@ def nodes_for_faithfulness(points, target=0.9):
     """Fewest nodes among sweep points reaching `target` faithfulness (None when none does)."""
     ok = [p["n_nodes"] for p in points if p["faithfulness"] >= target]
     return min(ok) if ok else None
+
+
+@torch.no_grad()
+def pair_accuracy(model, batch):
+    """The share of a batch's prompts, clean and patch both, where the prompt's own answer outscores the other
+    prompt's at the last token (a model that does the task gets 1)."""
+    rows = torch.arange(len(batch), device=batch.clean.device)
+    right = 0
+    for prompt, good, bad in ((batch.clean, batch.clean_answer, batch.patch_answer),
+                              (batch.patch, batch.patch_answer, batch.clean_answer)):
+        last = model(prompt)[rows, batch.last]
+        right += (last[rows, good] > last[rows, bad]).sum().item()
+    return right / (2 * len(batch))

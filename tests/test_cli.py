@@ -301,6 +301,12 @@ def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, caps
     seen.clear()
     assert run("demo", "--model", "smollm2", "--quick", "--threads", 1) == 0   # (the default would be every core)
     assert seen["demo"][1]["model"] == "smollm2" and seen["demo"][1]["quick"]
+    from minicirc.experiments import compare
+    monkeypatch.setattr(compare, "run_compare", lambda *a, **kw: seen.setdefault("compare", (a, kw)))
+    assert run("compare", "--model", "m", "--saes", "s", "--data", "d", "--out", "o3", "--neurons", "output,mlp",
+               "--first-layer", 1, "--norm-scaling-factor", 2.5, "--overwrite", "--threads", 1) == 0
+    assert seen["compare"] == (("m", "s", "d", "o3"), dict(neurons=["output", "mlp"], overwrite=True, device="cpu",
+                                                          first_layer=1, norm_scaling_factor=2.5))
     for cmd in ("demo", "shift"):
         assert run(cmd, "--threads", 0) == 2
         assert "--threads must be at least 1" in capsys.readouterr().err
@@ -338,11 +344,12 @@ def test_defaults_are_the_functions_defaults():
     import inspect
     from minicirc import data, evaluation, explain, model as model_mod, sae
     from minicirc.attribution import find
-    from minicirc.experiments import demo, shift_run
+    from minicirc.experiments import compare, demo, shift_run
     from minicirc.cli import build_parser
     req = ["--model", "m", "--saes", "s", "--data", "d", "--out", "o"]
     parsed = {"circuit": _parser_defaults("circuit", *req), "evaluate": _parser_defaults("evaluate", *req, "--circuit", "c"),
               "demo": _parser_defaults("demo"), "shift": _parser_defaults("shift"),
+              "compare": _parser_defaults("compare", "--model", "m", "--saes", "s", "--data", "d"),
               "explain": _parser_defaults("explain", "--model", "m", "--saes", "s", "--site", "embed", "--feature", "0")}
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}          # --dtype as cli.load_inputs maps it
     api = [("circuit", find.find_circuit, ["method", "steps", "node_threshold", "edge_threshold", "aggregation",
@@ -351,6 +358,7 @@ def test_defaults_are_the_functions_defaults():
            ("evaluate", evaluation.faithfulness, ["ablation", "errors", "first_layer", "seed"]),
            ("evaluate", model_mod.load_model, ["device", "dtype"]),
            ("demo", demo.run_demo, ["out", "quick", "overwrite", "device", "first_layer", "model"]),
+           ("compare", compare.run_compare, ["out", "overwrite", "device", "first_layer", "norm_scaling_factor"]),
            ("shift", shift_run.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "coverage",
                                            "top_k", "margin", "random_seeds", "threshold"]),
            ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"]),
@@ -359,8 +367,8 @@ def test_defaults_are_the_functions_defaults():
     # Options whose default reaches no function's default: the circuit's torch seed, evaluate's batch size
     # (the CLI's 32, not faithfulness's 64), the thread count (one: the embedded model is too small to gain from
     # more; demo's None is one on the default and every core on --model), explain's text sample (None: the
-    # embedded corpus) and --overwrite (off).
-    fixed = {("circuit", "seed"): 0, ("evaluate", "batch_size"): 32, ("demo", "threads"): None, ("shift", "threads"): 1,
+    # embedded corpus), --overwrite (off), and compare's --neurons (the text "output": run_compare's ("output",)).
+    fixed = {("compare", "threads"): None, ("compare", "neurons"): "output", ("circuit", "seed"): 0, ("evaluate", "batch_size"): 32, ("demo", "threads"): None, ("shift", "threads"): 1,
              ("explain", "data"): None, ("circuit", "overwrite"): False, ("evaluate", "overwrite"): False}
     covered = set()
     for command, fn, names in api:

@@ -1,4 +1,4 @@
-"""`minicirc demo` (minicirc/experiments/demo.py and demo_report.py): the three evaluation protocols
+"""`minicirc demo` (minicirc/experiments/demo.py, compare.py and demo_report.py): the three evaluation protocols
 against the ablation written out in float64 (test_evaluation's reference), the protocol's sites, sizes and
 area by their definitions, and a reduced-budget run whose report, files and scores are checked against
 independent recomputations."""
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from minicirc.experiments import demo, default
+from minicirc.experiments import compare, demo, default
 from minicirc.circuit import Circuit
 from minicirc.errors import MinicircError
 from test_attribution import make_batch, make_model, make_saes, neuron_saes
@@ -28,21 +28,21 @@ def cache(tmp_path, monkeypatch):
 def test_paper_first_layer_and_evaluated_sites():
     """Layer 2 of Pythia-70M's 6 scaled to the depth; embed and lower layers never among the evaluated sites;
     None: every site."""
-    assert [demo.paper_first_layer(n) for n in (1, 2, 3, 4, 6, 12)] == [0, 1, 1, 1, 2, 4]
+    assert [compare.paper_first_layer(n) for n in (1, 2, 3, 4, 6, 12)] == [0, 1, 1, 1, 2, 4]
     seed = int(torch.randint(0, 10**6, ()).item())
     model = make_model(seed, parallel=True, n_layers=3)
     saes = make_saes(model, seed)
     for L in range(3):
-        got = demo.evaluated_sites(model, saes, L)
+        got = compare.evaluated_sites(model, saes, L)
         assert got == [s for s in model.sites if s != "embed" and int(s[-1]) >= L]
-    assert demo.evaluated_sites(model, saes, None) == list(model.sites)
+    assert compare.evaluated_sites(model, saes, None) == list(model.sites)
 
 
 def test_node_counts_and_area_by_their_definitions():
     rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
     total = rng.randrange(50, 5000)
     cap = rng.randrange(2, total)
-    counts = demo.node_counts(total, cap, 12)
+    counts = compare.node_counts(total, cap, 12)
     assert counts[0] == 1 and counts[-1] == total and cap in counts and counts == sorted(set(counts))
     ratios = [b / a for a, b in zip(counts, counts[1:])]
     assert max(ratios) <= (total ** (1 / 11)) * 1.5 + 1      # a log grid, refined only by cap
@@ -51,9 +51,9 @@ def test_node_counts_and_area_by_their_definitions():
     points = [{"n_nodes": n, "faithfulness": y} for n, y in zip(counts, f)]
     xs = [math.log(n) for n in counts if n <= cap]
     want = np.trapezoid(f[:len(xs)], xs) / math.log(cap)
-    assert demo.area_under(points, cap) == pytest.approx(want, rel=1e-12)
-    assert demo.area_under([{"n_nodes": n, "faithfulness": 1.0} for n in counts], cap) == pytest.approx(1.0)
-    assert math.isnan(demo.area_under(points[:1], cap))
+    assert compare.area_under(points, cap) == pytest.approx(want, rel=1e-12)
+    assert compare.area_under([{"n_nodes": n, "faithfulness": 1.0} for n in counts], cap) == pytest.approx(1.0)
+    assert math.isnan(compare.area_under(points[:1], cap))
 
 
 def _random_circuit(model, saes, positional, T, rng):
@@ -68,7 +68,7 @@ def _random_circuit(model, saes, positional, T, rng):
     return Circuit(list(saes), nodes, {}, settings, {"clean": 0.0, "patch": 0.0}, nodes_only=True)
 
 
-@pytest.mark.parametrize("protocol", demo.PROTOCOLS)
+@pytest.mark.parametrize("protocol", compare.PROTOCOLS)
 @pytest.mark.parametrize("dicts", ["saes", "neurons"])
 def test_each_protocol_equals_the_written_out_ablation(protocol, dicts):
     """Every point of a protocol's curve: the top-n nodes by |effect| of the protocol's sites kept, everything
@@ -81,13 +81,13 @@ def test_each_protocol_equals_the_written_out_ablation(protocol, dicts):
     T = batch.clean.shape[1]
     positional = protocol == "positions"
     first = None if protocol == "all sites" else rng.choice([1, 2])
-    sites = demo.evaluated_sites(model, saes, first)
+    sites = compare.evaluated_sites(model, saes, first)
     assert ("embed" in sites) == (protocol == "all sites")
     circuit = _random_circuit(model, saes, positional, T, rng)
-    total = demo.n_nodes_at(saes, sites, T if positional else None)
+    total = compare.n_nodes_at(saes, sites, T if positional else None)
     counts = sorted(rng.sample(range(1, total + 1), 4))
     targets = (0.3, 0.6, 0.9)
-    curve, crossings = demo.faithfulness_curve(model, saes, batch, circuit, sites, counts, targets)
+    curve, crossings = compare.faithfulness_curve(model, saes, batch, circuit, sites, counts, targets)
     assert [p["n_nodes"] for p in curve] == counts
     # Bisection: each target's crossing sizes lie between the last grid size below it and the first reaching it.
     sizes = {p["n_nodes"] for p in crossings}
@@ -134,7 +134,7 @@ def test_demo_reduced_budget(cache, tmp_path):
     cfg, stats = meta["settings"], meta["stats"]
     model, saes, tok, _, _ = default.get_default("quick", progress=False)
     kinds = {"features": saes, "neurons": identity_saes(model)}
-    assert meta["first_layer"] == demo.paper_first_layer(model.cfg.n_layers)
+    assert meta["first_layer"] == compare.paper_first_layer(model.cfg.n_layers)
     for bad in (-1, model.cfg.n_layers):
         with pytest.raises(MinicircError, match="first layer must be in"):
             demo.run_demo(str(tmp_path / "bad"), quick=True, progress=False, first_layer=bad)
@@ -163,7 +163,7 @@ def test_demo_reduced_budget(cache, tmp_path):
             features = {f"{n['site']}/{n['feature']}" for n in data["nodes"] if n["feature"] != "err"}
             ctx_file = tmp_path / "demo" / t / kind / "contexts.json"
             assert (set(json.loads(ctx_file.read_text())) if ctx_file.exists() else set()) == features
-            for protocol in demo.PROTOCOLS:
+            for protocol in compare.PROTOCOLS:
                 p = r["protocols"][protocol]
                 row = re.search(rf"^\| {protocol} \| {kind} \|(.*)\|$", section, re.M).group(1).split("|")
                 row = [c.strip() for c in row]
@@ -176,16 +176,16 @@ def test_demo_reduced_budget(cache, tmp_path):
                 assert p["nodes_to_break"] == (min(broken) if broken else None)
                 # The protocol's sites and sizes; the targets and the area from the curve.
                 first = None if protocol == "all sites" else meta["first_layer"]
-                assert p["sites"] == demo.evaluated_sites(model, dicts, first)
+                assert p["sites"] == compare.evaluated_sites(model, dicts, first)
                 per_pos = T if protocol == "positions" else None
-                total = demo.n_nodes_at(dicts, p["sites"], per_pos)
-                assert p["cap"] == min(demo.n_nodes_at(d, p["sites"], per_pos) for d in kinds.values())
+                total = compare.n_nodes_at(dicts, p["sites"], per_pos)
+                assert p["cap"] == min(compare.n_nodes_at(d, p["sites"], per_pos) for d in kinds.values())
                 ns = [q["n_nodes"] for q in p["curve"]]
-                assert ns == demo.node_counts(total, p["cap"], cfg["grid_points"])
+                assert ns == compare.node_counts(total, p["cap"], cfg["grid_points"])
                 for target in (0.8, 0.9):
                     reach = [q["n_nodes"] for q in p["curve"] + p["crossings"] if q["faithfulness"] >= target]
                     assert p[f"nodes_for_{target}"] == (min(reach) if reach else None)
-                assert p["area"] == pytest.approx(demo.area_under(p["curve"], p["cap"]), nan_ok=True)
+                assert p["area"] == pytest.approx(compare.area_under(p["curve"], p["cap"]), nan_ok=True)
                 # Every node kept: the unedited model.
                 assert p["curve"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
             # The saved circuit's faithfulness recomputed.
@@ -304,7 +304,7 @@ def test_answers_follow_their_rules():
                                          for k in ("features", "neurons")}}}
         for t, (f, n) in zip(agreement.TEMPLATES, pairs):
             out[t] = {kind: {"protocols": {p: {"nodes_for_0.9": v, "nodes_for_0.8": v, "area": rng.random(),
-                                               "interpretability_top_k": rng.random()} for p in demo.PROTOCOLS}}
+                                               "interpretability_top_k": rng.random()} for p in compare.PROTOCOLS}}
                       for kind, v in (("features", f), ("neurons", n))}
         return out
 

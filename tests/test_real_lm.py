@@ -47,7 +47,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_demo_on_a_tiny_llama(tiny_llama, cache, tmp_path, monkeypatch):
-    from minicirc.experiments import demo
+    from minicirc.experiments import compare, demo
     # A random model's effects are tiny: thresholds low enough that its circuits hold nodes and edges.
     monkeypatch.setitem(demo.REAL_LM_SETTINGS, "quick",
                         {**demo.REAL_LM_SETTINGS["quick"], "node_threshold": 1e-5, "edge_threshold": 1e-7})
@@ -80,8 +80,8 @@ def test_demo_on_a_tiny_llama(tiny_llama, cache, tmp_path, monkeypatch):
     # results.json and the circuits are those of the first run.
     def no_compute(*a, **k):
         raise AssertionError("computed again although the cache holds these settings")
-    monkeypatch.setattr(demo, "template_results", no_compute)
-    monkeypatch.setattr(demo, "unit_scores", no_compute)
+    monkeypatch.setattr(compare, "template_results", no_compute)
+    monkeypatch.setattr(compare, "unit_scores", no_compute)
     again = run_demo(str(tmp_path / "again"), quick=True, model=str(tiny_llama), progress=False)
     timings = ("seconds", "load_seconds")
     strip = lambda r: json.loads(json.dumps(  # noqa: E731

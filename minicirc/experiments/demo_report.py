@@ -1,6 +1,8 @@
-"""The report and plots of `minicirc demo` (demo.py): report.md, faithfulness_vs_nodes.png and
-completeness_vs_nodes.png. They only format and draw the results demo.py computed: no number in the report
-is computed here."""
+"""The report and plots of `minicirc demo` and `minicirc compare` (compare.py): report.md,
+faithfulness_vs_nodes.png and completeness_vs_nodes.png. They only format and draw the results compare.py
+computed: no number in the report is computed here. The kinds compared are results["_meta"]["kinds"]
+(features first, then each neuron basis); the interpretability columns appear only where the prompts had
+ground-truth latents (unit scores)."""
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a screen
@@ -94,18 +96,24 @@ def fmt(v, spec=".2f"):
     return "—" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
 
 
-def _compare(results, protocol, key):
-    """(templates where features need clearly fewer nodes for `key`, clearly more, compared): clearly = at
-    most 0.9 times the other kind's count; a kind that never reaches the target needs more than any that does."""
+def _compare(results, protocol, key, other="neurons"):
+    """(templates where features need clearly fewer nodes for `key` than the `other` kind, clearly more,
+    compared): clearly = at most 0.9 times the other kind's count; a kind that never reaches the target needs
+    more than any that does."""
     inf = float("inf")
     ahead = behind = 0
     templates = compared_templates(results)
     for t in templates:
-        f, n = (results[t][kind]["protocols"][protocol][key] for kind in ("features", "neurons"))
+        f, n = (results[t][kind]["protocols"][protocol][key] for kind in ("features", other))
         f, n = (inf if f is None else f), (inf if n is None else n)
         ahead += f <= 0.9 * n and f < n
         behind += n <= 0.9 * f and n < f
     return ahead, behind, len(templates)
+
+
+def kinds_of(results):
+    """The kinds compared: features, then each neuron basis (results before kinds were recorded: neurons)."""
+    return results["_meta"].get("kinds", ["features", "neurons"])
 
 
 def compared_templates(results):
@@ -125,21 +133,27 @@ def answers(results):
              "Features count as smaller when they need at most 0.9 times the neurons' nodes; \"yes\" = ahead in "
              "all templates but at most one and behind in none, \"no\" = ahead in at most one.", ""]
     templates = compared_templates(results)
-    for protocol in ("positions", "summed", "all sites"):
-        a9, b9, n = _compare(results, protocol, "nodes_for_0.9")
-        a8, b8, _ = _compare(results, protocol, "nodes_for_0.8")
-        area = sum(results[t]["features"]["protocols"][protocol]["area"]
-                   > results[t]["neurons"]["protocols"][protocol]["area"] for t in templates)
-        need = lambda kind: ", ".join(fmt(results[t][kind]["protocols"][protocol]["nodes_for_0.9"], "d")  # noqa: E731
-                                      for t in templates)
-        lines.append(f"- **Are feature circuits smaller at equal faithfulness** ({protocol})? **{_verdict(a9, b9, n)}**: "
-                     f"for 0.9 faithfulness features need clearly fewer nodes in {a9} of {n} templates and clearly "
-                     f"more in {b9} (nodes, {'/'.join(templates)}: features {need('features')}; neurons "
-                     f"{need('neurons')}); for 0.8, fewer in {a8} and more in {b8}; the larger area in {area} of {n}.")
+    others = kinds_of(results)[1:]
+    for other in others:
+        against = "" if len(others) == 1 else f", against {other}"
+        for protocol in ("positions", "summed", "all sites"):
+            a9, b9, n = _compare(results, protocol, "nodes_for_0.9", other)
+            a8, b8, _ = _compare(results, protocol, "nodes_for_0.8", other)
+            area = sum(results[t]["features"]["protocols"][protocol]["area"]
+                       > results[t][other]["protocols"][protocol]["area"] for t in templates)
+            need = lambda kind: ", ".join(fmt(results[t][kind]["protocols"][protocol]["nodes_for_0.9"], "d")  # noqa: E731
+                                          for t in templates)
+            lines.append(f"- **Are feature circuits smaller at equal faithfulness** ({protocol}{against})? "
+                         f"**{_verdict(a9, b9, n)}**: for 0.9 faithfulness features need clearly fewer nodes in {a9} "
+                         f"of {n} templates and clearly more in {b9} (nodes, {'/'.join(templates)}: features "
+                         f"{need('features')}; {other} {need(other)}); for 0.8, fewer in {a8} and more in {b8}; the "
+                         f"larger area in {area} of {n}.")
+    table = results["_meta"].get("unit_scores")
+    if table is None:           # no ground-truth latents: nothing to say about interpretability
+        return lines + [""]
     n = len(templates)
     top = lambda t, kind: results[t][kind]["protocols"]["summed"]["interpretability_top_k"]  # noqa: E731
     ahead = sum(top(t, "features") > top(t, "neurons") for t in templates)
-    table = results["_meta"]["unit_scores"]
     kinds = [sk for sk in table["features"] if sk in table["neurons"]]
     better = [sk for sk in kinds if table["features"][sk]["mean"] > table["neurons"][sk]["mean"]]
     verdict = "yes" if ahead >= n - 1 else "no" if ahead <= 1 else "mixed"
@@ -221,12 +235,57 @@ def real_lm_header(meta):
     return lines
 
 
+def files_header(meta):
+    """`minicirc compare`: the model, the dictionaries and the data read, and the pairs the filter set aside
+    (task_files.py)."""
+    c, dicts = meta["config"], meta["dictionaries"]
+    widths = sorted(set(dicts.values()))
+    lines = [f"Model: `{meta['model']}`: {c['n_layers']} layers, d_model {c['d_model']}, vocab {c['vocab_size']}.", "",
+             f"Dictionaries: `{meta['saes']}`: {len(dicts)} sites ({site_list(list(dicts))}), "
+             f"{'/'.join(map(str, widths))} features.", "",
+             f"Data: `{meta['data']}`: each template's `_train.json` (discovery) and `_test.json` (held out), "
+             "shuffled as the original (seed 12). Pairs set aside: clean and patch prefixes of different token "
+             "lengths, answers that are not one token, and prompts of another length than the template's most "
+             "common one (positions are kept, so a template's prompts share one length).", "",
+             "| template | file | pairs | prefix lengths differ | answer not one token | other prompt length "
+             "| kept | used | prompt length | agreement accuracy (used test pairs, clean and patch) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for t, n in meta["pairs"].items():
+        for split in ("train", "test"):
+            v = n[split]
+            acc = f"{100 * meta['accuracy'][t]:.1f}%" if split == "test" else ""
+            lines.append(f"| {t} | {split} | {v['pairs']} | {v['prefix lengths differ']} | {v['answer not one token']} "
+                         f"| {v['other prompt length']} | {v['kept']} | {v['used']} | {n['length']} | {acc} |")
+    return lines
+
+
+HEADERS = {"default": default_header, "real": real_lm_header, "files": files_header}
+
+
+def threshold_lines(r, kinds):
+    """The original's sweep: per node threshold, the nodes above it and their faithfulness, per protocol and
+    kind."""
+    cols = [(p, k) for p in ("positions", "summed", "all sites") for k in kinds]
+    rows = {k: r[k]["protocols"] for k in kinds}
+    lines = ["Node-threshold sweep (the original's: the nodes whose |effect| exceeds the threshold; nodes: "
+             "faithfulness):", "",
+             "| threshold | " + " | ".join(f"{p}: {k}" for p, k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for i, point in enumerate(rows[kinds[0]]["positions"]["thresholds"]):
+        cells = [rows[k][p]["thresholds"][i] for p, k in cols]
+        lines.append(f"| {point['threshold']:.3g} | " + " | ".join(f"{c['n_nodes']}: {fmt(c['faithfulness'])}"
+                                                                    for c in cells) + " |")
+    return lines + [""]
+
+
 def demo_report(results, cfg):
     meta = results["_meta"]
     L, n_layers = meta["first_layer"], meta["n_layers"]
-    real = meta.get("kind") == "real"
-    lines = ["# minicirc demo: feature circuits vs neuron circuits", ""]
-    lines += real_lm_header(meta) if real else default_header(meta)
+    kind = meta.get("kind", "default")
+    real = kind == "real"
+    kinds = kinds_of(results)
+    scored = meta.get("unit_scores") is not None
+    lines = [f"# minicirc {'compare' if kind == 'files' else 'demo'}: feature circuits vs neuron circuits", ""]
+    lines += HEADERS[kind](meta)
     lines += ["", f"Circuits: IG ({cfg['steps']} steps) on {cfg['n_discovery']} discovery examples (train split); "
               f"faithfulness and completeness by mean ablation on {cfg['n_eval']} held-out examples.", "",
               "Three evaluation protocols, each measured on the top-n nodes by |effect| for n on a log grid "
@@ -241,27 +300,31 @@ def demo_report(results, cfg):
               "Area: mean faithfulness over log(nodes) from 1 to the smaller kind's node count (the trapezoid area "
               "under faithfulness against ln n, divided by ln of that count; 1 = faithful from the first node), so "
               "features and neurons share one axis. Removed for completeness <= 0.2: the fewest top nodes (grid "
-              "sizes) whose ablation, everything else kept, leaves at most 0.2 of the behaviour. Interpretability: metrics.best_latent_share, the share of a "
-              "unit's variance over every token of held-out sentences (all templates pooled) that the best "
-              "single latent of the grammar explains, within positions (0 = only noise or the position, 1/2 = "
-              "an even mixture of two latents, 1 = one latent); the mean over the top "
-              f"{cfg['top_k']} units by |effect| of each circuit.", ""]
+              "sizes) whose ablation, everything else kept, leaves at most 0.2 of the behaviour." + (
+                  " Interpretability: metrics.best_latent_share, the share of a "
+                  "unit's variance over every token of held-out sentences (all templates pooled) that the best "
+                  "single latent of the grammar explains, within positions (0 = only noise or the position, 1/2 = "
+                  "an even mixture of two latents, 1 = one latent); the mean over the top "
+                  f"{cfg['top_k']} units by |effect| of each circuit." if scored else
+                  " No interpretability score: the prompts carry no ground-truth latents."), ""]
     for t in compared_templates(results):
         r = results[t]
         lines += [f"## {t}", "", f"Model accuracy on held-out `{t}`: {100 * meta['accuracy'][t]:.1f}%; "
                   f"full-model faithfulness {fmt(meta['full_model_faithfulness'][t], '.3f')}.", "",
                   "| protocol | kind | nodes for 0.8 | nodes for 0.9 | area (1..n) | removed for completeness <= 0.2 "
-                  "| interpretability (top-k) |", "|---|---|---|---|---|---|---|"]
+                  + ("| interpretability (top-k) |" if scored else "|"), "|---|---|---|---|---|---" + "|---" * scored + "|"]
         for protocol in ("positions", "summed", "all sites"):
-            for kind in ("features", "neurons"):
+            for kind in kinds:
                 p = r[kind]["protocols"][protocol]
                 lines.append(f"| {protocol} | {kind} | {fmt(p['nodes_for_0.8'], 'd')} | {fmt(p['nodes_for_0.9'], 'd')} | "
-                             f"{fmt(p['area'])} ({p['cap']}) | {fmt(p['nodes_to_break'], 'd')} | "
-                             f"{fmt(p['interpretability_top_k'])} |")
+                             f"{fmt(p['area'])} ({p['cap']}) | {fmt(p['nodes_to_break'], 'd')} |"
+                             + (f" {fmt(p['interpretability_top_k'])} |" if scored else ""))
+        if "thresholds" in r[kinds[0]]["protocols"]["positions"]:
+            lines += [""] + threshold_lines(r, kinds)[:-1]
         lines += ["", f"Saved circuits (all sites, node threshold {cfg['node_threshold']}, edge threshold "
                   f"{cfg['edge_threshold']}):", "",
                   "| | nodes | edges | faithfulness | completeness |", "|---|---|---|---|---|"]
-        for kind in ("features", "neurons"):
+        for kind in kinds:
             k = r[kind]
             lines.append(f"| {kind} | {k['nodes']} | {k['edges']} | {fmt(k['faithfulness'])} | {fmt(k['completeness'])} |")
         if real:
@@ -273,10 +336,18 @@ def demo_report(results, cfg):
                       "features need most of the zero-effect units too before they reach 0.9."]
         if "description" in r:
             lines += ["", r["description"]]
-        lines += ["", f"Pictures: `{t}/features/circuit.png`, `{t}/neurons/circuit.png` (and `circuit.html`).", ""]
-    table = meta["unit_scores"]
+        lines += ["", f"Pictures: {', '.join(f'`{t}/{k}/circuit.png`' for k in kinds)} (and `circuit.html`).", ""]
+    lines += unit_score_lines(meta["unit_scores"]) if scored else []
+    lines += answers(results)
+    lines += ["![faithfulness vs nodes](faithfulness_vs_nodes.png)", "",
+              "![completeness vs nodes](completeness_vs_nodes.png)", "", f"Run time: {meta['seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def unit_score_lines(table):
+    """Interpretability of every unit, by site kind (unit scores exist only where prompts carry latents)."""
     site_kinds = list(dict.fromkeys(sk for kind in table.values() for sk in kind))
-    lines += ["## Interpretability of every unit, by site kind", "",
+    lines = ["## Interpretability of every unit, by site kind", "",
               "Mean best_latent_share over every unit that varies on the held-out tokens (units counted), and "
               "the fraction of units scoring at least 0.5 (one latent explains most of the variance left after "
               "the position).", "",
@@ -286,7 +357,4 @@ def demo_report(results, cfg):
         f, n = table["features"].get(sk), table["neurons"].get(sk)
         cell = lambda c: (f"{fmt(c['mean'])} ({c['units']})", fmt(c["share>=0.5"])) if c else ("—", "—")  # noqa: E731
         lines.append(f"| {sk} | {' | '.join(cell(f))} | {' | '.join(cell(n))} |")
-    lines += [""] + answers(results)
-    lines += ["![faithfulness vs nodes](faithfulness_vs_nodes.png)", "",
-              "![completeness vs nodes](completeness_vs_nodes.png)", "", f"Run time: {meta['seconds']:.0f} s."]
-    return "\n".join(lines) + "\n"
+    return lines + [""]

@@ -41,6 +41,7 @@ from . import train
 from ..data import tokenize
 from .default import cache_root
 from ..errors import MinicircError
+from ..evaluation import pair_accuracy
 from ..files import staged_folder
 from ..hashing import sha256_of
 from ..model import load_model, load_tokenizer, model_hash
@@ -229,18 +230,9 @@ def get_saes(name, model, tokenizer, recipe="full", progress=True):
 def clean_and_patch_agreement_accuracy(model, tokenizer, n, seed=1, lex=None):
     """{template: fraction of held-out prompts, clean and patch, where the right verb form scores higher}: both
     prompts of each pair count (default.clean_agreement_accuracy scores the clean prompt only)."""
-    out = {}
-    for template in agreement.TEMPLATES:
-        batch = tokenize(agreement_examples(tokenizer, template, n, seed=seed, split="test", lex=lex), tokenizer,
-                         vocab_size=model.cfg.vocab_size)
-        rows = torch.arange(len(batch))
-        right = 0
-        for prompt, good, bad in ((batch.clean, batch.clean_answer, batch.patch_answer),
-                                  (batch.patch, batch.patch_answer, batch.clean_answer)):
-            last = model(prompt)[rows, batch.last]
-            right += (last[rows, good] > last[rows, bad]).sum().item()
-        out[template] = right / (2 * len(batch))
-    return out
+    return {template: pair_accuracy(model, tokenize(agreement_examples(tokenizer, template, n, seed=seed, split="test",
+                                                                       lex=lex), tokenizer, vocab_size=model.cfg.vocab_size))
+            for template in agreement.TEMPLATES}
 
 
 def load_real_lm(name, recipe="full", progress=True):
