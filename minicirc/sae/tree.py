@@ -5,6 +5,7 @@ names a set in caches (saes_hash).
 import os
 import re
 
+from .. import hub
 from ..errors import MinicircError, read_json
 from ..hashing import sha256_of
 from ..model.sites import site_kind, site_layer, width_name
@@ -27,8 +28,9 @@ def _candidates(folder):
 
 def load_sae(path, norm_scaling_factor=None):
     """One dictionary: an `ae.pt`, a Gemma Scope `params.npz`, a SAELens folder, or a folder holding exactly
-    one of those. norm_scaling_factor: see load_saelens (SAELens expected_average_only_in only)."""
-    path = os.fspath(path)
+    one of those; any of them may be a Hugging Face Hub id (owner/repo/path/in/repo, hub.local_path) where no
+    such local path exists. norm_scaling_factor: see load_saelens (SAELens expected_average_only_in only)."""
+    path = hub.local_path(path)
     if not os.path.exists(path):
         raise MinicircError(f"dictionary path {path} does not exist")
     if os.path.isfile(path):
@@ -89,8 +91,10 @@ def load_saes(sae_dir, model, norm_scaling_factor=None):
       see site_folder), each holding one dictionary; a SAELens cfg's hook_name must agree with its folder.
     - one SAELens folder per hook, named anything: each placed by its cfg's hook_name (see hook_site); sites
       without one get no dictionary.
+    sae_dir may be a Hugging Face Hub id (owner/repo or owner/repo/path/in/repo, hub.local_path) where no
+    such local folder exists.
     norm_scaling_factor: a number, or {site: number}, for SAELens expected_average_only_in dictionaries."""
-    sae_dir = os.fspath(sae_dir)
+    sae_dir = hub.local_path(sae_dir)
     if not os.path.isdir(sae_dir):
         raise MinicircError(f"SAE directory {sae_dir} does not exist")
     factor = lambda site: norm_scaling_factor.get(site) if isinstance(norm_scaling_factor, dict) else norm_scaling_factor
