@@ -116,7 +116,9 @@ setup(
         "matplotlib",
     ],
     # gguf: reading llama-architecture .gguf files; the tests also load them with transformers (+ accelerate).
-    extras_require={"gguf": ["gguf"], "test": ["pytest", "transformers", "gguf", "accelerate"]},
+    # hub: --model / --saes as Hugging Face Hub ids (huggingface_hub needs no torch).
+    extras_require={"gguf": ["gguf"], "hub": ["huggingface_hub"],
+                    "test": ["pytest", "transformers", "gguf", "accelerate", "huggingface_hub"]},
     entry_points={"console_scripts": ["minicirc=minicirc.cli:main"]},
     ext_modules=extension_modules(),
     cmdclass=build_commands(),

@@ -24,11 +24,15 @@ from .viewer import render_html
 # `minicirc --help`, `view`, `evaluate`, `explain` and every bad-input exit need none of it.
 
 
+# --saes values that name a neuron basis instead of dictionary files (sae.identity_saes).
+NEURONS = {"neurons": "output", "mlp_neurons": "mlp"}
+
+
 def load_inputs(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = load_model(args.model, device=args.device, dtype=dtype)
     tokenizer = load_tokenizer(args.model)
-    saes = (identity_saes(model) if args.saes == "neurons"
+    saes = (identity_saes(model, NEURONS[args.saes]) if args.saes in NEURONS
             else load_saes(args.saes, model, norm_scaling_factor=args.norm_scaling_factor))
     saes = {s: d.to(device=args.device, dtype=dtype) for s, d in saes.items()}
     examples = tokenize(load_examples(args.data, limit=getattr(args, "limit", None)), tokenizer,
@@ -113,8 +117,8 @@ def cmd_explain(args):
     model = load_model(args.model, device=args.device)
     model.check_sites([args.site])
     tokenizer = load_tokenizer(args.model)
-    if args.saes == "neurons":
-        sae = IdentityDictionary(model.cfg.d_model)
+    if args.saes in NEURONS:
+        sae = IdentityDictionary(model.site_width(args.site))
     else:
         sae = load_saes(args.saes, model, norm_scaling_factor=args.norm_scaling_factor)[args.site]
     sae = sae.to(args.device)
@@ -175,13 +179,17 @@ NORM_SCALING_HELP = ("norm_scaling_factor of SAELens dictionaries with normalize
                      "given here, it overrides a norm_scaling_factor field in cfg.json)")
 
 
+SAES_HELP = ("dictionary tree (embed/, attn_out_layer0/, ...), 'neurons' (identity dictionaries at every site: "
+             "the output neurons) or 'mlp_neurons' (identity dictionaries at every mlp_hidden_L: the MLP's neurons)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="minicirc", description="Sparse feature circuits: find, evaluate and view them.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
         sp.add_argument("--model", required=True, help="Hugging Face checkpoint directory (gpt_neox, gpt2, llama, qwen2, qwen3, gemma2) or a llama-architecture .gguf file")
-        sp.add_argument("--saes", required=True, help="dictionary tree (embed/, attn_out_layer0/, ...) or 'neurons'")
+        sp.add_argument("--saes", required=True, help=SAES_HELP)
         sp.add_argument("--data", required=True, help="JSON lines or JSON list: clean_prefix, patch_prefix, clean_answer, patch_answer")
         sp.add_argument("--out", required=True, help="output directory")
         sp.add_argument("--norm-scaling-factor", type=float, default=None, metavar="X", help=NORM_SCALING_HELP)
@@ -284,8 +292,8 @@ def build_parser():
 
     x = sub.add_parser("explain", help="top-activating contexts and logit effects of one feature")
     x.add_argument("--model", required=True, help="Hugging Face checkpoint directory (gpt_neox, gpt2, llama, qwen2, qwen3, gemma2) or a llama-architecture .gguf file")
-    x.add_argument("--saes", required=True, help="dictionary tree (embed/, attn_out_layer0/, ...) or 'neurons'")
-    x.add_argument("--site", required=True, help="embed, attn_L, mlp_L or resid_L")
+    x.add_argument("--saes", required=True, help=SAES_HELP)
+    x.add_argument("--site", required=True, help="embed, attn_L, mlp_L, resid_L, or an optional site: z_L, resid_mid_L, mlp_hidden_L")
     x.add_argument("--feature", required=True, type=int)
     x.add_argument("--norm-scaling-factor", type=float, default=None, metavar="X", help=NORM_SCALING_HELP)
     x.add_argument("--data", default=None, help="text sample: a data file (clean and patch prefixes) or one text a "

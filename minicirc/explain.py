@@ -260,14 +260,17 @@ def logit_effects(model, sae, feature, n=5, tokenizer=None, site=None):
 
     Approximation: the final LayerNorm is skipped (its scale, which depends on the whole residual, and its
     elementwise weight and mean removal), so the values rank tokens rather than give exact logit changes.
-    Meaningful for every site (embed, attn_l, mlp_l and resid_l all write to the residual stream), and only
-    as a direct effect: later layers are ignored."""
+    Meaningful for every site (embed, attn_l, mlp_l and resid_l write to the residual stream; z_l and
+    mlp_hidden_l through the projection after them, model.write_direction), and only as a direct effect:
+    later layers are ignored."""
     check_feature(site or "this site", sae, feature)
     if sae.kind == "identity":
         direction = torch.zeros(sae.d_in, device=sae.W_dec.device)
         direction[feature] = 1.0
     else:
         direction = sae.W_dec[feature]
+    if site is not None:
+        direction = model.write_direction(site, direction)
     W = model.unembedding
     scores = (direction.to(W.device, W.dtype) @ W.T).float().cpu()
     n = min(n, scores.numel())

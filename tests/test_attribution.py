@@ -543,24 +543,23 @@ def check_edges_by_finite_differences(model, saes, batch, st, L, ref_eff, node, 
 # Reference: exact = a loop patching one neuron coordinate x[:, t, k] := x_patch[:, t, k] at a time;
 # attrib/ig = autograd on a leaf that replaces the whole site (neurons: f = x, W_dec = I), times delta x;
 # error nodes are identically zero. Edges against the one-at-a-time definition.
-@pytest.mark.parametrize("parallel", [True, False])
-def test_neurons(parallel):
-    seed = 811 + parallel
-    model = make_model(seed, parallel)
-    saes = neuron_saes(model)
-    batch = make_batch(seed + 2, B=2, T=3)
+def check_neuron_node_effects(model, saes, batch):
+    """exact, attrib and ig (3 steps) over identity dictionaries `saes` against the loops of test_neurons;
+    returns the exact loop's effects {site: (B, T, d)}."""
     metric = ref_logit_diff
     fast_metric = A.logit_diff if metric is ref_logit_diff else metric
-    xc, xp = plain_sites(model, batch.clean), plain_sites(model, batch.patch)
+    sites = list(saes)
+    xc, xp = plain_sites(model, batch.clean, extra=sites), plain_sites(model, batch.patch, extra=sites)
     with torch.no_grad():
         m_c = metric(model, batch, batch.clean, {})
     exact = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "exact"))
     r = AN.node_effects(model, saes, fast_metric, batch, "attrib")
     states, attrib = r.states, dense_effects(r)
     ig = dense_effects(AN.node_effects(model, saes, fast_metric, batch, "ig", steps=3))
-    for s in model.sites:
+    refs = {}
+    for s in sites:
         B, T, d = xc[s].shape
-        ref = torch.zeros(B, T, d, dtype=F64)
+        refs[s] = ref = torch.zeros(B, T, d, dtype=F64)
         for t in range(T):
             for k in range(d):
                 def edit(x, t=t, k=k, v=xp[s]):
@@ -581,6 +580,16 @@ def test_neurons(parallel):
                     (gx,) = torch.autograd.grad(metric(model, batch, batch.clean, {s: lambda x: leaf}).sum(), leaf)
                 gsum += gx
             torch.testing.assert_close(eff[s][..., :-1], gsum / len(alphas) * (xp[s] - xc[s]), rtol=1e-9, atol=1e-12)
+    return refs
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_neurons(parallel):
+    seed = 811 + parallel
+    model = make_model(seed, parallel)
+    saes = neuron_saes(model)
+    batch = make_batch(seed + 2, B=2, T=3)
+    check_neuron_node_effects(model, saes, batch)
     # with a linear readout, attrib over neurons is exactly single-neuron patching
     lin = linear_metric("resid_1", seed + 3)
     ex_lin = dense_effects(AN.node_effects(model, saes, lin, batch, "exact"))

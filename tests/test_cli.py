@@ -102,6 +102,29 @@ def test_neurons_and_refusal_to_overwrite(setup, capsys):
     assert run(*args, "--overwrite") == 0
 
 
+def test_mlp_neurons_circuit_evaluate_and_explain(setup, capsys):
+    """--saes mlp_neurons: identity dictionaries at every mlp_hidden_L (d_mlp neurons each) through circuit,
+    evaluate and explain; a neuron's logit effects are its down-projection column through the unembedding."""
+    t = setup
+    common = ["--model", t / "model", "--saes", "mlp_neurons", "--data", t / "data.jsonl"]
+    assert run("circuit", *common, "--out", t / "m", "--steps", 3, "--node-threshold", 0.001, "--edge-threshold", 0) == 0
+    data = json.loads((t / "m" / "circuit.json").read_text())
+    assert data["sites"] == ["mlp_hidden_0", "mlp_hidden_1"] and data["nodes"]
+    assert {(e["source"].split("/")[0], e["target"].split("/")[0]) for e in data["edges"] if e["target"] != "y"} == \
+        {("mlp_hidden_0", "mlp_hidden_1")}
+    assert run("evaluate", *common, "--circuit", t / "m", "--out", t / "ev") == 0
+    ev = json.loads((t / "ev" / "evaluation.json").read_text())
+    assert ev["m_full"] == pytest.approx(data["metric"]["clean"], abs=1e-5) and abs(ev["m_full"] - ev["m_empty"]) > 1e-4
+    model = minicirc.load_model(t / "model")
+    k = model.cfg.d_mlp - 1       # beyond d_model (32): a d_mlp-wide basis
+    assert run("explain", *common[:4], "--site", "mlp_hidden_1", "--feature", k, "--data", t / "data.jsonl") == 0
+    assert f"mlp_hidden_1/{k}: top" in capsys.readouterr().out
+    from minicirc.explain import logit_effects
+    got = logit_effects(model, minicirc.IdentityDictionary(model.cfg.d_mlp), k, n=3, site="mlp_hidden_1")
+    want = model.layers[1].mlp.dense_4h_to_h.weight[:, k] @ model.unembedding.T
+    assert [v for _, v in got["promoted"]] == pytest.approx(want.sort(descending=True).values[:3].tolist(), abs=1e-6)
+
+
 @pytest.mark.parametrize("case,expect", [
     ("missing_field", "lacks"), ("multi_token", "exactly one"), ("empty", "empty"), ("oov", "out of the tokenizer"),
     ("length", "same length"), ("malformed", "not JSON"),

@@ -330,31 +330,33 @@ def test_circuit_and_evaluate_commands_at_optional_sites(tmp_path):
     assert abs(ev["m_full"] - ev["m_empty"]) > 1e-3
 
 
-# --- optional sites: z_l and resid_mid_l -------------------------------------------------------------
+# --- optional sites: z_l, resid_mid_l and mlp_hidden_l ---------------------------------------------------
 
 def _hf_points(hf, kind, l):
-    """transformers' modules whose input is z_l (the output projection) and resid_mid_l (the norm that
-    the MLP branch starts with)."""
+    """transformers' modules whose input is z_l (the output projection), resid_mid_l (the norm that
+    the MLP branch starts with) and mlp_hidden_l (the MLP's down projection)."""
     if kind == "gpt2":
         block = hf.transformer.h[l]
-        return block.attn.c_proj, block.ln_2
+        return block.attn.c_proj, block.ln_2, block.mlp.c_proj
     block = hf.model.layers[l]
-    return block.self_attn.o_proj, (block.pre_feedforward_layernorm if kind == "gemma2" else block.post_attention_layernorm)
+    return (block.self_attn.o_proj, (block.pre_feedforward_layernorm if kind == "gemma2" else block.post_attention_layernorm),
+            block.mlp.down_proj)
 
 
 @pytest.mark.parametrize("case", SITE_CASES)
 def test_optional_sites_are_transformers_values(tmp_path, case):
-    """z_l is the input of transformers' attention output projection and resid_mid_l the input of the norm
-    before its MLP; asking for them, or replacing them by themselves, leaves the logits unchanged."""
+    """z_l is the input of transformers' attention output projection, resid_mid_l the input of the norm
+    before its MLP and mlp_hidden_l the input of its down projection; asking for them, or replacing them by
+    themselves, leaves the logits unchanged."""
     kind, kw = CASES[case]
     hf = write_hf(tmp_path, kind, seed=12, **kw)
     model = minicirc.load_model(tmp_path)
     extra = [s for s in model.all_sites if s not in model.sites]
-    assert extra == [f"{k}_{l}" for l in range(2) for k in ("z", "resid_mid")]
+    assert extra == [f"{k}_{l}" for l in range(2) for k in ("z", "resid_mid", "mlp_hidden")]
     tokens = torch.randint(0, V, (2, 9))
     seen, handles = {}, []
     for l in range(2):
-        for name, module in zip((f"z_{l}", f"resid_mid_{l}"), _hf_points(hf, kind, l)):
+        for name, module in zip((f"z_{l}", f"resid_mid_{l}", f"mlp_hidden_{l}"), _hf_points(hf, kind, l)):
             handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0])))
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -376,7 +378,7 @@ def test_optional_sites_are_transformers_values(tmp_path, case):
     assert list(plain) == model.sites
 
 
-@pytest.mark.parametrize("target", ["z_0", "resid_mid_0", "z_1"])
+@pytest.mark.parametrize("target", ["z_0", "resid_mid_0", "mlp_hidden_0", "z_1"])
 def test_optional_site_replacement_changes_only_downstream(tmp_path, target):
     kind, kw = CASES["llama llama3-rope gqa tied"]
     write_hf(tmp_path, kind, seed=13, **kw)
@@ -396,7 +398,58 @@ def test_optional_site_replacement_changes_only_downstream(tmp_path, target):
     stopped = {}
     with torch.no_grad():
         assert model(tokens, cache=stopped, stop_at=target) is None
-    assert target in stopped and f"mlp_{target[-1]}" not in stopped
+    layer = target[-1]    # mlp_hidden_l stops after the MLP, z_l and resid_mid_l before it
+    assert target in stopped and (f"resid_{layer}" if "hidden" in target else f"mlp_{layer}") not in stopped
+
+
+def _hf_mlp(hf, kind, l):
+    """transformers' MLP module of layer l and the names of its activation module, its gate's partner (the
+    up projection, None for an ungated MLP) and its down projection."""
+    if kind == "gpt2":
+        return hf.transformer.h[l].mlp, "act", None, "c_proj"
+    if kind == "gpt_neox":
+        return hf.gpt_neox.layers[l].mlp, "act", None, "dense_4h_to_h"
+    return hf.model.layers[l].mlp, "act_fn", "up_proj", "down_proj"
+
+
+@pytest.mark.parametrize("case", list(CASES) + ["gpt_neox parallel", "gpt_neox sequential"])
+def test_mlp_hidden_is_transformers_hidden_activation(tmp_path, case):
+    """mlp_hidden_l, on every family, is what transformers' MLP computes between its activation and its
+    down projection: the activation module's output (times the up projection's for a gated MLP), and the
+    down projection's input; it is d_mlp wide, and asking for it leaves the logits unchanged."""
+    from conftest import write_hf_model
+    if case.startswith("gpt_neox"):
+        hf = write_hf_model(tmp_path, seed=6, parallel=case.endswith("parallel"), d_mlp=40)
+        kind, vocab = "gpt_neox", 61
+    else:
+        kind, kw = CASES[case]
+        hf = write_hf(tmp_path, kind, seed=16, **kw)
+        vocab = V
+    model = minicirc.load_model(tmp_path)
+    hidden = [f"mlp_hidden_{l}" for l in range(model.cfg.n_layers)]
+    assert [s for s in model.all_sites if "hidden" in s] == hidden
+    tokens = torch.randint(0, vocab, (2, 9))
+    act, up, down, handles = {}, {}, {}, []
+    for l in range(model.cfg.n_layers):
+        mlp, act_name, up_name, down_name = _hf_mlp(hf, kind, l)
+        handles.append(getattr(mlp, act_name).register_forward_hook(lambda m, a, out, l=l: act.__setitem__(l, out)))
+        if up_name:
+            handles.append(getattr(mlp, up_name).register_forward_hook(lambda m, a, out, l=l: up.__setitem__(l, out)))
+        handles.append(getattr(mlp, down_name).register_forward_pre_hook(lambda m, a, l=l: down.__setitem__(l, a[0])))
+    cache = {}
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        for h in handles:
+            h.remove()
+        got = model(tokens, cache=cache, extra=hidden)
+    assert (got - expected).abs().max() <= 1e-5
+    for l, name in enumerate(hidden):
+        assert cache[name].shape == (2, 9, model.site_width(name)) and model.site_width(name) == model.cfg.d_mlp
+        gated = act[l] * up[l] if l in up else act[l]
+        assert (cache[name] - gated).abs().max().item() <= 1e-5, name
+        assert (cache[name] - down[l]).abs().max().item() <= 1e-5, name
+        assert cache[name].abs().max() > 0.1
+    assert bool(up) == (kind not in ("gpt2", "gpt_neox"))      # the gated families multiply by up_proj
 
 
 def test_gpt_neox_z_site_and_no_resid_mid(tiny_model_dir):

@@ -8,7 +8,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "minicirc"
 
 # Lowest first. A module may import from its own layer and those before it.
 LAYERS = [
-    {"errors", "hashing", "files", "data", "metrics", "rows", "ops", "model", "sae"},
+    {"errors", "hashing", "files", "hub", "data", "metrics", "rows", "ops", "model", "sae"},
     {"circuit", "attribution", "evaluation", "explain", "explain_cache", "viz", "viewer"},
     {"experiments"},
     {"cli", "__main__", "__init__"},

@@ -1,10 +1,12 @@
-"""Dictionaries at the optional sites z_l (head outputs before the output projection) and resid_mid_l (the
-residual between attention and MLP): node effects, edges and evaluation.
+"""Dictionaries at the optional sites z_l (head outputs before the output projection), resid_mid_l (the
+residual between attention and MLP) and mlp_hidden_l (the MLP's neurons, before the down projection): node
+effects, edges and evaluation, and the MLP-neuron baseline (identity dictionaries at mlp_hidden_l).
 
 References: the definitions in minicirc.attribution (one backward per site, IG step and downstream node;
 one forward per patched node) for the batched code; plain forward passes with `extra=` for site states;
 ablations written out by hand (mean and resample values from plain runs, spliced with `edit=`) for
-evaluation; the edge table of docs/method.md §6, written out again by hand. Models: tiny random GPT-NeoX
+evaluation; the edge table of docs/method.md §6, written out again by hand; central finite differences in
+float64 for node effects and edges. Models: tiny random GPT-NeoX
 in float64 (sequential and parallel residual, from test_attribution) and a Qwen3 written by transformers
 whose z width (n_heads * head_dim = 48) differs from d_model (32).
 """
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import minicirc
+from minicirc.model import site_kind
 from minicirc.attribution import reference as A
 from minicirc.attribution import edges as AE
 from minicirc.attribution import nodes as AN
@@ -22,7 +25,7 @@ F64 = torch.float64
 
 
 def dicts_at(model, sites, seed, kinds=("relu", "jumprelu", "topk")):
-    """Random dictionaries of each site's own width (n_heads * head_dim at z_l)."""
+    """Random dictionaries of each site's own width (n_heads * head_dim at z_l, d_mlp at mlp_hidden_l)."""
     gen = torch.Generator().manual_seed(seed)
     return {s: TA.make_sae(gen, kinds[i % len(kinds)], d=model.site_width(s)).to(F64) for i, s in enumerate(sites)}
 
@@ -57,7 +60,19 @@ def hand_table(layer_sites, parallel):
     With GPT-NeoX's parallel residual the MLP reads prev, so attn_0 -> mlp_0 is no path at all."""
     have = set(layer_sites) | {"embed"}
     seq = not parallel
-    if {"z_0", "attn_0", "resid_mid_0", "mlp_0", "resid_0"} <= have:      # every site: two half-layers
+    if have == {"embed", "z_0", "attn_0", "resid_mid_0", "mlp_hidden_0", "mlp_0", "resid_0"}:     # every site
+        return {("z_0", "attn_0", ()), ("embed", "z_0", ()), ("attn_0", "resid_mid_0", ()),
+                ("embed", "resid_mid_0", ("attn_0",)), ("resid_mid_0", "mlp_hidden_0", ()),
+                ("mlp_hidden_0", "mlp_0", ()), ("mlp_0", "resid_0", ()), ("resid_mid_0", "resid_0", ("mlp_0",))}
+    if have - {"z_0"} == {"embed", "attn_0", "mlp_hidden_0", "mlp_0", "resid_0"}:   # the MLP's neurons before its output
+        into_attn = {("embed", "z_0", ()), ("z_0", "attn_0", ())} if "z_0" in have else {("embed", "attn_0", ())}
+        out = into_attn | {("embed", "mlp_hidden_0", ("attn_0",) * seq), ("mlp_hidden_0", "mlp_0", ()),
+                           ("mlp_0", "resid_0", ()), ("attn_0", "resid_0", ("mlp_0",) * seq),
+                           ("embed", "resid_0", ("attn_0", "mlp_0"))}
+        return out | {("attn_0", "mlp_hidden_0", ())} if seq else out
+    if have == {"embed", "mlp_hidden_0", "resid_0"}:       # the neurons stand in for mlp_0; attention computed
+        return {("embed", "mlp_hidden_0", ()), ("mlp_hidden_0", "resid_0", ()), ("embed", "resid_0", ("mlp_hidden_0",))}
+    if have == {"embed", "z_0", "attn_0", "resid_mid_0", "mlp_0", "resid_0"}:    # two half-layers
         return {("z_0", "attn_0", ()), ("embed", "z_0", ()), ("attn_0", "resid_mid_0", ()),
                 ("embed", "resid_mid_0", ("attn_0",)), ("resid_mid_0", "mlp_0", ()), ("mlp_0", "resid_0", ()),
                 ("resid_mid_0", "resid_0", ("mlp_0",))}
@@ -81,12 +96,16 @@ def hand_table(layer_sites, parallel):
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("layer_sites", [("z_0", "attn_0", "resid_mid_0", "mlp_0", "resid_0"),
                                          ("z_0", "attn_0", "mlp_0", "resid_0"), ("z_0", "mlp_0", "resid_0"),
-                                         ("z_0", "resid_mid_0", "resid_0"), ("resid_mid_0", "resid_0")])
+                                         ("z_0", "resid_mid_0", "resid_0"), ("resid_mid_0", "resid_0"),
+                                         ("z_0", "attn_0", "resid_mid_0", "mlp_hidden_0", "mlp_0", "resid_0"),
+                                         ("attn_0", "mlp_hidden_0", "mlp_0", "resid_0"), ("mlp_hidden_0", "resid_0")])
 def test_edge_pairs_follow_the_table(parallel, layer_sites):
     model = TA.make_model(1, parallel, n_layers=1)
     if parallel and "resid_mid_0" in layer_sites:
         assert "resid_mid_0" not in model.all_sites       # GPT-NeoX's MLP never reads it
-        return
+        layer_sites = tuple(s for s in layer_sites if s != "resid_mid_0")
+        if "mlp_hidden_0" not in layer_sites:
+            return
     sites = A.site_order(model, {s: None for s in ("embed",) + layer_sites})
     assert sites == [s for s in model.all_sites if s in ("embed",) + layer_sites]
     got = A.edge_pairs(model, sites)
@@ -130,23 +149,31 @@ def test_node_effects_at_optional_sites(name, request):
         fast = AN.node_effects(model, saes, A.logit_diff, batch, method, steps=3)
         assert set(fast.effects) == set(model.all_sites)
         TA.assert_effects_equal(TA.dense_effects(fast), ref, **tolerance(name))
-        for s in ("z_1", "resid_mid_1") if "resid_mid_1" in model.all_sites else ("z_1",):
+        for s in [s for s in ("z_1", "resid_mid_1", "mlp_hidden_1") if s in model.all_sites]:
             assert ref[s].abs().max() > 1e-4, (method, s)      # the optional sites carry effects
 
 
 # --- edges ---------------------------------------------------------------------------------------------
 
 EDGE_CASES = [("neox sequential", "all", "sum"), ("neox sequential", "all", "none"), ("neox parallel", "all", "sum"),
-              ("neox sequential", "z for attn", "none"), ("qwen3", "all", "sum"), ("qwen3", "mid only", "sum")]
+              ("neox sequential", "z for attn", "none"), ("qwen3", "all", "sum"), ("qwen3", "mid only", "sum"),
+              ("neox parallel", "hidden for mlp", "none"), ("qwen3", "hidden for mlp", "sum")]
+OPTIONAL = ("z_", "resid_mid", "mlp_hidden")
+
+
+def sites_for(model, which):
+    """The dictionary sites of an EDGE_CASES entry: every site; z_l instead of attn_l; resid sites only;
+    mlp_hidden_l instead of mlp_l."""
+    return {"all": model.all_sites,
+            "z for attn": [s for s in model.all_sites if site_kind(s) != "attn"],
+            "mid only": [s for s in model.all_sites if site_kind(s) in ("embed", "resid", "resid_mid")],
+            "hidden for mlp": [s for s in model.all_sites if site_kind(s) != "mlp"]}[which]
 
 
 @pytest.mark.parametrize("name,which,aggregation", EDGE_CASES)
 def test_batched_edges_equal_definition_at_optional_sites(name, which, aggregation, request):
     model = model_for(name, request)
-    sites = {"all": model.all_sites,
-             "z for attn": [s for s in model.all_sites if not s.startswith("attn_")],
-             "mid only": [s for s in model.all_sites if s.startswith(("resid", "embed"))]}[which]
-    saes = dicts_at(model, sites, 9)
+    saes = dicts_at(model, sites_for(model, which), 9)
     batch = TA.make_batch(11, B=2, T=4)
     st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
     L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
@@ -155,7 +182,7 @@ def test_batched_edges_equal_definition_at_optional_sites(name, which, aggregati
     TA.assert_effects_equal(TA.dense_effects(node), ref_eff, **tolerance(name))
     tau = TA.threshold_for(ref_eff)
     pairs = A.edge_pairs(model, A.site_order(model, saes))
-    optional = [(u, d) for u, d, _ in pairs if u.startswith(("z_", "resid_mid")) or d.startswith(("z_", "resid_mid"))]
+    optional = [(u, d) for u, d, _ in pairs if u.startswith(OPTIONAL) or d.startswith(OPTIONAL)]
     assert optional
     ref = TA.as_dict(A.edge_effects(model, saes, batch, st, TA.site_grads(L), ref_eff, tau, aggregation, pairs))
     fast = AE.edge_effects(model, saes, batch, node.states, node.grads, node.effects, tau, aggregation)
@@ -174,11 +201,11 @@ def every_node(saes):
 @pytest.mark.parametrize("name", ["neox sequential", "qwen3"])
 @pytest.mark.parametrize("ablation", ["mean", "resample"])
 def test_evaluation_at_optional_sites(name, ablation, request):
-    """An empty circuit at z_0, resid_mid_0 and z_1 sets each site to its ablation value: with mean ablation
-    the per-position mean of the site over the patch inputs (decode(mean f) + mean err = mean x), with
-    resample ablation the donor's own site value. A circuit of every node is the unedited model."""
+    """An empty circuit at z_0, resid_mid_0, z_1 and mlp_hidden_1 sets each site to its ablation value: with
+    mean ablation the per-position mean of the site over the patch inputs (decode(mean f) + mean err = mean x),
+    with resample ablation the donor's own site value. A circuit of every node is the unedited model."""
     model = model_for(name, request)
-    sites = ["z_0", "resid_mid_0", "z_1"]
+    sites = ["z_0", "resid_mid_0", "z_1", "mlp_hidden_1"]
     saes = dicts_at(model, sites, 13)
     batch = TA.make_batch(17, B=5, T=4)
     plain = {}
@@ -213,16 +240,16 @@ def test_find_circuit_checks_each_site_width(request):
 
 # Reference: central finite differences in float64 (test_attribution.check_edges_by_finite_differences) for
 # the pairs that touch an optional site, the frozen sites held at their clean values.
-@pytest.mark.parametrize("which", ["all", "z for attn"])
+@pytest.mark.parametrize("which", ["all", "z for attn", "hidden for mlp"])
 def test_optional_site_edges_finite_differences(which):
     model = TA.make_model(43, parallel=False)
-    sites = [s for s in model.all_sites if which == "all" or not s.startswith("attn_")]
+    sites = sites_for(model, which)
     saes = dicts_at(model, sites, 19)
     batch = TA.make_batch(23, B=2, T=4)
     st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
     L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
     node = AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
-    pairs = [p for p in A.edge_pairs(model, sites) if any(s.startswith(("z_", "resid_mid")) for s in p[:2])]
+    pairs = [p for p in A.edge_pairs(model, sites) if any(s.startswith(OPTIONAL) for s in p[:2])]
     TA.check_edges_by_finite_differences(model, saes, batch, st, L, TA.effects_from(L, st), node, pairs, 29)
 
 
@@ -264,3 +291,97 @@ def test_value_bias_is_what_z_carries_of_the_value_projections_bias(tmp_path, ca
             torch.testing.assert_close(with_bias[f"z_{l}"] - without[f"z_{l}"], b_V.expand_as(without[f"z_{l}"]),
                                        rtol=tol, atol=tol)
             model(tokens, cache=with_bias, extra=zs)   # the next layer's reference, this layer's bias now gone
+
+
+# --- the MLP's neurons: mlp_hidden_l ----------------------------------------------------------------------
+
+def hidden_sites(model):
+    return [f"mlp_hidden_{l}" for l in range(model.cfg.n_layers)]
+
+
+# Reference: central finite differences of m[b] along one node's delta (f_c + eps * delta_i e_i, or
+# err_c + eps * delta_err at one position) with the site spliced as decode(f) + err; equals the attrib effect.
+@pytest.mark.parametrize("parallel", [True, False])
+def test_node_effects_at_mlp_hidden_finite_differences(parallel):
+    model = TA.make_model(61 + parallel, parallel)
+    sites = hidden_sites(model)
+    saes = dicts_at(model, sites, 62)
+    assert all(saes[s].d_in == model.cfg.d_mlp != model.cfg.d_model for s in sites)
+    batch = TA.make_batch(63, B=3, T=4)
+    attrib = TA.dense_effects(AN.node_effects(model, saes, A.logit_diff, batch, "attrib"))
+    st = A.site_states(model, saes, TA.ref_logit_diff, batch, sites)[2]
+    g = torch.Generator().manual_seed(64)
+    eps, checked = 1e-4, 0
+    for s in sites:
+        nz = torch.nonzero(st[s].delta_f)
+        last = nz[nz[:, 1] == 3]      # the metric reads position 3: there every node moves it
+        chosen = torch.cat([last[torch.randperm(len(last), generator=g)[:3]], nz[-1:]])
+        picks = [tuple(v.tolist()) for v in chosen]
+        picks += [(b, t, None) for b, t in [(0, 3), (2, 1)]]
+        for b, t, i in picks:
+            def m_at(e):
+                f, err = st[s].f_c.clone(), st[s].err_c.clone()
+                if i is None:
+                    err[b, t] += e * st[s].delta_err[b, t]
+                else:
+                    f[b, t, i] += e * st[s].delta_f[b, t, i]
+                with torch.no_grad():
+                    return TA.ref_logit_diff(model, batch, batch.clean, {s: lambda x: saes[s].decode(f) + err})[b]
+            fd = (m_at(eps) - m_at(-eps)) / (2 * eps)
+            assert t != 3 or fd.abs() > 1e-6, (s, b, t, i)
+            torch.testing.assert_close(attrib[s][b, t, -1 if i is None else i], fd, rtol=1e-6, atol=1e-9)
+            checked += 1
+    assert checked == 6 * len(sites)
+
+
+# Reference: exact = a loop patching one neuron h[:, t, k] := h_patch[:, t, k] at a time through `edit`;
+# attrib and ig = autograd on a leaf replacing the whole site, times delta h (f = h, W_dec = I)
+# (test_attribution.check_neuron_node_effects, the checks of the output-neuron baseline).
+@pytest.mark.parametrize("parallel", [True, False])
+def test_mlp_neurons_node_effects(parallel):
+    model = TA.make_model(71 + parallel, parallel)
+    saes = {s: d.to(F64) for s, d in minicirc.identity_saes(model, "mlp").items()}
+    assert list(saes) == hidden_sites(model) and all(d.n_features == model.cfg.d_mlp for d in saes.values())
+    refs = TA.check_neuron_node_effects(model, saes, TA.make_batch(72, B=2, T=3))
+    assert all(ref.abs().max() > 1e-3 for ref in refs.values())
+
+
+@pytest.mark.parametrize("name", ["neox parallel", "qwen3"])
+def test_find_circuit_over_mlp_neurons(name, request):
+    """find_circuit with identity dictionaries at every mlp_hidden_l (the MLP-neuron baseline): nodes of
+    d_mlp neurons a site, the edge mlp_hidden_0 -> mlp_hidden_1 through layer 0's down projection and layer 1's
+    MLP input, its values the definition's averaged over examples; a circuit of every node is the whole model."""
+    model = model_for(name, request)
+    saes = {s: d.to(F64) for s, d in minicirc.identity_saes(model, "mlp").items()}
+    batch = TA.make_batch(81, B=3, T=4)
+    c = minicirc.find_circuit(model, saes, batch, method="ig", steps=3, node_threshold=0.0, edge_threshold=0.0,
+                              progress=False)
+    assert set(c.edges) == {("mlp_hidden_0", "mlp_hidden_1")}
+    assert all(c.nodes[s].shape == (model.cfg.d_mlp + 1,) for s in saes)
+    st = A.site_states(model, saes, TA.ref_logit_diff, batch, list(saes))[2]
+    L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
+    eff = TA.effects_from(L, st)
+    for s in saes:
+        torch.testing.assert_close(c.nodes[s].double(), eff[s].sum((0, 1)) / len(batch), **tolerance(name))
+    ref = TA.as_dict(A.edge_effects(model, saes, batch, st, TA.site_grads(L), eff, 0.0, "sum",
+                                    [("mlp_hidden_0", "mlp_hidden_1", ())]))[("mlp_hidden_0", "mlp_hidden_1")]
+    got = TA.as_dict(c.edges)[("mlp_hidden_0", "mlp_hidden_1")]
+    assert set(got) == set(ref) and max(v.abs().max() for v in ref.values()) > 1e-4
+    for k in ref:
+        torch.testing.assert_close(got[k].double(), ref[k] / len(batch), **tolerance(name))
+    whole = E.faithfulness(model, saes, batch, every_node(saes), batch_size=2)
+    assert whole["faithfulness"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(whole["m_full"] - whole["m_empty"]) > 1e-3
+
+
+def test_identity_saes_bases(request):
+    model = request.getfixturevalue("qwen3")
+    out, mlp = minicirc.identity_saes(model), minicirc.identity_saes(model, "mlp")
+    assert list(out) == model.sites and all(d.d_in == model.cfg.d_model for d in out.values())
+    assert list(mlp) == ["mlp_hidden_0", "mlp_hidden_1"] and all(d.d_in == model.cfg.d_mlp == 48 for d in mlp.values())
+    with pytest.raises(minicirc.MinicircError, match="unknown neuron basis 'hidden'"):
+        minicirc.identity_saes(model, "hidden")
+    gen = torch.Generator().manual_seed(3)
+    saes = {"mlp_hidden_1": TA.make_sae(gen, "relu", d=model.cfg.d_model).to(F64)}
+    with pytest.raises(minicirc.MinicircError, match=r"dictionary for mlp_hidden_1 has width 32, the model's d_mlp is 48"):
+        minicirc.find_circuit(model, saes, TA.make_batch(1, B=2, T=3), progress=False)

@@ -55,7 +55,8 @@ def std_tensors(w):
 @pytest.mark.parametrize("hook, site", [
     ("blocks.0.hook_resid_pre", "embed"), ("blocks.3.hook_resid_pre", "resid_2"),
     ("blocks.3.hook_resid_post", "resid_3"), ("blocks.2.hook_attn_out", "attn_2"),
-    ("blocks.5.hook_mlp_out", "mlp_5"), ("blocks.1.hook_resid_mid", "resid_mid_1"), ("blocks.4.attn.hook_z", "z_4")])
+    ("blocks.5.hook_mlp_out", "mlp_5"), ("blocks.1.hook_resid_mid", "resid_mid_1"), ("blocks.4.attn.hook_z", "z_4"),
+    ("blocks.2.mlp.hook_post", "mlp_hidden_2")])
 def test_hook_site(hook, site):
     assert hook_site(hook) == site
 
@@ -90,6 +91,23 @@ def test_hook_tree_places_each_dictionary_by_its_hook(tiny_model_dir, tmp_path):
     for hook, w in written.items():
         want = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
         torch.testing.assert_close(saes[hook_site(hook)].encode(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_hook_post_reads_mlp_hidden(tiny_model_dir, tmp_path):
+    """A SAELens dictionary at blocks.L.mlp.hook_post (TransformerLens' MLP neurons) is placed at mlp_hidden_L,
+    d_mlp wide; TransformerLens' centring of what is written to the residual stream does not reach it, and a
+    d_model-wide one there is refused by name."""
+    model = minicirc.load_model(tiny_model_dir)
+    w = tiny_saes_for(model, ["blocks.1.mlp.hook_post"], tmp_path / "h",
+                      metadata={"model_from_pretrained_kwargs": {"center_writing_weights": True}})["blocks.1.mlp.hook_post"]
+    saes = minicirc.load_saes(tmp_path / "h", model)
+    assert list(saes) == ["mlp_hidden_1"] and saes["mlp_hidden_1"].d_in == model.cfg.d_mlp == 48
+    x = torch.randn(3, model.cfg.d_mlp)
+    torch.testing.assert_close(saes["mlp_hidden_1"].encode(x), torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]),
+                               rtol=1e-5, atol=1e-5)
+    tiny_saes_for(model, ["blocks.0.mlp.hook_post"], tmp_path / "narrow", width=model.cfg.d_model)
+    with pytest.raises(MinicircError, match=r"dictionary width 32 does not match the model's d_mlp 48 \(site mlp_hidden_0\)"):
+        minicirc.load_saes(tmp_path / "narrow", model)
 
 
 def test_hook_tree_through_the_cli(tiny_model_dir, tmp_path, capsys):

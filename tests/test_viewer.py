@@ -37,8 +37,8 @@ def _rank(site: str) -> int:
         return 10**9
     if site == "embed":
         return 0
-    kind, layer = site.split("_")
-    return 1 + 3 * int(layer) + ("attn", "mlp", "resid").index(kind)
+    kind, layer = site.rsplit("_", 1)
+    return 1 + 6 * int(layer) + ("z", "attn", "resid_mid", "mlp_hidden", "mlp", "resid").index(kind)
 
 
 def random_circuit(rng: random.Random, n_nodes=37, n_edges=60, n_layers=2, aggregation="sum", n_pos=6,

@@ -12,6 +12,7 @@ from ..data import Batch, Example, tokenize
 from ..errors import MinicircError
 from ..hashing import sha256_of
 from ..model import model_hash
+from ..model.sites import width_name
 from ..sae import saes_hash
 from . import distributed as dist_mod
 from .common import METHODS, logit_diff, site_order
@@ -45,10 +46,10 @@ def check_arguments(model, saes, examples, metric, method, steps, node_threshold
     sites = site_order(model, saes)
     if not sites:
         raise MinicircError("no dictionaries given")
-    for s in sites:   # d_model, except z_l: n_heads * head_dim (they differ for Qwen3 and Gemma-2)
+    for s in sites:   # d_model, except z_l (n_heads * head_dim) and mlp_hidden_l (d_mlp)
         if saes[s].d_in != model.site_width(s):
-            what = "n_heads x head_dim" if s.startswith("z_") else "d_model"
-            raise MinicircError(f"dictionary for {s} has width {saes[s].d_in}, the model's {what} is {model.site_width(s)}")
+            raise MinicircError(f"dictionary for {s} has width {saes[s].d_in}, the model's {width_name(s)} is "
+                                f"{model.site_width(s)}")
     if aggregation == "none" and len(set(examples.last.tolist())) > 1:
         raise MinicircError("aggregation 'none' keeps positions, so all examples must have the same length")
     if method == "exact" and not nodes_only:

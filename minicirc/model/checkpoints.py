@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import hub
 from ..errors import MinicircError, read_json
 from ..hashing import sha256_of
 from . import gguf, gpt2, gpt_neox, llama
@@ -112,10 +113,20 @@ def load_gguf(path):
     return build_model(FAMILIES["llama"], cfg, state, os.fspath(path))
 
 
+def local_checkpoint(path):
+    """`path`, or the local copy of a Hugging Face Hub id (hub.local_path): its json files (config, tokenizer)
+    and safetensors weights, or its pytorch_model*.bin files where it has no safetensors."""
+    local = hub.local_path(path, ("*.json", "*.safetensors"))
+    if local != path and os.path.isdir(local) and not any(n.endswith(".safetensors") for n in os.listdir(local)):
+        local = hub.local_path(path, ("*.json", "pytorch_model*.bin"))
+    return local
+
+
 def load_model(path, device="cpu", dtype=torch.float32):
     """Read a Hugging Face checkpoint directory (family from config.json's model_type) or a llama-
-    architecture .gguf file into a model in eval mode."""
-    path = os.fspath(path)
+    architecture .gguf file into a model in eval mode; either may be a Hugging Face Hub id
+    (owner/repo[/path/in/repo]) where no such local path exists."""
+    path = local_checkpoint(os.fspath(path))
     if path.endswith(".gguf"):
         return load_gguf(path).to(device=device, dtype=dtype).eval()
     cfg_path = os.path.join(path, "config.json")
@@ -147,9 +158,11 @@ def save_model(model, model_dir):
 
 
 def load_tokenizer(model_dir):
-    """The `tokenizers.Tokenizer` stored as model_dir/tokenizer.json, or built from a .gguf file's metadata."""
+    """The `tokenizers.Tokenizer` stored as model_dir/tokenizer.json, or built from a .gguf file's metadata
+    (either may be a Hugging Face Hub id, as in load_model)."""
     from tokenizers import Tokenizer
-    if os.fspath(model_dir).endswith(".gguf"):
+    model_dir = hub.local_path(os.fspath(model_dir), ("tokenizer.json",))
+    if model_dir.endswith(".gguf"):
         return gguf.load_gguf_tokenizer(model_dir)
     path = os.path.join(os.fspath(model_dir), "tokenizer.json")
     if not os.path.exists(path):

@@ -1,4 +1,4 @@
-"""GPT-2 in plain torch, with the sites of sites.py (embed, attn_l, mlp_l, resid_l).
+"""GPT-2 in plain torch, with the sites of sites.py (embed, attn_l, mlp_l, resid_l and the optional ones).
 
 Its own file because it shares little with the rotary families: learned position embeddings added to the
 token embedding (so `embed` is their sum), LayerNorm with biases, one fused q|k|v projection, a plain
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import MinicircError
 from .layers import ACTIVATIONS
-from .sites import SiteConfig, SiteModel
+from .sites import SiteConfig, SiteModel, site_kind, site_layer
 
 
 @dataclass
@@ -83,8 +83,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model)
         self.act = ACTIVATIONS[cfg.act]
 
-    def forward(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
+    def forward(self, x, hidden_site=None):
+        h = self.act(self.c_fc(x))     # the MLP's neurons: site mlp_hidden_l
+        return self.c_proj(h if hidden_site is None else hidden_site(h))
 
 
 class Block(nn.Module):
@@ -98,8 +99,8 @@ class Block(nn.Module):
     def attn_block(self, resid, z_site=None):
         return self.attn(self.ln_1(resid), z_site)
 
-    def mlp_block(self, x):
-        return self.mlp(self.ln_2(x))
+    def mlp_block(self, x, hidden_site=None):
+        return self.mlp(self.ln_2(x), hidden_site)
 
 
 class GPT2(SiteModel):
@@ -120,6 +121,11 @@ class GPT2(SiteModel):
     @property
     def unembedding(self):
         return self.wte.weight   # tied
+
+    def projection(self, site):
+        """The linear map after an inner site: attn.c_proj after z_l, mlp.c_proj after mlp_hidden_l."""
+        layer = self.layers[site_layer(site)]
+        return layer.attn.c_proj if site_kind(site) == "z" else layer.mlp.c_proj
 
     def value_bias(self, layer):
         """The value projection's bias in z_layer's layout (see gpt_neox.GPTNeoX.value_bias): c_attn is [q | k | v]."""

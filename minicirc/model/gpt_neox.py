@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import MinicircError
 from .layers import ACTIVATIONS, rotate_half
-from .sites import SiteConfig, SiteModel
+from .sites import SiteConfig, SiteModel, site_kind, site_layer
 
 
 @dataclass
@@ -132,8 +132,9 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.d_mlp, cfg.d_model)
         self.act = ACTIVATIONS[cfg.act]
 
-    def forward(self, x):
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+    def forward(self, x, hidden_site=None):
+        h = self.act(self.dense_h_to_4h(x))     # the MLP's neurons: site mlp_hidden_l
+        return self.dense_4h_to_h(h if hidden_site is None else hidden_site(h))
 
 
 class Layer(nn.Module):
@@ -147,8 +148,8 @@ class Layer(nn.Module):
     def attn_block(self, resid, z_site=None):
         return self.attention(self.input_layernorm(resid), z_site)
 
-    def mlp_block(self, x):
-        return self.mlp(self.post_attention_layernorm(x))
+    def mlp_block(self, x, hidden_site=None):
+        return self.mlp(self.post_attention_layernorm(x), hidden_site)
 
 
 class GPTNeoX(SiteModel):
@@ -171,6 +172,11 @@ class GPTNeoX(SiteModel):
     @property
     def unembedding(self):
         return self.embed_out.weight
+
+    def projection(self, site):
+        """The linear map after an inner site: attention.dense after z_l, mlp.dense_4h_to_h after mlp_hidden_l."""
+        layer = self.layers[site_layer(site)]
+        return layer.attention.dense if site_kind(site) == "z" else layer.mlp.dense_4h_to_h
 
     def value_bias(self, layer):
         """The value projection's bias in z_layer's layout (n_heads * head_dim): TransformerLens folds it out of

@@ -6,8 +6,9 @@ The shared shape: token embedding; per layer x + attn(norm(x)), then + mlp(norm(
 RMSNorm; rotary embeddings on the whole head ("rotate half" layout); grouped-query attention (n_kv_heads
 key/value heads, each shared by n_heads / n_kv_heads query heads); a gated MLP down(act(gate(x)) * up(x)).
 
-Sites are those of sites.py: embed, attn_l, mlp_l, resid_l. For Gemma-2, attn_l and mlp_l are the values
-after their post-norms, i.e. what is added to the residual stream.
+Sites are those of sites.py: embed, attn_l, mlp_l, resid_l and the optional ones. For Gemma-2, attn_l and
+mlp_l are the values after their post-norms, i.e. what is added to the residual stream; mlp_hidden_l is
+act(gate(x)) * up(x), the down projection's input.
 """
 import math
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import MinicircError
 from .layers import ACTIVATIONS, rotate_half
-from .sites import SiteConfig, SiteModel
+from .sites import SiteConfig, SiteModel, site_kind, site_layer
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma2")
 
@@ -217,8 +218,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.act]
 
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, hidden_site=None):
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)     # the MLP's neurons, gate product included: mlp_hidden_l
+        return self.down_proj(h if hidden_site is None else hidden_site(h))
 
 
 class Layer(nn.Module):
@@ -238,10 +240,10 @@ class Layer(nn.Module):
         out = self.self_attn(self.input_layernorm(resid), z_site)
         return self.post_attention_layernorm(out) if self.gemma else out
 
-    def mlp_block(self, x):
+    def mlp_block(self, x, hidden_site=None):
         if self.gemma:
-            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return self.mlp(self.post_attention_layernorm(x))
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), hidden_site))
+        return self.mlp(self.post_attention_layernorm(x), hidden_site)
 
 
 class Llama(SiteModel):
@@ -267,6 +269,11 @@ class Llama(SiteModel):
     @property
     def unembedding(self):
         return self.lm_head.weight
+
+    def projection(self, site):
+        """The linear map after an inner site: self_attn.o_proj after z_l, mlp.down_proj after mlp_hidden_l."""
+        layer = self.layers[site_layer(site)]
+        return layer.self_attn.o_proj if site_kind(site) == "z" else layer.mlp.down_proj
 
     def value_bias(self, layer):
         """The value projection's bias in z_layer's layout (see model.GPTNeoX.value_bias): each of the n_kv_heads

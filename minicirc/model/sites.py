@@ -3,7 +3,8 @@
 
 Sites (docs/method.md §2): `embed` (token embedding output), and per layer l: `attn_l` (attention block
 output after its projection), `mlp_l` (MLP output) and `resid_l` (residual stream after layer l); optional
-`z_l` (the heads' outputs before the projection) and `resid_mid_l` (sequential residual after attention).
+`z_l` (the heads' outputs before the projection), `resid_mid_l` (sequential residual after attention) and
+`mlp_hidden_l` (the MLP's neurons: its hidden activation before the down projection).
 
 The site mechanism is a plain argument to `forward`: `edit={site: fn}` replaces the site's value x by
 fn(x) for this call only (the function sees the value computed from the already-edited upstream sites),
@@ -32,13 +33,13 @@ class SiteConfig:
 
 
 def site_kind(site):
-    """'embed', or the kind of a per-layer site: 'attn', 'mlp', 'resid', 'z' or 'resid_mid'."""
+    """'embed', or the kind of a per-layer site: 'attn', 'mlp', 'resid', 'z', 'resid_mid' or 'mlp_hidden'."""
     return site if site == "embed" else site.rsplit("_", 1)[0]
 
 
 def site_layer(site):
     """The layer of a site name: -1 for embed (it comes before layer 0), l for attn_l, mlp_l, resid_l, z_l,
-    resid_mid_l."""
+    resid_mid_l, mlp_hidden_l."""
     return -1 if site == "embed" else int(site.rsplit("_", 1)[1])
 
 
@@ -48,6 +49,11 @@ def sites_from_layer(sites, first_layer):
     if first_layer is None:
         return list(sites)
     return [s for s in sites if site_layer(s) >= first_layer]
+
+
+def width_name(site):
+    """What a site's width is called, for messages: d_model, or n_heads x head_dim (z_l), or d_mlp (mlp_hidden_l)."""
+    return {"z": "n_heads x head_dim", "mlp_hidden": "d_mlp"}.get(site_kind(site), "d_model")
 
 
 def check_tokens(tokens, vocab_size):
@@ -61,10 +67,11 @@ def check_tokens(tokens, vocab_size):
 
 class SiteModel(nn.Module):
     """What every family shares: the site names, `forward` with its edit / cache / stop_at arguments, and
-    the unembedding. A family provides `embed(tokens)`, `layers` whose items have `attn_block(resid)` and
-    `mlp_block(x)` (each the value written into the residual stream), `final_norm(h)`, the (vocab, d_model)
-    matrix `unembedding`, and a cfg with n_layers, d_model, vocab_size, max_len, parallel_residual and
-    final_softcap (None, or Gemma-2's cap c: logits = c * tanh(logits / c))."""
+    the unembedding. A family provides `embed(tokens)`, `layers` whose items have `attn_block(resid, z_site)`
+    and `mlp_block(x, hidden_site)` (each the value written into the residual stream; z_site and hidden_site,
+    None or a function, replace the value of the optional site inside the block), `final_norm(h)`, the
+    (vocab, d_model) matrix `unembedding`, and a cfg with n_layers, d_model, d_mlp, vocab_size, max_len,
+    parallel_residual and final_softcap (None, or Gemma-2's cap c: logits = c * tanh(logits / c))."""
 
     @property
     def sites(self):
@@ -78,40 +85,58 @@ class SiteModel(nn.Module):
     @property
     def all_sites(self):
         """`sites` plus the optional ones, in computing order: z_l (the concatenated head outputs, before
-        the attention output projection) and, where the MLP reads the residual after attention (not with
-        GPT-NeoX's parallel residual), resid_mid_l. Optional sites are computed only when asked for (edit,
-        stop_at or `extra`), so callers that never name them pay nothing."""
+        the attention output projection); where the MLP reads the residual after attention (not with
+        GPT-NeoX's parallel residual), resid_mid_l; and mlp_hidden_l (the MLP's hidden activation, after the
+        activation function and, for gated MLPs, the gate product: the input of the down projection).
+        Optional sites are computed only when asked for (edit, stop_at or `extra`), so callers that never
+        name them pay nothing."""
         names = ["embed"]
         for l in range(self.cfg.n_layers):
             names += [f"z_{l}", f"attn_{l}"] + ([] if self.cfg.parallel_residual else [f"resid_mid_{l}"])
-            names += [f"mlp_{l}", f"resid_{l}"]
+            names += [f"mlp_hidden_{l}", f"mlp_{l}", f"resid_{l}"]
         return names
 
     def site_graph(self):
         """{site: [the sites its value feeds directly]} over `all_sites`: the computation as a graph whose
         arrows are one block or one sum. Per layer l, with prev = resid_{l-1} (embed for l = 0):
-        prev -> z_l -> attn_l (attn_l = W_O z_l + b_O); sequential residual: prev, attn_l -> resid_mid_l
-        (their sum), resid_mid_l -> mlp_l, resid_mid_l, mlp_l -> resid_l; parallel residual (GPT-NeoX):
-        prev -> mlp_l and prev, attn_l, mlp_l -> resid_l. Edges are defined over it (attribution.reference.edge_pairs)."""
+        prev -> z_l -> attn_l (attn_l = W_O z_l + b_O); mlp_hidden_l -> mlp_l (mlp_l = W_down h + b_down,
+        then Gemma-2's post-norm); sequential residual: prev, attn_l -> resid_mid_l (their sum),
+        resid_mid_l -> mlp_hidden_l, resid_mid_l, mlp_l -> resid_l; parallel residual (GPT-NeoX):
+        prev -> mlp_hidden_l and prev, attn_l, mlp_l -> resid_l. Edges are defined over it
+        (attribution.common.edge_pairs)."""
         out = {s: [] for s in self.all_sites}
         for l in range(self.cfg.n_layers):
             prev = f"resid_{l - 1}" if l > 0 else "embed"
-            z, a, mid, m, r = f"z_{l}", f"attn_{l}", f"resid_mid_{l}", f"mlp_{l}", f"resid_{l}"
+            z, a, mid, h, m, r = f"z_{l}", f"attn_{l}", f"resid_mid_{l}", f"mlp_hidden_{l}", f"mlp_{l}", f"resid_{l}"
             out[prev].append(z)
             out[z].append(a)
+            out[h].append(m)
             if self.cfg.parallel_residual:
-                out[prev] += [m, r]
+                out[prev] += [h, r]
                 out[a].append(r)
             else:
                 out[prev].append(mid)
                 out[a].append(mid)
-                out[mid] += [m, r]
+                out[mid] += [h, r]
             out[m].append(r)
         return out
 
     def site_width(self, name):
-        """The width of a site's value: d_model, or n_heads * head_dim for z_l (they differ for Qwen3 and Gemma-2)."""
-        return self.cfg.n_heads * self.cfg.head_dim if name.startswith("z_") else self.cfg.d_model
+        """The width of a site's value: d_model; n_heads * head_dim for z_l (they differ for Qwen3 and Gemma-2);
+        d_mlp for mlp_hidden_l."""
+        kind = site_kind(name)
+        if kind == "z":
+            return self.cfg.n_heads * self.cfg.head_dim
+        return self.cfg.d_mlp if kind == "mlp_hidden" else self.cfg.d_model
+
+    def write_direction(self, site, v):
+        """The direction that v (site-wide) writes into the residual stream: through the linear map after an
+        inner site, W_O v for z_l and W_down v for mlp_hidden_l (the family's `projection(site)`; Gemma-2's
+        post-norm after it left out); v itself at every other site, whose value the residual stream adds."""
+        if site_kind(site) not in ("z", "mlp_hidden"):
+            return v
+        W = self.projection(site).weight     # (d_model, site width)
+        return v.to(W) @ W.T
 
     def check_sites(self, names):
         known = set(self.all_sites)
@@ -119,7 +144,7 @@ class SiteModel(nn.Module):
             if name not in known:
                 mid = "" if self.cfg.parallel_residual else ", resid_mid_l"
                 raise MinicircError(f"unknown site {name!r}; this model has sites embed, attn_l, mlp_l, "
-                                    f"resid_l{mid} and z_l for l in 0..{self.cfg.n_layers - 1}")
+                                    f"resid_l{mid}, z_l and mlp_hidden_l for l in 0..{self.cfg.n_layers - 1}")
 
     def forward(self, tokens, edit=None, cache=None, stop_at=None, extra=(), start=None, clean=None):
         """tokens (batch, pos) -> logits (batch, pos, vocab).
@@ -127,8 +152,9 @@ class SiteModel(nn.Module):
         edit: {site: fn(x) -> x'} replaces a site's value for this call.
         cache: a dict to fill with {site: value that flowed downstream}.
         stop_at: a site name; return after computing it (returns None instead of logits), for callers that
-        only need sites up to a layer (z_l stops after its attention block).
-        extra: optional sites (z_l, resid_mid_l) to put in cache too; those in edit or stop_at are computed anyway.
+        only need sites up to a layer (z_l stops after its attention block, mlp_hidden_l after its MLP).
+        extra: optional sites (z_l, resid_mid_l, mlp_hidden_l) to put in cache too; those in edit or stop_at are
+        computed anyway.
         start, clean: resume at site `start` (see forward_from): the sites before it are read from `clean`
         instead of computed, and not edited.
         Token ids are not range-checked here (see check_tokens); shapes are, as that costs nothing.
@@ -160,6 +186,13 @@ class SiteModel(nn.Module):
                 cache[name] = x
             return x
 
+        def inner(name):
+            """What a block calls on the value of an optional site inside it (z_l, mlp_hidden_l), or None
+            where that site is not asked for (or lies below start)."""
+            if name in wanted and order.index(name) >= first:
+                return lambda v: site(name, lambda: v)
+            return None
+
         resid = site("embed", lambda: self.embed(tokens))
         if stop_at == "embed":
             return None
@@ -168,14 +201,13 @@ class SiteModel(nn.Module):
                 site(f"attn_{l}", None), site(f"mlp_{l}", None)
                 resid = site(f"resid_{l}", None)
                 continue
-            z = f"z_{l}"
-            z_site = (lambda v: site(z, lambda: v)) if z in wanted and order.index(z) >= first else None
-            attn = site(f"attn_{l}", lambda: layer.attn_block(resid, z_site))
+            z, h = f"z_{l}", f"mlp_hidden_{l}"
+            attn = site(f"attn_{l}", lambda: layer.attn_block(resid, inner(z)))
             if stop_at in (z, f"attn_{l}"):
                 return None
             if self.cfg.parallel_residual:
                 # GPT-NeoX: the MLP reads the same input as attention.
-                mlp = site(f"mlp_{l}", lambda: layer.mlp_block(resid))
+                mlp = site(f"mlp_{l}", lambda: layer.mlp_block(resid, inner(h)))
                 out = resid + attn + mlp
             else:
                 # Sequential: the MLP reads the residual after attention.
@@ -184,9 +216,9 @@ class SiteModel(nn.Module):
                     mid = site(f"resid_mid_{l}", lambda: mid)
                     if stop_at == f"resid_mid_{l}":
                         return None
-                mlp = site(f"mlp_{l}", lambda: layer.mlp_block(mid))
+                mlp = site(f"mlp_{l}", lambda: layer.mlp_block(mid, inner(h)))
                 out = mid + mlp
-            if stop_at == f"mlp_{l}":
+            if stop_at in (h, f"mlp_{l}"):
                 return None
             resid = site(f"resid_{l}", lambda: out)
             if stop_at == f"resid_{l}":

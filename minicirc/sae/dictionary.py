@@ -206,10 +206,15 @@ class IdentityDictionary(Dictionary):
                          subtract_b_dec=False, source="identity")
 
 
-def identity_saes(model):
-    """{site: IdentityDictionary} for every site of the model (the neuron baseline)."""
+def identity_saes(model, neurons="output"):
+    """{site: IdentityDictionary}, the neuron baselines: neurons="output" at every site of `model.sites`
+    (embed, attn_l, mlp_l, resid_l: the coordinates of what each writes, the original code's IdentityDict);
+    "mlp" at every mlp_hidden_l (the MLP's own neurons, d_mlp of them, before the down projection)."""
+    if neurons not in ("output", "mlp"):
+        raise MinicircError(f"unknown neuron basis {neurons!r} (known: output, mlp)")
     device = next(model.parameters()).device
-    return {site: IdentityDictionary(model.cfg.d_model, device) for site in model.sites}
+    sites = model.sites if neurons == "output" else [f"mlp_hidden_{l}" for l in range(model.cfg.n_layers)]
+    return {site: IdentityDictionary(model.site_width(site), device) for site in sites}
 
 
 def checked(sae):

@@ -46,19 +46,21 @@ def _unit_decoder(W_enc, b_enc, W_dec, path):
 # The hook of each per-layer site kind, blocks.L.<hook> reading site <kind>_L (resid_L is also read by
 # blocks.{L+1}.hook_resid_pre, and embed by blocks.0.hook_resid_pre).
 KIND_HOOKS = {"resid": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out", "resid_mid": "hook_resid_mid",
-              "z": "attn.hook_z"}
+              "z": "attn.hook_z", "mlp_hidden": "mlp.hook_post"}
 HOOK_KINDS = {hook: kind for kind, hook in KIND_HOOKS.items()}
-HOOK = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|hook_resid_mid|attn\.hook_z)")
+HOOK = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|hook_resid_mid|attn\.hook_z"
+                  r"|mlp\.hook_post)")
 
 
 def hook_site(hook_name):
     """The minicirc site a TransformerLens hook name reads: blocks.L.hook_resid_pre is resid_{L-1} (embed for
     L = 0), hook_resid_post resid_L, hook_attn_out attn_L, hook_mlp_out mlp_L, hook_resid_mid resid_mid_L,
-    attn.hook_z z_L (the concatenated head outputs before the output projection)."""
+    attn.hook_z z_L (the concatenated head outputs before the output projection), mlp.hook_post mlp_hidden_L
+    (the MLP's neurons: after the activation, and the gate product in TransformerLens' gated MLP)."""
     m = HOOK.fullmatch(str(hook_name))
     if not m:
         raise MinicircError(f"hook {hook_name!r} is not a site minicirc knows (blocks.L. followed by hook_resid_pre, "
-                            "hook_resid_post, hook_attn_out, hook_mlp_out, hook_resid_mid or attn.hook_z)")
+                            "hook_resid_post, hook_attn_out, hook_mlp_out, hook_resid_mid, attn.hook_z or mlp.hook_post)")
     layer, hook = int(m.group(1)), m.group(2)
     if hook == "hook_resid_pre":
         return "embed" if layer == 0 else f"resid_{layer - 1}"
@@ -251,8 +253,10 @@ def _centred_input(tl_kwargs, cfg_path, site, norm):
     """Whether the SAE saw TransformerLens-centred activations (model_from_pretrained_kwargs
     center_writing_weights: true; SAELens' own default is false) that minicirc must centre. Centring writes
     x - mean(x) into the residual stream, so it reaches embed, attn, mlp, resid and resid_mid values, not z
-    (before W_O); layer_norm subtracts the mean itself, so centring first changes nothing there."""
-    centre = bool(tl_kwargs.get("center_writing_weights", False)) and not (site or "").startswith("z_")
+    (before W_O) nor mlp_hidden (before W_out); layer_norm subtracts the mean itself, so centring first
+    changes nothing there."""
+    centre = (bool(tl_kwargs.get("center_writing_weights", False))
+              and (site is None or site_kind(site) not in ("z", "mlp_hidden")))
     if centre and norm == "constant_norm_rescale":
         raise MinicircError(f"{cfg_path}: center_writing_weights with constant_norm_rescale divides by the norm of "
                             "the centred activation, which does not fold into the weights; not supported")

@@ -5,9 +5,10 @@ names a set in caches (saes_hash).
 import os
 import re
 
+from .. import hub
 from ..errors import MinicircError, read_json
 from ..hashing import sha256_of
-from ..model.sites import site_kind, site_layer
+from ..model.sites import site_kind, site_layer, width_name
 from .dictionary import shift_input
 from .circuit_tracer import LAYER_FILE, layer_files, load_transcoder, load_transcoder_set, read_config, transcoder_problem
 from .formats import cfg_hook_site, load_dictionary_learning, load_gemma_scope, load_saelens, save_dictionary_learning
@@ -42,9 +43,10 @@ def _one_transcoder(path):
 
 def load_sae(path, norm_scaling_factor=None):
     """One dictionary: an `ae.pt`, a Gemma Scope `params.npz`, a SAELens or sparsify folder, a circuit-tracer
-    `layer_<i>.safetensors` (config.yaml beside it), or a folder holding exactly one of those.
+    `layer_<i>.safetensors` (config.yaml beside it), or a folder holding exactly one of those; any of them may
+    be a Hugging Face Hub id (owner/repo/path/in/repo, hub.local_path) where no such local path exists.
     norm_scaling_factor: see load_saelens (SAELens expected_average_only_in only)."""
-    path = os.fspath(path)
+    path = hub.local_path(path)
     if not os.path.exists(path):
         raise MinicircError(f"dictionary path {path} does not exist")
     if os.path.isfile(path) and LAYER_FILE.fullmatch(os.path.basename(path)) or \
@@ -71,12 +73,13 @@ def load_sae(path, norm_scaling_factor=None):
 
 
 SITE_FOLDERS = {"attn": "attn_out_layer", "mlp": "mlp_out_layer", "resid": "resid_out_layer",
-                "resid_mid": "resid_mid_layer", "z": "z_layer"}
-SITE_FOLDER = re.compile(r"embed|(attn_out|mlp_out|resid_out|resid_mid|z)_layer\d+")
+                "resid_mid": "resid_mid_layer", "z": "z_layer", "mlp_hidden": "mlp_hidden_layer"}
+SITE_FOLDER = re.compile(r"embed|(attn_out|mlp_out|resid_out|resid_mid|z|mlp_hidden)_layer\d+")
 
 
 def site_folder(site):
-    """Folder name of a site in the original code's dictionaries/ tree (resid_mid and z: same pattern)."""
+    """Folder name of a site in the original code's dictionaries/ tree (resid_mid, z and mlp_hidden, which it
+    does not have: same pattern)."""
     if site == "embed":
         return "embed"
     return SITE_FOLDERS[site_kind(site)] + str(site_layer(site))
@@ -106,8 +109,7 @@ def _place(sae, site, model, where):
         if b_V is not None and bool(b_V.any()):
             sae = shift_input(sae, b_V)
     if sae.d_in != model.site_width(site):
-        what = "n_heads x head_dim" if site_kind(site) == "z" else "d_model"
-        raise MinicircError(f"{sae.source}: dictionary width {sae.d_in} does not match the model's {what} "
+        raise MinicircError(f"{sae.source}: dictionary width {sae.d_in} does not match the model's {width_name(site)} "
                             f"{model.site_width(site)} (site {site})")
     return sae
 
@@ -120,8 +122,10 @@ def load_saes(sae_dir, model, norm_scaling_factor=None):
       sparsify run: one folder per hookpoint, named by it (see sparsify.hookpoint_site); sites without one
       get no dictionary.
     - a circuit-tracer transcoder set (config.yaml + layer_<i>.safetensors): one transcoder per MLP site.
+    sae_dir may be a Hugging Face Hub id (owner/repo or owner/repo/path/in/repo, hub.local_path) where no
+    such local folder exists.
     norm_scaling_factor: a number, or {site: number}, for SAELens expected_average_only_in dictionaries."""
-    sae_dir = os.fspath(sae_dir)
+    sae_dir = hub.local_path(sae_dir)
     if not os.path.isdir(sae_dir):
         raise MinicircError(f"SAE directory {sae_dir} does not exist")
     if os.path.exists(os.path.join(sae_dir, "config.yaml")):
@@ -131,7 +135,7 @@ def load_saes(sae_dir, model, norm_scaling_factor=None):
     if present and not any(SITE_FOLDER.fullmatch(d) for d in present) and \
             all(os.path.exists(os.path.join(sae_dir, d, "cfg.json")) for d in present):
         return _load_hook_tree(sae_dir, present, model, factor)
-    # Every site needs its folder; the optional sites (z_layerL, resid_mid_layerL) may have one.
+    # Every site needs its folder; the optional sites (z_layerL, resid_mid_layerL, mlp_hidden_layerL) may have one.
     by_folder = {site_folder(s): s for s in model.all_sites}
     strangers = [d for d in present if d not in by_folder]
     if strangers:

@@ -23,12 +23,14 @@
     const id = String(n.id);
     return id === "y" ? "y" : id.split("/")[0];
   }
-  // Layer rank, bottom to top: embed, then attn_l, mlp_l, resid_l per layer, the metric "y" last.
+  // Layer rank, bottom to top: embed, then per layer the sites in computing order (z_l, attn_l, resid_mid_l,
+  // mlp_hidden_l, mlp_l, resid_l; the optional ones where a circuit has them), the metric "y" last.
+  const KIND_RANK = { z: 0, attn: 1, resid_mid: 2, mlp_hidden: 3, mlp: 4, resid: 5 };
   function siteRank(site) {
     if (site === "y") return 1e9;
     if (site === "embed") return 0;
-    const m = /^(attn|mlp|resid)_(\d+)$/.exec(site);
-    if (m) return 1 + 3 * Number(m[2]) + { attn: 0, mlp: 1, resid: 2 }[m[1]];
+    const m = /^(z|attn|resid_mid|mlp_hidden|mlp|resid)_(\d+)$/.exec(site);
+    if (m) return 1 + 6 * Number(m[2]) + KIND_RANK[m[1]];
     return 1e8;  // an unknown site: below the metric, above every known one
   }
 
