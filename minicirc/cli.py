@@ -256,7 +256,8 @@ def build_parser():
                     "clean_answer, patch_answer")
     cp.add_argument("--neurons", default="output",
                     help="neuron bases compared with the features, comma-separated: output (the sublayer outputs' "
-                         "coordinates, the original's IdentityDict); mlp is reserved (not available yet)")
+                         "coordinates, the original's IdentityDict), mlp (the MLP's hidden neurons before the down projection, "
+                         "at every layer)")
     cp.add_argument("--out", default="minicirc-compare")
     cp.add_argument("--first-layer", type=int, default=None,
                     help="first layer of the paper protocol's evaluated sites (default: round(2/6 x layers), the "

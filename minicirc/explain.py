@@ -167,7 +167,8 @@ def _scan(model, saes, wanted, ids, k, batch_size):
         flat_all = torch.tensor([offsets[b0 + i] + p if p < len(r) else total for i, r in enumerate(rows)
                                  for p in range(T)], dtype=torch.long, device=device)
         cache = {}
-        model(tokens, cache=cache, stop_at=last)
+        # Optional sites (z_l, mlp_hidden_l, resid_mid_l) reach the cache only when named.
+        model(tokens, cache=cache, stop_at=last, extra=[s for s in sites if s not in model.sites])
         for s in sites:
             real = first[s][flat_all]
             flat = flat_all[real]

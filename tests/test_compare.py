@@ -202,13 +202,38 @@ def test_bad_input_is_one_line_naming_the_file(setup, capsys):
     err = error_line(capsys, args("o3", data=t / "d3"))
     assert str(t / "d3" / "simple_test.json") in err and "no pair left after the filter" in err
     assert "(7 pairs: 7 answer not one token)" in err
-    # A train file without its test file; a neuron basis not available yet.
+    # A train file without its test file; a neuron basis that does not exist.
     os.remove(t / "d3" / "simple_test.json")
     err = error_line(capsys, args("o4", data=t / "d3"))
     assert str(t / "d3" / "simple_test.json") in err and "missing" in err
-    err = error_line(capsys, args("o5") + ["--neurons", "output,mlp"])
-    assert "--neurons mlp" in err and "not available yet" in err
+    err = error_line(capsys, args("o5") + ["--neurons", "output,attn"])
+    assert "--neurons attn" in err and "not a neuron basis (output, mlp)" in err
     for out in ("o1", "o20", "o21", "o3", "o4", "o5"):
         assert not (t / out).exists()
     with pytest.raises(MinicircError, match="not a neuron basis"):
         compare.neuron_kinds(["attn"])
+
+
+def test_compare_with_mlp_neurons(setup):
+    """--neurons output,mlp: the MLP's hidden neurons (Identity dictionaries at every mlp_hidden_l) compared beside
+    the features and the output neurons, on the same prompts: their circuits found over those sites, full-model
+    faithfulness 1, the sweep at the paper's thresholds, and the report's answers against each basis."""
+    t = setup
+    assert run("compare", "--model", t / "model", "--saes", t / "saes", "--data", t / "data", "--out", t / "out",
+               "--threads", 1, "--neurons", "output,mlp") == 0
+    results = json.loads((t / "out" / "results.json").read_text())
+    meta = results["_meta"]
+    assert meta["kinds"] == ["features", "neurons", "mlp_neurons"]
+    report = (t / "out" / "report.md").read_text()
+    assert "against mlp_neurons" in report and "against neurons" in report
+    for template in meta["templates"]:
+        r = results[template]["mlp_neurons"]
+        saved = Circuit.load(t / "out" / template / "mlp_neurons")
+        assert sorted(saved.sites) == sorted(f"mlp_hidden_{l}" for l in range(N_LAYERS))
+        for protocol in compare.PROTOCOLS:
+            p = r["protocols"][protocol]
+            assert p["curve"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+            assert all(math.isfinite(pt["faithfulness"]) for pt in p["curve"] + p["thresholds"])
+            assert len(p["thresholds"]) == 15
+        # positions protocol: the MLP neurons of the evaluated layers only
+        assert all(int(s.rsplit("_", 1)[1]) >= meta["first_layer"] for s in r["protocols"]["positions"]["sites"])

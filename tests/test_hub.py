@@ -15,7 +15,6 @@ import sys
 import pytest
 
 import minicirc
-from minicirc.cli import main
 from minicirc.hub import split_id
 from minicirc.model import model_hash
 from minicirc.sae import saes_hash
@@ -102,8 +101,11 @@ def test_cli_takes_hub_ids_for_model_and_saes(hub_cache):
     out = run_offline(t, ["-m", "minicirc", "circuit", "--model", "org/tiny-model", "--saes", "org/tiny-saes/dicts",
                           "--out", "hub_out", *settings])
     assert out.returncode == 0, out.stderr
-    assert main(["circuit", "--model", str(t / "local" / "model"), "--saes", str(t / "local" / "saes" / "dicts"),
-                 "--out", str(t / "local_out"), *settings[:1], str(t / "data.jsonl"), *settings[2:]]) == 0
+    # The local paths in a process like the hub run's (one OpenMP thread, a fresh interpreter): bit-equal runs,
+    # whatever an earlier test in this process left behind.
+    local = run_offline(t, ["-m", "minicirc", "circuit", "--model", str(t / "local" / "model"),
+                            "--saes", str(t / "local" / "saes" / "dicts"), "--out", "local_out", *settings])
+    assert local.returncode == 0, local.stderr
     hub_run, local_run = (json.loads((t / d / "circuit.json").read_text()) for d in ("hub_out", "local_out"))
     assert hub_run["nodes"] and hub_run["nodes"] == local_run["nodes"] and hub_run["edges"] == local_run["edges"]
     bad = run_offline(t, ["-m", "minicirc", "circuit", "--model", "org/tiny-model", "--saes", "org/no-saes/dicts",

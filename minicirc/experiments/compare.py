@@ -222,20 +222,23 @@ def output_neurons(model, saes):
     return {s: d for s, d in identity_saes(model).items() if s in saes}
 
 
+def mlp_neurons(model, saes):
+    """The MLP's own neurons: its hidden activations before the down projection (d_mlp per layer), Identity
+    dictionaries at every mlp_hidden_l, whatever sites the feature dictionaries sit at."""
+    return identity_saes(model, "mlp")
+
+
 # Neuron bases set beside the dictionaries' features: --neurons name -> (kind: the report's name and the output
 # folder, the Identity dictionaries it takes for a model and its feature dictionaries).
-NEURON_BASES = {"output": ("neurons", output_neurons)}
-NOT_YET = {"mlp": "MLP neurons (the hidden activations before the down projection)"}
+NEURON_BASES = {"output": ("neurons", output_neurons), "mlp": ("mlp_neurons", mlp_neurons)}
 
 
 def neuron_kinds(names):
     """[(kind, builder)] for --neurons' names, in the order given; a one-line error for any other name."""
     out = []
     for name in names:
-        if name in NOT_YET:
-            raise MinicircError(f"--neurons {name}: {NOT_YET[name]} are not available yet")
         if name not in NEURON_BASES:
-            raise MinicircError(f"--neurons {name}: not a neuron basis ({', '.join(list(NEURON_BASES) + list(NOT_YET))})")
+            raise MinicircError(f"--neurons {name}: not a neuron basis ({', '.join(NEURON_BASES)})")
         out.append(NEURON_BASES[name])
     if not out:
         raise MinicircError("--neurons: name at least one neuron basis")
