@@ -314,12 +314,38 @@ def circuit_contexts(model, saes, tokenizer, circuit, texts, k=5, n_logits=5, ba
     out = {}
     for site, feats in wanted.items():
         for f in feats:
-            out[f"{site}/{f}"] = {
+            entry = {
                 "contexts": [{"tokens": list(sample[sent][1]), "index": pos, "value": v}
                              for sent, pos, v in rows[site][f]],
                 "logits": logit_effects(model, saes[site], f, n=n_logits, tokenizer=tokenizer, site=site),
             }
+            label = context_label(entry)
+            out[f"{site}/{f}"] = entry | ({"label": label} if label else {})
     return out
+
+
+def _shown_token(token, width=12):
+    """A token as a label shows it: surrounding spaces dropped (" the" and "the" read the same), whitespace
+    that is all there is or any control character made visible (↵ for a newline), cut to `width`."""
+    visible = {"\n": "↵", "\r": "↵", "\t": "⇥"}
+    t = token.strip() or token.replace(" ", "␣")
+    t = "".join(visible.get(c) or ("�" if c < " " or c == "\x7f" else c) for c in t)
+    return t if len(t) <= width else t[:width - 1] + "…"
+
+
+def context_label(entry):
+    """A short label a reader can scan beside a feature's index: '"the" 80%', the token the feature fires on
+    most among its top contexts (those with a positive value) and the share of them at that token, rounded
+    half up; equally frequent tokens rank by their highest context. With no positive context, '→"are"': the
+    token its decoder direction promotes most (logit_effects). None with neither (an entry of contexts.json,
+    as circuit_contexts writes it)."""
+    fired = [c for c in entry.get("contexts") or [] if c["value"] > 0]
+    if fired:
+        counts = Counter(_shown_token(c["tokens"][c["index"]]) for c in fired)   # first seen first among ties
+        token, n = counts.most_common(1)[0]
+        return f'"{token}" {(200 * n + len(fired)) // (2 * len(fired))}%'
+    promoted = (entry.get("logits") or {}).get("promoted")
+    return f'→"{_shown_token(promoted[0][0])}"' if promoted else None
 
 
 def marked_text(tokens, index, start=0, end=None):

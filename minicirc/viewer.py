@@ -4,15 +4,17 @@
     write_html(circuit_dict, "out/circuit.html", contexts=None)
 
 `circuit_dict` is the parsed circuit.json (docs/method.md §11); an optional "sites" list gives every site
-a row even where no node was kept, and a node's optional "label" is shown in its panel. `contexts`
+a row even where no node was kept, and a node's optional "label" is shown under it and in its panel. `contexts`
 optionally maps a node id to what explains that node:
 
-    {"resid_1/37": {"label": "plural nouns",                       # optional
+    {"resid_1/37": {"label": '"cats" 60%',                        # optional: explain.context_label's
                     "contexts": [{"tokens": ["The", " cats"], "index": 1, "value": 3.2}, ...],
                     "logits": {"promoted": [[" are", 0.8], ...], "suppressed": [[" is", -0.7], ...]}}}
 
 A node id with a position ("resid_1/37@5", aggregation "none") falls back to the entry of its feature
-("resid_1/37"), since top contexts belong to the feature, not to one position.
+("resid_1/37"), since top contexts belong to the feature, not to one position. A feature node's label (its
+own, else its entry's) is drawn under its index, cut to the node spacing (the whole of it in the panel and
+the tooltip); an entry without one (a contexts.json older than the labels) leaves the plain index.
 
 The page is plain SVG + JS with the data embedded as JSON: no network access, no libraries, so it opens
 from a file:// URL on a machine with no internet. Layers run bottom (embed) to top (the metric node "y");

@@ -2,7 +2,9 @@
 
 Layout: one row per site, bottom to top in the order the model computes them (embed at the bottom, the
 metric node y on top); colour = sign of the effect (blue positive, red negative), line width and colour
-intensity = |effect|; error nodes are squares, features circles.
+intensity = |effect|; error nodes are squares, features circles. With contexts (explain.circuit_contexts),
+a feature's index carries its short label ('37 "the" 80%', explain.context_label), so a reader can scan the
+picture and still look the feature up.
 """
 import json
 import math
@@ -31,10 +33,34 @@ def _colour(effect, scale):
     return (1 - 0.8 * a, 1 - 0.8 * a, 1.0) if effect >= 0 else (1.0, 1 - 0.8 * a, 1 - 0.8 * a)
 
 
-def to_dot(data):
-    """Graphviz DOT for the circuit (render with `dot -Tsvg circuit.dot`)."""
+def _labels(data, contexts):
+    """{feature node id: its short label}: the node's own "label" or its contexts entry's, a positional id
+    ("site/f@pos") falling back to its feature's entry, as in circuit.html. Error nodes keep their plain id."""
+    contexts = contexts or {}
+    out = {}
+    for n in data["nodes"]:
+        if n["feature"] == "err":
+            continue
+        entry = contexts.get(n["id"]) or contexts.get(str(n["id"]).split("@")[0]) or {}
+        label = n.get("label") or entry.get("label")
+        if label:
+            out[n["id"]] = str(label)
+    return out
+
+
+def _dot_text(s):
+    """s inside a DOT double-quoted label: backslashes and quotes escaped, line breaks made spaces (a token
+    cannot end the string or become one of DOT's \\n, \\l, \\N escapes), '&' written &amp; (Graphviz
+    decodes entities such as &lt; in labels)."""
+    s = s.replace("&", "&amp;").replace("\\", "\\\\").replace('"', '\\"')
+    return " ".join(s.splitlines())
+
+
+def to_dot(data, contexts=None):
+    """Graphviz DOT for the circuit (render with `dot -Tsvg circuit.dot`); contexts: as for save_circuit."""
     scale = max([abs(n["effect"]) for n in data["nodes"]] + [1e-12])
     escale = max([abs(e["effect"]) for e in data["edges"]] + [1e-12])
+    labels = _labels(data, contexts)
     lines = ["digraph circuit {", "  rankdir=BT;", '  node [style=filled, fontname="Helvetica", fontsize=10];']
     for site, nodes in _rows(data).items():
         if not nodes:
@@ -44,6 +70,7 @@ def to_dot(data):
             r, g, b = _colour(n["effect"], scale)
             shape = "box" if n["feature"] == "err" else "ellipse"
             label = f'{n["feature"]}' + (f'@{n["pos"]}' if "pos" in n else "")
+            label += f" {_dot_text(labels[n['id']])}" if n["id"] in labels else ""
             lines.append(f'    "{n["id"]}" [label="{label}\\n{n["effect"]:.3g}", shape={shape}, '
                          f'fillcolor="#{int(r*255):02x}{int(g*255):02x}{int(b*255):02x}"];')
         lines.append("  }")
@@ -56,12 +83,15 @@ def to_dot(data):
     return "\n".join(lines) + "\n"
 
 
-def draw_circuit(data, path, title=None):
-    """circuit.png: rows = sites bottom to top, nodes spread left to right (by position, then effect)."""
+def draw_circuit(data, path, title=None, contexts=None):
+    """circuit.png: rows = sites bottom to top, nodes spread left to right (by position, then effect); a
+    node's short label (contexts: as for save_circuit) on a second line under its index."""
     rows = {s: ns for s, ns in _rows(data).items()}
     order = list(rows)
     widest = max([len(ns) for ns in rows.values()] + [1])
-    fig_w = min(40, max(8, 0.45 * widest + 3))
+    labels = _labels(data, contexts)
+    # About an inch a node with short labels under them (12 characters at 7 pt), half an inch without.
+    fig_w = min(40, max(8, (1.0 if labels else 0.45) * widest + 3))
     fig_h = min(30, max(5, 0.7 * (len(order) + 1) + 1.5))
     fig, ax = plt.subplots(figsize=(fig_w, fig_h))
     pos = {}
@@ -95,7 +125,9 @@ def draw_circuit(data, path, title=None):
         if not small or abs(n["effect"]) > 0.3 * scale:
             x, y = pos[n["id"]]
             label = ("ε" if n["feature"] == "err" else str(n["feature"])) + (f"@{n['pos']}" if "pos" in n else "")
-            ax.text(x, y - 0.28, label, ha="center", va="top", fontsize=7, zorder=3)
+            label += f"\n{labels[n['id']]}" if n["id"] in labels else ""
+            # parse_math=False: a token such as "$x$" is text, not mathtext.
+            ax.text(x, y - 0.28, label, ha="center", va="top", fontsize=7, zorder=3, parse_math=False)
     ax.scatter([0.5], [len(order)], s=400, marker="*", c="gold", edgecolors="black", zorder=2)
     ax.text(0.5, len(order) + 0.3, "y (metric)", ha="center", fontsize=9)
     ax.set_yticks(range(len(order) + 1), order + ["y"])
@@ -117,13 +149,15 @@ def save_circuit(circuit, out_dir, contexts=None, picture=True):
     """Every file of a found circuit, all or none: circuit.json and effects.safetensors (Circuit.save),
     circuit.dot, circuit.png (unless picture=False), circuit.html, and contexts.json when contexts are given
     (kept so that `minicirc view` can redraw circuit.html with them; an earlier run's is removed otherwise).
+    contexts: {node id: {"label", "contexts", "logits"}} (explain.circuit_contexts); each entry's short
+    "label" follows the node's index in all three pictures, its contexts fill circuit.html's panel.
     Returns the circuit.json data."""
     with staged_files(out_dir) as stage:
         data = circuit.write(stage)
         with open(stage("circuit.dot"), "wb") as f:
-            f.write(to_dot(data).encode())
+            f.write(to_dot(data, contexts).encode())
         if picture:
-            draw_circuit(data, stage("circuit.png"))
+            draw_circuit(data, stage("circuit.png"), contexts=contexts)
         write_html(data, stage("circuit.html"), contexts)
         if contexts:
             with open(stage("contexts.json"), "wb") as f:

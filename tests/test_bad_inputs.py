@@ -362,7 +362,7 @@ def test_earlier_run_is_never_overwritten_silently(t, capsys):
 def test_failure_while_saving_leaves_no_files(t, capsys, monkeypatch):
     from minicirc import viz
 
-    def disk_full(data, path, title=None):
+    def disk_full(data, path, title=None, contexts=None):
         with open(path, "wb") as f:
             f.write(b"\x89PNG partial")
         raise OSError(28, "No space left on device")

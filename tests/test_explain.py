@@ -2,16 +2,21 @@
 without a new pass, circuit_contexts covers every feature node in one pass per batch, and `minicirc explain`
 prints them."""
 
+import json
+import re
+
 import pytest
 import torch
 
 import minicirc
-from minicirc import explain, explain_cache
+from minicirc import explain, explain_cache, viz
 from minicirc.cli import main
 from minicirc.model import Config, GPTNeoX
 from minicirc.sae import Dictionary
 
 from test_cli import ROWS, write_data, write_tokenizer, write_tree
+from test_viewer import embedded_data
+from test_viz import dot_label
 from conftest import write_hf_model
 
 
@@ -154,12 +159,21 @@ def test_circuit_contexts_cover_every_feature_node(files, monkeypatch):
     for nid, entry in ctx.items():
         site, f = nid.split("/")
         assert entry["contexts"] == explain.top_contexts(model, saes[site], site, sample, int(f), k=3)
+        assert entry.get("label") == explain.context_label(entry) and entry["label"]   # stored beside them
         assert len(entry["logits"]["promoted"]) == 5 and len(entry["logits"]["suppressed"]) == 5
         for c in entry["contexts"]:
             assert "".join(c["tokens"]) in texts
     from minicirc.viewer import write_html
     html = write_html(circuit, t / "c.html", ctx).read_text()
     assert next(iter(ctx)) in html
+    # The same short label in circuit.html's data and after the index in circuit.dot, on every feature node
+    # (positional ids through their feature's entry); the error nodes keep their plain id.
+    assert json.loads(embedded_data(html))["contexts"] == ctx
+    dot = {re.match(r'\s*"(.+?)" \[label=', ln).group(1): dot_label(ln)[0]
+           for ln in viz.to_dot(circuit, ctx).splitlines() if "[label=" in ln}
+    for n in circuit["nodes"]:
+        index = f"{n['feature']}@{n['pos']}"
+        assert dot[n["id"]] == (index if n["feature"] == "err" else f"{index} {ctx[n['id'].split('@')[0]]['label']}")
 
 
 def test_cli_explain(files, capsys):
@@ -435,3 +449,43 @@ def test_sha256_of_is_hashlib_over_float32_bytes():
     assert sha256_of(["W", a.to(torch.bfloat16), "é", b.double()]) == h.hexdigest()
     assert sha256_of(["W", a.T.contiguous().T, "é", b]) == h.hexdigest()
     assert sha256_of(["é", a, "W", b]) != h.hexdigest()
+
+
+def _ctx(token, value, before=("x",)):
+    return {"tokens": list(before) + [token], "index": len(before), "value": value}
+
+
+LOGITS = {"promoted": [[" are", 0.8], [" were", 0.5]], "suppressed": [[" is", -0.7]]}
+
+
+@pytest.mark.parametrize("contexts,logits,want", [
+    # The most frequent activating token and its share of the top contexts, rounded half up.
+    ([_ctx(" the", 3.0), _ctx(" a", 2.5), _ctx(" the", 2.0), _ctx("the", 1.5), _ctx(" cat", 1.0)], LOGITS, '"the" 60%'),
+    ([_ctx(" a", 3), _ctx(" the", 2), _ctx(" the", 1), _ctx(" b", 1), _ctx(" c", 1), _ctx(" d", 1), _ctx(" e", 1),
+      _ctx(" f", 1)], LOGITS, '"the" 25%'),
+    ([_ctx(" a", 3), _ctx(" b", 2), _ctx(" c", 1), _ctx(" d", 1), _ctx(" e", 1), _ctx(" f", 1), _ctx(" g", 1),
+      _ctx(" a", 1)], None, '"a" 25%'),
+    ([_ctx("x", 1), _ctx("y", 1), _ctx("z", 1)], None, '"x" 33%'),
+    ([_ctx("x", 1), _ctx("y", 1), _ctx("y", 1)], None, '"y" 67%'),
+    # Ties: the token of the highest context first, whatever the order of the tokens' names.
+    ([_ctx(" zebra", 5.0), _ctx(" apple", 4.0), _ctx(" apple", 3.0), _ctx(" zebra", 2.0)], None, '"zebra" 50%'),
+    ([_ctx(" apple", 5.0), _ctx(" zebra", 4.0), _ctx(" zebra", 3.0), _ctx(" apple", 2.0)], None, '"apple" 50%'),
+    # Only contexts where the feature fires count; whitespace and control characters stay visible, long cut.
+    ([_ctx("\n", 2.0), _ctx(" ", 1.0), _ctx("\n", 0.5), _ctx(" cat", 0.0), _ctx(" cat", -1.0)], LOGITS, '"↵" 67%'),
+    ([_ctx(" ", 2.0), _ctx(" \n", 1.0), _ctx("  ", 0.5)], None, '"␣" 33%'),
+    ([_ctx(" internationalization", 1.0)], None, '"internation…" 100%'),
+    ([_ctx("a\tb\x00", 1.0)], None, '"a⇥b�" 100%'),
+    # No context where it fires: the token its decoder direction promotes most.
+    ([_ctx(" the", 0.0), _ctx(" the", 0.0)], LOGITS, '→"are"'),
+    ([], LOGITS, '→"are"'),
+    (None, {"promoted": [["\n\n", 1.0]]}, '→"↵↵"'),
+    # Neither: no label, the node keeps its plain index.
+    ([], None, None),
+    ([_ctx(" the", -2.0)], {"promoted": [], "suppressed": []}, None),
+], ids=["frequent", "share-8", "first-of-8", "third", "two-thirds", "tie-first", "tie-second", "fired-only",
+        "whitespace", "long", "control", "dead", "no-contexts", "no-contexts-key", "nothing", "empty-logits"])
+def test_context_label(contexts, logits, want):
+    """context_label on hand-made entries: the token the feature fires on most among its top contexts and that
+    token's share of them, ties to the highest context, the top promoted token without contexts, else None."""
+    entry = {k: v for k, v in (("contexts", contexts), ("logits", logits)) if v is not None}
+    assert explain.context_label(entry) == want

@@ -22,6 +22,8 @@ from browser import Browser, find_chromium  # noqa: E402
 
 # A token that would break out of the embedded JSON or inject markup if escaping were wrong.
 EVIL = "</script><script>window.__pwned=1</script><b>&amp;"
+# A short label as explain.context_label would make it from a hostile token.
+HOSTILE_LABEL = '"</script><b>" 40%'
 
 
 def _seed() -> int:
@@ -309,8 +311,19 @@ def check_slider(browser: Browser, circuit: dict):
     assert len(browser.evaluate(VISIBLE_EDGES)) == len(circuit["edges"])
 
 
-def check_layout(browser: Browser, circuit: dict):
-    """Layers run bottom to top, positions left to right, and no two nodes overlap."""
+def short_label(node: dict, contexts: dict) -> str | None:
+    """The label a feature node shows under its index: its own, else its contexts entry's (a positional id
+    falling back to its feature's); none for the error node."""
+    if node["feature"] == "err" or node["id"] == "y":
+        return None
+    entry = contexts.get(node["id"]) or contexts.get(node["id"].split("@")[0]) or {}
+    label = node.get("label") or entry.get("label")
+    return str(label).replace("\n", "↵") if label else None
+
+
+def check_layout(browser: Browser, circuit: dict, contexts: dict | None = None):
+    """Layers run bottom to top, positions left to right, and no two nodes overlap; under a node its index,
+    then its short label (whole, or cut with an ellipsis), no two texts overlapping."""
     centers = browser.evaluate(CENTERS)
     site = {n["id"]: n["site"] for n in circuit["nodes"]} | {"y": "y"}
     by_rank: dict[int, list[float]] = {}
@@ -342,18 +355,29 @@ def check_layout(browser: Browser, circuit: dict):
         want = [n["id"] for n in sorted(members, key=lambda n: (n["feature"] == "err",
                                                                   -1 if n["feature"] == "err" else n["feature"]))]
         assert drawn == want, f"cell {key}: nodes out of order"
-    # Labels under nodes name the feature ("err" for the error), and never overlap one another.
-    labels = browser.evaluate("[...document.querySelectorAll('.node:not(.metric)')].flatMap(g => "
-                              "[...g.querySelectorAll(':scope > text')].map(t => { const r = t.getBoundingClientRect();"
-                              " return [g.dataset.id, t.textContent, r.x, r.y, r.width, r.height]; }))")
-    feature = {n["id"]: n["feature"] for n in circuit["nodes"]}
+    # Labels under nodes name the feature ("err" for the error), then give its short label, and never
+    # overlap one another.
+    texts = browser.evaluate("[...document.querySelectorAll('.node:not(.metric)')].flatMap(g => "
+                             "[...g.querySelectorAll(':scope > text')].map(t => { const r = t.getBoundingClientRect();"
+                             " return [g.dataset.id, t.textContent, t.getAttribute('class'), r.x, r.y, r.width, r.height]; }))")
+    node = {}
+    for n in circuit["nodes"]:
+        node.setdefault(n["id"], n)                 # a repeated id: the page keeps the first
+    labels = [t[:2] + t[3:] for t in texts if t[2] is None]
+    short = {t[0]: t[1] for t in texts if t[2] == "flabel"}
+    assert len(short) == sum(t[2] == "flabel" for t in texts) and {t[2] for t in texts} <= {None, "flabel"}
     for i, text, *_ in labels:
-        assert text == str(feature[i]), (i, text)
+        assert text == str(node[i]["feature"]), (i, text)
+    want = {i: short_label(node[i], contexts or {}) for i, *_ in labels}
+    assert set(short) == {i for i, w in want.items() if w}, "a labelled node without its short label, or the reverse"
+    for i, text in short.items():
+        assert text == want[i] or (text.endswith("…") and len(text) > 1 and want[i].startswith(text[:-1])), (i, text)
+    labels += [t[:2] + t[3:] for t in texts if t[2] == "flabel"]
     for j, (_, _, x1, y1, w1, h1) in enumerate(labels):
         for _, _, x2, y2, w2, h2 in labels[j + 1:]:
             assert x1 + w1 <= x2 + 0.5 or x2 + w2 <= x1 + 0.5 or y1 + h1 <= y2 + 0.5 or y2 + h2 <= y1 + 0.5, \
                 "labels overlap"
-    return labels
+    return labels, short
 
 
 @pytest.mark.parametrize("aggregation,with_y_node", [("sum", True), ("none", True), ("sum", False)])
@@ -367,6 +391,11 @@ def test_page_in_browser(browser, tmp_path, aggregation, with_y_node):
         exact = [n["id"] for n in circuit["nodes"] if n["id"].split("@")[0] in contexts][-1]   # not node_id below
         contexts[exact] = {"label": f"only at {exact}", "contexts": [{"tokens": [" at", EVIL], "index": 1, "value": 2.5}],
                            "logits": {"promoted": [[" here", 0.25]], "suppressed": []}}
+    # A hostile short label on an entry whose panel is not checked below (neither the first node's nor `exact`).
+    entry_of = [n["id"].split("@")[0] for n in circuit["nodes"] if n["id"].split("@")[0] in contexts]
+    hostile = next(n["id"] for n in circuit["nodes"] if n["id"].split("@")[0] in contexts
+                   and n["id"].split("@")[0] != entry_of[0] and ("@" not in n["id"] or n["id"] not in contexts))
+    contexts[hostile.split("@")[0]]["label"] = HOSTILE_LABEL
     path = write_html(circuit, tmp_path / "circuit.html", contexts)
     load(browser, path)
     # As loaded: no threshold, everything shown.
@@ -388,9 +417,14 @@ def test_page_in_browser(browser, tmp_path, aggregation, with_y_node):
     rows = browser.evaluate("[...document.querySelectorAll('.row-label')].map(t => t.textContent)")
     want_rows = {n["site"] for n in circuit["nodes"]} | set(circuit.get("sites", [])) | {"y"}
     assert sorted(rows) == sorted(s if s != "y" else "metric" for s in want_rows)
-    labels = check_layout(browser, circuit)
-    if aggregation == "sum":    # few nodes per row: every one is labelled
+    labels, short = check_layout(browser, circuit, contexts)
+    if aggregation == "sum":    # few nodes per row: every one is labelled, and short labels fit whole
         assert {i for i, *_ in labels} == {n["id"] for n in circuit["nodes"] if n["id"] != "y"}
+        assert short and all(text == short_label(next(n for n in circuit["nodes"] if n["id"] == i), contexts)
+                             for i, text in short.items() if i != hostile)
+    # The hostile label is text under its node (whole or cut), never markup.
+    assert hostile not in short or HOSTILE_LABEL.startswith(short[hostile].rstrip("…"))
+    assert browser.evaluate("document.querySelectorAll('#svg b, #svg script, text.flabel *').length") == 0
     check_slider(browser, circuit)
 
     # Clicking a feature with contexts pins it in the panel: site, feature, effect, the activating token
@@ -583,6 +617,12 @@ def test_hand_built_circuit_ids_sites_ties_and_unknown_edges(browser, tmp_path):
     assert panel["rows"]["effect"] == js_fmt(nodes[2]["effect"]) and panel["label"] == "named in circuit.json"
     node_event(browser, f"mystery/{f3}", "click")
     assert browser.evaluate(PANEL)["label"] == "named in contexts"
+    # Under the node the same label as in the panel (cut to the spacing); none under the error node.
+    short = dict(browser.evaluate("[...document.querySelectorAll('.node')].flatMap(g => "
+                                  "[...g.querySelectorAll('text.flabel')].map(t => [g.dataset.id, t.textContent]))"))
+    assert set(short) == {f"resid_0/{f2}", f"mystery/{f3}"}
+    for i, want in ((f"resid_0/{f2}", "named in circuit.json"), (f"mystery/{f3}", "named in contexts")):
+        assert short[i] == want or (short[i].endswith("…") and want.startswith(short[i][:-1])), (i, short[i])
     node_event(browser, f"embed/{f3}", "click")
     assert browser.evaluate(PANEL)["rows"]["effect"] == js_fmt(0.0)
     assert not browser.errors, browser.errors
@@ -590,17 +630,22 @@ def test_hand_built_circuit_ids_sites_ties_and_unknown_edges(browser, tmp_path):
 
 @pytest.mark.parametrize("aggregation", ["sum", "none"])
 def test_500_nodes_stay_usable(browser, tmp_path, aggregation):
-    """A crowded circuit: every node drawn, none overlapping, no errors, and the slider still exact."""
+    """A crowded circuit: every node drawn, none overlapping, short labels cut to fit, no errors, and the
+    slider still exact."""
     rng = random.Random(_seed())
     circuit = random_circuit(rng, n_nodes=500, n_edges=1500, n_layers=3, aggregation=aggregation, n_pos=12)
     hub = rng.choice([n for n in circuit["nodes"] if n["site"] == "embed"])["id"]   # a node with 12+ outputs
     linked = {e["target"] for e in circuit["edges"] if e["source"] == hub}
     for target in rng.sample([n["id"] for n in circuit["nodes"] if n["site"] != "embed" and n["id"] not in linked], 12):
         circuit["edges"].append({"source": hub, "target": target, "effect": rng.choice((-1, 1)) * 10 ** rng.uniform(-4, 0)})
-    path = write_html(circuit, tmp_path / "big.html")
+    # Short labels on most features, some far wider than the spacing: each is cut to fit.
+    words = ['"the" 80%', '→"are"', HOSTILE_LABEL, '"internationalization" 100%', "plural nouns after a verb"]
+    contexts = {n["id"].split("@")[0]: {"label": rng.choice(words)} for n in circuit["nodes"]
+                if n["feature"] != "err" and rng.random() < 0.8}
+    path = write_html(circuit, tmp_path / "big.html", contexts)
     load(browser, path)
     assert browser.evaluate("document.querySelectorAll('.node').length") == len(all_ids(circuit))
-    check_layout(browser, circuit)
+    check_layout(browser, circuit, contexts)
     check_slider(browser, circuit)
     # The panel lists only the 8 strongest of a busy node's edges (each direction).
     busiest = max(all_ids(circuit), key=lambda i: max(sum(e[end] == i for e in circuit["edges"])

@@ -1,6 +1,8 @@
 """circuit.dot (minicirc.viz.to_dot) read back with a small parser: every node in its site's cluster with the
 documented shape and colour (blue positive, red negative, intensity |effect| / max |effect|), every edge from
 source to target with its sign's colour and a width growing with |effect|, bottom-to-top layout."""
+import html
+import io
 import math
 import random
 import re
@@ -10,7 +12,7 @@ import torch
 
 from minicirc.experiments import demo_report
 
-from minicirc import viz
+from minicirc import explain, viz
 
 
 def random_circuit(rng):
@@ -81,6 +83,91 @@ def test_dot_holds_every_node_and_edge_as_documented():
     for (s, t, width, colour), e in zip(edges, data["edges"]):
         assert colour == ("#1f4fd8" if e["effect"] >= 0 else "#d81f1f")
         assert width == pytest.approx(0.5 + 4 * abs(e["effect"]) / etop, abs=0.006)
+
+
+HOSTILE = ['a"b', "back\\slash\\n", "two\nlines", "</script><b>", "&lt;", '\\"', "$x^2$", "{x|y}<z>"]
+
+
+def labelled(rng, data):
+    """Contexts for most feature nodes (keyed by feature, as circuit_contexts writes them), their short labels
+    made by explain.context_label from hostile tokens; one node with its own multi-line label."""
+    contexts = {}
+    for n in data["nodes"]:
+        key = n["id"].split("@")[0]
+        if n["feature"] != "err" and key not in contexts and rng.random() < 0.8:
+            tok = rng.choice(HOSTILE)
+            entry = {"contexts": [{"tokens": ["x", tok], "index": 1, "value": 2.0}], "logits": {}}
+            contexts[key] = entry | {"label": explain.context_label(entry)}
+    contexts["embed/err"] = {"label": "never under an error node"}
+    own = next(n for n in data["nodes"] if n["feature"] != "err")
+    own["label"] = 'own\nlabel "q"'
+    return contexts
+
+
+def expected_short(n, contexts):
+    if n["feature"] == "err":
+        return None
+    return n.get("label") or (contexts.get(n["id"]) or contexts.get(n["id"].split("@")[0]) or {}).get("label")
+
+
+def dot_label(line):
+    """The label string of a DOT node line, read as Graphviz reads it: the quoted string up to its first
+    unescaped quote, split at the \\n line breaks, \\\\ and \\" unescaped, entities decoded."""
+    i = line.index('label="') + len('label="')
+    parts, cur = [], ""
+    while line[i] != '"':
+        if line[i] == "\\":
+            nxt = line[i + 1]
+            assert nxt in '\\"n', f"escape \\{nxt} in {line!r}"
+            if nxt == "n":
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += nxt
+            i += 2
+        else:
+            cur += line[i]
+            i += 1
+    assert re.match(r'", shape=\w+, fillcolor="#\w{6}"\];$', line[i:]), line[i:]
+    return [html.unescape(p) for p in parts + [cur]]
+
+
+def test_dot_and_png_show_short_labels_escaped(kept_figures):
+    """With contexts, every feature node reads '<index> <short label>' in circuit.dot and '<index>\\n<label>'
+    in circuit.png; error nodes and features without one keep the plain index; hostile tokens (quotes,
+    backslashes, newlines, markup, entities, mathtext) come back as written, one node a line."""
+    rng = random.Random(int(torch.randint(0, 10**6, ()).item()))
+    data = random_circuit(rng)
+    contexts = labelled(rng, data)
+    text = viz.to_dot(data, contexts)
+    clusters, nodes, edges = parse_dot(text)
+    assert set(nodes) == {n["id"] for n in data["nodes"]} and len(edges) == len(data["edges"])
+    lines = {re.match(r'\s*"(.+?)" \[label=', ln).group(1): ln for ln in text.splitlines() if "[label=" in ln}
+    shown = 0
+    for n in data["nodes"]:
+        index = str(n["feature"]) + (f"@{n['pos']}" if "pos" in n else "")
+        short = expected_short(n, contexts)
+        first, effect = dot_label(lines[n["id"]])
+        assert first == (f"{index} {' '.join(short.splitlines())}" if short else index), (n["id"], first)
+        assert float(effect) == pytest.approx(n["effect"], rel=1e-2)
+        shown += bool(short)
+    assert shown
+    # Contexts without labels (a contexts.json written before them): the plain index, but for a node's own.
+    older = {k: {f: v for f, v in e.items() if f != "label"} for k, e in contexts.items()}
+    for ln in viz.to_dot(data, older).splitlines():
+        m = re.match(r'\s*"(.+?)" \[label=', ln)
+        if m:
+            n = next(n for n in data["nodes"] if n["id"] == m.group(1))
+            index = str(n["feature"]) + (f"@{n['pos']}" if "pos" in n else "")
+            assert dot_label(ln)[0] == (index + " own label \"q\"" if "label" in n else index)
+
+    viz.draw_circuit(data, io.BytesIO(), contexts=contexts)
+    (fig,) = kept_figures
+    texts = sorted(t.get_text() for t in fig.axes[0].texts if t.get_text() != "y (metric)")
+    want = sorted(("ε" if n["feature"] == "err" else str(n["feature"])) + (f"@{n['pos']}" if "pos" in n else "")
+                  + (f"\n{expected_short(n, contexts)}" if expected_short(n, contexts) else "") for n in data["nodes"])
+    assert texts == want
+    assert all(not t.get_parse_math() for t in fig.axes[0].texts if "\n" in t.get_text())
 
 
 @pytest.fixture

@@ -34,6 +34,11 @@
     return 1e8;  // an unknown site: below the metric, above every known one
   }
 
+  const showTok = (s) => String(s).replace(/\n/g, "↵");
+  function contextEntry(n) {
+    return contexts[n.id] || contexts[n.id.split("@")[0]] || null;
+  }
+
   const nodes = [];
   const byId = new Map();
   for (const raw of DATA.nodes) {
@@ -67,9 +72,18 @@
     edges.push({ s, t, effect: typeof raw.effect === "number" ? raw.effect : null, raw });
   }
 
+  // A feature's short label: its own, else its contexts entry's (explain.context_label's '"the" 80%').
+  for (const n of nodes) {
+    const info = contextEntry(n);
+    const label = n.isMetric || n.isError ? null : n.raw.label || (info && info.label);
+    n.label = label ? String(label) : null;
+  }
+  const labelled = nodes.some((n) => n.label);
+
   // ---- layout ------------------------------------------------------------------------------------
   const keepsPositions = nodes.some((n) => n.pos !== null);
-  const LEFT = 80, RIGHT = 20, TOP = 28, BOTTOM = 36, MIN_SP = 18, MAX_SP = 64;
+  // Few nodes in a cell spread at most MAX_SP apart: wider with short labels, so that they fit whole.
+  const LEFT = 80, RIGHT = 20, TOP = 28, BOTTOM = 36, MIN_SP = 18, MAX_SP = labelled ? 96 : 64;
 
   const rowsBySite = new Map();
   for (const n of nodes) {
@@ -132,8 +146,9 @@
   for (const row of rows) for (const cell of cellsOf(row)) tightest = Math.min(tightest, cellGeometry(cell).sp);
   const R = Math.max(3, Math.min(11, tightest * 0.36));
   // Feature numbers under the nodes only where they fit (about 4 digits at 9px); hover tells the rest.
+  // A feature's short label goes on a second line, so lines of a wrapped row sit further apart with labels.
   const LABEL_SP = 30;
-  const LINE_H = Math.max(2 * R + 14, 16);
+  const LINE_H = Math.max(2 * R + (labelled ? 24 : 14), 16);
   const ROW_GAP = 34;
 
   let y = TOP;
@@ -149,6 +164,7 @@
         const inLine = Math.min(perLine, cell.nodes.length - line * perLine);
         n.x = cell.x0 + cell.width / 2 + (col - (inLine - 1) / 2) * sp;
         n.labelled = sp >= LABEL_SP;
+        n.labelWidth = sp - 4;
         // Wrapped lines stack downwards inside the row.
         n.y = row.y0 + R + 2 + line * LINE_H;
       });
@@ -162,6 +178,14 @@
   svg.setAttribute("width", W);
   svg.setAttribute("height", H);
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  // Text cut (with an ellipsis) until it is at most `width` pixels wide, so neighbouring labels never meet.
+  function fitText(t, text, width) {
+    const chars = Array.from(text);   // whole characters, never half a surrogate pair
+    t.textContent = text;
+    for (let n = chars.length - 1; n > 0 && t.getComputedTextLength() > width; n--) {
+      t.textContent = chars.slice(0, n).join("") + "…";
+    }
+  }
   function el(tag, attrs, parent) {
     const e = document.createElementNS(SVGNS, tag);
     for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
@@ -221,7 +245,8 @@
       el("circle", { class: "shape", r: R, fill }, g);
     }
     if (n.labelled && !n.isMetric) el("text", { y: R + 10 }, g).textContent = n.isError ? "err" : String(n.feature);
-    el("title", {}, g).textContent = `${n.id}  effect ${fmt(n.effect)}`;
+    if (n.labelled && n.label) fitText(el("text", { class: "flabel", y: R + 20 }, g), showTok(n.label), n.labelWidth);
+    el("title", {}, g).textContent = `${n.id}${n.label ? "  " + showTok(n.label) : ""}  effect ${fmt(n.effect)}`;
     n.el = g;
   }
 
@@ -276,11 +301,6 @@
     if (text !== undefined) e.textContent = text;
     if (cls) e.className = cls;
     return e;
-  }
-  const showTok = (s) => String(s).replace(/\n/g, "↵");
-
-  function contextEntry(n) {
-    return contexts[n.id] || contexts[n.id.split("@")[0]] || null;
   }
 
   function renderPanel(n) {
