@@ -6,14 +6,17 @@ ablated unless kept, and decode(f) + err is written back. Ablation values are me
 (clean inputs when there is no patch): per position when all examples share one length (as the original,
 whose templates do), otherwise over examples and real positions. Zero ablation uses 0 for features and
 errors; resample ablation gives each example the patch-input values of another example, drawn by a seeded
-permutation of the dataset (the original's x[randperm]), position by position.
+permutation of the dataset (the original's x[randperm]), position by position. A transcoder at mlp_l encodes
+the MLP's input u of the same (edited) run and writes decode(f') + skip(u) + err': its skip term follows u,
+as it is no node.
 """
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import attribution, ops
-from .sae.sparse import decode_rows, encode_rows
+from .attribution.common import inputs_from, recording_inputs, with_sources
+from .sae.sparse import split_rows
 from .errors import MinicircError
 from .model.sites import sites_from_layer
 from .rows import row_ids, rows_from_entries, rows_matmul, rows_to_dense
@@ -48,16 +51,10 @@ def resample_values(model, saes, batch, donors, sites):
     cache = {}
     with torch.no_grad():
         # extra=: the cache holds optional sites (z_l, resid_mid_l) only when asked for.
-        model(tokens, cache=cache, stop_at=max(sites, key=model.all_sites.index), extra=sites)
-        return {s: site_rows(saes[s], cache[s]) for s in sites}
-
-
-def site_rows(sae, x):
-    """(features of x (B, T, d) as rows over its B * T tokens, error (B, T, d)): the sparse encode and decode,
-    so no (tokens x n_features) tensor."""
-    B, T, d = x.shape
-    rows = encode_rows(sae, x.reshape(B * T, d))
-    return rows, x - decode_rows(sae, rows, B * T).view(B, T, d)
+        model(tokens, cache=cache, stop_at=max(sites, key=model.all_sites.index),
+              extra=with_sources(model, saes, sites))
+        u = inputs_from(model, saes, sites, cache)
+        return {s: split_rows(saes[s], cache[s], u.get(s)) for s in sites}
 
 
 def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=64):
@@ -75,12 +72,13 @@ def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=6
     with torch.no_grad():
         for _, b in chunks(model, batch, batch_size):
             tokens = b.patch if b.patch is not None else b.clean
-            _, cache = attribution.record_sites(model, metric, b, tokens, sites)
+            _, cache = attribution.record_sites(model, metric, b, tokens, with_sources(model, saes, sites))
+            u = inputs_from(model, saes, sites, cache)
             real = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= b.last[:, None])[..., None]
             count += len(b) if same_length else int(real.sum())
             for s in sites:
                 F = saes[s].n_features
-                (crow, col, val), err = site_rows(saes[s], cache[s])
+                (crow, col, val), err = split_rows(saes[s], cache[s], u.get(s))
                 n, val, err = row_ids(crow), val.double(), err.double()
                 if s not in sums:
                     sums[s] = (torch.zeros(*((T,) if same_length else ()), F, dtype=torch.float64, device=val.device),
@@ -106,18 +104,24 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
     if errors not in ERROR_MODES:
         raise MinicircError(f"unknown error handling {errors!r} (known: {', '.join(ERROR_MODES)})")
 
+    inputs = {}     # {transcoder site: its input u in this run}
+
     def ablate(s):
         mask = keep[s]
         fval, eval_ = values[s]
         sae = saes[s]
 
         def fn(x):
+            out = spliced(x)
+            return out if s not in inputs else out + sae.skip(inputs[s])
+
+        def spliced(x):
             B, T, d = x.shape
             m = (mask[:T] if mask.dim() == 2 else mask).to(x.device)
             em = m[..., -1] if errors == "default" else torch.tensor(errors == "keep", device=x.device)
             em = em[:, None] if em.dim() == 1 else em
             ev = eval_[:T] if eval_.dim() == 2 else eval_[:, :T] if eval_.dim() == 3 else eval_
-            rows, err = site_rows(sae, x)
+            rows, err = split_rows(sae, x, inputs.get(s))
             err = torch.where(em, err, ev.to(x.device))
             if sae.kind not in ops.KINDS:     # identity (d features) and kinds of their own: dense
                 f = dense_features(rows, B, T, sae.n_features)
@@ -137,7 +141,8 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
         return fn
 
     with torch.no_grad():
-        return metric(model, batch, batch.clean, {s: ablate(s) for s in keep})
+        edit = recording_inputs(model, saes, list(keep), {s: ablate(s) for s in keep}, inputs)
+        return metric(model, batch, batch.clean, edit)
 
 
 def kept_entries(rows, mask, T):

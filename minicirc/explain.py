@@ -25,6 +25,7 @@ from collections import Counter
 import torch
 
 from . import explain_cache
+from .attribution.common import inputs_from, with_sources
 from .sae.sparse import features_at
 from .circuit import parse_node_id
 from .data import load_examples, pad_right
@@ -168,11 +169,13 @@ def _scan(model, saes, wanted, ids, k, batch_size):
                                  for p in range(T)], dtype=torch.long, device=device)
         cache = {}
         # Optional sites (z_l, mlp_hidden_l, resid_mid_l) reach the cache only when named.
-        model(tokens, cache=cache, stop_at=last, extra=[s for s in sites if s not in model.sites])
+        extra = [s for s in with_sources(model, saes, sites) if s not in model.sites]
+        model(tokens, cache=cache, stop_at=last, extra=extra)
+        u = inputs_from(model, saes, sites, cache)     # a transcoder's features read its MLP's input
         for s in sites:
             real = first[s][flat_all]
             flat = flat_all[real]
-            x = cache[s].to(saes[s].W_enc.dtype).flatten(0, 1)[real]
+            x = u.get(s, cache[s]).to(saes[s].W_enc.dtype).flatten(0, 1)[real]
             f = features_at(saes[s], x, cols[s])                     # (n, features), from the sparse rows
             v = torch.cat([best[s][0], f])
             i = torch.cat([best[s][1], flat[:, None].expand_as(f)])
@@ -190,8 +193,6 @@ def top_activations(model, saes, wanted, sample, k=10, batch_size=64):
     for s, feats in wanted.items():
         if s not in saes:
             raise MinicircError(f"unknown site {s!r}; known: {', '.join(saes)}")
-        if getattr(saes[s], "reads", None):   # the scan encodes the site's own value
-            raise MinicircError(saes[s].method_error)
         for f in feats:
             check_feature(s, saes[s], f)
     if not ids:

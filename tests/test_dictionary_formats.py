@@ -113,14 +113,23 @@ def test_skip_terms_and_transcoders_are_hashed():
 
 
 def test_the_method_refuses_what_it_cannot_splice_yet(models):
-    saes = load_saes(os.path.join(DATA, "sparsify_llama"), models["llama"])
-    for site in ("attn_0", "mlp_1"):       # an SAE with a skip term; a skip transcoder
-        with pytest.raises(MinicircError, match="not supported yet") as e:
-            site_order(models["llama"], {site: saes[site]})
-        assert saes[site].source in str(e.value)
-    assert site_order(models["llama"], {"resid_1": saes["resid_1"]}) == ["resid_1"]
-    with pytest.raises(MinicircError, match="not supported yet"):   # explain would encode the MLP's output
-        top_activations(models["llama"], {"mlp_1": saes["mlp_1"]}, {"mlp_1": [0]}, [[1, 2, 3]])
+    """An SAE with a skip term is refused; a skip transcoder is spliced (tests/test_transcoders.py), and
+    explain encodes its input, the MLP's input: its top activation is encode(u) of the scan's run."""
+    model = models["llama"]
+    saes = load_saes(os.path.join(DATA, "sparsify_llama"), model)
+    with pytest.raises(MinicircError, match="not supported yet") as e:      # an SAE with a skip term
+        site_order(model, {"attn_0": saes["attn_0"]})
+    assert saes["attn_0"].source in str(e.value)
+    assert site_order(model, {"resid_1": saes["resid_1"]}) == ["resid_1"]
+    assert site_order(model, {"mlp_1": saes["mlp_1"]}) == ["mlp_1"]           # a skip transcoder
+    tokens = [1, 2, 3]
+    cache = {}
+    with torch.no_grad():
+        model(torch.tensor([tokens]), cache=cache, extra=["resid_mid_1"])
+        f = saes["mlp_1"].encode(model.layers[1].post_attention_layernorm(cache["resid_mid_1"]))[0]
+    j = int(f.max(0).values.argmax())
+    top = top_activations(model, {"mlp_1": saes["mlp_1"]}, {"mlp_1": [j]}, [tokens], k=1)["mlp_1"][j]
+    assert top[0][1] == int(f[:, j].argmax()) and top[0][2] == pytest.approx(f[:, j].max().item(), rel=1e-5)
 
 
 # --- a sparsify folder is never taken for SAELens, nor the other way round -----------------------------------

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import MinicircError
+from ..model.sites import site_kind, site_layer
 
 METHODS = ("attrib", "ig", "exact")
 
@@ -24,12 +25,51 @@ def logit_diff(model, batch, tokens, edit):
 
 def site_order(model, saes):
     """The sites that have a dictionary, in model order (optional sites z_l and resid_mid_l included); a
-    dictionary the method cannot splice (Dictionary.method_error: transcoders, skip terms) is refused."""
+    dictionary the method cannot splice (Dictionary.method_error: an SAE with a skip term) is refused, and so
+    is a transcoder anywhere but at an MLP output."""
     model.check_sites(list(saes))
     for sae in saes.values():
         if getattr(sae, "method_error", None):
             raise MinicircError(sae.method_error)
+    for s, sae in saes.items():
+        if getattr(sae, "reads", None) and site_kind(s) != "mlp":
+            raise MinicircError(f"{sae.source or 'dictionary'}: a transcoder maps an MLP's input to its output, "
+                                f"so it sits at mlp_l, not at {s}")
     return [s for s in model.all_sites if s in saes]
+
+
+def transcoder_inputs(model, saes, sites):
+    """{site: (source site, fn)} for the transcoders among `sites` (sites without a dictionary are none): the
+    input u = fn(value of the source site) is the MLP's input of the transcoder's layer (SiteModel.mlp_input)."""
+    return {s: model.mlp_input(site_layer(s), saes[s].reads) for s in sites if getattr(saes.get(s), "reads", None)}
+
+
+def with_sources(model, saes, sites):
+    """`sites` plus the source sites of their transcoders' inputs, in model order: what to record so that
+    `inputs_from` can compute every u."""
+    need = set(sites) | {src for src, _ in transcoder_inputs(model, saes, sites).values()}
+    return [s for s in model.all_sites if s in need]
+
+
+def inputs_from(model, saes, sites, values):
+    """{site: u} for the transcoders among `sites`, from recorded values {site: value} that hold their sources
+    ({} when there is no transcoder)."""
+    return {s: fn(values[src]) for s, (src, fn) in transcoder_inputs(model, saes, sites).items()}
+
+
+def recording_inputs(model, saes, sites, edit, inputs):
+    """`edit` with the source site of each transcoder among `sites` also recording u into `inputs`
+    ({site: u}, filled as the forward pass goes): the value that flows downstream of the source (after its
+    own edit, if any) is the MLP's input, and the source comes before the transcoder's site, so an edit at the
+    transcoder's site finds its u there. Returns a new dict; `edit` is not changed."""
+    out = dict(edit)
+    for s, (src, fn) in transcoder_inputs(model, saes, sites).items():
+        def record(x, s=s, fn=fn, before=out.get(src)):
+            x = x if before is None else before(x)
+            inputs[s] = fn(x)
+            return x
+        out[src] = record
+    return out
 
 
 def record_sites(model, metric, batch, tokens, sites):
@@ -48,14 +88,29 @@ def record_sites(model, metric, batch, tokens, sites):
     return m, cache
 
 
-def clean_and_patch_sites(model, metric, batch, sites):
-    """(m_clean, {site: clean value}, m_patch or None, {site: patch value} or None), clean values checked."""
-    m_c, clean = record_sites(model, metric, batch, batch.clean, sites)
-    m_p, patch = (record_sites(model, metric, batch, batch.patch, sites) if batch.patch is not None else (None, None))
+def clean_and_patch_sites(model, metric, batch, sites, saes=None):
+    """(m_clean, {site: clean value}, m_patch or None, {site: patch value} or None), clean values checked.
+    With `saes`, the source sites of the transcoders' inputs (with_sources) are recorded too."""
+    rec = sites if saes is None else with_sources(model, saes, sites)
+    m_c, clean = record_sites(model, metric, batch, batch.clean, rec)
+    m_p, patch = (record_sites(model, metric, batch, batch.patch, rec) if batch.patch is not None else (None, None))
     for s in sites:
         if not torch.isfinite(clean[s]).all():
             raise MinicircError(f"site {s} holds NaN or inf on the clean input")
     return m_c, clean, m_p, patch
+
+
+def frozen_edit(sae, site, inputs):
+    """A frozen site's edit (edges, docs/method.md §6): its value with no gradient; for a transcoder with a skip
+    term, its nodes held and skip(u) left to follow u (inputs[site], recorded in the same run by
+    recording_inputs): value x, gradient that of skip(u), a linear path and not a node."""
+    if not (getattr(sae, "reads", None) and sae.has_skip):
+        return lambda x: x.detach()
+
+    def fn(x):
+        k = sae.skip(inputs[site])
+        return x.detach() + (k - k.detach())
+    return fn
 
 
 @contextmanager

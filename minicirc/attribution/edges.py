@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..data import Batch
 from ..errors import MinicircError
 from ..rows import chunk_rows, row_ids
-from .common import edge_pairs, frozen_weights, site_order
+from .common import edge_pairs, frozen_edit, frozen_weights, recording_inputs, site_order
 from .memory import release_freed_memory
 from .states import EdgeSiteState, example_slice
 
@@ -34,11 +34,14 @@ def downstream_rows(sae_d, st, L, effects, node_threshold, aggregation):
     clean rows are touched: nothing of size (tokens x F). Returns (rows, build): rows name the downstream
     node of each row (its index into the aggregated node tensor, (F + 1,) or (T, F + 1) flattened; the
     features first, then the errors), and build(lo, hi) gives the cotangents (hi - lo, B, T, d) of rows
-    lo..hi-1."""
+    lo..hi-1 on y, and None, or for a transcoder (features f(u) of its input u, err = y - decode(f) - skip(u))
+    the pair: the features' cotangents on u, the error's v on y and -((v @ W_dec.T) * active) @ W_enc.T
+    - v @ W_skip on u."""
     F = st.n_features
     B, T, d = L.shape
     L2 = L.reshape(B * T, d)
     identity = sae_d.kind == "identity"
+    transcoder = bool(getattr(sae_d, "reads", None))
     with torch.no_grad():
         crow, col, val = effects.rows
         n_all = row_ids(crow)
@@ -67,14 +70,14 @@ def downstream_rows(sae_d, st, L, effects, node_threshold, aggregation):
     entry_row = torch.searchsorted(feat_keys, entry_key)                           # each entry's row
 
     if identity:
-        def error_cotangent(v):        # v - ((v @ I) * 1) @ I: exactly 0
+        def error_cotangent(v, out):        # v - ((v @ I) * 1) @ I: exactly 0
             return torch.zeros_like(v)
     else:
         a_n, a_i = row_ids(st.c[0]), st.c[1]                                   # the active entries
 
-        def error_cotangent(v):
-            """v - ((v @ W_dec.T) * active) @ W_enc.T for v (N, d), the product on the active entries only."""
-            out = v.clone()
+        def error_cotangent(v, out):
+            """out - ((v @ W_dec.T) * active) @ W_enc.T for v (N, d) (out: v, or a transcoder's -v @ W_skip;
+            changed in place), the product on the active entries only."""
             step = chunk_rows(d)
             for lo in range(0, len(a_n), step):
                 n, i = a_n[lo:lo + step], a_i[lo:lo + step]
@@ -84,24 +87,34 @@ def downstream_rows(sae_d, st, L, effects, node_threshold, aggregation):
 
     n_feat = len(feat_keys)
 
+    def error_rows(v, r, out, out_u):
+        """Row r's error cotangent for v (B * T, d): on y, and on u for a transcoder."""
+        if not transcoder:
+            out[r] = error_cotangent(v, v.clone())
+            return
+        out[r] = v
+        out_u[r] = error_cotangent(v, -(v @ sae_d.W_skip) if sae_d.has_skip else torch.zeros_like(v))
+
     def build(lo, hi):
         chunk = [divmod(r, F + 1) for r in rows[lo:hi]]          # (position, column); position 0 for `sum`
         out = torch.zeros(len(chunk), B * T, d, dtype=L.dtype, device=L.device)   # (r, B*T, d)
+        out_u = torch.zeros_like(out) if transcoder else None
         f_lo, f_hi = min(lo, n_feat), min(hi, n_feat)
         if f_hi > f_lo:
-            # each selected active entry (n, i) puts coef * W_enc[:, i] at token n of its row
+            # each selected active entry (n, i) puts coef * W_enc[:, i] at token n of its row (on u: a
+            # transcoder's features read its input)
             e = (entry_row >= f_lo) & (entry_row < f_hi)
-            out[entry_row[e] - lo, n_sel[e]] = coef[e, None] * sae_d.W_enc[:, i_sel[e]].T
+            (out_u if transcoder else out)[entry_row[e] - lo, n_sel[e]] = coef[e, None] * sae_d.W_enc[:, i_sel[e]].T
         for r, (t, i) in enumerate(chunk):
             if i != F:
                 continue
             if aggregation == "sum":
-                out[r] = error_cotangent(L2 * sel_err.reshape(-1, 1))
+                error_rows(L2 * sel_err.reshape(-1, 1), r, out, out_u)
             else:   # only position t is non-zero
                 v = torch.zeros_like(L)
                 v[:, t] = L[:, t] * sel_err[:, t, None]
-                out[r] = error_cotangent(v.reshape(B * T, d))
-        return out.view(len(chunk), B, T, d)
+                error_rows(v.reshape(B * T, d), r, out, out_u)
+        return out.view(len(chunk), B, T, d), (None if out_u is None else out_u.view(len(chunk), B, T, d))
 
     return rows, build
 
@@ -259,34 +272,41 @@ def upstream_site_edges(run, u, downs):
     out = {}
     su, sae_u = run.states[u], run.saes[u]
     x_u = su.x_c.detach().clone().requires_grad_(True)
-    recorded = {}
+    recorded, inputs = {}, {}
 
     def keep(s, frozen):
+        hold = frozen_edit(run.saes.get(s), s, inputs) if frozen else None
         def fn(x):
             recorded[s] = x                       # its own value still depends on U (for U -> s)
-            return x.detach() if frozen else x    # but a frozen site passes nothing of U downstream
+            return x if hold is None else hold(x)   # but a frozen site passes nothing of U's through its nodes
         return fn
 
     frozen_any = {fr for _, frs in downs for fr in frs}
     edit = {s: keep(s, s in frozen_any) for s in {d for d, _ in downs} | frozen_any}
     edit[u] = lambda x: x_u
+    edit = recording_inputs(run.model, run.saes, list(edit), edit, inputs)
     last = max((d for d, _ in downs), key=run.sites.index)
     with frozen_weights(run.model), torch.enable_grad():
         run.model(run.batch.clean, edit=edit, stop_at=last)
         for d, _ in downs:
-            y = recorded[d]
+            y, x_in = recorded[d], inputs.get(d)     # x_in: a transcoder's input u in this run
             rows, build = downstream_rows(run.saes[d], run.states[d], run.grads[d], run.effects[d],
                                           run.node_threshold, run.aggregation)
-            if not rows or not y.requires_grad:
+            live = [i for i, v in enumerate((y, x_in)) if v is not None and v.requires_grad]
+            if not rows or not live:
                 continue
-            step = max(1, int(run.chunk_bytes // (B * T * y.shape[-1] * y.element_size() * 8)))
+            outs = [(y, x_in)[i] for i in live]
+            per_row = B * T * y.shape[-1] * y.element_size() * 8 * (1 if x_in is None else 2)
+            step = max(1, int(run.chunk_bytes // per_row))
             vals = []
             for lo in range(0, len(rows), step):
-                cot = build(lo, min(len(rows), lo + step))
+                both = build(lo, min(len(rows), lo + step))
+                cot = [both[i] for i in live]
                 if run.use_vmap:
-                    (G,) = torch.autograd.grad(y, x_u, cot, retain_graph=True, is_grads_batched=True)
+                    (G,) = torch.autograd.grad(outs, x_u, cot, retain_graph=True, is_grads_batched=True)
                 else:  # one backward per downstream row
-                    G = torch.stack([torch.autograd.grad(y, x_u, c, retain_graph=True)[0] for c in cot])
+                    G = torch.stack([torch.autograd.grad(outs, x_u, [c[r] for c in cot], retain_graph=True)[0]
+                                     for r in range(len(cot[0]))])
                 with torch.no_grad():
                     vals.append(upstream_effects(G, su, sae_u, run.aggregation))
             out[(u, d)] = (rows, sparse_cat_rows(vals))

@@ -1,8 +1,9 @@
 """Node and edge effects: the definitions (docs/method.md §4-6), one short function each.
 
 Every site x is split by its dictionary into features f = encode(x) and an error err = x - decode(f), so
-x = decode(f) + err. A node is one feature or the error term of a site, at one position. Per site, node
-effects are a tensor (B, T, F + 1): column F is the error node. The indirect effect of a node on the
+x = decode(f) + err; a transcoder at mlp_l encodes the MLP's input u instead, f = encode(u), and
+err = x - decode(f) - skip(u), so x = decode(f) + skip(u) + err (Dictionary.split, splice). A node is one
+feature or the error term of a site, at one position. Per site, node effects are a tensor (B, T, F + 1): column F is the error node. The indirect effect of a node on the
 metric m (per example) is estimated by
 - attrib: IE = (dm/df) * (f_patch - f_clean), the gradient taken on the clean input;
 - ig:     the same product with dm/df averaged over `steps` points on the line from clean to patch;
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 # Shared with the fast path (common.py): the metric, the site order, the site values and the site pairs.
-from .common import (METHODS, clean_and_patch_sites, edge_pairs, frozen_weights, logit_diff,  # noqa: F401
-                     record_sites, site_order)
+from .common import (METHODS, clean_and_patch_sites, edge_pairs, frozen_edit, frozen_weights,  # noqa: F401
+                     inputs_from, logit_diff, record_sites, recording_inputs, site_order)
 
 # --- per-site clean and patch states --------------------------------------------------------------
 
@@ -33,6 +34,7 @@ class SiteState:
     f_p: torch.Tensor
     err_c: torch.Tensor  # (B, T, d)
     err_p: torch.Tensor
+    u_c: torch.Tensor | None = None   # a transcoder's input (B, T, d) on the clean input (None for others)
 
     @property
     def delta_f(self):
@@ -45,35 +47,41 @@ class SiteState:
 
 def site_states(model, saes, metric, batch, sites):
     """(m_clean, m_patch or None, {site: SiteState}), each state from the unmodified model on its own input.
-    Without patch inputs (zero ablation) the patch state is f = 0, err = 0."""
-    m_c, clean, m_p, patch = clean_and_patch_sites(model, metric, batch, sites)
+    Without patch inputs (zero ablation) the patch state is f = 0, err = 0. A transcoder's x_p is the site with
+    its nodes at their patch values and its input clean, decode(f_p) + skip(u_c) + err_p: where its nodes go
+    (the skip term follows u, which the nodes do not move)."""
+    m_c, clean, m_p, patch = clean_and_patch_sites(model, metric, batch, sites, saes)
+    u_c = inputs_from(model, saes, sites, clean)
+    u_p = inputs_from(model, saes, sites, patch) if patch is not None else {}
     states = {}
     with torch.no_grad():
         for s in sites:
             sae = saes[s]
             x_c = clean[s]
-            f_c, err_c = sae(x_c)
+            f_c, err_c = sae.split(x_c, u_c.get(s))
             if patch is None:
                 f_p, err_p = torch.zeros_like(f_c), torch.zeros_like(err_c)
-                x_p = sae.decode(f_p)
+                x_p = sae.splice(f_p, err_p, u_c.get(s)) if sae.reads else sae.decode(f_p)
             else:
                 x_p = patch[s]
-                f_p, err_p = sae(x_p)
-            states[s] = SiteState(x_c, x_p, f_c, f_p, err_c, err_p)
+                f_p, err_p = sae.split(x_p, u_p.get(s))
+                x_p = sae.splice(f_p, err_p, u_c[s]) if sae.reads else x_p
+            states[s] = SiteState(x_c, x_p, f_c, f_p, err_c, err_p, u_c.get(s))
     return m_c, m_p, states
 
 
 # --- node effects -----------------------------------------------------------------------------------
 
-def node_gradient(model, sae, metric, batch, site, f, err):
-    """(dm/df, dm/derr) with `site` replaced by decode(f) + err, f and err leaves; every other site plain.
+def node_gradient(model, sae, metric, batch, site, f, err, u=None):
+    """(dm/df, dm/derr) with `site` replaced by decode(f) + err (a transcoder's by decode(f) + skip(u) + err,
+    u its clean input), f and err leaves; every other site plain.
 
     One backward of the summed metric: examples do not interact in the model, so it gives each example's own
     gradient. (Decoding is affine, so dm/df = (dm/dx) @ W_dec.T and dm/derr = dm/dx, the site gradient.)"""
     f = f.detach().clone().requires_grad_(True)
     err = err.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        m = metric(model, batch, batch.clean, {site: lambda x: sae.decode(f) + err})
+        m = metric(model, batch, batch.clean, {site: lambda x: sae.splice(f, err, u)})
         # A metric that never reads this site does not depend on it: gradient zero.
         g_f, g_err = (torch.autograd.grad(m.sum(), [f, err], allow_unused=True) if m.requires_grad
                       else (None, None))
@@ -95,7 +103,7 @@ def ig_gradients(model, saes, metric, batch, states, steps):
         for k in range(steps):
             a = k / steps
             g = node_gradient(model, saes[s], metric, batch, s, (1 - a) * st.f_c + a * st.f_p,
-                              (1 - a) * st.err_c + a * st.err_p)
+                              (1 - a) * st.err_c + a * st.err_p, st.u_c)
             sums = g if sums is None else (sums[0] + g[0], sums[1] + g[1])
         out[s] = (sums[0] / steps, sums[1] / steps)
     return out
@@ -118,7 +126,8 @@ def ig_effects(model, saes, metric, batch, states, steps):
 def exact_effects(model, saes, metric, batch, states):
     """Activation patching: {site: (B, T, F + 1)} with IE = m(clean, node set to its patch value) - m(clean),
     one forward per (position, node): inside the edit the site is re-encoded, the one feature (or the error)
-    at one position is set to its patch value and decode(f) + err is written back."""
+    at one position is set to its patch value and decode(f) + err is written back (a transcoder: re-split with
+    its clean input u, decode(f) + skip(u) + err written back)."""
     with torch.no_grad():
         m_c = metric(model, batch, batch.clean, {})
         out = {}
@@ -129,12 +138,12 @@ def exact_effects(model, saes, metric, batch, states):
             for t in range(T):
                 for i in range(F + 1):
                     def edit(x, t=t, i=i, sae=sae, st=st):
-                        f, err = (v.clone() for v in sae(x))
+                        f, err = (v.clone() for v in sae.split(x, st.u_c))
                         if i < F:
                             f[:, t, i] = st.f_p[:, t, i]
                         else:
                             err[:, t] = st.err_p[:, t]
-                        return sae.decode(f) + err
+                        return sae.splice(f, err, st.u_c)
                     eff[:, t, i] = metric(model, batch, batch.clean, {s: edit}) - m_c
             out[s] = eff
     return out
@@ -145,10 +154,13 @@ def exact_effects(model, saes, metric, batch, states):
 def edge_effects(model, saes, batch, states, grads, effects, node_threshold, aggregation="sum", pairs=None):
     """Edge effects of one batch, summed over its examples, one backward per downstream node.
 
-    For the pair (U, D): U's value is spliced as decode(f_U) + err_U (leaves at their clean values), the
-    frozen sites pass their value with no gradient, and D's value y is re-encoded, f_D = encode(y),
-    err_D = y - decode(f_D). A downstream node (example b, position t, column i) takes part when its
-    per-example node effect |effects[D][b, t, i]| > node_threshold; its edge from each upstream node is
+    For the pair (U, D): U's value is spliced as decode(f_U) + err_U (leaves at their clean values; a
+    transcoder's + skip(u_U), its clean input), the frozen sites pass their value with no gradient (a frozen
+    transcoder's nodes are held, its skip term skip(u) still follows u: it is a linear path, not a node), and
+    D's value y is re-split, f_D = encode(y), err_D = y - decode(f_D) (a transcoder: f_D = encode(u_D),
+    err_D = y - decode(f_D) - skip(u_D), u_D its input in this same run). A downstream node (example b,
+    position t, column i) takes part when its per-example node effect |effects[D][b, t, i]| > node_threshold;
+    its edge from each upstream node is
         L_D[b, t, i] * d(node)/d(upstream node) * delta of the upstream node,
     with L_D the downstream node's gradient (grads[D] = dm/dx_D, the site gradient: dm/df_i =
     grads @ W_dec[i], dm/derr = grads). Examples are summed, and with `sum` aggregation positions too.
@@ -162,15 +174,15 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
         sae_u, sae_d, su = saes[U], saes[D], states[U]
         f_u = su.f_c.clone().requires_grad_(True)
         err_u = su.err_c.clone().requires_grad_(True)
-        recorded = {}
-        edit = {U: lambda x: sae_u.decode(f_u) + err_u, D: lambda x: recorded.setdefault("y", x)}
-        edit.update({s: (lambda x: x.detach()) for s in frozen})
+        recorded, inputs = {}, {}
+        edit = {U: lambda x: sae_u.splice(f_u, err_u, su.u_c), D: lambda x: recorded.setdefault("y", x)}
+        edit.update({s: frozen_edit(saes.get(s), s, inputs) for s in frozen})
+        edit = recording_inputs(model, saes, [D, *frozen], edit, inputs)
         sums = {}
         with frozen_weights(model), torch.enable_grad():
             model(batch.clean, edit=edit, stop_at=D)
             y = recorded["y"]
-            f_d = sae_d.encode(y)
-            err_d = y - sae_d.decode(f_d)
+            f_d, err_d = sae_d.split(y, inputs.get(D))
             L_f = grads[D] @ sae_d.W_dec.T
             F_d = f_d.shape[-1]
             for b, t, i in torch.nonzero(effects[D].abs() > node_threshold).tolist():
@@ -187,3 +199,4 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
             rows = sorted(sums)
             out[(U, D)] = (torch.tensor(rows, dtype=torch.long, device="cpu"), torch.stack([sums[r] for r in rows]))
     return out
+

@@ -12,8 +12,8 @@ import torch
 
 from ..data import Batch
 from ..rows import delta_rows, empty_rows, slice_rows
-from ..sae.sparse import decode_rows, encode_rows
-from .common import clean_and_patch_sites
+from ..sae.sparse import decode_rows, split_rows
+from .common import clean_and_patch_sites, inputs_from
 from .memory import release_freed_memory
 
 
@@ -69,23 +69,26 @@ class EdgeSiteState:
 
 def sparse_site_states(model, saes, metric, batch, sites, use_ext=None):
     """reference.site_states with rows: (m_clean, m_patch or None, {site: SparseSiteState}). Without patch
-    inputs (zero ablation) the patch state is f = 0 (no rows), err = 0."""
-    m_c, clean, m_p, patch = clean_and_patch_sites(model, metric, batch, sites)
+    inputs (zero ablation) the patch state is f = 0 (no rows), err = 0. A transcoder's x_p is, as there,
+    decode(f_p) + skip(u_c) + err_p."""
+    m_c, clean, m_p, patch = clean_and_patch_sites(model, metric, batch, sites, saes)
+    u_c = inputs_from(model, saes, sites, clean)
+    u_p = inputs_from(model, saes, sites, patch) if patch is not None else {}
     states = {}
     with torch.no_grad():
         for s in sites:
             sae, x_c = saes[s], clean[s]
             B, T, d = x_c.shape
-            c = encode_rows(sae, x_c.reshape(B * T, d), use_ext)
-            err_c = x_c - decode_rows(sae, c, B * T).view(B, T, d)
+            c, err_c = split_rows(sae, x_c, u_c.get(s), use_ext)
             if patch is None:
                 p = empty_rows(B * T, c[2].dtype, x_c.device)
                 x_p = decode_rows(sae, p, B * T).view(B, T, d)
                 err_p = torch.zeros_like(err_c)
             else:
                 x_p = patch[s]
-                p = encode_rows(sae, x_p.reshape(B * T, d), use_ext)
-                err_p = x_p - decode_rows(sae, p, B * T).view(B, T, d)
+                p, err_p = split_rows(sae, x_p, u_p.get(s), use_ext)
+            if s in u_c:    # the nodes' patch values with the input clean
+                x_p = decode_rows(sae, p, B * T).view(B, T, d) + sae.skip(u_c[s]) + err_p
             states[s] = SparseSiteState(x_c, x_p, c, p, err_c, err_p, sae.n_features)
             release_freed_memory(x_c.device)
     return m_c, m_p, states

@@ -99,8 +99,11 @@ class Block(nn.Module):
     def attn_block(self, resid, z_site=None):
         return self.attn(self.ln_1(resid), z_site)
 
+    def mlp_norm(self, x):
+        return self.ln_2(x)
+
     def mlp_block(self, x, hidden_site=None):
-        return self.mlp(self.ln_2(x), hidden_site)
+        return self.mlp(self.mlp_norm(x), hidden_site)
 
 
 class GPT2(SiteModel):

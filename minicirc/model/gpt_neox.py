@@ -148,8 +148,11 @@ class Layer(nn.Module):
     def attn_block(self, resid, z_site=None):
         return self.attention(self.input_layernorm(resid), z_site)
 
+    def mlp_norm(self, x):
+        return self.post_attention_layernorm(x)
+
     def mlp_block(self, x, hidden_site=None):
-        return self.mlp(self.post_attention_layernorm(x), hidden_site)
+        return self.mlp(self.mlp_norm(x), hidden_site)
 
 
 class GPTNeoX(SiteModel):

@@ -240,10 +240,13 @@ class Layer(nn.Module):
         out = self.self_attn(self.input_layernorm(resid), z_site)
         return self.post_attention_layernorm(out) if self.gemma else out
 
+    def mlp_norm(self, x):
+        """What the MLP's first projections read: the pre-feedforward norm (Gemma-2) or post-attention norm of x."""
+        return self.pre_feedforward_layernorm(x) if self.gemma else self.post_attention_layernorm(x)
+
     def mlp_block(self, x, hidden_site=None):
-        if self.gemma:
-            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), hidden_site))
-        return self.mlp(self.post_attention_layernorm(x), hidden_site)
+        out = self.mlp(self.mlp_norm(x), hidden_site)
+        return self.post_feedforward_layernorm(out) if self.gemma else out
 
 
 class Llama(SiteModel):

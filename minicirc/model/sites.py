@@ -10,7 +10,8 @@ The site mechanism is a plain argument to `forward`: `edit={site: fn}` replaces 
 fn(x) for this call only (the function sees the value computed from the already-edited upstream sites),
 and `cache={}` is filled with the value that flowed downstream from every site (after any edit). Nothing
 outlives the call: there are no module hooks. A family (gpt_neox.py, gpt2.py, llama.py) subclasses
-`SiteModel` and only says how a layer computes its attention and MLP outputs.
+`SiteModel` and only says how a layer computes its attention and MLP outputs (and, for transcoders, what
+its MLP reads: `mlp_input`).
 """
 from dataclasses import dataclass
 
@@ -67,9 +68,10 @@ def check_tokens(tokens, vocab_size):
 
 class SiteModel(nn.Module):
     """What every family shares: the site names, `forward` with its edit / cache / stop_at arguments, and
-    the unembedding. A family provides `embed(tokens)`, `layers` whose items have `attn_block(resid, z_site)`
-    and `mlp_block(x, hidden_site)` (each the value written into the residual stream; z_site and hidden_site,
-    None or a function, replace the value of the optional site inside the block), `final_norm(h)`, the
+    the unembedding. A family provides `embed(tokens)`, `layers` whose items have `attn_block(resid, z_site)`,
+    `mlp_norm(x)` (the norm before the MLP) and `mlp_block(x, hidden_site)` (each the value written into the
+    residual stream; z_site and hidden_site, None or a function, replace the value of the optional site inside
+    the block), `final_norm(h)`, the
     (vocab, d_model) matrix `unembedding`, and a cfg with n_layers, d_model, d_mlp, vocab_size, max_len,
     parallel_residual and final_softcap (None, or Gemma-2's cap c: logits = c * tanh(logits / c))."""
 
@@ -120,6 +122,18 @@ class SiteModel(nn.Module):
                 out[mid] += [h, r]
             out[m].append(r)
         return out
+
+    def mlp_input(self, layer, reads):
+        """(site, fn): where a transcoder at mlp_<layer> finds its input u = fn(value of site). The MLP reads
+        resid_mid_l (sequential residual) or the previous residual stream (parallel: resid_{l-1}, embed for
+        l = 0); reads "mlp_in" is what its first projection sees, after the norm (fn = the layer's mlp_norm),
+        "resid_mid" the value before that norm (fn = identity). u is a function of a site, not a site: the
+        site graph and the dictionary sites stay as they are."""
+        if self.cfg.parallel_residual:
+            site = f"resid_{layer - 1}" if layer > 0 else "embed"
+        else:
+            site = f"resid_mid_{layer}"
+        return site, (self.layers[layer].mlp_norm if reads == "mlp_in" else (lambda x: x))
 
     def site_width(self, name):
         """The width of a site's value: d_model; n_heads * head_dim for z_l (they differ for Qwen3 and Gemma-2);

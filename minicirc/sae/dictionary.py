@@ -21,8 +21,10 @@ the library's output is decode(f) + skip(x) with skip(x) = x @ W_skip.T, the raw
 SAE with skip). A transcoder (`reads` not None) encodes another tensor than the one it reconstructs: it sits
 at site mlp_L (its output) and reads the MLP's input of layer L, `reads` naming which value: "mlp_in" (what
 the MLP's first projection reads, after the norm) or "resid_mid" (the residual before that norm). Its
-features and decode are the library's; minicirc's method does not splice such dictionaries yet
-(`method_error` says so, and attribution and evaluation refuse them).
+features and decode are the library's. The method splices a transcoder at mlp_L as
+y = decode(f) + skip(u) + err with f = encode(u), err = y - decode(f) - skip(u) (`split`, `splice`): the
+model's value is kept exactly (docs/method.md, Transcoders). An SAE with a skip term (reads None) is not
+spliced yet (`method_error` says so, and attribution and evaluation refuse it).
 
 Derivatives (edges need dd_i/dy of a downstream feature d_i = f_i(y)): for relu, jumprelu, topk and gated
 without input normalisation, df_i/dx = 1[f_i != 0] W_enc[:, i] almost everywhere (a jumprelu threshold, the
@@ -122,15 +124,28 @@ class Dictionary(nn.Module):
         """The skip term x @ W_skip.T (0 without one): the library's output is decode(f) + skip(x)."""
         return x @ self.W_skip.T if self.has_skip else torch.zeros_like(x)
 
+    def split(self, y, u=None):
+        """(f, err) of site value y: f = encode(u), err = y - decode(f) - skip(u) for a transcoder (u its
+        input, y the MLP's output); f = encode(y), err = y - decode(f) otherwise (u unused)."""
+        if not self.reads:
+            return self(y)
+        f = self.encode(u)
+        return f, y - self.decode(f) - self.skip(u)
+
+    def splice(self, f, err, u=None):
+        """decode(f) + skip(u) + err for a transcoder (u its input), decode(f) + err otherwise: the site value
+        `split` took apart."""
+        x = self.decode(f) + err
+        return x + self.skip(u) if self.reads else x
+
     @property
     def method_error(self):
-        """None where minicirc's splice x = decode(f) + err applies, else why not (transcoders, skip terms)."""
-        what = ("a transcoder (features from the MLP's input, output at the MLP's output)" if self.reads
-                else "an SAE with a skip term (output decode(f) + x @ W_skip.T)" if self.has_skip else None)
-        if what is None:
+        """None where minicirc's splice applies (x = decode(f) + err, or a transcoder's
+        y = decode(f) + skip(u) + err), else why not (an SAE with a skip term)."""
+        if self.reads or not self.has_skip:
             return None
-        return (f"{self.source or 'dictionary'}: {what} loads as data (encode, decode, skip), but minicirc's "
-                "circuits splice only dictionaries that reconstruct the value they read; not supported yet")
+        return (f"{self.source or 'dictionary'}: an SAE with a skip term (output decode(f) + x @ W_skip.T) loads "
+                "as data (encode, decode, skip), but minicirc's circuits do not splice it; not supported yet")
 
     @property
     def edge_form_error(self):

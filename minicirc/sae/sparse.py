@@ -69,3 +69,13 @@ def decode_rows(sae, rows, n):
                                           sae.n_features))
              for lo, hi in ((lo, min(n, lo + step)) for lo in range(0, n, step))]
     return torch.cat(parts) if parts else sae.W_dec.new_zeros(0, sae.d_in)
+
+
+def split_rows(sae, x, u=None, use_ext=None):
+    """Dictionary.split with the features as rows: (features of x (B, T, d) as rows over its B * T tokens,
+    error (B, T, d)), from the sparse encode and decode, so no (tokens x n_features) tensor. A transcoder
+    encodes its input u (B, T, d) and its error also leaves out skip(u)."""
+    B, T, d = x.shape
+    rows = encode_rows(sae, (x if u is None else u).reshape(B * T, d), use_ext)
+    err = x - decode_rows(sae, rows, B * T).view(B, T, d)
+    return rows, (err if u is None else err - sae.skip(u))
