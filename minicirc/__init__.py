@@ -4,11 +4,10 @@
     saes = minicirc.load_saes(sae_dir, model)        # or minicirc.identity_saes(model): neurons
     circuit = minicirc.find_circuit(model, saes, examples)
 """
-from .errors import MinicircError
-from .model import GPTNeoX, Config, load_model, load_tokenizer, save_model
-from .sae import Dictionary, IdentityDictionary, identity_saes, load_sae, load_saes, save_saes
-from .data import Example
-from .data import load_examples, tokenize
-from .circuit import Circuit
 from .attribution.find import find_circuit
+from .circuit import Circuit
+from .data import Example, load_examples, tokenize
+from .errors import MinicircError
 from .evaluation import faithfulness
+from .model import Config, GPTNeoX, load_model, load_tokenizer, save_model
+from .sae import Dictionary, IdentityDictionary, identity_saes, load_sae, load_saes, save_saes

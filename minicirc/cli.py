@@ -41,7 +41,7 @@ def load_inputs(args):
 
 
 def cmd_circuit(args):
-    from . import viz   # matplotlib: see the note under the imports
+    from . import viz  # matplotlib: see the note under the imports
     torch.manual_seed(args.seed)
     if args.limit is not None and args.limit < 1:
         raise MinicircError(f"--limit must be at least 1, got {args.limit}")
@@ -146,7 +146,7 @@ def set_threads(n):
 
 
 def cmd_demo(args):
-    from .experiments import demo   # matplotlib: see the note under the imports
+    from .experiments import demo  # matplotlib: see the note under the imports
     # One thread on the tiny default (deterministic and no slower); every core on a real model.
     set_threads(args.threads if args.threads is not None else 1 if args.model == "default" else os.cpu_count() or 1)
     demo.run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device,
@@ -154,7 +154,7 @@ def cmd_demo(args):
 
 
 def cmd_compare(args):
-    from .experiments import compare   # matplotlib: see the note under the imports
+    from .experiments import compare  # matplotlib: see the note under the imports
     set_threads(args.threads if args.threads is not None else os.cpu_count() or 1)
     compare.run_compare(args.model, args.saes, args.data, args.out, neurons=args.neurons.split(","),
                         overwrite=args.overwrite, device=args.device, first_layer=args.first_layer,
@@ -162,7 +162,7 @@ def cmd_compare(args):
 
 
 def cmd_shift(args):
-    from .experiments import shift_run   # matplotlib: see the note under the imports
+    from .experiments import shift_run  # matplotlib: see the note under the imports
     set_threads(args.threads)
     shift_run.run_shift(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device,
                         probe_layer=args.probe_layer, ablate=args.ablate, coverage=args.coverage, top_k=args.top_k,

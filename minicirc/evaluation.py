@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 from . import attribution, ops
 from .attribution.common import inputs_from, recording_inputs, with_sources
-from .sae.sparse import split_rows
 from .errors import MinicircError
 from .model.sites import sites_from_layer
 from .rows import row_ids, rows_from_entries, rows_matmul, rows_to_dense
+from .sae.sparse import split_rows
 
 ERROR_MODES = ("default", "remove", "keep")
 ABLATIONS = ("mean", "zero", "resample")

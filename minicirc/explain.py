@@ -26,11 +26,10 @@ import torch
 
 from . import explain_cache
 from .attribution.common import inputs_from, with_sources
-from .sae.sparse import features_at
 from .circuit import parse_node_id
 from .data import load_examples, pad_right
 from .errors import MinicircError
-
+from .sae.sparse import features_at
 
 # --- text samples ----------------------------------------------------------------------------------
 

@@ -21,8 +21,18 @@ from dataclasses import dataclass
 import torch
 
 # Shared with the fast path (common.py): the metric, the site order, the site values and the site pairs.
-from .common import (METHODS, clean_and_patch_sites, edge_pairs, frozen_edit, frozen_weights,  # noqa: F401
-                     inputs_from, logit_diff, record_sites, recording_inputs, site_order)
+from .common import (  # noqa: F401
+    METHODS,
+    clean_and_patch_sites,
+    edge_pairs,
+    frozen_edit,
+    frozen_weights,
+    inputs_from,
+    logit_diff,
+    record_sites,
+    recording_inputs,
+    site_order,
+)
 
 # --- per-site clean and patch states --------------------------------------------------------------
 

@@ -19,12 +19,12 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import train
+from ..data import tokenize
 from ..errors import MinicircError
 from ..files import staged_folder
-from ..data import tokenize
 from ..model import Config, GPTNeoX, load_model, load_tokenizer, save_model
 from ..sae import load_saes, save_saelens, save_saes, site_hook
+from . import train
 from .tasks import agreement, corpus
 
 VERSION = 2

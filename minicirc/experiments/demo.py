@@ -8,10 +8,10 @@ that `minicirc compare` runs on files from disk: this module only makes the demo
 dictionaries, prompts and settings of each.
 """
 
+from ..errors import MinicircError
 from . import real_lm
 from .compare import output_neurons, run_comparison
 from .default import get_default
-from ..errors import MinicircError
 from .tasks import agreement
 
 SETTINGS = {

@@ -11,7 +11,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..model.sites import site_layer  # noqa: E402
 from .tasks import agreement  # noqa: E402
 
-
 NUMBER_LATENTS = ("subject is plural", "subject is singular", "token is plural", "token is singular",
                   "next verb must be plural", "next verb must be singular")
 

@@ -37,15 +37,15 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from . import train
 from ..data import tokenize
-from .default import cache_root
 from ..errors import MinicircError
 from ..evaluation import pair_accuracy
 from ..files import staged_folder
 from ..hashing import sha256_of
 from ..model import load_model, load_tokenizer, model_hash
 from ..sae import load_saes, save_saelens, site_hook
+from . import train
+from .default import cache_root
 from .tasks import agreement
 
 VERSION = 1

@@ -46,11 +46,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sae.sparse import error_of, features_at
 from ..attribution.find import find_circuit
 from ..data import Batch, pad_right
 from ..errors import MinicircError
 from ..metrics import auroc
+from ..sae.sparse import error_of, features_at
 
 CONCEPT, SPURIOUS = "profession", "gender"
 

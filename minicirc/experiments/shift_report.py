@@ -7,7 +7,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-
 ROWS = [("original", "original probe"), ("random", "random ablation (same sites and count; mean of {n} seeds)"),
         ("random_retrain", "random ablation + retrain (mean of {n} seeds)"), ("shift", "SHIFT (features)"),
         ("shift_retrain", "SHIFT + retrain (features)"),

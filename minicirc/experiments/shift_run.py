@@ -24,9 +24,22 @@ from ..errors import MinicircError
 from ..files import prepare_out_dir, write_atomic
 from ..sae import identity_saes
 from .default import get_default
-from .shift import (ablate_and_retrain, as_ablation, bios_batch, concept_left, count, evaluate, judge,
-                    parse_ablation, probe_circuit, probe_sites, random_ablation, select_candidates, top_features,
-                    train_probe)
+from .shift import (
+    ablate_and_retrain,
+    as_ablation,
+    bios_batch,
+    concept_left,
+    count,
+    evaluate,
+    judge,
+    parse_ablation,
+    probe_circuit,
+    probe_sites,
+    random_ablation,
+    select_candidates,
+    top_features,
+    train_probe,
+)
 from .shift_report import plot_shift, shift_report
 from .tasks.bios import ambiguous_split, balanced_split
 

@@ -10,7 +10,14 @@ of them.
 """
 from .circuit_tracer import load_transcoder_set
 from .dictionary import INPUT_NORMS, KINDS, READS, Dictionary, IdentityDictionary, checked, identity_saes, shift_input
-from .formats import (hook_site, load_dictionary_learning, load_gemma_scope, load_saelens, save_dictionary_learning,
-                      save_saelens, site_hook)
+from .formats import (
+                      hook_site,
+                      load_dictionary_learning,
+                      load_gemma_scope,
+                      load_saelens,
+                      save_dictionary_learning,
+                      save_saelens,
+                      site_hook,
+)
 from .sparsify import hookpoint_site, load_sparsify
-from .tree import load_sae, load_saes, save_saes, saes_hash, site_folder
+from .tree import load_sae, load_saes, saes_hash, save_saes, site_folder

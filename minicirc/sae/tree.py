@@ -9,8 +9,15 @@ from .. import hub
 from ..errors import MinicircError, read_json
 from ..hashing import sha256_of
 from ..model.sites import site_kind, site_layer, width_name
+from .circuit_tracer import (
+    LAYER_FILE,
+    layer_files,
+    load_transcoder,
+    load_transcoder_set,
+    read_config,
+    transcoder_problem,
+)
 from .dictionary import shift_input
-from .circuit_tracer import LAYER_FILE, layer_files, load_transcoder, load_transcoder_set, read_config, transcoder_problem
 from .formats import cfg_hook_site, load_dictionary_learning, load_gemma_scope, load_saelens, save_dictionary_learning
 from .sparsify import hookpoint_problem, hookpoint_site, is_sparsify, load_sparsify
 

@@ -5,5 +5,12 @@
 """
 from .agreement import TEMPLATES, make_examples
 from .bios import Bio, ambiguous_split, balanced_split
-from .corpus import (SEP, build_tokenizer, corpus_documents, corpus_token_stream, packed_sequences,
-                     training_sequences, vocabulary)
+from .corpus import (
+                     SEP,
+                     build_tokenizer,
+                     corpus_documents,
+                     corpus_token_stream,
+                     packed_sequences,
+                     training_sequences,
+                     vocabulary,
+)
