@@ -159,3 +159,13 @@ def edge_pairs(model, sites):
             frozen = tuple(w for w in order if w in have and w in reach[u] and d in near[w])
             pairs.append((u, d, frozen))
     return pairs
+
+
+def clean_and_patch_states(model, metric, batch, sites, saes):
+    """clean_and_patch_sites plus what each transcoder reads on either run (inputs_from):
+    (m_clean, clean, m_patch, patch, u_clean, u_patch); patch and m_patch are None, u_patch {}, without patch
+    inputs."""
+    m_c, clean, m_p, patch = clean_and_patch_sites(model, metric, batch, sites, saes)
+    u_c = inputs_from(model, saes, sites, clean)
+    u_p = inputs_from(model, saes, sites, patch) if patch is not None else {}
+    return m_c, clean, m_p, patch, u_c, u_p

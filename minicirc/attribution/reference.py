@@ -24,6 +24,7 @@ import torch
 from .common import (  # noqa: F401
     METHODS,
     clean_and_patch_sites,
+    clean_and_patch_states,
     edge_pairs,
     frozen_edit,
     frozen_weights,
@@ -60,9 +61,7 @@ def site_states(model, saes, metric, batch, sites):
     Without patch inputs (zero ablation) the patch state is f = 0, err = 0. A transcoder's x_p is the site with
     its nodes at their patch values and its input clean, decode(f_p) + skip(u_c) + err_p: where its nodes go
     (the skip term follows u, which the nodes do not move)."""
-    m_c, clean, m_p, patch = clean_and_patch_sites(model, metric, batch, sites, saes)
-    u_c = inputs_from(model, saes, sites, clean)
-    u_p = inputs_from(model, saes, sites, patch) if patch is not None else {}
+    m_c, clean, m_p, patch, u_c, u_p = clean_and_patch_states(model, metric, batch, sites, saes)
     states = {}
     with torch.no_grad():
         for s in sites:

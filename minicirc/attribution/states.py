@@ -13,7 +13,7 @@ import torch
 from ..data import Batch
 from ..rows import delta_rows, empty_rows, slice_rows
 from ..sae.sparse import decode_rows, split_rows
-from .common import clean_and_patch_sites, inputs_from
+from .common import clean_and_patch_states
 from .memory import release_freed_memory
 
 
@@ -71,9 +71,7 @@ def sparse_site_states(model, saes, metric, batch, sites, use_ext=None):
     """reference.site_states with rows: (m_clean, m_patch or None, {site: SparseSiteState}). Without patch
     inputs (zero ablation) the patch state is f = 0 (no rows), err = 0. A transcoder's x_p is, as there,
     decode(f_p) + skip(u_c) + err_p."""
-    m_c, clean, m_p, patch = clean_and_patch_sites(model, metric, batch, sites, saes)
-    u_c = inputs_from(model, saes, sites, clean)
-    u_p = inputs_from(model, saes, sites, patch) if patch is not None else {}
+    m_c, clean, m_p, patch, u_c, u_p = clean_and_patch_states(model, metric, batch, sites, saes)
     states = {}
     with torch.no_grad():
         for s in sites:
