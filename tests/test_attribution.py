@@ -475,6 +475,23 @@ def test_edges_finite_differences(parallel):
                                       seed + 5)
 
 
+def draw_edge(pairs, fast, saes, g, trial):
+    """One edge to check by finite differences: a random site pair among those with edges, a random downstream
+    node of it with edges (the error node on trials 2, 3 mod 4, a feature otherwise) and whether the upstream
+    end is the error (odd trials): (U, D, frozen, t, j, upstream is error), or None when the pair drawn has no
+    such node. `fast` is as_dict of edge_effects with aggregation none."""
+    U, Dn, frozen = pairs[int(torch.randint(0, len(pairs), (), generator=g))]
+    if (U, Dn) not in fast:
+        return None
+    want_err = bool((trial // 2) % 2)
+    F_d = saes[Dn].n_features
+    keys = [divmod(k, F_d + 1) for k in fast[(U, Dn)] if (k % (F_d + 1) == F_d) == want_err]
+    if not keys:
+        return None
+    t, j = keys[int(torch.randint(0, len(keys), (), generator=g))]
+    return U, Dn, frozen, t, j, bool(trial % 2)
+
+
 def check_edges_by_finite_differences(model, saes, batch, st, L, ref_eff, node, pairs, seed):
     """Random (downstream node, upstream node) entries of `pairs`, from the fast code and the definition,
     against central finite differences; until every combination of feature / error at each end was seen
@@ -491,16 +508,11 @@ def check_edges_by_finite_differences(model, saes, batch, st, L, ref_eff, node, 
     for trial in range(400):
         if len(seen) == 4 and min(seen.values()) >= 3:
             break
-        U, Dn, frozen = pairs[int(torch.randint(0, len(pairs), (), generator=g))]
-        if (U, Dn) not in fast:
+        drawn = draw_edge(pairs, fast, saes, g, trial)
+        if drawn is None:
             continue
-        want_err = bool((trial // 2) % 2)
+        U, Dn, frozen, t, j, up_err = drawn
         F_d = saes[Dn].n_features
-        keys = [divmod(k, F_d + 1) for k in fast[(U, Dn)] if (k % (F_d + 1) == F_d) == want_err]
-        if not keys:
-            continue
-        t, j = keys[int(torch.randint(0, len(keys), (), generator=g))]
-        up_err = bool(trial % 2)
         F_u = st[U].f_c.shape[-1]
         f_c, e_c, f_p, e_p = st[U].f_c, st[U].err_c, st[U].f_p, st[U].err_p
         t_u = int(torch.randint(0, t + 1, (), generator=g))

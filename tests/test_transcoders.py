@@ -298,16 +298,11 @@ def test_transcoder_edges_finite_differences(name, which):
     for trial in range(600):
         if len(seen) == 4 and min(seen.values()) >= 3 and (crossed >= 3 or which == "alone"):
             break
-        U, Dn, frozen = pairs[int(torch.randint(0, len(pairs), (), generator=g))]
-        if (U, Dn) not in fast:
+        drawn = TA.draw_edge(pairs, fast, saes, g, trial)
+        if drawn is None:
             continue
-        want_err = bool((trial // 2) % 2)
+        U, Dn, frozen, t, j, up_err = drawn
         F_d = saes[Dn].n_features
-        keys = [divmod(k, F_d + 1) for k in fast[(U, Dn)] if (k % (F_d + 1) == F_d) == want_err]
-        if not keys:
-            continue
-        t, j = keys[int(torch.randint(0, len(keys), (), generator=g))]
-        up_err = bool(trial % 2)
         sU = st[U]
         t_u = int(torch.randint(0, t + 1, (), generator=g))
         if up_err:
