@@ -47,14 +47,41 @@ def resample_values(model, saes, batch, donors, sites):
     """{site: (features as rows over the B * T tokens, errors (B, T, d))} of the donor examples' patch inputs
     (clean without patch)."""
     source = batch.patch if batch.patch is not None else batch.clean
-    tokens = source[donors].to(next(model.parameters()).device)
+    return site_rows(model, saes, source[donors].to(next(model.parameters()).device), sites)
+
+
+@torch.no_grad()
+def site_rows(model, saes, tokens, sites):
+    """{site: (features as rows over the B * T tokens, error (B, T, d))} of the unedited model on tokens."""
     cache = {}
-    with torch.no_grad():
-        # extra=: the cache holds optional sites (z_l, resid_mid_l) only when asked for.
-        model(tokens, cache=cache, stop_at=max(sites, key=model.all_sites.index),
-              extra=with_sources(model, saes, sites))
-        u = inputs_from(model, saes, sites, cache)
-        return {s: split_rows(saes[s], cache[s], u.get(s)) for s in sites}
+    # extra=: the cache holds optional sites (z_l, resid_mid_l) only when asked for.
+    model(tokens, cache=cache, stop_at=max(sites, key=model.all_sites.index), extra=with_sources(model, saes, sites))
+    u = inputs_from(model, saes, sites, cache)
+    return {s: split_rows(saes[s], cache[s], u.get(s)) for s in sites}
+
+
+def active_units(model, saes, batch, sites, batch_size=64):
+    """{site: bool (T, F + 1) on the CPU}: whether feature i (column i) or the error (column F) is non-zero at
+    position t on at least one of the batch's prompts, clean or patch (real tokens only), in the unedited model.
+
+    Why: a node inactive on every prompt at its position has mean 0 over the patch prompts and is 0 on the
+    clean ones, so mean ablation leaves it (on the unedited run) where it was: counting it in a circuit adds
+    a node that does nothing there. An Identity dictionary's error is exactly 0, so a neuron basis's error
+    nodes are never active."""
+    T = batch.clean.shape[1]
+    out = {s: torch.zeros(T, saes[s].n_features + 1, dtype=torch.bool) for s in sites}
+    for _, b in chunks(model, batch, batch_size):
+        real = torch.arange(T, device=b.clean.device)[None] <= b.last[:, None]     # (B, T)
+        for tokens in (b.clean,) if b.patch is None else (b.clean, b.patch):
+            for s, ((crow, col, val), err) in site_rows(model, saes, tokens, sites).items():
+                F = saes[s].n_features
+                n = row_ids(crow)
+                hit = (val != 0) & real.flatten()[n]
+                feats = torch.zeros(T * F, dtype=torch.bool, device=val.device)
+                feats[(n[hit] % T) * F + col[hit]] = True
+                out[s][:, :F] |= feats.view(T, F).cpu()
+                out[s][:, F] |= ((err != 0).any(-1) & real).any(0).cpu()
+    return out
 
 
 def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=64):
@@ -253,9 +280,16 @@ def sweep(model, saes, batch, circuit, thresholds=None, metric=None, progress=Tr
 
 
 def nodes_for_faithfulness(points, target=0.9):
-    """Fewest nodes among sweep points reaching `target` faithfulness (None when none does)."""
+    """Fewest nodes among sweep points reaching `target` faithfulness (None when none does: a report then
+    says "not reached", with best_point's faithfulness and size, never a count of nodes with no effect)."""
     ok = [p["n_nodes"] for p in points if p["faithfulness"] >= target]
     return min(ok) if ok else None
+
+
+def best_point(points):
+    """The point of highest faithfulness, the fewest nodes among ties (None without a finite one)."""
+    return min((p for p in points if p["faithfulness"] == p["faithfulness"]),
+               key=lambda p: (-p["faithfulness"], p["n_nodes"]), default=None)
 
 
 @torch.no_grad()

@@ -237,3 +237,185 @@ def test_compare_with_mlp_neurons(setup):
             assert len(p["thresholds"]) == 15
         # positions protocol: the MLP neurons of the evaluated layers only
         assert all(int(s.rsplit("_", 1)[1]) >= meta["first_layer"] for s in r["protocols"]["positions"]["sites"])
+
+
+# --- counting as the original: a zero-effect node never enters a circuit ---------------------------------
+
+def detector_setup(seed):
+    """A tiny model whose embedding puts tokens 2..8 on the coordinate axes (token v at 2 e_(v-2)), and at embed a
+    dictionary of token detectors: feature j fires (value 1) only on token DETECTED[j] and decodes to its
+    embedding exactly, so the error is 0 on those tokens and x elsewhere. Discovery prompts differ in a noun of
+    A (tokens 4, 5, 6), held-out prompts in a noun of B (7, 8): B's features never fire on a discovery prompt
+    (effect exactly 0), and A's never fire on a held-out one. So keeping every node with an effect (A's
+    features) does nothing on the held-out prompts (faithfulness 0), while keeping every node gives 1: only a
+    ranking that lets zero-effect nodes in reaches 0.8."""
+    from test_attribution import make_model
+    model = make_model(seed, parallel=bool(seed % 2), n_layers=2)
+    d = model.cfg.d_model
+    with torch.no_grad():
+        for v in range(2, 9):
+            model.embed_in.weight[v] = 2.0 * torch.eye(d, dtype=torch.float64)[v - 2]
+    W_enc = torch.zeros(d, len(DETECTED), dtype=torch.float64)
+    for j, v in enumerate(DETECTED):
+        W_enc[v - 2, j] = 1.0
+    W_dec = 2.0 * W_enc.T.clone()
+    sae = Dictionary(W_enc, -torch.ones(len(DETECTED), dtype=torch.float64), W_dec,
+                     torch.zeros(d, dtype=torch.float64), "relu").to(torch.float64)
+    return model, {"embed": sae}
+
+
+DETECTED = (4, 5, 6, 7, 8)      # features 0-2: the discovery nouns (A), 3-4: the held-out nouns (B)
+
+
+def noun_batch(pairs):
+    """Prompts [2, noun, 3] -> answer 0 (clean) or 1 (patch), clean and patch differing in the noun."""
+    from minicirc.data import Batch
+    clean = torch.tensor([[2, a, 3] for a, _ in pairs])
+    patch = torch.tensor([[2, b, 3] for _, b in pairs])
+    n = len(pairs)
+    return Batch(clean, patch, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long),
+                 torch.full((n,), 2), [None] * n)
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "none"])
+def test_zero_effect_nodes_never_enter_and_the_level_is_not_reached(aggregation):
+    from minicirc import evaluation
+    from minicirc.attribution.find import find_circuit
+    from minicirc.experiments.demo_report import level
+    from test_evaluation import ref_metric, ref_values
+    seed = int(torch.randint(0, 10**6, ()).item())
+    model, saes = detector_setup(seed)
+    disc = noun_batch([(4, 5), (5, 6), (6, 4), (5, 4)])
+    held = noun_batch([(7, 8), (8, 7), (7, 8)])
+    circuit = find_circuit(model, saes, disc, steps=4, node_threshold=0.0, aggregation=aggregation, nodes_only=True)
+    effects = circuit.nodes["embed"]
+    features = effects[..., :len(DETECTED)]
+    # What the construction promises: A's features move, B's (never active in discovery) have effect exactly 0.
+    assert (features[..., 3:] == 0).all() and (features[..., :3] != 0).any()
+    positional = aggregation == "none"
+    evaluator = compare.top_n_faithfulness(model, saes, held, circuit, ["embed"])
+    point, ranked = evaluator
+    want = [nd for nd in circuit.all_nodes() if nd.effect != 0]
+    assert sorted(nd.id for nd in ranked) == sorted(nd.id for nd in want) and len(ranked) > 0
+    assert all(nd.effect != 0 and not nd.error and nd.column < 3 for nd in ranked)
+    # Against the written-out ablation: every node with an effect kept gives 0, every node kept gives 1.
+    values = ref_values(model, saes, held, "mean")
+    full = ref_metric(model, saes, held, None, values, "default", -1)
+    empty = ref_metric(model, saes, held, set(), values, "default", -1)
+    assert abs(full - empty) > 1e-6
+    kept = {(nd.site, nd.column, nd.pos) for nd in ranked}
+    every = {(nd.site, "err" if nd.error else nd.column, nd.pos) for nd in circuit.all_nodes()}
+    assert (ref_metric(model, saes, held, kept, values, "default", -1) - empty) / (full - empty) == \
+        pytest.approx(0, abs=1e-9)
+    assert (ref_metric(model, saes, held, every, values, "default", -1) - empty) / (full - empty) == \
+        pytest.approx(1, abs=1e-9)
+    counts = compare.node_counts(len(ranked), len(ranked), 4)
+    curve, crossings = compare.faithfulness_curve(model, saes, held, circuit, ["embed"], counts, compare.TARGETS,
+                                                  evaluator=evaluator)
+    assert counts[-1] == len(ranked) and curve[-1]["faithfulness"] == pytest.approx(0, abs=1e-9)
+    active = evaluation.active_units(model, saes, held, ["embed"])
+    # B's features are active at the noun on the held-out prompts, A's nowhere; the error wherever the token
+    # has no detector (positions 0 and 2).
+    assert active["embed"].tolist() == [[False] * 5 + [True], [False] * 3 + [True, True, False],
+                                        [False] * 5 + [True]]
+    got = compare.levels(curve + crossings, compare.active_prefix(ranked, active))
+    best = max(curve, key=lambda p: p["faithfulness"])
+    assert got["nodes_for_0.8"] is None and got["nodes_for_0.9"] is None and got["active_for_0.9"] is None
+    assert got["best"]["faithfulness"] == pytest.approx(0, abs=1e-9) and got["best"]["active"] == 0
+    assert got["best"]["faithfulness"] == best["faithfulness"]
+    assert level(got, 0.8) == f"not reached (best 0.00 at {got['best']['n_nodes']} nodes)"
+    # The threshold sweep keeps the same nodes: none above 0, no zero-effect one at any threshold.
+    sweep = compare.threshold_sweep(evaluator, [0.0, 1e-4])
+    assert sweep[0]["n_nodes"] == len(ranked)
+    assert len(ranked) == int((features != 0).sum()) and ((effects[..., -1] == 0).all())
+    assert all((nd.pos is not None) == positional for nd in ranked)
+
+
+def test_evaluation_sets_are_counted(setup):
+    """subject["evaluation_sets"]: each set's positions-protocol counts for every kind, recomputed here from the
+    positional circuit found again on the discovery prompts: the curve at the held-out curve's sizes, the
+    levels reached (min over the evaluated sizes, bisected to the node on sets this small), the nodes active on
+    the set's prompts (dense activations), the faithfulness of the held-out 0.9 circuit; an empty set says "no
+    prompts"; a set of the held-out prompts takes the held-out numbers."""
+    from minicirc import evaluation
+    from minicirc.attribution.find import find_circuit
+    from minicirc.experiments.demo_report import level, set_name
+    t = setup
+    subject = compare.compare_subject(t / "model", t / "saes", t / "data", settings={"grid_points": 5})
+    base = subject["examples"]
+    sets = {"in_sample": lambda tpl: base(tpl, "discovery"), "empty": lambda tpl: [],
+            "novel": lambda tpl: base(tpl, "held_out")[::-1][:4], "same": lambda tpl: base(tpl, "held_out")}
+    subject["examples"] = lambda tpl, role: sets[role](tpl) if role in sets else base(tpl, role)
+    subject["evaluation_sets"] = list(sets)
+    results = compare.run_comparison(lambda: subject, str(t / "out"), progress=False, command="compare")
+    report = (t / "out" / "report.md").read_text()
+    model, saes, tok, cfg = subject["model"], subject["saes"], subject["tokenizer"], subject["cfg"]
+    kinds = {"features": saes, "neurons": minicirc.identity_saes(model)}
+    assert results["_meta"]["evaluation_sets"] == list(sets)
+    checked = 0
+    for template in results["_meta"]["templates"]:
+        got = results[template]["evaluation_sets"]
+        assert list(got) == list(sets) and got["empty"] == {"prompts": 0}
+        section = report.split(f"## {template}\n")[1].split("\n## ")[0]
+        assert re.search(rf"^\| {set_name('empty')} \| 0 \| \| no prompts \|", section, re.M)
+        # held-out inserted after in-sample, from the held-out numbers
+        rows = [r.split("|")[1].strip() for r in section.split("Evaluation sets")[1].split("\n\n")[1].splitlines()[2:]]
+        assert list(dict.fromkeys(rows)) == [set_name(r) for r in ("in_sample", "held_out", "empty", "novel", "same")]
+        disc = tokenize(base(template, "discovery"), tok)
+        for kind, dicts in kinds.items():
+            main = results[template][kind]["protocols"]["positions"]
+            at = main["sites"]
+            sub = {s: dicts[s] for s in at}
+            circuit = find_circuit(model, sub, disc, steps=cfg["steps"], node_threshold=cfg["node_threshold"],
+                                   aggregation="none", nodes_only=True, progress=False)
+            ranked = sorted((nd for nd in circuit.all_nodes() if nd.effect != 0), key=lambda nd: -abs(nd.effect))
+            same = got["same"][kind]
+            for k in compare.LEVEL_KEYS + ("with_effect", "active_with_effect"):
+                assert same[k] == main[k], (template, kind, k)
+            for role in ("in_sample", "novel"):
+                exs = sets[role](template)
+                r = got[role][kind]
+                assert got[role]["prompts"] == len(exs) and r["with_effect"] == len(ranked)
+                batch = tokenize(exs, tok)
+                faith = lambda n: evaluation.faithfulness(model, sub, batch, ranked[:n], positional=True)["faithfulness"]  # noqa: E731
+                assert [p["n_nodes"] for p in r["curve"]] == [p["n_nodes"] for p in main["curve"]]
+                for p in r["curve"] + r["crossings"]:
+                    assert p["faithfulness"] == pytest.approx(faith(p["n_nodes"]), abs=1e-5)
+                # active: non-zero on a clean or patch prompt of the set, at the node's position
+                T = batch.clean.shape[1]
+                on = {s: torch.zeros(T, dicts[s].n_features + 1, dtype=torch.bool) for s in at}
+                for tokens in (batch.clean, batch.patch):
+                    cache = {}
+                    with torch.no_grad():
+                        model(tokens, cache=cache)
+                    for s in at:
+                        f = dicts[s].encode(cache[s])
+                        on[s][:, :-1] |= (f != 0).any(0)
+                        on[s][:, -1] |= ((cache[s] - dicts[s].decode(f)).abs() > 1e-6).any(-1).any(0)
+                n_on = lambda n: sum(bool(on[nd.site][nd.pos, nd.column]) for nd in ranked[:n])  # noqa: E731
+                assert r["active_with_effect"] == n_on(len(ranked))
+                points = r["curve"] + r["crossings"]
+                for target in compare.TARGETS:
+                    reach = [p["n_nodes"] for p in points if p["faithfulness"] >= target]
+                    n = r[f"nodes_for_{target}"]
+                    assert n == (min(reach) if reach else None)
+                    if n is not None:
+                        assert r[f"active_for_{target}"] == n_on(n)
+                        # bisected until a size below it that misses the target is within 2% (one node at least)
+                        step = max(1, int(compare.SET_PRECISION * n))
+                        below = [p for p in points if n - step <= p["n_nodes"] < n and p["faithfulness"] < target]
+                        assert n == r["curve"][0]["n_nodes"] or below
+                        checked += 1
+                    else:
+                        assert r["best"]["faithfulness"] == max(p["faithfulness"] for p in points)
+                        assert r["best"]["active"] == n_on(r["best"]["n_nodes"])
+                    row = re.search(rf"^\| {re.escape(set_name(role))} \| {len(exs)} \| {kind} \|(.*)\|$", section, re.M)
+                    assert level(r, target) in row.group(1).split("|")[TARGETS_COLUMN[target]]
+                n9 = main["nodes_for_0.9"]
+                assert (r["at_held_out_0.9"] is None) == (n9 is None)
+                if n9 is not None:
+                    assert r["at_held_out_0.9"]["faithfulness"] == pytest.approx(faith(n9), abs=1e-5)
+    assert checked > 0
+
+
+TARGETS_COLUMN = {0.8: 0, 0.9: 1}

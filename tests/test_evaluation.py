@@ -193,3 +193,40 @@ def test_empty_dataset_and_nodes_for_faithfulness():
     exact = [{"n_nodes": 7, "faithfulness": target}, {"n_nodes": 3, "faithfulness": target / 2}]
     assert evaluation.nodes_for_faithfulness(exact, target) == 7
     assert evaluation.nodes_for_faithfulness(exact[1:], target) is None
+    # best_point: the highest faithfulness, the fewest nodes among ties, NaN never chosen.
+    tie = [{"n_nodes": 9, "faithfulness": 0.7}, {"n_nodes": 4, "faithfulness": 0.7}, {"n_nodes": 2, "faithfulness": 0.1},
+           {"n_nodes": 1, "faithfulness": float("nan")}]
+    assert evaluation.best_point(tie) == tie[1] and evaluation.best_point(tie[3:]) is None
+    assert evaluation.best_point(points) == max(points, key=lambda p: (p["faithfulness"], -p["n_nodes"]))
+
+
+@pytest.mark.parametrize("dicts", ["saes", "neurons"])
+def test_active_units_equal_the_dense_activations(dicts):
+    """A feature is active at a position when its activation is non-zero there on at least one prompt, clean
+    or patch, over real tokens only (padding never counts); the error when its error vector is non-zero:
+    against encode / decode of each site's value in plain runs. Identity dictionaries: every error inactive."""
+    seed = int(torch.randint(0, 10**6, ()).item())
+    model = make_model(seed, parallel=bool(seed % 2))
+    saes = make_saes(model, seed + 1, ("relu", "jumprelu", "topk")) if dicts == "saes" else neuron_saes(model)
+    lengths = [4, 2, 3, 4, 1]
+    batch = make_batch(seed + 2, B=len(lengths), lengths=lengths)
+    sites = random.Random(seed).sample(list(saes), 3)
+    got = evaluation.active_units(model, saes, batch, sites, batch_size=2)
+    T = batch.clean.shape[1]
+    for s in sites:
+        want = torch.zeros(T, saes[s].n_features + 1, dtype=torch.bool)
+        for tokens in (batch.clean, batch.patch):
+            cache = {}
+            with torch.no_grad():
+                model(tokens, cache=cache)
+                f = saes[s].encode(cache[s])
+                err = cache[s] - saes[s].decode(f)
+            for b, n in enumerate(lengths):
+                want[:n, :-1] |= f[b, :n] != 0
+                want[:n, -1] |= (err[b, :n].abs() > 1e-12).any(-1)
+        assert torch.equal(got[s], want), s
+        assert got[s][:, :-1].any()
+        if dicts == "neurons":
+            assert not got[s][:, -1].any()
+        else:
+            assert got[s][:, -1].any()

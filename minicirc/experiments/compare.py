@@ -10,10 +10,14 @@ on discovery examples and measure them on held-out examples under three protocol
     summed     the same sites, node effects summed over positions (aggregation sum)
     all sites  every site from embed up, summed
 
-For each: faithfulness and completeness of the top-n nodes by |effect| on a log grid of n, nodes needed for
-0.8 and 0.9 faithfulness (bisected to the node between grid sizes), the area under faithfulness against
-log(nodes), and, when the settings name node thresholds, the original's sweep (the nodes above each
-threshold). Where the prompts carry ground-truth latents (the demo's synthetic grammar), every unit of every
+A circuit is the nodes whose |effect| on the discovery examples passes a threshold, as the original's: a
+node with effect 0 never enters one. For each protocol: faithfulness and completeness of the top-n nodes by
+|effect| on a log grid of n up to every node with an effect, nodes needed for 0.8 and 0.9 faithfulness
+(bisected to the node between grid sizes; "not reached", with the best faithfulness and its size, where the
+nodes with an effect never reach it), how many of those nodes are active on the held-out prompts, the area
+under faithfulness against log(nodes), and the original's sweep (the nodes above each threshold of
+logspace(-4, 0, 15), or the settings' thresholds). The subject's evaluation sets (in-sample, held-out split
+by words seen in discovery, novel words, ...) get the positions protocol's counts too. Where the prompts carry ground-truth latents (the demo's synthetic grammar), every unit of every
 site is scored by metrics.best_latent_share against them. report.md and the plots are written by
 demo_report.py from the results computed here.
 
@@ -48,6 +52,12 @@ from .tasks import agreement
 
 PROTOCOLS = ("positions", "summed", "all sites")
 TARGETS = (0.8, 0.9)
+LEVEL_KEYS = tuple(f"{k}_{t}" for t in TARGETS for k in ("nodes_for", "active_for")) + ("best",)
+# The original's node thresholds, swept beside the top-n grid.
+THRESHOLDS = [float(t) for t in np.logspace(-4, 0, 15)]
+# The evaluation sets' counts are bisected to 2% of the nodes (the held-out ones to the node): a set costs
+# about half of the held-out curve of one protocol.
+SET_PRECISION = 0.02
 BREAK = 0.2     # completeness left after removing a circuit's top nodes, below which the behaviour is gone
 
 
@@ -73,30 +83,40 @@ def node_counts(total, cap, points):
 
 
 def top_n_faithfulness(model, dicts, batch, circuit, sites):
-    """(point, ranked): point(n) = faithfulness and completeness of the top-n nodes by |effect| of `sites`
-    (all other sites untouched) as {n_nodes, faithfulness, completeness, ...}; ranked: those sites' nodes by
-    decreasing |effect|. The ablation values and m(M), m(empty) are computed once for every point."""
+    """(point, ranked): ranked: the nodes of `sites` whose effect is not 0, by decreasing |effect|; point(n) =
+    faithfulness and completeness of the top n of them (all other sites untouched) as {n_nodes, faithfulness,
+    completeness, ...}, each size evaluated once. The ablation values and m(M), m(empty) are computed once.
+
+    Why only non-zero effects: a circuit is the nodes whose |effect| passes a threshold (the original's
+    circuits), so a node no discovery example moves never enters one. Ranked after every other node, such
+    nodes would tie and enter in site, then position order, and mean ablation still moves many of them on
+    other prompts: a top-n count reaching into them measures that order, not the circuit."""
     sub = {s: dicts[s] for s in sites}
-    ranked = sorted((nd for nd in circuit.all_nodes() if nd.site in sub), key=lambda nd: -abs(nd.effect))
+    ranked = sorted((nd for nd in circuit.all_nodes() if nd.site in sub and nd.effect != 0),
+                    key=lambda nd: -abs(nd.effect))
     values = evaluation.ablation_values(model, sub, attribution.logit_diff, batch, sites)
-    reference = None
+    reference, seen = None, {}
 
     def point(n):
         nonlocal reference
-        r = evaluation.faithfulness(model, sub, batch, ranked[:n], positional=circuit.positional, values=values,
-                                    reference=reference)
-        reference = (r["m_full"], r["m_empty"])
-        return {"n_nodes": n, **r}
+        if n not in seen:
+            r = evaluation.faithfulness(model, sub, batch, ranked[:n], positional=circuit.positional, values=values,
+                                        reference=reference)
+            reference = (r["m_full"], r["m_empty"])
+            seen[n] = {"n_nodes": n, **r}
+        return seen[n]
     return point, ranked
 
 
 def faithfulness_curve(model, dicts, batch, circuit, sites, counts, targets=(), progress=False, desc="faithfulness",
-                       evaluator=None):
-    """Faithfulness and completeness of the top-n nodes by |effect| of `sites` (all other sites untouched),
-    for each n in counts -> (curve, crossings): lists of {n_nodes, faithfulness, completeness, ...}.
+                       evaluator=None, precision=0.0):
+    """Faithfulness and completeness of the top-n nodes by |effect| of `sites` (all other sites untouched;
+    nodes with effect 0 never counted), for each n in counts -> (curve, crossings): lists of {n_nodes,
+    faithfulness, completeness, ...}.
 
     crossings: for each target, the sizes bisected between the last grid size below it and the first grid
-    size reaching it (down to one node), so the nodes needed are known to the node, not to the grid's step.
+    size reaching it, until they are max(1, precision * upper size) apart (precision 0: to the node), so the
+    nodes needed are known to the node (or to that share), not to the grid's step.
     evaluator: top_n_faithfulness's (point, ranked) for these arguments, when the caller shares it."""
     point, _ = evaluator or top_n_faithfulness(model, dicts, batch, circuit, sites)
     curve = [point(n) for n in tqdm(counts, desc=desc, unit="size", leave=False, disable=not progress)]
@@ -106,11 +126,36 @@ def faithfulness_curve(model, dicts, batch, circuit, sites, counts, targets=(), 
         if not hit:           # never reached, or reached by the smallest size
             continue
         lo, hi = curve[hit - 1]["n_nodes"], curve[hit]["n_nodes"]
-        while hi - lo > 1:
+        while hi - lo > max(1, int(precision * hi)):
             p = point((lo + hi) // 2)
             crossings.append(p)
             lo, hi = (lo, p["n_nodes"]) if p["faithfulness"] >= target else (p["n_nodes"], hi)
     return curve, crossings
+
+
+def active_prefix(ranked, active):
+    """(n + 1,) ints: how many of the top n nodes of `ranked` are active on the evaluation prompts
+    (evaluation.active_units' masks): a node with a position at that position, a summed node at any."""
+    masks = {s: m.numpy() for s, m in active.items()}
+    anywhere = {s: m.any(0) for s, m in masks.items()}
+    flags = [masks[nd.site][nd.pos, nd.column] if nd.pos is not None else anywhere[nd.site][nd.column]
+             for nd in ranked]
+    return np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+
+
+def levels(points, active):
+    """{nodes_for_t, active_for_t for t in TARGETS, best}: the fewest top nodes reaching each target among
+    `points` (None: the nodes with an effect never reach it), how many of them are active (active:
+    active_prefix), and best = the point of highest faithfulness {n_nodes, faithfulness, active} (None
+    without points), which the report gives where a target is not reached."""
+    out = {}
+    for t in TARGETS:
+        n = evaluation.nodes_for_faithfulness(points, t)
+        out[f"nodes_for_{t}"], out[f"active_for_{t}"] = n, None if n is None else int(active[n])
+    best = evaluation.best_point(points)
+    out["best"] = None if best is None else {"n_nodes": best["n_nodes"], "faithfulness": best["faithfulness"],
+                                             "active": int(active[best["n_nodes"]])}
+    return out
 
 
 def threshold_sweep(evaluator, thresholds):
@@ -181,7 +226,7 @@ def score_table(scores):
     return table
 
 
-CACHE_VERSION = 1   # bump when the demo's computation changes: cached template results are then recomputed
+CACHE_VERSION = 2   # bump when the demo's computation changes: cached template results are then recomputed
 
 
 def cached(folder, compute, progress, what):
@@ -211,7 +256,9 @@ def cache_key(subject, cfg, first_layer, device, part):
     if subject.get("cache") is None:
         return None
     key = sha256_of([json.dumps({"version": CACHE_VERSION, "cfg": cfg, "first_layer": first_layer,
-                                 "device": str(device), "part": part}, sort_keys=True)])[:16]
+                                 "device": str(device), "part": part,
+                                 **({"sets": subject["evaluation_sets"]} if subject.get("evaluation_sets") else {})},
+                                sort_keys=True)])[:16]
     return os.path.join(subject["cache"], "demo", f"{part}-{key}")
 
 
@@ -259,7 +306,7 @@ def run_comparison(load_subject, out, overwrite=False, device="cpu", progress=Tr
             os.rmdir(out)
         raise
     model, saes, tokenizer, cfg = subject["model"], subject["saes"], subject["tokenizer"], subject["cfg"]
-    examples = subject["examples"]
+    examples, sets = subject["examples"], list(subject.get("evaluation_sets") or ())
     n_layers = model.cfg.n_layers
     first_layer = paper_first_layer(n_layers) if first_layer is None else first_layer
     if not 0 <= first_layer < n_layers:
@@ -281,7 +328,8 @@ def run_comparison(load_subject, out, overwrite=False, device="cpu", progress=Tr
     for template in subject["templates"]:
         value, files = cached(cache_key(subject, cfg, first_layer, device, template),
                               lambda: template_results(model, kinds, tokenizer, examples, cfg, template, out,
-                                                       interp_batches[template], scores, sites, device, progress),
+                                                       interp_batches[template], scores, sites, device, progress,
+                                                       sets),
                               progress, f"{template}'s circuits")
         if files is not None:
             shutil.copytree(files, os.path.join(out, template), dirs_exist_ok=True)
@@ -291,7 +339,8 @@ def run_comparison(load_subject, out, overwrite=False, device="cpu", progress=Tr
     plot_protocols(curves, "completeness", os.path.join(out, "completeness_vs_nodes.png"))
     results["_meta"] = {"seconds": time.time() - t0, **subject["meta"], "settings": cfg,
                         "first_layer": first_layer, "n_layers": n_layers, "accuracy": subject["accuracy"],
-                        "templates": subject["templates"], "kinds": list(kinds),
+                        "templates": subject["templates"], "kinds": list(kinds), "evaluation_sets": sets,
+                        "thresholds": cfg.get("thresholds") or THRESHOLDS,
                         "full_model_faithfulness": full_model,
                         "unit_scores": None if scores is None else score_table(scores)}
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
@@ -301,12 +350,13 @@ def run_comparison(load_subject, out, overwrite=False, device="cpu", progress=Tr
 
 
 def template_results(model, kinds, tokenizer, examples, cfg, template, out, interp_batch, scores, sites, device,
-                     progress):
+                     progress, sets=()):
     """One template's circuits (files under out/template) and measurements ->
     ({"results", "full_model", "curves": [[protocol, label, points]]}, out/template).
-    sites: {kind: (the paper protocol's sites, every site)}; scores: unit_scores' or None (no latents)."""
+    sites: {kind: (the paper protocol's sites, every site)}; scores: unit_scores' or None (no latents);
+    sets: the evaluation sets' roles (evaluation_sets)."""
     saes = kinds["features"]
-    results, curves = {}, []
+    results, curves, found = {}, [], {}
     disc = tokenize(examples(template, "discovery"), tokenizer)
     held = tokenize(examples(template, "held_out"), tokenizer).to(device)
     gradients = {}   # IG's site gradients on `disc`, shared by this template's circuits of every kind
@@ -314,10 +364,6 @@ def template_results(model, kinds, tokenizer, examples, cfg, template, out, inte
     T = held.clean.shape[1]
     # Sanity check reported beside the circuits: every node kept must give faithfulness 1.
     full_model = evaluation.faithfulness(model, saes, held, list(all_nodes(saes)))["faithfulness"]
-    # The common end of the area: the smallest kind's node count, so every kind shares one axis.
-    caps = {"positions": min(n_nodes_at(d, sites[k][0], T) for k, d in kinds.items()),
-            "summed": min(n_nodes_at(d, sites[k][0]) for k, d in kinds.items()),
-            "all sites": min(n_nodes_at(d, sites[k][1]) for k, d in kinds.items())}
     for kind, dicts in kinds.items():
         paper_sites, all_sites = sites[kind]
         circuit = find_circuit(model, dicts, disc, steps=cfg["steps"], node_threshold=cfg["node_threshold"],
@@ -328,31 +374,48 @@ def template_results(model, kinds, tokenizer, examples, cfg, template, out, inte
                                   node_threshold=cfg["node_threshold"], aggregation="none", nodes_only=True,
                                   progress=progress, site_gradients=gradients)
         kept = circuit.kept_nodes()
-        found = circuit.to_json()
-        for n in found["nodes"]:
+        data = circuit.to_json()
+        for n in data["nodes"]:
             if n["feature"] != "err" and scores is not None:
                 share, best, _ = scores[kind][n["site"]]
                 # numpy's rounding (score * 1e4 rounded half to even), as circuit.json has always held it.
                 circuit.annotations[n["id"]] = {"best_variable": best[n["feature"]],
                                                 "interpretability": float(np.round(share[n["feature"]], 4))}
-        contexts = explain.circuit_contexts(model, dicts, tokenizer, found, texts, k=5)
+        contexts = explain.circuit_contexts(model, dicts, tokenizer, data, texts, k=5)
         data = viz.save_circuit(circuit, os.path.join(out, template, kind), contexts=contexts)
         faith = evaluation.faithfulness(model, dicts, held, kept)
+        results[kind] = {"nodes": len(data["nodes"]), "edges": len(data["edges"]), "faithfulness": faith["faithfulness"],
+                         "completeness": faith["completeness"], "metric": data["metric"]}
+        found[kind] = {"positions": (positional, paper_sites, T), "summed": (circuit, paper_sites, None),
+                       "all sites": (circuit, all_sites, None)}
+        if template == "nounpp" and kind == "features" and scores is not None:
+            results["description"] = describe_nounpp(
+                data, {nid: (a["best_variable"], a["interpretability"]) for nid, a in circuit.annotations.items()})
+    evaluators = {(kind, name): top_n_faithfulness(model, kinds[kind], held, circ, at)
+                  for kind, protocols in found.items() for name, (circ, at, _) in protocols.items()}
+    # The common end of the area: the fewest nodes with an effect among the kinds, so every kind shares one axis.
+    caps = {name: min(len(evaluators[kind, name][1]) for kind in kinds) for name in PROTOCOLS}
+    thresholds = cfg.get("thresholds") or THRESHOLDS
+    for kind, dicts in kinds.items():
+        active = evaluation.active_units(model, dicts, held, sites[kind][1])
         protocols = {}
-        for name, circ, at, per_pos in [("positions", positional, paper_sites, T), ("summed", circuit, paper_sites, None),
-                                        ("all sites", circuit, all_sites, None)]:
-            counts = node_counts(n_nodes_at(dicts, at, per_pos), caps[name], cfg["grid_points"])
-            evaluator = top_n_faithfulness(model, dicts, held, circ, at)
+        for name, (circ, at, per_pos) in found[kind].items():
+            evaluator = evaluators[kind, name]
+            ranked = evaluator[1]
+            counts = node_counts(len(ranked), caps[name], cfg["grid_points"])
             points, crossings = faithfulness_curve(model, dicts, held, circ, at, counts, TARGETS, progress,
                                                    f"{template} {kind}: faithfulness, {name}", evaluator)
             curves.append([name, f"{template} {kind}", points])
-            top = sorted((nd for nd in circ.all_nodes() if nd.site in at and not nd.error),
-                         key=lambda nd: -abs(nd.effect))
+            top = [nd for nd in ranked if not nd.error]
             # The top-k distinct units (a positional circuit may hold one unit at several positions).
             units = list(dict.fromkeys((nd.site, nd.column) for nd in top))[:cfg["top_k"]]
             keys = ("n_nodes", "faithfulness", "completeness")
+            on = active_prefix(ranked, active)
             protocols[name] = {
-                **{f"nodes_for_{t}": evaluation.nodes_for_faithfulness(points + crossings, t) for t in TARGETS},
+                **levels(points + crossings, on),
+                # nodes whose effect on the discovery examples is not 0 (the only ones ranked), how many of
+                # them are active on the held-out prompts, and every node of the protocol's sites
+                "with_effect": len(ranked), "active_with_effect": int(on[-1]), "all_nodes": n_nodes_at(dicts, at, per_pos),
                 "area": area_under(points, caps[name]), "cap": caps[name], "sites": at,
                 # The fewest top nodes whose removal (everything else kept) leaves completeness <= 0.2.
                 "nodes_to_break": min((p["n_nodes"] for p in points if p["completeness"] <= BREAK),
@@ -360,21 +423,67 @@ def template_results(model, kinds, tokenizer, examples, cfg, template, out, inte
                 "interpretability_top_k": float(np.mean([scores[kind][s][0][f] for s, f in units]))
                 if units and scores is not None else float("nan"),
                 "curve": [{k: p[k] for k in keys} for p in points],
-                "crossings": [{k: p[k] for k in keys} for p in crossings]}
-            if cfg.get("thresholds"):
-                protocols[name]["thresholds"] = [{k: p[k] for k in ("threshold",) + keys}
-                                                 for p in threshold_sweep(evaluator, cfg["thresholds"])]
-        results[kind] = {
-            "nodes": len(data["nodes"]), "edges": len(data["edges"]),
-            # (nodes whose summed effect is not 0, all nodes): the others rank by a tie in every curve
-            "with_effect": [int(sum((circuit.nodes[s] != 0).sum() for s in all_sites)), n_nodes_at(dicts, all_sites)],
-            "faithfulness": faith["faithfulness"], "completeness": faith["completeness"],
-            "protocols": protocols, "metric": data["metric"],
-        }
-        if template == "nounpp" and kind == "features" and scores is not None:
-            results["description"] = describe_nounpp(
-                data, {nid: (a["best_variable"], a["interpretability"]) for nid, a in circuit.annotations.items()})
+                "crossings": [{k: p[k] for k in keys} for p in crossings],
+                "thresholds": [{**{k: p[k] for k in ("threshold",) + keys}, "active": int(on[p["n_nodes"]])}
+                               for p in threshold_sweep(evaluator, thresholds)]}
+        results[kind]["protocols"] = protocols
+    if sets:
+        results["evaluation_sets"] = evaluation_sets(model, kinds, tokenizer, examples, template, sets, found, results,
+                                                     cfg, device, progress)
     return {"results": results, "full_model": full_model, "curves": curves}, os.path.join(out, template)
+
+
+def prompts_of(exs):
+    return [(ex.clean_prefix, ex.patch_prefix, ex.clean_answer, ex.patch_answer) for ex in exs]
+
+
+def evaluation_sets(model, kinds, tokenizer, examples, template, sets, found, results, cfg, device, progress):
+    """{role: {"prompts": n, kind: {...}} or {"prompts": 0} or {"prompts": n, "skipped": why}}: the positions
+    protocol of each kind's circuit (found on the discovery prompts) measured on each evaluation set's prompts
+    (examples(template, role)): levels' counts, bisected to SET_PRECISION, on the held-out curve's grid
+    sizes, the nodes with an effect active on the set, and the faithfulness of the top-n circuit that reaches
+    0.9 on the held-out prompts. A set with the held-out prompts themselves takes the held-out results."""
+    held = prompts_of(examples(template, "held_out"))
+    out = {}
+    for role in sets:
+        exs = examples(template, role)
+        if not exs:
+            out[role] = {"prompts": 0}
+            continue
+        batch = tokenize(exs, tokenizer).to(device)
+        lengths = set((batch.last + 1).tolist())
+        T = found["features"]["positions"][2]
+        if lengths != {T}:
+            # positions are kept: the circuit's nodes sit at the discovery prompts' positions
+            out[role] = {"prompts": len(exs), "skipped": f"prompts of {'/'.join(map(str, sorted(lengths)))} tokens, "
+                                                         f"the circuits' positions are {T}"}
+            continue
+        out[role] = {"prompts": len(exs)}
+        for kind, dicts in kinds.items():
+            main = results[kind]["protocols"]["positions"]
+            if prompts_of(exs) == held:
+                out[role][kind] = {k: main[k] for k in (*LEVEL_KEYS, "with_effect", "active_with_effect", "curve",
+                                                         "crossings")}
+                out[role][kind]["at_held_out_0.9"] = (None if main["nodes_for_0.9"] is None else
+                                                      {"n_nodes": main["nodes_for_0.9"], "faithfulness":
+                                                       next(p["faithfulness"] for p in main["curve"] + main["crossings"]
+                                                            if p["n_nodes"] == main["nodes_for_0.9"])})
+                continue
+            circ, at, _ = found[kind]["positions"]
+            evaluator = top_n_faithfulness(model, dicts, batch, circ, at)
+            point, ranked = evaluator
+            points, crossings = faithfulness_curve(model, dicts, batch, circ, at, [p["n_nodes"] for p in main["curve"]],
+                                                   TARGETS, progress, f"{template} {kind}: faithfulness, {role}",
+                                                   evaluator, SET_PRECISION)
+            on = active_prefix(ranked, evaluation.active_units(model, dicts, batch, at))
+            n9 = main["nodes_for_0.9"]
+            out[role][kind] = {**levels(points + crossings, on), "with_effect": len(ranked),
+                               "active_with_effect": int(on[-1]),
+                               "at_held_out_0.9": None if n9 is None else {"n_nodes": n9,
+                                                                          "faithfulness": point(n9)["faithfulness"]},
+                               **{name: [{k: p[k] for k in ("n_nodes", "faithfulness", "completeness")} for p in pts]
+                                  for name, pts in (("curve", points), ("crossings", crossings))}}
+    return out
 
 
 def all_nodes(saes):
@@ -390,7 +499,7 @@ def all_nodes(saes):
 # The paper's settings: 100 discovery and 40 test examples per template, IG with 10 steps, the original's
 # threshold sweep logspace(-4, 0, 15) beside the top-n grid; the saved circuits at the CLI's thresholds.
 PAPER_SETTINGS = dict(n_discovery=100, n_eval=40, steps=10, node_threshold=0.1, edge_threshold=0.01, top_k=10,
-                      grid_points=32, thresholds=[float(t) for t in np.logspace(-4, 0, 15)])
+                      grid_points=32, thresholds=THRESHOLDS)
 
 
 def compare_subject(model_path, saes_path, data_dir, neurons=("output",), settings=None, norm_scaling_factor=None):

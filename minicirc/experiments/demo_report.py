@@ -92,22 +92,51 @@ def plot_protocols(curves, key, path):
 
 
 def fmt(v, spec=".2f"):
-    return "—" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+    """v formatted by spec; "—" for None and NaN; a value that rounds to 0 without its sign ("0.00", not "-0.00")."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "—"
+    out = format(v, spec)
+    return out[1:] if out.startswith("-") and not any(c in "123456789" for c in out) else out
+
+
+def level(p, target):
+    """A count for a faithfulness level as the report writes it: "N (A active)", or "not reached (best F at
+    N nodes)" where the nodes with an effect never reach it (compare.levels' record p)."""
+    n = p[f"nodes_for_{target}"]
+    if n is not None:
+        return f"{n} ({p[f'active_for_{target}']} active)"
+    best = p.get("best")
+    return ("not reached (no node has an effect)" if best is None else
+            f"not reached (best {fmt(best['faithfulness'])} at {best['n_nodes']} nodes)")
+
+
+def protocol_of(results, t, kind, protocol):
+    """A kind's record for one protocol on the held-out prompts, or (protocol "set:<role>") the positions
+    protocol on an evaluation set (None where the set has no prompts or was skipped)."""
+    if not protocol.startswith("set:"):
+        return results[t][kind]["protocols"][protocol]
+    role = protocol[4:]
+    if role == "held_out" and role not in results[t].get("evaluation_sets", {}):
+        return results[t][kind]["protocols"]["positions"]
+    return results[t].get("evaluation_sets", {}).get(role, {}).get(kind)
 
 
 def _compare(results, protocol, key, other="neurons"):
     """(templates where features need clearly fewer nodes for `key` than the `other` kind, clearly more,
     compared): clearly = at most 0.9 times the other kind's count; a kind that never reaches the target needs
-    more than any that does."""
+    more than any that does; a template without the record (an empty evaluation set) is not compared."""
     inf = float("inf")
-    ahead = behind = 0
-    templates = compared_templates(results)
-    for t in templates:
-        f, n = (results[t][kind]["protocols"][protocol][key] for kind in ("features", other))
+    ahead = behind = compared = 0
+    for t in compared_templates(results):
+        records = [protocol_of(results, t, kind, protocol) for kind in ("features", other)]
+        if None in records:
+            continue
+        compared += 1
+        f, n = (r[key] for r in records)
         f, n = (inf if f is None else f), (inf if n is None else n)
         ahead += f <= 0.9 * n and f < n
         behind += n <= 0.9 * f and n < f
-    return ahead, behind, len(templates)
+    return ahead, behind, compared
 
 
 def kinds_of(results):
@@ -140,13 +169,14 @@ def answers(results):
             a8, b8, _ = _compare(results, protocol, "nodes_for_0.8", other)
             area = sum(results[t]["features"]["protocols"][protocol]["area"]
                        > results[t][other]["protocols"][protocol]["area"] for t in templates)
-            need = lambda kind: ", ".join(fmt(results[t][kind]["protocols"][protocol]["nodes_for_0.9"], "d")  # noqa: E731
+            need = lambda kind: ", ".join(level(results[t][kind]["protocols"][protocol], 0.9)  # noqa: E731
                                           for t in templates)
             lines.append(f"- **Are feature circuits smaller at equal faithfulness** ({protocol}{against})? "
                          f"**{_verdict(a9, b9, n)}**: for 0.9 faithfulness features need clearly fewer nodes in {a9} "
                          f"of {n} templates and clearly more in {b9} (nodes, {'/'.join(templates)}: features "
                          f"{need('features')}; {other} {need(other)}); for 0.8, fewer in {a8} and more in {b8}; the "
                          f"larger area in {area} of {n}.")
+        lines += set_answers(results, other, against)
     table = results["_meta"].get("unit_scores")
     if table is None:           # no ground-truth latents: nothing to say about interpretability
         return lines + [""]
@@ -162,6 +192,150 @@ def answers(results):
                  f"{', '.join(fmt(top(t, 'features')) for t in templates)}; neurons "
                  f"{', '.join(fmt(top(t, 'neurons')) for t in templates)}). Over every unit, features score "
                  f"higher at {len(better)} of {len(kinds)} site kinds ({', '.join(better) or 'none'}).")
+    return lines + [""]
+
+
+SET_NAMES = {"in_sample": "in-sample (the discovery prompts)", "held_out": "held-out",
+             "held_out_seen": "held-out, words seen in discovery", "held_out_unseen": "held-out, words never seen in "
+             "discovery", "novel": "novel words (prompts with nouns and verbs the templates never use)"}
+
+
+def set_name(role):
+    return SET_NAMES.get(role, role.replace("_", " "))
+
+
+def set_roles(results):
+    """The evaluation sets in the report's order: the subject's, the held-out prompts after in-sample when the
+    subject does not list them (nothing when it lists no set)."""
+    roles = list(results["_meta"].get("evaluation_sets") or ())
+    if roles and "held_out" not in roles:
+        roles.insert(1 if roles[0] == "in_sample" else 0, "held_out")
+    return roles
+
+
+def set_answers(results, other, against):
+    """The answer's lines per evaluation set (positions protocol): features smaller at 0.9, and whether the
+    top-n circuit that reaches 0.9 on the held-out prompts keeps at least 0.8 on the set."""
+    lines, templates = [], compared_templates(results)
+    for role in set_roles(results):
+        a9, b9, n = _compare(results, f"set:{role}", "nodes_for_0.9", other)
+        if n == 0:
+            lines.append(f"- {set_name(role)}{against}: no prompts in any template.")
+            continue
+        rec = {(t, k): protocol_of(results, t, k, f"set:{role}") for t in templates for k in ("features", other)}
+        need = lambda kind: ", ".join("no prompts" if rec[t, kind] is None else level(rec[t, kind], 0.9)  # noqa: E731
+                                      for t in templates)
+        lines.append(f"- **Smaller at equal faithfulness on {set_name(role)}** (positions{against})? "
+                     f"**{_verdict(a9, b9, n)}**: clearly fewer nodes for 0.9 in {a9} of {n} templates, clearly more "
+                     f"in {b9} (features {need('features')}; {other} {need(other)}).")
+        if role == "held_out":
+            continue
+        stay = []
+        for kind in ("features", other):
+            at = [rec[t, kind]["at_held_out_0.9"] for t in templates
+                  if rec[t, kind] is not None and rec[t, kind].get("at_held_out_0.9")]
+            if not at:
+                continue
+            kept = sum(a["faithfulness"] >= 0.8 for a in at)
+            verdict = "yes" if kept == len(at) else "no" if kept == 0 else "mixed"
+            values = ", ".join(f"{fmt(a['faithfulness'])} at {a['n_nodes']}" for a in at)
+            stay.append(f"{kind} **{verdict}** ({values})")
+        if stay:
+            lines.append(f"- **Do the circuits that reach 0.9 on the held-out prompts stay faithful (>= 0.8) on "
+                         f"{set_name(role)}?** " + "; ".join(stay) + ".")
+    return lines
+
+
+def set_table(results, t, kinds):
+    """One template's evaluation sets: per set and kind, the positions protocol's counts."""
+    rows = set_roles(results)
+    if not rows:
+        return []
+    lines = ["Evaluation sets (positions protocol; the same circuits, found on the discovery prompts, measured on "
+             "each set's prompts with mean ablation over that set; the counts are bisected to 2% of the nodes, the "
+             "held-out ones to the node; \"held-out 0.9 circuit\": the top-n nodes that reach 0.9 on the held-out "
+             "prompts):", "",
+             "| set | prompts | kind | nodes for 0.8 | nodes for 0.9 | best faithfulness (nodes) | nodes with an effect "
+             "active on the set | faithfulness of the held-out 0.9 circuit |", "|---|---|---|---|---|---|---|---|"]
+    sets = results[t].get("evaluation_sets", {})
+    for role in rows:
+        if role == "held_out" and role not in sets:
+            entry = {"prompts": None}
+        else:
+            entry = sets.get(role, {"prompts": 0})
+        if entry["prompts"] == 0 or "skipped" in entry:
+            lines.append(f"| {set_name(role)} | {entry['prompts']} | | {entry.get('skipped', 'no prompts')} | | | | |")
+            continue
+        for kind in kinds:
+            p = protocol_of(results, t, kind, f"set:{role}")
+            best, at = p.get("best"), p.get("at_held_out_0.9")
+            lines.append(f"| {set_name(role)} | {'' if entry['prompts'] is None else entry['prompts']} | {kind} | "
+                         f"{level(p, 0.8)} | {level(p, 0.9)} | "
+                         f"{'—' if best is None else fmt(best['faithfulness']) + ' (' + str(best['n_nodes']) + ')'} | "
+                         f"{p['active_with_effect']} of {p['with_effect']} | "
+                         f"{'—' if not at else fmt(at['faithfulness']) + ' at ' + str(at['n_nodes'])} |")
+    return lines + [""]
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def why_lines(results):
+    """"Why features win or lose": for each template, what the numbers say about the features' counts (the
+    nodes with an effect and how many are active on the held-out prompts, in-sample against held-out, words
+    seen against never seen) and, where recorded, discovery's coverage of the test nouns and the SAEs' token
+    specificity. Every sentence is computed from the results; none is written in advance."""
+    meta, kinds = results["_meta"], kinds_of(results)
+    if len(kinds) < 2:
+        return []
+    other = kinds[1]
+    lines = ["## Why features win or lose", "",
+             f"From the numbers above (positions protocol, features against {other}):", ""]
+    coverage = meta.get("coverage") or {}
+    for t in compared_templates(results):
+        f, n = (results[t][k]["protocols"]["positions"] for k in ("features", other))
+        share = lambda p: p["active_with_effect"] / p["with_effect"] if p["with_effect"] else float("nan")  # noqa: E731
+        parts = [f"{f['with_effect']} of {f['all_nodes']} feature nodes have an effect on the discovery prompts "
+                 f"({fmt(100 * share(f), '.0f')}% of them active on the held-out prompts), against {n['with_effect']} "
+                 f"of {n['all_nodes']} {other} ({fmt(100 * share(n), '.0f')}%)"]
+        r = ratio(f["nodes_for_0.9"], n["nodes_for_0.9"])
+        parts.append(f"for 0.9 held-out, features {level(f, 0.9)} and {other} {level(n, 0.9)}" +
+                     ("" if r is None else f": {r:.2f}x"))
+        rec = lambda role, k: protocol_of(results, t, k, f"set:{role}")  # noqa: E731
+        if rec("in_sample", "features") and rec("in_sample", other):
+            r_in = ratio(rec("in_sample", "features")["nodes_for_0.9"], rec("in_sample", other)["nodes_for_0.9"])
+            if r_in is not None and r is not None:
+                grow = r / r_in
+                parts.append(f"in-sample the ratio is {r_in:.2f}x, so features need {grow:.1f}x "
+                             f"{'more' if grow >= 1 else 'less'} relative to {other} away from the discovery prompts")
+            elif r_in is not None:
+                parts.append(f"in-sample the ratio is {r_in:.2f}x")
+        seen, unseen = rec("held_out_seen", "features"), rec("held_out_unseen", "features")
+        if seen and unseen and seen.get("at_held_out_0.9") and unseen.get("at_held_out_0.9"):
+            fs, fu = seen["at_held_out_0.9"]["faithfulness"], unseen["at_held_out_0.9"]["faithfulness"]
+            ns, nu = (rec(role, other) for role in ("held_out_seen", "held_out_unseen"))
+            gap = ("" if not (ns and nu and ns.get("at_held_out_0.9") and nu.get("at_held_out_0.9")) else
+                   f"; {other} {fmt(ns['at_held_out_0.9']['faithfulness'])} and "
+                   f"{fmt(nu['at_held_out_0.9']['faithfulness'])}")
+            parts.append(f"the features' held-out 0.9 circuit keeps {fmt(fs)} on prompts whose words discovery saw "
+                         f"and {fmt(fu)} on the others{gap}")
+        cov = coverage.get(t)
+        if cov:
+            parts.append(f"discovery ({cov['discovery_prompts']} prompts) covers {cov['covered']} of the "
+                         f"{cov['test_nouns']} nouns of the {cov['test_prompts']} test prompts")
+        lines.append(f"- {t}: " + "; ".join(parts) + ".")
+    spec = [v["token_specificity"] for v in ((meta.get("sae_stats") or {}).get("sites") or {}).values()
+            if v.get("token_specificity")]
+    if spec:
+        mean = lambda k: sum(x[k] for x in spec) / len(spec)  # noqa: E731
+        lines.append(f"- SAEs: over {len(spec)} sites, {fmt(100 * mean('narrow_share'), '.0f')}% of the live features "
+                     f"fire on at most 2 nouns on average, carrying {fmt(100 * mean('narrow_activation_share'), '.0f')}% "
+                     f"of the activation; {fmt(mean('number_features'), '.1f')} features and "
+                     f"{fmt(mean('number_neurons'), '.1f')} neurons per site track the subject's number."
+                     + (" Most live features are then narrow: a feature inactive on every discovery prompt has effect "
+                        "0 there (its change between clean and patch is 0), so the features of nouns discovery "
+                        "never uses cannot enter a circuit." if mean("narrow_share") > 0.5 else ""))
     return lines + [""]
 
 
@@ -231,6 +405,62 @@ def real_lm_header(meta):
     for s in sites:
         v = st["sites"][s]
         lines.append(f"| {s} | {v['variance_explained']:.3f} | {v['l0']:.1f} | {100 * v['dead_fraction']:.0f}% |")
+    return lines + coverage_lines(meta.get("coverage")) + specificity_lines(st, sites) + recipe_lines(
+        st.get("recipes_tried"))
+
+
+def coverage_lines(coverage):
+    """How much of the test prompts' words discovery saw, per template (nothing when not recorded)."""
+    if not coverage:
+        return []
+    lines = ["", "Discovery's coverage of the test nouns:", "",
+             "| template | discovery prompts | test prompts | nouns of the test prompts | of them in discovery |",
+             "|---|---|---|---|---|"]
+    for t, c in coverage.items():
+        lines.append(f"| {t} | {c['discovery_prompts']} | {c['test_prompts']} | {c['test_nouns']} | {c['covered']} |")
+    return lines
+
+
+def specificity_lines(st, sites):
+    """Token specificity per SAE site (nothing when not recorded): live features, the share of them firing on
+    at most 2 nouns and the share of the activation they carry, and the features and neurons that track the
+    subject's number."""
+    rows = [(s, st["sites"][s]["token_specificity"]) for s in sites if st["sites"][s].get("token_specificity")]
+    if not rows:
+        return []
+    lines = ["", "Token specificity (features firing on at most 2 nouns are narrow; number: units tracking the "
+             "subject's number):", "",
+             "| site | live features | narrow share | their share of the activation | number features | number neurons |",
+             "|---|---|---|---|---|---|"]
+    for s, v in rows:
+        lines.append(f"| {s} | {v['live']} | {100 * v['narrow_share']:.0f}% | {100 * v['narrow_activation_share']:.0f}% "
+                     f"| {v['number_features']} | {v['number_neurons']} |")
+    return lines
+
+
+def cell(v):
+    return format(v, ".3f") if isinstance(v, float) else str(v)
+
+
+def recipe_lines(recipes):
+    """The SAE recipes tried, each with its settings and per-site numbers (nothing when not recorded): a
+    recipe is a dict with "name", "settings" and its numbers, per site under a dict of sites."""
+    if not recipes:
+        return []
+    lines = ["", "SAE recipes tried:"]
+    for r in recipes:
+        settings = ", ".join(f"{k} {cell(v)}" for k, v in (r.get("settings") or {}).items())
+        numbers = {k: v for k, v in r.items() if k not in ("name", "settings") and not isinstance(v, (dict, list))}
+        per_site = next((v for k, v in r.items() if k != "settings" and isinstance(v, dict)
+                         and v and all(isinstance(x, dict) for x in v.values())), {})
+        lines += ["", f"- **{r.get('name', '?')}**" + (f" ({settings})" if settings else "") +
+                  ("" if not numbers else ": " + ", ".join(f"{k} {cell(v)}" for k, v in numbers.items()))]
+        keys = list(dict.fromkeys(k for v in per_site.values() for k, x in v.items()
+                                  if isinstance(x, (int, float)) and not isinstance(x, bool)))
+        if per_site and keys:
+            lines += ["", "  | site | " + " | ".join(keys) + " |", "  |---" + "|---" * len(keys) + "|"]
+            lines += [f"  | {site} | " + " | ".join(cell(v.get(k, "")) for k in keys) + " |"
+                      for site, v in per_site.items()]
     return lines
 
 
@@ -280,23 +510,31 @@ def demo_report(results, cfg):
     meta = results["_meta"]
     L, n_layers = meta["first_layer"], meta["n_layers"]
     kind = meta.get("kind", "default")
-    real = kind == "real"
     kinds = kinds_of(results)
     scored = meta.get("unit_scores") is not None
     lines = [f"# minicirc {'compare' if kind == 'files' else 'demo'}: feature circuits vs neuron circuits", ""]
     lines += HEADERS[kind](meta)
     lines += ["", f"Circuits: IG ({cfg['steps']} steps) on {cfg['n_discovery']} discovery examples (train split); "
               f"faithfulness and completeness by mean ablation on {cfg['n_eval']} held-out examples.", "",
-              "Three evaluation protocols, each measured on the top-n nodes by |effect| for n on a log grid "
-              f"({cfg['grid_points']} sizes from 1 to every node of the evaluated sites; the nodes needed for 0.8 "
-              "and 0.9 are bisected to the node between the grid's sizes):", "",
+              "A circuit is the nodes whose |effect| on the discovery examples passes a threshold, as the "
+              "original's: a node with effect 0 never enters one (it would only come in by a tie, in site and "
+              "position order). Three evaluation protocols, each measured on the top-n nodes by |effect| among "
+              f"those with an effect, for n on a log grid ({cfg['grid_points']} sizes from 1 to every node with an "
+              "effect at the evaluated sites), and on the original's sweep (the nodes whose |effect| exceeds each "
+              f"of {len(meta['thresholds'])} thresholds from {meta['thresholds'][0]:.0e} to "
+              f"{meta['thresholds'][-1]:.0e}). The nodes needed for 0.8 and 0.9 are bisected to the node between "
+              "the grid's sizes; where every node with an effect does not reach the level, the report says \"not "
+              "reached\" with the best faithfulness and its node count. Beside each count, how many of those nodes "
+              "are active on the held-out prompts: a feature whose activation is non-zero on at least one of them, "
+              "clean or patch (at its position when positions are kept, at any position when summed), an error "
+              "node whose error is non-zero (a neuron basis's error is exactly 0).", "",
               f"- **positions** (the original's): nodes-only circuits with positions kept (aggregation none), "
               f"only the sites of layers {L}..{n_layers - 1}; embed and lower layers are neither counted nor "
               f"ablated. The original evaluates Pythia-70M from layer 2 of 6; here round(2/6 x {n_layers}) = "
               f"{L} (`--first-layer`).",
               "- **summed**: the same sites, node effects summed over positions.",
               "- **all sites**: every site with a dictionary (from embed up on the default), summed.", "",
-              "Area: mean faithfulness over log(nodes) from 1 to the smaller kind's node count (the trapezoid area "
+              "Area: mean faithfulness over log(nodes) from 1 to the smaller kind's count of nodes with an effect (the trapezoid area "
               "under faithfulness against ln n, divided by ln of that count; 1 = faithful from the first node), so "
               "features and neurons share one axis. Removed for completeness <= 0.2: the fewest top nodes (grid "
               "sizes) whose ablation, everything else kept, leaves at most 0.2 of the behaviour." + (
@@ -310,33 +548,30 @@ def demo_report(results, cfg):
         r = results[t]
         lines += [f"## {t}", "", f"Model accuracy on held-out `{t}`: {100 * meta['accuracy'][t]:.1f}%; "
                   f"full-model faithfulness {fmt(meta['full_model_faithfulness'][t], '.3f')}.", "",
-                  "| protocol | kind | nodes for 0.8 | nodes for 0.9 | area (1..n) | removed for completeness <= 0.2 "
-                  + ("| interpretability (top-k) |" if scored else "|"), "|---|---|---|---|---|---" + "|---" * scored + "|"]
+                  "| protocol | kind | nodes for 0.8 | nodes for 0.9 | nodes with an effect (active) of all | "
+                  "area (1..n) | removed for completeness <= 0.2 " + ("| interpretability (top-k) |" if scored else "|"),
+                  "|---|---|---|---|---|---|---" + "|---" * scored + "|"]
         for protocol in ("positions", "summed", "all sites"):
             for kind in kinds:
                 p = r[kind]["protocols"][protocol]
-                lines.append(f"| {protocol} | {kind} | {fmt(p['nodes_for_0.8'], 'd')} | {fmt(p['nodes_for_0.9'], 'd')} | "
+                lines.append(f"| {protocol} | {kind} | {level(p, 0.8)} | {level(p, 0.9)} | "
+                             f"{p['with_effect']} ({p['active_with_effect']}) of {p['all_nodes']} | "
                              f"{fmt(p['area'])} ({p['cap']}) | {fmt(p['nodes_to_break'], 'd')} |"
                              + (f" {fmt(p['interpretability_top_k'])} |" if scored else ""))
+        lines += [""] + set_table(results, t, kinds)
         if "thresholds" in r[kinds[0]]["protocols"]["positions"]:
-            lines += [""] + threshold_lines(r, kinds)[:-1]
+            lines += threshold_lines(r, kinds)[:-1]
         lines += ["", f"Saved circuits (all sites, node threshold {cfg['node_threshold']}, edge threshold "
                   f"{cfg['edge_threshold']}):", "",
                   "| | nodes | edges | faithfulness | completeness |", "|---|---|---|---|---|"]
         for kind in kinds:
             k = r[kind]
             lines.append(f"| {kind} | {k['nodes']} | {k['edges']} | {fmt(k['faithfulness'])} | {fmt(k['completeness'])} |")
-        if real:
-            f, n = r["features"]["with_effect"], r["neurons"]["with_effect"]
-            lines += ["", f"Nodes with a non-zero effect on the discovery examples (all sites): features "
-                      f"{f[0]} of {f[1]}, neurons {n[0]} of {n[1]}. A unit that no discovery example moves has "
-                      "effect 0 and ranks last, but mean ablation still moves it on held-out prompts that use it: "
-                      "a sparse dictionary has many such units, a dense neuron basis none, so the curves of "
-                      "features need most of the zero-effect units too before they reach 0.9."]
         if "description" in r:
             lines += ["", r["description"]]
         lines += ["", f"Pictures: {', '.join(f'`{t}/{k}/circuit.png`' for k in kinds)} (and `circuit.html`).", ""]
     lines += unit_score_lines(meta["unit_scores"]) if scored else []
+    lines += why_lines(results)
     lines += answers(results)
     lines += ["![faithfulness vs nodes](faithfulness_vs_nodes.png)", "",
               "![completeness vs nodes](completeness_vs_nodes.png)", "", f"Run time: {meta['seconds']:.0f} s."]
