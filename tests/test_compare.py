@@ -126,14 +126,17 @@ def test_compare_end_to_end(setup, capsys):
                 p = r["protocols"][protocol]
                 for point in p["curve"] + p["crossings"] + p["thresholds"]:
                     assert all(math.isfinite(point[k]) for k in ("faithfulness", "completeness")), (kind, protocol)
-                assert p["curve"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+                # The grid ends at every node with an effect, never at a zero-effect one.
+                assert p["curve"][-1]["n_nodes"] == p["with_effect"] <= p["all_nodes"]
                 row = re.search(rf"^\| {protocol} \| {kind} \|(.*)\|$", section, re.M).group(1).split("|")
-                assert len(row) == 4 and row[2].strip().endswith(f"({p['cap']})")   # no interpretability column
+                assert len(row) == 5 and row[3].strip().endswith(f"({p['cap']})")   # no interpretability column
+                assert row[2].strip() == f"{p['with_effect']} ({p['active_with_effect']}) of {p['all_nodes']}"
                 assert [pt["threshold"] for pt in p["thresholds"]] == cfg["thresholds"]
                 if protocol == "summed":
                     # The sweep's sizes are the saved effects' counts above each threshold at the protocol's sites,
                     # and one point's faithfulness is those nodes' own.
                     at = [nd for nd in saved.all_nodes() if nd.site in p["sites"]]
+                    assert p["with_effect"] == sum(nd.effect != 0 for nd in at) and p["all_nodes"] == len(at)
                     for point in p["thresholds"]:
                         assert point["n_nodes"] == sum(abs(nd.effect) > point["threshold"] for nd in at)
                     point = p["thresholds"][7]
@@ -232,7 +235,7 @@ def test_compare_with_mlp_neurons(setup):
         assert sorted(saved.sites) == sorted(f"mlp_hidden_{l}" for l in range(N_LAYERS))
         for protocol in compare.PROTOCOLS:
             p = r["protocols"][protocol]
-            assert p["curve"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+            assert p["curve"][-1]["n_nodes"] == p["with_effect"]
             assert all(math.isfinite(pt["faithfulness"]) for pt in p["curve"] + p["thresholds"])
             assert len(p["thresholds"]) == 15
         # positions protocol: the MLP neurons of the evaluated layers only

@@ -17,9 +17,11 @@ node with effect 0 never enters one. For each protocol: faithfulness and complet
 nodes with an effect never reach it), how many of those nodes are active on the held-out prompts, the area
 under faithfulness against log(nodes), and the original's sweep (the nodes above each threshold of
 logspace(-4, 0, 15), or the settings' thresholds). The subject's evaluation sets (in-sample, held-out split
-by words seen in discovery, novel words, ...) get the positions protocol's counts too. Where the prompts carry ground-truth latents (the demo's synthetic grammar), every unit of every
-site is scored by metrics.best_latent_share against them. report.md and the plots are written by
-demo_report.py from the results computed here.
+by words seen in discovery, novel words, ...) get the positions protocol's counts too. Where the prompts
+carry ground-truth latents (the demo's synthetic grammar), every unit of every site is scored by
+metrics.best_latent_share against them. report.md and the plots are written by demo_report.py from the
+results computed here. The subject's meta may add discovery's coverage of the test nouns and the SAEs'
+token specificity and recipes tried; the report prints them where present.
 
 What is compared comes from a *subject* (a dict): the model, its dictionaries, tokenizer, settings, the
 templates, the examples of each template by role, and what the report says about them. demo.py makes the
@@ -415,7 +417,8 @@ def template_results(model, kinds, tokenizer, examples, cfg, template, out, inte
                 **levels(points + crossings, on),
                 # nodes whose effect on the discovery examples is not 0 (the only ones ranked), how many of
                 # them are active on the held-out prompts, and every node of the protocol's sites
-                "with_effect": len(ranked), "active_with_effect": int(on[-1]), "all_nodes": n_nodes_at(dicts, at, per_pos),
+                "with_effect": len(ranked), "active_with_effect": int(on[-1]),
+                "all_nodes": n_nodes_at(dicts, at, per_pos),
                 "area": area_under(points, caps[name]), "cap": caps[name], "sites": at,
                 # The fewest top nodes whose removal (everything else kept) leaves completeness <= 0.2.
                 "nodes_to_break": min((p["n_nodes"] for p in points if p["completeness"] <= BREAK),
