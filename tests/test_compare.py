@@ -337,7 +337,7 @@ def test_zero_effect_nodes_never_enter_and_the_level_is_not_reached(aggregation)
 def test_evaluation_sets_are_counted(setup):
     """subject["evaluation_sets"]: each set's positions-protocol counts for every kind, recomputed here from the
     positional circuit found again on the discovery prompts: the curve at the held-out curve's sizes, the
-    levels reached (min over the evaluated sizes, bisected to the node on sets this small), the nodes active on
+    levels reached (min over the evaluated sizes, bisected to SET_PRECISION), the nodes active on
     the set's prompts (dense activations), the faithfulness of the held-out 0.9 circuit; an empty set says "no
     prompts"; a set of the held-out prompts takes the held-out numbers."""
     from minicirc import evaluation
@@ -404,7 +404,7 @@ def test_evaluation_sets_are_counted(setup):
                     assert n == (min(reach) if reach else None)
                     if n is not None:
                         assert r[f"active_for_{target}"] == n_on(n)
-                        # bisected until a size below it that misses the target is within 2% (one node at least)
+                        # bisected until a size below it that misses the target is within SET_PRECISION (one node at least)
                         step = max(1, int(compare.SET_PRECISION * n))
                         below = [p for p in points if n - step <= p["n_nodes"] < n and p["faithfulness"] < target]
                         assert n == r["curve"][0]["n_nodes"] or below

@@ -57,9 +57,9 @@ TARGETS = (0.8, 0.9)
 LEVEL_KEYS = tuple(f"{k}_{t}" for t in TARGETS for k in ("nodes_for", "active_for")) + ("best",)
 # The original's node thresholds, swept beside the top-n grid.
 THRESHOLDS = [float(t) for t in np.logspace(-4, 0, 15)]
-# The evaluation sets' counts are bisected to 2% of the nodes (the held-out ones to the node): a set costs
-# about half of the held-out curve of one protocol.
-SET_PRECISION = 0.02
+# The evaluation sets' counts are bisected to 10% of the nodes (the held-out ones to the node): a set then
+# costs about two thirds of the held-out curve of one protocol.
+SET_PRECISION = 0.1
 BREAK = 0.2     # completeness left after removing a circuit's top nodes, below which the behaviour is gone
 
 
@@ -342,6 +342,7 @@ def run_comparison(load_subject, out, overwrite=False, device="cpu", progress=Tr
     results["_meta"] = {"seconds": time.time() - t0, **subject["meta"], "settings": cfg,
                         "first_layer": first_layer, "n_layers": n_layers, "accuracy": subject["accuracy"],
                         "templates": subject["templates"], "kinds": list(kinds), "evaluation_sets": sets,
+                        "set_precision": SET_PRECISION,
                         "thresholds": cfg.get("thresholds") or THRESHOLDS,
                         "full_model_faithfulness": full_model,
                         "unit_scores": None if scores is None else score_table(scores)}
@@ -397,7 +398,10 @@ def template_results(model, kinds, tokenizer, examples, cfg, template, out, inte
                   for kind, protocols in found.items() for name, (circ, at, _) in protocols.items()}
     # The common end of the area: the fewest nodes with an effect among the kinds, so every kind shares one axis.
     caps = {name: min(len(evaluators[kind, name][1]) for kind in kinds) for name in PROTOCOLS}
+    # The original's sweep: on every protocol where the settings name thresholds (compare), else on the paper
+    # protocol only (each threshold may cost a point: about 1.5 s on SmolLM2 with 64 prompts).
     thresholds = cfg.get("thresholds") or THRESHOLDS
+    swept = PROTOCOLS if cfg.get("thresholds") else ("positions",)
     for kind, dicts in kinds.items():
         active = evaluation.active_units(model, dicts, held, sites[kind][1])
         protocols = {}
@@ -426,9 +430,11 @@ def template_results(model, kinds, tokenizer, examples, cfg, template, out, inte
                 "interpretability_top_k": float(np.mean([scores[kind][s][0][f] for s, f in units]))
                 if units and scores is not None else float("nan"),
                 "curve": [{k: p[k] for k in keys} for p in points],
-                "crossings": [{k: p[k] for k in keys} for p in crossings],
-                "thresholds": [{**{k: p[k] for k in ("threshold",) + keys}, "active": int(on[p["n_nodes"]])}
-                               for p in threshold_sweep(evaluator, thresholds)]}
+                "crossings": [{k: p[k] for k in keys} for p in crossings]}
+            if name in swept:
+                protocols[name]["thresholds"] = [{**{k: p[k] for k in ("threshold",) + keys},
+                                                  "active": int(on[p["n_nodes"]])}
+                                                 for p in threshold_sweep(evaluator, thresholds)]
         results[kind]["protocols"] = protocols
     if sets:
         results["evaluation_sets"] = evaluation_sets(model, kinds, tokenizer, examples, template, sets, found, results,

@@ -252,8 +252,8 @@ def set_table(results, t, kinds):
     if not rows:
         return []
     lines = ["Evaluation sets (positions protocol; the same circuits, found on the discovery prompts, measured on "
-             "each set's prompts with mean ablation over that set; the counts are bisected to 2% of the nodes, the "
-             "held-out ones to the node; \"held-out 0.9 circuit\": the top-n nodes that reach 0.9 on the held-out "
+             "each set's prompts with mean ablation over that set; the counts are bisected to "
+             f"{results['_meta'].get('set_precision', 0):.0%} of the nodes, the held-out ones to the node; \"held-out 0.9 circuit\": the top-n nodes that reach 0.9 on the held-out "
              "prompts):", "",
              "| set | prompts | kind | nodes for 0.8 | nodes for 0.9 | best faithfulness (nodes) | nodes with an effect "
              "active on the set | faithfulness of the held-out 0.9 circuit |", "|---|---|---|---|---|---|---|---|"]
@@ -494,7 +494,7 @@ HEADERS = {"default": default_header, "real": real_lm_header, "files": files_hea
 def threshold_lines(r, kinds):
     """The original's sweep: per node threshold, the nodes above it and their faithfulness, per protocol and
     kind."""
-    cols = [(p, k) for p in ("positions", "summed", "all sites") for k in kinds]
+    cols = [(p, k) for p in ("positions", "summed", "all sites") for k in kinds if "thresholds" in r[k]["protocols"][p]]
     rows = {k: r[k]["protocols"] for k in kinds}
     lines = ["Node-threshold sweep (the original's: the nodes whose |effect| exceeds the threshold; nodes: "
              "faithfulness):", "",
@@ -522,7 +522,8 @@ def demo_report(results, cfg):
               f"those with an effect, for n on a log grid ({cfg['grid_points']} sizes from 1 to every node with an "
               "effect at the evaluated sites), and on the original's sweep (the nodes whose |effect| exceeds each "
               f"of {len(meta['thresholds'])} thresholds from {meta['thresholds'][0]:.0e} to "
-              f"{meta['thresholds'][-1]:.0e}). The nodes needed for 0.8 and 0.9 are bisected to the node between "
+              f"{meta['thresholds'][-1]:.0e}; on the positions protocol, or on every protocol where the settings "
+              "name thresholds). The nodes needed for 0.8 and 0.9 are bisected to the node between "
               "the grid's sizes; where every node with an effect does not reach the level, the report says \"not "
               "reached\" with the best faithfulness and its node count. Beside each count, how many of those nodes "
               "are active on the held-out prompts: a feature whose activation is non-zero on at least one of them, "
