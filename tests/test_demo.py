@@ -392,7 +392,7 @@ def test_report_prints_coverage_specificity_recipes_and_why_when_recorded():
     r, r_in = f_out / n_out, f_in / n_in
     assert "800 of 5000 feature nodes have an effect on the discovery prompts (25% of them active" in text
     assert "against 400 of 5000 neurons (100%)" in text and f": {r:.2f}x" in text
-    assert f"in-sample the ratio is {r_in:.2f}x, so features need {r / r_in:.1f}x" in text
+    assert f"in-sample the ratio is {r_in:.2f}x, so leaving the discovery prompts multiplies it by {r / r_in:.2f}" in text
     assert "keeps 0.93 on prompts whose words discovery saw and 0.41 on the others; neurons 0.91 and 0.88" in text
     assert f"covers {cov['simple']['covered']} of the {cov['simple']['test_nouns']} nouns" in text
     assert f"{100 * spec['narrow_share']:.0f}% of the live features" in text

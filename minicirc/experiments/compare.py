@@ -436,6 +436,7 @@ def template_results(model, kinds, tokenizer, examples, cfg, template, out, inte
                                                   "active": int(on[p["n_nodes"]])}
                                                  for p in threshold_sweep(evaluator, thresholds)]
         results[kind]["protocols"] = protocols
+    results["held_out_prompts"] = len(held)
     if sets:
         results["evaluation_sets"] = evaluation_sets(model, kinds, tokenizer, examples, template, sets, found, results,
                                                      cfg, device, progress)

@@ -260,7 +260,7 @@ def set_table(results, t, kinds):
     sets = results[t].get("evaluation_sets", {})
     for role in rows:
         if role == "held_out" and role not in sets:
-            entry = {"prompts": None}
+            entry = {"prompts": results[t].get("held_out_prompts")}
         else:
             entry = sets.get(role, {"prompts": 0})
         if entry["prompts"] == 0 or "skipped" in entry:
@@ -269,6 +269,9 @@ def set_table(results, t, kinds):
         for kind in kinds:
             p = protocol_of(results, t, kind, f"set:{role}")
             best, at = p.get("best"), p.get("at_held_out_0.9")
+            if role == "held_out" and at is None and p["nodes_for_0.9"] is not None:
+                at = next({"n_nodes": q["n_nodes"], "faithfulness": q["faithfulness"]}
+                          for q in p["curve"] + p["crossings"] if q["n_nodes"] == p["nodes_for_0.9"])
             lines.append(f"| {set_name(role)} | {'' if entry['prompts'] is None else entry['prompts']} | {kind} | "
                          f"{level(p, 0.8)} | {level(p, 0.9)} | "
                          f"{'—' if best is None else fmt(best['faithfulness']) + ' (' + str(best['n_nodes']) + ')'} | "
@@ -307,8 +310,8 @@ def why_lines(results):
             r_in = ratio(rec("in_sample", "features")["nodes_for_0.9"], rec("in_sample", other)["nodes_for_0.9"])
             if r_in is not None and r is not None:
                 grow = r / r_in
-                parts.append(f"in-sample the ratio is {r_in:.2f}x, so features need {grow:.1f}x "
-                             f"{'more' if grow >= 1 else 'less'} relative to {other} away from the discovery prompts")
+                parts.append(f"in-sample the ratio is {r_in:.2f}x, so leaving the discovery prompts multiplies it by "
+                             f"{grow:.2f}")
             elif r_in is not None:
                 parts.append(f"in-sample the ratio is {r_in:.2f}x")
         seen, unseen = rec("held_out_seen", "features"), rec("held_out_unseen", "features")
