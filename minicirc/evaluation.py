@@ -69,7 +69,7 @@ def active_units(model, saes, batch, sites, batch_size=64):
     a node that does nothing there. An Identity dictionary's error is exactly 0, so a neuron basis's error
     nodes are never active."""
     T = batch.clean.shape[1]
-    out = {s: torch.zeros(T, saes[s].n_features + 1, dtype=torch.bool) for s in sites}
+    out = {s: torch.zeros(T, saes[s].n_features + 1, dtype=torch.bool, device="cpu") for s in sites}
     for _, b in chunks(model, batch, batch_size):
         real = torch.arange(T, device=b.clean.device)[None] <= b.last[:, None]     # (B, T)
         for tokens in (b.clean,) if b.patch is None else (b.clean, b.patch):
