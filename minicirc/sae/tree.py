@@ -210,4 +210,6 @@ def saes_hash(saes):
             parts.append(sae.W_skip)
         if sae.reads is not None:
             parts.append(f"|reads {sae.reads}")
+        if hasattr(sae, "W_out"):       # a cross-layer transcoder's writes to the later layers
+            parts.append(sae.W_out)
     return sha256_of(parts)
