@@ -113,14 +113,13 @@ def test_skip_terms_and_transcoders_are_hashed():
     assert saes_hash({"attn_0": a}) != saes_hash({"attn_0": plain})
 
 
-def test_the_method_refuses_what_it_cannot_splice_yet(models):
-    """An SAE with a skip term is refused; a skip transcoder is spliced (tests/test_transcoders.py), and
-    explain encodes its input, the MLP's input: its top activation is encode(u) of the scan's run."""
+def test_the_method_splices_skip_saes_and_transcoders(models):
+    """An SAE with a skip term is spliced with the skip in its error node (tests/test_skip_sae.py); a skip
+    transcoder as tests/test_transcoders.py checks, and explain encodes its input, the MLP's input: its top
+    activation is encode(u) of the scan's run."""
     model = models["llama"]
     saes = load_saes(os.path.join(DATA, "sparsify_llama"), model)
-    with pytest.raises(MinicircError, match="not supported yet") as e:      # an SAE with a skip term
-        site_order(model, {"attn_0": saes["attn_0"]})
-    assert saes["attn_0"].source in str(e.value)
+    assert site_order(model, {"attn_0": saes["attn_0"]}) == ["attn_0"]      # an SAE with a skip term
     assert site_order(model, {"resid_1": saes["resid_1"]}) == ["resid_1"]
     assert site_order(model, {"mlp_1": saes["mlp_1"]}) == ["mlp_1"]           # a skip transcoder
     tokens = [1, 2, 3]

@@ -27,14 +27,10 @@ def logit_diff(model, batch, tokens, edit):
 
 def site_order(model, saes):
     """The sites that have a dictionary, in model order (optional sites z_l and resid_mid_l included); a
-    dictionary the method cannot splice (Dictionary.method_error: an SAE with a skip term) is refused, and so
-    is a transcoder anywhere but at an MLP output, and a cross-layer transcoder without all of its layers, each at
+    transcoder anywhere but at an MLP output is refused, and a cross-layer transcoder without all of its layers, each at
     the MLP output of its own (its features write to every later layer, and each error node completes the
     writes of all earlier layers)."""
     model.check_sites(list(saes))
-    for sae in saes.values():
-        if getattr(sae, "method_error", None):
-            raise MinicircError(sae.method_error)
     for s, sae in saes.items():
         if getattr(sae, "reads", None) and site_kind(s) != "mlp":
             raise MinicircError(f"{sae.source or 'dictionary'}: a transcoder maps an MLP's input to its output, "
