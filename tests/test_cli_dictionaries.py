@@ -215,10 +215,11 @@ def test_smollm2_skip_transcoder_layout(tmp_path, capsys):
     ref = os.path.join(DATA, "sparsify_llama", "layers.1.mlp")     # a sparsify skip transcoder of width 8
     for l in range(2):
         shutil.copytree(ref, tmp_path / "transcoders" / f"model.layers.{l}.mlp")
+    os.makedirs(tmp_path / "transcoders" / ".cache" / "huggingface")   # what hf download --local-dir leaves
     # the README's command, with the local folders in place of the downloads
     assert run("circuit", "--model", tmp_path / "model", "--saes", tmp_path / "transcoders", "--data",
                tmp_path / "data.jsonl", "--out", tmp_path / "out", "--method", "ig", "--steps", 3,
-               "--node-threshold", 0.01, "--edge-threshold", 0.001) == 0
+               "--batch-size", 8, "--node-threshold", 0.01, "--edge-threshold", 0.001) == 0
     model, saes, batch = api(tmp_path, "transcoders")
     assert sorted(saes) == ["mlp_0", "mlp_1"] and all(d.reads == "mlp_in" and d.has_skip for d in saes.values())
     c = minicirc.find_circuit(model, saes, batch, steps=3, node_threshold=0.01, edge_threshold=0.001, progress=False)

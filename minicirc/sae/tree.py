@@ -140,7 +140,8 @@ def load_saes(sae_dir, model, norm_scaling_factor=None):
     if os.path.exists(os.path.join(sae_dir, "config.yaml")):
         return {site: _place(sae, site, model, f"folder {sae_dir}") for site, sae in load_transcoder_set(sae_dir).items()}
     factor = lambda site: norm_scaling_factor.get(site) if isinstance(norm_scaling_factor, dict) else norm_scaling_factor
-    present = sorted(d for d in os.listdir(sae_dir) if os.path.isdir(os.path.join(sae_dir, d)))
+    # Hidden folders are no dictionaries (`hf download --local-dir` leaves a .cache/ there).
+    present = sorted(d for d in os.listdir(sae_dir) if os.path.isdir(os.path.join(sae_dir, d)) and not d.startswith("."))
     if present and not any(SITE_FOLDER.fullmatch(d) for d in present) and \
             all(any(os.path.exists(os.path.join(sae_dir, d, n)) for n in ("cfg.json", "config.yaml")) for d in present):
         return _load_hook_tree(sae_dir, present, model, factor)
