@@ -252,6 +252,8 @@ def test_unit_scores_encode_a_transcoders_input():
     batches = [tokenize(agreement.make_examples(t, 6, seed=3, split="test"), tok) for t in agreement.TEMPLATES]
     with torch.no_grad():
         scores = compare.unit_scores(model, {"tc": {"mlp_1": tc}, "sae": {"mlp_1": saes["mlp_1"]}}, batches)
+        # without a transcoder the same (no MLP input to compute)
+        assert compare.unit_scores(model, {"sae": {"mlp_1": saes["mlp_1"]}}, batches)["sae"] == scores["sae"]
     lat = [agreement.token_latents(ex) for b in batches for ex in b.examples]
     names = sorted({k for x in lat for k in x})
     L = torch.tensor([[x[k][p] if k in x else 0 for k in names] for x in lat for p in range(len(next(iter(x.values()))))],

@@ -156,7 +156,7 @@ def unit_scores(model, dict_sets, batches):
     sources = sorted({src for d in dict_sets.values() for src, _ in transcoder_inputs(model, d, list(d)).values()})
     for b in batches:
         cache = {}
-        model(b.clean, cache=cache, extra=sources or None)
+        model(b.clean, cache=cache, extra=sources)
         caches.append((cache, b.last))
     out = {}
     for kind, dicts in dict_sets.items():
