@@ -152,7 +152,8 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
             # decode(f') with f' = f on kept features, the ablation value elsewhere: b_dec + (kept entries of
             # the rows) @ W_dec + (ablation values outside the set) @ W_dec
             out = writes(rows, m[..., :-1], fval, T, sae.W_dec, sae.b_dec)
-            return out + err + ablated.pop(s, 0)
+            writes_in = ablated.pop(s, None)     # a CLT layer's: the earlier layers' ablated writes
+            return out + err if writes_in is None else out + err + writes_in
         return fn
 
     with torch.no_grad():
