@@ -266,3 +266,25 @@ def test_clt_ablation_equals_hand_written_and_keeping_everything_is_faithful(nam
         assert abs(r["m_full"] - r["m_empty"]) > 1e-2
     with pytest.raises(MinicircError, match="first_layer 0"):
         E.faithfulness(model, saes, batch, all_nodes, first_layer=1)
+
+
+def test_clt_explain_reads_the_layers_input_and_sums_the_writes_for_logit_effects():
+    """explain: a CLT feature's top activations are encode_l(u_l) of the layer's MLP input (by hand), and its
+    direct logit effect is that of all its writes, sum over t of W_out[i, t - l], through the unembedding."""
+    from minicirc.explain import logit_effects, top_activations
+    model = TT.make_model("gpt2", 21)
+    saes = make_clt(model, 22)
+    sae = saes["mlp_0"]
+    i = 2
+    scores = (sae.W_out[i].sum(0) @ model.unembedding.T)
+    eff = logit_effects(model, sae, i, n=3, site="mlp_0")
+    assert [v for _, v in eff["promoted"]] == pytest.approx(scores.sort(descending=True).values[:3].tolist(), rel=1e-6)
+    assert not torch.allclose(scores, sae.W_dec[i] @ model.unembedding.T)
+    texts = [[1, 2, 3, 4], [5, 6, 7]]
+    cache = {}
+    with torch.no_grad():
+        model(torch.tensor([texts[0]]), cache=cache, extra=model.all_sites)
+        f = sae.encode(TT.hand_input(model, "mlp_0", sae, cache))[0]
+    j = int(f.max(0).values.argmax())
+    top = top_activations(model, {"mlp_0": sae}, {"mlp_0": [j]}, texts[:1], k=1)["mlp_0"][j]
+    assert top[0][2] == pytest.approx(f[:, j].max().item(), rel=1e-9)
