@@ -174,8 +174,9 @@ def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, gr
             vals = torch.zeros(len(nodes), B, dtype=st.x_c.dtype, device=st.x_c.device)
             delta_err = st.delta_err            # a property (err_p - err_c): once, not once per error node
             later = later_targets(sae)
-            for start in range(0, len(nodes), group):
-                chunk = nodes[start:start + group]
+            step = max(1, group // (1 + len(later)))   # a CLT's shifts at every later layer: same memory per forward
+            for start in range(0, len(nodes), step):
+                chunk = nodes[start:start + step]
                 G = len(chunk)
                 shift = torch.zeros(G, B, T, st.x_c.shape[-1], dtype=st.x_c.dtype, device=st.x_c.device)
                 far = {t: torch.zeros_like(shift) for t in later}      # a CLT feature's writes to later layers
