@@ -8,17 +8,19 @@ whose templates do), otherwise over examples and real positions. Zero ablation u
 errors; resample ablation gives each example the patch-input values of another example, drawn by a seeded
 permutation of the dataset (the original's x[randperm]), position by position. A transcoder at mlp_l encodes
 the MLP's input u of the same (edited) run and writes decode(f') + skip(u) + err': its skip term follows u,
-as it is no node.
+as it is no node. A cross-layer transcoder's layer t writes decode_t(f'_t) + (what the earlier layers' f'
+write into t) + err'_t, its error err_t completing the earlier layers' writes of the same run.
 """
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import attribution, ops
-from .attribution.common import inputs_from, recording_inputs, with_sources
+from .attribution.common import inputs_from, later_targets, recording_inputs, with_sources
 from .errors import MinicircError
-from .model.sites import sites_from_layer
+from .model.sites import site_layer, sites_from_layer
 from .rows import row_ids, rows_from_entries, rows_matmul, rows_to_dense
+from .sae.clt import is_clt, split_sites
 from .sae.sparse import split_rows
 
 ERROR_MODES = ("default", "remove", "keep")
@@ -56,8 +58,7 @@ def site_rows(model, saes, tokens, sites):
     cache = {}
     # extra=: the cache holds optional sites (z_l, resid_mid_l) only when asked for.
     model(tokens, cache=cache, stop_at=max(sites, key=model.all_sites.index), extra=with_sources(model, saes, sites))
-    u = inputs_from(model, saes, sites, cache)
-    return {s: split_rows(saes[s], cache[s], u.get(s)) for s in sites}
+    return split_sites(saes, sites, cache, inputs_from(model, saes, sites, cache))
 
 
 def active_units(model, saes, batch, sites, batch_size=64):
@@ -100,12 +101,12 @@ def ablation_values(model, saes, metric, batch, sites, mode="mean", batch_size=6
         for _, b in chunks(model, batch, batch_size):
             tokens = b.patch if b.patch is not None else b.clean
             _, cache = attribution.record_sites(model, metric, b, tokens, with_sources(model, saes, sites))
-            u = inputs_from(model, saes, sites, cache)
+            split = split_sites(saes, sites, cache, inputs_from(model, saes, sites, cache))
             real = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= b.last[:, None])[..., None]
             count += len(b) if same_length else int(real.sum())
             for s in sites:
                 F = saes[s].n_features
-                (crow, col, val), err = split_rows(saes[s], cache[s], u.get(s))
+                (crow, col, val), err = split[s]
                 n, val, err = row_ids(crow), val.double(), err.double()
                 if s not in sums:
                     sums[s] = (torch.zeros(*((T,) if same_length else ()), F, dtype=torch.float64, device=val.device),
@@ -132,6 +133,9 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
         raise MinicircError(f"unknown error handling {errors!r} (known: {', '.join(ERROR_MODES)})")
 
     inputs = {}     # {transcoder site: its input u in this run}
+    # A cross-layer transcoder's writes into the later layers in this run: {target site: sum of (what the
+    # earlier layers' features write there, what their ablated features write there)}.
+    live, ablated = {}, {}
 
     def ablate(s):
         mask = keep[s]
@@ -142,6 +146,17 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
             out = spliced(x)
             return out if s not in inputs else out + sae.skip(inputs[s])
 
+        def writes(rows, m, fval, T, W, bias=None):
+            """f' @ W (+ bias), f' the features `rows` where m keeps them and the ablation values elsewhere: the
+            kept entries of the rows @ W + (ablation values outside the set) @ W."""
+            B = (rows[0].numel() - 1) // T
+            out = rows_matmul(*kept_entries(rows, m, T), W)
+            out = (out if bias is None else out + bias).view(B, T, -1)
+            if isinstance(fval, tuple):     # per example (resample): the donors' rows outside the set
+                return out + rows_matmul(*kept_entries(fval, ~m, T), W).view(B, T, -1)
+            fv = fval[:T] if fval.dim() == 2 else fval
+            return out + (fv.to(W.device) * ~m) @ W
+
         def spliced(x):
             B, T, d = x.shape
             m = (mask[:T] if mask.dim() == 2 else mask).to(x.device)
@@ -149,6 +164,12 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
             em = em[:, None] if em.dim() == 1 else em
             ev = eval_[:T] if eval_.dim() == 2 else eval_[:, :T] if eval_.dim() == 3 else eval_
             rows, err = split_rows(sae, x, inputs.get(s))
+            if is_clt(sae):     # the error completes the earlier layers' writes of this run; they write ablated
+                err = err - live.pop(s, 0)
+                for t in later_targets(sae):
+                    W = sae.W_out[:, site_layer(t) - sae.layer]
+                    live[t] = live.get(t, 0) + rows_matmul(*rows, W).view(B, T, d)
+                    ablated[t] = ablated.get(t, 0) + writes(rows, m[..., :-1], fval, T, W)
             err = torch.where(em, err, ev.to(x.device))
             if sae.kind not in ops.KINDS:     # identity (d features) and kinds of their own: dense
                 f = dense_features(rows, B, T, sae.n_features)
@@ -157,14 +178,9 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
                 return sae.decode(torch.where(m[..., :-1], f, fv.to(x.device))) + err
             # decode(f') with f' = f on kept features, the ablation value elsewhere: b_dec + (kept entries of
             # the rows) @ W_dec + (ablation values outside the set) @ W_dec
-            kept = kept_entries(rows, m[..., :-1], T)
-            out = (rows_matmul(*kept, sae.W_dec) + sae.b_dec).view(B, T, d)
-            if isinstance(fval, tuple):     # per example (resample): the donors' rows outside the set
-                out = out + rows_matmul(*kept_entries(fval, ~m[..., :-1], T), sae.W_dec).view(B, T, d)
-            else:
-                fv = fval[:T] if fval.dim() == 2 else fval
-                out = out + (fv.to(x.device) * ~m[..., :-1]) @ sae.W_dec
-            return out + err
+            out = writes(rows, m[..., :-1], fval, T, sae.W_dec, sae.b_dec)
+            writes_in = ablated.pop(s, None)     # a CLT layer's: the earlier layers' ablated writes
+            return out + err if writes_in is None else out + err + writes_in
         return fn
 
     with torch.no_grad():
@@ -227,6 +243,9 @@ def faithfulness(model, saes, batch, circuit_nodes, positional=False, metric=Non
     metric = metric or attribution.logit_diff
     # first_layer <= 0: every site, embed included (embed counts as layer -1)
     sites = sites_from_layer(attribution.site_order(model, saes), first_layer if first_layer > 0 else None)
+    if first_layer > 0 and any(is_clt(sae) for sae in saes.values()):
+        raise MinicircError("a cross-layer transcoder's error nodes complete the writes of all its earlier layers, "
+                            "so it is evaluated from layer 0 (first_layer 0)")
     T = batch.clean.shape[1] if positional else None
     if len(batch) == 0:
         raise MinicircError("the dataset is empty")

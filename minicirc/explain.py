@@ -29,6 +29,7 @@ from .attribution.common import inputs_from, with_sources
 from .circuit import parse_node_id
 from .data import load_examples, pad_right
 from .errors import MinicircError
+from .sae.clt import is_clt
 from .sae.sparse import features_at
 
 # --- text samples ----------------------------------------------------------------------------------
@@ -263,13 +264,14 @@ def logit_effects(model, sae, feature, n=5, tokenizer=None, site=None):
     elementwise weight and mean removal), so the values rank tokens rather than give exact logit changes.
     Meaningful for every site (embed, attn_l, mlp_l and resid_l write to the residual stream; z_l and
     mlp_hidden_l through the projection after them, model.write_direction), and only as a direct effect:
-    later layers are ignored."""
+    later layers are ignored. A cross-layer transcoder's feature writes into every later MLP output too, each
+    straight into the residual stream: its direction is the sum of its writes, W_out[feature].sum(0)."""
     check_feature(site or "this site", sae, feature)
     if sae.kind == "identity":
         direction = torch.zeros(sae.d_in, device=sae.W_dec.device)
         direction[feature] = 1.0
     else:
-        direction = sae.W_dec[feature]
+        direction = sae.W_out[feature].sum(0) if is_clt(sae) else sae.W_dec[feature]
     if site is not None:
         direction = model.write_direction(site, direction)
     W = model.unembedding

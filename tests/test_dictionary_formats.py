@@ -20,7 +20,8 @@ from test_families import write_hf
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 REFS = load_file(os.path.join(DATA, "dictionary_refs.safetensors"))
-KEYS = sorted({k.rsplit(".", 1)[0] for k in REFS})
+KEYS = sorted({k.rsplit(".", 1)[0] for k in REFS if "/" in k})     # the per-layer dictionaries
+CLTS = sorted({k.rsplit(".", 1)[0] for k in REFS if "/" not in k})  # the cross-layer transcoders
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 # What each fixture is: (kind, site, reads, has a skip term, number of features)
@@ -112,14 +113,13 @@ def test_skip_terms_and_transcoders_are_hashed():
     assert saes_hash({"attn_0": a}) != saes_hash({"attn_0": plain})
 
 
-def test_the_method_refuses_what_it_cannot_splice_yet(models):
-    """An SAE with a skip term is refused; a skip transcoder is spliced (tests/test_transcoders.py), and
-    explain encodes its input, the MLP's input: its top activation is encode(u) of the scan's run."""
+def test_the_method_splices_skip_saes_and_transcoders(models):
+    """An SAE with a skip term is spliced with the skip in its error node (tests/test_skip_sae.py); a skip
+    transcoder as tests/test_transcoders.py checks, and explain encodes its input, the MLP's input: its top
+    activation is encode(u) of the scan's run."""
     model = models["llama"]
     saes = load_saes(os.path.join(DATA, "sparsify_llama"), model)
-    with pytest.raises(MinicircError, match="not supported yet") as e:      # an SAE with a skip term
-        site_order(model, {"attn_0": saes["attn_0"]})
-    assert saes["attn_0"].source in str(e.value)
+    assert site_order(model, {"attn_0": saes["attn_0"]}) == ["attn_0"]      # an SAE with a skip term
     assert site_order(model, {"resid_1": saes["resid_1"]}) == ["resid_1"]
     assert site_order(model, {"mlp_1": saes["mlp_1"]}) == ["mlp_1"]           # a skip transcoder
     tokens = [1, 2, 3]
@@ -232,13 +232,53 @@ def test_transcoder_set_with_more_layers_than_the_model(tmp_path, models):
     one_line_error(lambda: load_saes(folder, models["llama1"]), str(folder / "layer_1.safetensors"), "1 layers")
 
 
-def test_cross_layer_transcoder_is_refused_in_one_line(tmp_path, models):
-    folder = tmp_path / "clt"
-    folder.mkdir()
-    (folder / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook: hook_resid_mid\n"
-                                        "feature_output_hook: hook_mlp_out\n")
-    save_file({"W_enc_0": torch.zeros(16, 8)}, str(folder / "W_enc_0.safetensors"))
-    one_line_error(lambda: load_saes(folder, models["llama"]), str(folder / "config.yaml"), "cross-layer")
+@pytest.mark.parametrize("name, n_layers, kind, reads", [("ct_clt_jumprelu", 2, "jumprelu", "mlp_in"),
+                                                        ("ct_clt_relu_bf16", 3, "relu", "resid_mid")])
+def test_cross_layer_transcoder_computes_what_the_library_computes(name, n_layers, kind, reads):
+    """circuit-tracer's encode (every layer's features) and decode (every layer's MLP output: the writes of all
+    earlier layers' features plus b_dec_t) on x (n_layers, positions, d): layer l's dictionary encodes x[l], and
+    mlp_t's reconstruction is decode_t(f_t) + incoming_t, incoming from the earlier layers' W_dec_l[:, t - l]."""
+    from minicirc.sae.clt import incoming
+    from minicirc.rows import dense_to_rows
+    saes = load_transcoder_set(os.path.join(DATA, name))
+    assert sorted(saes) == [f"mlp_{l}" for l in range(n_layers)] and name in CLTS
+    x, ref_f, ref_out = REFS[f"{name}.x"], REFS[f"{name}.features"], REFS[f"{name}.out"]
+    rows = {}
+    for t in range(n_layers):
+        sae = saes[f"mlp_{t}"]
+        assert (sae.kind, sae.reads, sae.layer, sae.n_layers, sae.W_enc.dtype) == (kind, reads, t, n_layers, torch.float32)
+        f = sae.encode(x[t])
+        torch.testing.assert_close(f, ref_f[t], **TOL)
+        assert bool((f != 0).any(dim=-1).all())
+        rows[f"mlp_{t}"] = dense_to_rows(f)
+        inc = incoming(saes, f"mlp_{t}", rows, len(f))
+        out = sae.decode(f) + (0 if inc is None else inc)
+        torch.testing.assert_close(out, ref_out[t], **TOL)
+        if t:   # the earlier layers' writes matter
+            assert inc.abs().max() > 0.1
+        by_hand = sum(saes[f"mlp_{l}"].write(saes[f"mlp_{l}"].encode(x[l]), t) for l in range(t + 1)) + sae.b_dec
+        torch.testing.assert_close(by_hand, ref_out[t], **TOL)
+
+
+def test_cross_layer_transcoder_loads_for_a_model_of_its_layer_count(tmp_path, models):
+    folder = os.path.join(DATA, "ct_clt_jumprelu")
+    saes = load_saes(folder, models["llama"])
+    assert sorted(saes) == ["mlp_0", "mlp_1"] and saes["mlp_1"].W_out.shape == (16, 1, 8)
+    assert saes_hash(saes) != saes_hash(load_saes(os.path.join(DATA, "ct_jumprelu_skip"), models["llama"]))
+    # the layer count: 3 layers for a 2-layer model, 2 for a 1-layer one
+    three = os.path.join(DATA, "ct_clt_relu_bf16")
+    one_line_error(lambda: load_saes(three, models["llama"]), three, "cross-layer transcoder of 3 layers",
+                   "this model has 2 layers")
+    one_line_error(lambda: load_saes(folder, models["llama1"]), folder, "of 2 layers", "has 1 layers")
+    # one layer of it alone is no dictionary
+    one_line_error(lambda: load_sae(folder), str(os.path.join(folder, "config.yaml")), "load_saes")
+    # a decoder file missing, or shaped for another layer count
+    broken = tmp_path / "clt"
+    shutil.copytree(folder, broken)
+    os.remove(broken / "W_dec_1.safetensors")
+    one_line_error(lambda: load_saes(broken, models["llama"]), str(broken / "W_dec_1.safetensors"), "missing")
+    save_file({"W_dec_1": torch.zeros(16, 2, 8)}, str(broken / "W_dec_1.safetensors"))
+    one_line_error(lambda: load_saes(broken, models["llama"]), str(broken / "W_dec_1.safetensors"), "(16, 1, 8)")
 
 
 def test_flat_yaml_reader_skips_blocks_and_strips_quotes(tmp_path):

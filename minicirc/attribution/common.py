@@ -1,12 +1,14 @@
 """What the definitions (reference.py) and the fast path (states, nodes, edges, find) share: the methods,
 the metric, the dictionary sites in model order, the clean and patch site values, the weights out of
 autograd, and the site pairs that carry edges (docs/method.md §4-6)."""
+import os
 from contextlib import contextmanager
 
 import torch
 
 from ..errors import MinicircError
 from ..model.sites import site_kind, site_layer
+from ..sae.clt import is_clt
 
 METHODS = ("attrib", "ig", "exact")
 
@@ -25,16 +27,22 @@ def logit_diff(model, batch, tokens, edit):
 
 def site_order(model, saes):
     """The sites that have a dictionary, in model order (optional sites z_l and resid_mid_l included); a
-    dictionary the method cannot splice (Dictionary.method_error: an SAE with a skip term) is refused, and so
-    is a transcoder anywhere but at an MLP output."""
+    transcoder anywhere but at an MLP output is refused, and a cross-layer transcoder without all of its layers, each at
+    the MLP output of its own (its features write to every later layer, and each error node completes the
+    writes of all earlier layers)."""
     model.check_sites(list(saes))
-    for sae in saes.values():
-        if getattr(sae, "method_error", None):
-            raise MinicircError(sae.method_error)
     for s, sae in saes.items():
         if getattr(sae, "reads", None) and site_kind(s) != "mlp":
             raise MinicircError(f"{sae.source or 'dictionary'}: a transcoder maps an MLP's input to its output, "
                                 f"so it sits at mlp_l, not at {s}")
+    clts = [(s, sae) for s, sae in saes.items() if is_clt(sae)]
+    for s, sae in clts:
+        if s != f"mlp_{sae.layer}":
+            raise MinicircError(f"{sae.source}: layer {sae.layer} of a cross-layer transcoder sits at mlp_{sae.layer}, "
+                                f"not at {s}")
+    if clts and sorted(sae.layer for _, sae in clts) != list(range(clts[0][1].n_layers)):
+        raise MinicircError(f"{clts[0][1].source}: a cross-layer transcoder of {clts[0][1].n_layers} layers takes "
+                            f"part with all of them or none (given: {', '.join(sorted(s for s, _ in clts))})")
     return [s for s in model.all_sites if s in saes]
 
 
@@ -159,6 +167,32 @@ def edge_pairs(model, sites):
             frozen = tuple(w for w in order if w in have and w in reach[u] and d in near[w])
             pairs.append((u, d, frozen))
     return pairs
+
+
+def later_targets(sae):
+    """The sites a cross-layer transcoder's layer-l features write to after their own: mlp_{l+1} .. mlp_{L-1}
+    (none for any other dictionary)."""
+    return [f"mlp_{t}" for t in range(sae.layer + 1, sae.n_layers)] if is_clt(sae) else []
+
+
+def clt_edit(sae, site, splice, shift):
+    """The edit moving a site's nodes: `splice` (x -> new value) at `site`, and for a cross-layer transcoder
+    x -> x + shift(t) at every later target t (what its layer's moved features write there); shift(t) None
+    is added to t's value."""
+    edit = {site: splice}
+    for t in later_targets(sae):
+        edit[t] = lambda x, t=t: x + shift(t)
+    return edit
+
+
+def clt_edge_error(saes):
+    """Why edges are refused with a cross-layer transcoder (None without one)."""
+    clt = next((sae for sae in saes.values() if is_clt(sae)), None)
+    if clt is None:
+        return None
+    return (f"{os.path.dirname(clt.source) or clt.source}: edges between cross-layer transcoder features are not "
+            "defined in minicirc (a feature writes to every later MLP output, so one edge would cross sites that "
+            "§6 freezes); compute nodes only (--nodes-only, nodes_only=True)")
 
 
 def clean_and_patch_states(model, metric, batch, sites, saes):

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..data import Batch
 from ..errors import MinicircError
 from ..rows import chunk_rows, row_ids
-from .common import edge_pairs, frozen_edit, frozen_weights, recording_inputs, site_order
+from .common import clt_edge_error, edge_pairs, frozen_edit, frozen_weights, recording_inputs, site_order
 from .memory import release_freed_memory
 from .states import EdgeSiteState, example_slice
 
@@ -212,7 +212,10 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
     U's value is a leaf (the straight-through splice decode(f) + err has d x_U / d f_j = W_dec[j]); the sites
     between U and D are frozen by detaching what flows out of them. Examples run `group` at a time: they do
     not interact, and a downstream row's backward pass then covers only the examples where that node was
-    selected (with all examples at once, every row's pass ran over the whole batch)."""
+    selected (with all examples at once, every row's pass ran over the whole batch). Not defined for
+    cross-layer transcoders (common.clt_edge_error)."""
+    if clt_edge_error(saes):
+        raise MinicircError(clt_edge_error(saes))
     sites = site_order(model, saes)
     pairs = pairs if pairs is not None else edge_pairs(model, sites)
     for _, d, _ in pairs:   # downstream_rows assumes dd_i/dy = 1[d_i != 0] W_enc[:, i]; some dictionaries differ

@@ -15,7 +15,7 @@ from ..model import model_hash
 from ..model.sites import width_name
 from ..sae import saes_hash
 from . import distributed as dist_mod
-from .common import METHODS, logit_diff, site_order
+from .common import METHODS, clt_edge_error, logit_diff, site_order
 from .edges import edge_effects
 from .memory import release_freed_memory
 from .nodes import node_effects
@@ -52,6 +52,8 @@ def check_arguments(model, saes, examples, metric, method, steps, node_threshold
                                 f"{model.site_width(s)}")
     if aggregation == "none" and len(set(examples.last.tolist())) > 1:
         raise MinicircError("aggregation 'none' keeps positions, so all examples must have the same length")
+    if not nodes_only and clt_edge_error(saes):
+        raise MinicircError(clt_edge_error(saes))
     if method == "exact" and not nodes_only:
         raise MinicircError("method 'exact' computes node effects only: pass nodes_only (--nodes-only)")
     return sites

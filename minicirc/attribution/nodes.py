@@ -11,8 +11,10 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..errors import MinicircError
-from ..rows import dense_to_rows, row_ids, rows_from_entries, rows_to_dense
-from .common import METHODS, frozen_weights, site_order
+from ..model.sites import site_layer
+from ..rows import dense_to_rows, row_ids, rows_from_entries, rows_to_dense, slice_rows
+from ..sae.clt import is_clt
+from .common import METHODS, clt_edit, frozen_weights, later_targets, site_order
 from .memory import release_freed_memory
 from .states import NodeEffects, SiteEffects, example_slice, sparse_site_states, tile
 
@@ -77,11 +79,15 @@ class Tiled(dict):
         return v
 
 
-def ig_site_gradients(model, metric, batch, sites, states, steps, progress=False):
+def ig_site_gradients(model, metric, batch, sites, states, steps, progress=False, saes=None):
     """Per site, dm/dx averaged over x = (1-a) x_c + a x_p, a = k/steps, k = 0..steps-1, the steps batched
     (ig_groups: at most IG_TOKENS tokens per forward; the examples do not interact, so a batch may be split
     among them). Models with forward_from resume each forward at the interpolated site from the clean values
-    below it (the metric stops at its own last site)."""
+    below it (the metric stops at its own last site).
+
+    With `saes`, a cross-layer transcoder's site l also moves every later MLP output t by a * (what its
+    layer's f_p - f_c writes there), and its gradient is [dm/dx_l, dm/dx_{l+1}, ..., dm/dx_{L-1}] along that
+    path, concatenated on the last axis (B, T, (L - l) d): the gradient of its nodes' whole write."""
     B, T = batch.clean.shape
     clean = None
     if hasattr(model, "forward_from"):
@@ -92,6 +98,9 @@ def ig_site_gradients(model, metric, batch, sites, states, steps, progress=False
     out = {}
     for s in tqdm(sites, desc=f"IG, {steps} steps", unit="site", leave=False, disable=not progress):
         st = states[s]
+        sae = saes[s] if saes is not None else None
+        later = later_targets(sae) if sae is not None else []
+        delta = st.delta() if later else None
         grads = {}                  # example group -> its gradients at each step group, (n, e, T, d)
         for e0, e1, k0, k1 in groups:
             n, part = k1 - k0, example_slice(batch, e0, e1)
@@ -101,12 +110,21 @@ def ig_site_gradients(model, metric, batch, sites, states, steps, progress=False
             alpha = alpha[:, None, None]
             path = ((1 - alpha) * x_c.repeat(n, 1, 1) + alpha * x_p.repeat(n, 1, 1)).detach().requires_grad_(True)
             runner = model if clean is None else Resumed(model, s, Tiled({k: v[e0:e1] for k, v in clean.items()}, n))
+            edit, moved = {s: lambda x, p=path: p}, {}
+            if later:
+                part_delta = slice_rows(delta, e0 * T, e1 * T)
+                shift = {t: (alpha * sae.write_rows(part_delta, site_layer(t)).view(e1 - e0, T, -1).repeat(n, 1, 1))
+                         for t in later}
+                edit.update(clt_edit(sae, s, edit[s], lambda t: shift[t]))
+                edit.update({t: lambda x, t=t, fn=edit[t]: moved.setdefault(t, fn(x)) for t in later})
             with torch.enable_grad():
-                m = metric(runner, big, big.clean, {s: lambda x, p=path: p})
-                # A metric that never reads this site does not depend on it: gradient zero.
-                (g,) = torch.autograd.grad(m.sum(), path, allow_unused=True) if m.requires_grad else (None,)
-            g = torch.zeros_like(path) if g is None else g.detach()
-            grads.setdefault((e0, e1), []).append(g.view(n, e1 - e0, *path.shape[1:]))
+                m = metric(runner, big, big.clean, edit)
+                # A metric that never reads a site does not depend on it: gradient zero.
+                wrt = [path] + [moved[t] for t in later if t in moved]
+                g = torch.autograd.grad(m.sum(), wrt, allow_unused=True) if m.requires_grad else [None] * len(wrt)
+            g = [torch.zeros_like(path) if v is None else v.detach() for v in g]
+            g = torch.cat(g + [torch.zeros_like(path)] * (len(later) + 1 - len(g)), -1) if later else g[0]
+            grads.setdefault((e0, e1), []).append(g.view(n, e1 - e0, *g.shape[1:]))
         parts = [(g[0] if len(g) == 1 else torch.cat(g)).mean(0) for g in grads.values()]
         out[s] = parts[0] if len(parts) == 1 else torch.cat(parts)
         release_freed_memory(st.x_c.device)
@@ -115,8 +133,16 @@ def ig_site_gradients(model, metric, batch, sites, states, steps, progress=False
 
 def site_effects(g_x, st, sae, use_ext=None):
     """SiteEffects from the site gradient g_x (B, T, d): (g_x @ W_dec.T) * (f_p - f_c) by
-    ops.feature_attribution on the clean and patch rows, and the error node g_x . (err_p - err_c)."""
+    ops.feature_attribution on the clean and patch rows, and the error node g_x . (err_p - err_c). A
+    cross-layer transcoder's g_x is the gradient of its whole write, (B, T, (L - l) d) (ig_site_gradients),
+    against its decoder to every layer W_out (F, L - l, d) flattened the same way."""
     B, T, d = g_x.shape
+    if is_clt(sae):
+        d = sae.d_in
+        err = (g_x[..., :d] * st.delta_err).sum(-1)
+        rows = ops.feature_attribution(g_x.reshape(B * T, -1), sae.W_out.reshape(sae.n_features, -1), st.c, st.p,
+                                       use_ext=use_ext)
+        return SiteEffects(rows, err, st.n_features)
     err = (g_x * st.delta_err).sum(-1)
     if sae.kind == "identity":     # W_dec = I: the product is g_x itself (d features, dense is fine)
         F = st.n_features
@@ -129,7 +155,8 @@ def site_effects(g_x, st, sae, use_ext=None):
 
 def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, group=64):
     """reference.exact_effects with `group` patched nodes per forward (the examples tiled): moving one
-    node to its patch value moves the site by delta_f * (its decoder row), or by delta_err. A feature whose
+    node to its patch value moves the site by delta_f * (its decoder row), or by delta_err (a cross-layer
+    transcoder's feature also moves each later MLP output t by delta_f * W_out[i, t - l]). A feature whose
     delta_f is 0 at a position in every example is not patched there (its effect is exactly 0)."""
     B, T = batch.clean.shape
     out = {}
@@ -146,10 +173,13 @@ def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, gr
             where = torch.searchsorted(keys, node_key)                # each delta entry's node
             vals = torch.zeros(len(nodes), B, dtype=st.x_c.dtype, device=st.x_c.device)
             delta_err = st.delta_err            # a property (err_p - err_c): once, not once per error node
-            for start in range(0, len(nodes), group):
-                chunk = nodes[start:start + group]
+            later = later_targets(sae)
+            step = max(1, group // (1 + len(later)))   # a CLT's shifts at every later layer: same memory per forward
+            for start in range(0, len(nodes), step):
+                chunk = nodes[start:start + step]
                 G = len(chunk)
                 shift = torch.zeros(G, B, T, st.x_c.shape[-1], dtype=st.x_c.dtype, device=st.x_c.device)
+                far = {t: torch.zeros_like(shift) for t in later}      # a CLT feature's writes to later layers
                 for g, (t, i) in enumerate(chunk):
                     if i == F:
                         shift[g, :, t] = delta_err[:, t]
@@ -159,9 +189,13 @@ def grouped_exact_effects(model, saes, metric, batch, sites, states, m_clean, gr
                     shift[g_e, b_e, t_e, i_e] = d_e
                 else:
                     shift[g_e, b_e, t_e] = d_e[:, None] * sae.W_dec[i_e]
+                for t, v in far.items():
+                    v[g_e, b_e, t_e] = d_e[:, None] * sae.W_out[i_e, site_layer(t) - sae.layer]
                 shift = shift.view(G * B, T, -1)
                 big = tile(batch, G)
-                m = metric(model, big, big.clean, {s: lambda x, d=shift: x + d}).view(G, B)
+                edit = {s: lambda x, d=shift: x + d}
+                edit.update({t: lambda x, d=v.view(G * B, T, -1): x + d for t, v in far.items()})
+                m = metric(model, big, big.clean, edit).view(G, B)
                 vals[start:start + G] = m - m_clean
             # Feature nodes as rows: entry (b * T + t, i) for every example of every patched (t, i).
             t_k, i_k = keys // (F + 1), keys % (F + 1)
@@ -192,12 +226,19 @@ def node_effects(model, saes, metric, batch, method="ig", steps=10, use_ext=None
     if method == "exact":
         return NodeEffects(m_c, m_p, states, grouped_exact_effects(model, saes, metric, batch, sites, states, m_c), None)
     known = {} if known is None else known
-    missing = [s for s in sites if s not in known]
-    if missing:
-        with frozen_weights(model):
+    # A cross-layer transcoder's IG path moves the later layers too: its gradients depend on the dictionary,
+    # so they are neither read from nor stored in `known`.
+    clt = [s for s in sites if is_clt(saes[s])] if method == "ig" else []
+    missing = [s for s in sites if s not in known and s not in clt]
+    with frozen_weights(model):
+        if missing:
             known.update(attrib_site_gradients(model, metric, batch, missing) if method == "attrib"
                          else ig_site_gradients(model, metric, batch, missing, states, steps, progress))
-    grads = {s: known[s] for s in sites}
+        whole = ig_site_gradients(model, metric, batch, clt, states, steps, progress, saes) if clt else {}
+    grads = {s: whole[s][..., :saes[s].d_in] if s in whole else known[s] for s in sites}
+    for s in sites:     # attrib: a CLT layer's nodes write to its own and every later MLP output
+        if s not in whole and is_clt(saes[s]):
+            whole[s] = torch.cat([grads[s]] + [grads[t] for t in later_targets(saes[s])], -1)
     with torch.no_grad():
-        effects = {s: site_effects(grads[s], states[s], saes[s], use_ext) for s in sites}
+        effects = {s: site_effects(whole.get(s, grads[s]), states[s], saes[s], use_ext) for s in sites}
     return NodeEffects(m_c, m_p, states, effects, grads)

@@ -20,11 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import MinicircError
+from ..sae.clt import is_clt
+
 # Shared with the fast path (common.py): the metric, the site order, the site values and the site pairs.
 from .common import (  # noqa: F401
     METHODS,
     clean_and_patch_sites,
     clean_and_patch_states,
+    clt_edge_error,
+    clt_edit,
     edge_pairs,
     frozen_edit,
     frozen_weights,
@@ -46,6 +51,7 @@ class SiteState:
     err_c: torch.Tensor  # (B, T, d)
     err_p: torch.Tensor
     u_c: torch.Tensor | None = None   # a transcoder's input (B, T, d) on the clean input (None for others)
+    incoming: torch.Tensor | None = None   # a CLT site's clean incoming writes of the earlier layers (B, T, d)
 
     @property
     def delta_f(self):
@@ -60,9 +66,19 @@ def site_states(model, saes, metric, batch, sites):
     """(m_clean, m_patch or None, {site: SiteState}), each state from the unmodified model on its own input.
     Without patch inputs (zero ablation) the patch state is f = 0, err = 0. A transcoder's x_p is the site with
     its nodes at their patch values and its input clean, decode(f_p) + skip(u_c) + err_p: where its nodes go
-    (the skip term follows u, which the nodes do not move)."""
+    (the skip term follows u, which the nodes do not move). A cross-layer transcoder's error at mlp_t leaves out
+    what the earlier layers' features write there (`incoming`, of the same run), and its x_p adds the clean
+    incoming writes: the site with its own nodes moved."""
     m_c, clean, m_p, patch, u_c, u_p = clean_and_patch_states(model, metric, batch, sites, saes)
     states = {}
+
+    def incoming(s, key):
+        t = saes[s]
+        if not is_clt(t):
+            return None
+        return sum((saes[l].write(getattr(states[l], key), t.layer) for l in sites
+                    if is_clt(saes[l]) and saes[l].layer < t.layer), torch.zeros_like(clean[s]))
+
     with torch.no_grad():
         for s in sites:
             sae = saes[s]
@@ -75,22 +91,36 @@ def site_states(model, saes, metric, batch, sites):
                 x_p = patch[s]
                 f_p, err_p = sae.split(x_p, u_p.get(s))
                 x_p = sae.splice(f_p, err_p, u_c[s]) if sae.reads else x_p
-            states[s] = SiteState(x_c, x_p, f_c, f_p, err_c, err_p, u_c.get(s))
+            states[s] = st = SiteState(x_c, x_p, f_c, f_p, err_c, err_p, u_c.get(s))
+            if is_clt(sae):
+                st.incoming = incoming(s, "f_c")
+                st.err_c = err_c - st.incoming
+                st.err_p = err_p - incoming(s, "f_p") if patch is not None else err_p
+                st.x_p = sae.splice(f_p, st.err_p, u_c[s]) + st.incoming
     return m_c, m_p, states
 
 
 # --- node effects -----------------------------------------------------------------------------------
 
-def node_gradient(model, sae, metric, batch, site, f, err, u=None):
-    """(dm/df, dm/derr) with `site` replaced by decode(f) + err (a transcoder's by decode(f) + skip(u) + err,
-    u its clean input), f and err leaves; every other site plain.
+def node_edit(sae, site, st, f, err):
+    """The edit that puts a site's nodes at f and err: `site` replaced by decode(f) + err (a transcoder's by
+    decode(f) + skip(u) + err, u its clean input); a cross-layer transcoder's by decode(f) + incoming + err
+    (the clean incoming writes), and every later MLP output t moved by what f - f_c writes there."""
+    if not is_clt(sae):
+        return {site: lambda x: sae.splice(f, err, st.u_c)}
+    return clt_edit(sae, site, lambda x: sae.splice(f, err, st.u_c) + st.incoming,
+                    lambda t: sae.write(f - st.f_c, int(t.rsplit("_", 1)[1])))
+
+
+def node_gradient(model, sae, metric, batch, site, f, err, st):
+    """(dm/df, dm/derr) with the site's nodes at f and err (node_edit), f and err leaves; every other site plain.
 
     One backward of the summed metric: examples do not interact in the model, so it gives each example's own
     gradient. (Decoding is affine, so dm/df = (dm/dx) @ W_dec.T and dm/derr = dm/dx, the site gradient.)"""
     f = f.detach().clone().requires_grad_(True)
     err = err.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        m = metric(model, batch, batch.clean, {site: lambda x: sae.splice(f, err, u)})
+        m = metric(model, batch, batch.clean, node_edit(sae, site, st, f, err))
         # A metric that never reads this site does not depend on it: gradient zero.
         g_f, g_err = (torch.autograd.grad(m.sum(), [f, err], allow_unused=True) if m.requires_grad
                       else (None, None))
@@ -112,7 +142,7 @@ def ig_gradients(model, saes, metric, batch, states, steps):
         for k in range(steps):
             a = k / steps
             g = node_gradient(model, saes[s], metric, batch, s, (1 - a) * st.f_c + a * st.f_p,
-                              (1 - a) * st.err_c + a * st.err_p, st.u_c)
+                              (1 - a) * st.err_c + a * st.err_p, st)
             sums = g if sums is None else (sums[0] + g[0], sums[1] + g[1])
         out[s] = (sums[0] / steps, sums[1] / steps)
     return out
@@ -146,6 +176,15 @@ def exact_effects(model, saes, metric, batch, states):
             eff = torch.zeros(B, T, F + 1, dtype=st.f_c.dtype, device=st.f_c.device)
             for t in range(T):
                 for i in range(F + 1):
+                    if is_clt(sae):     # the one node moved, its writes to the later layers too
+                        f, err = st.f_c.clone(), st.err_c.clone()
+                        if i < F:
+                            f[:, t, i] = st.f_p[:, t, i]
+                        else:
+                            err[:, t] = st.err_p[:, t]
+                        eff[:, t, i] = metric(model, batch, batch.clean, node_edit(sae, s, st, f, err)) - m_c
+                        continue
+
                     def edit(x, t=t, i=i, sae=sae, st=st):
                         f, err = (v.clone() for v in sae.split(x, st.u_c))
                         if i < F:
@@ -176,7 +215,9 @@ def edge_effects(model, saes, batch, states, grads, effects, node_threshold, agg
 
     Returns {(U, D): (rows, values)}: rows (R,) long, the downstream nodes' indices into D's aggregated node
     tensor ((F_D + 1,) for `sum`, (T, F_D + 1) for `none`, flattened), ascending; values (R, F_U + 1) for
-    `sum`, (R, T, F_U + 1) for `none`, the error in column F_U."""
+    `sum`, (R, T, F_U + 1) for `none`, the error in column F_U. Not defined for cross-layer transcoders."""
+    if clt_edge_error(saes):
+        raise MinicircError(clt_edge_error(saes))
     pairs = pairs if pairs is not None else edge_pairs(model, site_order(model, saes))
     out = {}
     for U, D, frozen in pairs:

@@ -12,6 +12,7 @@ import torch
 
 from ..data import Batch
 from ..rows import delta_rows, empty_rows, slice_rows
+from ..sae.clt import incoming
 from ..sae.sparse import decode_rows, split_rows
 from .common import clean_and_patch_states
 from .memory import release_freed_memory
@@ -70,9 +71,10 @@ class EdgeSiteState:
 def sparse_site_states(model, saes, metric, batch, sites, use_ext=None):
     """reference.site_states with rows: (m_clean, m_patch or None, {site: SparseSiteState}). Without patch
     inputs (zero ablation) the patch state is f = 0 (no rows), err = 0. A transcoder's x_p is, as there,
-    decode(f_p) + skip(u_c) + err_p."""
+    decode(f_p) + skip(u_c) + err_p; a cross-layer transcoder's error leaves out the earlier layers' writes
+    (sae.clt.incoming) and its x_p adds the clean ones."""
     m_c, clean, m_p, patch, u_c, u_p = clean_and_patch_states(model, metric, batch, sites, saes)
-    states = {}
+    states, rows_c, rows_p = {}, {}, {}
     with torch.no_grad():
         for s in sites:
             sae, x_c = saes[s], clean[s]
@@ -80,13 +82,20 @@ def sparse_site_states(model, saes, metric, batch, sites, use_ext=None):
             c, err_c = split_rows(sae, x_c, u_c.get(s), use_ext)
             if patch is None:
                 p = empty_rows(B * T, c[2].dtype, x_c.device)
-                x_p = decode_rows(sae, p, B * T).view(B, T, d)
+                x_p = dec_p = decode_rows(sae, p, B * T).view(B, T, d)
                 err_p = torch.zeros_like(err_c)
             else:
                 x_p = patch[s]
-                p, err_p = split_rows(sae, x_p, u_p.get(s), use_ext)
-            if s in u_c:    # the nodes' patch values with the input clean
-                x_p = decode_rows(sae, p, B * T).view(B, T, d) + sae.skip(u_c[s]) + err_p
+                p, err_p, dec_p = split_rows(sae, x_p, u_p.get(s), use_ext, with_decode=True)
+            rows_c[s], rows_p[s] = c, p
+            inc_c = incoming(saes, s, rows_c, B * T)
+            if inc_c is not None:       # a CLT site: its error leaves out the earlier layers' writes
+                inc_c = inc_c.view(B, T, d)
+                err_c = err_c - inc_c
+                err_p = err_p - incoming(saes, s, rows_p, B * T).view(B, T, d) if patch is not None else err_p
+            if s in u_c:    # the nodes' patch values with the input clean (and a CLT's clean incoming writes)
+                x_p = dec_p + sae.skip(u_c[s]) + err_p
+                x_p = x_p if inc_c is None else x_p + inc_c
             states[s] = SparseSiteState(x_c, x_p, c, p, err_c, err_p, sae.n_features)
             release_freed_memory(x_c.device)
     return m_c, m_p, states

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import attribution, evaluation, explain, viz
+from ..attribution.common import inputs_from, transcoder_inputs
 from ..attribution.find import find_circuit
 from ..data import tokenize
 from ..errors import MinicircError
@@ -198,16 +199,18 @@ def unit_scores(model, dict_sets, batches):
         positions += range(T)
     L, pos = torch.tensor(rows, dtype=torch.float64, device="cpu"), torch.tensor(positions, device="cpu")
     caches = []
+    # A transcoder encodes its MLP's input, computed from a site that may be optional (resid_mid_l).
+    sources = sorted({src for d in dict_sets.values() for src, _ in transcoder_inputs(model, d, list(d)).values()})
     for b in batches:
         cache = {}
-        model(b.clean, cache=cache)
+        model(b.clean, cache=cache, extra=sources)
         caches.append((cache, b.last))
     out = {}
     for kind, dicts in dict_sets.items():
         out[kind] = {}
         for site, d in dicts.items():
-            acts = torch.cat([d.encode(cache[site])[b, :last + 1] for cache, lasts in caches
-                              for b, last in enumerate(lasts.tolist())]).double().cpu()
+            acts = torch.cat([d.encode(inputs_from(model, dicts, [site], cache).get(site, cache[site]))[b, :last + 1]
+                              for cache, lasts in caches for b, last in enumerate(lasts.tolist())]).double().cpu()
             share, best = best_latent_share(acts, L, pos)
             live = acts.std(0) > 0
             out[kind][site] = (share.tolist(), [names[k] if k >= 0 else None for k in best.tolist()], live.tolist())

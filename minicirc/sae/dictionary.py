@@ -23,8 +23,10 @@ at site mlp_L (its output) and reads the MLP's input of layer L, `reads` naming 
 the MLP's first projection reads, after the norm) or "resid_mid" (the residual before that norm). Its
 features and decode are the library's. The method splices a transcoder at mlp_L as
 y = decode(f) + skip(u) + err with f = encode(u), err = y - decode(f) - skip(u) (`split`, `splice`): the
-model's value is kept exactly (docs/method.md, Transcoders). An SAE with a skip term (reads None) is not
-spliced yet (`method_error` says so, and attribution and evaluation refuse it).
+model's value is kept exactly (docs/method.md, Transcoders). An SAE with a skip term (reads None) reads and
+reconstructs the same value x, and its skip(x) is a linear function of that very value: the method splices it
+as any SAE, x = decode(f) + err with err = x - decode(f) = skip(x) + (x - the library's output), i.e. the skip
+term folded into the error node; its features are the library's (docs/method.md §3.1).
 
 Derivatives (edges need dd_i/dy of a downstream feature d_i = f_i(y)): for relu, jumprelu, topk and gated
 without input normalisation, df_i/dx = 1[f_i != 0] W_enc[:, i] almost everywhere (a jumprelu threshold, the
@@ -126,7 +128,8 @@ class Dictionary(nn.Module):
 
     def split(self, y, u=None):
         """(f, err) of site value y: f = encode(u), err = y - decode(f) - skip(u) for a transcoder (u its
-        input, y the MLP's output); f = encode(y), err = y - decode(f) otherwise (u unused)."""
+        input, y the MLP's output); f = encode(y), err = y - decode(f) otherwise (u unused; an SAE's skip(y)
+        is then part of err)."""
         if not self.reads:
             return self(y)
         f = self.encode(u)
@@ -137,15 +140,6 @@ class Dictionary(nn.Module):
         `split` took apart."""
         x = self.decode(f) + err
         return x + self.skip(u) if self.reads else x
-
-    @property
-    def method_error(self):
-        """None where minicirc's splice applies (x = decode(f) + err, or a transcoder's
-        y = decode(f) + skip(u) + err), else why not (an SAE with a skip term)."""
-        if self.reads or not self.has_skip:
-            return None
-        return (f"{self.source or 'dictionary'}: an SAE with a skip term (output decode(f) + x @ W_skip.T) loads "
-                "as data (encode, decode, skip), but minicirc's circuits do not splice it; not supported yet")
 
     @property
     def edge_form_error(self):

@@ -71,11 +71,14 @@ def decode_rows(sae, rows, n):
     return torch.cat(parts) if parts else sae.W_dec.new_zeros(0, sae.d_in)
 
 
-def split_rows(sae, x, u=None, use_ext=None):
+def split_rows(sae, x, u=None, use_ext=None, with_decode=False):
     """Dictionary.split with the features as rows: (features of x (B, T, d) as rows over its B * T tokens,
     error (B, T, d)), from the sparse encode and decode, so no (tokens x n_features) tensor. A transcoder
-    encodes its input u (B, T, d) and its error also leaves out skip(u)."""
+    encodes its input u (B, T, d) and its error also leaves out skip(u). with_decode: decode(f) (B, T, d) too,
+    as a third element (the caller that needs it does not decode again)."""
     B, T, d = x.shape
     rows = encode_rows(sae, (x if u is None else u).reshape(B * T, d), use_ext)
-    err = x - decode_rows(sae, rows, B * T).view(B, T, d)
-    return rows, (err if u is None else err - sae.skip(u))
+    dec = decode_rows(sae, rows, B * T).view(B, T, d)
+    err = x - dec
+    err = err if u is None else err - sae.skip(u)
+    return (rows, err, dec) if with_decode else (rows, err)

@@ -22,9 +22,12 @@ SPARSIFY_KEYS = {"num_latents", "expansion_factor"}
 SAELENS_KEYS = {"d_sae", "architecture", "hook_name", "hook_point", "metadata"}
 
 # Module names of one layer's parts under each family's Hugging Face base_model, by minicirc model class:
-# (the list of layers, the attention module). The MLP is `mlp` in all of them.
-FAMILY_MODULES = {"Llama": ("layers", "self_attn"), "GPTNeoX": ("layers", "attention"), "GPT2": ("h", "attn")}
-HOOKPOINT = re.compile(r"(layers|h)\.(\d+)(?:\.(self_attn|attention|attn|mlp))?")
+# (the list of layers, the attention module, the base model's name in the *ForCausalLM model). The MLP is `mlp`
+# in all of them. A hookpoint may name the module from the whole model (`model.layers.3.mlp`, as EleutherAI's
+# SmolLM2-135M skip transcoders do): the same module.
+FAMILY_MODULES = {"Llama": ("layers", "self_attn", "model"), "GPTNeoX": ("layers", "attention", "gpt_neox"),
+                  "GPT2": ("h", "attn", "transformer")}
+HOOKPOINT = re.compile(r"(?:(model|gpt_neox|transformer)\.)?(layers|h)\.(\d+)(?:\.(self_attn|attention|attn|mlp))?")
 
 
 def is_sparsify(folder):
@@ -52,7 +55,7 @@ def hookpoint_parts(hookpoint):
     """(layers list name, layer, module) of a hookpoint, module None for the whole layer; None if it names
     no module minicirc places."""
     m = HOOKPOINT.fullmatch(hookpoint)
-    return None if m is None else (m.group(1), int(m.group(2)), m.group(3))
+    return None if m is None else (m.group(2), int(m.group(3)), m.group(4))
 
 
 def hookpoint_site(hookpoint, transcoder=False):
@@ -62,7 +65,8 @@ def hookpoint_site(hookpoint, transcoder=False):
     parts = hookpoint_parts(hookpoint)
     if parts is None:
         raise MinicircError(f"hookpoint {hookpoint!r} names no module minicirc knows (layers.L, layers.L.self_attn, "
-                            "layers.L.attention, layers.L.mlp; GPT-2: h.L, h.L.attn, h.L.mlp)")
+                            "layers.L.attention, layers.L.mlp; GPT-2: h.L, h.L.attn, h.L.mlp; each also after "
+                            "model., gpt_neox. or transformer.)")
     _, layer, module = parts
     if transcoder and module != "mlp":
         raise MinicircError(f"hookpoint {hookpoint!r}: a transcoder there maps the module's input to its output, "
@@ -80,8 +84,9 @@ def hookpoint_problem(sae, model):
     layers, layer, module = hookpoint_parts(sae.hookpoint)
     if family is None:
         return f"{sae.source}: minicirc does not know the module names of a {type(model).__name__} model"
-    if layers != family[0] or module not in (None, "mlp", family[1]):
-        names = f"{family[0]}.L, {family[0]}.L.{family[1]}, {family[0]}.L.mlp"
+    prefix = HOOKPOINT.fullmatch(sae.hookpoint).group(1)
+    if layers != family[0] or module not in (None, "mlp", family[1]) or prefix not in (None, family[2]):
+        names = f"{family[0]}.L, {family[0]}.L.{family[1]}, {family[0]}.L.mlp, each also after {family[2]}."
         return f"{sae.source}: hookpoint {sae.hookpoint} names no module of this {type(model).__name__} model ({names})"
     if module is not None and getattr(model.cfg, "gemma", False):
         return (f"{sae.source}: hookpoint {sae.hookpoint} is the module's own output, which Gemma-2 normalises "

@@ -127,8 +127,10 @@ def load_saes(sae_dir, model, norm_scaling_factor=None):
       see site_folder), each holding one dictionary; a SAELens cfg's hook_name must agree with its folder.
     - one SAELens folder per hook, named anything, each placed by its cfg's hook_name (see hook_site), or a
       sparsify run: one folder per hookpoint, named by it (see sparsify.hookpoint_site); sites without one
-      get no dictionary.
-    - a circuit-tracer transcoder set (config.yaml + layer_<i>.safetensors): one transcoder per MLP site.
+      get no dictionary. Folders holding a circuit-tracer set (config.yaml) may sit beside them, each placed
+      as the next layout says: so transcoders and SAEs at other sites mix.
+    - a circuit-tracer transcoder set (config.yaml + layer_<i>.safetensors): one transcoder per MLP site; or a
+      cross-layer transcoder (config.yaml + W_enc_<i>, W_dec_<i>.safetensors): one layer of it per MLP site.
     sae_dir may be a Hugging Face Hub id (owner/repo or owner/repo/path/in/repo, hub.local_path) where no
     such local folder exists.
     norm_scaling_factor: a number, or {site: number}, for SAELens expected_average_only_in dictionaries."""
@@ -138,9 +140,10 @@ def load_saes(sae_dir, model, norm_scaling_factor=None):
     if os.path.exists(os.path.join(sae_dir, "config.yaml")):
         return {site: _place(sae, site, model, f"folder {sae_dir}") for site, sae in load_transcoder_set(sae_dir).items()}
     factor = lambda site: norm_scaling_factor.get(site) if isinstance(norm_scaling_factor, dict) else norm_scaling_factor
-    present = sorted(d for d in os.listdir(sae_dir) if os.path.isdir(os.path.join(sae_dir, d)))
+    # Hidden folders are no dictionaries (`hf download --local-dir` leaves a .cache/ there).
+    present = sorted(d for d in os.listdir(sae_dir) if os.path.isdir(os.path.join(sae_dir, d)) and not d.startswith("."))
     if present and not any(SITE_FOLDER.fullmatch(d) for d in present) and \
-            all(os.path.exists(os.path.join(sae_dir, d, "cfg.json")) for d in present):
+            all(any(os.path.exists(os.path.join(sae_dir, d, n)) for n in ("cfg.json", "config.yaml")) for d in present):
         return _load_hook_tree(sae_dir, present, model, factor)
     # Every site needs its folder; the optional sites (z_layerL, resid_mid_layerL, mlp_hidden_layerL) may have one.
     by_folder = {site_folder(s): s for s in model.all_sites}
@@ -160,6 +163,12 @@ def _load_hook_tree(sae_dir, folders, model, factor):
     folder at the site its name (a hookpoint) names."""
     saes, origin = {}, {}
     for d in folders:
+        if not os.path.exists(os.path.join(sae_dir, d, "cfg.json")):   # a circuit-tracer set (config.yaml)
+            for site, sae in load_transcoder_set(os.path.join(sae_dir, d)).items():
+                if site in saes:
+                    raise MinicircError(f"{sae_dir}: two dictionaries for site {site}: {origin[site]} and {d}")
+                saes[site], origin[site] = _place(sae, site, model, f"folder {d}"), d
+            continue
         cfg_path = os.path.join(sae_dir, d, "cfg.json")
         sparsify = is_sparsify(os.path.join(sae_dir, d))
         if sparsify:
@@ -210,4 +219,6 @@ def saes_hash(saes):
             parts.append(sae.W_skip)
         if sae.reads is not None:
             parts.append(f"|reads {sae.reads}")
+        if hasattr(sae, "W_out"):       # a cross-layer transcoder's writes to the later layers
+            parts.append(sae.W_out)
     return sha256_of(parts)

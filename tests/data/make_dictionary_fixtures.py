@@ -14,15 +14,22 @@ import os
 import shutil
 import tempfile
 
+import huggingface_hub.constants
 import torch
 import yaml
 from safetensors.torch import save_file
+
+# circuit-tracer 0.5.0 imports a constant that huggingface_hub 1.x no longer has (it only reads it when
+# downloading, which this script never does).
+if not hasattr(huggingface_hub.constants, "HF_HUB_ENABLE_HF_TRANSFER"):
+    huggingface_hub.constants.HF_HUB_ENABLE_HF_TRANSFER = False
 
 import circuit_tracer
 import sparsify
 from circuit_tracer.utils.caching import get_cached_path, load_transcoders_from_cache
 from sparsify import SparseCoder, SparseCoderConfig, TrainConfig
 from circuit_tracer.transcoder.activation_functions import JumpReLU
+from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
 from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -122,6 +129,39 @@ def transcoder_set(name, input_hook, output_hook, jump, skip, dtype, n_layers=2)
 
 transcoder_set("ct_jumprelu_skip", "mlp.hook_in", "mlp.hook_out", jump=True, skip=True, dtype=torch.float32)
 transcoder_set("ct_relu_bf16", "hook_resid_mid", "hook_mlp_out", jump=False, skip=False, dtype=torch.bfloat16)
+
+
+def cross_layer_transcoder(name, input_hook, output_hook, jump, dtype, n_layers=2):
+    """A CrossLayerTranscoder saved with the library's to_safetensors and a config.yaml as its cache writes it,
+    read back with load_transcoders_from_cache (its load_clt); on inputs x (n_layers, positions, d): every
+    layer's features (encode) and the reconstruction of every layer's MLP output (decode)."""
+    tmp = tempfile.mkdtemp()
+    path = get_cached_path(name, tmp)
+    clt = CrossLayerTranscoder(n_layers, N, D, activation_function="jump_relu" if jump else "relu",
+                               lazy_decoder=False, device="cpu", dtype=torch.float32)
+    randomise(clt, torch.float32)
+    if jump:
+        with torch.no_grad():
+            clt.activation_function.threshold.copy_(torch.rand(clt.activation_function.threshold.shape,
+                                                               generator=torch.Generator().manual_seed(5)) * 0.5)
+    clt.to(dtype).to_safetensors(str(path))
+    with open(path / "config.yaml", "w") as f:
+        yaml.dump({"model_kind": "cross_layer_transcoder", "feature_input_hook": input_hook,
+                   "feature_output_hook": output_hook, "scan": name}, f)
+    loaded, _ = load_transcoders_from_cache(name, tmp, device=torch.device("cpu"), dtype=torch.float32)
+    x = torch.stack([inputs(f"{name}{l}") for l in range(n_layers)])
+    with torch.no_grad():
+        f = loaded.encode(x)
+        refs[f"{name}.x"], refs[f"{name}.features"] = x, f
+        refs[f"{name}.out"] = loaded.decode(f)
+    out = os.path.join(HERE, name)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(path, out)
+    shutil.rmtree(tmp)
+
+
+cross_layer_transcoder("ct_clt_jumprelu", "mlp.hook_in", "hook_mlp_out", jump=True, dtype=torch.float32)
+cross_layer_transcoder("ct_clt_relu_bf16", "hook_resid_mid", "mlp.hook_out", jump=False, dtype=torch.bfloat16, n_layers=3)
 
 save_file({k: v.float().contiguous() for k, v in refs.items()}, os.path.join(HERE, "dictionary_refs.safetensors"),
           metadata={"sparsify": sparsify.__version__, "circuit_tracer": circuit_tracer.__version__,
