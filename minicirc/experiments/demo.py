@@ -101,11 +101,12 @@ def default_subject(quick, progress):
                 meta={"kind": "default", "default": folder, "stats": stats})
 
 
-def real_lm_subject(name, quick, progress):
-    """A pretrained model (--model smollm2 or a path) with SAEs minicirc trains on it (real_lm.py); templates
-    the model gets right less often than min_accuracy are reported and left out of the comparison."""
-    recipe = "quick" if quick else "full"
-    cfg = REAL_LM_SETTINGS[recipe]
+def real_lm_subject(name, quick, progress, device="cpu"):
+    """A pretrained model (--model smollm2 or a path) with SAEs minicirc trains on it (real_lm.py: the "cuda"
+    recipe, more text, when the demo runs on a GPU); templates the model gets right less often than
+    min_accuracy are reported and left out of the comparison."""
+    cfg = REAL_LM_SETTINGS["quick" if quick else "full"]
+    recipe = "quick" if quick else "cuda" if str(device).startswith("cuda") else "full"
     model, saes, tokenizer, info = real_lm.load_real_lm(name, recipe, progress)
     lex = real_lm.lexicon_for(tokenizer)
     accuracy = real_lm.clean_and_patch_agreement_accuracy(model, tokenizer, cfg["n_accuracy"], lex=lex)
@@ -132,5 +133,5 @@ def run_demo(out="minicirc-demo", quick=False, overwrite=False, device="cpu", pr
     """`minicirc demo`: on the embedded default (model="default"), or on a pretrained model ("smollm2", or
     the path of a Hugging Face folder or GGUF file) with SAEs trained by minicirc and cached."""
     subject = ((lambda: default_subject(quick, progress)) if model == "default"
-               else (lambda: real_lm_subject(model, quick, progress)))
+               else (lambda: real_lm_subject(model, quick, progress, device)))
     return run_comparison(subject, out, overwrite, device, progress, first_layer, command="demo")
