@@ -28,7 +28,7 @@ REAL_LM_SETTINGS = {
     "full": dict(n_discovery=100, n_eval=40, steps=10, node_threshold=0.1, edge_threshold=0.02, top_k=10,
                  grid_points=12, n_interp=48, n_accuracy=64, min_accuracy=0.9),
     # Smoke tests on tiny random models: nothing is excluded (a random model is never accurate).
-    "quick": dict(n_discovery=8, n_eval=4, steps=2, node_threshold=0.05, edge_threshold=0.01, top_k=3,
+    "quick": dict(n_discovery=12, n_eval=4, steps=2, node_threshold=0.05, edge_threshold=0.01, top_k=3,
                   grid_points=4, n_interp=4, n_accuracy=8, min_accuracy=0.0),
 }
 # The sets a real model's circuits are also measured on, besides the held-out prompts (real_lm_examples).

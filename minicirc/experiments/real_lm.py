@@ -23,6 +23,18 @@ left out of training: there the model writes a very large vector (SmolLM2's resi
 ~2e4 against ~2e2 elsewhere) that is the same for every prompt starting with "The", so it would dominate the
 loss; clean and patch prompts agree there, so its node effects are 0 and its error node holds it.
 
+Discovery and test prompts (discovery_and_test): the test prompts are drawn first, from the nouns the train
+split can name, then discovery prompts from the train split that name every noun of them, as the paper
+discovers on prompts built from the words it tests on. novel_examples gives the stored prompts whose nouns
+and verbs the templates never use (tasks/novel.py).
+
+SAEs that generalise: an SAE with many latents per token of templated text learns token detectors, features
+that fire on one noun ("author", "authors") and nowhere else; a circuit over them found on some nouns says
+nothing about others. token_specificity measures it per site (the share of live features on at most 2
+nouns, what they carry, and how many features and neurons track the subject's number), train_saes writes it
+into stats.json, and RECIPES' "full" is the recipe of those scripts/sae_recipes.py tried (sae_recipes.json,
+copied into stats.json as recipes_tried) that met the target at about today's variance explained.
+
 Cache: `$MINICIRC_CACHE/real-lm/<name>-<key>/`, key = sha256 of the settings, the model's hash and this
 file's VERSION; settings.json inside is compared on load, and any difference retrains.
 """
@@ -157,7 +169,7 @@ def discovery_and_test(tokenizer, template, n_discovery, n_test, lex=None, seed=
     """(discovery, test): `n_test` test-split examples of `template` and `n_discovery` train-split examples
     that name every noun of them, the way the paper discovers on prompts built from the words it tests on.
 
-    1. A pool of up to pool_factor * n_discovery train examples (agreement_examples, `seed`).
+    1. A pool of up to max(pool_factor * n_discovery, 100) train examples (agreement_examples, `seed`).
     2. The test examples (`test_seed`), drawn with the lexicon narrowed to the nouns the pool names (for
        simple, whose frame is (subject, main verb), a noun whose every frame is held out has no training
        prompt at all: SmolLM2's lexicon has two such nouns).
@@ -167,7 +179,8 @@ def discovery_and_test(tokenizer, template, n_discovery, n_test, lex=None, seed=
     Deterministic for its arguments. Raises MinicircError naming the nouns left out when n_discovery slots
     cannot name them all."""
     lex = lex or lexicon_for(tokenizer)
-    pool = draw_up_to(tokenizer, template, [pool_factor * n_discovery, 2 * n_discovery, n_discovery], seed, "train", lex)
+    pool = draw_up_to(tokenizer, template, [max(pool_factor * n_discovery, 100), 2 * n_discovery, n_discovery], seed,
+                      "train", lex)
     named = discovery_words(pool)[0]
     test_lex = lex._replace(animate=tuple(n for n in lex.animate if n in named),
                             nouns=tuple(n for n in lex.nouns if n in named))

@@ -19,6 +19,7 @@ import os
 import random
 
 from ...data import Example
+from . import agreement
 
 PEOPLE = ("teacher", "doctor", "nurse", "student", "engineer", "scientist", "friend", "parent", "neighbor",
           "visitor", "leader", "member", "owner", "guest", "patient", "citizen", "worker", "professor",
@@ -65,21 +66,11 @@ def words():
 
 
 def _prefix(template, subj, second, verb, prep, subj_pl, second_pl):
-    noun = lambda n, pl: plural(n) if pl else n   # noqa: E731
-    words_, roles, numbers = ["The", noun(subj, subj_pl)], ["det", "subj"], [None, subj_pl]
-    if template == "nounpp":
-        words_ += [prep, "the", noun(second, second_pl)]
-        roles += ["prep", "det", "distractor"]
-        numbers += [None, None, second_pl]
-    elif template in ("within_rc", "rc"):
-        words_ += ["that", "the", noun(second, second_pl)]
-        roles += ["that", "det", "distractor"]
-        numbers += [None, None, second_pl]
-        if template == "rc":
-            words_.append(verb if second_pl else third_person(verb))
-            roles.append("rc_verb")
-            numbers.append(second_pl)
-    return words_, roles, numbers
+    """agreement's prefix of these words, "The" capitalised as real_lm writes its prompts."""
+    words_, roles, numbers = agreement._prefix(template, subj, second, verb, prep, subj_pl, second_pl,
+                                               noun=lambda n, pl: plural(n) if pl else n,
+                                               verb_forms=lambda v: (third_person(v), v))
+    return ["The"] + words_[1:], roles, numbers
 
 
 def build():
