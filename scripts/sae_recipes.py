@@ -22,15 +22,15 @@ from minicirc.model import load_model, load_tokenizer, save_model
 from minicirc.experiments import real_lm, train
 
 RECIPES = [
-    # name, SAE settings, text: "corpus" (the shipped templated sentences) or "varied" (half corpus, half
-    # text SmolLM2 writes from GENERATION_PROMPTS, about the same number of tokens in all).
-    ("shipped: 4608 latents, k 32, corpus", dict(d_sae=4608, k=32, bf16=False), "corpus"),
+    # name, SAE settings, text: "corpus" (the shipped templated sentences) or "varied" (the corpus' first
+    # sentences and text SmolLM2 writes from GENERATION_PROMPTS, as many tokens in all as the corpus).
     ("1152 latents, k 64, corpus", dict(d_sae=1152, k=64, bf16=False), "corpus"),
     ("1152 latents, k 64, corpus, bf16 matmuls", dict(d_sae=1152, k=64, bf16=True), "corpus"),
-    ("1152 latents, k 64, half corpus + half SmolLM2's own text", dict(d_sae=1152, k=64, bf16=False), "varied"),
-    ("4608 latents, k 32, half corpus + half SmolLM2's own text", dict(d_sae=4608, k=32, bf16=False), "varied"),
+    ("1152 latents, k 64, corpus + SmolLM2's own text", dict(d_sae=1152, k=64, bf16=False), "varied"),
+    ("4608 latents, k 32, corpus (shipped before)", dict(d_sae=4608, k=32, bf16=False), "corpus"),
 ]
 
+N_GENERATED = 600    # x ~28 tokens kept: about 17k tokens, 29% of the corpus' 58,742
 GENERATION_PROMPTS = [
     "The weather today", "My grandmother always said", "In the history of science,", "The recipe calls for",
     "Yesterday at school", "The best way to learn", "When the train arrived", "Scientists have discovered",
@@ -52,7 +52,7 @@ def layer_flops(model, last_layer, tokens):
     return 2 * n * tokens
 
 
-def generate_text(model, tokenizer, n, new_tokens=24, seed=0, batch=36):
+def generate_text(model, tokenizer, n, new_tokens=24, seed=0, batch=150):
     """n continuations of GENERATION_PROMPTS (cycled), sampled at temperature 1 with top-p 0.95."""
     import transformers as tf
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +94,9 @@ def main():
 
     def acts_of(name, sentences, bf16=False):
         cache = os.path.join(args.work, f"{name}.pt")
-        if os.path.exists(cache):
+        if os.path.exists(cache):   # from an earlier run of this script, with its timing beside it
+            with open(cache[:-3] + ".json") as f:
+                report["activations"][name] = json.load(f)
             return torch.load(cache, weights_only=True)
         t0 = time.time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -104,6 +106,8 @@ def main():
         report["activations"][name] = {"seconds": time.time() - t0, "kept_tokens": int(a[sites[0]].shape[0]),
                                        "tokens": rows, "gflop": layer_flops(model, last, rows) / 1e9, "bf16": bf16}
         torch.save(a, cache)
+        with open(cache[:-3] + ".json", "w") as f:
+            json.dump(report["activations"][name], f)
         return a
 
     corpus = real_lm.training_sentences(r["n_sentences"], r["seed"], "train")
@@ -112,30 +116,34 @@ def main():
     held = acts_of("held_out", held_text)
     held_bf16 = acts_of("held_out_bf16", held_text, bf16=True)
     report["bf16_activation_error"] = {s: ((held_bf16[s] - held[s]).norm() / held[s].norm()).item() for s in sites}
-    gen_file = os.path.join(args.work, "generated.json")
-    if not os.path.exists(gen_file):
-        t0 = time.time()
-        gen = generate_text(model, tok, 1200)
-        report["generation_seconds"] = time.time() - t0
-        with open(gen_file, "w") as f:
-            json.dump(gen, f)
-    with open(gen_file) as f:
-        generated = json.load(f)
-    n_corpus_tokens = train_acts[sites[0]].shape[0]
-    gen_acts = acts_of("generated", generated)
-    n_gen = gen_acts[sites[0]].shape[0]
-    # varied: the first half of the corpus tokens plus as many generated tokens (or all there are).
-    half = n_corpus_tokens // 2
-    varied = {s: torch.cat([train_acts[s][:half], gen_acts[s][:n_corpus_tokens - half]]) for s in sites}
-    report["tokens"] = {"corpus": int(n_corpus_tokens), "generated": int(n_gen),
-                        "varied": int(varied[sites[0]].shape[0])}
     prompts = real_lm.noun_prompts(lex)
     noun_acts = real_lm.site_activations(model, tok, [p for p, _, _ in prompts], sites, progress=False)
     nouns, plural = [n for _, n, _ in prompts], [pl for _, _, pl in prompts]
     report["recipes"] = []
+    varied = None
     for name, cfg, text in RECIPES:
         entry = {"name": name, "settings": {**cfg, "text": text, "epochs": r["epochs"], "batch_size": r["batch_size"],
                                             "lr": r["lr"], "seed": r["seed"]}, "sites": {}}
+        if text == "varied" and varied is None:   # generated only once the corpus recipes are measured
+            gen_file = os.path.join(args.work, "generated.json")
+            if not os.path.exists(gen_file):
+                t0 = time.time()
+                gen = generate_text(model, tok, N_GENERATED)
+                report["generation_seconds"] = time.time() - t0
+                with open(gen_file, "w") as f:
+                    json.dump(gen, f)
+            with open(gen_file) as f:
+                generated = json.load(f)
+            n_corpus_tokens = train_acts[sites[0]].shape[0]
+            gen_acts = acts_of("generated", generated)
+            n_gen = gen_acts[sites[0]].shape[0]
+            # varied: every generated token but the last 4000 (held out: variance_explained_generated), then
+            # the corpus' first tokens up to the corpus' count.
+            gen_train = {s: v[:-4000] for s, v in gen_acts.items()}
+            rest = n_corpus_tokens - gen_train[sites[0]].shape[0]
+            varied = {s: torch.cat([train_acts[s][:rest], gen_train[s]]) for s in sites}
+            report["tokens"] = {"corpus": int(n_corpus_tokens), "generated": int(n_gen), "generated_train": int(n_gen - 4000),
+                                "varied": int(varied[sites[0]].shape[0])}
         for i, s in enumerate(sites):
             x = train_acts[s] if text == "corpus" else varied[s]
             t0 = time.time()
@@ -147,7 +155,8 @@ def main():
             entry["sites"][s] = {"variance_explained": stats["variance_explained"], "dead_fraction": stats["dead_fraction"],
                                  **{k: spec[k] for k in ("live", "narrow_share", "narrow_activation_share",
                                                          "number_features", "number_neurons")},
-                                 "variance_explained_generated": train.sae_stats(sae, gen_acts[s][-4000:])["variance_explained"],
+                                 "variance_explained_generated": (train.sae_stats(sae, gen_acts[s][-4000:])["variance_explained"]
+                                                                  if varied is not None else None),
                                  "train_seconds": seconds,
                                  "train_gflop": 10 * x.shape[0] * r["epochs"] * x.shape[1] * cfg["d_sae"] / 1e9}
             print(name, s, json.dumps(entry["sites"][s]), file=sys.stderr, flush=True)
