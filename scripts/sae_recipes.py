@@ -25,9 +25,9 @@ RECIPES = [
     # name, SAE settings, text: "corpus" (the shipped templated sentences) or "varied" (the corpus' first
     # sentences and text SmolLM2 writes from GENERATION_PROMPTS, as many tokens in all as the corpus).
     ("1152 latents, k 64, corpus", dict(d_sae=1152, k=64, bf16=False), "corpus"),
-    ("1152 latents, k 64, corpus, bf16 matmuls", dict(d_sae=1152, k=64, bf16=True), "corpus"),
     ("1152 latents, k 64, corpus + SmolLM2's own text", dict(d_sae=1152, k=64, bf16=False), "varied"),
     ("4608 latents, k 32, corpus (shipped before)", dict(d_sae=4608, k=32, bf16=False), "corpus"),
+    ("1152 latents, k 64, corpus, bf16 matmuls", dict(d_sae=1152, k=64, bf16=True), "corpus"),
 ]
 
 N_GENERATED = 600    # x ~28 tokens kept: about 17k tokens, 29% of the corpus' 58,742

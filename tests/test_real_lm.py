@@ -338,3 +338,21 @@ def test_novel_prompts_are_filtered_to_the_tokenizer(tiny_llama):
     """The word tokenizer of tiny_llama knows none of the novel words: no novel prompt, not a wrong one."""
     tok = load_tokenizer(tiny_llama)
     assert all(real_lm.novel_examples(tok, t) == [] for t in agreement.TEMPLATES)
+
+
+def test_sites_per_pass_trains_the_same_saes_and_stats_carry_specificity(tiny_llama, cache, monkeypatch):
+    """The cuda recipe collects a few sites per forward pass: the SAEs equal those of one pass over all sites
+    (same activations, same seeds). stats.json carries each site's token specificity and the recipes tried."""
+    model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
+    settings = real_lm.cache_settings(model, "quick")
+    one, stats = real_lm.train_saes(model, tok, settings, progress=False)
+    split, _ = real_lm.train_saes(model, tok, {**settings, "sites_per_pass": 1}, progress=False)
+    for s in one:
+        assert torch.equal(one[s].W_enc, split[s].W_enc) and torch.equal(one[s].W_dec, split[s].W_dec)
+    lex = real_lm.lexicon_for(tok)
+    for s, v in stats["sites"].items():
+        spec = v["token_specificity"]
+        assert set(spec) == {"live", "narrow_share", "narrow_activation_share", "number_features", "number_neurons"}
+        assert spec == real_lm.site_token_specificity(model, tok, {s: one[s]}, lex)[s]
+    with open(real_lm.RECIPES_TRIED) as f:
+        assert stats["recipes_tried"] == json.load(f)["recipes"]
