@@ -356,3 +356,18 @@ def test_sites_per_pass_trains_the_same_saes_and_stats_carry_specificity(tiny_ll
         assert spec == real_lm.site_token_specificity(model, tok, {s: one[s]}, lex)[s]
     with open(real_lm.RECIPES_TRIED) as f:
         assert stats["recipes_tried"] == json.load(f)["recipes"]
+
+
+def test_bf16_auto_follows_the_cpu_and_keys_the_cache(tiny_llama, monkeypatch):
+    model = load_model(tiny_llama)
+    monkeypatch.setitem(real_lm.RECIPES, "quick", {**real_lm.RECIPES["quick"], "bf16": "auto"})
+    got = {}
+    for has in (False, True):
+        monkeypatch.setattr(real_lm, "cpu_has_bf16", lambda: has)
+        got[has] = real_lm.cache_settings(model, "quick")
+        assert got[has]["bf16"] is has
+    assert real_lm.cache_folder("tiny", got[False]) != real_lm.cache_folder("tiny", got[True])
+    # On the GPU recipe "auto" is never the CPU's answer.
+    monkeypatch.setitem(real_lm.RECIPES, "quick", {**real_lm.RECIPES["quick"], "bf16": "auto", "device": "cuda"})
+    assert real_lm.cache_settings(model, "quick")["bf16"] is False
+    assert real_lm.RECIPES["full"]["bf16"] == "auto" and "bf16" not in real_lm.RECIPES["cuda"]
