@@ -103,9 +103,12 @@ setup(
     description="Sparse feature circuits: a minimal pure-torch reference with a fused C++/CUDA extension",
     packages=find_packages(include=["minicirc", "minicirc.*"]),
     # viewer_files: circuit.html's template, CSS and script; default_files: the embedded default model,
-    # tokenizer and SAEs (safetensors + json, a few MB).
+    # tokenizer and SAEs (safetensors + json, a few MB); sae_recipes.json: the SAE recipes measured on SmolLM2;
+    # tasks/novel_agreement.json: the agreement prompts with words the templates never use.
     package_data={"minicirc": ["viewer_files/*"],
-                  "minicirc.experiments": ["default_files/*", "default_files/*/*", "default_files/*/*/*"]},
+                  "minicirc.experiments": ["default_files/*", "default_files/*/*", "default_files/*/*/*",
+                                           "sae_recipes.json"],
+                  "minicirc.experiments.tasks": ["novel_agreement.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -195,3 +195,179 @@ def test_english_prompts_are_one_token_per_word(tiny_llama):
     chars.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(MinicircError, match="cannot write the agreement prompts"):
         real_lm.lexicon_for(chars)
+
+
+# --- token specificity ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def number_model(tmp_path_factory):
+    """A one-layer Llama whose attention and MLP write nothing (o_proj, down_proj zero), so resid_0 is the
+    token's embedding: for every animate noun lemma n, c_n - e_0 for "n" and c_n + e_0 for its plural, with
+    the c_n orthonormal and orthogonal to e_0. Number is coordinate 0; word identity is c_n."""
+    import transformers as tf
+    folder = tmp_path_factory.mktemp("number-llama")
+    tok = word_tokenizer()
+    nouns = list(agreement.ANIMATE)
+    d = len(nouns) + 7
+    cfg = tf.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=d, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=16,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    m = tf.LlamaForCausalLM(cfg)
+    c, _ = torch.linalg.qr(torch.randn(d - 1, d - 1))
+    with torch.no_grad():
+        m.model.layers[0].self_attn.o_proj.weight.zero_()
+        m.model.layers[0].mlp.down_proj.weight.zero_()
+        for i, n in enumerate(nouns):
+            for pl, word in ((-1.0, n), (1.0, agreement.NOUNS[n])):
+                m.model.embed_tokens.weight[tok.token_to_id(word)] = torch.cat([torch.tensor([pl]), 2 * c[i]])
+    m.save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder, c[:len(nouns)]
+
+
+def test_token_specificity_separates_a_token_dictionary_from_a_number_dictionary(number_model):
+    from minicirc.sae import Dictionary
+    folder, c = number_model
+    model, tok = load_model(folder), load_tokenizer(folder)
+    lex = agreement.FULL_LEXICON
+    n = len(lex.animate)
+    d = model.cfg.d_model
+    # Token identity: one top-1 feature per lemma, reading c_n (fires on "n" and "ns", on nothing else).
+    rows = torch.cat([torch.zeros(n, 1), 2 * c], 1)
+    token = Dictionary(rows.T.contiguous(), torch.zeros(n), rows / rows.norm(dim=1, keepdim=True), torch.zeros(d),
+                       "topk", k=1)
+    # Number: relu(x_0) (plural) and relu(-x_0) (singular).
+    e0 = torch.zeros(2, d)
+    e0[0, 0], e0[1, 0] = 1.0, -1.0
+    number = Dictionary(e0.T.contiguous(), torch.zeros(2), e0.clone(), torch.zeros(d), "relu")
+    # Both at once: every lemma's feature beside the two number features.
+    # (The lemma features' bias -1 keeps rounding error, x . c_m ~ 1e-7 for m != n, from counting as firing.)
+    both = Dictionary(torch.cat([rows, e0]).T.contiguous(), torch.cat([-torch.ones(n), torch.zeros(2)]),
+                      torch.cat([rows, e0]), torch.zeros(d), "relu")
+    got = real_lm.site_token_specificity(model, tok, {"resid_0": token}, lex)["resid_0"]
+    assert got == {"live": n, "narrow_share": 1.0, "narrow_activation_share": 1.0, "number_features": 0,
+                   "number_neurons": 1}
+    got = real_lm.token_specificity(number, *_noun_acts(model, tok, lex))
+    assert got == {"live": 2, "narrow_share": 0.0, "narrow_activation_share": 0.0, "number_features": 2,
+                   "number_neurons": 1}
+    got = real_lm.token_specificity(both, *_noun_acts(model, tok, lex))
+    # Each prompt: its lemma's feature at |2 c_n|^2 - 1 = 3, one number feature at 1: narrow carries 3 / 4.
+    assert got["live"] == n + 2 and got["narrow_share"] == pytest.approx(n / (n + 2))
+    assert got["narrow_activation_share"] == pytest.approx(3 / 4, rel=1e-5)
+    assert got["number_features"] == 2 and got["number_neurons"] == 1
+
+
+def _noun_acts(model, tok, lex):
+    prompts = real_lm.noun_prompts(lex)
+    assert len(prompts) == 2 * len(lex.animate) and prompts[1][0] == "The " + agreement.NOUNS[lex.animate[0]]
+    acts = real_lm.site_activations(model, tok, [p for p, _, _ in prompts], ["resid_0"], progress=False)["resid_0"]
+    return acts, [n for _, n, _ in prompts], [pl for _, _, pl in prompts]
+
+
+def test_token_specificity_against_a_loop_over_features():
+    """Random sparse activations: every quantity recomputed feature by feature with numpy's corrcoef."""
+    import numpy as np
+    g = torch.Generator().manual_seed(3)
+    P, d, F = 40, 6, 30
+    nouns = [f"n{i // 2}" for i in range(P)]
+    plural = [i % 2 for i in range(P)]
+    acts = torch.randn(P, d, generator=g)
+    acts[:, 0] += 2 * torch.tensor(plural, dtype=torch.float32)
+    from minicirc.sae import Dictionary
+    sae = Dictionary(torch.randn(d, F, generator=g), torch.randn(F, generator=g) - 2.5, torch.randn(F, d, generator=g),
+                     torch.zeros(d), "relu")
+    got = real_lm.token_specificity(sae, acts, nouns, plural)
+    f = sae.encode(acts).numpy()
+    live = [i for i in range(F) if (f[:, i] > 0).any()]
+    narrow = [i for i in live if len({nouns[p] for p in range(P) if f[p, i] > 0}) <= 2]
+    r = lambda x: abs(np.corrcoef(x, plural)[0, 1]) if x.std() > 0 else 0.0  # noqa: E731
+    assert 0 < len(narrow) < len(live)
+    assert got["live"] == len(live) and got["narrow_share"] == pytest.approx(len(narrow) / len(live))
+    assert got["narrow_activation_share"] == pytest.approx(f[:, narrow].sum() / f.sum(), rel=1e-5)
+    assert got["number_features"] == sum(r(f[:, i]) >= 0.5 for i in live)
+    assert got["number_neurons"] == sum(r(acts[:, j].numpy()) >= 0.5 for j in range(d)) >= 1
+
+
+# --- discovery that names the test words ----------------------------------------------------------------
+
+def test_discovery_names_every_test_noun(tiny_llama):
+    from minicirc.experiments import demo
+    tok = load_tokenizer(tiny_llama)
+    lex = real_lm.lexicon_for(tok)
+    cfg = demo.REAL_LM_SETTINGS["full"]
+    examples, coverage = demo.real_lm_examples(tok, cfg, lex)
+    for t in agreement.TEMPLATES:
+        disc, held = examples(t, "discovery"), examples(t, "held_out")
+        assert len(disc) == cfg["n_discovery"] >= 100 and len(held) == cfg["n_eval"] >= 40
+        named = set().union(*(agreement.content_words(ex)[0] for ex in disc))
+        test_nouns = set().union(*(agreement.content_words(ex)[0] for ex in held))
+        assert test_nouns <= named
+        cov = coverage(t)
+        assert cov["test_nouns"] == cov["covered"] == len(test_nouns) and cov["discovery_prompts"] == len(disc)
+        assert examples(t, "in_sample") == disc
+        # Discovery from the train split, test from the test split: no prompt in both; the number cells balanced.
+        assert not {ex.clean_prefix for ex in disc} & {ex.clean_prefix for ex in held} or t == "simple"
+        assert all(agreement.split_of(agreement._frame_key(t, ex.latents["subject"], ex.latents.get("distractor"),
+                                                           None, *_prep_and_verb(t, ex))) == "train" for ex in disc)
+        plural = [ex.latents["subject_plural"] for ex in disc]
+        assert abs(sum(plural) - len(plural) / 2) <= 1
+        # Seen / unseen: every noun and verb of a seen prompt occurs in discovery, some word of an unseen one not.
+        nouns, verbs = real_lm.discovery_words(disc)
+        for ex in examples(t, "held_out_seen"):
+            n, v = agreement.content_words(ex)
+            assert n <= nouns and v <= verbs and ex in held
+        for ex in examples(t, "held_out_unseen"):
+            n, v = agreement.content_words(ex)
+            assert not (n <= nouns and v <= verbs)
+        assert len(examples(t, "held_out_seen")) + sum(not real_lm.seen_in(ex, (nouns, verbs)) for ex in held) == len(held)
+    # The same draw again (seeded, deterministic).
+    again, _ = demo.real_lm_examples(tok, cfg, lex)
+    assert again("nounpp", "discovery") == examples("nounpp", "discovery")
+    # Too few discovery prompts for the test nouns: a clear error, not a silent gap.
+    with pytest.raises(MinicircError, match="cannot name every test noun"):
+        real_lm.discovery_and_test(tok, "nounpp", 5, 40, lex)
+
+
+def _prep_and_verb(template, ex):
+    words = ex.clean_prefix.lower().split()
+    return (words[2] if template == "nounpp" else None), ex.latents["verb"]
+
+
+def test_novel_prompts_are_filtered_to_the_tokenizer(tiny_llama):
+    """The word tokenizer of tiny_llama knows none of the novel words: no novel prompt, not a wrong one."""
+    tok = load_tokenizer(tiny_llama)
+    assert all(real_lm.novel_examples(tok, t) == [] for t in agreement.TEMPLATES)
+
+
+def test_sites_per_pass_trains_the_same_saes_and_stats_carry_specificity(tiny_llama, cache, monkeypatch):
+    """The cuda recipe collects a few sites per forward pass: the SAEs equal those of one pass over all sites
+    (same activations, same seeds). stats.json carries each site's token specificity and the recipes tried."""
+    model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
+    settings = real_lm.cache_settings(model, "quick")
+    one, stats = real_lm.train_saes(model, tok, settings, progress=False)
+    split, _ = real_lm.train_saes(model, tok, {**settings, "sites_per_pass": 1}, progress=False)
+    for s in one:
+        assert torch.equal(one[s].W_enc, split[s].W_enc) and torch.equal(one[s].W_dec, split[s].W_dec)
+    lex = real_lm.lexicon_for(tok)
+    for s, v in stats["sites"].items():
+        spec = v["token_specificity"]
+        assert set(spec) == {"live", "narrow_share", "narrow_activation_share", "number_features", "number_neurons"}
+        assert spec == real_lm.site_token_specificity(model, tok, {s: one[s]}, lex)[s]
+    with open(real_lm.RECIPES_TRIED) as f:
+        assert stats["recipes_tried"] == json.load(f)["recipes"]
+
+
+def test_bf16_auto_follows_the_cpu_and_keys_the_cache(tiny_llama, monkeypatch):
+    model = load_model(tiny_llama)
+    monkeypatch.setitem(real_lm.RECIPES, "quick", {**real_lm.RECIPES["quick"], "bf16": "auto"})
+    got = {}
+    for has in (False, True):
+        monkeypatch.setattr(real_lm, "cpu_has_bf16", lambda: has)
+        got[has] = real_lm.cache_settings(model, "quick")
+        assert got[has]["bf16"] is has
+    assert real_lm.cache_folder("tiny", got[False]) != real_lm.cache_folder("tiny", got[True])
+    # On the GPU recipe "auto" is never the CPU's answer.
+    monkeypatch.setitem(real_lm.RECIPES, "quick", {**real_lm.RECIPES["quick"], "bf16": "auto", "device": "cuda"})
+    assert real_lm.cache_settings(model, "quick")["bf16"] is False
+    assert real_lm.RECIPES["full"]["bf16"] == "auto" and "bf16" not in real_lm.RECIPES["cuda"]

@@ -465,3 +465,18 @@ def test_token_latents_parsed_back(template):
         assert list(got) == names   # every latent, at every token, 0 or 1
         assert all(len(v) == len(words) and set(v) <= {0, 1} for v in got.values())
         assert {k: v for k, v in got.items() if any(v)} == expected_latents(template, words), ex
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_content_words_are_the_prompt_nouns_and_verbs(template):
+    """content_words read back the lemmas make_examples drew: every noun and verb form of the prefix and
+    the answer, each reduced to its lemma (the main verbs by name)."""
+    from minicirc.experiments.tasks import agreement
+    names = {forms: name for name, forms in agreement.MAIN_VERBS.items()}
+    for ex in make_examples(template, 24, seed=5):
+        nouns, verbs = agreement.content_words(ex)
+        words = ex.clean_prefix.split() + ex.patch_prefix.split()
+        assert nouns == {agreement.lemma(w) for w in words if agreement.lemma(w) in agreement.NOUNS}
+        answer = names[next(f for f in agreement.MAIN_VERBS.values() if ex.clean_answer.strip() in f)]
+        rc = {agreement.lemma(w) for w in words if agreement.lemma(w) in agreement.TRANSITIVE}
+        assert verbs == rc | {answer} and len(nouns) == (1 if template == "simple" else 2)

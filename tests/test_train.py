@@ -50,3 +50,23 @@ def test_train_sae_is_the_written_out_loop():
         torch.testing.assert_close(getattr(sae, k).double(), w, rtol=1e-3, atol=1e-4 * w.abs().max().item(), msg=k)
     # The case where it matters: the penalty was on (some features fire) and moved the weights.
     assert (sae.encode(acts) > 0).any()
+
+
+def test_topk_sae_under_bfloat16_matmuls_explains_as_much_as_in_float32():
+    """bf16=True runs the SAE's matmuls in bfloat16 (weights and Adam in float32): on sparse data it reaches
+    the float32 run's held-out variance explained to within 0.01, and its weights differ from float32's
+    (the option does something)."""
+    g = torch.Generator().manual_seed(5)
+    d, n_dirs = 16, 64
+    dirs = torch.nn.functional.normalize(torch.randn(n_dirs, d, generator=g), dim=1)
+
+    def draw(n):
+        idx = torch.rand(n, n_dirs, generator=g).argsort(1)[:, :3]
+        coef = torch.zeros(n, n_dirs).scatter(1, idx, torch.rand(n, 3, generator=g) + 0.5)
+        return coef @ dirs + 0.01 * torch.randn(n, d, generator=g)
+    x, held = draw(4000), draw(1000)
+    runs = {bf16: train.train_topk_sae(x, 128, k=4, epochs=8, batch_size=256, seed=1, progress=False, bf16=bf16)[0]
+            for bf16 in (False, True)}
+    ve = {b: train.sae_stats(sae, held)["variance_explained"] for b, sae in runs.items()}
+    assert ve[False] > 0.5 and abs(ve[True] - ve[False]) < 0.01
+    assert not torch.equal(runs[True].W_dec, runs[False].W_dec)

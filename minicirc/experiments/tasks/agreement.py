@@ -178,19 +178,22 @@ def _sample_lemmas(template, rng, split, lex=FULL_LEXICON):
             return subj, second, rc_verb, prep, verb
 
 
-def _prefix(template, subj, second, rc_verb, prep, subj_pl, second_pl):
-    """Words, roles and per-word number (0/1 for nouns and verbs, None otherwise) of a prefix."""
-    words, roles, numbers = ["the", _noun(subj, subj_pl)], ["det", "subj"], [None, subj_pl]
+def _prefix(template, subj, second, rc_verb, prep, subj_pl, second_pl, noun=None, verb_forms=None):
+    """Words, roles and per-word number (0/1 for nouns and verbs, None otherwise) of a prefix. noun(lemma,
+    plural) and verb_forms(lemma) -> (singular, plural) write the words (default: this grammar's)."""
+    noun = noun or _noun
+    verb_forms = verb_forms or TRANSITIVE.__getitem__
+    words, roles, numbers = ["the", noun(subj, subj_pl)], ["det", "subj"], [None, subj_pl]
     if template == "nounpp":
-        words += [prep, "the", _noun(second, second_pl)]
+        words += [prep, "the", noun(second, second_pl)]
         roles += ["prep", "det", "distractor"]
         numbers += [None, None, second_pl]
     elif template in ("within_rc", "rc"):
-        words += ["that", "the", _noun(second, second_pl)]
+        words += ["that", "the", noun(second, second_pl)]
         roles += ["that", "det", "distractor"]
         numbers += [None, None, second_pl]
         if template == "rc":
-            words.append(_verb(TRANSITIVE[rc_verb], second_pl))
+            words.append(_verb(verb_forms(rc_verb), second_pl))
             roles.append("rc_verb")
             numbers.append(second_pl)
     return words, roles, numbers
@@ -329,6 +332,23 @@ def latent_names():
 
 _LEMMA = {**{n: n for n in NOUNS}, **{pl: n for n, pl in NOUNS.items()},
           **{form: v for v, forms in TRANSITIVE.items() for form in forms}}
+
+
+def lemma(word):
+    """The lemma of a noun or transitive-verb form ("guards" -> "guard", "likes" -> "like"); other words as
+    they are, lowercased."""
+    return _LEMMA.get(word.lower(), word.lower())
+
+
+def content_words(example):
+    """(nouns, verbs): the lemmas of the nouns (subject, second noun) and of the verbs (the relative clause's,
+    and the main verb's name, e.g. "be" for is/are) of an example of make_examples or of a prompt set written
+    like it (its latents name the subject, second noun and answer verb; its roles mark the clause verb)."""
+    lat = example.latents
+    nouns = {lat["subject"]} | ({lat["distractor"]} if lat.get("distractor") else set())
+    words = example.clean_prefix.split()
+    verbs = {lat["verb"]} | {lemma(w) for w, r in zip(words, lat["role"]) if r == "rc_verb"}
+    return nouns, verbs
 
 
 def token_latents(example):
