@@ -329,6 +329,26 @@ def test_discovery_names_every_test_noun(tiny_llama):
         real_lm.discovery_and_test(tok, "nounpp", 5, 40, lex)
 
 
+def test_discovery_covers_nouns_that_one_number_cell_holds(tiny_llama):
+    """The cells' turns give each number cell a quarter of the slots; nouns named only by one cell's prompts,
+    more of them than its turns, are still covered (the unbalanced pass), in as many prompts."""
+    tok = load_tokenizer(tiny_llama)
+    pool = real_lm.agreement_examples(tok, "nounpp", 80, 0, "train", real_lm.lexicon_for(tok))
+    cell = real_lm.CELLS[3]
+    elsewhere = set().union(*(agreement.content_words(ex)[0] for ex in pool if real_lm._cell(ex) != cell))
+    only = []
+    for ex in pool:
+        if real_lm._cell(ex) == cell:
+            only += sorted(agreement.content_words(ex)[0] - elsewhere - set(only))[:1]
+    need = set(only[:3])
+    assert len(need) == 3
+    out, left = real_lm._cover(pool, need, 8, "nounpp", balanced=True)
+    assert left                        # two turns of that cell in 8 slots cannot name 3 of its nouns
+    out, left = real_lm._cover(pool, need, 8, "nounpp", balanced=False)
+    assert not left and len(out) == len(set(map(id, out))) == 8
+    assert need <= set().union(*(agreement.content_words(ex)[0] for ex in out))
+
+
 def _prep_and_verb(template, ex):
     words = ex.clean_prefix.lower().split()
     return (words[2] if template == "nounpp" else None), ex.latents["verb"]

@@ -188,21 +188,45 @@ def discovery_and_test(tokenizer, template, n_discovery, n_test, lex=None, seed=
                             nouns=tuple(n for n in lex.nouns if n in named))
     test = agreement_examples(tokenizer, template, n_test, seed=test_seed, split="test", lex=test_lex)
     need = set().union(*(agreement.content_words(ex)[0] for ex in test))
+    out, left = _cover(pool, need, n_discovery, template, balanced=True)
+    if left:    # the cells' turns left a noun out: cover first, whatever the cells, then fill the turns
+        out, left = _cover(pool, need, n_discovery, template, balanced=False)
+    if left:
+        raise MinicircError(f"{template}: {n_discovery} discovery prompts cannot name every test noun "
+                            f"({', '.join(sorted(left))} left out); draw more discovery prompts")
+    return out, test
+
+
+def _cover(pool, need, n, template, balanced):
+    """(n examples of `pool`, the nouns of `need` none of them names). balanced: slot i takes, among the unused
+    examples of number cell CELLS[i % 4], the first naming the most nouns not yet named (or the cell's first
+    when all are named). Not balanced: while nouns are left, the first example of any cell naming the most of
+    them, then the cells' turns as above for the remaining slots (a cell without examples left is skipped)."""
     by_cell = {}
     for ex in pool:
         by_cell.setdefault(_cell(ex), []).append(ex)
-    out = []
-    for i in range(n_discovery):
-        cell = CELLS[i % 4] if template != "simple" else (CELLS[i % 4][0], None)
-        cands = by_cell[cell]
-        gain = [len(agreement.content_words(ex)[0] & need) for ex in cands]
-        best = max(range(len(cands)), key=lambda j: (gain[j], -j))
-        out.append(cands.pop(best))
-        need -= agreement.content_words(out[-1])[0]
-    if need:
-        raise MinicircError(f"{template}: {n_discovery} discovery prompts cannot name every test noun "
-                            f"({', '.join(sorted(need))} left out); draw more discovery prompts")
-    return out, test
+    cells = [c if template != "simple" else (c[0], None) for c in CELLS]
+    need, out, turn = set(need), [], 0
+    distinct = list(dict.fromkeys(cells))
+    gain = lambda ex: len(agreement.content_words(ex)[0] & need)  # noqa: E731
+    while len(out) < n and any(by_cell.get(c) for c in distinct):
+        unused = [ex for c in distinct for ex in by_cell.get(c, ())] if not balanced and need else []
+        gains = [gain(ex) for ex in unused]
+        if any(gains):
+            ex = unused[max(range(len(unused)), key=lambda j: (gains[j], -j))]
+        else:
+            cell = cells[turn % 4]
+            turn += 1
+            cands = by_cell.get(cell, [])
+            if not cands:
+                if balanced:
+                    break
+                continue
+            ex = cands[max(range(len(cands)), key=lambda j: (gain(cands[j]), -j))]
+        by_cell[_cell(ex)].remove(ex)
+        out.append(ex)
+        need -= agreement.content_words(ex)[0]
+    return out, need
 
 
 def discovery_words(discovery):
