@@ -34,7 +34,7 @@ import math
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["render_html", "write_html"]
+__all__ = ["render_graph_html", "render_html", "write_html"]
 
 
 def _read(name: str) -> str:
@@ -91,6 +91,16 @@ def render_html(circuit: dict, contexts: dict | None = None) -> str:
             .replace("__JS__", _read("circuit.js"))
             # Data last, so no placeholder text inside the data can be substituted by mistake.
             .replace("__DATA__", _embed_json(data)))
+
+
+def render_graph_html(graph: dict, title: str = "minicirc attribution graph") -> str:
+    """graph.html: a pruned attribution graph (attribution.graph_file.graph_json's dict) as one page, the
+    prompt's tokens along the bottom, layers upwards, the logits at the top; hover a node for its label and
+    connections (viewer_files/graph.html, graph.css, graph.js)."""
+    if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
+        raise ValueError("graph must be a dict with a 'nodes' list (graph_file.graph_json)")
+    return (_read("graph.html").replace("__TITLE__", html.escape(title)).replace("__CSS__", _read("graph.css"))
+            .replace("__JS__", _read("graph.js")).replace("__DATA__", _embed_json(graph)))
 
 
 def write_html(circuit: dict, path, contexts: dict | None = None) -> Path:

@@ -60,3 +60,43 @@ def test_pruning_equals_circuit_tracers(case):
     assert torch.equal(edge_mask, REFS[f"{case}.edge_mask"])
     assert 0 < node_mask[:g.n_features].sum() < g.n_features and edge_mask.sum() < (g.adjacency_matrix != 0).sum()
     torch.testing.assert_close(scores, REFS[f"{case}.cumulative_scores"], rtol=1e-6, atol=1e-7)
+
+
+def test_graph_command_writes_circuit_tracers_graph_and_its_page(tmp_path, capsys):
+    """`minicirc graph` on the Llama fixture: the text tokenizes to the reference prompt with a BOS put first,
+    graph.safetensors holds circuit-tracer's graph, and graph.html draws the pruned graph (tokens at the bottom,
+    logits at the top) without script errors."""
+    from minicirc.attribution.graph_file import Graph
+    from minicirc.cli import main
+    out = tmp_path / "g"
+    assert main(["graph", "--model", os.path.join(DATA, "graph_llama"), "--transcoders",
+                 os.path.join(DATA, "graph_llama", "llama_relu_skip"), "--prompt", "t7 t19 t3 t25 t11 t30",
+                 "--out", str(out)]) == 0
+    g = Graph.load(out / "graph.safetensors")
+    assert g.input_tokens.tolist() == PROMPT.tolist() and g.input_string == "t7 t19 t3 t25 t11 t30"
+    R = REFS["llama_relu_skip.adjacency_matrix"]
+    torch.testing.assert_close(g.adjacency_matrix, R, rtol=1e-5, atol=1e-6 * float(R.abs().max()))
+    assert g.logit_strings == tuple("<bos>" if i == 0 else f"t{i}" for i in g.logit_token_ids.tolist())
+    assert "pruned to" in capsys.readouterr().out
+    page = (out / "graph.html").read_text()
+    assert "__DATA__" not in page and '"kind": "logit"' in page
+    assert main(["graph", "--model", os.path.join(DATA, "graph_llama"), "--transcoders",      # an earlier run's
+                 os.path.join(DATA, "graph_llama", "llama_relu_skip"), "--prompt", "t1", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from browser import Browser, find_chromium
+    if find_chromium() is None:
+        pytest.skip("no Chromium found: run scripts/install_browser.sh to run the page check")
+    with Browser() as b:
+        b.open(out / "graph.html")
+        n_nodes, n_edges = b.evaluate("[document.querySelectorAll('.node').length, document.querySelectorAll('.edge').length]")
+        node_mask, edge_mask, _ = prune_graph(g)
+        assert n_nodes == int(node_mask.sum()) and 0 < n_edges <= int(edge_mask.sum())
+        ys = b.evaluate("Object.fromEntries(['token','logit','feature'].map(k => [k, "
+                        "Math.min(...[...document.querySelectorAll('.node.' + k)].map(e => e.getBoundingClientRect().y))]))")
+        assert ys["logit"] < ys["feature"] < ys["token"]
+        b.evaluate("document.querySelector('.node.feature').dispatchEvent(new MouseEvent('mouseenter'))")
+        assert b.evaluate("document.getElementById('panel').textContent").startswith("feature L")
+        assert not b.errors

@@ -155,3 +155,35 @@ def prune_graph(graph, node_threshold=0.8, edge_threshold=0.98):
     scores = torch.zeros_like(influence)
     scores[order] = torch.cumsum(s, 0) / torch.sum(s)
     return Pruned(node_mask, edge_mask, scores)
+
+
+def graph_json(graph, pruned, token_strings=None):
+    """The pruned graph as the viewer reads it: {"prompt": [token strings], "n_layers", "nodes": [{id, kind,
+    layer (-1 for tokens, n_layers for logits), pos, label, influence, ...}], "edges": [{source, target,
+    weight}]} over the kept nodes and edges. token_strings: id -> text (default: the ids)."""
+    show = token_strings or (lambda i: str(i))
+    L, T = graph.n_layers, graph.n_pos
+    influence = pruned.cumulative_scores.tolist()
+    nodes = []
+    for i in pruned.node_mask.nonzero().flatten().tolist():
+        kind, *rest = graph.node(i)
+        n = {"id": i, "kind": kind, "influence": influence[i]}
+        if kind == "feature":
+            l, p, f = rest
+            act = float(graph.activation_values[graph.selected_features[i]])
+            n.update(layer=l, pos=p, feature=f, activation=act, label=f"L{l} #{f} @{p}")
+        elif kind == "error":
+            n.update(layer=rest[0], pos=rest[1], label=f"error L{rest[0]} @{rest[1]}")
+        elif kind == "token":
+            n.update(layer=-1, pos=rest[0], label=show(rest[1]))
+        else:
+            k, tok = rest
+            n.update(layer=L, pos=T - 1, token=tok, probability=float(graph.logit_probabilities[k]),
+                     label=show(tok))
+        nodes.append(n)
+    kept = set(n["id"] for n in nodes)
+    A = graph.adjacency_matrix
+    targets, sources = pruned.edge_mask.nonzero(as_tuple=True)
+    edges = [{"source": s, "target": t, "weight": float(A[t, s])}
+             for t, s in zip(targets.tolist(), sources.tolist()) if s in kept and t in kept]
+    return {"prompt": [show(int(t)) for t in graph.input_tokens], "n_layers": L, "nodes": nodes, "edges": edges}

@@ -19,7 +19,7 @@ import shutil
 import torch
 import transformers as tf
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_llama_weights
 
@@ -66,6 +66,7 @@ def hf_model(kind, seed):
 def tokenizer():
     vocab = {"<bos>": 0, **{f"t{i}": i for i in range(1, V)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<bos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()       # "t7 t19" -> [7, 19]
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<bos>")
 
 
