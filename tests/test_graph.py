@@ -247,14 +247,16 @@ def test_every_adjacency_entry_equals_finite_differences(name):
             assert A[r, c].abs().max() > 1e-3 * scale, (rname, cname)
 
 
-def test_rows_do_not_depend_on_the_batch():
-    """One target row per VJP, rows spanning layers, and all rows at once: the same matrix."""
-    model = make_model("llama")
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_rows_do_not_depend_on_batches_or_prefixes(name):
+    """One target row per VJP on the whole prompt; rows spanning layers; all rows at once; targets grouped by
+    position and run on prefixes of the prompt (2 and 6 groups): the same matrix."""
+    model = make_model(name)
     tcs = make_transcoders(model)
-    one = attribution_graph(model, tcs, TOKENS, batch_size=1).adjacency_matrix
-    for b in (5, 1000):
-        torch.testing.assert_close(attribution_graph(model, tcs, TOKENS, batch_size=b).adjacency_matrix, one,
-                                   rtol=1e-12, atol=1e-14)
+    one = attribution_graph(model, tcs, TOKENS, batch_size=1, position_buckets=1).adjacency_matrix
+    for b, k in ((5, 1), (1000, 1), (3, 2), (1000, 6)):
+        torch.testing.assert_close(attribution_graph(model, tcs, TOKENS, batch_size=b, position_buckets=k)
+                                   .adjacency_matrix, one, rtol=1e-9, atol=1e-9 * float(one.abs().max()))
 
 
 def test_first_positions_carry_no_feature_and_no_error():

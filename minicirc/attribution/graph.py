@@ -11,7 +11,7 @@ the nodes' contributions add up; the skip term follows u. Edges are vector-Jacob
 map, many target rows at once (`torch.autograd.grad(..., is_grads_batched=True)`), pushed down one layer at a
 time and contracted with each layer's source vectors as they pass (nothing of size rows x features is built).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -174,20 +174,20 @@ def contract_features(g, pos, dec):
     return out
 
 
-def attribution_rows(run, rep, targets, A, row0, offsets):
-    """Fill A[row0 : row0 + R, :n_logit_offset] with the direct effects on R targets, given as (layer, pos,
-    vector) with layer L for a logit (vector on the final norm's output at the last position) and l < L for a
-    feature of layer l (its encoder direction on u_l at pos). One VJP per layer from the highest target down."""
+def attribution_rows(run, rep, targets, A, rows, columns):
+    """Fill A[rows, :] with the direct effects on R targets, given as (layer, pos, vector) with layer L for a
+    logit (vector on the final norm's output at the last position) and l < L for a feature of layer l (its
+    encoder direction on u_l at pos). run and rep cover the first P positions (every target's position lies
+    among them; later positions cannot reach it); columns(k) gives the columns of layer k's features, of its
+    errors and of the tokens at those positions. One VJP per layer, from the highest target down."""
     layers, positions, vectors = targets
-    L, T = len(run.u), rep.embed.shape[0]
-    R, d = len(layers), rep.embed.shape[1]
-    rows = torch.arange(R, device=vectors.device)
-    f0, e0, t0 = offsets
+    L, (P, d), R = len(run.u), rep.embed.shape, len(layers)
+    at = torch.arange(R, device=vectors.device)
 
     def seed(layer):
         m = layers == layer
-        s = vectors.new_zeros(R, 1, T, d)
-        s[rows[m], 0, positions[m]] = vectors[m]
+        s = vectors.new_zeros(R, 1, P, d)
+        s[at[m], 0, positions[m]] = vectors[m]
         return s, bool(m.any())
 
     top = int(layers.max())
@@ -197,46 +197,79 @@ def attribution_rows(run, rep, targets, A, row0, offsets):
     for k in range(min(top, L - 1), -1, -1):
         if g is not None:      # g: the gradient at layer k's output, where its MLP's nodes are added
             gk = g[:, 0]
-            A[row0:row0 + R, f0[k]:f0[k + 1]] = contract_features(gk, rep.pos[k], rep.dec[k]).to(A)
-            A[row0:row0 + R, e0 + k * T:e0 + (k + 1) * T] = torch.einsum("rtd,td->rt", gk, rep.err[k]).to(A)
+            feats, errs, _ = columns(k)
+            A[rows, feats] = contract_features(gk, rep.pos[k], rep.dec[k]).to(A)
+            A[rows, errs] = torch.einsum("rtd,td->rt", gk, rep.err[k]).to(A)
         outs, cots = ([run.outs[k]], [g]) if g is not None else ([], [])
         s, any_here = seed(k)
         if any_here:
             outs.append(run.u[k])
             cots.append(s)
         g = vjp(outs, run.leaves[k], cots)
-    A[row0:row0 + R, t0:t0 + T] = torch.einsum("rtd,td->rt", g[:, 0], rep.embed).to(A)
+    A[rows, columns(0)[2]] = torch.einsum("rtd,td->rt", g[:, 0], rep.embed).to(A)
+
+
+def prefix(rep, P):
+    """The replacement's nodes at the first P positions (features are sorted by position within a layer)."""
+    keep = [int(torch.searchsorted(p, P)) for p in rep.pos]
+    cut = lambda xs: [x[:n] for x, n in zip(xs, keep)]
+    return replace(rep, tokens=rep.tokens[:P], pos=cut(rep.pos), feat=cut(rep.feat), act=cut(rep.act),
+                   dec=cut(rep.dec), enc=cut(rep.enc), err=rep.err[:, :P], const=rep.const[:, :P], u=rep.u[:, :P],
+                   y=rep.y[:, :P], embed=rep.embed[:P], logits=rep.logits[:P])
 
 
 def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit_prob=0.95, batch_size=256,
-                      zero_positions=1, progress=False):
+                      zero_positions=1, position_buckets=8, progress=False):
     """The attribution graph of `tokens` (one prompt, (T,) ids; its first `zero_positions` positions, the BOS,
     carry no feature and no error node) on the local replacement model of `transcoders` ({mlp_l: per-layer
     transcoder} at every layer): a Graph whose adjacency_matrix[target, source] is the direct effect of
     source on target. Nodes: active features by (layer, position, feature), then one error node per (layer,
     position), one token node per position, then the logit nodes (logit_targets). A feature row is the effect
     on its pre-activation W_enc[:, i] · u; a logit row on its demeaned logit; error and token rows are 0.
-    `batch_size` target rows share each VJP. Runs on the model's device; the matrix is kept on the CPU."""
+
+    `batch_size` target rows share each VJP. A target at position p depends on positions up to p only
+    (attention is causal), so targets are grouped into `position_buckets` ranges of positions and each group's
+    VJPs run on the replacement model of the prompt's prefix up to its range's end: the same numbers (causal
+    attention and per-token norms give the prefix the same frozen statistics), about half the work. Runs on the
+    model's device; the matrix is kept on the CPU."""
     rep = local_replacement(model, transcoders, tokens, zero_positions)
     L, (T, d) = model.cfg.n_layers, rep.embed.shape
+    dev = rep.embed.device
     ids, probs, vecs = logit_targets(rep.logits[-1], model.unembedding, max_n_logits, desired_logit_prob)
     n_f = rep.n_features
-    counts = [0] + [len(p) for p in rep.pos]
-    f0 = torch.tensor(counts).cumsum(0).tolist()                  # first column of each layer's features
+    f0 = [0] + torch.tensor([len(p) for p in rep.pos]).cumsum(0).tolist()    # first column of each layer's features
     e0, t0 = n_f, n_f + L * T
     n = t0 + T + len(ids)
     A = torch.zeros(n, n, dtype=rep.embed.dtype)
-    layer_of = torch.cat([torch.full((len(p),), l, device=vecs.device) for l, p in enumerate(rep.pos)])
-    pos_of = torch.cat(rep.pos) if n_f else torch.zeros(0, dtype=torch.long, device=vecs.device)
+    layer_of = torch.cat([torch.full((len(p),), l, device=dev) for l, p in enumerate(rep.pos)])
+    pos_of = torch.cat(rep.pos) if n_f else torch.zeros(0, dtype=torch.long, device=dev)
     enc = torch.cat(rep.enc) if n_f else vecs.new_zeros(0, d)
-    with model.frozen_statistics(), frozen_weights(model), torch.enable_grad():
-        run = FrozenRun(model, transcoders, rep.tokens)
-        k = len(ids)
-        attribution_rows(run, rep, (torch.full((k,), L, device=vecs.device),
-                                    torch.full((k,), T - 1, device=vecs.device), vecs), A, n - k, (f0, e0, t0))
-        for lo in tqdm(range(0, n_f, batch_size), desc="graph rows", disable=not progress):
-            hi = min(n_f, lo + batch_size)
-            attribution_rows(run, rep, (layer_of[lo:hi], pos_of[lo:hi], enc[lo:hi]), A, lo, (f0, e0, t0))
+    K = max(1, min(position_buckets, T))
+    ends = [-(-T * (b + 1) // K) for b in range(K)]                 # ceil(T (b+1) / K): the buckets' prefixes
+    bucket = torch.bucketize(pos_of, torch.tensor(ends, device=dev), right=True)
+    bar = tqdm(total=n_f + len(ids), desc="graph rows", disable=not progress)
+    with frozen_weights(model), torch.enable_grad():
+        for b, P in enumerate(ends):
+            members = (bucket == b).nonzero().flatten()
+            if not len(members) and b < K - 1:
+                continue
+            view = prefix(rep, P)
+
+            def columns(k):
+                return (slice(f0[k], f0[k] + len(view.pos[k])), slice(e0 + k * T, e0 + k * T + P), slice(t0, t0 + P))
+            with model.frozen_statistics():
+                run = FrozenRun(model, transcoders, view.tokens)
+                if b == K - 1:
+                    k = len(ids)
+                    attribution_rows(run, view, (torch.full((k,), L, device=dev), torch.full((k,), P - 1, device=dev),
+                                                 vecs), A, torch.arange(n - k, n), columns)
+                    bar.update(k)
+                for lo in range(0, len(members), batch_size):
+                    m = members[lo:lo + batch_size]
+                    attribution_rows(run, view, (layer_of[m], pos_of[m], enc[m]), A, m.cpu(), columns)
+                    bar.update(len(m))
+            del run
+    bar.close()
     active = torch.stack([layer_of, pos_of, torch.cat(rep.feat) if n_f else pos_of], 1).cpu()
     return Graph(adjacency_matrix=A, active_features=active,
                  activation_values=(torch.cat(rep.act) if n_f else vecs.new_zeros(0)).cpu(),
