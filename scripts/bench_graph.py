@@ -8,15 +8,15 @@ carries no node).
     python scripts/bench_graph.py --ct-python /tmp/ct/bin/python [--tokens 64] [--batch-size 64] [--threads 1]
 
 Each library runs in its own child process (circuit-tracer in the environment of --ct-python, with its
-TransformerLens backend, the model converted by TransformerLens' own weight conversion); each reports the
-seconds of the graph call alone, the RSS just before it and the peak RSS during it (sampled every 5 ms), and
-the driver prints the ratios and checks the two adjacency matrices agree. Both use --batch-size target rows per
-backward pass. The model and transcoders are random: this measures time and memory only.
+TransformerLens backend, the model converted by TransformerLens' own weight conversion); each reports the wall
+and CPU seconds of the graph call alone (CPU time is less sensitive to other work on the machine), the RSS
+just before it and the peak RSS during it (sampled every 5 ms), and the driver prints the ratios and checks
+that the two adjacency matrices agree. Both use --batch-size target rows per backward pass. The model and
+transcoders are random: this measures time and memory only.
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -109,10 +109,10 @@ def child_minicirc(work, batch_size):
     tokens = torch.tensor(json.load(open(os.path.join(work, "prompt.json"))))
     before = rss()
     with PeakRSS() as peak:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         g = attribution_graph(model, tcs, tokens, batch_size=batch_size)
-        seconds = time.perf_counter() - t
-    return g.adjacency_matrix, g.n_features, seconds, before, peak.peak
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
+    return g.adjacency_matrix, g.n_features, seconds, cpu, before, peak.peak
 
 
 def child_circuit_tracer(work, batch_size):
@@ -148,10 +148,10 @@ def child_circuit_tracer(work, batch_size):
     tokens = torch.tensor(json.load(open(os.path.join(work, "prompt.json"))))
     before = rss()
     with PeakRSS() as peak:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         g = attribute(tokens, model, batch_size=batch_size)
-        seconds = time.perf_counter() - t
-    return g.adjacency_matrix, len(g.selected_features), seconds, before, peak.peak
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
+    return g.adjacency_matrix, len(g.selected_features), seconds, cpu, before, peak.peak
 
 
 def run_child(python, which, work, batch_size, threads):
@@ -177,8 +177,8 @@ def main():
     torch.set_num_threads(a.threads)
     if a.child:
         fn = child_minicirc if a.child == "minicirc" else child_circuit_tracer
-        A, n_f, seconds, before, peak = fn(a.work, a.batch_size)
-        torch.save({"A": A.float(), "n_features": n_f, "seconds": seconds, "before": before, "peak": peak},
+        A, n_f, seconds, cpu, before, peak = fn(a.work, a.batch_size)
+        torch.save({"A": A.float(), "n_features": n_f, "seconds": seconds, "cpu": cpu, "before": before, "peak": peak},
                    os.path.join(a.work, f"{a.child}.pt"))
         return
     work = a.work or tempfile.mkdtemp(prefix="bench_graph_")
@@ -189,14 +189,15 @@ def main():
     r = results["minicirc"]
     print(f"{a.layers} layers, {a.tokens} tokens, {r['n_features']} active features, "
           f"{r['A'].shape[0]} nodes, batch {a.batch_size}, {a.threads} thread(s), torch {torch.__version__}")
-    print(f"{'':16}{'seconds':>10}{'RSS before GiB':>16}{'peak RSS GiB':>14}{'graph GiB':>11}")
+    print(f"{'':16}{'wall s':>9}{'CPU s':>9}{'RSS before GiB':>16}{'peak RSS GiB':>14}{'graph GiB':>11}")
     for name, r in results.items():
-        print(f"{name:16}{r['seconds']:10.1f}{r['before'] / 2**30:16.2f}{r['peak'] / 2**30:14.2f}"
+        print(f"{name:16}{r['seconds']:9.1f}{r['cpu']:9.1f}{r['before'] / 2**30:16.2f}{r['peak'] / 2**30:14.2f}"
               f"{(r['peak'] - r['before']) / 2**30:11.2f}")
     if len(results) == 2:
         m, c = results["minicirc"], results["circuit-tracer"]
         gap = float((m["A"] - c["A"]).abs().max() / c["A"].abs().max())
-        print(f"circuit-tracer / minicirc: time {c['seconds'] / m['seconds']:.2f}x, peak RSS "
+        print(f"circuit-tracer / minicirc: wall time {c['seconds'] / m['seconds']:.2f}x, CPU time "
+              f"{c['cpu'] / m['cpu']:.2f}x, peak RSS "
               f"{c['peak'] / m['peak']:.2f}x, graph memory {(c['peak'] - c['before']) / (m['peak'] - m['before']):.2f}x; "
               f"max |A difference| / max |A| = {gap:.1e}")
 
