@@ -102,7 +102,7 @@ setup(
     version="0.1.0",
     description="Sparse feature circuits: a minimal pure-torch reference with a fused C++/CUDA extension",
     packages=find_packages(include=["minicirc", "minicirc.*"]),
-    # viewer_files: circuit.html's template, CSS and script; default_files: the embedded default model,
+    # viewer_files: the pages circuit.html and graph.html (skeleton, headers, CSS and scripts); default_files: the embedded default model,
     # tokenizer and SAEs (safetensors + json, a few MB).
     package_data={"minicirc": ["viewer_files/*"],
                   "minicirc.experiments": ["default_files/*", "default_files/*/*", "default_files/*/*/*"]},

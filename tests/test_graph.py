@@ -25,14 +25,6 @@ V, D, NF = 19, 12, 9
 TOKENS = torch.tensor([0, 5, 3, 11, 2, 7])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def perturbed(model, seed):
     torch.manual_seed(seed)
     with torch.no_grad():

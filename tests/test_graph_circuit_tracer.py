@@ -21,14 +21,6 @@ PROMPT = torch.tensor([0, 7, 19, 3, 25, 11, 30])
 CASES = ["llama_relu_skip", "llama_jumprelu_resid_mid", "gemma2_jumprelu_skip"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def graph(case):
     kind = case.split("_")[0]
     model = minicirc.load_model(os.path.join(DATA, f"graph_{kind}"))

@@ -1,15 +1,3 @@
-"use strict";
-(function () {
-  // Uncaught errors go into the page as well as the console, so a DOM dump shows them.
-  const errorsEl = document.getElementById("errors");
-  window.addEventListener("error", (ev) => {
-    const p = document.createElement("p");
-    p.textContent = String(ev.message || ev.error);
-    errorsEl.appendChild(p);
-    errorsEl.hidden = false;
-  });
-})();
-
 (function () {
   const svg = document.getElementById("svg");
   const SVGNS = svg.namespaceURI;   // read from the page: the file holds no URL
