@@ -102,8 +102,8 @@ setup(
     version="0.1.0",
     description="Sparse feature circuits: a minimal pure-torch reference with a fused C++/CUDA extension",
     packages=find_packages(include=["minicirc", "minicirc.*"]),
-    # viewer_files: the pages circuit.html and graph.html (skeleton, headers, CSS and scripts); default_files: the embedded default model,
-    # tokenizer and SAEs (safetensors + json, a few MB).
+    # viewer_files: the pages circuit.html and graph.html (skeleton, headers, CSS and scripts); default_files:
+    # the embedded default model, tokenizer and SAEs (safetensors + json, a few MB).
     package_data={"minicirc": ["viewer_files/*"],
                   "minicirc.experiments": ["default_files/*", "default_files/*/*", "default_files/*/*/*"]},
     python_requires=">=3.10",
