@@ -68,7 +68,38 @@ def make_transcoders(model, seed=1, kinds=KINDS):
     return out
 
 
+class CrossLayer(Dictionary):
+    """Layer l of a cross-layer transcoder as attribution graphs read one: a transcoder at mlp_l (reading u_l)
+    whose features write W_out[:, j] into mlp_{l+j} for every later layer (its own decode is W_out[:, 0])."""
+
+    def __init__(self, W_enc, b_enc, W_out, b_dec, **kw):
+        super().__init__(W_enc, b_enc, W_out[:, 0], b_dec, **kw)
+        self.W_out = torch.nn.Parameter(W_out.float().contiguous(), requires_grad=False)
+
+
+def make_clt(model, seed=2, kind="jumprelu", reads="mlp_in"):
+    """A random cross-layer transcoder over every layer (no skip term, as circuit-tracer's files hold none)."""
+    gen = torch.Generator().manual_seed(seed)
+    L = model.cfg.n_layers
+    out = {}
+    for l in range(L):
+        thr = 0.3 * torch.rand(NF, generator=gen) if kind == "jumprelu" else None
+        out[f"mlp_{l}"] = CrossLayer(torch.randn(D, NF, generator=gen) / D ** 0.5 * 1.5, 0.3 * torch.randn(NF, generator=gen),
+                                     0.5 * torch.randn(NF, L - l, D, generator=gen), 0.3 * torch.randn(D, generator=gen),
+                                     kind=kind, threshold=thr, subtract_b_dec=False, reads=reads).to(F64)
+    return out
+
+
+def make_set(model, which):
+    """Per-layer transcoders (KINDS), or a cross-layer transcoder reading the residual before the MLP's norm
+    (circuit-tracer's default for them) where the model has one, else the norm's output."""
+    if which == "clt":
+        return make_clt(model, reads="mlp_in" if model.cfg.parallel_residual else "resid_mid")
+    return make_transcoders(model)
+
+
 MODELS = ["llama", "gemma2", "gpt2", "neox parallel"]
+CASES = [(m, "per-layer") for m in MODELS] + [("llama", "clt"), ("gemma2", "clt"), ("neox parallel", "clt")]
 
 
 def mlp_norm(model, l):
@@ -98,20 +129,30 @@ def tolerance(name):
 
 
 def sources(g, rep, L, T):
-    """Every source node as (column, site, position, vector it adds there)."""
+    """Every source node as (column, [(site, position, vector it adds there)]): a feature of a cross-layer
+    transcoder adds a vector at every later MLP output."""
     out = []
     for i, (l, p, f) in enumerate(g.active_features.tolist()):
-        out.append((i, f"mlp_{l}", p, rep.dec[l][(rep.pos[l] == p) & (rep.feat[l] == f)][0]))
+        at = (rep.pos[l] == p) & (rep.feat[l] == f)
+        out.append((i, [(f"mlp_{k}", p, dec[at][0]) for k in range(L) for j, dec in rep.writes[k] if j == l]))
     for l in range(L):
         for p in range(T):
-            out.append((g.n_features + l * T + p, f"mlp_{l}", p, rep.err[l, p]))
+            out.append((g.n_features + l * T + p, [(f"mlp_{l}", p, rep.err[l, p])]))
     for p in range(T):
-        out.append((g.n_features + L * T + p, "embed", p, rep.embed[p]))
+        out.append((g.n_features + L * T + p, [("embed", p, rep.embed[p])]))
     return out
 
 
+def written(rep, k, T):
+    """Σ of what the features write into layer k's MLP output, (T, d)."""
+    y = torch.zeros(T, D, dtype=F64)
+    for i, dec in rep.writes[k]:
+        y = y.index_add(0, rep.pos[i], dec)
+    return y
+
+
 def frozen_differences(model, tcs, tokens, moves, targets):
-    """The frozen model's response to each move: rows (targets) x columns (moves). moves: (site, pos, vector);
+    """The frozen model's response to each move: rows (targets) x columns (moves). moves: [(site, pos, vector)];
     targets: ("feature", l, p, i) read as W_enc[:, i] · u_l[p], or ("logit", vec) as vec · final_norm(resid)[-1].
     One forward pass of batch len(moves) + 1 (the last row unmoved) with the statistics held at the clean run's:
     every MLP output is its clean value plus skip(u) - skip(u clean) (direct effects: no feature responds)."""
@@ -122,8 +163,9 @@ def frozen_differences(model, tcs, tokens, moves, targets):
         model(tokens[None], cache=clean, extra=mids(model))          # records the statistics
         u_clean = {l: hand_input(model, l, tcs[f"mlp_{l}"], clean) for l in range(L)}
         delta = {s: torch.zeros(B, T, D, dtype=F64) for s in ["embed"] + [f"mlp_{l}" for l in range(L)]}
-        for b, (site, p, vec) in enumerate(moves):
-            delta[site][b, p] += vec
+        for b, move in enumerate(moves):
+            for site, p, vec in move:
+                delta[site][b, p] += vec
         run = {}
 
         def keep(site):
@@ -153,22 +195,32 @@ def frozen_differences(model, tcs, tokens, moves, targets):
         return torch.stack(out)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_replaced_model_keeps_the_logits(name):
+@pytest.mark.parametrize("name, which", CASES)
+def test_replaced_model_keeps_the_logits(name, which):
     """The nodes rebuild every MLP output: a forward pass whose mlp_l is const + skip(u) + Σ a_s W_dec[s] + err,
     u recomputed in that pass by the family's own norm, gives the model's logits, with statistics live and held."""
-    model, tcs = make_model(name), make_transcoders(make_model(name))
+    model = make_model(name)
+    tcs = make_set(model, which)
     rep = local_replacement(model, tcs, TOKENS)
     L, T = model.cfg.n_layers, len(TOKENS)
     with torch.no_grad():
         clean = {}
         expected = model(TOKENS[None], cache=clean, extra=mids(model))[0]
+        dense = {}
         for l in range(L):                                  # the features are those of the MLP's own input
             tc = tcs[f"mlp_{l}"]
             f = tc.encode(hand_input(model, l, tc, clean)[0])
             f[0] = 0
+            dense[l] = f
             assert torch.equal(torch.stack([rep.pos[l], rep.feat[l]]), f.nonzero().T)
             torch.testing.assert_close(rep.act[l], f[f != 0], rtol=1e-12, atol=0)
+        for k in range(L):     # the error: y minus every write into layer k (a CLT's layers i <= k), skip, bias
+            tc = tcs[f"mlp_{k}"]
+            writes = sum(dense[i] @ (tcs[f"mlp_{i}"].W_out[:, k - i] if which == "clt" else tcs[f"mlp_{i}"].W_dec)
+                         for i in (range(k + 1) if which == "clt" else [k]))
+            e = clean[f"mlp_{k}"][0] - writes - tc.skip(hand_input(model, k, tc, clean)[0]) - tc.b_dec
+            e[0] = 0
+            torch.testing.assert_close(rep.err[k], e, rtol=0, atol=1e-12)
         assert rep.n_features > 10 and rep.err[:, 1:].abs().min() > 0 and rep.err[:, 0].abs().max() == 0
         for frozen in (False, True):
             run = {}
@@ -177,7 +229,7 @@ def test_replaced_model_keeps_the_logits(name):
             def rebuilt(l):
                 tc = tcs[f"mlp_{l}"]
                 return lambda y: (rep.const[l] + tc.skip(hand_input(model, l, tc, run))
-                                  + torch.zeros(T, D, dtype=F64).index_add_(0, rep.pos[l], rep.dec[l]) + rep.err[l])
+                                  + written(rep, l, T) + rep.err[l])
             edit.update({f"mlp_{l}": rebuilt(l) for l in range(L)})
             if model.cfg.parallel_residual:   # the MLP reads the layer's input: record it there
                 edit.update({s: (lambda s: lambda x: run.__setitem__(s, x) or x)(s)
@@ -200,7 +252,7 @@ def test_frozen_model_is_linear_and_live_model_is_not(name):
     tcs = make_transcoders(model)
     vec = model.unembedding[3] - model.unembedding.mean(0)
     delta = torch.randn(D, dtype=F64, generator=torch.Generator().manual_seed(3))
-    moves = [("embed", 2, delta), ("embed", 2, 2 * delta)]
+    moves = [[("embed", 2, delta)], [("embed", 2, 2 * delta)]]
     r = frozen_differences(model, tcs, TOKENS, moves, [("logit", vec)])[0]
     torch.testing.assert_close(r[1], 2 * r[0], rtol=tolerance(name) * 10, atol=0)
     with torch.no_grad():
@@ -212,12 +264,12 @@ def test_frozen_model_is_linear_and_live_model_is_not(name):
     assert abs((h[2] - h[0]) - 2 * (h[1] - h[0])) > 1e-4 * abs(h[1] - h[0])
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_every_adjacency_entry_equals_finite_differences(name):
+@pytest.mark.parametrize("name, which", CASES)
+def test_every_adjacency_entry_equals_finite_differences(name, which):
     """Every row (features, logits) and column (features, errors, tokens) of the matrix against the frozen
     model moved one source at a time; error and token rows and logit columns are 0; each block is non-zero."""
     model = make_model(name)
-    tcs = make_transcoders(model)
+    tcs = make_set(model, which)
     g = attribution_graph(model, tcs, TOKENS, batch_size=7)
     rep = local_replacement(model, tcs, TOKENS)
     L, T, nf = model.cfg.n_layers, len(TOKENS), g.n_features
@@ -227,7 +279,7 @@ def test_every_adjacency_entry_equals_finite_differences(name):
     cols = [c for c, *_ in src]
     targets = [("feature", *t) for t in g.active_features.tolist()] + [("logit", v) for v in vecs]
     rows = list(range(nf)) + list(range(A.shape[0] - len(ids), A.shape[0]))
-    ref = frozen_differences(model, tcs, TOKENS, [s[1:] for s in src], targets)
+    ref = frozen_differences(model, tcs, TOKENS, [s[1] for s in src], targets)
     got = A[rows][:, cols]
     scale = ref.abs().max()
     assert (got - ref).abs().max() <= tolerance(name) * scale, (got - ref).abs().max() / scale
@@ -262,8 +314,7 @@ def test_first_positions_carry_no_feature_and_no_error():
     L, T, nf = model.cfg.n_layers, len(TOKENS), g.n_features
     for l in range(L):
         assert g.adjacency_matrix[:, nf + l * T:nf + l * T + 2].abs().max() == 0
-        y = rep.const[l] + tcs[f"mlp_{l}"].skip(rep.u[l]) + rep.err[l]
-        y = y.index_add(0, rep.pos[l], rep.dec[l])
+        y = rep.const[l] + tcs[f"mlp_{l}"].skip(rep.u[l]) + rep.err[l] + written(rep, l, T)
         torch.testing.assert_close(y, rep.y[l], rtol=0, atol=1e-12)
 
 

@@ -27,8 +27,10 @@ KINDS = ("relu", "jumprelu", "topk", "groupmax")   # f_i = pre_i where active: d
 @dataclass
 class Replacement:
     """The nodes of the local replacement model on one prompt (`local_replacement`). Per layer l (lists of
-    n_layers): `pos[l]`, `feat[l]`, `act[l]` the active features (sorted by position, then feature),
-    `dec[l]` (n, d) their contributions a_s W_dec[s], `enc[l]` (n, d) their encoder directions W_enc[:, s];
+    n_layers): `pos[l]`, `feat[l]`, `act[l]` the active features of the transcoder reading u_l (sorted by
+    position, then feature), `enc[l]` (n, d) their encoder directions W_enc[:, s]; `writes[k]` the list of
+    (source layer i, (n_i, d) vectors) the features of layer i add to the MLP output of layer k (a per-layer
+    transcoder: only i = k, a_s W_dec[s]; a cross-layer one: every i <= k, a_s W_dec_i[s, k - i]);
     `err` (L, T, d) the error nodes, `const` (L, T, d) what is neither node nor skip term (c above);
     `u` (L, T, d) the transcoders' inputs, `y` (L, T, d) the MLP outputs; `embed` (T, d) the token nodes'
     vectors (the embed site's value); `logits` (T, vocab)."""
@@ -36,8 +38,8 @@ class Replacement:
     pos: list
     feat: list
     act: list
-    dec: list
     enc: list
+    writes: list
     err: torch.Tensor
     const: torch.Tensor
     u: torch.Tensor
@@ -48,6 +50,13 @@ class Replacement:
     @property
     def n_features(self):
         return sum(len(p) for p in self.pos)
+
+
+def decoder_of(tc):
+    """(F, n_out, d): what a transcoder's features write to the MLP outputs of its own and the next n_out - 1
+    layers: a cross-layer transcoder's layer holds W_out (every later layer), a per-layer one W_dec (its own)."""
+    W_out = getattr(tc, "W_out", None)
+    return tc.W_dec[:, None] if W_out is None else W_out
 
 
 def check_transcoders(model, transcoders):
@@ -67,6 +76,10 @@ def check_transcoders(model, transcoders):
         if tc.kind not in KINDS or tc.input_norm != "none":
             raise MinicircError(f"{name}: kind {tc.kind} with input normalisation {tc.input_norm}; attribution "
                                 f"graphs take {', '.join(KINDS)} without normalisation")
+        l = int(s.rsplit("_", 1)[1])
+        if l + decoder_of(tc).shape[1] > L:
+            raise MinicircError(f"{name}: at {s} its features write to {decoder_of(tc).shape[1]} layers, past "
+                                f"this model's last layer {L - 1}")
 
 
 def prepare_tokens(model, tokens):
@@ -91,26 +104,33 @@ def local_replacement(model, transcoders, tokens, zero_positions=1):
     cache, inputs = {}, {}
     edit = recording_inputs(model, transcoders, sites, {}, inputs)
     logits = model(tokens[None], edit=edit, cache=cache)[0]
-    P = dict(pos=[], feat=[], act=[], dec=[], enc=[])
-    err, const = [], []
+    P = dict(pos=[], feat=[], act=[], enc=[])
+    writes = [[] for _ in range(L)]
     for l, s in enumerate(sites):
-        tc, u, y = transcoders[s], inputs[s][0], cache[s][0]
+        tc, u = transcoders[s], inputs[s][0]
         f = tc.encode(u)
         f[:zero_positions] = 0
         pos, feat = f.nonzero(as_tuple=True)           # row-major: by position, then feature
         act = f[pos, feat]
-        dec = act[:, None] * tc.W_dec[feat]
-        recon = torch.zeros_like(y).index_add_(0, pos, dec) + tc.skip(u) + tc.b_dec
-        e = y - recon
+        for k, v in zip(P, (pos, feat, act, tc.W_enc[:, feat].T)):
+            P[k].append(v)
+        W = decoder_of(tc)
+        for j in range(W.shape[1]):
+            writes[l + j].append((l, act[:, None] * W[feat, j]))
+    err, const = [], []
+    for k, s in enumerate(sites):
+        tc, u, y = transcoders[s], inputs[s][0], cache[s][0]
+        recon = torch.zeros_like(y)
+        for i, dec in writes[k]:
+            recon.index_add_(0, P["pos"][i], dec)
+        e = y - (recon + tc.skip(u) + tc.b_dec)
         e[:zero_positions] = 0
         c = tc.b_dec.expand_as(y).clone()
         c[:zero_positions] = (y - tc.skip(u))[:zero_positions]
-        for k, v in zip(P, (pos, feat, act, dec, tc.W_enc[:, feat].T)):
-            P[k].append(v)
         err.append(e)
         const.append(c)
     stack = lambda xs: torch.stack(xs)
-    return Replacement(tokens, **P, err=stack(err), const=stack(const),
+    return Replacement(tokens, **P, writes=writes, err=stack(err), const=stack(const),
                        u=stack([inputs[s][0] for s in sites]), y=stack([cache[s][0] for s in sites]),
                        embed=cache["embed"][0], logits=logits)
 
@@ -197,9 +217,9 @@ def attribution_rows(run, rep, targets, A, rows, columns):
     for k in range(min(top, L - 1), -1, -1):
         if g is not None:      # g: the gradient at layer k's output, where its MLP's nodes are added
             gk = g[:, 0]
-            feats, errs, _ = columns(k)
-            A[rows, feats] = contract_features(gk, rep.pos[k], rep.dec[k]).to(A)
-            A[rows, errs] = torch.einsum("rtd,td->rt", gk, rep.err[k]).to(A)
+            for i, dec in rep.writes[k]:   # layer i's features, as written into layer k's MLP output
+                A[rows, columns(i)[0]] += contract_features(gk, rep.pos[i], dec).to(A)
+            A[rows, columns(k)[1]] = torch.einsum("rtd,td->rt", gk, rep.err[k]).to(A)
         outs, cots = ([run.outs[k]], [g]) if g is not None else ([], [])
         s, any_here = seed(k)
         if any_here:
@@ -213,8 +233,9 @@ def prefix(rep, P):
     """The replacement's nodes at the first P positions (features are sorted by position within a layer)."""
     keep = [int(torch.searchsorted(p, P)) for p in rep.pos]
     cut = lambda xs: [x[:n] for x, n in zip(xs, keep)]
+    writes = [[(i, dec[:keep[i]]) for i, dec in w] for w in rep.writes]
     return replace(rep, tokens=rep.tokens[:P], pos=cut(rep.pos), feat=cut(rep.feat), act=cut(rep.act),
-                   dec=cut(rep.dec), enc=cut(rep.enc), err=rep.err[:, :P], const=rep.const[:, :P], u=rep.u[:, :P],
+                   enc=cut(rep.enc), writes=writes, err=rep.err[:, :P], const=rep.const[:, :P], u=rep.u[:, :P],
                    y=rep.y[:, :P], embed=rep.embed[:P], logits=rep.logits[:P])
 
 
