@@ -1,7 +1,7 @@
 """minicirc's attribution graphs against circuit-tracer 0.5.0's own, entry by entry, on the same models and
 transcoder files: tiny random Llama and Gemma-2 models saved by transformers, circuit-tracer transcoder sets
 (ReLU with skip reading mlp.hook_in; JumpReLU without skip reading hook_resid_mid; Gemma-2 JumpReLU with skip
-writing hook_mlp_out), and the graphs and pruning masks circuit-tracer computed from them
+writing hook_mlp_out) and a two-layer JumpReLU cross-layer transcoder, and the graphs and pruning masks circuit-tracer computed from them
 (tests/data/graph_refs.safetensors, written by tests/data/make_graph_fixtures.py; versions in tests/data/README.md).
 """
 import os
@@ -14,17 +14,33 @@ import minicirc
 from minicirc.attribution.graph import attribution_graph
 from minicirc.attribution.graph_file import prune_graph
 from minicirc.sae import load_transcoder_set
+from test_graph import CrossLayer
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 REFS = load_file(os.path.join(DATA, "graph_refs.safetensors"))
 PROMPT = torch.tensor([0, 7, 19, 3, 25, 11, 30])
-CASES = ["llama_relu_skip", "llama_jumprelu_resid_mid", "gemma2_jumprelu_skip"]
+CASES = ["llama_relu_skip", "llama_jumprelu_resid_mid", "gemma2_jumprelu_skip", "llama_clt"]
+
+
+def read_clt(folder, n_layers):
+    """circuit-tracer's cross-layer transcoder files (W_enc_<i>.safetensors: W_enc_<i> (F, d), b_enc_<i>,
+    b_dec_<i>, threshold_<i>; W_dec_<i>.safetensors: W_dec_<i> (F, n_layers - i, d)), read here with safetensors
+    into test_graph.CrossLayer stand-ins reading hook_resid_mid (what this fixture's config.yaml names)."""
+    out = {}
+    for i in range(n_layers):
+        e = load_file(os.path.join(folder, f"W_enc_{i}.safetensors"))
+        w = load_file(os.path.join(folder, f"W_dec_{i}.safetensors"))[f"W_dec_{i}"]
+        out[f"mlp_{i}"] = CrossLayer(e[f"W_enc_{i}"].T, e[f"b_enc_{i}"], w, e[f"b_dec_{i}"], kind="jumprelu",
+                                     threshold=e[f"threshold_{i}"], subtract_b_dec=False, reads="resid_mid")
+    return out
 
 
 def graph(case):
     kind = case.split("_")[0]
     model = minicirc.load_model(os.path.join(DATA, f"graph_{kind}"))
-    return attribution_graph(model, load_transcoder_set(os.path.join(DATA, f"graph_{kind}", case)), PROMPT)
+    folder = os.path.join(DATA, f"graph_{kind}", case)
+    tcs = read_clt(folder, model.cfg.n_layers) if case.endswith("clt") else load_transcoder_set(folder)
+    return attribution_graph(model, tcs, PROMPT)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -28,6 +28,7 @@ from circuit_tracer import attribute
 from circuit_tracer.graph import prune_graph
 from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
 from circuit_tracer.transcoder.activation_functions import JumpReLU
+from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder, load_clt
 from circuit_tracer.transcoder.single_layer_transcoder import (SingleLayerTranscoder, TranscoderSet,
                                                                load_transcoder_set)
 
@@ -95,10 +96,32 @@ def transcoder_set(folder, kind, skip, hook_in, hook_out, seed):
                                lazy_encoder=False, lazy_decoder=False)
 
 
+def cross_layer_transcoder(folder, hook_in, hook_out, seed):
+    """A random JumpReLU cross-layer transcoder saved by circuit-tracer (W_enc_<i>, W_dec_<i> files and the
+    config.yaml naming its kind and hooks), read back by its own loader."""
+    g = torch.Generator().manual_seed(seed)
+    clt = CrossLayerTranscoder(L, NF, D, "jump_relu", lazy_decoder=False, feature_input_hook=hook_in,
+                               feature_output_hook=hook_out, device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        clt.W_enc.copy_(torch.randn(L, NF, D, generator=g) / D ** 0.5 * 1.5)
+        clt.b_enc.copy_(0.3 * torch.randn(L, NF, generator=g) - 0.2)
+        clt.b_dec.copy_(0.3 * torch.randn(L, D, generator=g))
+        clt.activation_function.threshold.copy_(torch.rand(L, 1, NF, generator=g) * 0.3)
+        for i in range(L):
+            clt.W_dec[i].copy_(0.5 * torch.randn(NF, L - i, D, generator=g))
+    shutil.rmtree(folder, ignore_errors=True)
+    clt.to_safetensors(folder)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write(f"model_kind: cross_layer_transcoder\nfeature_input_hook: {hook_in}\nfeature_output_hook: {hook_out}\n"
+                f"scan: {os.path.basename(folder)}\n")
+    return load_clt(folder, hook_in, hook_out, device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+
+
 CASES = {  # name: (model, transcoder kind, skip, input hook, output hook)
     "llama_relu_skip": ("llama", "relu", True, "mlp.hook_in", "mlp.hook_out"),
     "llama_jumprelu_resid_mid": ("llama", "jumprelu", False, "hook_resid_mid", "hook_mlp_out"),
     "gemma2_jumprelu_skip": ("gemma2", "jumprelu", True, "mlp.hook_in", "hook_mlp_out"),
+    "llama_clt": ("llama", "clt", False, "hook_resid_mid", "hook_mlp_out"),
 }
 
 
@@ -119,7 +142,9 @@ def main():
         models[kind] = (hf, cfg, convert(hf, cfg))
     for i, (case, (kind, tkind, skip, hook_in, hook_out)) in enumerate(CASES.items()):
         hf, cfg, state = models[kind]
-        tcs = transcoder_set(os.path.join(HERE, f"graph_{kind}", case), tkind, skip, hook_in, hook_out, 10 + i)
+        folder = os.path.join(HERE, f"graph_{kind}", case)
+        tcs = (cross_layer_transcoder(folder, hook_in, hook_out, 10 + i) if tkind == "clt"
+               else transcoder_set(folder, tkind, skip, hook_in, hook_out, 10 + i))
         tok = tf.AutoTokenizer.from_pretrained(os.path.join(HERE, f"graph_{kind}"))
         model = TransformerLensReplacementModel(cfg, tokenizer=tok)
         model.load_and_process_state_dict(dict(state), fold_ln=False, center_writing_weights=False, center_unembed=False,
