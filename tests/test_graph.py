@@ -378,3 +378,28 @@ def test_bad_tokens_are_refused_in_one_line():
         attribution_graph(model, tcs, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(MinicircError, match="out of the vocabulary"):
         attribution_graph(model, tcs, torch.tensor([0, V]))
+
+
+def test_every_tensor_names_its_device():
+    """Under test_device's guard (a tensor made on the default device raises) the graph is computed the same:
+    nothing in it would land on the CPU when the model is on a GPU (the matrix itself is kept on the CPU)."""
+    from test_device import explicit_devices_only
+    model = make_model("llama")
+    tcs = make_set(model, "clt")
+    plain = attribution_graph(model, tcs, TOKENS, batch_size=4)
+    with explicit_devices_only():
+        guarded = attribution_graph(model, tcs, TOKENS, batch_size=4)
+    assert torch.equal(guarded.adjacency_matrix, plain.adjacency_matrix)
+    assert torch.equal(guarded.active_features, plain.active_features)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: the CUDA run is checked only where one exists")
+@pytest.mark.parametrize("which", ["per-layer", "clt"])
+def test_cuda_graph_equals_cpu_graph(which):
+    model = make_model("gemma2")
+    tcs = make_set(model, which)
+    want = attribution_graph(model, tcs, TOKENS)
+    got = attribution_graph(model.to("cuda"), {s: t.to("cuda") for s, t in tcs.items()}, TOKENS)
+    assert torch.equal(got.active_features, want.active_features)
+    torch.testing.assert_close(got.adjacency_matrix, want.adjacency_matrix, rtol=1e-6,
+                               atol=1e-9 * float(want.adjacency_matrix.abs().max()))

@@ -83,15 +83,16 @@ def check_transcoders(model, transcoders):
 
 
 def prepare_tokens(model, tokens):
-    """tokens as a (T,) long tensor on the model's device, checked."""
-    tokens = torch.as_tensor(tokens)
+    """tokens (a tensor or a list of ids) as a (T,) long tensor on the model's device, checked."""
+    device = model.unembedding.device
+    tokens = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, device=device)
     if tokens.dim() == 2 and tokens.shape[0] == 1:
         tokens = tokens[0]
     if tokens.dim() != 1 or tokens.numel() == 0 or tokens.dtype not in (torch.int32, torch.int64):
         raise MinicircError(f"an attribution graph reads one prompt: token ids of shape (T,), got "
                             f"{tuple(tokens.shape)} {tokens.dtype}")
     check_tokens(tokens, model.cfg.vocab_size)
-    return tokens.long().to(model.unembedding.device)
+    return tokens.long().to(device)
 
 
 @torch.no_grad()
@@ -258,10 +259,12 @@ def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit
     dev = rep.embed.device
     ids, probs, vecs = logit_targets(rep.logits[-1], model.unembedding, max_n_logits, desired_logit_prob)
     n_f = rep.n_features
-    f0 = [0] + torch.tensor([len(p) for p in rep.pos]).cumsum(0).tolist()    # first column of each layer's features
+    f0 = [0]                                                          # first column of each layer's features
+    for p in rep.pos:
+        f0.append(f0[-1] + len(p))
     e0, t0 = n_f, n_f + L * T
     n = t0 + T + len(ids)
-    A = torch.zeros(n, n, dtype=rep.embed.dtype)
+    A = torch.zeros(n, n, dtype=rep.embed.dtype, device="cpu")
     layer_of = torch.cat([torch.full((len(p),), l, device=dev) for l, p in enumerate(rep.pos)])
     pos_of = torch.cat(rep.pos) if n_f else torch.zeros(0, dtype=torch.long, device=dev)
     enc = torch.cat(rep.enc) if n_f else vecs.new_zeros(0, d)
@@ -283,7 +286,7 @@ def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit
                 if b == K - 1:
                     k = len(ids)
                     attribution_rows(run, view, (torch.full((k,), L, device=dev), torch.full((k,), P - 1, device=dev),
-                                                 vecs), A, torch.arange(n - k, n), columns)
+                                                 vecs), A, torch.arange(n - k, n, device="cpu"), columns)
                     bar.update(k)
                 for lo in range(0, len(members), batch_size):
                     m = members[lo:lo + batch_size]
@@ -294,5 +297,5 @@ def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit
     active = torch.stack([layer_of, pos_of, torch.cat(rep.feat) if n_f else pos_of], 1).cpu()
     return Graph(adjacency_matrix=A, active_features=active,
                  activation_values=(torch.cat(rep.act) if n_f else vecs.new_zeros(0)).cpu(),
-                 selected_features=torch.arange(n_f), input_tokens=rep.tokens.cpu(), logit_token_ids=ids.cpu(),
+                 selected_features=torch.arange(n_f, device="cpu"), input_tokens=rep.tokens.cpu(), logit_token_ids=ids.cpu(),
                  logit_probabilities=probs.cpu(), n_layers=L)

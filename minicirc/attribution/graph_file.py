@@ -129,7 +129,7 @@ def prune_graph(graph, node_threshold=0.8, edge_threshold=0.98):
         raise MinicircError("node and edge thresholds must lie between 0 and 1")
     A = graph.adjacency_matrix.float()
     nl, nt, nf = graph.n_logits, graph.n_pos, graph.n_features
-    w = torch.zeros(A.shape[0])
+    w = torch.zeros(A.shape[0], device=A.device)
     w[-nl:] = graph.logit_probabilities.float()
     influence = compute_influence(normalize_matrix(A), w)
     node_mask = influence >= find_threshold(influence, node_threshold)
