@@ -3,9 +3,10 @@
 on every later feature's pre-activation and on the top logits, in one adjacency matrix (docs/method.md §15).
 
 The local replacement model: every layer's MLP output is y = c + skip(u) + Σ_s a_s W_dec[s] + err, with a_s the
-active features of the transcoder that reads the MLP's input u, err = y - decode(f) - skip(u) what it misses
-(so the model's values are kept exactly), c its decoder bias; at the first `zero_positions` positions (BOS)
-features and errors are left out and c holds y - skip(u) whole. Norm scales and attention patterns are held at
+active features of the transcoder that reads the MLP's input u (a cross-layer transcoder: the features of every
+layer up to this one, through their decoders into this layer), err what they and the skip term miss (so the
+model's values are kept exactly), c the decoder bias; at the first `zero_positions` positions (BOS) features
+and errors are left out and c holds y - skip(u) whole. Norm scales and attention patterns are held at
 their values on the prompt (SiteModel.frozen_statistics), so the model is linear in its residual stream and
 the nodes' contributions add up; the skip term follows u. Edges are vector-Jacobian products of that linear
 map, many target rows at once (`torch.autograd.grad(..., is_grads_batched=True)`), pushed down one layer at a
