@@ -206,16 +206,21 @@ def attribution_rows(run, rep, targets, A, rows, columns):
     L, (P, d), R = len(run.u), rep.embed.shape, len(layers)
     at = torch.arange(R, device=vectors.device)
 
+    present = set(layers.tolist())
+
     def seed(layer):
+        """The cotangents (R, 1, P, d) of the targets of `layer` (0 elsewhere), None if it has none."""
+        if layer not in present:
+            return None
         m = layers == layer
         s = vectors.new_zeros(R, 1, P, d)
         s[at[m], 0, positions[m]] = vectors[m]
-        return s, bool(m.any())
+        return s
 
-    top = int(layers.max())
+    top = max(present)
     g = None
     if top == L:
-        g = vjp([run.h], run.leaves[L], [seed(L)[0]])
+        g = vjp([run.h], run.leaves[L], [seed(L)])
     for k in range(min(top, L - 1), -1, -1):
         if g is not None:      # g: the gradient at layer k's output, where its MLP's nodes are added
             gk = g[:, 0]
@@ -223,8 +228,8 @@ def attribution_rows(run, rep, targets, A, rows, columns):
                 A[rows, columns(i)[0]] += contract_features(gk, rep.pos[i], dec).to(A)
             A[rows, columns(k)[1]] = torch.einsum("rtd,td->rt", gk, rep.err[k]).to(A)
         outs, cots = ([run.outs[k]], [g]) if g is not None else ([], [])
-        s, any_here = seed(k)
-        if any_here:
+        s = seed(k)
+        if s is not None:
             outs.append(run.u[k])
             cots.append(s)
         g = vjp(outs, run.leaves[k], cots)
