@@ -102,9 +102,10 @@ setup(
     version="0.1.0",
     description="Sparse feature circuits: a minimal pure-torch reference with a fused C++/CUDA extension",
     packages=find_packages(include=["minicirc", "minicirc.*"]),
-    # viewer_files: circuit.html's template, CSS and script; default_files: the embedded default model,
-    # tokenizer and SAEs (safetensors + json, a few MB); sae_recipes.json: the SAE recipes measured on SmolLM2;
-    # tasks/novel_agreement.json: the agreement prompts with words the templates never use.
+    # viewer_files: the pages circuit.html and graph.html (skeleton, headers, CSS and scripts); default_files:
+    # the embedded default model, tokenizer and SAEs (safetensors + json, a few MB); sae_recipes.json: the SAE
+    # recipes measured on SmolLM2; tasks/novel_agreement.json: the agreement prompts with words the templates
+    # never use.
     package_data={"minicirc": ["viewer_files/*"],
                   "minicirc.experiments": ["default_files/*", "default_files/*/*", "default_files/*/*/*",
                                            "sae_recipes.json"],

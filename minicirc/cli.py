@@ -10,6 +10,8 @@ import torch
 from . import evaluation, explain
 from .attribution import distributed
 from .attribution.find import find_circuit
+from .attribution.graph import attribution_graph
+from .attribution.graph_file import graph_json, prune_graph
 from .circuit import load_circuit_json
 from .data import load_examples, tokenize
 from .errors import MinicircError, read_json
@@ -17,7 +19,7 @@ from .experiments.tasks.corpus import corpus_documents
 from .files import prepare_out_dir, write_atomic
 from .model import load_model, load_tokenizer
 from .sae import IdentityDictionary, identity_saes, load_saes
-from .viewer import render_html
+from .viewer import render_graph_html, render_html
 
 # viz (circuit.png) and the experiments (demo, compare, shift_run) are imported by the commands that use them: they
 # import matplotlib, which adds about 0.5 s to a start of about 1.8 s (measured on 2 cores), and
@@ -137,6 +139,44 @@ def cmd_explain(args):
     print("logit effects (decoder direction through the unembedding, final LayerNorm ignored):")
     for kind in ("promoted", "suppressed"):
         print(f"  {kind:10s} " + "  ".join(f"{tok!r} {val:+.3f}" for tok, val in logits[kind]))
+
+
+def prompt_tokens(tokenizer, model, prompt, bos):
+    """The prompt's ids with a special token first, as circuit-tracer does (its position carries no feature or
+    error node): kept if the text starts with one, else `bos`, or config.json's bos_token_id, or the first
+    special token the tokenizer has."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    special = sorted(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+    if ids and ids[0] in special and bos is None:
+        return ids
+    if bos is None:
+        bos = (getattr(model.cfg, "hf", None) or {}).get("bos_token_id")
+        bos = bos if bos is not None else (special[0] if special else None)
+    if bos is None:
+        raise MinicircError("the tokenizer has no special token to put first; give one with --bos")
+    return [bos] + ids
+
+
+def cmd_graph(args):
+    if args.batch_size < 1:
+        raise MinicircError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prepare_out_dir(args.out, args.overwrite, "graph.safetensors")
+    model = load_model(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    transcoders = {s: d.to(args.device) for s, d in load_saes(args.transcoders, model).items()}
+    tokens = torch.tensor(prompt_tokens(tokenizer, model, args.prompt, args.bos))
+    graph = attribution_graph(model, transcoders, tokens, max_n_logits=args.max_n_logits,
+                              desired_logit_prob=args.desired_logit_prob, batch_size=args.batch_size, progress=True)
+    show = lambda i: tokenizer.decode([i], skip_special_tokens=False)
+    graph.input_string, graph.logit_strings = args.prompt, tuple(show(int(i)) for i in graph.logit_token_ids)
+    pruned = prune_graph(graph, args.node_threshold, args.edge_threshold)
+    graph.save(os.path.join(args.out, "graph.safetensors"))
+    page = render_graph_html(graph_json(graph, pruned, show), f"minicirc attribution graph — {args.prompt[:60]}")
+    write_atomic(os.path.join(args.out, "graph.html"), page.encode("utf-8"))
+    top = ", ".join(f"{s!r} {float(p):.2f}" for s, p in zip(graph.logit_strings, graph.logit_probabilities))
+    print(f"{graph.n_features} features, {graph.adjacency_matrix.shape[0]} nodes; pruned to "
+          f"{int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum())} edges; logits {top} -> "
+          f"{args.out}/graph.safetensors, graph.html")
 
 
 def set_threads(n):
@@ -303,6 +343,24 @@ def build_parser():
     x.add_argument("--n-logits", type=int, default=5, help="promoted/suppressed tokens to show")
     x.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     x.set_defaults(func=cmd_explain)
+
+    gr = sub.add_parser("graph", help="the attribution graph of one prompt over per-layer transcoders "
+                                      "(circuit-tracer's): graph.safetensors and the pruned graph in graph.html")
+    gr.add_argument("--model", required=True, help="Hugging Face checkpoint directory (gpt_neox, gpt2, llama, qwen2, qwen3, gemma2) or a llama-architecture .gguf file")
+    gr.add_argument("--transcoders", required=True, help="a transcoder at every MLP: a circuit-tracer transcoder-set "
+                    "folder (config.yaml + layer_<i>.safetensors) or a sparsify run folder of transcoders")
+    gr.add_argument("--prompt", required=True, help="the text; a special token (BOS) is put first unless it starts with one")
+    gr.add_argument("--out", default="minicirc-graph", help="output directory")
+    gr.add_argument("--bos", type=int, default=None, help="the id put first (default: config.json's bos_token_id)")
+    gr.add_argument("--max-n-logits", type=int, default=10, help="at most this many logit nodes")
+    gr.add_argument("--desired-logit-prob", type=float, default=0.95,
+                    help="logit nodes until their cumulative probability reaches this")
+    gr.add_argument("--node-threshold", type=float, default=0.8, help="pruning: share of influence the kept nodes hold")
+    gr.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: share of influence the kept edges hold")
+    gr.add_argument("--batch-size", type=int, default=256, help="target rows per vector-Jacobian product")
+    gr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    gr.add_argument("--overwrite", action="store_true")
+    gr.set_defaults(func=cmd_graph)
 
     v = sub.add_parser("view", help="regenerate circuit.html next to a circuit.json")
     v.add_argument("circuit")

@@ -21,9 +21,9 @@ from a file:// URL on a machine with no internet. Layers run bottom (embed) to t
 positions run left to right when the circuit keeps them. A log-scale slider hides nodes and edges whose
 |effect| is below it; the metric node "y" is the circuit's output and is never hidden by it.
 
-The page's files are package data in viewer_files/: circuit.html (the template), circuit.css and
-circuit.js (the page script). Everything the script shows comes from the embedded JSON; it sets text with
-textContent, so token strings can never inject markup.
+The page's files are package data in viewer_files/: page.html (the skeleton, shared with graph.html),
+circuit_header.html, circuit.css and circuit.js (the page script), errors.js. Everything the script shows
+comes from the embedded JSON; it sets text with textContent, so token strings can never inject markup.
 """
 from __future__ import annotations
 
@@ -34,13 +34,24 @@ import math
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["render_html", "write_html"]
+__all__ = ["render_graph_html", "render_html", "write_html"]
 
 
 def _read(name: str) -> str:
-    """A file of the page (package data beside this module): circuit.html, the template with the
-    placeholders __TITLE__, __CSS__, __JS__ and __DATA__; circuit.css; circuit.js, the page script."""
+    """A file of the pages (package data beside this module): page.html, the skeleton both pages share, with
+    the placeholders __TITLE__, __CSS__, __HEADER__, __HINT__, __JS__, __DATA_ID__ and __DATA__; each page's
+    header (circuit_header.html, graph_header.html), CSS and script (circuit.*, graph.*); errors.js, the
+    script both pages start with (uncaught errors shown in the page)."""
     return (resources.files(__package__) / "viewer_files" / name).read_text(encoding="utf-8")
+
+
+def _page(name: str, title: str, hint: str, data) -> str:
+    """The page `name` (circuit or graph) with `data` embedded as JSON."""
+    return (_read("page.html").replace("__TITLE__", html.escape(title)).replace("__CSS__", _read(f"{name}.css"))
+            .replace("__HEADER__", _read(f"{name}_header.html")).replace("__HINT__", hint)
+            .replace("__JS__", _read("errors.js") + _read(f"{name}.js")).replace("__DATA_ID__", f"{name}-data")
+            # Data last, so no placeholder text inside the data can be substituted by mistake.
+            .replace("__DATA__", _embed_json(data)))
 
 
 def _finite(obj):
@@ -85,12 +96,16 @@ def render_html(circuit: dict, contexts: dict | None = None) -> str:
         "edges": circuit.get("edges") or [],
         "contexts": contexts or {},
     }
-    return (_read("circuit.html")
-            .replace("__TITLE__", html.escape(_title(circuit)))
-            .replace("__CSS__", _read("circuit.css"))
-            .replace("__JS__", _read("circuit.js"))
-            # Data last, so no placeholder text inside the data can be substituted by mistake.
-            .replace("__DATA__", _embed_json(data)))
+    return _page("circuit", _title(circuit), "Hover over a node to inspect it; click to pin it.", data)
+
+
+def render_graph_html(graph: dict, title: str = "minicirc attribution graph") -> str:
+    """graph.html: a pruned attribution graph (attribution.graph_file.graph_json's dict) as one page, the
+    prompt's tokens along the bottom, layers upwards, the logits at the top; hover a node for its label and
+    connections (viewer_files/page.html, graph_header.html, graph.css, graph.js)."""
+    if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
+        raise ValueError("graph must be a dict with a 'nodes' list (graph_file.graph_json)")
+    return _page("graph", title, "Hover over a node for its label and edges; click to pin it.", graph)
 
 
 def write_html(circuit: dict, path, contexts: dict | None = None) -> Path:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MinicircError
-from .layers import ACTIVATIONS
+from .layers import ACTIVATIONS, LayerNorm, causal_pattern, held
 from .sites import SiteConfig, SiteModel, site_kind, site_layer
 
 
@@ -59,6 +59,8 @@ def config_from_hf(hf):
 
 
 class Attention(nn.Module):
+    frozen = None   # see SiteModel.frozen_statistics
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -71,7 +73,10 @@ class Attention(nn.Module):
         # The fused projection is laid out [q | k | v], each (H, hd) head-major.
         q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in self.c_attn(x).split(D, dim=-1))
         # Causal mask only: padding is on the right, so real tokens never attend to it.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hd))
+        if self.frozen is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hd))
+        else:   # the pattern held (SiteModel.frozen_statistics)
+            y = held(self, "pattern", causal_pattern(q, k, 1.0 / math.sqrt(hd))) @ v
         z = y.transpose(1, 2).reshape(B, T, D)   # the concatenated head outputs: site z_l
         return self.c_proj(z if z_site is None else z_site(z))
 
@@ -91,9 +96,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_1 = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_2 = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
     def attn_block(self, resid, z_site=None):
@@ -113,7 +118,7 @@ class GPT2(SiteModel):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.max_len, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_f = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
     def embed(self, tokens):
         return self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MinicircError
-from .layers import ACTIVATIONS, rotate_half
+from .layers import ACTIVATIONS, LayerNorm, causal_pattern, held, rotate_half
 from .sites import SiteConfig, SiteModel, site_kind, site_layer
 
 
@@ -88,6 +88,8 @@ def config_from_hf(hf):
 
 
 class Attention(nn.Module):
+    frozen = None   # see SiteModel.frozen_statistics
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -120,7 +122,10 @@ class Attention(nn.Module):
         q, k, v = qkv.chunk(3, dim=-1)
         q, k = self.rotary(q, k)
         # Causal mask only: padding is on the right, so real tokens never attend to it.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hd))
+        if self.frozen is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hd))
+        else:   # the pattern held (SiteModel.frozen_statistics)
+            y = held(self, "pattern", causal_pattern(q, k, 1.0 / math.sqrt(hd))) @ v
         z = y.transpose(1, 2).reshape(B, T, D)   # the concatenated head outputs: site z_l
         return self.dense(z if z_site is None else z_site(z))
 
@@ -140,8 +145,8 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.input_layernorm = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.post_attention_layernorm = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
@@ -161,7 +166,7 @@ class GPTNeoX(SiteModel):
         self.cfg = cfg
         self.embed_in = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.embed_out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tied_embeddings:
             self.embed_out.weight = self.embed_in.weight

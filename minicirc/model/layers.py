@@ -1,8 +1,9 @@
-"""Pieces more than one model family uses: the MLP activations by their config.json names, and the
-"rotate half" step of rotary embeddings."""
+"""Pieces more than one model family uses: the MLP activations by their config.json names, the "rotate half"
+step of rotary embeddings, and what freezing a model's statistics needs (held, LayerNorm, causal_pattern)."""
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -33,3 +34,38 @@ def rotate_half(x):
     (GPT-NeoX, Llama), where channel i pairs with channel i + d/2."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def held(module, name, value):
+    """`value`, or, while the model's statistics are frozen (SiteModel.frozen_statistics), the value `module`
+    computed under `name` on the first forward pass inside, detached: a norm's scale or an attention pattern held
+    at its value on one input, a constant of autograd, so that the model is linear in its residual stream."""
+    store = module.frozen
+    if store is None:
+        return value
+    key = (module, name)
+    if key not in store:
+        store[key] = value.detach()
+    return store[key]
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same numbers) whose scale sqrt(var(x) + eps) can be held (`held`): then
+    (x - mean(x)) / scale * weight + bias, written out, the centring staying live as TransformerLens writes it."""
+    frozen = None
+
+    def forward(self, x):
+        if self.frozen is None:
+            return super().forward(x)
+        xc = x - x.mean(-1, keepdim=True)
+        scale = held(self, "scale", (xc.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return xc / scale * self.weight + self.bias
+
+
+def causal_pattern(q, k, scale):
+    """softmax(q kᵀ * scale) over the keys at or before each query (B, H, T, T): what
+    F.scaled_dot_product_attention(is_causal=True) multiplies v by, written out where the pattern is held."""
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)

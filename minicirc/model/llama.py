@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MinicircError
-from .layers import ACTIVATIONS, rotate_half
+from .layers import ACTIVATIONS, held, rotate_half
 from .sites import SiteConfig, SiteModel, site_kind, site_layer
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma2")
@@ -126,6 +126,8 @@ def config_from_hf(hf):
 
 
 class RMSNorm(nn.Module):
+    frozen = None   # see SiteModel.frozen_statistics
+
     def __init__(self, d, eps, gemma=False):
         super().__init__()
         self.eps, self.gemma = eps, gemma
@@ -134,7 +136,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()   # the mean square in float32 whatever the model's dtype, as transformers does
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * held(self, "scale", torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))
         if self.gemma:   # Gemma-2 multiplies before rounding back; Llama rounds, then multiplies
             return (xf * (1.0 + self.weight.float())).type_as(x)
         return self.weight * xf.to(x.dtype)
@@ -162,6 +164,8 @@ def rotary_inv_freq(cfg):
 
 
 class Attention(nn.Module):
+    frozen = None   # see SiteModel.frozen_statistics
+
     def __init__(self, cfg, layer):
         super().__init__()
         self.cfg = cfg
@@ -205,7 +209,7 @@ class Attention(nn.Module):
         if self.window is not None:
             allowed = allowed & (i[:, None] - i[None, :] < self.window)
         scores = scores.masked_fill(~allowed, float("-inf"))
-        y = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        y = held(self, "pattern", F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)) @ v
         z = y.transpose(1, 2).reshape(B, T, H * hd)   # the concatenated head outputs: site z_l
         return self.o_proj(z if z_site is None else z_site(z))
 

@@ -13,6 +13,7 @@ outlives the call: there are no module hooks. A family (gpt_neox.py, gpt2.py, ll
 `SiteModel` and only says how a layer computes its attention and MLP outputs (and, for transcoders, what
 its MLP reads: `mlp_input`).
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +152,25 @@ class SiteModel(nn.Module):
             return v
         W = self.projection(site).weight     # (d_model, site width)
         return v.to(W) @ W.T
+
+    @contextmanager
+    def frozen_statistics(self):
+        """Within: every norm's scale (RMSNorm's rsqrt(mean(x²) + eps), LayerNorm's sqrt(var(x) + eps)) and every
+        attention pattern takes the value it had on the first forward pass inside, detached (layers.held); yields
+        the store. Then the model is linear in its residual stream (norms are diagonal scalings, attention a fixed
+        mixing of values): the local replacement model of attribution graphs, whose gradients are direct effects
+        and whose forward passes on moved inputs are that linear map. Outside, every module computes as before."""
+        modules = [m for m in self.modules() if hasattr(type(m), "frozen")]
+        if any(m.frozen is not None for m in modules):
+            raise MinicircError("this model's statistics are frozen already (frozen_statistics does not nest)")
+        store = {}
+        for m in modules:
+            m.frozen = store
+        try:
+            yield store
+        finally:
+            for m in modules:
+                m.frozen = None
 
     def check_sites(self, names):
         known = set(self.all_sites)
