@@ -18,10 +18,9 @@ from minicirc.attribution import reference as A
 from minicirc.circuit import Circuit
 from minicirc.data import load_examples, tokenize
 from minicirc.experiments import compare
-from minicirc.sae import save_saes, site_folder, site_hook
-from conftest import write_hf_model
+from minicirc.sae import site_folder, site_hook
 from test_cli import ROWS, run, write_data, write_tokenizer
-from test_compare import FILES, relu_dictionaries
+from test_compare import write_compare_files
 from test_families import V, write_hf
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -142,17 +141,11 @@ def ct_transcoder_file(folder, layer, d, seed, F=20):
 @pytest.fixture
 def compare_setup(tmp_path):
     """test_compare's files, with circuit-tracer skip transcoders at every MLP of the original's folder tree."""
-    write_hf_model(tmp_path / "model", seed=3, vocab=40, d=16, layers=3)
-    write_tokenizer(tmp_path / "model", 40)
-    model = minicirc.load_model(tmp_path / "model")
-    save_saes(relu_dictionaries(model, 11), tmp_path / "saes")
-    for l in range(3):
-        shutil.rmtree(tmp_path / "saes" / site_folder(f"mlp_{l}"))
-        ct_transcoder_file(tmp_path / "saes" / site_folder(f"mlp_{l}"), l, 16, 20 + l)
-    os.makedirs(tmp_path / "data")
-    for name, (rows, _) in FILES.items():
-        write_data(tmp_path / "data" / f"{name}.json", rows)
-    return tmp_path
+    def transcoders(folder, model):
+        for l in range(3):
+            shutil.rmtree(folder / site_folder(f"mlp_{l}"))
+            ct_transcoder_file(folder / site_folder(f"mlp_{l}"), l, 16, 20 + l)
+    return write_compare_files(tmp_path, 3, 11, transcoders)
 
 
 def test_compare_with_transcoders_at_the_mlps(compare_setup, capsys):

@@ -73,10 +73,18 @@ def relu_dictionaries(model, seed, n=24):
 
 @pytest.fixture
 def setup(tmp_path):
-    write_hf_model(tmp_path / "model", seed=int(torch.randint(0, 10**6, ()).item()), vocab=40, d=D, layers=N_LAYERS)
+    return write_compare_files(tmp_path, int(torch.randint(0, 10**6, ()).item()), int(torch.randint(0, 10**6, ()).item()))
+
+
+def write_compare_files(tmp_path, model_seed, sae_seed, edit_saes=None):
+    """A tiny model, ReLU dictionaries at every site (edit_saes(folder, model) may replace some) and the
+    templates' data files under tmp_path: what `minicirc compare` reads."""
+    write_hf_model(tmp_path / "model", seed=model_seed, vocab=40, d=D, layers=N_LAYERS)
     write_tokenizer(tmp_path / "model", 40)
     model = minicirc.load_model(tmp_path / "model")
-    save_saes(relu_dictionaries(model, int(torch.randint(0, 10**6, ()).item())), tmp_path / "saes")
+    save_saes(relu_dictionaries(model, sae_seed), tmp_path / "saes")
+    if edit_saes is not None:
+        edit_saes(tmp_path / "saes", model)
     os.makedirs(tmp_path / "data")
     for name, (rows, _) in FILES.items():
         write_jsonl(tmp_path / "data" / f"{name}.json", rows)
