@@ -9,8 +9,9 @@ model's values are kept exactly), c the decoder bias; at the first `zero_positio
 and errors are left out and c holds y - skip(u) whole. Norm scales and attention patterns are held at
 their values on the prompt (SiteModel.frozen_statistics), so the model is linear in its residual stream and
 the nodes' contributions add up; the skip term follows u. Edges are vector-Jacobian products of that linear
-map, many target rows at once (`torch.autograd.grad(..., is_grads_batched=True)`), pushed down one layer at a
-time and contracted with each layer's source vectors as they pass (nothing of size rows x features is built).
+map, many target rows at once (graph_backward: written out for the Llama family, from autograd for the
+others), pushed down one layer at a time and contracted with each layer's source vectors as they pass
+(nothing of size rows x features is built).
 """
 from dataclasses import dataclass
 

@@ -74,11 +74,12 @@ class HeldLayers:
         m = 0 if g is None else len(g)
         n = m + (0 if seeds is None else len(seeds[0]))
         ref = g if g is not None else seeds[1]
+        rows = torch.arange(m, n, device=ref.device)              # the rows that start here
         g_u = ref.new_zeros(n, P, ref.shape[-1])
         if m and H["W_skip"] is not None:
             torch.matmul(g, H["W_skip"], out=g_u[:m])
         if seeds is not None:
-            g_u[torch.arange(m, n, device=ref.device), seeds[0]] = seeds[1]
+            g_u[rows, seeds[0]] = seeds[1]
         g_mid = g_u if H["s_u"] is None else g_u * H["s_u"][:P]
         if m:
             g_mid[:m] += g
@@ -87,7 +88,6 @@ class HeldLayers:
         if m:
             torch.matmul(g_a[:m], H["W_O"], out=g_z[:m])
         if seeds is not None:
-            rows = torch.arange(m, n, device=ref.device)
             g_z[rows, seeds[0]] = g_a[rows, seeds[0]] @ H["W_O"]
         g_v = torch.einsum("ngqk,rqnge->rkne", H["pattern"][:, :, :P, :P], g_z.view(n, P, KV, G, hd))
         return torch.addcmul(g_mid, g_v.reshape(n, P, KV * hd) @ H["W_V"], H["s_in"][:P])
