@@ -23,6 +23,7 @@ from ..model.sites import check_tokens
 from .common import frozen_weights, recording_inputs, site_order
 from .graph_backward import AutogradLayers, HeldLayers
 from .graph_file import Graph
+from .memory import release_freed_memory
 
 KINDS = ("relu", "jumprelu", "topk", "groupmax")   # f_i = pre_i where active: d f_i / d u = W_enc[:, i]
 
@@ -154,7 +155,7 @@ def logit_targets(logits, unembedding, max_n_logits=10, desired_logit_prob=0.95)
 def contract_features(g, pos, dec):
     """(R, n): g[r, pos[i]] · dec[i] for a layer's features at positions `pos`, in one product over the
     gathered (R, n, d) gradients (a product per feature would be n matrix-vector products)."""
-    return (g[:, pos] * dec).sum(-1)
+    return g[:, pos].mul_(dec).sum(-1)
 
 
 def plan_batches(layer_of, pos_of, P_of, batch_size):
@@ -165,7 +166,7 @@ def plan_batches(layer_of, pos_of, P_of, batch_size):
     order = torch.argsort(layer_of * (P_of.max() + 1) - P_of, descending=True, stable=True)
     order = order[torch.argsort(P_of[order], stable=True)]
     batches = []
-    for P in torch.unique(P_of).tolist():
+    for P in torch.unique(P_of).flip(0).tolist():   # longest first: later batches' tensors fit in freed ones
         rows = order[P_of[order] == P]
         batches += [(rows[lo:lo + batch_size], P) for lo in range(0, len(rows), batch_size)]
     return batches
@@ -218,7 +219,6 @@ def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit
         f0.append(f0[-1] + len(p))
     e0, t0 = n_f, n_f + L * T
     n = t0 + T + len(ids)
-    A = torch.zeros(n, n, dtype=rep.embed.dtype, device="cpu")
     k = len(ids)
     layer_of = torch.cat([torch.full((len(p),), l, device=dev) for l, p in enumerate(rep.pos)]
                          + [torch.full((k,), L, device=dev)])
@@ -232,6 +232,10 @@ def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit
         K = max(1, min(position_buckets, T))
         ends = torch.tensor([-(-T * (b + 1) // K) for b in range(K)], device=dev)   # ceil(T (b+1) / K)
         layers, P_of = AutogradLayers(model, transcoders, rep.tokens), ends[torch.bucketize(pos_of, ends, right=True)]
+    # The forward passes above leave about 4x their live memory freed but kept in glibc's heap (the values they
+    # keep pin it): given back before the matrix is allocated on top of it.
+    release_freed_memory(dev)
+    A = torch.zeros(n, n, dtype=rep.embed.dtype, device="cpu")
 
     def columns(k, P):
         return (slice(f0[k], f0[k] + int(torch.searchsorted(rep.pos[k], P))), slice(e0 + k * T, e0 + k * T + P),

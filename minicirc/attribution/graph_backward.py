@@ -80,7 +80,7 @@ class HeldLayers:
             torch.matmul(g, H["W_skip"], out=g_u[:m])
         if seeds is not None:
             g_u[rows, seeds[0]] = seeds[1]
-        g_mid = g_u if H["s_u"] is None else g_u * H["s_u"][:P]
+        g_mid = g_u if H["s_u"] is None else g_u.mul_(H["s_u"][:P])       # in place: one tensor less
         if m:
             g_mid[:m] += g
         g_a = g_mid if H["s_post"] is None else g_mid * H["s_post"][:P]
@@ -90,7 +90,7 @@ class HeldLayers:
         if seeds is not None:
             g_z[rows, seeds[0]] = g_a[rows, seeds[0]] @ H["W_O"]
         g_v = torch.einsum("ngqk,rqnge->rkne", H["pattern"][:, :, :P, :P], g_z.view(n, P, KV, G, hd))
-        return torch.addcmul(g_mid, g_v.reshape(n, P, KV * hd) @ H["W_V"], H["s_in"][:P])
+        return g_mid.addcmul_(g_v.reshape(n, P, KV * hd) @ H["W_V"], H["s_in"][:P])
 
 
 class FrozenRun:
