@@ -382,6 +382,12 @@ def test_bad_transcoder_sets_are_refused_in_one_line(bad, message):
         attribution_graph(model, bad(model, make_transcoders(model)), TOKENS)
 
 
+def test_backward_not_written_for_a_family_is_refused_in_one_line():
+    model = make_model("gpt2")
+    with pytest.raises(MinicircError, match="backward 'held'"):
+        attribution_graph(model, make_transcoders(model), TOKENS, backward="held")
+
+
 def test_bad_tokens_are_refused_in_one_line():
     model = make_model("gpt2")
     tcs = make_transcoders(model)

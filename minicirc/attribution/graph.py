@@ -225,6 +225,8 @@ def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit
     pos_of = torch.cat(rep.pos + [torch.full((k,), T - 1, device=dev)])
     vec_of = torch.cat(rep.enc + [vecs]).detach()
     row_of = torch.cat([torch.arange(n_f, device="cpu"), torch.arange(n - k, n, device="cpu")])
+    if backward not in ("auto", "held", "autograd") or (backward == "held" and not HeldLayers.supports(model)):
+        raise MinicircError(f"backward {backward!r}: 'auto', 'autograd', or 'held' for the Llama family's models")
     held = backward == "held" or (backward == "auto" and HeldLayers.supports(model))
     if held:
         layers, P_of = HeldLayers(model, transcoders, rep.tokens), pos_of + 1
