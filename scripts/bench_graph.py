@@ -5,14 +5,15 @@ of 8x width (4608 features) at every layer in circuit-tracer's files, thresholds
 features per token and layer, a prompt of --tokens random ids (the first a special token, whose position
 carries no node).
 
-    python scripts/bench_graph.py --ct-python /tmp/ct/bin/python [--tokens 64] [--batch-size 64] [--threads 1]
+    python scripts/bench_graph.py --ct-python /tmp/ct/bin/python [--tokens 64] [--batch-size 32] [--threads 1]
 
 Each library runs in its own child process (circuit-tracer in the environment of --ct-python, with its
 TransformerLens backend, the model converted by TransformerLens' own weight conversion); each reports the wall
 and CPU seconds of the graph call alone (CPU time is less sensitive to other work on the machine), the RSS
 just before it and the peak RSS during it (sampled every 5 ms), and the driver prints the ratios and checks
-that the two adjacency matrices agree. Both use --batch-size target rows per backward pass. The model and
-transcoders are random: this measures time and memory only.
+that the two adjacency matrices agree. Both use at most --batch-size target rows per backward pass (minicirc's
+for this Llama: the written-out one, attribution.graph_backward.HeldLayers). The model and transcoders are
+random: this measures time and memory only.
 """
 import argparse
 import json

@@ -291,16 +291,27 @@ def test_every_adjacency_entry_equals_finite_differences(name, which):
             assert A[r, c].abs().max() > 1e-3 * scale, (rname, cname)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_rows_do_not_depend_on_batches_or_prefixes(name):
-    """One target row per VJP on the whole prompt; rows spanning layers; all rows at once; targets grouped by
-    position and run on prefixes of the prompt (2 and 6 groups): the same matrix."""
+@pytest.mark.parametrize("name, which", [("llama", "per-layer"), ("gemma2", "per-layer"), ("llama", "clt"),
+                                         ("gpt2", "per-layer")])
+def test_rows_do_not_depend_on_batches_prefixes_or_backward(name, which):
+    """One target row per autograd VJP on the whole prompt; rows spanning layers; all rows at once; targets
+    grouped by position and run on prefixes of the prompt (2 and 6 groups); and, for the Llama family, the
+    backward pass written out (graph_backward.HeldLayers) in batches of 1, 3 and all rows: the same matrix."""
     model = make_model(name)
-    tcs = make_transcoders(model)
-    one = attribution_graph(model, tcs, TOKENS, batch_size=1, position_buckets=1).adjacency_matrix
+    tcs = make_set(model, which)
+    run = lambda **kw: attribution_graph(model, tcs, TOKENS, **kw).adjacency_matrix
+    one = run(batch_size=1, position_buckets=1, backward="autograd")
+    tol = dict(rtol=1e-9, atol=1e-9 * float(one.abs().max()))
     for b, k in ((5, 1), (1000, 1), (3, 2), (1000, 6)):
-        torch.testing.assert_close(attribution_graph(model, tcs, TOKENS, batch_size=b, position_buckets=k)
-                                   .adjacency_matrix, one, rtol=1e-9, atol=1e-9 * float(one.abs().max()))
+        torch.testing.assert_close(run(batch_size=b, position_buckets=k, backward="autograd"), one, **tol)
+    if name != "gpt2":
+        # The Llama family's RMSNorm computes in float32 whatever the model's dtype, so autograd rounds every
+        # gradient through a norm to float32; the held pass multiplies by the same held scale in float64.
+        held = run(batch_size=1, backward="held")
+        torch.testing.assert_close(held, one, rtol=1e-5, atol=1e-6 * float(one.abs().max()))
+        for b in (3, 1000):
+            torch.testing.assert_close(run(batch_size=b, backward="held"), held, **tol)
+        torch.testing.assert_close(run(batch_size=4), held, **tol)          # "auto" takes the held pass
 
 
 def test_first_positions_carry_no_feature_and_no_error():
@@ -369,6 +380,12 @@ def test_bad_transcoder_sets_are_refused_in_one_line(bad, message):
     model = make_model("gpt2")
     with pytest.raises(MinicircError, match=message):
         attribution_graph(model, bad(model, make_transcoders(model)), TOKENS)
+
+
+def test_backward_not_written_for_a_family_is_refused_in_one_line():
+    model = make_model("gpt2")
+    with pytest.raises(MinicircError, match="backward 'held'"):
+        attribution_graph(model, make_transcoders(model), TOKENS, backward="held")
 
 
 def test_bad_tokens_are_refused_in_one_line():

@@ -9,18 +9,21 @@ model's values are kept exactly), c the decoder bias; at the first `zero_positio
 and errors are left out and c holds y - skip(u) whole. Norm scales and attention patterns are held at
 their values on the prompt (SiteModel.frozen_statistics), so the model is linear in its residual stream and
 the nodes' contributions add up; the skip term follows u. Edges are vector-Jacobian products of that linear
-map, many target rows at once (`torch.autograd.grad(..., is_grads_batched=True)`), pushed down one layer at a
-time and contracted with each layer's source vectors as they pass (nothing of size rows x features is built).
+map, many target rows at once (graph_backward: written out for the Llama family, from autograd for the
+others), pushed down one layer at a time and contracted with each layer's source vectors as they pass
+(nothing of size rows x features is built).
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import MinicircError
 from ..model.sites import check_tokens
-from .common import frozen_edit, frozen_weights, recording_inputs, site_order
+from .common import frozen_weights, recording_inputs, site_order
+from .graph_backward import AutogradLayers, HeldLayers
 from .graph_file import Graph
+from .memory import release_freed_memory
 
 KINDS = ("relu", "jumprelu", "topk", "groupmax")   # f_i = pre_i where active: d f_i / d u = W_enc[:, i]
 
@@ -149,105 +152,50 @@ def logit_targets(logits, unembedding, max_n_logits=10, desired_logit_prob=0.95)
     return idx, probs[idx], unembedding[idx] - unembedding.mean(dim=0, keepdim=True)
 
 
-class FrozenRun:
-    """The replacement model's forward pass with statistics held, cut at every residual stream: leaves[k] is
-    the input of layer k (leaves[0] the embedding, leaves[L] the last residual stream), outs[k] layer k's
-    output computed from leaves[k], u[k] the transcoder input of layer k, h the final norm's output. Every
-    MLP output is held but for its skip term (common.frozen_edit), so the graph from leaves[k] to outs[k] and
-    u[k] is layer k of the linear replacement model, and its VJPs can be taken one layer at a time."""
-
-    def __init__(self, model, transcoders, tokens):
-        L = model.cfg.n_layers
-        self.leaves, self.outs, self.inputs = [], [], {}
-        sites = [f"mlp_{l}" for l in range(L)]
-
-        def cut(x, keep=True):
-            if keep:
-                self.outs.append(x)
-            leaf = x.detach().requires_grad_(True)
-            self.leaves.append(leaf)
-            return leaf
-        edit = {"embed": lambda x: cut(x, keep=False)}
-        edit.update({f"resid_{l}": cut for l in range(L)})
-        edit.update({s: frozen_edit(transcoders[s], s, self.inputs) for s in sites})
-        edit = recording_inputs(model, transcoders, sites, edit, self.inputs)
-        model(tokens[None], edit=edit, stop_at=f"resid_{L - 1}")
-        self.u = [self.inputs[s] for s in sites]
-        self.h = model.final_norm(self.leaves[L])
-
-
-def vjp(outputs, leaf, cotangents):
-    """Σ_o cotangent_o · d(output_o)/d(leaf) for a batch of cotangents (R, *output shape) -> (R, *leaf shape)."""
-    (g,) = torch.autograd.grad(outputs, leaf, cotangents, retain_graph=True, is_grads_batched=True)
-    return g
-
-
 def contract_features(g, pos, dec):
-    """(R, n): g[r, pos[i]] · dec[i] for a layer's features (sorted by position), one product per position
-    present: nothing of size R x n x d."""
-    out = g.new_zeros(g.shape[0], len(pos))
-    if len(pos) == 0:
-        return out
-    positions, counts = torch.unique_consecutive(pos, return_counts=True)
-    start = 0
-    for p, n in zip(positions.tolist(), counts.tolist()):
-        out[:, start:start + n] = g[:, p] @ dec[start:start + n].T
-        start += n
-    return out
+    """(R, n): g[r, pos[i]] · dec[i] for a layer's features at positions `pos`, in one product over the
+    gathered (R, n, d) gradients (a product per feature would be n matrix-vector products)."""
+    return g[:, pos].mul_(dec).sum(-1)
 
 
-def attribution_rows(run, rep, targets, A, rows, columns):
-    """Fill A[rows, :] with the direct effects on R targets, given as (layer, pos, vector) with layer L for a
-    logit (vector on the final norm's output at the last position) and l < L for a feature of layer l (its
-    encoder direction on u_l at pos). run and rep cover the first P positions (every target's position lies
-    among them; later positions cannot reach it); columns(k) gives the columns of layer k's features, of its
-    errors and of the tokens at those positions. One VJP per layer, from the highest target down."""
-    layers, positions, vectors = targets
-    L, (P, d), R = len(run.u), rep.embed.shape, len(layers)
-    at = torch.arange(R, device=vectors.device)
-
-    present = set(layers.tolist())
-
-    def seed(layer):
-        """The cotangents (R, 1, P, d) of the targets of `layer` (0 elsewhere), None if it has none."""
-        if layer not in present:
-            return None
-        m = layers == layer
-        s = vectors.new_zeros(R, 1, P, d)
-        s[at[m], 0, positions[m]] = vectors[m]
-        return s
-
-    top = max(present)
-    g = None
-    if top == L:
-        g = vjp([run.h], run.leaves[L], [seed(L)])
-    for k in range(min(top, L - 1), -1, -1):
-        if g is not None:      # g: the gradient at layer k's output, where its MLP's nodes are added
-            gk = g[:, 0]
-            for i, dec in rep.writes[k]:   # layer i's features, as written into layer k's MLP output
-                A[rows, columns(i)[0]] += contract_features(gk, rep.pos[i], dec).to(A)
-            A[rows, columns(k)[1]] = torch.einsum("rtd,td->rt", gk, rep.err[k]).to(A)
-        outs, cots = ([run.outs[k]], [g]) if g is not None else ([], [])
-        s = seed(k)
-        if s is not None:
-            outs.append(run.u[k])
-            cots.append(s)
-        g = vjp(outs, run.leaves[k], cots)
-    A[rows, columns(0)[2]] = torch.einsum("rtd,td->rt", g[:, 0], rep.embed).to(A)
+def plan_batches(layer_of, pos_of, P_of, batch_size):
+    """The rows in batches: rows of the same prefix length P (P_of) together, each batch sorted by target layer,
+    highest first, at most batch_size rows. A batch's backward pass starts at its highest layer with its rows
+    there and takes in the rows of each lower layer as it reaches it, so no row is carried above its own layer
+    and none past its prefix: the work is Σ_rows (layer + 1) P, not (batch's top layer + 1) P per row."""
+    order = torch.argsort(layer_of * (P_of.max() + 1) - P_of, descending=True, stable=True)
+    order = order[torch.argsort(P_of[order], stable=True)]
+    batches = []
+    for P in torch.unique(P_of).flip(0).tolist():   # longest first: later batches' tensors fit in freed ones
+        rows = order[P_of[order] == P]
+        batches += [(rows[lo:lo + batch_size], P) for lo in range(0, len(rows), batch_size)]
+    return batches
 
 
-def prefix(rep, P):
-    """The replacement's nodes at the first P positions (features are sorted by position within a layer)."""
-    keep = [int(torch.searchsorted(p, P)) for p in rep.pos]
-    cut = lambda xs: [x[:n] for x, n in zip(xs, keep)]
-    writes = [[(i, dec[:keep[i]]) for i, dec in w] for w in rep.writes]
-    return replace(rep, tokens=rep.tokens[:P], pos=cut(rep.pos), feat=cut(rep.feat), act=cut(rep.act),
-                   enc=cut(rep.enc), writes=writes, err=rep.err[:, :P], const=rep.const[:, :P], u=rep.u[:, :P],
-                   y=rep.y[:, :P], embed=rep.embed[:P], logits=rep.logits[:P])
+def attribution_rows(layers, rep, targets, A, rows, P, columns):
+    """Fill A[rows, :] with the direct effects on a batch of targets sorted by layer, highest first, given as
+    (layer, pos, vector) with layer L for a logit (vector on the final norm's output at position P - 1) and
+    l < L for a feature of layer l (its encoder direction on u_l at pos), all at positions below P.
+    `layers` is the backward pass (graph_backward); columns(k, P) gives the columns of layer k's features, of its
+    errors and of the tokens at the first P positions. From the top down, the gradient g at each layer's
+    output (where its MLP's nodes are added) is contracted with the source vectors there."""
+    lay, pos, vecs = targets
+    L = len(rep.pos)
+    n = [int((lay >= k).sum()) for k in range(L + 1)]     # rows started at or above layer k (sorted)
+    g = layers.top(vecs[:n[L]], P) if n[L] else None
+    for k in range(int(lay[0].clamp(max=L - 1)), -1, -1):
+        if g is not None:
+            for i, dec in rep.writes[k]:    # layer i's features, as written into layer k's MLP output
+                m = int(torch.searchsorted(rep.pos[i], P))
+                A[rows[:len(g)], columns(i, P)[0]] += contract_features(g, rep.pos[i][:m], dec[:m]).to(A)
+            A[rows[:len(g)], columns(k, P)[1]] = (g * rep.err[k][:P]).sum(-1).to(A)
+        new = slice(n[k + 1], n[k])
+        g = layers.back(k, g, (pos[new], vecs[new]) if n[k] > n[k + 1] else None, P)
+    A[rows, columns(0, P)[2]] = (g * rep.embed[:P]).sum(-1).to(A)
 
 
 def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit_prob=0.95, batch_size=256,
-                      zero_positions=1, position_buckets=8, progress=False):
+                      zero_positions=1, position_buckets=8, progress=False, backward="auto"):
     """The attribution graph of `tokens` (one prompt, (T,) ids; its first `zero_positions` positions, the BOS,
     carry no feature and no error node) on the local replacement model of `transcoders` ({mlp_l: per-layer
     transcoder} at every layer): a Graph whose adjacency_matrix[target, source] is the direct effect of
@@ -255,13 +203,14 @@ def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit
     position), one token node per position, then the logit nodes (logit_targets). A feature row is the effect
     on its pre-activation W_enc[:, i] · u; a logit row on its demeaned logit; error and token rows are 0.
 
-    `batch_size` target rows share each VJP. A target at position p depends on positions up to p only
-    (attention is causal), so targets are grouped into `position_buckets` ranges of positions and each group's
-    VJPs run on the replacement model of the prompt's prefix up to its range's end: the same numbers (causal
-    attention and per-token norms give the prefix the same frozen statistics), about half the work. Runs on the
-    model's device; the matrix is kept on the CPU."""
+    At most `batch_size` target rows share each backward pass (plan_batches). A target at position p depends on
+    positions up to p only (attention is causal), so a batch runs on the prompt's first P positions, the same
+    numbers (causal attention and per-token norms give the prefix the same frozen statistics): P = p + 1 with
+    the backward pass written out (`backward` "held", the Llama family's default), else the end of one of
+    `position_buckets` ranges of positions ("autograd", every family; each range's forward pass is taken once).
+    Runs on the model's device; the matrix is kept on the CPU."""
     rep = local_replacement(model, transcoders, tokens, zero_positions)
-    L, (T, d) = model.cfg.n_layers, rep.embed.shape
+    L, T = model.cfg.n_layers, len(rep.tokens)
     dev = rep.embed.device
     ids, probs, vecs = logit_targets(rep.logits[-1], model.unembedding, max_n_logits, desired_logit_prob)
     n_f = rep.n_features
@@ -270,38 +219,36 @@ def attribution_graph(model, transcoders, tokens, max_n_logits=10, desired_logit
         f0.append(f0[-1] + len(p))
     e0, t0 = n_f, n_f + L * T
     n = t0 + T + len(ids)
+    k = len(ids)
+    layer_of = torch.cat([torch.full((len(p),), l, device=dev) for l, p in enumerate(rep.pos)]
+                         + [torch.full((k,), L, device=dev)])
+    pos_of = torch.cat(rep.pos + [torch.full((k,), T - 1, device=dev)])
+    vec_of = torch.cat(rep.enc + [vecs]).detach()
+    row_of = torch.cat([torch.arange(n_f, device="cpu"), torch.arange(n - k, n, device="cpu")])
+    if backward not in ("auto", "held", "autograd") or (backward == "held" and not HeldLayers.supports(model)):
+        raise MinicircError(f"backward {backward!r}: 'auto', 'autograd', or 'held' for the Llama family's models")
+    held = backward == "held" or (backward == "auto" and HeldLayers.supports(model))
+    if held:
+        layers, P_of = HeldLayers(model, transcoders, rep.tokens), pos_of + 1
+    else:
+        K = max(1, min(position_buckets, T))
+        ends = torch.tensor([-(-T * (b + 1) // K) for b in range(K)], device=dev)   # ceil(T (b+1) / K)
+        layers, P_of = AutogradLayers(model, transcoders, rep.tokens), ends[torch.bucketize(pos_of, ends, right=True)]
+    # The forward passes above leave about 4x their live memory freed but kept in glibc's heap (the values they
+    # keep pin it): given back before the matrix is allocated on top of it.
+    release_freed_memory(dev)
     A = torch.zeros(n, n, dtype=rep.embed.dtype, device="cpu")
-    layer_of = torch.cat([torch.full((len(p),), l, device=dev) for l, p in enumerate(rep.pos)])
-    pos_of = torch.cat(rep.pos) if n_f else torch.zeros(0, dtype=torch.long, device=dev)
-    enc = torch.cat(rep.enc) if n_f else vecs.new_zeros(0, d)
-    K = max(1, min(position_buckets, T))
-    ends = [-(-T * (b + 1) // K) for b in range(K)]                 # ceil(T (b+1) / K): the buckets' prefixes
-    bucket = torch.bucketize(pos_of, torch.tensor(ends, device=dev), right=True)
-    bar = tqdm(total=n_f + len(ids), desc="graph rows", disable=not progress)
-    with frozen_weights(model), torch.enable_grad():
-        for b, P in enumerate(ends):
-            members = (bucket == b).nonzero().flatten()
-            if not len(members) and b < K - 1:
-                continue
-            view = prefix(rep, P)
 
-            def columns(k):
-                return (slice(f0[k], f0[k] + len(view.pos[k])), slice(e0 + k * T, e0 + k * T + P), slice(t0, t0 + P))
-            with model.frozen_statistics():
-                run = FrozenRun(model, transcoders, view.tokens)
-                if b == K - 1:
-                    k = len(ids)
-                    attribution_rows(run, view, (torch.full((k,), L, device=dev), torch.full((k,), P - 1, device=dev),
-                                                 vecs), A, torch.arange(n - k, n, device="cpu"), columns)
-                    bar.update(k)
-                for lo in range(0, len(members), batch_size):
-                    m = members[lo:lo + batch_size]
-                    attribution_rows(run, view, (layer_of[m], pos_of[m], enc[m]), A, m.cpu(), columns)
-                    bar.update(len(m))
-            del run
+    def columns(k, P):
+        return (slice(f0[k], f0[k] + int(torch.searchsorted(rep.pos[k], P))), slice(e0 + k * T, e0 + k * T + P),
+                slice(t0, t0 + P))
+    bar = tqdm(total=n_f + k, desc="graph rows", disable=not progress)
+    with frozen_weights(model), torch.set_grad_enabled(not held):
+        for m, P in plan_batches(layer_of, pos_of, P_of, batch_size):
+            attribution_rows(layers, rep, (layer_of[m], pos_of[m], vec_of[m]), A, row_of[m.cpu()], P, columns)
+            bar.update(len(m))
     bar.close()
-    active = torch.stack([layer_of, pos_of, torch.cat(rep.feat) if n_f else pos_of], 1).cpu()
-    return Graph(adjacency_matrix=A, active_features=active,
-                 activation_values=(torch.cat(rep.act) if n_f else vecs.new_zeros(0)).cpu(),
+    active = torch.stack([layer_of[:n_f], pos_of[:n_f], torch.cat(rep.feat)], 1).cpu()
+    return Graph(adjacency_matrix=A, active_features=active, activation_values=torch.cat(rep.act).cpu(),
                  selected_features=torch.arange(n_f, device="cpu"), input_tokens=rep.tokens.cpu(), logit_token_ids=ids.cpu(),
                  logit_probabilities=probs.cpu(), n_layers=L)
