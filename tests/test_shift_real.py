@@ -130,10 +130,17 @@ def test_shift_on_a_tiny_llama_end_to_end(tiny_llama, tmp_path, monkeypatch):
         assert {n["site"] for n in saved["nodes"]} <= {"resid_1", "resid_2"}
     report = (out / "shift_report.md").read_text()
     assert "on biography text" in report and "variance explained, bios" in report and "Bio: Mary" in report
-    # A second run reads the SAEs from the cache, and gives the same table.
+    # A second run reads the SAEs and the results from the cache: nothing is computed again, and the files
+    # are the first run's.
     monkeypatch.setattr(real_lm, "train_saes", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(shift_run, "shift_pipeline", lambda *a, **k: pytest.fail("computed again"))
     again = shift_run.run_shift(str(tmp_path / "again"), quick=True, model=str(tiny_llama), progress=False)
-    assert again["rows"] == res["rows"]
+    assert again["rows"] == res["rows"] and again["features"] == res["features"]
+    for name in ("circuit_features/circuit.json", "circuit_neurons/circuit.json", "bios_sample.txt"):
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes()
+    # Other settings are another key: computed again.
+    with pytest.raises(pytest.fail.Exception, match="computed again"):
+        shift_run.run_shift(str(tmp_path / "other"), quick=True, model=str(tiny_llama), progress=False, margin=0.3)
 
 
 def test_header_positions_are_left_alone(tiny_llama):

@@ -22,6 +22,7 @@ coverage rule, and a fixed top k). shift_report.py writes shift_report.md and sh
 """
 import json
 import os
+import shutil
 import time
 
 from tqdm.auto import tqdm
@@ -29,8 +30,10 @@ from tqdm.auto import tqdm
 from .. import explain, viz
 from ..errors import MinicircError
 from ..files import prepare_out_dir, write_atomic
+from ..hashing import sha256_of
 from ..sae import identity_saes
 from . import real_lm
+from .compare import cached
 from .default import get_default
 from .shift import (
     ablate_and_retrain,
@@ -66,12 +69,13 @@ SETTINGS = {
                   sweep=[0.5, 0.9, 1.0], sweep_k=[2, 8, 32]),
 }
 REAL_SETTINGS = {
-    # SmolLM2-135M on 2 cores: one forward pass of 200 bios to the middle layer takes ~4 s, and every
-    # ablation (each sweep point, each random seed) runs the 800 train and test bios again, so the sweeps
-    # use fewer points and 2 random seeds each (sweep_seeds; the main rows keep 5); the circuit uses 100 bios.
+    # SmolLM2-135M on 2 cores: a forward pass of 200 bios to the middle layer takes 5-10 s, IG 10 steps
+    # through the sites above each dictionary ~0.1 s per bio and site, and every ablation (each sweep point,
+    # each random seed) runs the 800 train and test bios again. So the circuit reads 64 bios, the main rows
+    # average 3 random draws and each sweep point one (sweep_seeds), with fewer points than the default's.
     # A token-level feature: at least token_share of its top contexts at a name or pronoun.
-    "full": dict(SETTINGS["full"], n_circuit=100, k_contexts=8, sweep=[0.5, 0.8, 0.9, 0.95, 1.0],
-                 sweep_k=[10, 100, 1000], sweep_seeds=2, token_share=0.8),
+    "full": dict(SETTINGS["full"], n_circuit=64, random_seeds=3, k_contexts=8, sweep=[0.5, 0.8, 0.9, 0.95, 1.0],
+                 sweep_k=[10, 100, 1000], sweep_seeds=1, token_share=0.8),
     "quick": dict(SETTINGS["quick"], sweep_seeds=2, token_share=0.8),
 }
 
@@ -232,7 +236,7 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     prepare_out_dir(out, overwrite, "shift_report.md")
     name = model
     model, saes, tokenizer, subject = load_subject(name, quick, progress)
-    start, source = subject["start"], subject.pop("source")
+    source = subject.pop("source")
     layer = model.cfg.n_layers // 2 if probe_layer is None else probe_layer
     sites = [s for s in probe_sites(model, layer) if s in saes]
     if not sites:
@@ -244,10 +248,44 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     cfg["probe_layer"] = layer
     data = make_data(tokenizer, cfg, device, source)
 
+    def compute():
+        return shift_results(model, saes, neurons, tokenizer, data, cfg, sites, user, subject, out, progress), out
+
+    results, files = cached(shift_cache(subject, cfg, ablate, device), compute, progress, "SHIFT's results")
+    if files is not None:
+        shutil.copytree(files, out, dirs_exist_ok=True)
+    results["seconds"] = time.time() - t0
+    write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
+    write_atomic(os.path.join(out, "shift_report.md"), shift_report(results, out).encode())
+    if progress:
+        print(f"minicirc shift: wrote {out}/shift_report.md in {results['seconds']:.0f} s")
+    return results
+
+
+CACHE_VERSION = 1   # bump when SHIFT's computation changes: cached results of a pretrained model are recomputed
+
+
+def shift_cache(subject, cfg, ablate, device):
+    """The cache folder of a pretrained model's results, beside its SAEs (whose folder's key covers the model
+    and the SAE settings); None for the embedded default, whose run takes seconds. A cold run takes most of
+    an hour on 2 cores, and only these settings can change its results."""
+    if subject["kind"] == "default":
+        return None
+    key = sha256_of([json.dumps({"version": CACHE_VERSION, "cfg": cfg, "ablate": ablate, "device": str(device)},
+                                sort_keys=True)])[:16]
+    return os.path.join(subject["default"], "shift", f"results-{key}")
+
+
+def shift_results(model, saes, neurons, tokenizer, data, cfg, sites, user, subject, out, progress):
+    """Every number of the report, and the files beside it (circuits, shift.png, bios_sample.txt) written
+    into `out`. Pretrained models' results go through a json round trip, as the cache returns them."""
+    t0, layer, start = time.time(), cfg["probe_layer"], subject["start"]
     stages = tqdm(total=4, desc="shift", disable=not progress, unit="stage")
     probe = train_probe(model, data["train"], layer, l2=cfg["l2"], start=start)
     train_acc = evaluate(model, probe, data["train"])["profession"]
     stages.update()
+    # IG's site gradients are not shared between the two circuits (find_circuit's site_gradients): with no
+    # patch input the IG path ends at decode(0) = b_dec, which differs by dictionary (0 for neurons).
     feat = shift_pipeline(model, saes, tokenizer, probe, data, cfg, sites, user, progress, "features")
     stages.update()
     neur = shift_pipeline(model, neurons, tokenizer, probe, data, cfg, sites, None, progress, "neurons")
@@ -282,14 +320,10 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
                "random_retrain_runs": feat["random_retrain_runs"], "probe_train_accuracy": train_acc,
                "settings": cfg, "judge": "user" if user else "automatic", "concept_left": where,
                "features": summary(feat), "neurons": summary(neur), "default": subject["default"],
-               "recipe": subject["recipe"], "subject": subject, "seconds": None}
+               "recipe": subject["recipe"], "subject": subject, "seconds": None, "compute_seconds": None}
     plot_shift(results, os.path.join(out, "shift.png"))
-    results["seconds"] = time.time() - t0
-    write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
-    write_atomic(os.path.join(out, "shift_report.md"), shift_report(results, out).encode())
-    if progress:
-        print(f"minicirc shift: wrote {out}/shift_report.md in {results['seconds']:.0f} s")
-    return results
+    results["compute_seconds"] = time.time() - t0
+    return results if subject["kind"] == "default" else json.loads(json.dumps(results, default=float))
 
 
 def summary(res):
