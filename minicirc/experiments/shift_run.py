@@ -69,12 +69,13 @@ SETTINGS = {
                   sweep=[0.5, 0.9, 1.0], sweep_k=[2, 8, 32]),
 }
 REAL_SETTINGS = {
-    # SmolLM2-135M on 2 cores: a forward pass of 200 bios to the middle layer takes 5-10 s, IG 10 steps
-    # through the sites above each dictionary ~0.1 s per bio and site, and every ablation (each sweep point,
-    # each random seed) runs the 800 train and test bios again. So the circuit reads 64 bios, the main rows
-    # average 3 random draws and each sweep point one (sweep_seeds), with fewer points than the default's.
-    # A token-level feature: at least token_share of its top contexts at a name or pronoun.
-    "full": dict(SETTINGS["full"], n_circuit=64, random_seeds=3, k_contexts=8, sweep=[0.5, 0.8, 0.9, 0.95, 1.0],
+    # SmolLM2-135M on 2 cores: a forward pass of 200 bios to the middle layer takes 5-10 s, IG ~0.1 s per
+    # bio, step and site (forward and backward from the site to the probe), and every ablation (each sweep
+    # point, each random seed) runs the 800 train and test bios again. So the circuit reads 48 bios with 8
+    # IG steps, the main rows average 3 random draws and each sweep point one (sweep_seeds), with fewer
+    # points than the default's. A token-level feature: at least token_share of its top contexts at a name
+    # or pronoun.
+    "full": dict(SETTINGS["full"], n_circuit=48, steps=8, random_seeds=3, k_contexts=8, sweep=[0.5, 0.8, 0.9, 0.95, 1.0],
                  sweep_k=[10, 100, 1000], sweep_seeds=1, token_share=0.8),
     "quick": dict(SETTINGS["quick"], sweep_seeds=2, token_share=0.8),
 }
