@@ -315,10 +315,13 @@ def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, caps
                "--margin", 0.5, "--random-seeds", 3, "--ablate", "embed/1,resid_0/2") == 0
     assert seen["shift"] == (("o1",), dict(quick=True, overwrite=True, device="cpu", probe_layer=1,
                                            ablate="embed/1,resid_0/2", coverage=None, top_k=7, margin=0.5,
-                                           random_seeds=3, threshold=0.25))
+                                           random_seeds=3, threshold=0.25, model="default"))
     seen.clear()
     assert run("shift", "--coverage", 0.75) == 0
     assert seen["shift"][1]["coverage"] == 0.75 and seen["shift"][1]["top_k"] is None
+    seen.clear()
+    assert run("shift", "--model", "smollm2", "--quick", "--threads", 1) == 0   # (the default would be every core)
+    assert seen["shift"][1]["model"] == "smollm2" and seen["shift"][1]["quick"]
     assert run("demo", "--out", "o2", "--overwrite", "--threads", 1, "--first-layer", 2) == 0
     assert seen["demo"] == (("o2",), dict(quick=False, overwrite=True, device="cpu", first_layer=2, model="default"))
     seen.clear()

@@ -243,7 +243,7 @@ def shift_report(results, out):
                 lines.append(f"  - `{c['value']:.3f}` {c['text']}")
         lines.append("")
     lines += ["Circuits: `circuit_features/` and `circuit_neurons/` (circuit.json with the judge's fields on each "
-              "candidate, circuit.png, circuit.html).", "", f"Run time: {results['seconds']:.0f} s."]
+              "candidate, circuit.png, circuit.html).", "", run_time(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -303,3 +303,13 @@ def level_lines(results, cfg):
         lines.append(f"| {v['site']}/{v['feature']} | {v['level']} | {v['gender_token_share']:.2f} | "
                      f"{v['effect']:+.3f} | {v['gender_d']:.2f} | {v['profession_d']:.2f} | {v['top_tokens']} |")
     return lines + [""]
+
+
+def run_time(results):
+    sub, t, c = results.get("subject") or {}, results["seconds"], results.get("compute_seconds")
+    text = f"Run time: {t:.0f} s"
+    if sub.get("kind") == "real" and c is not None:
+        text += (f" (loading the model and SAEs {sub['load_seconds']:.0f} s, training them where they were not cached; "
+                 f"SHIFT's own computation {c:.0f} s" + (", its results read from the cache this time"
+                                                          if results.get("from_cache") else "") + ")")
+    return text + "."

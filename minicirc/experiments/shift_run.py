@@ -69,13 +69,13 @@ SETTINGS = {
                   sweep=[0.5, 0.9, 1.0], sweep_k=[2, 8, 32]),
 }
 REAL_SETTINGS = {
-    # SmolLM2-135M on 2 cores: a forward pass of 200 bios to the middle layer takes 5-10 s, IG ~0.1 s per
-    # bio, step and site (forward and backward from the site to the probe), and every ablation (each sweep
-    # point, each random seed) runs the 800 train and test bios again. So the circuit reads 48 bios with 8
-    # IG steps, the main rows average 3 random draws and each sweep point one (sweep_seeds), with fewer
-    # points than the default's. A token-level feature: at least token_share of its top contexts at a name
-    # or pronoun.
-    "full": dict(SETTINGS["full"], n_circuit=48, steps=8, random_seeds=3, k_contexts=8, sweep=[0.5, 0.8, 0.9, 0.95, 1.0],
+    # SmolLM2-135M on 2 cores: a forward pass of 200 bios to the middle layer takes 5-10 s, IG 0.2-0.5 s per
+    # bio, step and site (forward and backward from the site to the probe, in groups of at most 512 tokens),
+    # and every ablation (each sweep point, each random seed) runs the 800 train and test bios again. So the
+    # circuit reads 32 bios with 5 IG steps (it only ranks candidates; the judge reads 200 other bios), the
+    # main rows average 3 random draws and each sweep point one (sweep_seeds), with fewer points than the
+    # default's. A token-level feature: at least token_share of its top contexts at a name or pronoun.
+    "full": dict(SETTINGS["full"], n_circuit=32, steps=5, random_seeds=3, k_contexts=8, sweep=[0.5, 0.8, 0.9, 0.95, 1.0],
                  sweep_k=[10, 100, 1000], sweep_seeds=1, token_share=0.8),
     "quick": dict(SETTINGS["quick"], sweep_seeds=2, token_share=0.8),
 }
@@ -255,7 +255,7 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     results, files = cached(shift_cache(subject, cfg, ablate, device), compute, progress, "SHIFT's results")
     if files is not None:
         shutil.copytree(files, out, dirs_exist_ok=True)
-    results["seconds"] = time.time() - t0
+    results["seconds"], results["from_cache"] = time.time() - t0, files is not None
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
     write_atomic(os.path.join(out, "shift_report.md"), shift_report(results, out).encode())
     if progress:
