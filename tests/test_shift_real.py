@@ -91,8 +91,8 @@ def made(tmp_path_factory):
     d = model.cfg.d_model
     g = torch.Generator().manual_seed(2)
     W = torch.cat([torch.eye(d)[:4], torch.nn.functional.normalize(torch.randn(4, d, generator=g), dim=1)])
-    sae = lambda: Dictionary(W.T.clone(), torch.zeros(8), W.clone(), torch.zeros(d), kind="relu")  # noqa: E731
-    saes = {"resid_1": sae(), "resid_2": sae()}
+    saes = {s: Dictionary(W.T.clone(), torch.zeros(8), W.clone(), torch.zeros(d), kind="relu")
+            for s in ("resid_1", "resid_2")}
     cfg = dict(shift_run.REAL_SETTINGS["quick"], n_train=96, n_val=80, n_test=96, n_circuit=32, threshold=0.0,
                top_k=None, probe_layer=2)
     data = shift_run.make_data(tokenizer, cfg, source=english_bios)
