@@ -38,6 +38,10 @@ Choices (the design leaves them open):
   male means, averaged over professions, in within-group standard deviations) and its profession effect size
   are compared; spurious when gender effect > profession effect + margin. `minicirc explain` shows the same
   top-activating contexts so that a person can judge instead (`minicirc shift --ablate site/feature,...`).
+- A header (pretrained models, tasks/english_bios.py): every bio starts with the same few tokens, and the
+  positions before `start` are left out of pooling, ablation and attribution (`header_kept`); a real model
+  writes a vector of very large norm at the first position that its SAEs never saw. `start` = 0 on the
+  embedded default, where nothing changes.
 - Evaluation on the held-out balanced split: profession accuracy, gender accuracy (how often the prediction
   equals the gender label) and worst-group accuracy (the lowest profession accuracy over the four
   (profession, gender) groups).
