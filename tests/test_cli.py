@@ -315,10 +315,13 @@ def test_shift_demo_explain_flags_reach_their_functions(setup, monkeypatch, caps
                "--margin", 0.5, "--random-seeds", 3, "--ablate", "embed/1,resid_0/2") == 0
     assert seen["shift"] == (("o1",), dict(quick=True, overwrite=True, device="cpu", probe_layer=1,
                                            ablate="embed/1,resid_0/2", coverage=None, top_k=7, margin=0.5,
-                                           random_seeds=3, threshold=0.25))
+                                           random_seeds=3, threshold=0.25, model="default"))
     seen.clear()
     assert run("shift", "--coverage", 0.75) == 0
     assert seen["shift"][1]["coverage"] == 0.75 and seen["shift"][1]["top_k"] is None
+    seen.clear()
+    assert run("shift", "--model", "smollm2", "--quick", "--threads", 1) == 0   # (the default would be every core)
+    assert seen["shift"][1]["model"] == "smollm2" and seen["shift"][1]["quick"]
     assert run("demo", "--out", "o2", "--overwrite", "--threads", 1, "--first-layer", 2) == 0
     assert seen["demo"] == (("o2",), dict(quick=False, overwrite=True, device="cpu", first_layer=2, model="default"))
     seen.clear()
@@ -383,15 +386,15 @@ def test_defaults_are_the_functions_defaults():
            ("demo", demo.run_demo, ["out", "quick", "overwrite", "device", "first_layer", "model"]),
            ("compare", compare.run_compare, ["out", "overwrite", "device", "first_layer", "norm_scaling_factor"]),
            ("shift", shift_run.run_shift, ["out", "quick", "overwrite", "device", "probe_layer", "ablate", "coverage",
-                                           "top_k", "margin", "random_seeds", "threshold"]),
+                                           "top_k", "margin", "random_seeds", "threshold", "model"]),
            ("explain", explain.top_contexts, ["k"]), ("explain", explain.logit_effects, ["n"]),
            ("explain", model_mod.load_model, ["device"]),
            *((command, sae.load_saes, ["norm_scaling_factor"]) for command in ("circuit", "evaluate", "explain"))]
     # Options whose default reaches no function's default: the circuit's torch seed, evaluate's batch size
     # (the CLI's 32, not faithfulness's 64), the thread count (one: the embedded model is too small to gain from
-    # more; demo's None is one on the default and every core on --model), explain's text sample (None: the
+    # more; demo's and shift's None is one on the default and every core on --model), explain's text sample (None: the
     # embedded corpus), --overwrite (off), and compare's --neurons (the text "output": run_compare's ("output",)).
-    fixed = {("compare", "threads"): None, ("compare", "neurons"): "output", ("circuit", "seed"): 0, ("evaluate", "batch_size"): 32, ("demo", "threads"): None, ("shift", "threads"): 1,
+    fixed = {("compare", "threads"): None, ("compare", "neurons"): "output", ("circuit", "seed"): 0, ("evaluate", "batch_size"): 32, ("demo", "threads"): None, ("shift", "threads"): None,
              ("explain", "data"): None, ("circuit", "overwrite"): False, ("evaluate", "overwrite"): False}
     covered = set()
     for command, fn, names in api:

