@@ -216,6 +216,23 @@ def assert_effects_equal(fast, ref, rtol=1e-8, atol=1e-10, sites=None):
         torch.testing.assert_close(fast[s], ref[s], rtol=rtol, atol=atol, msg=lambda m: f"{s}: {m}")
 
 
+def moved_node(st, b, t, i, e):
+    """(f, err) of the clean run with node (b, t, i) moved e of the way to its patch value (i None: the error)."""
+    f, err = st.f_c.clone(), st.err_c.clone()
+    if i is None:
+        err[b, t] += e * st.delta_err[b, t]
+    else:
+        f[b, t, i] += e * st.delta_f[b, t, i]
+    return f, err
+
+
+def ig_reference_and_fast(model, saes, batch, steps=3):
+    """(the definitions' states, IG gradients and effects, the fast IG node effects) on the same batch."""
+    st = A.site_states(model, saes, ref_logit_diff, batch, A.site_order(model, saes))[2]
+    L = A.ig_gradients(model, saes, ref_logit_diff, batch, st, steps)
+    return st, L, effects_from(L, st), AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=steps)
+
+
 def threshold_for(effects):
     """A node threshold that selects roughly half of the non-zero per-example effects."""
     vals = torch.cat([e.flatten() for e in effects.values()]).abs()
@@ -369,11 +386,7 @@ def test_attrib_gradient_finite_differences(parallel):
         picks.append((int(torch.randint(0, 3, (), generator=g)), int(torch.randint(0, 4, (), generator=g)), None))
         for b, t, i in picks:
             def m_at(e):
-                f, err = st.f_c.clone(), st.err_c.clone()
-                if i is None:
-                    err[b, t] += e * st.delta_err[b, t]
-                else:
-                    f[b, t, i] += e * st.delta_f[b, t, i]
+                f, err = moved_node(st, b, t, i, e)
                 with torch.no_grad():
                     return metric(model, batch, batch.clean, {s: lambda x: sae.decode(f) + err})[b]
             fd = (m_at(eps) - m_at(-eps)) / (2 * eps)

@@ -14,7 +14,6 @@ import torch
 import minicirc
 from minicirc.attribution import reference as A
 from minicirc.attribution import edges as AE
-from minicirc.attribution import nodes as AN
 import test_attribution as TA
 from test_attribution import one_thread  # noqa: F401  (autouse: tiny tensors, one thread)
 from test_optional_sites import dicts_at
@@ -53,10 +52,7 @@ def test_edges_over_a_subset_equal_the_definition_and_finite_differences(subset,
     sites, table = SUBSETS[subset]
     saes = dicts_at(model, sites, seed + 1)
     batch = TA.make_batch(seed + 2, B=2, T=4)
-    st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
-    L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
-    ref_eff = TA.effects_from(L, st)
-    node = AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    st, L, ref_eff, node = TA.ig_reference_and_fast(model, saes, batch)
     TA.assert_effects_equal(TA.dense_effects(node), ref_eff)
     tau = TA.threshold_for(ref_eff)
     hand = sorted(table)

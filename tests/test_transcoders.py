@@ -226,11 +226,7 @@ def test_transcoder_attrib_finite_differences(name):
         picks += [(b, int(torch.randint(0, 4, (), generator=g)), None) for b in range(2)]
         for b, t, i in picks:
             def m_at(e):
-                f, err = st.f_c.clone(), st.err_c.clone()
-                if i is None:
-                    err[b, t] += e * st.delta_err[b, t]
-                else:
-                    f[b, t, i] += e * st.delta_f[b, t, i]
+                f, err = TA.moved_node(st, b, t, i, e)
                 with torch.no_grad():
                     return TA.ref_logit_diff(model, batch, batch.clean,
                                              {s: lambda x: sae.decode(f) + sae.skip(u) + err})[b]
@@ -249,10 +245,7 @@ def edge_setup(name, which, seed):
     model = make_model(name, seed)
     saes = make_saes(model, which, seed + 1)
     batch = TA.make_batch(seed + 2, B=2, T=4)
-    st = A.site_states(model, saes, TA.ref_logit_diff, batch, A.site_order(model, saes))[2]
-    L = A.ig_gradients(model, saes, TA.ref_logit_diff, batch, st, 3)
-    ref_eff = TA.effects_from(L, st)
-    node = AN.node_effects(model, saes, A.logit_diff, batch, "ig", steps=3)
+    st, L, ref_eff, node = TA.ig_reference_and_fast(model, saes, batch)
     return model, saes, batch, st, L, ref_eff, node, TA.threshold_for(ref_eff)
 
 
