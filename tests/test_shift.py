@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minicirc.experiments import default, shift, shift_run
+from minicirc.experiments import default, shift, shift_report, shift_run
 
 from minicirc import identity_saes
 from minicirc.cli import main
@@ -172,7 +172,7 @@ def test_judge_effect_sizes():
     assert dg[2] == 0 and dp[2] == 0      # a constant feature is neither
 
 
-def test_shift_reduced_budget(quick, tmp_path):
+def test_shift_reduced_budget(quick, tmp_path, monkeypatch):
     out = tmp_path / "shift"
     assert main(["shift", "--quick", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -242,6 +242,17 @@ def test_shift_reduced_budget(quick, tmp_path):
     report = (out / "shift_report.md").read_text()
     assert "Judge: automatic" in report and "worst-group" in report and "[[" in report
     assert "| 0.9 | " in report and "Where the probe's evidence lives" in report
+    # candidates.md lists every candidate of both kinds; the report shows the strongest SHOWN of each list and
+    # says how many more candidates.md holds.
+    full = (out / "candidates.md").read_text()
+    for kind in ("features", "neurons"):
+        assert all(f"| {v['site']}/{v['feature']} | {v['effect']:+.3f} |" in full for v in results[kind]["candidates"])
+    cand = results["features"]["candidates"]
+    assert len(cand) > 3
+    monkeypatch.setattr(shift_report, "SHOWN", 3)
+    short = shift_report.shift_report(results, str(out))
+    rows = [v for v in cand if f"| {v['site']}/{v['feature']} | {v['effect']:+.3f} |" in short]
+    assert rows == cand[:3] and f"({len(cand) - 3} more candidates in `candidates.md`.)" in short
     # --top-k keeps the old rule (the strongest k), and --threshold then keeps those above it, in order.
     assert main(["shift", "--quick", "--out", str(tmp_path / "k"), "--top-k", "8"]) == 0
     before = json.loads((tmp_path / "k" / "results.json").read_text())["features"]["candidates"]

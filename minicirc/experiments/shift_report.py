@@ -1,5 +1,5 @@
-"""The report and plot of `minicirc shift` (shift_run.py): shift_report.md and shift.png. They only format
-and draw the results shift_run.py computed: no number in the report is computed here."""
+"""The report and plot of `minicirc shift` (shift_run.py): shift_report.md, candidates.md and shift.png. They
+only format and draw the results shift_run.py computed: no number in the report is computed here."""
 import os
 
 import matplotlib
@@ -18,6 +18,8 @@ SHORT = {"original": "original", "random": "random", "random_retrain": "random\n
          "shift_retrain": "SHIFT\n+ retrain", "neurons_random": "neurons\nrandom",
          "neurons_random_retrain": "neurons random\n+ retrain", "neurons_shift": "neurons\nSHIFT", "neurons_shift_retrain":
          "neurons SHIFT\n+ retrain", "oracle": "oracle"}
+# Rows of each per-feature list shift_report.md shows (the strongest by |effect|); candidates.md has them all.
+SHOWN = 40
 
 
 def plot_shift(results, path):
@@ -219,7 +221,35 @@ def shift_report(results, out):
                   f"the mean activation of female and male bios, averaged over professions, in within-group standard "
                   f"deviations) and its profession effect size are compared; it is judged spurious when the gender "
                   f"effect exceeds the profession effect by more than {cfg['margin']}. " + how, ""]
-    lines += level_lines(results, cfg)
+    lines += level_lines(results, cfg, SHOWN)
+    lines += candidate_lines(results, SHOWN)
+    lines += ["Circuits: `circuit_features/` and `circuit_neurons/` (circuit.json with the judge's fields on each "
+              "candidate, circuit.png, circuit.html).", "", run_time(results)]
+    return "\n".join(lines) + "\n"
+
+
+def candidates_report(results):
+    """candidates.md: every candidate of both kinds with its verdict, and the contexts of every ablated one
+    (shift_report.md shows the strongest SHOWN of each list)."""
+    lines = [f"# SHIFT's candidates on {subject_name(results)}", "",
+             "Every candidate of the run whose report is shift_report.md, in order of |effect|.", ""]
+    return "\n".join(lines + level_lines(results, results["settings"]) + candidate_lines(results)) + "\n"
+
+
+def _head(rows, limit):
+    return rows if limit is None else rows[:limit]
+
+
+def _more(rows, limit, what):
+    """The line saying how many rows a capped list leaves to candidates.md ([] when none)."""
+    left = len(rows) - len(_head(rows, limit))
+    return [f"({left} more {what} in `candidates.md`.)", ""] if left else []
+
+
+def candidate_lines(results, limit=None):
+    """Per kind: the candidates (at most `limit` rows) and the top contexts of the ablated ones (at most
+    `limit`) and of the 10 strongest kept ones."""
+    lines = []
     for kind in ("features", "neurons"):
         res = results[kind]
         cand = res["candidates"]
@@ -229,22 +259,24 @@ def shift_report(results, out):
                 f"{s} {e:+.3f}" for s, e in res["error_effects"].items()) + ".", ""]
         lines += ["| node | effect | gender d | profession d | spurious (auto) | ablated | top-context tokens |",
                   "|---|---|---|---|---|---|---|"]
-        for v in cand:
+        for v in _head(cand, limit):
             lines.append(f"| {v['site']}/{v['feature']} | {v['effect']:+.3f} | {v['gender_d']:.2f} | "
                          f"{v['profession_d']:.2f} | {'yes' if v['spurious'] else 'no'} | "
                          f"{'**yes**' if v['ablated'] else 'no'} | {v['top_tokens']} |")
-        shown = [v for v in cand if v["ablated"]] + [v for v in cand if not v["ablated"]][:10]
-        lines += ["", f"Top-activating contexts (held-out bios, `bios_sample.txt`; the token is marked [[like this]]) "
-                  f"of every ablated {kind[:-1]} and of the 10 strongest kept candidates:", ""]
+        lines += [""] + _more(cand, limit, "candidates")
+        gone = [v for v in cand if v["ablated"]]
+        shown = _head(gone, limit) + [v for v in cand if not v["ablated"]][:10]
+        which = (f"every ablated {kind[:-1]}" if limit is None or len(gone) <= limit
+                 else f"the {limit} strongest ablated {kind}")
+        lines += [f"Top-activating contexts (held-out bios, `bios_sample.txt`; the token is marked [[like this]]) "
+                  f"of {which} and of the 10 strongest kept candidates:", ""]
         for v in shown:
             lines.append(f"- **{v['site']}/{v['feature']}** ({'ablated' if v['ablated'] else 'kept'}; "
                          f"effect {v['effect']:+.3f}):")
             for c in v["contexts"]:
                 lines.append(f"  - `{c['value']:.3f}` {c['text']}")
-        lines.append("")
-    lines += ["Circuits: `circuit_features/` and `circuit_neurons/` (circuit.json with the judge's fields on each "
-              "candidate, circuit.png, circuit.html).", "", run_time(results)]
-    return "\n".join(lines) + "\n"
+        lines += [""] + _more(gone, limit, f"ablated {kind}' contexts")
+    return lines
 
 
 def rule_text(cfg):
@@ -283,9 +315,9 @@ def dictionary_lines(results):
     return lines
 
 
-def level_lines(results, cfg):
+def level_lines(results, cfg, limit=None):
     """Which ablated features are token-level (most top contexts at a name or pronoun) and which
-    phrase-level, with their share of the ablated |effect|."""
+    phrase-level, with their share of the ablated |effect| (the table: at most `limit` rows)."""
     ablated = [v for v in results["features"]["candidates"] if v["ablated"]]
     if not ablated or "level" not in ablated[0]:
         return []
@@ -299,10 +331,10 @@ def level_lines(results, cfg):
              f"{len(ablated) - len(tok)} are phrase-level (they fire elsewhere in the bio).", "",
              "| feature | level | share at names / pronouns | effect | gender d | profession d | top-context tokens |",
              "|---|---|---|---|---|---|---|"]
-    for v in ablated:
+    for v in _head(ablated, limit):
         lines.append(f"| {v['site']}/{v['feature']} | {v['level']} | {v['gender_token_share']:.2f} | "
                      f"{v['effect']:+.3f} | {v['gender_d']:.2f} | {v['profession_d']:.2f} | {v['top_tokens']} |")
-    return lines + [""]
+    return lines + [""] + _more(ablated, limit, "ablated features")
 
 
 def run_time(results):

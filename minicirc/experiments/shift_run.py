@@ -53,7 +53,7 @@ from .shift import (
     top_positions,
     train_probe,
 )
-from .shift_report import plot_shift, shift_report
+from .shift_report import candidates_report, plot_shift, shift_report
 from .tasks import bios, english_bios
 
 SETTINGS = {
@@ -214,8 +214,8 @@ def load_subject(name, quick, progress):
 def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", progress=True, probe_layer=None,
               ablate=None, coverage=None, top_k=None, margin=None, random_seeds=None, threshold=0.0, model="default"):
     """The whole SHIFT experiment on the embedded default (model="default") or a pretrained model ("smollm2",
-    or the path of a Hugging Face folder or GGUF file). Writes into `out`: shift_report.md, shift.png,
-    results.json, bios_sample.txt (the explanation sample, one bio a line, for `minicirc explain`), and the
+    or the path of a Hugging Face folder or GGUF file). Writes into `out`: shift_report.md, candidates.md
+    (every candidate; the report shows the strongest), shift.png, results.json, bios_sample.txt (the explanation sample, one bio a line, for `minicirc explain`), and the
     probe's circuits over features and neurons (circuit_features/, circuit_neurons/).
 
     coverage: the candidate rule's share (default 0.9); top_k: the strongest k instead (not both).
@@ -258,6 +258,7 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
     results["seconds"], results["from_cache"] = time.time() - t0, files is not None
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=float).encode())
     write_atomic(os.path.join(out, "shift_report.md"), shift_report(results, out).encode())
+    write_atomic(os.path.join(out, "candidates.md"), candidates_report(results).encode())
     if progress:
         print(f"minicirc shift: wrote {out}/shift_report.md in {results['seconds']:.0f} s")
     return results
