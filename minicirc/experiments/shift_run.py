@@ -215,8 +215,9 @@ def run_shift(out="minicirc-shift", quick=False, overwrite=False, device="cpu", 
               ablate=None, coverage=None, top_k=None, margin=None, random_seeds=None, threshold=0.0, model="default"):
     """The whole SHIFT experiment on the embedded default (model="default") or a pretrained model ("smollm2",
     or the path of a Hugging Face folder or GGUF file). Writes into `out`: shift_report.md, candidates.md
-    (every candidate; the report shows the strongest), shift.png, results.json, bios_sample.txt (the explanation sample, one bio a line, for `minicirc explain`), and the
-    probe's circuits over features and neurons (circuit_features/, circuit_neurons/).
+    (every candidate; the report shows the strongest), shift.png, results.json, bios_sample.txt (the
+    explanation sample, one bio a line, for `minicirc explain`), and the probe's circuits over features and
+    neurons (circuit_features/, circuit_neurons/).
 
     coverage: the candidate rule's share (default 0.9); top_k: the strongest k instead (not both).
     ablate: "site/feature,..." (a person's judgement) instead of the automatic judge, for the SAE features."""
