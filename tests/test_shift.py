@@ -252,7 +252,8 @@ def test_shift_reduced_budget(quick, tmp_path, monkeypatch):
     monkeypatch.setattr(shift_report, "SHOWN", 3)
     short = shift_report.shift_report(results, str(out))
     rows = [v for v in cand if f"| {v['site']}/{v['feature']} | {v['effect']:+.3f} |" in short]
-    assert rows == cand[:3] and f"({len(cand) - 3} more candidates in `candidates.md`.)" in short
+    more = f"({len(cand) - 3} more candidates in [candidates.md](candidates.md), which the run writes beside this report.)"
+    assert rows == cand[:3] and more in short
     # --top-k keeps the old rule (the strongest k), and --threshold then keeps those above it, in order.
     assert main(["shift", "--quick", "--out", str(tmp_path / "k"), "--top-k", "8"]) == 0
     before = json.loads((tmp_path / "k" / "results.json").read_text())["features"]["candidates"]

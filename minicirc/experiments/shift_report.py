@@ -243,7 +243,8 @@ def _head(rows, limit):
 def _more(rows, limit, what):
     """The line saying how many rows a capped list leaves to candidates.md ([] when none)."""
     left = len(rows) - len(_head(rows, limit))
-    return [f"({left} more {what} in `candidates.md`.)", ""] if left else []
+    return [f"({left} more {what} in [candidates.md](candidates.md), which the run writes beside this report.)",
+            ""] if left else []
 
 
 def candidate_lines(results, limit=None):
