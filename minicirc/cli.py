@@ -185,10 +185,14 @@ def set_threads(n):
     torch.set_num_threads(n)
 
 
+def model_threads(args):
+    """--threads, else one thread on the tiny default (deterministic and no slower), every core on a real model."""
+    return args.threads if args.threads is not None else 1 if args.model == "default" else os.cpu_count() or 1
+
+
 def cmd_demo(args):
     from .experiments import demo  # matplotlib: see the note under the imports
-    # One thread on the tiny default (deterministic and no slower); every core on a real model.
-    set_threads(args.threads if args.threads is not None else 1 if args.model == "default" else os.cpu_count() or 1)
+    set_threads(model_threads(args))
     demo.run_demo(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device,
                   first_layer=args.first_layer, model=args.model)
 
@@ -203,8 +207,7 @@ def cmd_compare(args):
 
 def cmd_shift(args):
     from .experiments import shift_run  # matplotlib: see the note under the imports
-    # One thread on the tiny default (deterministic and no slower); every core on a real model.
-    set_threads(args.threads if args.threads is not None else 1 if args.model == "default" else os.cpu_count() or 1)
+    set_threads(model_threads(args))
     shift_run.run_shift(args.out, quick=args.quick, overwrite=args.overwrite, device=args.device,
                         probe_layer=args.probe_layer, ablate=args.ablate, coverage=args.coverage, top_k=args.top_k,
                         margin=args.margin, random_seeds=args.random_seeds, threshold=args.threshold,

@@ -131,6 +131,11 @@ def ablated_metric(model, saes, metric, batch, keep, values, errors="default"):
     (F,) / (d,), per position (T, F) / (T, d), or per example (rows over the B * T tokens) / (B, T, d)."""
     if errors not in ERROR_MODES:
         raise MinicircError(f"unknown error handling {errors!r} (known: {', '.join(ERROR_MODES)})")
+    clt = [s for s in saes if is_clt(saes[s])]
+    if clt and any(s in keep for s in clt) and not all(s in keep for s in clt):
+        # each layer's error completes the earlier layers' writes, which reach it only through this run
+        raise MinicircError(f"a cross-layer transcoder is ablated at all of its layers or none: keep names "
+                            f"{', '.join(s for s in clt if s in keep)} but not {', '.join(s for s in clt if s not in keep)}")
 
     inputs = {}     # {transcoder site: its input u in this run}
     # A cross-layer transcoder's writes into the later layers in this run: {target site: sum of (what the

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from minicirc.hashing import sha256_of
 from minicirc.model import load_model, load_tokenizer, save_model
 from minicirc.experiments import real_lm, train
 
@@ -95,8 +96,12 @@ def main():
               "command": "python scripts/sae_recipes.py " + " ".join(sys.argv[1:]),
               "sites": sites, "threads": args.threads, "torch": torch.__version__, "activations": {}}
 
+    weights = real_lm.model_hash(model)
+
     def acts_of(name, sentences, bf16=False):
-        cache = os.path.join(args.work, f"{name}.pt")
+        # keyed by what the activations depend on: another run's sentences, sites or dtype never reuse them
+        key = sha256_of([json.dumps([sentences, sites, bf16, weights])])[:16]
+        cache = os.path.join(args.work, f"{name}-{key}.pt")
         if os.path.exists(cache):   # from an earlier run of this script, with its timing beside it
             with open(cache[:-3] + ".json") as f:
                 report["activations"][name] = json.load(f)
@@ -128,7 +133,7 @@ def main():
         entry = {"name": name, "settings": {**cfg, "text": text, "epochs": r["epochs"], "batch_size": r["batch_size"],
                                             "lr": r["lr"], "seed": r["seed"]}, "sites": {}}
         if text == "varied" and varied is None:   # generated only once the corpus recipes are measured
-            gen_file = os.path.join(args.work, "generated.json")
+            gen_file = os.path.join(args.work, f"generated-{N_GENERATED}-{weights[:16]}.json")
             if not os.path.exists(gen_file):
                 t0 = time.time()
                 gen = generate_text(model, tok, N_GENERATED)

@@ -266,6 +266,10 @@ def test_clt_ablation_equals_hand_written_and_keeping_everything_is_faithful(nam
         assert abs(r["m_full"] - r["m_empty"]) > 1e-2
     with pytest.raises(MinicircError, match="first_layer 0"):
         E.faithfulness(model, saes, batch, all_nodes, first_layer=1)
+    # ablating some of its layers only would leave the others' errors holding the ablated writes: refused
+    with pytest.raises(MinicircError, match="all of its layers or none"):
+        E.ablated_metric(model, saes, A.logit_diff, batch, {s: k for s, k in keeps[0].items() if s != list(saes)[0]},
+                         zero)
 
 
 def test_clt_explain_reads_the_layers_input_and_sums_the_writes_for_logit_effects():

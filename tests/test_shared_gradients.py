@@ -56,3 +56,9 @@ def test_zero_counterfactual_never_shares():
     fresh = {}
     node_effects(model, features, clean_answer_logit, batch, "ig", 4, known=fresh)
     assert fresh == {}
+    # attrib's gradient is taken at the clean input, the same for every dictionary: still shared, and exact.
+    node_effects(model, features, clean_answer_logit, batch, "attrib", known=fresh)
+    assert set(fresh) == set(sites)
+    shared = node_effects(model, neurons, clean_answer_logit, batch, "attrib", known=fresh)
+    alone = node_effects(model, neurons, clean_answer_logit, batch, "attrib")
+    TA.assert_effects_equal(TA.dense_effects(shared), TA.dense_effects(alone), rtol=1e-12, atol=1e-14)

@@ -77,7 +77,7 @@ def find_circuit(model, saes, examples, method="ig", steps=10, node_threshold=0.
     site_gradients: a dict kept by the caller across calls on the same examples (and metric): each batch's
     site gradients are stored in it, keyed by method, steps and the batch's contents, and reused by later
     calls that meet the same batch, whatever their dictionaries (nodes.node_effects says why), e.g. a feature
-    circuit and a neuron circuit of one template. Without patch inputs it is left unused (the IG path then
+    circuit and a neuron circuit of one template. Without patch inputs IG leaves it unused (its path then
     ends at each dictionary's own b_dec)."""
     metric = metric or logit_diff
     examples = as_batch(examples, tokenizer, model)

@@ -153,9 +153,17 @@ def logit_targets(logits, unembedding, max_n_logits=10, desired_logit_prob=0.95)
 
 
 def contract_features(g, pos, dec):
-    """(R, n): g[r, pos[i]] · dec[i] for a layer's features at positions `pos`, in one product over the
-    gathered (R, n, d) gradients (a product per feature would be n matrix-vector products)."""
-    return g[:, pos].mul_(dec).sum(-1)
+    """(R, n): g[r, pos[i]] · dec[i] for a layer's features (sorted by position), one product per position
+    present: nothing of size R x n x d (a gather of g[:, pos] would be, gigabytes at real sizes)."""
+    out = g.new_zeros(g.shape[0], len(pos))
+    if len(pos) == 0:
+        return out
+    positions, counts = torch.unique_consecutive(pos, return_counts=True)
+    start = 0
+    for p, n in zip(positions.tolist(), counts.tolist()):
+        out[:, start:start + n] = g[:, p] @ dec[start:start + n].T
+        start += n
+    return out
 
 
 def plan_batches(layer_of, pos_of, P_of, batch_size):

@@ -220,14 +220,14 @@ def node_effects(model, saes, metric, batch, method="ig", steps=10, use_ext=None
     along x = (1-a) x_c + a x_p, the site's own values), so circuits of features and of neurons over the
     same examples can share them. Only the sites missing from it are computed, and it is filled with them.
     Without patch inputs (the zero counterfactual) x_p = decode(0) = b_dec is the dictionary's own, so is the
-    IG path: `known` is then neither read nor filled."""
+    IG path: IG then neither reads nor fills `known` (attrib's clean-input gradient is still shared)."""
     if method not in METHODS:
         raise MinicircError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     sites = site_order(model, saes)
     m_c, m_p, states = sparse_site_states(model, saes, metric, batch, sites, use_ext)
     if method == "exact":
         return NodeEffects(m_c, m_p, states, grouped_exact_effects(model, saes, metric, batch, sites, states, m_c), None)
-    known = {} if known is None or batch.patch is None else known
+    known = {} if known is None or (batch.patch is None and method == "ig") else known
     # A cross-layer transcoder's IG path moves the later layers too: its gradients depend on the dictionary,
     # so they are neither read from nor stored in `known`.
     clt = [s for s in sites if is_clt(saes[s])] if method == "ig" else []

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MinicircError
+from ..model.sites import site_layer
 from ..sae.clt import is_clt
 
 # Shared with the fast path (common.py): the metric, the site order, the site values and the site pairs.
@@ -109,7 +110,7 @@ def node_edit(sae, site, st, f, err):
     if not is_clt(sae):
         return {site: lambda x: sae.splice(f, err, st.u_c)}
     return clt_edit(sae, site, lambda x: sae.splice(f, err, st.u_c) + st.incoming,
-                    lambda t: sae.write(f - st.f_c, int(t.rsplit("_", 1)[1])))
+                    lambda t: sae.write(f - st.f_c, site_layer(t)))
 
 
 def node_gradient(model, sae, metric, batch, site, f, err, st):

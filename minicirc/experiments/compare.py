@@ -209,8 +209,10 @@ def unit_scores(model, dict_sets, batches):
     for kind, dicts in dict_sets.items():
         out[kind] = {}
         for site, d in dicts.items():
-            acts = torch.cat([d.encode(inputs_from(model, dicts, [site], cache).get(site, cache[site]))[b, :last + 1]
-                              for cache, lasts in caches for b, last in enumerate(lasts.tolist())]).double().cpu()
+            encoded = [(d.encode(inputs_from(model, dicts, [site], cache).get(site, cache[site])), lasts)
+                       for cache, lasts in caches]   # once per batch, then each example's real tokens
+            acts = torch.cat([f[b, :last + 1] for f, lasts in encoded
+                              for b, last in enumerate(lasts.tolist())]).double().cpu()
             share, best = best_latent_share(acts, L, pos)
             live = acts.std(0) > 0
             out[kind][site] = (share.tolist(), [names[k] if k >= 0 else None for k in best.tolist()], live.tolist())

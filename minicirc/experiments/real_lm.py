@@ -177,8 +177,9 @@ def draw_up_to(tokenizer, template, sizes, seed, split, lex):
     for size in sizes:
         try:
             return agreement_examples(tokenizer, template, size, seed=seed, split=split, lex=lex)
-        except ValueError:
-            continue
+        except ValueError as e:     # too few distinct prompts: try the next size; any other error stands
+            if "distinct examples" not in str(e):
+                raise
     raise MinicircError(f"{template}: the {split} split holds fewer than {min(sizes)} distinct prompts")
 
 
